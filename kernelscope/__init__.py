@@ -1,0 +1,52 @@
+"""kernelscope: explore how kernel events reach user space, from Jupyter.
+
+`%load_ext kernelscope` for the `%%bpf` magics; `Probe` for the Python API.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import (
+    AttachError,
+    BPFPermissionError,
+    ClosedError,
+    CompileError,
+    KernelscopeError,
+    SchemaError,
+    SetupError,
+    UnsupportedError,
+    VerifierError,
+)
+from .probe import Probe, close_all, live_probes
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttachError",
+    "BPFPermissionError",
+    "ClosedError",
+    "CompileError",
+    "KernelscopeError",
+    "Probe",
+    "SchemaError",
+    "SetupError",
+    "UnsupportedError",
+    "VerifierError",
+    "close_all",
+    "live_probes",
+    "load_ipython_extension",
+    "unload_ipython_extension",
+]
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    from .magic import load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    from .magic import unload
+
+    unload(ipython)

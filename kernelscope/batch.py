@@ -1,0 +1,46 @@
+"""The unit every reader hands to the drain loop: parsed records plus what was lost."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Batch:
+    """Records read in one pass over a buffer.
+
+    `records` is a structured array of the map's event dtype that the batch owns (never a
+    view into the mmap'd ring, which the kernel reuses once consumer_pos moves on).
+    `cpu` is the CPU buffer each record came from (perf buffers) or None (one shared ring).
+    `lost` counts samples the kernel reported lost (PERF_RECORD_LOST) during this pass;
+    `lost_by_cpu` splits it per CPU; `discarded` counts ring records skipped for
+    their DISCARD bit. Lost events are data, not log lines.
+    """
+
+    records: np.ndarray
+    cpu: np.ndarray | None = None
+    lost: int = 0
+    lost_by_cpu: dict[int, int] = field(default_factory=dict)
+    discarded: int = 0  # ring buffer records the program reserved then discarded
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @classmethod
+    def empty(cls, dtype: np.dtype) -> Batch:
+        return cls(np.empty(0, dtype=dtype))
+
+
+def copy_records(raw: bytes | memoryview | np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """One record of arbitrary length as a 1-element array of `dtype`: truncated or zero-padded.
+
+    Programs may submit fewer (or more) bytes than the struct BCC recorded; the slow path
+    of every reader funnels through here so both behave the same.
+    """
+    out = np.zeros(1, dtype=dtype)
+    src = np.frombuffer(raw, dtype=np.uint8) if not isinstance(raw, np.ndarray) else raw
+    n = min(len(src), dtype.itemsize)
+    out.view(np.uint8)[:n] = src[:n]
+    return out

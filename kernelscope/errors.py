@@ -1,0 +1,60 @@
+"""Exception classes: every failure a user can fix has its own type and a message saying how."""
+
+from __future__ import annotations
+
+
+class KernelscopeError(Exception):
+    """Base class of every error kernelscope raises on purpose."""
+
+
+class SetupError(KernelscopeError):
+    """The host lacks something kernelscope needs (BCC, headers, tracefs); the message says how to fix it."""
+
+
+class BCCMissingError(SetupError, ImportError):
+    """Debian's BCC Python bindings (python3-bpfcc) cannot be imported."""
+
+
+class HeadersMissingError(SetupError):
+    """BCC cannot find kernel headers for the running kernel."""
+
+
+class BPFPermissionError(KernelscopeError, PermissionError):
+    """Loading or attaching needs root, or CAP_BPF and CAP_PERFMON."""
+
+
+class CompileError(KernelscopeError):
+    """clang rejected the program. `line` is the line in the user's source, when known."""
+
+    def __init__(self, message: str, line: int | None = None, log: str = "") -> None:
+        super().__init__(message)
+        self.line = line
+        self.log = log
+
+
+class VerifierError(KernelscopeError):
+    """The kernel's verifier rejected the program; `log` holds the verifier's own words."""
+
+    def __init__(self, message: str, log: str = "") -> None:
+        super().__init__(message)
+        self.log = log
+
+
+class AttachError(KernelscopeError):
+    """A probe could not be attached (unknown tracepoint, kernel lacks the attach kind, ...)."""
+
+
+class UnsupportedError(AttachError):
+    """The running kernel lacks a feature; `feature` names it (e.g. CONFIG_KPROBES)."""
+
+    def __init__(self, message: str, feature: str = "") -> None:
+        super().__init__(message)
+        self.feature = feature
+
+
+class SchemaError(KernelscopeError):
+    """An output map's event type cannot be turned into a numpy dtype."""
+
+
+class ClosedError(KernelscopeError):
+    """The probe or reader was closed; its data stays readable, the kernel side is gone."""

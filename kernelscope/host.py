@@ -1,0 +1,304 @@
+"""What the host offers kernelscope, and the one-time fixes it can make itself.
+
+Three things stand between a fresh Debian machine and a loaded BCC program: the `bcc`
+Python package (Debian only, not PyPI), kernel headers where BCC looks for them
+(/lib/modules/$(uname -r)/build and .../source), and a mounted tracefs. Each `ensure_*`
+function fixes what it can, returns a sentence saying what it did, and raises a
+`SetupError` subclass saying how to fix what it cannot.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import gzip
+import os
+import platform
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from .errors import BCCMissingError, BPFPermissionError, HeadersMissingError, SetupError
+
+DEBIAN_BCC = Path("/usr/lib/python3/dist-packages/bcc")
+TRACEFS = Path("/sys/kernel/tracing")
+DEBUGFS = Path("/sys/kernel/debug")
+MODULES = Path("/lib/modules")
+SRC = Path("/usr/src")
+
+CAP_PERFMON = 38
+CAP_BPF = 39
+CAP_SYS_ADMIN = 21
+
+
+def kernel_release() -> str:
+    return platform.release()
+
+
+def bcc_shim_dir() -> Path:
+    """A folder holding only a link to Debian's `bcc` package, safe to put on sys.path."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "kernelscope" / "pylib"
+
+
+@functools.cache
+def import_bcc() -> ModuleType:
+    """Import BCC's Python package, exposing Debian's copy alone if it is not on sys.path yet.
+
+    Adding all of /usr/lib/python3/dist-packages would shadow the venv's numpy and pandas
+    with Debian's older builds, so only a folder with a `bcc` symlink is added.
+    """
+    try:
+        import bcc  # type: ignore[import-not-found]
+    except ImportError:
+        if not DEBIAN_BCC.is_dir():
+            raise BCCMissingError(
+                "BCC's Python bindings are not installed. Run `make setup`, or "
+                "`apt-get install python3-bpfcc libbpfcc` (BCC is not on PyPI: the PyPI "
+                "packages named bcc are unrelated)."
+            ) from None
+        shim = bcc_shim_dir()
+        link = shim / "bcc"
+        try:
+            shim.mkdir(parents=True, exist_ok=True)
+            if not link.exists():
+                link.symlink_to(DEBIAN_BCC)
+        except OSError as e:
+            raise BCCMissingError(f"cannot expose Debian's bcc package at {link}: {e}") from e
+        sys.path.append(str(shim))
+        try:
+            import bcc
+        except (ImportError, OSError) as e:
+            raise BCCMissingError(
+                f"Debian's bcc package is present but does not import ({e}); "
+                "`apt-get install --reinstall python3-bpfcc libbpfcc` usually fixes it."
+            ) from e
+    return bcc
+
+
+def bcc_version() -> str | None:
+    try:
+        return str(import_bcc().__version__)
+    except (SetupError, AttributeError):
+        return None
+
+
+# --- privileges -------------------------------------------------------------------------
+
+
+def effective_caps() -> int:
+    """The effective capability mask of this process, from /proc/self/status."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
+
+
+def has_bpf_privileges(caps: int | None = None) -> bool:
+    caps = effective_caps() if caps is None else caps
+    if caps & (1 << CAP_SYS_ADMIN):
+        return True
+    return bool(caps & (1 << CAP_BPF)) and bool(caps & (1 << CAP_PERFMON))
+
+
+def require_privileges(caps: int | None = None) -> None:
+    if not has_bpf_privileges(caps):
+        raise BPFPermissionError(
+            "loading BPF programs needs root, or CAP_BPF and CAP_PERFMON: run Jupyter as "
+            "root, or `sudo setcap cap_bpf,cap_perfmon+ep $(readlink -f .venv/bin/python)`. "
+            "Without them, notebooks can still replay recorded captures."
+        )
+
+
+# --- kernel headers ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Headers:
+    build: Path  # generated headers and .config (Debian's -amd64 folder)
+    source: Path  # the bulk of include/ and arch/ (Debian's -common folder)
+    version: str  # UTS_RELEASE of the headers, e.g. 6.1.0-56-amd64
+
+    @property
+    def matches_kernel(self) -> bool:
+        return self.version == kernel_release()
+
+
+def headers_version(build: Path) -> str | None:
+    for rel in ("include/generated/utsrelease.h", "include/config/kernel.release"):
+        p = build / rel
+        if p.is_file():
+            text = p.read_text(errors="replace")
+            m = re.search(r'UTS_RELEASE\s+"([^"]+)"', text)
+            return m.group(1) if m else text.strip() or None
+    return None
+
+
+def installed_headers(src: Path = SRC) -> list[Headers]:
+    """Debian header packages under /usr/src, newest first (exact match to the kernel first)."""
+    found = []
+    for build in sorted(glob.glob(str(src / "linux-headers-*")), reverse=True):
+        b = Path(build)
+        if b.name.endswith("-common") or not (b / "Makefile").exists():
+            continue
+        common = Path(re.sub(r"-[a-z0-9]+$", "-common", str(b)))
+        source = common if common.is_dir() else b
+        version = headers_version(b)
+        if version:
+            found.append(Headers(b, source, version))
+    release = kernel_release()
+    found.sort(key=lambda h: h.version != release)
+    return found
+
+
+def find_headers(modules: Path = MODULES) -> Headers | None:
+    """The headers BCC will compile with: /lib/modules/$(uname -r)/build (and /source)."""
+    build = modules / kernel_release() / "build"
+    if not (build / "Makefile").exists():
+        return None
+    source = modules / kernel_release() / "source"
+    version = headers_version(build) or "unknown"
+    return Headers(build.resolve(), source.resolve() if source.exists() else build.resolve(), version)
+
+
+def ensure_headers(modules: Path = MODULES, src: Path = SRC) -> str:
+    """Make BCC find headers: link the best installed Debian headers under /lib/modules.
+
+    Returns what was done. BCC looks only in /lib/modules/$(uname -r)/{build,source};
+    Debian installs 6.1 headers for a 6.1 kernel there, not for a custom kernel.
+    """
+    have = find_headers(modules)
+    if have is not None:
+        return f"kernel headers: {have.build} ({have.version})"
+    candidates = installed_headers(src)
+    if not candidates:
+        raise HeadersMissingError(
+            f"no kernel headers for {kernel_release()}: BCC needs them to compile. Run "
+            "`make setup`, or `apt-get install linux-headers-amd64` (or the exact "
+            f"linux-headers-{kernel_release()} where the archive has it)."
+        )
+    best = candidates[0]
+    target = modules / kernel_release()
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        for name, dest in (("build", best.build), ("source", best.source)):
+            link = target / name
+            if link.is_symlink():
+                link.unlink()
+            link.symlink_to(dest)
+    except OSError as e:
+        raise HeadersMissingError(
+            f"headers {best.version} are installed but cannot be linked into {target} ({e}); "
+            f"as root: ln -s {best.build} {target}/build && ln -s {best.source} {target}/source"
+        ) from e
+    note = "" if best.matches_kernel else (
+        f"; they are for {best.version}, not {kernel_release()}: programs that read kernel "
+        "structs directly may get wrong values (see `kernelscope doctor`)"
+    )
+    return f"linked {target}/build -> {best.build} and source -> {best.source}{note}"
+
+
+# --- tracefs ----------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _mount(fstype: str, target: Path) -> None:
+    if _libc.mount(b"nodev", str(target).encode(), fstype.encode(), 0, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def is_mounted(path: Path, fstype: str) -> bool:
+    try:
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            parts = line.split()
+            if len(parts) > 2 and parts[1] == str(path) and parts[2] == fstype:
+                return True
+    except OSError:
+        pass
+    return False
+
+
+def ensure_tracefs(tracefs: Path = TRACEFS, debugfs: Path = DEBUGFS) -> str:
+    """Mount tracefs (and debugfs, where BCC also looks) when they are not mounted."""
+    done = []
+    for fstype, path in (("tracefs", tracefs), ("debugfs", debugfs)):
+        if is_mounted(path, fstype):
+            continue
+        try:
+            _mount(fstype, path)
+        except OSError as e:
+            if fstype == "debugfs":
+                continue  # optional: BCC prefers tracefs
+            raise SetupError(
+                f"tracefs is not mounted at {path} and mounting it failed ({e.strerror}); "
+                f"as root: mount -t tracefs nodev {path}"
+            ) from e
+        done.append(f"mounted {fstype} at {path}")
+    return "; ".join(done) or f"tracefs mounted at {tracefs}"
+
+
+def prepare() -> list[str]:
+    """Everything a probe needs before compiling: returns what was done, raises what cannot be."""
+    require_privileges()
+    notes = [ensure_tracefs(), ensure_headers()]
+    import_bcc()
+    return notes
+
+
+# --- kernel configuration ---------------------------------------------------------------
+
+CONFIG_GZ = Path("/proc/config.gz")
+LOCKDOWN = Path("/sys/kernel/security/lockdown")
+
+
+def kernel_config() -> tuple[dict[str, str], str] | None:
+    """The running kernel's build options and where they were read from, or None if hidden.
+
+    Options that are off appear as "n" (the file says `# CONFIG_X is not set`), so a
+    missing feature can be named rather than guessed.
+    """
+    for path, opener in ((CONFIG_GZ, gzip.open), (Path(f"/boot/config-{kernel_release()}"), open)):
+        try:
+            with opener(path, "rt") as f:
+                text = f.read()
+        except OSError:
+            continue
+        options = {}
+        for line in text.splitlines():
+            if line.startswith("CONFIG_") and "=" in line:
+                key, _, value = line.partition("=")
+                options[key] = value
+            elif line.startswith("# CONFIG_") and line.endswith(" is not set"):
+                options[line[2:].split()[0]] = "n"
+        return options, str(path)
+    return None
+
+
+def lockdown_mode() -> tuple[str, str] | None:
+    """Kernel lockdown ("none", "integrity" or "confidentiality") and how it was found.
+
+    securityfs is often not mounted, so the forced mode in the kernel config is the fallback.
+    """
+    try:
+        text = LOCKDOWN.read_text()
+        m = re.search(r"\[(\w+)\]", text)
+        if m:
+            return m.group(1), str(LOCKDOWN)
+    except OSError:
+        pass
+    found = kernel_config()
+    if found is None:
+        return None
+    options, source = found
+    for mode in ("confidentiality", "integrity"):
+        if options.get(f"CONFIG_LOCK_DOWN_KERNEL_FORCE_{mode.upper()}") == "y":
+            return mode, f"CONFIG_LOCK_DOWN_KERNEL_FORCE_{mode.upper()}=y in {source}"
+    return None

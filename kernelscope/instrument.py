@@ -1,0 +1,179 @@
+"""Source rewriting: find output maps, count every output call in the kernel.
+
+Every call site of an output map (`X.ringbuf_output`, `X.ringbuf_reserve`,
+`X.ringbuf_discard`, `X.perf_submit`, `X.perf_submit_skb`) is wrapped, on the same line,
+in a statement expression that first checks a gate (open from load() until stop()) and then bumps per-CPU counters: attempts, failures (full buffer:
+reserve returned NULL, output/submit returned < 0) and discards. With those, after a final
+drain `attempted == received + dropped` is exact, under overload too.
+
+BCC refuses map calls inside macro arguments ("cannot use map function inside a macro"),
+so the wrapper is spelled out at each site rather than hidden behind a macro.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass, field
+
+ACCT_MAP = "__ks_acct"
+GATE_MAP = "__ks_gate"  # one u32: 1 while the probe is started
+SLOTS = 3  # per output map: attempted, failed, discarded
+CELL_FILE = "cell"
+
+_RING_DECL = re.compile(r"\bBPF_RINGBUF_OUTPUT\s*\(\s*(\w+)\s*,\s*([^)]*?)\s*\)")
+_PERF_DECL = re.compile(r"\bBPF_PERF_OUTPUT\s*\(\s*(\w+)\s*\)")
+_CALL = re.compile(r"\b(\w+)\s*\.\s*(ringbuf_output|ringbuf_reserve|ringbuf_discard|perf_submit_skb|perf_submit)\s*\(")
+_COMMENT_OR_STRING = re.compile(r'//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'', re.S)
+
+
+@dataclass
+class OutputMap:
+    name: str
+    kind: str  # "ringbuf" or "perf"
+    index: int  # its slot group in the accounting map
+    pages: int | None = None  # ring buffer pages as declared (after any override)
+    call_sites: list[int] = field(default_factory=list)  # 1-based lines in the user's source
+
+
+@dataclass
+class Instrumented:
+    source: str  # what BCC compiles: prelude + `#line 1` + rewritten user text
+    maps: dict[str, OutputMap]
+    prelude_lines: int
+
+
+def _blank_comments_and_strings(src: str) -> str:
+    """Same length and line structure, but comments and literals blanked out."""
+    return _COMMENT_OR_STRING.sub(lambda m: re.sub(r"[^\n]", " ", m.group(0)), src)
+
+
+def _matching_paren(code: str, open_idx: int) -> int:
+    depth = 0
+    for i in range(open_idx, len(code)):
+        c = code[i]
+        if c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+            if depth == 0:
+                return i
+    return -1
+
+
+def find_output_maps(source: str) -> dict[str, OutputMap]:
+    code = _blank_comments_and_strings(source)
+    maps: dict[str, OutputMap] = {}
+    for m in _RING_DECL.finditer(code):
+        pages = _int_or_none(m.group(2))
+        maps[m.group(1)] = OutputMap(m.group(1), "ringbuf", len(maps), pages)
+    for m in _PERF_DECL.finditer(code):
+        maps[m.group(1)] = OutputMap(m.group(1), "perf", len(maps))
+    return maps
+
+
+def _int_or_none(text: str) -> int | None:
+    """The value of a page-count expression such as `64` or `1 << 4`; None for macros."""
+    try:
+        return _const(ast.parse(text.strip(), mode="eval").body)
+    except (SyntaxError, ValueError):
+        return None
+
+
+def _const(node: ast.AST) -> int:
+    if isinstance(node, ast.Constant) and isinstance(node.value, int):
+        return node.value
+    if isinstance(node, ast.BinOp):
+        a, b = _const(node.left), _const(node.right)
+        if isinstance(node.op, ast.LShift):
+            return a << b
+        if isinstance(node.op, ast.Mult):
+            return a * b
+    raise ValueError("not a constant")
+
+
+def instrument(source: str, pages: int | dict[str, int] | None = None) -> Instrumented:
+    """Rewrite `source` for accounting; `pages` overrides ring buffer sizes (power of two)."""
+    maps = find_output_maps(source)
+    code = _blank_comments_and_strings(source)
+    edits: list[tuple[int, int, str]] = []  # (start, end, replacement) on the original text
+
+    for m in _RING_DECL.finditer(code):
+        om = maps[m.group(1)]
+        want = pages.get(om.name) if isinstance(pages, dict) else pages
+        if want is not None:
+            if want <= 0 or want & (want - 1):
+                raise ValueError(f"{om.name}: ring buffer pages must be a power of two, got {want}")
+            om.pages = want
+            edits.append((m.start(2), m.end(2), str(want)))
+
+    for m in _CALL.finditer(code):
+        om = maps.get(m.group(1))
+        if om is None:
+            continue
+        close = _matching_paren(code, m.end() - 1)
+        if close < 0:
+            continue  # unbalanced: leave it to the compiler to report
+        call = source[m.start() : close + 1]
+        base = om.index * SLOTS
+        method = m.group(2)
+        # While the gate is closed (before load, after stop) nothing is attempted or
+        # counted: reserve yields NULL and output -1, which programs already handle.
+        if method == "ringbuf_reserve":
+            wrapped = (
+                f"({{ void *__ks_p = 0; if (__ks_open()) {{ __ks_p = {call}; "
+                f"__ks_count({base}, !__ks_p); }} __ks_p; }})"
+            )
+        elif method == "ringbuf_discard":
+            wrapped = f"({{ {call}; __ks_discard({base}); }})"
+        else:
+            wrapped = (
+                f"({{ long __ks_r = -1; if (__ks_open()) {{ __ks_r = {call}; "
+                f"__ks_count({base}, __ks_r < 0); }} __ks_r; }})"
+            )
+        om.call_sites.append(source.count("\n", 0, m.start()) + 1)
+        edits.append((m.start(), close + 1, wrapped))
+
+    out = source
+    for start, end, text in sorted(edits, reverse=True):
+        out = out[:start] + text + out[end:]
+    prelude = _prelude(len(maps))
+    return Instrumented(prelude + f'#line 1 "{CELL_FILE}"\n' + out, maps, prelude.count("\n") + 1)
+
+
+def _prelude(nmaps: int) -> str:
+    n = max(1, nmaps) * SLOTS
+    return (
+        f"BPF_PERCPU_ARRAY({ACCT_MAP}, u64, {n});\n"
+        f"BPF_ARRAY({GATE_MAP}, u32, 1);\n"
+        "static __always_inline int __ks_open(void) {\n"
+        "  u32 k = 0;\n"
+        f"  u32 *g = {GATE_MAP}.lookup(&k);\n"
+        "  return g && *g;\n"
+        "}\n"
+        "static __always_inline void __ks_bump(u32 k) {\n"
+        f"  u64 *v = {ACCT_MAP}.lookup(&k);\n"
+        "  if (v) (*v)++;\n"
+        "}\n"
+        "static __always_inline void __ks_count(u32 base, int failed) {\n"
+        "  __ks_bump(base);\n"
+        "  if (failed) __ks_bump(base + 1);\n"
+        "}\n"
+        "static __always_inline void __ks_discard(u32 base) { __ks_bump(base + 2); }\n"
+    )
+
+
+def read_counters(table: object, maps: dict[str, OutputMap]) -> dict[str, dict[str, int]]:
+    """Sum the per-CPU accounting slots of each output map (BCC PerCpuArray table)."""
+    totals: dict[int, int] = {}
+    for key, values in table.items():  # type: ignore[attr-defined]
+        totals[key.value] = int(sum(values))
+    out = {}
+    for om in maps.values():
+        b = om.index * SLOTS
+        out[om.name] = {
+            "attempted": totals.get(b, 0),
+            "failed": totals.get(b + 1, 0),
+            "discarded": totals.get(b + 2, 0),
+        }
+    return out

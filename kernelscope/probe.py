@@ -1,0 +1,570 @@
+"""`Probe`: one BCC program, its output maps drained into DataFrames, every event accounted for.
+
+    p = Probe(source).start()   # compile, attach, drain in a background thread
+    p.df                        # DataFrame of what arrived (one output map)
+    p.stats                     # attempted / received / dropped ... per output map
+    p.stop(); p.close()
+
+The drain loop is a plain `poll_once()` that tests call directly; `start()` runs it in a
+daemon thread that holds only a weak reference, so a forgotten probe is still collected
+and closed (`weakref.finalize`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import html
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import compile as _compile
+from .batch import Batch
+from .errors import ClosedError, KernelscopeError, SchemaError
+from .instrument import ACCT_MAP, GATE_MAP, OutputMap, instrument, read_counters
+from .order import OrderTracker, Reorderer
+from .ringbuf import PAGE, RingBufferReader
+from .schema import Schema, parse_structs, struct_dtype
+from .store import FrameStore
+
+_live: weakref.WeakSet[Probe] = weakref.WeakSet()
+HISTORY_INTERVAL = 0.1  # seconds between samples of the counters kept for plots and captures
+GRACE = 0.02  # seconds for BPF programs already running to finish after the gate closes
+
+
+def live_probes() -> list[Probe]:
+    return [p for p in list(_live) if not p.closed]
+
+
+@atexit.register
+def close_all() -> None:
+    """Close every live probe (interpreter exit, %bpf_stop --all, unload_ipython_extension)."""
+    for p in live_probes():
+        p.close()
+
+
+@dataclass
+class MapState:
+    """Everything kept per output map: its reader, rows and counters."""
+
+    om: OutputMap
+    schema: Schema
+    store: FrameStore
+    reader: Any = None
+    order: OrderTracker | None = None
+    reorder: Reorderer | None = None
+    lost_records: int = 0
+    lost_by_cpu: dict[int, int] = field(default_factory=dict)
+    discarded_seen: int = 0
+    batches: int = 0
+    pages: int = 0
+    history: deque[dict[str, float]] = field(default_factory=lambda: deque(maxlen=100_000))
+
+
+class _Resources:
+    """The kernel-side objects of a probe, closable without a reference to the probe."""
+
+    def __init__(self) -> None:
+        self.bpf: Any = None
+        self.readers: list[Any] = []
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def close(self) -> None:
+        self.stop.set()
+        t = self.thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout=5)
+        for r in self.readers:
+            r.close()
+        self.readers.clear()
+        if self.bpf is not None:
+            release_bpf(self.bpf)
+            self.bpf = None
+
+
+def release_bpf(bpf: Any) -> None:
+    """Detach and free a (possibly half-built) bcc.BPF, and drop BCC's atexit hook for it."""
+    with contextlib.suppress(Exception):
+        bpf.cleanup()
+    atexit.unregister(bpf.cleanup)
+
+
+def _drain_thread(ref: weakref.ReferenceType[Probe], stop: threading.Event) -> None:
+    while not stop.is_set():
+        probe = ref()
+        if probe is None:
+            return
+        try:
+            probe.poll_once(probe.poll_interval)
+        except ClosedError:
+            return
+        except Exception as e:  # keep the error for the user, stop draining
+            probe.error = e
+            return
+        finally:
+            del probe
+
+
+class Probe:
+    """A BCC program whose output maps drain into growing DataFrames."""
+
+    def __init__(
+        self,
+        source: str,
+        pages: int | Mapping[str, int] | None = None,
+        poll_interval: float = 0.05,
+        max_rows: int | None = None,
+        cflags: tuple[str, ...] | list[str] = (),
+        *,
+        wakeup: str = "epoll",
+        wakeup_events: int = 1,
+        watermark_bytes: int | None = None,
+        reorder_ns: int | None = None,
+        dtypes: Mapping[str, np.dtype] | None = None,
+        name: str | None = None,
+    ) -> None:
+        """`pages`: ring buffer size in pages (whole ring) or perf buffer pages per CPU,
+        one value for all output maps or a {map: pages} dict; None keeps the program's
+        ring sizes and 64 pages per CPU for perf buffers.
+
+        `wakeup`: "epoll" (the kernel notifies) or "timer" (poll every poll_interval, for
+        programs that submit with BPF_RB_NO_WAKEUP). `wakeup_events`/`watermark_bytes`: when
+        a perf buffer notifies. `reorder_ns`: hold events this long to emit them in
+        timestamp order (needs a ts-like u64 field).
+        """
+        if poll_interval <= 0:
+            raise ValueError("poll_interval must be positive")
+        self.source = source
+        self.name = name
+        self.pages = dict(pages) if isinstance(pages, Mapping) else pages
+        self.poll_interval = poll_interval
+        self.max_rows = max_rows
+        self.cflags = tuple(cflags)
+        self.wakeup = wakeup
+        self.wakeup_events = wakeup_events
+        self.watermark_bytes = watermark_bytes
+        self.reorder_ns = reorder_ns
+        self.dtypes = dict(dtypes or {})
+        self.maps: dict[str, MapState] = {}
+        self.error: BaseException | None = None
+        self.closed = False
+        self.started_at: float | None = None
+        self._res = _Resources()
+        self._finalizer = weakref.finalize(self, self._res.close)
+        self._lock = threading.RLock()  # one drainer at a time
+        self._last_sample = 0.0
+        self._stopped_stats: dict[str, dict[str, Any]] | None = None
+        self.instrumented = instrument(source, self._ring_pages())
+        self.warnings: list[str] = []
+        _live.add(self)
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def _ring_pages(self) -> int | dict[str, int] | None:
+        if isinstance(self.pages, dict):
+            return self.pages
+        return self.pages
+
+    @property
+    def bpf(self) -> Any:
+        """The underlying `bcc.BPF` object (None before load and after close)."""
+        return self._res.bpf
+
+    @property
+    def loaded(self) -> bool:
+        return self._res.bpf is not None
+
+    @property
+    def running(self) -> bool:
+        t = self._res.thread
+        return t is not None and t.is_alive()
+
+    def load(self) -> Probe:
+        """Compile, load, attach and open the output gate; nothing is drained yet."""
+        self._check_open()
+        if self.loaded:
+            return self
+        bpf = _compile.load(self.instrumented, self.source, self.cflags)
+        self._res.bpf = bpf
+        try:
+            self._open_maps(bpf)
+        except BaseException:
+            self._res.close()
+            raise
+        self._set_gate(1)
+        return self
+
+    def _open_maps(self, bpf: Any) -> None:
+        bcc = bpf.__class__.__module__
+        del bcc
+        structs = parse_structs(self.source)
+        for name, om in self.instrumented.maps.items():
+            dtype = self.dtypes.get(name)
+            if dtype is None:
+                dtype = struct_dtype(bcc_event_fields(bpf, name), structs, name)
+            schema = Schema(np.dtype(dtype), per_cpu=om.kind == "perf")
+            ms = MapState(om, schema, FrameStore(schema, self.max_rows))
+            table = bpf[name]
+            if om.kind == "ringbuf":
+                size = int(table.max_entries) if hasattr(table, "max_entries") else (om.pages or 0) * PAGE
+                ms.pages = size // PAGE
+                ms.reader = RingBufferReader(table.get_fd(), size, schema.dtype, wakeup=self.wakeup)
+            else:
+                from .perfbuf import PerfBufferReader
+
+                pages = self.pages.get(name, 64) if isinstance(self.pages, dict) else (self.pages or 64)
+                ms.pages = pages
+
+                def set_fd(cpu: int, fd: int, table: Any = table) -> None:
+                    table[ctypes.c_int(cpu)] = ctypes.c_int(fd)
+
+                ms.reader = PerfBufferReader(
+                    set_fd, schema.dtype, pages=pages, wakeup_events=self.wakeup_events,
+                    watermark_bytes=self.watermark_bytes,
+                )
+            self._res.readers.append(ms.reader)
+            tf = schema.time_field
+            if tf:
+                ms.order = OrderTracker(tf)
+                if self.reorder_ns is not None:
+                    ms.reorder = Reorderer(tf, self.reorder_ns)
+            elif self.reorder_ns is not None:
+                raise SchemaError(f"{name}: reorder_ns needs a u64 timestamp field (e.g. `u64 ts`)")
+            self.maps[name] = ms
+        if not self.maps:
+            self.warnings.append(
+                "the program declares no BPF_RINGBUF_OUTPUT or BPF_PERF_OUTPUT map: nothing to drain"
+            )
+
+    def _set_gate(self, value: int) -> None:
+        gate = self._res.bpf[GATE_MAP]
+        gate[ctypes.c_int(0)] = ctypes.c_uint32(value)
+
+    def start(self) -> Probe:
+        """Load if needed and drain in a background thread. Idempotent."""
+        self.load()
+        if self.running:
+            return self
+        self._set_gate(1)
+        self._stopped_stats = None
+        self._res.stop.clear()
+        self.started_at = self.started_at or time.monotonic()
+        t = threading.Thread(
+            target=_drain_thread, args=(weakref.ref(self), self._res.stop),
+            name=f"kernelscope-drain-{self.name or id(self)}", daemon=True,
+        )
+        self._res.thread = t
+        t.start()
+        return self
+
+    def stop(self) -> Probe:
+        """Close the gate, let running programs finish, drain what is left. Data stays.
+
+        After stop() the counters are frozen, so `attempted == received + dropped` exactly.
+        """
+        if self.closed or not self.loaded:
+            return self
+        self._set_gate(0)
+        self._res.stop.set()
+        t = self._res.thread
+        if t is not None and t is not threading.current_thread():
+            t.join()
+        self._res.thread = None
+        time.sleep(GRACE)
+        while self.poll_once(0) or any(ms.reader.fill_bytes() for ms in self.maps.values()):
+            pass
+        self._flush_reorder()
+        self._sample(force=True)
+        self._stopped_stats = self._compute_stats()
+        return self
+
+    def close(self) -> None:
+        """Detach programs and free maps, readers and fds. Idempotent; frames stay readable."""
+        if self.closed:
+            return
+        if self.loaded:
+            with contextlib.suppress(Exception):
+                self.stop()
+        self.closed = True
+        self._finalizer()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ClosedError("this probe is closed; its frames stay readable, create a new Probe to run")
+
+    def __enter__(self) -> Probe:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- draining --------------------------------------------------------------------
+
+    def poll_once(self, timeout: float = 0.0) -> int:
+        """Wait up to `timeout` s for data, then drain every output map once. Returns rows read."""
+        self._check_open()
+        if not self.loaded:
+            raise KernelscopeError("probe is not loaded: call start() or load() first")
+        if timeout and not any(ms.reader.fill_bytes() for ms in self.maps.values()):
+            self._wait(timeout)
+        total = 0
+        with self._lock:
+            now = time.monotonic_ns()
+            for ms in self.maps.values():
+                batch: Batch = ms.reader.read()
+                ms.batches += 1
+                ms.lost_records += batch.lost
+                for cpu, n in batch.lost_by_cpu.items():
+                    ms.lost_by_cpu[cpu] = ms.lost_by_cpu.get(cpu, 0) + n
+                ms.discarded_seen += batch.discarded
+                if not len(batch):
+                    continue
+                total += len(batch)
+                self._store(ms, batch, now)
+            self._sample()
+        return total
+
+    def _wait(self, timeout: float) -> None:
+        readers = [ms.reader for ms in self.maps.values()]
+        if not readers:
+            self._res.stop.wait(timeout)
+        elif len(readers) == 1:
+            readers[0].poll(timeout)
+        else:
+            # several maps: short polls in turn, bounded by `timeout` overall
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and not self._res.stop.is_set():
+                if any(r.poll(min(0.005, timeout)) for r in readers):
+                    return
+
+    def _store(self, ms: MapState, batch: Batch, now: int) -> None:
+        if ms.reorder is not None:
+            batch = ms.reorder.push(batch)
+            if not len(batch):
+                return
+        if ms.order is not None:
+            ms.order.update(batch.records)
+        ms.store.append(batch, now)
+
+    def _flush_reorder(self) -> None:
+        now = time.monotonic_ns()
+        for ms in self.maps.values():
+            if ms.reorder is not None:
+                batch = ms.reorder.flush()
+                if len(batch):
+                    if ms.order is not None:
+                        ms.order.update(batch.records)
+                    ms.store.append(batch, now)
+
+    # --- results ---------------------------------------------------------------------
+
+    def _map(self, name: str | None) -> MapState:
+        if name is None:
+            if len(self.maps) != 1:
+                raise KeyError(
+                    f"this probe has {len(self.maps)} output maps ({', '.join(self.maps) or 'none'}): "
+                    "name one, e.g. probe.frame('events')"
+                )
+            return next(iter(self.maps.values()))
+        try:
+            return self.maps[name]
+        except KeyError:
+            raise KeyError(f"no output map {name!r}; this probe has {', '.join(self.maps) or 'none'}") from None
+
+    def frame(self, name: str | None = None) -> pd.DataFrame:
+        """Everything received so far from output map `name` (cached until new rows arrive)."""
+        return self._map(name).store.frame()
+
+    @property
+    def df(self) -> pd.DataFrame:
+        return self.frame()
+
+    def records(self, name: str | None = None) -> np.ndarray:
+        return self._map(name).store.records()
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """The program's own per-CPU counters, summed: attempted, failed, discarded per map."""
+        bpf = self._res.bpf
+        if bpf is None:
+            return {}
+        return read_counters(bpf[ACCT_MAP], self.instrumented.maps)
+
+    @property
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Per output map: attempted, received, dropped, in_flight, lost_records, ordering..."""
+        if self._stopped_stats is not None or not self.loaded:
+            return self._stopped_stats or {}
+        return self._compute_stats()
+
+    def _compute_stats(self) -> dict[str, dict[str, Any]]:
+        counters = self.counters()
+        out = {}
+        for name, ms in self.maps.items():
+            c = counters.get(name, {"attempted": 0, "failed": 0, "discarded": 0})
+            attempted = c["attempted"] - c["discarded"]
+            received = ms.store.received + (len(ms.reorder) if ms.reorder else 0)
+            out[name] = {
+                "kind": ms.om.kind,
+                "attempted": attempted,
+                "received": received,
+                "dropped": c["failed"],
+                "in_flight": attempted - received - c["failed"],
+                "discarded": c["discarded"],
+                "lost_records": ms.lost_records,
+                "stored": len(ms.store),
+                "evicted": ms.store.evicted,
+                "fill_bytes": ms.reader.fill_bytes() if ms.reader and not ms.reader.closed else 0,
+                "capacity_bytes": ms.reader.capacity_bytes if ms.reader else 0,
+                "pages": ms.pages,
+                "inversions": ms.order.inversions if ms.order else None,
+                "max_inversion_ns": ms.order.max_inversion_ns if ms.order else None,
+                "batches": ms.batches,
+                "memory_bytes": ms.store.nbytes,
+            }
+        return out
+
+    def _sample(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_sample < HISTORY_INTERVAL:
+            return
+        self._last_sample = now
+        for name, st in self._compute_stats().items():
+            self.maps[name].history.append(
+                {"t": now, "attempted": st["attempted"], "received": st["received"],
+                 "dropped": st["dropped"], "fill_bytes": st["fill_bytes"],
+                 "lost_records": st["lost_records"]}
+            )
+
+    def history(self, name: str | None = None) -> pd.DataFrame:
+        """Counters sampled about every 0.1 s while draining: for rate and fill plots."""
+        return pd.DataFrame(list(self._map(name).history))
+
+    # --- waiting, attaching, display ---------------------------------------------------
+
+    def wait(
+        self,
+        duration: float | None = None,
+        limit: int | None = None,
+        progress: Callable[[int, float], None] | None = None,
+    ) -> Probe:
+        """Block until `duration` s passed or `limit` events arrived (Ctrl-C returns early)."""
+        self.start()
+        t0 = time.monotonic()
+        try:
+            while True:
+                received = sum(ms.store.received for ms in self.maps.values())
+                elapsed = time.monotonic() - t0
+                if progress:
+                    progress(received, elapsed)
+                if (duration is not None and elapsed >= duration) or (limit is not None and received >= limit):
+                    break
+                if self.error is not None:
+                    raise self.error
+                if not self.running:
+                    raise KernelscopeError("the drain thread stopped")
+                time.sleep(0.05)
+        finally:
+            self.stop()
+        return self
+
+    def attach_uprobe(self, name: str, sym: str = "", fn_name: str = "", **kw: Any) -> Probe:
+        """Attach a function of the program to a user-space symbol (`name`: binary or library)."""
+        self.load()
+        with _compile.capture_fd2() as log:
+            try:
+                self.bpf.attach_uprobe(name=name, sym=sym, fn_name=fn_name, **kw)
+                return self
+            except Exception as e:
+                err = e
+        raise _compile.AttachError(f"uprobe {name}:{sym} -> {fn_name}: {err} {''.join(log).strip()}") from None
+
+    def attach_tracepoint(self, tp: str, fn_name: str) -> Probe:
+        """Attach a program function to `category:event` (for functions not named by macros)."""
+        self.load()
+        cat_ev = tp.replace(":", " ").split()
+        if len(cat_ev) == 2:
+            _compile.check_attach_points(f"TRACEPOINT_PROBE({cat_ev[0]}, {cat_ev[1]})")
+        with _compile.capture_fd2() as log:
+            try:
+                self.bpf.attach_tracepoint(tp=tp, fn_name=fn_name)
+                return self
+            except Exception as e:
+                err = e
+        raise _compile.AttachError(f"tracepoint {tp} -> {fn_name}: {err} {''.join(log).strip()}") from None
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "running" if self.running else "loaded" if self.loaded else "new"
+        parts = [f"{n}: {s['received']} received, {s['dropped']} dropped" for n, s in self.stats.items()]
+        return f"<Probe {self.name or ''} {state}; " + "; ".join(parts) + ">"
+
+    def _repr_html_(self) -> str:
+        state = "closed" if self.closed else "running" if self.running else "loaded" if self.loaded else "new"
+        rows = []
+        stats = self.stats
+        for name, ms in self.maps.items():
+            st = stats.get(name, {})
+            rows.append(
+                "<tr>" + "".join(
+                    f"<td>{html.escape(str(v))}</td>"
+                    for v in (name, ms.om.kind, ms.pages, st.get("attempted", ""), st.get("received", ""),
+                              st.get("dropped", ""), st.get("lost_records", ""), st.get("inversions", ""),
+                              ", ".join(ms.schema.columns))
+                ) + "</tr>"
+            )
+        attach = ", ".join(self.attach_points()) or "none"
+        head = "".join(f"<th>{h}</th>" for h in ("map", "kind", "pages", "attempted", "received",
+                                                   "dropped", "lost records", "inversions", "columns"))
+        warn = "".join(f"<p style='color:#b45309'>&#9888; {html.escape(w)}</p>" for w in self.warnings)
+        err = f"<p style='color:#b91c1c'>error: {html.escape(str(self.error))}</p>" if self.error else ""
+        return (
+            f"<div><b>Probe {html.escape(self.name or '')}</b> ({state}); attached to "
+            f"{html.escape(attach)}{warn}{err}<table><thead><tr>{head}</tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table></div>"
+        )
+
+    def attach_points(self) -> list[str]:
+        bpf = self._res.bpf
+        if bpf is None:
+            return []
+        out = [f"tracepoint:{k.decode() if isinstance(k, bytes) else k}" for k in bpf.tracepoint_fds]
+        out += [f"raw_tracepoint:{k.decode() if isinstance(k, bytes) else k}" for k in bpf.raw_tracepoint_fds]
+        out += [f"kprobe:{k.decode() if isinstance(k, bytes) else k}" for k in bpf.kprobe_fds]
+        out += [f"uprobe:{k.decode() if isinstance(k, bytes) else k}" for k in bpf.uprobe_fds]
+        return out
+
+
+def bcc_event_fields(bpf: Any, name: str) -> list[tuple[str, str]]:
+    """The (field, C type) list BCC recorded for what the program submits to map `name`."""
+    lib = bpf_lib()
+    n = lib.bpf_perf_event_fields(bpf.module, name.encode())
+    fields = []
+    for i in range(n):
+        raw = lib.bpf_perf_event_field(bpf.module, name.encode(), i).decode()
+        fname, _, ctype = raw.partition("#")
+        fields.append((fname, ctype))
+    if not fields:
+        raise SchemaError(
+            f"{name}: BCC found no struct submitted to this map (no {name}.ringbuf_output/"
+            "ringbuf_reserve/perf_submit call with a struct). Submit a struct, or pass "
+            "dtypes={...} to Probe."
+        )
+    return fields
+
+
+def bpf_lib() -> Any:
+    from .host import import_bcc
+
+    import_bcc()
+    from bcc.libbcc import lib  # type: ignore[import-not-found]
+
+    return lib
