@@ -44,3 +44,14 @@ def copy_records(raw: bytes | memoryview | np.ndarray, dtype: np.dtype) -> np.nd
     n = min(len(src), dtype.itemsize)
     out.view(np.uint8)[:n] = src[:n]
     return out
+
+
+def concat_records(parts: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
+    """Concatenate record arrays keeping `dtype` exactly.
+
+    Plain np.concatenate promotes structured dtypes and drops the padding of nested
+    structs (numpy 2), which would no longer match the C layout.
+    """
+    if len(parts) == 1 and parts[0].dtype == dtype:
+        return parts[0]
+    return np.concatenate(parts, dtype=dtype) if parts else np.empty(0, dtype=dtype)

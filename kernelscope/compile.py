@@ -8,6 +8,7 @@ raises a bare `Exception`; kernelscope captures fd 2 around each BCC call and ra
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import difflib
 import gzip
@@ -179,10 +180,29 @@ def load(instr: Instrumented, user_source: str, cflags: tuple[str, ...] = ()) ->
     lines = user_source.splitlines()
     with capture_fd2() as log:
         try:
-            return bcc.BPF(text=instr.source, cflags=list(cflags))
+            return bcc.BPF(text=instr.source.encode(), cflags=list(cflags))
         except Exception as e:  # BCC raises bare Exception for every failure
             err = e
+    _release_half_built(err, bcc.BPF)
     raise _classify(str(err), log[0] if log else "", user_source, lines) from None
+
+
+def _release_half_built(err: BaseException, cls: type) -> None:
+    """Free the maps (and any attached programs) of a BPF object whose __init__ raised.
+
+    BCC creates maps before loading and attaching programs, and keeps the object alive
+    through its own atexit hook, so a verifier or attach failure would otherwise leak
+    them until the interpreter exits. The object is only reachable from the traceback.
+    """
+    tb = err.__traceback__
+    while tb is not None:
+        obj = tb.tb_frame.f_locals.get("self")
+        if isinstance(obj, cls):
+            with contextlib.suppress(Exception):
+                obj.cleanup()
+            atexit.unregister(obj.cleanup)
+            return
+        tb = tb.tb_next
 
 
 def _classify(msg: str, log: str, user_source: str, lines: list[str]) -> KernelscopeError:
@@ -208,7 +228,12 @@ def _classify(msg: str, log: str, user_source: str, lines: list[str]) -> Kernels
                     feature=f"lockdown={lock}" if lock else "BPF program type",
                 )
             return BPFPermissionError(str(host_permission_hint()))
-        return VerifierError(f"the verifier rejected {name}:\n{tail}", log=vlog)
+        # clang only warns about calls to undeclared functions; the load then fails with an
+        # obscure message, so the warning is the useful part.
+        hints = [_format_diag(d, lines) for d in diags if d.kind == "warning" and d.line
+                 and "implicit declaration" in d.message]
+        hint = ("\n" + "\n".join(hints)) if hints else ""
+        return VerifierError(f"the verifier rejected {name}:\n{tail}{hint}", log=vlog)
     if "Need super-user" in msg:
         return BPFPermissionError(str(host_permission_hint()))
     if "not traceable" in msg or "kprobe_events" in log:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .batch import Batch
+from .batch import Batch, concat_records
 
 
 class OrderTracker:
@@ -67,7 +67,7 @@ class Reorderer:
     def _release(self, horizon: int | None) -> Batch:
         if not self._held:
             return Batch(np.empty(0, dtype=np.dtype([("_", "u1")])))
-        records = np.concatenate([b.records for b in self._held])
+        records = concat_records([b.records for b in self._held], self._held[0].records.dtype)
         cpus = [b.cpu for b in self._held]
         cpu = np.concatenate(cpus) if all(c is not None for c in cpus) else None  # type: ignore[arg-type]
         order = np.argsort(records[self.ts_field], kind="stable")

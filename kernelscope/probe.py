@@ -99,6 +99,14 @@ def release_bpf(bpf: Any) -> None:
     atexit.unregister(bpf.cleanup)
 
 
+def fill_bytes(reader: Any) -> int:
+    """Bytes waiting in a reader's buffer(s): perf readers report a {cpu: bytes} dict."""
+    if reader is None or reader.closed:
+        return 0
+    fill = reader.fill_bytes()
+    return sum(fill.values()) if isinstance(fill, dict) else int(fill)
+
+
 def _drain_thread(ref: weakref.ReferenceType[Probe], stop: threading.Event) -> None:
     while not stop.is_set():
         probe = ref()
@@ -214,7 +222,7 @@ class Probe:
                 dtype = struct_dtype(bcc_event_fields(bpf, name), structs, name)
             schema = Schema(np.dtype(dtype), per_cpu=om.kind == "perf")
             ms = MapState(om, schema, FrameStore(schema, self.max_rows))
-            table = bpf[name]
+            table = bpf[name.encode()]
             if om.kind == "ringbuf":
                 size = int(table.max_entries) if hasattr(table, "max_entries") else (om.pages or 0) * PAGE
                 ms.pages = size // PAGE
@@ -247,7 +255,7 @@ class Probe:
             )
 
     def _set_gate(self, value: int) -> None:
-        gate = self._res.bpf[GATE_MAP]
+        gate = self._res.bpf[GATE_MAP.encode()]
         gate[ctypes.c_int(0)] = ctypes.c_uint32(value)
 
     def start(self) -> Probe:
@@ -281,8 +289,11 @@ class Probe:
             t.join()
         self._res.thread = None
         time.sleep(GRACE)
-        while self.poll_once(0) or any(ms.reader.fill_bytes() for ms in self.maps.values()):
-            pass
+        deadline = time.monotonic() + 5.0  # a BUSY record is finished by the time the gate closed
+        while self.poll_once(0) or any(fill_bytes(ms.reader) for ms in self.maps.values()):
+            if time.monotonic() > deadline:
+                self.warnings.append("final drain stopped after 5 s with data still in a buffer")
+                break
         self._flush_reorder()
         self._sample(force=True)
         self._stopped_stats = self._compute_stats()
@@ -315,7 +326,7 @@ class Probe:
         self._check_open()
         if not self.loaded:
             raise KernelscopeError("probe is not loaded: call start() or load() first")
-        if timeout and not any(ms.reader.fill_bytes() for ms in self.maps.values()):
+        if timeout and not any(fill_bytes(ms.reader) for ms in self.maps.values()):
             self._wait(timeout)
         total = 0
         with self._lock:
@@ -397,7 +408,7 @@ class Probe:
         bpf = self._res.bpf
         if bpf is None:
             return {}
-        return read_counters(bpf[ACCT_MAP], self.instrumented.maps)
+        return read_counters(bpf[ACCT_MAP.encode()], self.instrumented.maps)
 
     @property
     def stats(self) -> dict[str, dict[str, Any]]:
@@ -423,7 +434,7 @@ class Probe:
                 "lost_records": ms.lost_records,
                 "stored": len(ms.store),
                 "evicted": ms.store.evicted,
-                "fill_bytes": ms.reader.fill_bytes() if ms.reader and not ms.reader.closed else 0,
+                "fill_bytes": fill_bytes(ms.reader),
                 "capacity_bytes": ms.reader.capacity_bytes if ms.reader else 0,
                 "pages": ms.pages,
                 "inversions": ms.order.inversions if ms.order else None,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .batch import Batch, copy_records
+from .batch import Batch, concat_records, copy_records
 from .errors import ClosedError
 
 BUSY = 1 << 31
@@ -120,11 +120,7 @@ class RingParser:
             pos += span
         if pos:
             self._cons[0] = cons + pos  # one store per batch; the kernel reads it to make room
-        records = (
-            chunks[0] if len(chunks) == 1
-            else np.concatenate(chunks) if chunks
-            else np.empty(0, dtype=self.dtype)
-        )
+        records = concat_records(chunks, self.dtype)
         return ParseResult(records, discarded, pos, busy)
 
 

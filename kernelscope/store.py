@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .batch import Batch
+from .batch import Batch, concat_records
 from .schema import Schema
 
 
@@ -88,7 +88,7 @@ class FrameStore:
             cpus = [c.cpu for c in self._chunks]
             self._chunks = [
                 _Chunk(
-                    np.concatenate([c.records for c in self._chunks]),
+                    concat_records([c.records for c in self._chunks], self.schema.dtype),
                     self._chunks[0].seq0,
                     np.concatenate([c.arrival_ns for c in self._chunks]),
                     np.concatenate(cpus) if all(c is not None for c in cpus) else None,  # type: ignore[arg-type]
