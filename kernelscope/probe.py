@@ -16,12 +16,14 @@ import atexit
 import contextlib
 import ctypes
 import html
+import os
 import threading
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -123,7 +125,82 @@ def _drain_thread(ref: weakref.ReferenceType[Probe], stop: threading.Event) -> N
             del probe
 
 
-class Probe:
+class Results:
+    """Reading what arrived: shared by live probes and replayed captures."""
+
+    maps: dict[str, MapState]
+
+    def _map(self, name: str | None) -> MapState:
+        if name is None:
+            if len(self.maps) != 1:
+                raise KeyError(
+                    f"this probe has {len(self.maps)} output maps ({', '.join(self.maps) or 'none'}): "
+                    "name one, e.g. probe.frame('events')"
+                )
+            return next(iter(self.maps.values()))
+        try:
+            return self.maps[name]
+        except KeyError:
+            raise KeyError(f"no output map {name!r}; this probe has {', '.join(self.maps) or 'none'}") from None
+
+    def frame(self, name: str | None = None) -> pd.DataFrame:
+        """Everything received so far from output map `name` (cached until new rows arrive)."""
+        return self._map(name).store.frame()
+
+    @property
+    def df(self) -> pd.DataFrame:
+        return self.frame()
+
+    def records(self, name: str | None = None) -> np.ndarray:
+        return self._map(name).store.records()
+
+    def history(self, name: str | None = None) -> pd.DataFrame:
+        """Counters sampled about every 0.1 s while draining: for rate and fill plots."""
+        return pd.DataFrame(list(self._map(name).history))
+
+    def state(self) -> str:
+        return "results"
+
+    def attach_points(self) -> list[str]:
+        return []
+
+    @property
+    def stats(self) -> dict[str, dict[str, Any]]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        parts = [f"{n}: {s['received']} received, {s['dropped']} dropped" for n, s in self.stats.items()]
+        return f"<{type(self).__name__} {getattr(self, 'name', None) or ''} {self.state()}; " + "; ".join(parts) + ">"
+
+    def _repr_html_(self) -> str:
+        rows = []
+        stats = self.stats
+        for name, ms in self.maps.items():
+            st = stats.get(name, {})
+            rows.append(
+                "<tr>" + "".join(
+                    f"<td>{html.escape(str(v))}</td>"
+                    for v in (name, ms.om.kind, ms.pages, st.get("attempted", ""), st.get("received", ""),
+                              st.get("dropped", ""), st.get("lost_records", ""), st.get("inversions", ""),
+                              ", ".join(ms.schema.columns))
+                ) + "</tr>"
+            )
+        attach = ", ".join(self.attach_points()) or "none"
+        head = "".join(f"<th>{h}</th>" for h in ("map", "kind", "pages", "attempted", "received",
+                                                   "dropped", "lost records", "inversions", "columns"))
+        warnings: list[str] = getattr(self, "warnings", [])
+        error = getattr(self, "error", None)
+        warn = "".join(f"<p style='color:#b45309'>&#9888; {html.escape(w)}</p>" for w in warnings)
+        err = f"<p style='color:#b91c1c'>error: {html.escape(str(error))}</p>" if error else ""
+        label = html.escape(getattr(self, "name", None) or "")
+        return (
+            f"<div><b>{type(self).__name__} {label}</b> ({self.state()}); attached to "
+            f"{html.escape(attach)}{warn}{err}<table><thead><tr>{head}</tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table></div>"
+        )
+
+
+class Probe(Results):
     """A BCC program whose output maps drain into growing DataFrames."""
 
     def __init__(
@@ -379,30 +456,6 @@ class Probe:
 
     # --- results ---------------------------------------------------------------------
 
-    def _map(self, name: str | None) -> MapState:
-        if name is None:
-            if len(self.maps) != 1:
-                raise KeyError(
-                    f"this probe has {len(self.maps)} output maps ({', '.join(self.maps) or 'none'}): "
-                    "name one, e.g. probe.frame('events')"
-                )
-            return next(iter(self.maps.values()))
-        try:
-            return self.maps[name]
-        except KeyError:
-            raise KeyError(f"no output map {name!r}; this probe has {', '.join(self.maps) or 'none'}") from None
-
-    def frame(self, name: str | None = None) -> pd.DataFrame:
-        """Everything received so far from output map `name` (cached until new rows arrive)."""
-        return self._map(name).store.frame()
-
-    @property
-    def df(self) -> pd.DataFrame:
-        return self.frame()
-
-    def records(self, name: str | None = None) -> np.ndarray:
-        return self._map(name).store.records()
-
     def counters(self) -> dict[str, dict[str, int]]:
         """The program's own per-CPU counters, summed: attempted, failed, discarded per map."""
         bpf = self._res.bpf
@@ -456,9 +509,29 @@ class Probe:
                  "lost_records": st["lost_records"]}
             )
 
-    def history(self, name: str | None = None) -> pd.DataFrame:
-        """Counters sampled about every 0.1 s while draining: for rate and fill plots."""
-        return pd.DataFrame(list(self._map(name).history))
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write everything received, the counters over time and the program to one Parquet file."""
+        from . import capture
+
+        started = int((self.started_at or 0) * 1e9)
+        maps = {}
+        stats = self.stats
+        for name, ms in self.maps.items():
+            c = ms.store.chunk()
+            maps[name] = capture.MapCapture(
+                name=name, kind=ms.om.kind, dtype=ms.schema.dtype, records=c.records,
+                seq=np.arange(c.seq0, c.seq0 + len(c.records), dtype=np.int64),
+                arrival_ns=c.arrival_ns, cpu=c.cpu, stats=stats.get(name, {}),
+                history=[{**h, "t": h["t"] - (self.started_at or 0)} for h in ms.history],
+                pages=ms.pages, epoch_offset_ns=ms.schema.epoch_offset_ns,
+            )
+        settings = {
+            "pages": self.pages, "poll_interval": self.poll_interval, "max_rows": self.max_rows,
+            "cflags": list(self.cflags), "wakeup": self.wakeup, "wakeup_events": self.wakeup_events,
+            "watermark_bytes": self.watermark_bytes, "reorder_ns": self.reorder_ns, "name": self.name,
+        }
+        cap = capture.Capture(maps, self.source, settings, started_ns=started)
+        return capture.save(cap, path)
 
     # --- waiting, attaching, display ---------------------------------------------------
 
@@ -513,35 +586,8 @@ class Probe:
                 err = e
         raise _compile.AttachError(f"tracepoint {tp} -> {fn_name}: {err} {''.join(log).strip()}") from None
 
-    def __repr__(self) -> str:
-        state = "closed" if self.closed else "running" if self.running else "loaded" if self.loaded else "new"
-        parts = [f"{n}: {s['received']} received, {s['dropped']} dropped" for n, s in self.stats.items()]
-        return f"<Probe {self.name or ''} {state}; " + "; ".join(parts) + ">"
-
-    def _repr_html_(self) -> str:
-        state = "closed" if self.closed else "running" if self.running else "loaded" if self.loaded else "new"
-        rows = []
-        stats = self.stats
-        for name, ms in self.maps.items():
-            st = stats.get(name, {})
-            rows.append(
-                "<tr>" + "".join(
-                    f"<td>{html.escape(str(v))}</td>"
-                    for v in (name, ms.om.kind, ms.pages, st.get("attempted", ""), st.get("received", ""),
-                              st.get("dropped", ""), st.get("lost_records", ""), st.get("inversions", ""),
-                              ", ".join(ms.schema.columns))
-                ) + "</tr>"
-            )
-        attach = ", ".join(self.attach_points()) or "none"
-        head = "".join(f"<th>{h}</th>" for h in ("map", "kind", "pages", "attempted", "received",
-                                                   "dropped", "lost records", "inversions", "columns"))
-        warn = "".join(f"<p style='color:#b45309'>&#9888; {html.escape(w)}</p>" for w in self.warnings)
-        err = f"<p style='color:#b91c1c'>error: {html.escape(str(self.error))}</p>" if self.error else ""
-        return (
-            f"<div><b>Probe {html.escape(self.name or '')}</b> ({state}); attached to "
-            f"{html.escape(attach)}{warn}{err}<table><thead><tr>{head}</tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table></div>"
-        )
+    def state(self) -> str:
+        return "closed" if self.closed else "running" if self.running else "loaded" if self.loaded else "new"
 
     def attach_points(self) -> list[str]:
         bpf = self._res.bpf

@@ -98,6 +98,11 @@ class FrameStore:
             return _Chunk(np.empty(0, self.schema.dtype), self.received, np.empty(0, np.int64), None)
         return self._chunks[0]
 
+    def chunk(self) -> _Chunk:
+        """All stored records with their arrival times and CPUs, merged into one chunk."""
+        with self._lock:
+            return self._merged()
+
     def records(self) -> np.ndarray:
         """All stored records as one structured array (oldest first)."""
         with self._lock:

@@ -1,0 +1,205 @@
+"""Replaying a capture through the same interface as a live `Probe`.
+
+    r = kernelscope.replay("capture.parquet", speed=1.0).start()
+    r.df, r.stats, r.history()          # as on a Probe, growing at the recorded pace
+
+`speed=None` releases everything at once. No BPF, no root: this is how notebooks run on
+Binder and in CI's replay mode.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from .batch import Batch
+from .capture import Capture, MapCapture, load
+from .errors import ClosedError
+from .instrument import OutputMap
+from .probe import MapState, Results
+from .schema import Schema
+from .store import FrameStore
+
+
+class Replay(Results):
+    """A capture played back: frames, stats and history as the live probe had them."""
+
+    def __init__(self, capture: Capture, speed: float | None = 1.0, name: str | None = None,
+                 path: str | None = None) -> None:
+        if speed is not None and speed <= 0:
+            raise ValueError("speed must be positive (or None for all at once)")
+        self.capture = capture
+        self.speed = speed
+        self.path = path
+        self.name = name or capture.settings.get("name")
+        self.source = capture.source
+        self.warnings: list[str] = []
+        self.error: BaseException | None = None
+        self.closed = False
+        self.maps: dict[str, MapState] = {}
+        self._pos: dict[str, int] = {}
+        for i, (mname, mc) in enumerate(capture.maps.items()):
+            schema = Schema(mc.dtype, per_cpu=mc.kind == "perf", epoch_offset_ns=mc.epoch_offset_ns)
+            ms = MapState(OutputMap(mname, mc.kind, i, mc.pages or None), schema, FrameStore(schema))
+            ms.pages = mc.pages
+            self.maps[mname] = ms
+            self._pos[mname] = 0
+        self._t0: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- Probe-like lifecycle ----------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def loaded(self) -> bool:
+        return True
+
+    @property
+    def done(self) -> bool:
+        return all(self._pos[n] >= len(mc.records) for n, mc in self.capture.maps.items())
+
+    def state(self) -> str:
+        return "closed" if self.closed else "replaying" if self.running else "replayed" if self.done else "ready"
+
+    def elapsed(self) -> float:
+        """Seconds of recorded time played so far."""
+        if self._t0 is None:
+            return 0.0
+        if self.speed is None:
+            return math.inf
+        return (time.monotonic() - self._t0) * self.speed
+
+    def load(self) -> Replay:
+        return self
+
+    def start(self) -> Replay:
+        if self.closed:
+            raise ClosedError("this replay is closed")
+        if self._t0 is None:
+            self._t0 = time.monotonic()
+        if self.speed is None:
+            self.poll_once()
+            return self
+        if not self.running and not self.done:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="kernelscope-replay", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and not self.done:
+            self.poll_once()
+            self._stop.wait(0.05)
+
+    def poll_once(self, timeout: float = 0.0) -> int:
+        """Release every recorded event whose arrival time has come."""
+        if self._t0 is None:
+            self._t0 = time.monotonic()
+        horizon = self.elapsed()
+        total = 0
+        for name, mc in self.capture.maps.items():
+            ms = self.maps[name]
+            start = self._pos[name]
+            end = len(mc.records) if horizon == math.inf else int(
+                np.searchsorted(mc.arrival_ns, horizon * 1e9, side="right")
+            )
+            if end <= start:
+                continue
+            cpu = mc.cpu[start:end] if mc.cpu is not None else None
+            # group by recorded arrival so each chunk keeps its arrival time
+            arrivals = mc.arrival_ns[start:end]
+            for a in np.unique(arrivals):
+                sel = arrivals == a
+                ms.store.append(Batch(mc.records[start:end][sel], cpu[sel] if cpu is not None else None),
+                                int(a) + self.capture.started_ns)  # the recorded clock, as recorded
+            ms.batches += 1
+            self._pos[name] = end
+            total += end - start
+        return total
+
+    def stop(self) -> Replay:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        return self
+
+    def close(self) -> None:
+        self.stop()
+        self.closed = True
+
+    def wait(self, duration: float | None = None, limit: int | None = None,
+             progress: Any = None) -> Replay:
+        """Like Probe.wait: block for `duration` s of recorded time or `limit` events."""
+        if self.speed is None:
+            self.start()
+        else:
+            self.start()
+            t0 = time.monotonic()
+            while self.running:
+                received = sum(ms.store.received for ms in self.maps.values())
+                if progress:
+                    progress(received, time.monotonic() - t0)
+                if (duration is not None and self.elapsed() >= duration) or (limit is not None and received >= limit):
+                    break
+                time.sleep(0.05)
+        self.stop()
+        return self
+
+    # --- what the live probe reported ----------------------------------------------------
+
+    @property
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """The recorded stats as they were at the replay's current time (final once done)."""
+        out = {}
+        horizon = self.elapsed()
+        for name, mc in self.capture.maps.items():
+            ms = self.maps[name]
+            if self.done:
+                st = dict(mc.stats)
+            else:
+                st = dict(mc.stats)
+                sample = _sample_at(mc, horizon)
+                for key in ("attempted", "dropped", "fill_bytes", "lost_records"):
+                    if key in sample:
+                        st[key] = int(sample[key])
+                st["received"] = ms.store.received
+                st["in_flight"] = st.get("attempted", 0) - st["received"] - st.get("dropped", 0)
+            st["stored"] = len(ms.store)
+            st["replayed"] = True
+            out[name] = st
+        return out
+
+    def history(self, name: str | None = None) -> Any:
+        import pandas as pd
+
+        ms = self._map(name)
+        mc = self.capture.maps[ms.om.name]
+        horizon = self.elapsed()
+        return pd.DataFrame([h for h in mc.history if h["t"] <= horizon])
+
+    def attach_points(self) -> list[str]:
+        return [f"replay of {self.path or 'a capture'}"]
+
+
+def _sample_at(mc: MapCapture, t: float) -> dict[str, float]:
+    best: dict[str, float] = {}
+    for h in mc.history:
+        if h["t"] <= t:
+            best = h
+        else:
+            break
+    return best
+
+
+def replay(path: str | os.PathLike[str], speed: float | None = 1.0, name: str | None = None) -> Replay:
+    """Open a capture for replay: same interface as a live Probe (start, df, stats, history)."""
+    return Replay(load(path), speed=speed, name=name, path=str(path))
