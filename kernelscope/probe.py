@@ -70,6 +70,8 @@ class MapState:
     batches: int = 0
     pages: int = 0
     history: deque[dict[str, float]] = field(default_factory=lambda: deque(maxlen=100_000))
+    carried: dict[str, int] = field(default_factory=dict)  # counters of programs replaced by reconfigure()
+    marks: list[dict[str, Any]] = field(default_factory=list)  # {"t", "what"}: settings changes, for plots
 
 
 class _Resources:
@@ -297,8 +299,14 @@ class Probe(Results):
             dtype = self.dtypes.get(name)
             if dtype is None:
                 dtype = struct_dtype(bcc_event_fields(bpf, name), structs, name)
-            schema = Schema(np.dtype(dtype), per_cpu=om.kind == "perf")
-            ms = MapState(om, schema, FrameStore(schema, self.max_rows))
+            old = self.maps.get(name)
+            if old is not None and old.schema.dtype == np.dtype(dtype):
+                ms = old  # reconfigure(): same program, new buffers; rows and counts carry on
+                ms.om = om
+            else:
+                schema = Schema(np.dtype(dtype), per_cpu=om.kind == "perf")
+                ms = MapState(om, schema, FrameStore(schema, self.max_rows))
+            schema = ms.schema
             table = bpf[name.encode()]
             if om.kind == "ringbuf":
                 size = int(table.max_entries) if hasattr(table, "max_entries") else (om.pages or 0) * PAGE
@@ -320,9 +328,8 @@ class Probe(Results):
             self._res.readers.append(ms.reader)
             tf = schema.time_field
             if tf:
-                ms.order = OrderTracker(tf)
-                if self.reorder_ns is not None:
-                    ms.reorder = Reorderer(tf, self.reorder_ns)
+                ms.order = ms.order or OrderTracker(tf)
+                ms.reorder = Reorderer(tf, self.reorder_ns) if self.reorder_ns is not None else None
             elif self.reorder_ns is not None:
                 raise SchemaError(f"{name}: reorder_ns needs a u64 timestamp field (e.g. `u64 ts`)")
             self.maps[name] = ms
@@ -375,6 +382,68 @@ class Probe(Results):
         self._sample(force=True)
         self._stopped_stats = self._compute_stats()
         return self
+
+    def reconfigure(
+        self,
+        *,
+        pages: int | Mapping[str, int] | None = None,
+        wakeup: str | None = None,
+        wakeup_events: int | None = None,
+        watermark_bytes: int | None = None,
+        reorder_ns: int | None | bool = False,
+        poll_interval: float | None = None,
+    ) -> Probe:
+        """Apply new buffer settings by reloading the program; rows and counts carry on.
+
+        Buffer sizes are fixed when maps are created, so a new size means a new program:
+        the old one is stopped (final drain, exact counts), its counters are carried over,
+        and the change is marked (`MapState.marks`, `stats[...]['reloads']`) for plots.
+        `reorder_ns=False` keeps the current window; None turns reordering off.
+        """
+        self._check_open()
+        was_running = self.running
+        changes = []
+        if pages is not None and pages != self.pages:
+            changes.append(f"pages {self.pages or 'default'} -> {pages}")
+            self.pages = dict(pages) if isinstance(pages, Mapping) else pages
+        for attr, value in (("wakeup", wakeup), ("wakeup_events", wakeup_events),
+                            ("watermark_bytes", watermark_bytes), ("poll_interval", poll_interval)):
+            if value is not None and value != getattr(self, attr):
+                changes.append(f"{attr} {getattr(self, attr)} -> {value}")
+                setattr(self, attr, value)
+        if reorder_ns is not False and reorder_ns != self.reorder_ns:
+            changes.append(f"reorder_ns {self.reorder_ns} -> {reorder_ns}")
+            self.reorder_ns = reorder_ns  # type: ignore[assignment]
+        if not changes:
+            return self
+        if self.loaded:
+            self.stop()
+            counters = self.counters()
+            for name, ms in self.maps.items():
+                for key in ("attempted", "failed", "discarded"):
+                    ms.carried[key] = ms.carried.get(key, 0) + counters.get(name, {}).get(key, 0)
+            self._res.close()
+        self.instrumented = instrument(self.source, self._ring_pages())
+        now = time.monotonic()
+        for ms in self.maps.values():
+            ms.marks.append({"t": now, "what": "; ".join(changes)})
+        self._stopped_stats = None
+        self.load()
+        if was_running:
+            self.start()
+        return self
+
+    def pause(self) -> Probe:
+        """Stop delivering and draining (counts stay exact); resume() goes on."""
+        return self.stop()
+
+    def resume(self) -> Probe:
+        return self.start()
+
+    def clear(self, name: str | None = None) -> None:
+        """Forget stored rows (all maps, or one); counted in `evicted`, accounting unchanged."""
+        for ms in [self._map(name)] if name else list(self.maps.values()):
+            ms.store.clear()
 
     def close(self) -> None:
         """Detach programs and free maps, readers and fds. Idempotent; frames stay readable."""
@@ -474,7 +543,8 @@ class Probe(Results):
         counters = self.counters()
         out = {}
         for name, ms in self.maps.items():
-            c = counters.get(name, {"attempted": 0, "failed": 0, "discarded": 0})
+            now = counters.get(name, {"attempted": 0, "failed": 0, "discarded": 0})
+            c = {k: now.get(k, 0) + ms.carried.get(k, 0) for k in ("attempted", "failed", "discarded")}
             attempted = c["attempted"] - c["discarded"]
             received = ms.store.received + (len(ms.reorder) if ms.reorder else 0)
             out[name] = {
@@ -494,6 +564,7 @@ class Probe(Results):
                 "max_inversion_ns": ms.order.max_inversion_ns if ms.order else None,
                 "batches": ms.batches,
                 "memory_bytes": ms.store.nbytes,
+                "reloads": len(ms.marks),
             }
         return out
 

@@ -297,3 +297,27 @@ def test_nested_struct_and_arrays_become_columns() -> None:
     assert [list(a) for a in df["arr"]] == [[1, 0, 3]] * 3
     assert df["comm"].tolist() == ["hello"] * 3
     assert np.dtype(df["pid"].dtype) == np.uint32
+
+
+def test_reconfigure_reloads_with_new_size_and_keeps_rows_and_counts() -> None:
+    first, second = paused(3_000), paused(2_000)
+    src = ring_program(pages=64).replace("!= TARGET", "!= TARGET && (id >> 32) != SECOND")
+    with Probe(src, cflags=[*first.cflags, f"-DSECOND={second.pid}"]) as p:
+        first.go()
+        p.stop()
+        assert p.stats["events"]["capacity_bytes"] == 64 * 4096
+        p.start()
+        p.reconfigure(pages=8)
+        assert p.running
+        st = p.stats["events"]
+        assert st["capacity_bytes"] == 8 * 4096
+        assert st["pages"] == 8
+        assert st["reloads"] == 1
+        assert p.maps["events"].marks[0]["what"] == "pages default -> 8"
+        second.go()
+        p.stop()
+        st = p.stats["events"]
+        assert_accounted(st, 5_000)
+        assert st["stored"] == st["received"]
+        assert set(p.df["pid"]) <= {first.pid, second.pid}
+        assert list(p.df["ks_seq"]) == list(range(st["received"]))
