@@ -46,12 +46,20 @@ def copy_records(raw: bytes | memoryview | np.ndarray, dtype: np.dtype) -> np.nd
     return out
 
 
+def opaque(dtype: np.dtype) -> np.dtype:
+    """Raw bytes of one record. Copying as opaque bytes keeps a struct's padding bytes;
+    numpy copies a structured dtype field by field and leaves its padding uninitialised."""
+    return np.dtype((np.void, dtype.itemsize))
+
+
 def concat_records(parts: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
-    """Concatenate record arrays keeping `dtype` exactly.
+    """Concatenate contiguous record arrays byte for byte, keeping `dtype` and its padding.
 
     Plain np.concatenate promotes structured dtypes and drops the padding of nested
     structs (numpy 2), which would no longer match the C layout.
     """
+    if not parts:
+        return np.empty(0, dtype=dtype)
     if len(parts) == 1 and parts[0].dtype == dtype:
         return parts[0]
-    return np.concatenate(parts, dtype=dtype) if parts else np.empty(0, dtype=dtype)
+    return np.concatenate([np.ascontiguousarray(p).view(opaque(dtype)) for p in parts]).view(dtype)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .batch import Batch, concat_records, copy_records
+from .batch import Batch, concat_records, copy_records, opaque
 from .errors import ClosedError
 
 BUSY = 1 << 31
@@ -60,6 +60,7 @@ class RingParser:
         self.mask = size - 1
         self.dtype = np.dtype(dtype)
         self.stride = record_span(self.dtype.itemsize)
+        self._opaque = opaque(self.dtype)
         self._cons = np.frombuffer(consumer, dtype="<u8", count=1)  # type: ignore[call-overload]
         self._prod = np.frombuffer(producer, dtype="<u8", count=1)  # type: ignore[call-overload]
         self._data = np.frombuffer(producer, dtype=np.uint8, offset=data_offset)  # type: ignore[call-overload]
@@ -99,9 +100,9 @@ class RingParser:
                 run = int(bad[0]) if len(bad) else n
                 if run:
                     view = np.ndarray(
-                        (run,), dtype=self.dtype, buffer=region, offset=pos + HDR, strides=(stride,)
+                        (run,), dtype=self._opaque, buffer=region, offset=pos + HDR, strides=(stride,)
                     )
-                    chunks.append(np.array(view))  # copy: the kernel reuses the bytes later
+                    chunks.append(view.copy().view(self.dtype))  # copy: the kernel reuses the bytes later
                     pos += run * stride
                     continue
             # Slow path: one record that is BUSY, DISCARDed or of another size.

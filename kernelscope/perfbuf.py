@@ -1,0 +1,594 @@
+"""Per-CPU perf buffer reader for BPF_PERF_OUTPUT maps, parsing each CPU's ring in batches.
+
+Two layers, like cilium/ebpf `perf/reader.go`: `PerfRing` knows only the memory layout of
+one CPU's perf mmap area and turns the pending bytes into a structured numpy array;
+`PerfBufferReader` opens one perf event per CPU, stores its fd in the program's perf event
+array, waits with epoll and owns the lifecycle. Per-event Python callbacks (BCC's
+`open_perf_buffer`) are the bottleneck this module exists to avoid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+import platform
+import select
+import struct
+import threading
+import weakref
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+
+from .batch import Batch, concat_records, copy_records, opaque
+from .errors import BPFPermissionError, ClosedError, KernelscopeError
+
+__all__ = [
+    "PerfBufferReader",
+    "PerfEventAttr",
+    "PerfRing",
+    "online_cpus",
+]
+
+PAGE_SIZE = mmap.PAGESIZE
+
+# --- kernel ABI (include/uapi/linux/perf_event.h) -----------------------------------------
+
+PERF_TYPE_SOFTWARE = 1
+PERF_COUNT_SW_BPF_OUTPUT = 10
+PERF_SAMPLE_RAW = 1 << 10
+PERF_FLAG_FD_CLOEXEC = 1 << 3
+PERF_EVENT_IOC_ENABLE = 0x2400  # _IO('$', 0)
+PERF_ATTR_SIZE_VER5 = 112
+PERF_ATTR_SIZE_VER7 = 128
+
+PERF_RECORD_LOST = 2
+PERF_RECORD_SAMPLE = 9
+
+# perf_event_open has no libc wrapper; its number differs per architecture.
+_NR_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241, "riscv64": 241, "ppc64le": 319}
+
+# struct perf_event_mmap_page: four u64 control fields follow 1 KiB of counter-reading
+# fields, at byte 1024. Indices into them:
+_MMAP_CTL = 1024
+_HEAD = 0  # data_head: bytes ever written, stored by the kernel after the records it covers
+_TAIL = 1  # data_tail: bytes ever consumed, stored by us; the kernel may overwrite below it
+_OFFSET = 2  # data_offset: start of the data area (kernel >= 4.1, else 0)
+_SIZE = 3  # data_size: size of the data area (kernel >= 4.1, else 0)
+_MMAP_CTL_END = _MMAP_CTL + 4 * 8
+
+# struct perf_event_header {u32 type; u16 misc; u16 size;} then, for a PERF_SAMPLE_RAW-only
+# sample, u32 raw_size and the raw bytes; PERF_RECORD_LOST is {header; u64 id; u64 lost}.
+_HEADER = struct.Struct("<IHH")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_HEADER_SIZE = 8
+_SAMPLE_PAYLOAD = 12  # header + u32 raw_size
+_LOST_SIZE = 24
+# The first 12 bytes of a sample seen as one u64 (type | misc << 32 | size << 48) and raw_size.
+_SAMPLE_HEAD = np.dtype({"names": ["word", "raw"], "formats": ["<u8", "<u4"], "offsets": [0, 8],
+                         "itemsize": 12})
+_MISC_MASK = ~np.uint64(0xFFFF << 32)  # misc carries cpumode bits that may vary per record
+
+# Bit positions of perf_event_attr's flags bitfield (one u64 in the uapi struct).
+ATTR_FLAG_BITS = {
+    "disabled": 0, "inherit": 1, "pinned": 2, "exclusive": 3, "exclude_user": 4,
+    "exclude_kernel": 5, "exclude_hv": 6, "exclude_idle": 7, "mmap": 8, "comm": 9,
+    "freq": 10, "inherit_stat": 11, "enable_on_exec": 12, "task": 13, "watermark": 14,
+    "precise_ip": 15,  # two bits: 15-16
+    "mmap_data": 17, "sample_id_all": 18, "exclude_host": 19, "exclude_guest": 20,
+    "exclude_callchain_kernel": 21, "exclude_callchain_user": 22, "mmap2": 23,
+    "comm_exec": 24, "use_clockid": 25, "context_switch": 26, "write_backward": 27,
+    "namespaces": 28, "ksymbol": 29, "bpf_event": 30, "aux_output": 31, "cgroup": 32,
+    "text_poke": 33, "build_id": 34, "inherit_thread": 35, "remove_on_exec": 36,
+    "sigtrap": 37,
+}
+
+
+class _SampleUnion(ctypes.Union):
+    _fields_ = [("sample_period", ctypes.c_uint64), ("sample_freq", ctypes.c_uint64)]
+
+
+class _WakeupUnion(ctypes.Union):
+    _fields_ = [("wakeup_events", ctypes.c_uint32), ("wakeup_watermark", ctypes.c_uint32)]
+
+
+class _Config1Union(ctypes.Union):
+    _fields_ = [("bp_addr", ctypes.c_uint64), ("kprobe_func", ctypes.c_uint64),
+                ("uprobe_path", ctypes.c_uint64), ("config1", ctypes.c_uint64)]
+
+
+class _Config2Union(ctypes.Union):
+    _fields_ = [("bp_len", ctypes.c_uint64), ("kprobe_addr", ctypes.c_uint64),
+                ("probe_offset", ctypes.c_uint64), ("config2", ctypes.c_uint64)]
+
+
+class PerfEventAttr(ctypes.Structure):
+    """struct perf_event_attr up to sig_data (PERF_ATTR_SIZE_VER7, 128 bytes).
+
+    The C bitfield (disabled, inherit, ..., watermark, ...) is the single u64 `flags`;
+    `set_flag` sets a bit by its uapi name (ATTR_FLAG_BITS).
+    """
+
+    _anonymous_ = ("_sample", "_wakeup", "_config1", "_config2")
+    # For type checkers: ctypes creates these attributes from _fields_.
+    type: int
+    size: int
+    config: int
+    sample_period: int
+    sample_type: int
+    flags: int
+    wakeup_events: int
+    wakeup_watermark: int
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("size", ctypes.c_uint32),
+        ("config", ctypes.c_uint64),
+        ("_sample", _SampleUnion),
+        ("sample_type", ctypes.c_uint64),
+        ("read_format", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+        ("_wakeup", _WakeupUnion),
+        ("bp_type", ctypes.c_uint32),
+        ("_config1", _Config1Union),
+        ("_config2", _Config2Union),
+        ("branch_sample_type", ctypes.c_uint64),
+        ("sample_regs_user", ctypes.c_uint64),
+        ("sample_stack_user", ctypes.c_uint32),
+        ("clockid", ctypes.c_int32),
+        ("sample_regs_intr", ctypes.c_uint64),
+        ("aux_watermark", ctypes.c_uint32),
+        ("sample_max_stack", ctypes.c_uint16),
+        ("reserved_2", ctypes.c_uint16),
+        ("aux_sample_size", ctypes.c_uint32),
+        ("reserved_3", ctypes.c_uint32),
+        ("sig_data", ctypes.c_uint64),
+    ]
+
+    def set_flag(self, name: str, value: int = 1) -> None:
+        bit = ATTR_FLAG_BITS[name]
+        width = 2 if name == "precise_ip" else 1
+        mask = ((1 << width) - 1) << bit
+        self.flags = (self.flags & ~mask) | ((value << bit) & mask)
+
+    def flag(self, name: str) -> int:
+        width = 2 if name == "precise_ip" else 1
+        return (self.flags >> ATTR_FLAG_BITS[name]) & ((1 << width) - 1)
+
+
+assert ctypes.sizeof(PerfEventAttr) == PERF_ATTR_SIZE_VER7
+
+
+def bpf_output_attr(wakeup_events: int = 1, watermark_bytes: int | None = None) -> PerfEventAttr:
+    """The attr of a BPF output event: software event, raw samples, every output a sample."""
+    attr = PerfEventAttr()
+    attr.type = PERF_TYPE_SOFTWARE
+    attr.size = ctypes.sizeof(PerfEventAttr)
+    attr.config = PERF_COUNT_SW_BPF_OUTPUT
+    attr.sample_type = PERF_SAMPLE_RAW
+    attr.sample_period = 1
+    # Opened disabled and enabled once its fd is in the map: bpf_perf_event_output()
+    # refuses (-EOPNOTSUPP) an event that is not enabled on the current CPU.
+    attr.set_flag("disabled")
+    if watermark_bytes is not None:
+        attr.set_flag("watermark")
+        attr.wakeup_watermark = watermark_bytes
+    else:
+        attr.wakeup_events = wakeup_events
+    return attr
+
+
+# --- one CPU's ring ---------------------------------------------------------------------
+
+
+class PerfRing:
+    """Parser over one CPU's perf mmap area: 1 metadata page then 2^n data pages.
+
+    `area` is any writable buffer (the mmap'd memory, or a bytearray in tests). The data
+    area is mapped once, not twice, so a record may wrap at its end; each batch copies the
+    pending bytes (at most two slices) into one contiguous scratch buffer and parses that.
+    Runs of same-size samples become one strided numpy view copied once; anything else
+    (LOST records, short payloads) goes record by record. Both give the same records.
+    """
+
+    def __init__(self, area: object, dtype: np.dtype | type | str, *,
+                 page_size: int = PAGE_SIZE, fast: bool = True) -> None:
+        mem = np.frombuffer(area, dtype=np.uint8)  # type: ignore[call-overload]
+        if not mem.flags.writeable:
+            raise ValueError("the perf area must be writable: data_tail is written back")
+        if len(mem) < max(page_size, _MMAP_CTL_END):
+            raise ValueError(f"perf area of {len(mem)} bytes has no room for its metadata page")
+        self.dtype = _record_dtype(dtype)
+        self._opaque = opaque(self.dtype)
+        self.fast = fast
+        # data_head, data_tail, data_offset, data_size: aligned u64s, so each int() read and
+        # item store is one 8-byte access the kernel cannot see half-done.
+        self._ctl: np.ndarray | None = mem[_MMAP_CTL:_MMAP_CTL_END].view("<u8")
+        offset, size = int(self._ctl[_OFFSET]), int(self._ctl[_SIZE])
+        if not (offset and size):  # kernels before 4.1 leave both zero: data follows page 0
+            offset, size = page_size, len(mem) - page_size
+        if size <= 0 or size & (size - 1) or offset + size > len(mem):
+            raise ValueError(f"bad perf data area: offset {offset}, size {size}, "
+                             f"mapping {len(mem)} bytes (size must be a power of two)")
+        self._data: np.ndarray | None = mem[offset:offset + size]
+        self._size = size
+        self._scratch = np.empty(size, dtype=np.uint8)
+
+    @property
+    def capacity(self) -> int:
+        """Bytes in the data area: what can be pending before the kernel drops samples."""
+        return self._size
+
+    def pending_bytes(self) -> int:
+        ctl = self._control()
+        return int(ctl[_HEAD]) - int(ctl[_TAIL])
+
+    def release(self) -> None:
+        """Drop every view of the area (before it is unmapped); later reads raise ClosedError."""
+        self._ctl = None
+        self._data = None
+
+    def read(self, max_bytes: int | None = None) -> tuple[np.ndarray, int]:
+        """Parse and consume pending records: (records of `dtype`, samples reported lost).
+
+        With `max_bytes`, consume whole records up to that many bytes (at least one record,
+        so a caller always makes progress); otherwise everything pending.
+        """
+        ctl = self._control()
+        # data_head is read once, before the data: the kernel stores it (release) only
+        # after the records below it are complete. x86 is TSO, so loads stay in order.
+        head = int(ctl[_HEAD])
+        tail = int(ctl[_TAIL])
+        pending = head - tail
+        if pending == 0:
+            return np.empty(0, dtype=self.dtype), 0
+        if not 0 < pending <= self._size:
+            raise KernelscopeError(f"corrupt perf ring: data_head {head}, data_tail {tail}, "
+                                   f"data area {self._size} bytes")
+        n = pending
+        if max_bytes is not None and max_bytes < pending:
+            first = _HEADER.unpack_from(self._copy_out(tail, _HEADER_SIZE).data)[2]
+            n = min(pending, max(max_bytes, first))
+        buf = self._copy_out(tail, n)
+        try:
+            chunks, lost, used = self._parse(buf, n, whole=n == pending)
+        except KernelscopeError:
+            ctl[_TAIL] = head  # skip what cannot be parsed so the next batch starts clean
+            raise
+        # data_tail is stored after the copy: from then on the kernel may overwrite it.
+        ctl[_TAIL] = tail + used
+        return concat_records(chunks, self.dtype), lost
+
+    # -- internals --
+
+    def _control(self) -> np.ndarray:
+        if self._ctl is None:
+            raise ClosedError("the perf ring was released")
+        return self._ctl
+
+    def _copy_out(self, tail: int, n: int) -> np.ndarray:
+        """The n bytes from position `tail` as one contiguous array (two slices if wrapped)."""
+        data = self._data
+        if data is None:
+            raise ClosedError("the perf ring was released")
+        # data_head/data_tail count bytes forever; the position is modulo the power-of-two size.
+        start = tail & (self._size - 1)
+        first = min(n, self._size - start)
+        out = self._scratch
+        out[:first] = data[start:start + first]
+        if n > first:
+            out[first:n] = data[:n - first]
+        return out[:n]
+
+    def _parse(self, buf: np.ndarray, n: int, *, whole: bool) -> tuple[list[np.ndarray], int, int]:
+        dtype, itemsize = self.dtype, self.dtype.itemsize
+        mv = buf.data
+        chunks: list[np.ndarray] = []
+        lost = 0
+        pos = 0
+        while n - pos >= _HEADER_SIZE:
+            rtype, _misc, size = _HEADER.unpack_from(mv, pos)
+            if size < _HEADER_SIZE:
+                raise KernelscopeError(f"corrupt perf record at byte {pos}: size {size}")
+            if pos + size > n:
+                if whole:
+                    raise KernelscopeError(f"perf record at byte {pos} of size {size} runs "
+                                           f"past data_head ({n} bytes pending)")
+                break  # the rest did not fit in max_bytes
+            if rtype == PERF_RECORD_SAMPLE:
+                if size < _SAMPLE_PAYLOAD:
+                    raise KernelscopeError(f"perf sample at byte {pos} too short: {size}")
+                raw = _U32.unpack_from(mv, pos + _HEADER_SIZE)[0]
+                if raw > size - _SAMPLE_PAYLOAD:
+                    raise KernelscopeError(f"perf sample at byte {pos}: raw_size {raw} "
+                                           f"exceeds record size {size}")
+                if self.fast and raw >= itemsize:
+                    kmax = (n - pos) // size
+                    k = _uniform_run(buf, pos, size, kmax) if kmax > 1 else 1
+                    view = np.ndarray((k,), dtype=self._opaque, buffer=buf,
+                                      offset=pos + _SAMPLE_PAYLOAD, strides=(size,))
+                    chunks.append(np.array(view).view(dtype))
+                    pos += k * size
+                    continue
+                # raw_size counts padding to 8 bytes, which the kernel skips without
+                # writing: bytes past what the program submitted are stale ring contents.
+                start = pos + _SAMPLE_PAYLOAD
+                chunks.append(copy_records(buf[start:start + raw], dtype))
+            elif rtype == PERF_RECORD_LOST:
+                if size < _LOST_SIZE:
+                    raise KernelscopeError(f"perf LOST record at byte {pos} too short: {size}")
+                lost += _U64.unpack_from(mv, pos + 16)[0]
+            # Other record types (THROTTLE, ...) carry no samples and are skipped.
+            pos += size
+        if whole and pos != n:
+            raise KernelscopeError(f"{n - pos} stray bytes at the end of the perf ring batch")
+        return chunks, lost, pos
+
+
+def _uniform_run(buf: np.ndarray, pos: int, size: int, kmax: int) -> int:
+    """How many records from `pos` have the same type, size and raw_size as the one there.
+
+    Reads the header words at a stride of `size`, vectorised, in growing windows so a
+    mixed batch costs a few comparisons per record and a uniform one a single pass.
+    """
+    heads = np.ndarray((kmax,), dtype=_SAMPLE_HEAD, buffer=buf, offset=pos, strides=(size,))
+    words, raws = heads["word"], heads["raw"]
+    want_word = words[0] & _MISC_MASK
+    want_raw = raws[0]
+    k, step = 1, 64
+    while k < kmax:
+        end = min(kmax, k + step)
+        ok = ((words[k:end] & _MISC_MASK) == want_word) & (raws[k:end] == want_raw)
+        if not ok.all():
+            return k + int(np.argmin(ok))
+        k, step = end, step * 16
+    return kmax
+
+
+def _record_dtype(dtype: np.dtype | type | str) -> np.dtype:
+    dt = np.dtype(dtype)
+    if dt.itemsize == 0 or dt.hasobject:
+        raise ValueError(f"event dtype must be a fixed-size plain struct, not {dt}")
+    return dt
+
+
+# --- syscalls -----------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.munmap.restype = ctypes.c_int
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _os_error(what: str, err: int) -> KernelscopeError:
+    msg = f"{what}: {os.strerror(err)}"
+    if err in (errno.EPERM, errno.EACCES):
+        return BPFPermissionError(
+            f"{msg}. Per-CPU perf events need root or CAP_PERFMON (see "
+            "/proc/sys/kernel/perf_event_paranoid), and the buffers count against "
+            "/proc/sys/kernel/perf_event_mlock_kb without CAP_IPC_LOCK."
+        )
+    return KernelscopeError(msg)
+
+
+def perf_event_open(attr: PerfEventAttr, cpu: int, pid: int = -1, group_fd: int = -1) -> int:
+    """perf_event_open(2) with PERF_FLAG_FD_CLOEXEC; raises BPFPermissionError on EPERM/EACCES."""
+    nr = _NR_PERF_EVENT_OPEN.get(platform.machine())
+    if nr is None:
+        raise KernelscopeError(f"perf_event_open syscall number unknown on {platform.machine()}")
+    fd = _libc.syscall(ctypes.c_long(nr), ctypes.byref(attr), ctypes.c_long(pid),
+                       ctypes.c_long(cpu), ctypes.c_long(group_fd),
+                       ctypes.c_ulong(PERF_FLAG_FD_CLOEXEC))
+    if fd < 0:
+        raise _os_error(f"perf_event_open(BPF output, cpu {cpu})", ctypes.get_errno())
+    return int(fd)
+
+
+def _map_shared(fd: int, length: int) -> int:
+    addr = _libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+    if addr is None or addr == _MAP_FAILED:
+        raise _os_error(f"mmap of {length} bytes of perf buffer", ctypes.get_errno())
+    return int(addr)
+
+
+def online_cpus(text: str | None = None) -> list[int]:
+    """CPU ids from /sys/devices/system/cpu/online (or `text` in its "0-3,5" format)."""
+    if text is None:
+        text = Path("/sys/devices/system/cpu/online").read_text()
+    cpus: list[int] = []
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        cpus.extend(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+class _Resources:
+    """Kernel-side resources of a reader; `release` frees them once and holds no reader."""
+
+    def __init__(self) -> None:
+        self.fds: list[int] = []
+        self.maps: list[tuple[int, int]] = []
+        self.epoll: select.epoll | None = None
+        self.wake_fd: int | None = None
+
+    def release(self) -> None:
+        for addr, length in self.maps:
+            _libc.munmap(addr, length)
+        self.maps.clear()
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds.clear()
+        if self.epoll is not None:
+            self.epoll.close()
+            self.epoll = None
+        if self.wake_fd is not None:
+            os.close(self.wake_fd)
+            self.wake_fd = None
+
+
+# --- public reader ------------------------------------------------------------------------
+
+
+class PerfBufferReader:
+    """Reads a BPF_PERF_OUTPUT map: one perf event and mmap'd ring per CPU, batches out.
+
+    `set_cpu_fd(cpu, fd)` stores each CPU's perf event fd in the program's perf event
+    array; with BCC, `table = bpf["events"]` and
+    `lambda cpu, fd: table.__setitem__(ctypes.c_int(cpu), ctypes.c_int(fd))`.
+    The kernel wakes `poll` after `wakeup_events` samples on a CPU, or, with
+    `watermark_bytes`, once that many bytes are pending; `read` drains every CPU anyway.
+    One thread reads and polls; `close` may come from any thread and wakes a blocked poll.
+
+    Drops are reported the way the kernel reports them: a PERF_RECORD_LOST written ahead
+    of the next sample that fits, so samples dropped after the last one delivered are
+    counted only once that CPU's program emits again.
+    """
+
+    def __init__(
+        self,
+        set_cpu_fd: Callable[[int, int], None],
+        dtype: np.dtype | type | str,
+        pages: int = 64,
+        *,
+        wakeup_events: int = 1,
+        watermark_bytes: int | None = None,
+        cpus: Iterable[int] | None = None,
+    ) -> None:
+        if not isinstance(pages, int) or pages < 1 or pages & (pages - 1):
+            raise ValueError(f"pages must be a power of two (1, 2, 4, ...), not {pages!r}")
+        if wakeup_events < 1:
+            raise ValueError(f"wakeup_events must be at least 1, not {wakeup_events}")
+        if watermark_bytes is not None and not 0 < watermark_bytes <= pages * PAGE_SIZE:
+            raise ValueError(f"watermark_bytes must be in 1..{pages * PAGE_SIZE} "
+                             f"(the buffer size), not {watermark_bytes}")
+        self.dtype = _record_dtype(dtype)
+        self.cpus = tuple(sorted(set(online_cpus() if cpus is None else cpus)))
+        self._rings: list[PerfRing] = []
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._poll_lock = threading.Lock()
+        res = self._res = _Resources()
+        self._finalizer = weakref.finalize(self, res.release)
+        try:
+            res.epoll = select.epoll()
+            res.wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            res.epoll.register(res.wake_fd, select.EPOLLIN)
+            attr = bpf_output_attr(wakeup_events, watermark_bytes)
+            length = (1 + pages) * PAGE_SIZE
+            for cpu in self.cpus:
+                fd = perf_event_open(attr, cpu)
+                res.fds.append(fd)
+                addr = _map_shared(fd, length)
+                res.maps.append((addr, length))
+                self._rings.append(PerfRing((ctypes.c_char * length).from_address(addr),
+                                            self.dtype))
+                set_cpu_fd(cpu, fd)
+                try:
+                    fcntl.ioctl(fd, PERF_EVENT_IOC_ENABLE, 0)
+                except OSError as e:
+                    raise _os_error(f"enabling the perf event of cpu {cpu}",
+                                    e.errno or errno.EIO) from e
+                res.epoll.register(fd, select.EPOLLIN)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- reading --
+
+    def poll(self, timeout_s: float | None = None) -> bool:
+        """Wait until the kernel wakes some CPU's ring (True) or `timeout_s` passes (False).
+
+        A wakeup comes after `wakeup_events` samples or `watermark_bytes` bytes on one CPU,
+        so fewer can be pending while this says False; `read` drains them regardless.
+        Raises ClosedError if the reader is closed, also when `close` interrupts the wait.
+        """
+        with self._poll_lock:
+            res = self._res
+            if self._closed or res.epoll is None:
+                raise ClosedError("the perf buffer reader is closed")
+            events = res.epoll.poll(-1 if timeout_s is None else timeout_s)
+            if self._closed:
+                raise ClosedError("the perf buffer reader was closed while polling")
+            return any(fd != res.wake_fd for fd, _ in events)
+
+    def read(self) -> Batch:
+        """Drain every CPU once: records in arrival order per CPU, CPU by CPU.
+
+        Records of different CPUs are not merged by time (the rings carry no common
+        clock); put a timestamp in the event and sort if order across CPUs matters.
+        """
+        with self._read_lock:
+            if self._closed:
+                raise ClosedError("the perf buffer reader is closed")
+            parts: list[np.ndarray] = []
+            cpu_parts: list[np.ndarray] = []
+            lost_by_cpu: dict[int, int] = {}
+            for cpu, ring in zip(self.cpus, self._rings, strict=True):
+                records, lost = ring.read()
+                if len(records):
+                    parts.append(records)
+                    cpu_parts.append(np.full(len(records), cpu, dtype=np.int16))
+                if lost:
+                    lost_by_cpu[cpu] = lost
+        records = concat_records(parts, self.dtype)
+        cpu_col = np.concatenate(cpu_parts) if cpu_parts else np.empty(0, np.int16)
+        return Batch(records, cpu_col, sum(lost_by_cpu.values()), lost_by_cpu)
+
+    def fill_bytes(self) -> dict[int, int]:
+        """Bytes waiting in each CPU's ring."""
+        with self._read_lock:
+            if self._closed:
+                raise ClosedError("the perf buffer reader is closed")
+            return {cpu: ring.pending_bytes()
+                    for cpu, ring in zip(self.cpus, self._rings, strict=True)}
+
+    @property
+    def capacity_bytes(self) -> int:
+        """Total data area over all CPUs."""
+        return sum(ring.capacity for ring in self._rings)
+
+    # -- lifecycle --
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Wake a blocked poll, unmap the rings and close the fds; a second call does nothing.
+
+        The perf event array entries keep pointing at the (now unread) events until the
+        map slot is overwritten or the map is freed; samples sent there are discarded.
+        """
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._res.wake_fd is not None:
+                os.eventfd_write(self._res.wake_fd, 1)
+            with self._poll_lock, self._read_lock:
+                for ring in self._rings:
+                    ring.release()
+                self._finalizer()
+
+    def __enter__(self) -> PerfBufferReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self.cpus)} CPUs"
+        return f"<PerfBufferReader {state}, {self.capacity_bytes} bytes, dtype {self.dtype}>"
