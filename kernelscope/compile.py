@@ -11,7 +11,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import difflib
-import gzip
 import os
 import re
 import tempfile
@@ -120,14 +119,12 @@ def list_tracepoints(events: Path | None = None) -> list[str]:
     return out
 
 
-def kernel_config(option: str) -> str | None:
-    """`y`, `m`, or None (unset) for a CONFIG_ option, from /proc/config.gz when readable."""
-    try:
-        text = gzip.open("/proc/config.gz", "rt").read()
-    except OSError:
+def config_option(option: str) -> str | None:
+    """`y`, `m`, `n` (off) or None (absent) for a CONFIG_ option; "unknown" if the config is hidden."""
+    found = host.kernel_config()
+    if found is None:
         return "unknown"
-    m = re.search(rf"^{option}=(\S+)$", text, re.M)
-    return m.group(1) if m else None
+    return found[0].get(option)
 
 
 def _line_of(source: str, pos: int) -> int:
@@ -155,21 +152,12 @@ def check_attach_points(source: str, events: Path | None = None) -> None:
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise AttachError(f"line {_line_of(source, m.start())}: no raw tracepoint {name} on this kernel{hint}")
     m = _KPROBE.search(source)
-    if m and kernel_config("CONFIG_KPROBES") is None:
+    if m and config_option("CONFIG_KPROBES") in (None, "n"):
         raise UnsupportedError(
             f"line {_line_of(source, m.start())}: kprobes are not available: this kernel was built "
             "without CONFIG_KPROBES. Use a tracepoint (TRACEPOINT_PROBE) or raw tracepoint instead.",
             feature="CONFIG_KPROBES",
         )
-
-
-def lockdown_mode() -> str | None:
-    try:
-        text = Path("/sys/kernel/security/lockdown").read_text()
-    except OSError:
-        return None
-    m = re.search(r"\[(\w+)\]", text)
-    return m.group(1) if m else None
 
 
 def load(instr: Instrumented, user_source: str, cflags: tuple[str, ...] = ()) -> Any:
@@ -187,7 +175,7 @@ def load(instr: Instrumented, user_source: str, cflags: tuple[str, ...] = ()) ->
     raise _classify(str(err), log[0] if log else "", user_source, lines) from None
 
 
-def _release_half_built(err: BaseException, cls: type) -> None:
+def _release_half_built(err: BaseException, cls: Any) -> None:
     """Free the maps (and any attached programs) of a BPF object whose __init__ raised.
 
     BCC creates maps before loading and attaching programs, and keeps the object alive
@@ -196,7 +184,7 @@ def _release_half_built(err: BaseException, cls: type) -> None:
     """
     tb = err.__traceback__
     while tb is not None:
-        obj = tb.tb_frame.f_locals.get("self")
+        obj: Any = tb.tb_frame.f_locals.get("self")
         if isinstance(obj, cls):
             with contextlib.suppress(Exception):
                 obj.cleanup()
@@ -219,10 +207,11 @@ def _classify(msg: str, log: str, user_source: str, lines: list[str]) -> Kernels
         name = prog.group(1) if prog else "the program"
         if "Operation not permitted" in log or "Need super-user" in msg:
             if os.geteuid() == 0:
-                lock = lockdown_mode()
+                found = host.lockdown_mode()
+                lock = found[0] if found else None
                 return UnsupportedError(
                     f"the kernel refused to load {name} (EPERM) although we are root"
-                    + (f": kernel lockdown is '{lock}', which forbids this program type (fentry/"
+                    + (f": kernel lockdown is '{lock}', the likely reason for refusing this program type (fentry/"
                        "KFUNC_PROBE tracing programs)" if lock and lock != "none" else "")
                     + ". Use a tracepoint or raw tracepoint instead.",
                     feature=f"lockdown={lock}" if lock else "BPF program type",

@@ -52,7 +52,7 @@ def import_bcc() -> ModuleType:
     with Debian's older builds, so only a folder with a `bcc` symlink is added.
     """
     try:
-        import bcc  # type: ignore[import-not-found]
+        import bcc  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         if not DEBIAN_BCC.is_dir():
             raise BCCMissingError(
@@ -175,7 +175,10 @@ def ensure_headers(modules: Path = MODULES, src: Path = SRC) -> str:
     """
     have = find_headers(modules)
     if have is not None:
-        return f"kernel headers: {have.build} ({have.version})"
+        differ = "" if have.matches_kernel else (
+            f"; running kernel {kernel_release()}: struct layouts may differ (`kernelscope doctor`)"
+        )
+        return f"kernel headers: {have.build} ({have.version}){differ}"
     candidates = installed_headers(src)
     if not candidates:
         raise HeadersMissingError(

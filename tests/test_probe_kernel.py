@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections import Counter
 import time
 
 import numpy as np
@@ -17,9 +16,9 @@ from kernelscope import (
     UnsupportedError,
     VerifierError,
 )
-from kernelscope.compile import kernel_config
+from kernelscope.compile import config_option
 
-from leaks import bpf_objects, open_fd_count
+from util import BPFCounts, bpf_object_counts, fd_count
 from producers import paused, perf_program, ring_program
 
 pytestmark = pytest.mark.kernel
@@ -32,11 +31,11 @@ def assert_accounted(stats: dict, made: int) -> None:
 
 
 def open_fds() -> int:
-    return open_fd_count()
+    return fd_count()
 
 
-def bpf_prog_ids() -> Counter[str]:
-    return bpf_objects()
+def bpf_prog_ids() -> BPFCounts:
+    return bpf_object_counts()
 
 
 def test_ring_buffer_delivers_every_event_with_right_columns() -> None:
@@ -180,7 +179,7 @@ def test_close_releases_programs_maps_and_fds() -> None:
     fds, progs = open_fds(), bpf_prog_ids()
     for src in (ring_program(), perf_program()):
         p = Probe(src, cflags=["-DTARGET=1"]).start()
-        assert bpf_prog_ids()["bpf-prog"] > progs["bpf-prog"]
+        assert bpf_prog_ids().progs > progs.progs
         p.close()
         p.close()  # twice is a no-op
     assert bpf_prog_ids() == progs
@@ -266,7 +265,7 @@ def test_unknown_tracepoint_suggests_close_matches() -> None:
         Probe(src).load()
 
 
-@pytest.mark.skipif(kernel_config("CONFIG_KPROBES") is not None, reason="this kernel has CONFIG_KPROBES")
+@pytest.mark.skipif(config_option("CONFIG_KPROBES") == "y", reason="this kernel has CONFIG_KPROBES")
 def test_kprobe_without_config_kprobes_names_the_option() -> None:
     with pytest.raises(UnsupportedError) as exc:
         Probe("int kprobe__do_sys_openat2(void *ctx) { return 0; }").load()

@@ -1,0 +1,86 @@
+# kernelscope: `make test`, `make demo` and `make lab` work on a fresh Debian 12 machine as root.
+#
+# setup = Debian packages (skipped when dpkg has them all) -> .venv with kernelscope editable
+# and only Debian's `bcc` package linked in -> `kernelscope setup` (mount tracefs, link headers).
+# The first two leave stamp files in the venv; the last runs every time because mounts do not
+# survive a reboot (it takes a fraction of a second and says what it did).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+VENV_ABS := $(abspath $(VENV))
+BIN := $(VENV_ABS)/bin
+# Extra arguments for pytest, e.g. make test PYTEST_ARGS='-k doctor -x'
+PYTEST_ARGS ?=
+
+# Debian packages: BCC (Python bindings + library), headers for BCC, bpftool, and the CO-RE
+# toolchain (clang, libbpf). BCC is not on PyPI; its PyPI namesakes are unrelated projects.
+APT_PACKAGES := python3-bpfcc libbpfcc linux-headers-amd64 bpftool clang libbpf-dev gcc
+DEBIAN_BCC := /usr/lib/python3/dist-packages/bcc
+
+SYSTEM_STAMP := $(VENV_ABS)/.stamp-system
+INSTALL_STAMP := $(VENV_ABS)/.stamp-install
+
+.PHONY: help setup system venv test lint demo lab clean
+
+help:
+	@echo "make setup  - Debian packages, $(VENV), tracefs and kernel headers (needs root)"
+	@echo "make test   - setup, then ruff + mypy over kernelscope/ and pytest with real eBPF"
+	@echo "make demo   - setup, then attach a real probe for a few seconds and summarize it"
+	@echo "make lab    - setup, then JupyterLab on http://127.0.0.1:8888 in notebooks/"
+	@echo "make lint   - ruff + mypy over kernelscope/"
+	@echo "make clean  - remove $(VENV) and caches"
+
+setup: $(INSTALL_STAMP)
+	$(BIN)/kernelscope setup
+
+system: $(SYSTEM_STAMP)
+venv: $(INSTALL_STAMP)
+
+# apt-get runs only when a package is missing; the exact headers for the running kernel are
+# added when the archive has them (Debian kernels), else linux-headers-amd64 is what BCC gets.
+$(SYSTEM_STAMP):
+	@mkdir -p $(VENV_ABS)
+	@if dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
+		echo "Debian packages present: $(APT_PACKAGES)"; \
+	else \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update; \
+		exact=linux-headers-$$(uname -r); \
+		if apt-cache show "$$exact" >/dev/null 2>&1; then extra=$$exact; else extra=; fi; \
+		apt-get install -y --no-install-recommends $(APT_PACKAGES) $$extra; \
+	fi
+	@touch $@
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV_ABS)
+
+# Only Debian's `bcc` folder is linked into site-packages: adding all of dist-packages would
+# shadow the venv's numpy/pandas with Debian's older builds.
+$(INSTALL_STAMP): pyproject.toml $(SYSTEM_STAMP) | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@site=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	ln -sfn $(DEBIAN_BCC) "$$site/bcc"; \
+	echo "linked $$site/bcc -> $(DEBIAN_BCC)"
+	$(BIN)/python -c 'import bcc, kernelscope; print("bcc", bcc.__version__, "imports in $(VENV)")'
+	@touch $@
+
+lint: $(INSTALL_STAMP)
+	$(BIN)/ruff check kernelscope
+	$(BIN)/mypy
+
+test: setup lint
+	KERNELSCOPE_REQUIRE_BPF=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(BIN)/kernelscope demo
+
+lab: setup
+	cd notebooks && $(BIN)/jupyter lab --ip 127.0.0.1 --no-browser --allow-root
+
+clean:
+	rm -rf $(VENV_ABS) build dist .pytest_cache .mypy_cache .ruff_cache
+	find kernelscope tests -name __pycache__ -type d -prune -exec rm -rf {} +

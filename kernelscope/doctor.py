@@ -1,0 +1,915 @@
+"""`kernelscope doctor`: what this host can do with eBPF, each item probed for real.
+
+Every attach kind and map kind is tried by loading one small BCC program (compiled once,
+about 2 s, most of it parsing kernel headers) and attaching its functions one by one, so a
+failure names the kind that failed and the reason, not just "BPF does not work". Nothing
+is cached between runs and everything loaded is unloaded before `run_checks` returns.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import errno
+import html
+import json
+import os
+import platform
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import host
+from .errors import BPFPermissionError, SetupError
+
+BTF_VMLINUX = Path("/sys/kernel/btf/vmlinux")
+
+# Checks that must pass for kernelscope's main path (tracepoint -> ring buffer -> DataFrame).
+BASICS = ("privileges", "bcc", "kernel headers", "tracefs", "tracepoint", "ringbuf")
+
+# Struct members whose layout is compared between the headers BCC compiles with and the
+# running kernel's BTF. None means sizeof(struct). (struct file would need linux/fs.h, which
+# adds about a second to the compile.)
+LAYOUT_FIELDS: tuple[tuple[str, str | None], ...] = (
+    ("task_struct", None),
+    ("task_struct", "pid"),
+    ("task_struct", "tgid"),
+    ("task_struct", "real_parent"),
+    ("task_struct", "exit_code"),
+    ("task_struct", "comm"),
+    ("mm_struct", "pgd"),
+    ("mm_struct", "mmap_base"),
+)
+
+LAYOUT_WARNING = (
+    "programs that read task->tgid get garbage; use tracepoint args, helpers, or the CO-RE backend"
+)
+
+BPF_MAP_CREATE = 0
+BPF_MAP_TYPE_USER_RINGBUF = 31
+SYS_BPF = {"x86_64": 321, "aarch64": 280}
+
+USDT_CHILD = "import sys, gc; print('ready', flush=True); sys.stdin.readline(); gc.collect()"
+USDT_PROBE = "python:gc__start"
+
+# Indexes into the program's `hits` array, one counter per attach kind.
+HITS = ("tracepoint", "raw tracepoint", "kprobe", "fentry", "uprobe", "usdt")
+MAP_KINDS = ("ringbuf", "perf event array")
+
+
+@dataclass
+class Check:
+    """One line of the doctor's table. `ok` is None when the check could not be decided."""
+
+    name: str
+    ok: bool | None
+    detail: str
+    fix: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def required(self) -> bool:
+        return self.name in BASICS
+
+    @property
+    def status(self) -> str:
+        if self.ok is None:
+            return "?"
+        if self.ok:
+            return "ok"
+        return "FAIL" if self.required else "no"
+
+
+@dataclass
+class DoctorReport:
+    """The doctor's findings; renders as a text table, and as HTML in notebooks."""
+
+    checks: list[Check]
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when every basic check passed (what `kernelscope doctor`'s exit code says)."""
+        return all(c.ok is True for c in self.checks if c.required)
+
+    def __getitem__(self, name: str) -> Check:
+        for c in self.checks:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def __str__(self) -> str:
+        return render_text(self.checks, self.seconds)
+
+    def _repr_html_(self) -> str:
+        return render_html(self.checks, self.seconds)
+
+
+def report() -> DoctorReport:
+    start = time.monotonic()
+    checks = run_checks()
+    return DoctorReport(checks, time.monotonic() - start)
+
+
+def run_checks() -> list[Check]:
+    """Probe the host; returns one Check per row of the table, in table order."""
+    checks = [
+        _check_privileges(),
+        _check_bcc(),
+        _check_headers(),
+        _check_tracefs(),
+        _check_btf(),
+    ]
+    skip = _why_not_probed({c.name: c for c in checks})
+    if skip:
+        checks += [Check(kind, None, f"not probed: {skip}") for kind in HITS]
+        checks += [Check(kind, None, f"not probed: {skip}") for kind in MAP_KINDS]
+        checks.append(_check_user_ringbuf())
+        checks.append(Check("header layout", None, f"not probed: {skip}"))
+        return checks
+
+    btf_thread = _Background(_btf_layout)  # overlaps the compile
+    try:
+        result = _ProbeRun().run()
+    except Exception as e:  # a diagnostic tool reports its own failure as a row, not a traceback
+        result = _ProbeResult(compile_error=f"the doctor's probe failed: {type(e).__name__}: {e}")
+    checks += _attach_checks(result)
+    checks += _map_checks(result)
+    checks.append(_check_user_ringbuf())
+    checks.append(_check_layout(result, btf_thread.join()))
+    return checks
+
+
+# --- basic checks -----------------------------------------------------------------------
+
+
+def _check_privileges() -> Check:
+    caps = host.effective_caps()
+    names = [
+        n
+        for n, bit in (("CAP_SYS_ADMIN", host.CAP_SYS_ADMIN), ("CAP_BPF", host.CAP_BPF),
+                       ("CAP_PERFMON", host.CAP_PERFMON))
+        if caps & (1 << bit)
+    ]
+    who = "root" if os.geteuid() == 0 else f"uid {os.geteuid()}"
+    try:
+        host.require_privileges(caps)
+    except BPFPermissionError as e:
+        return Check("privileges", False, f"{who} without CAP_BPF+CAP_PERFMON or CAP_SYS_ADMIN",
+                     str(e), data={"caps": caps})
+    return Check("privileges", True, f"{who} with {', '.join(names)}", data={"caps": caps})
+
+
+def _check_bcc() -> Check:
+    try:
+        bcc = host.import_bcc()
+    except SetupError as e:
+        return Check("bcc", False, "BCC's Python bindings do not import", str(e))
+    where = Path(str(bcc.__file__)).parent
+    version = getattr(bcc, "__version__", "unknown")
+    return Check("bcc", True, f"BCC {version} from {where.resolve()}", data={"version": version})
+
+
+def _check_headers() -> Check:
+    release = host.kernel_release()
+    found = host.find_headers()
+    if found is None:
+        installed = host.installed_headers()
+        if installed:
+            return Check(
+                "kernel headers", False,
+                f"headers {installed[0].version} are installed but BCC cannot find them "
+                f"(nothing at {host.MODULES}/{release}/build)",
+                "run `kernelscope setup` (links them under /lib/modules)",
+            )
+        return Check(
+            "kernel headers", False, f"no kernel headers for {release}",
+            f"run `make setup`, or apt-get install linux-headers-amd64 (or linux-headers-{release})",
+        )
+    data = {"path": str(found.build), "version": found.version, "kernel": release}
+    if found.matches_kernel:
+        return Check("kernel headers", True, f"{found.build} ({found.version})", data=data)
+    return Check(
+        "kernel headers", True,
+        f"{found.build}: headers {found.version}, running kernel {release} (versions differ; "
+        "see header layout)",
+        data=data,
+    )
+
+
+def _check_tracefs() -> Check:
+    for path in (host.TRACEFS, host.DEBUGFS / "tracing"):
+        if host.is_mounted(path, "tracefs"):
+            return Check("tracefs", True, f"mounted at {path}")
+    return Check(
+        "tracefs", False, f"tracefs is not mounted at {host.TRACEFS}",
+        f"run `kernelscope setup`, or as root: mount -t tracefs nodev {host.TRACEFS}",
+    )
+
+
+def _check_btf() -> Check:
+    if BTF_VMLINUX.is_file():
+        size = BTF_VMLINUX.stat().st_size
+        return Check("btf", True, f"{BTF_VMLINUX} ({size / 2**20:.1f} MiB)")
+    return Check(
+        "btf", False, f"no {BTF_VMLINUX}: the kernel was built without CONFIG_DEBUG_INFO_BTF",
+        "fentry and CO-RE need a kernel with CONFIG_DEBUG_INFO_BTF=y",
+    )
+
+
+def _why_not_probed(basics: dict[str, Check]) -> str:
+    for name, why in (
+        ("privileges", "needs root or CAP_BPF+CAP_PERFMON"),
+        ("bcc", "BCC does not import"),
+        ("kernel headers", "BCC has no kernel headers to compile with"),
+    ):
+        if basics[name].ok is not True:
+            return why
+    return ""
+
+
+# --- the probe program ------------------------------------------------------------------
+
+
+@dataclass
+class _ProbeResult:
+    compiled: bool = False
+    compile_error: str = ""  # why nothing could be probed, as a sentence
+    dropped: dict[str, str] = field(default_factory=dict)  # part -> why it was left out
+    attached: dict[str, str | None] = field(default_factory=dict)  # kind -> error or None
+    errnos: dict[str, int] = field(default_factory=dict)
+    targets: dict[str, str] = field(default_factory=dict)  # kind -> what it attached to
+    hits: dict[str, int] = field(default_factory=dict)
+    ring_events: int = 0
+    perf_events: int = 0
+    layout: dict[str, int] = field(default_factory=dict)
+    bcc_log: str = ""
+
+
+class _ProbeRun:
+    """Compile one program with a function per attach kind, attach each, trigger, read back."""
+
+    def __init__(self) -> None:
+        self.bcc = host.import_bcc()
+        self.result = _ProbeResult()
+        self.usdt_binary = _find_usdt_binary()
+        self.fentry_target = _fentry_target()
+
+    def run(self) -> _ProbeResult:
+        child: subprocess.Popen[bytes] | None = None
+        bpf = None
+        log = _StderrCapture()
+        try:
+            with log:
+                usdt = None
+                if self.usdt_binary is not None:
+                    child, usdt = self._start_usdt_child(self.usdt_binary)
+                bpf = self._compile(usdt)
+                if bpf is not None:
+                    self._attach_all(bpf, usdt is not None)
+                    self._trigger(child)
+                    self._collect(bpf)
+        finally:
+            if bpf is not None:
+                _unload(bpf)
+            if child is not None and child.poll() is None:
+                child.kill()
+                child.wait()
+            if child is not None and child.stdin is not None:
+                child.stdin.close()
+            if child is not None and child.stdout is not None:
+                child.stdout.close()
+        self.result.bcc_log += log.text
+        return self.result
+
+    # compile ---------------------------------------------------------------------------
+
+    def _compile(self, usdt: Any) -> Any:
+        """Compile with every part; on failure, once more with only the core parts."""
+        made: list[Any] = []
+
+        class _DoctorBPF(self.bcc.BPF):  # type: ignore[name-defined]
+            """BPF that attaches nothing by itself, so each attach is tried and reported alone."""
+
+            def __init__(self, **kwargs: Any) -> None:
+                made.append(self)  # reachable for cleanup even when __init__ fails halfway
+                super().__init__(**kwargs)
+
+            def _trace_autoload(self) -> None:
+                pass
+
+        parts = {"ringbuf", "layout"}
+        if self.fentry_target:
+            parts.add("fentry")
+        if usdt is not None:
+            parts.add("usdt")
+        for attempt in (parts, set()):
+            log = _StderrCapture()
+            try:
+                with log:
+                    bpf = _DoctorBPF(
+                        text=_program(attempt, self.fentry_target).encode(),
+                        usdt_contexts=[usdt] if "usdt" in attempt else [],
+                    )
+            except Exception as e:  # BCC raises bare Exception for compile and USDT errors
+                for half_made in made:
+                    with suppress(Exception):
+                        _unload(half_made)
+                made.clear()
+                error = _first_error(log.text) or str(e)
+                if not attempt:
+                    self.result.compile_error = f"the probe program did not compile: {error}"
+                    return None
+                for part in parts:
+                    self.result.dropped[part] = f"the program with it failed to build: {error}"
+                continue
+            self.result.compiled = True
+            self.result.bcc_log += log.text
+            return bpf
+        return None
+
+    def _start_usdt_child(self, binary: Path) -> tuple[subprocess.Popen[bytes] | None, Any]:
+        try:
+            child = subprocess.Popen(
+                [str(binary), "-I", "-S", "-c", USDT_CHILD],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            )
+        except OSError as e:
+            self.result.dropped["usdt"] = f"cannot run {binary}: {e}"
+            return None, None
+        assert child.stdout is not None
+        child.stdout.readline()  # the interpreter is up and its probes are mapped
+        try:
+            usdt = self.bcc.USDT(pid=child.pid)
+            usdt.enable_probe(USDT_PROBE, "on_usdt")
+        except Exception as e:  # bcc.USDTException subclasses bare Exception
+            self.result.dropped["usdt"] = f"{USDT_PROBE} in {binary}: {e}".strip()
+            return child, None
+        self.result.targets["usdt"] = f"{USDT_PROBE} in {binary} (pid {child.pid})"
+        return child, usdt
+
+    # attach ----------------------------------------------------------------------------
+
+    def _attach_all(self, bpf: Any, with_usdt: bool) -> None:
+        BPF = self.bcc.BPF
+        libc = BPF.find_library(b"c")
+        libc_path = libc.decode() if isinstance(libc, bytes) else str(libc)
+        kprobe_fn = _syscall_function("getppid") or bpf.get_syscall_fnname(b"getppid").decode()
+        steps: dict[str, tuple[str, Callable[[], Any]]] = {
+            "tracepoint": (
+                "syscalls:sys_enter_getppid",
+                lambda: bpf.attach_tracepoint(tp=b"syscalls:sys_enter_getppid",
+                                              fn_name=b"on_tracepoint"),
+            ),
+            "raw tracepoint": (
+                "sys_enter",
+                lambda: bpf.attach_raw_tracepoint(tp=b"sys_enter", fn_name=b"on_raw_tracepoint"),
+            ),
+            "kprobe": (
+                kprobe_fn,
+                lambda: bpf.attach_kprobe(event=kprobe_fn.encode(), fn_name=b"on_kprobe"),
+            ),
+            "uprobe": (
+                f"getpid in {libc_path}",
+                lambda: bpf.attach_uprobe(name=b"c", sym=b"getpid", fn_name=b"on_uprobe",
+                                          pid=os.getpid()),
+            ),
+        }
+        if self.fentry_target and "fentry" not in self.result.dropped:
+            steps["fentry"] = (self.fentry_target, lambda: self._attach_fentry(bpf))
+        for kind, (target, attach) in steps.items():
+            self.result.targets[kind] = target
+            try:
+                attach()
+            except Exception as e:  # BCC raises bare Exception for every attach failure
+                self.result.attached[kind] = str(e)
+                self.result.errnos[kind] = ctypes.get_errno()
+            else:
+                self.result.attached[kind] = None
+        if with_usdt:
+            self.result.attached["usdt"] = None  # BCC attached it while compiling
+
+    def _attach_fentry(self, bpf: Any) -> None:
+        name = f"kfunc__{self.fentry_target}".encode()
+        try:
+            bpf.load_func(name, self.bcc.BPF.TRACING)
+        except Exception:
+            # BCC words every EPERM as "Need super-user privileges", even for root.
+            err = ctypes.get_errno()
+            raise OSError(err, f"loading a tracing (fentry) program failed: "
+                               f"{errno.errorcode.get(err, err)} ({os.strerror(err)})") from None
+        bpf.attach_kfunc(fn_name=name)
+
+    # trigger and read back -------------------------------------------------------------
+
+    def _trigger(self, child: subprocess.Popen[bytes] | None) -> None:
+        os.getppid()  # tracepoint, raw tracepoint, kprobe; the tracepoint emits one event
+        os.getpid()  # uprobe on libc's getpid
+        os.getpgid(0)  # fentry
+        if child is not None and child.stdin is not None:
+            with suppress(OSError):
+                child.stdin.write(b"go\n")
+                child.stdin.flush()
+            with suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=5)
+
+    def _collect(self, bpf: Any) -> None:
+        res = self.result
+        counts = {"ring": 0, "perf": 0}
+
+        def on_ring(_ctx: Any, _data: Any, _size: int) -> None:
+            counts["ring"] += 1
+
+        def on_perf(_cpu: int, _data: Any, _size: int) -> None:
+            counts["perf"] += 1
+
+        has_ring = "ringbuf" not in res.dropped
+        if has_ring:
+            bpf[b"ring_out"].open_ring_buffer(on_ring)
+        bpf[b"perf_out"].open_perf_buffer(on_perf)
+        os.getppid()  # buffers opened after the first trigger: emit once more
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and not (
+            counts["perf"] and (counts["ring"] or not has_ring)
+        ):
+            if has_ring:
+                bpf.ring_buffer_poll(20)
+            bpf.perf_buffer_poll(20)
+        res.ring_events, res.perf_events = counts["ring"], counts["perf"]
+        hits = bpf[b"hits"]
+        res.hits = {kind: int(hits[hits.Key(i)].value) for i, kind in enumerate(HITS)}
+        if "layout" not in res.dropped:
+            table = bpf[b"layout"]
+            values = [int(table[table.Key(i)].value) for i in range(len(LAYOUT_FIELDS) + 1)]
+            if values[-1]:  # the program sets the last slot once it has filled the rest
+                pairs = zip(LAYOUT_FIELDS, values[:-1], strict=True)
+                res.layout = {_field_name(s, m): v for (s, m), v in pairs}
+
+
+def _unload(bpf: Any) -> None:
+    """Detach and close everything, and drop BCC's atexit hooks that would keep it alive."""
+    try:
+        bpf.cleanup()
+    finally:
+        atexit.unregister(bpf.cleanup)
+        atexit.unregister(bpf.donothing)
+
+
+def _program(parts: set[str], fentry_target: str) -> str:
+    """The doctor's BPF program: one function per attach kind, each counting its own hits."""
+    fills = []
+    for i, (struct_name, member) in enumerate(LAYOUT_FIELDS):
+        what = (f"sizeof(struct {struct_name})" if member is None
+                else f"offsetof(struct {struct_name}, {member})")
+        fills.append(f"    put_layout({i}, {what});")
+    fills.append(f"    put_layout({len(LAYOUT_FIELDS)}, 1);")
+    idx = {kind: i for i, kind in enumerate(HITS)}
+    src = [
+        "#include <linux/sched.h>",
+        "#include <linux/mm_types.h>",
+        f"BPF_ARRAY(hits, u64, {len(HITS)});",
+        "BPF_PERF_OUTPUT(perf_out);",
+        f"static __always_inline int mine(void) "
+        f"{{ return (bpf_get_current_pid_tgid() >> 32) == {os.getpid()}; }}",
+        "static __always_inline void count(int i) "
+        "{ int k = i; u64 *v = hits.lookup(&k); if (v) __sync_fetch_and_add(v, 1); }",
+    ]
+    if "layout" in parts:
+        src += [
+            f"BPF_ARRAY(layout, u64, {len(LAYOUT_FIELDS) + 1});",
+            "static __always_inline void put_layout(int i, u64 v) "
+            "{ int k = i; u64 val = v; layout.update(&k, &val); }",
+            "static __always_inline void fill_layout(void) {",
+            *fills,
+            "}",
+        ]
+    else:
+        src.append("static __always_inline void fill_layout(void) {}")
+    ring = ""
+    if "ringbuf" in parts:
+        src.append("BPF_RINGBUF_OUTPUT(ring_out, 1);")
+        ring = "ring_out.ringbuf_output(&marker, sizeof(marker), 0);"
+    src += [
+        "int on_tracepoint(void *ctx) {",
+        f"    if (!mine()) return 0; count({idx['tracepoint']}); fill_layout();",
+        f"    u64 marker = 0x6b736370; {ring}",
+        "    perf_out.perf_submit(ctx, &marker, sizeof(marker));",
+        "    return 0;",
+        "}",
+        "int on_raw_tracepoint(struct bpf_raw_tracepoint_args *ctx) "
+        f"{{ if (mine()) {{ count({idx['raw tracepoint']}); fill_layout(); }} return 0; }}",
+        f"int on_kprobe(struct pt_regs *ctx) {{ if (mine()) count({idx['kprobe']}); return 0; }}",
+        f"int on_uprobe(struct pt_regs *ctx) {{ if (mine()) count({idx['uprobe']}); return 0; }}",
+        f"int on_usdt(struct pt_regs *ctx) {{ count({idx['usdt']}); return 0; }}",
+    ]
+    if "fentry" in parts:
+        src.append(f"KFUNC_PROBE({fentry_target}) "
+                   f"{{ if (mine()) count({idx['fentry']}); return 0; }}")
+    return "\n".join(src) + "\n"
+
+
+def _syscall_function(name: str) -> str:
+    """The kernel function behind a syscall, without BCC's slow /proc/kallsyms lookup."""
+    prefix = {"x86_64": "__x64_sys_", "aarch64": "__arm64_sys_"}.get(platform.machine())
+    return prefix + name if prefix else ""
+
+
+def _field_name(struct_name: str, member: str | None) -> str:
+    return f"sizeof({struct_name})" if member is None else f"{struct_name}.{member}"
+
+
+def _fentry_target() -> str:
+    """A kernel function this process can call that the running kernel's BTF describes."""
+    try:
+        strings = BTF_VMLINUX.read_bytes()
+    except OSError:
+        return ""
+    for name in (_syscall_function("getpgid"), "__do_sys_getpgid", "do_getpgid"):
+        if name and b"\0" + name.encode() + b"\0" in strings:
+            return name
+    return ""
+
+
+# --- USDT -------------------------------------------------------------------------------
+
+
+def _find_usdt_binary() -> Path | None:
+    """A Python interpreter built with dtrace markers (Debian's is; pyenv's usually is not)."""
+    seen = set()
+    for candidate in (sys.executable, shutil.which("python3"), "/usr/bin/python3"):
+        if not candidate:
+            continue
+        path = Path(candidate).resolve()
+        if path in seen or not path.is_file():
+            continue
+        seen.add(path)
+        if _elf_has_section(path, b".note.stapsdt"):
+            return path
+    return None
+
+
+def _elf_has_section(path: Path, name: bytes) -> bool:
+    """True when the 64-bit ELF file at `path` has a section called `name`."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(64)
+            if head[:4] != b"\x7fELF" or head[4] != 2:
+                return False
+            end = "<" if head[5] == 1 else ">"
+            (shoff,) = struct.unpack_from(end + "Q", head, 0x28)
+            shentsize, shnum, shstrndx = struct.unpack_from(end + "HHH", head, 0x3A)
+            f.seek(shoff)
+            table = f.read(shentsize * shnum)
+            str_off, str_size = struct.unpack_from(end + "QQ", table, shstrndx * shentsize + 0x18)
+            f.seek(str_off)
+            names = f.read(str_size)
+    except (OSError, struct.error):
+        return False
+    for i in range(shnum):
+        (sh_name,) = struct.unpack_from(end + "I", table, i * shentsize)
+        if names[sh_name:names.find(b"\0", sh_name)] == name:
+            return True
+    return False
+
+
+# --- turning results into checks --------------------------------------------------------
+
+
+def _attach_checks(res: _ProbeResult) -> list[Check]:
+    checks = []
+    for kind in HITS:
+        target = res.targets.get(kind, "")
+        hits = res.hits.get(kind, 0)
+        data = {"target": target, "hits": hits}
+        if not res.compiled:
+            checks.append(Check(kind, False, res.compile_error, data=data))
+            continue
+        if kind == "usdt" and "usdt" not in res.attached:
+            if "usdt" in res.dropped:
+                checks.append(Check(kind, False, res.dropped["usdt"], data=data))
+            else:
+                checks.append(Check(
+                    kind, None,
+                    "unknown: no USDT-enabled binary found (looked for a Python built with "
+                    "dtrace markers, e.g. Debian's /usr/bin/python3)", data=data))
+            continue
+        if kind == "fentry" and "fentry" not in res.attached:
+            why = res.dropped.get("fentry", "no BTF function to attach to")
+            checks.append(Check(kind, False, why, _fentry_fix(), data=data))
+            continue
+        error = res.attached.get(kind)
+        if error is None:
+            if hits:
+                checks.append(Check(kind, True, f"{target}: attached, fired {hits}x", data=data))
+            else:
+                checks.append(Check(kind, False, f"{target}: attached but never fired",
+                                    data=data))
+            continue
+        data["error"] = error
+        data["bcc_log"] = res.bcc_log
+        if kind == "kprobe":
+            why, fix = _kprobe_reason(error)
+        elif kind == "fentry":
+            why, fix = _fentry_reason(error, res.errnos.get(kind, 0))
+        elif kind == "tracepoint" and not host.is_mounted(host.TRACEFS, "tracefs"):
+            why, fix = (f"{error} (tracefs is not mounted)", "run `kernelscope setup`")
+        else:
+            why, fix = error, ""
+        data["reason"] = why
+        checks.append(Check(kind, False, f"{target}: {why}", fix, data=data))
+    return checks
+
+
+def _kprobe_reason(error: str) -> tuple[str, str]:
+    config = host.kernel_config()
+    if config is not None:
+        options, source = config
+        for option in ("CONFIG_KPROBES", "CONFIG_KPROBE_EVENTS"):
+            if options.get(option, "n") == "n":
+                return (
+                    f"{option} is not set in the running kernel ({source})",
+                    f"needs a kernel built with {option}=y; tracepoints and raw tracepoints "
+                    "work without it",
+                )
+    return error, "check that the function exists and is not inlined or notrace"
+
+
+def _fentry_reason(error: str, err: int) -> tuple[str, str]:
+    if err == errno.EPERM and host.has_bpf_privileges():
+        lockdown = host.lockdown_mode()
+        if lockdown is not None and lockdown[0] != "none":
+            mode, source = lockdown
+            return (
+                f"the kernel refused the tracing program with EPERM although this process is "
+                f"privileged; kernel lockdown is '{mode}' ({source})",
+                _fentry_fix(),
+            )
+        return ("the kernel refused the tracing program with EPERM although this process is "
+                "privileged (an LSM policy?)", _fentry_fix())
+    config = host.kernel_config()
+    if config is not None:
+        options, source = config
+        for option in ("CONFIG_DEBUG_INFO_BTF", "CONFIG_BPF_JIT",
+                       "CONFIG_DYNAMIC_FTRACE_WITH_DIRECT_CALLS"):
+            if options.get(option, "n") == "n":
+                return f"{error}; {option} is not set ({source})", _fentry_fix()
+    return error, _fentry_fix()
+
+
+def _fentry_fix() -> str:
+    return "not fixable from user space on this kernel; use tracepoints or raw tracepoints"
+
+
+def _map_checks(res: _ProbeResult) -> list[Check]:
+    if not res.compiled:
+        why = res.compile_error
+        return [Check("ringbuf", False, why), Check("perf event array", False, why)]
+    checks = []
+    if "ringbuf" in res.dropped:
+        checks.append(Check("ringbuf", False, f"BPF_RINGBUF_OUTPUT: {res.dropped['ringbuf']}",
+                            "ring buffers need Linux 5.8 or later; use perf buffers"))
+    elif res.ring_events:
+        checks.append(Check("ringbuf", True, f"BPF_RINGBUF_OUTPUT delivered "
+                                             f"{res.ring_events} event(s)",
+                            data={"events": res.ring_events}))
+    else:
+        checks.append(Check("ringbuf", False, "BPF_RINGBUF_OUTPUT delivered no events"
+                                              + _tracepoint_note(res)))
+    if res.perf_events:
+        checks.append(Check("perf event array", True, f"BPF_PERF_OUTPUT delivered "
+                                                 f"{res.perf_events} event(s)",
+                            data={"events": res.perf_events}))
+    else:
+        checks.append(Check("perf event array", False, "BPF_PERF_OUTPUT delivered no events"
+                                                  + _tracepoint_note(res)))
+    return checks
+
+
+def _tracepoint_note(res: _ProbeResult) -> str:
+    return "" if res.attached.get("tracepoint") is None else " (its tracepoint did not attach)"
+
+
+def _check_user_ringbuf() -> Check:
+    """Create a BPF_MAP_TYPE_USER_RINGBUF map with bpf(2) directly: BCC has no such map type."""
+    bcc_version = host.bcc_version() or "?"
+    bcc_has_it = False
+    with suppress(SetupError):
+        bcc_has_it = hasattr(host.import_bcc().table, "BPF_MAP_TYPE_USER_RINGBUF")
+    nr = SYS_BPF.get(platform.machine())
+    if nr is None:
+        return Check("user ringbuf", None, f"unknown: no bpf(2) number for {platform.machine()}")
+    # union bpf_attr for BPF_MAP_CREATE: map_type, key_size, value_size, max_entries, ...
+    attr = ctypes.create_string_buffer(128)
+    struct.pack_into("IIII", attr, 0, BPF_MAP_TYPE_USER_RINGBUF, 0, 0, 4096)
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.syscall(ctypes.c_long(nr), ctypes.c_long(BPF_MAP_CREATE), attr,
+                      ctypes.c_uint(len(attr)))
+    if fd < 0:
+        err = ctypes.get_errno()
+        if err == errno.EPERM and not host.has_bpf_privileges():
+            return Check("user ringbuf", None, "not probed: needs root or CAP_BPF")
+        return Check("user ringbuf", False,
+                     f"the kernel refused BPF_MAP_TYPE_USER_RINGBUF: {os.strerror(err)} "
+                     "(needs Linux 6.1 or later)")
+    os.close(fd)
+    bcc_note = ("BCC can declare it too" if bcc_has_it else
+                f"BCC {bcc_version} cannot declare it (unsupported map type); "
+                "use the libbpf/CO-RE backend")
+    return Check("user ringbuf", True, f"the kernel creates BPF_MAP_TYPE_USER_RINGBUF; {bcc_note}",
+                 data={"bcc_supports": bcc_has_it})
+
+
+# --- header layout vs BTF ---------------------------------------------------------------
+
+
+def _btf_layout() -> dict[str, int] | str:
+    """Sizes and byte offsets of LAYOUT_FIELDS in the running kernel, or why they are unknown."""
+    bpftool = shutil.which("bpftool") or next(
+        (p for p in ("/usr/sbin/bpftool", "/sbin/bpftool") if Path(p).exists()), None)
+    if bpftool is None:
+        return "bpftool is not installed (apt-get install bpftool)"
+    if not BTF_VMLINUX.is_file():
+        return f"no {BTF_VMLINUX}"
+    proc = subprocess.run(
+        [bpftool, "-j", "btf", "dump", "file", str(BTF_VMLINUX)],
+        capture_output=True, check=False,
+    )
+    if proc.returncode != 0:
+        return f"bpftool failed: {proc.stderr.decode(errors='replace').strip()}"
+    types = json.loads(proc.stdout)["types"]
+    by_id = {t["id"]: t for t in types}
+    structs = {t["name"]: t for t in types if t["kind"] == "STRUCT" and t["name"] != "(anon)"}
+    out = {}
+    for struct_name, member in LAYOUT_FIELDS:
+        t = structs.get(struct_name)
+        if t is None:
+            continue
+        if member is None:
+            out[_field_name(struct_name, None)] = int(t["size"])
+            continue
+        bits = _member_bits(t, member, by_id)
+        if bits is not None:
+            out[_field_name(struct_name, member)] = bits // 8
+    return out
+
+
+def _member_bits(t: dict[str, Any], member: str, by_id: dict[int, dict[str, Any]]) -> int | None:
+    """Bit offset of `member` in struct/union `t`, looking inside anonymous members."""
+    for m in t.get("members", []):
+        if m["name"] == member:
+            return int(m["bits_offset"])
+    for m in t.get("members", []):
+        inner = by_id.get(m["type_id"])
+        if m["name"] == "(anon)" and inner is not None and inner["kind"] in ("STRUCT", "UNION"):
+            bits = _member_bits(inner, member, by_id)
+            if bits is not None:
+                return int(m["bits_offset"]) + bits
+    return None
+
+
+def _check_layout(res: _ProbeResult, btf: dict[str, int] | str | None) -> Check:
+    if not res.compiled or "layout" in res.dropped:
+        why = res.compile_error or f"the layout probe did not build: {res.dropped['layout']}"
+        return Check("header layout", None, f"unknown: {why}")
+    if not res.layout:
+        return Check("header layout", None, "unknown: the layout probe never ran")
+    if not isinstance(btf, dict):
+        return Check("header layout", None, f"unknown: cannot read the kernel's BTF: {btf}",
+                     data={"headers": res.layout})
+    rows = {k: (v, btf.get(k)) for k, v in res.layout.items()}
+    differ = {k: hv for k, hv in rows.items() if hv[1] is not None and hv[0] != hv[1]}
+    data = {"headers": res.layout, "btf": btf, "differ": sorted(differ)}
+    compared = sum(1 for _, b in rows.values() if b is not None)
+    if not differ:
+        return Check("header layout", True,
+                     f"headers agree with the kernel's BTF on {compared} sizes/offsets", data=data)
+    shown = ", ".join(f"{k} {h} vs {b}" for k, (h, b) in differ.items())
+    return Check(
+        "header layout", False,
+        f"headers and kernel disagree on {len(differ)} of {compared} (headers vs BTF, bytes): "
+        f"{shown}. {LAYOUT_WARNING}",
+        f"install headers built for {host.kernel_release()} (Debian: "
+        f"linux-headers-{host.kernel_release()}, where the archive has it), or avoid reading "
+        "kernel structs: "
+        f"{LAYOUT_WARNING.split('; ', 1)[1]}",
+        data=data,
+    )
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+
+class _Background:
+    """Run a function in a thread (the BTF dump overlaps the BCC compile, which drops the GIL)."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self._value: Any = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self._value = fn()
+        except Exception as e:  # reported in the table, not raised from the thread
+            self._value = f"{type(e).__name__}: {e}"
+
+    def join(self) -> Any:
+        self._thread.join()
+        return self._value
+
+
+class _StderrCapture:
+    """Collect what libbcc and clang write to file descriptor 2 (they bypass sys.stderr)."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def __enter__(self) -> _StderrCapture:
+        sys.stderr.flush()
+        self._file = tempfile.TemporaryFile()
+        self._saved = os.dup(2)
+        os.dup2(self._file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._file.seek(0)
+        self.text += self._file.read().decode(errors="replace")
+        self._file.close()
+
+
+def _first_error(log: str) -> str:
+    for line in log.splitlines():
+        if "error:" in line:
+            return line.split("error:", 1)[1].strip()
+    return ""
+
+
+# --- rendering --------------------------------------------------------------------------
+
+
+def render_text(checks: list[Check], seconds: float | None = None) -> str:
+    """The doctor's table for a terminal: status, check, detail, and a fix line where useful."""
+    width = max(60, min(shutil.get_terminal_size((110, 24)).columns, 140))
+    name_w = max(len(c.name) for c in checks) + 2 if checks else 16
+    indent = " " * (7 + name_w)
+    head = f"kernelscope doctor: kernel {host.kernel_release()} ({platform.machine()})"
+    if seconds is not None:
+        head += f", {seconds:.1f} s"
+    lines = [head, ""]
+    for c in checks:
+        mark = "*" if c.required else " "
+        first = f"{c.status:<5}{mark} {c.name:<{name_w}}"
+        wrapped = textwrap.wrap(c.detail, width - len(indent), break_on_hyphens=False) or [""]
+        lines.append(first + wrapped[0])
+        lines += [indent + w for w in wrapped[1:]]
+        if c.fix and c.ok is not True:
+            lines += textwrap.wrap(c.fix, width, initial_indent=indent + "fix: ",
+                                   subsequent_indent=indent + "     ", break_on_hyphens=False)
+    missing = [c.name for c in checks if c.required and c.ok is not True]
+    lines.append("")
+    if missing:
+        lines.append(f"* basics missing: {', '.join(missing)}; kernelscope cannot run probes "
+                     "until they are fixed.")
+    else:
+        lines.append("* basics work: kernelscope can compile, attach tracepoints and drain "
+                     "ring buffers here.")
+    return "\n".join(lines)
+
+
+_COLORS = {"ok": "#1a7f37", "FAIL": "#cf222e", "no": "#9a6700", "?": "#6e7781"}
+
+
+def render_html(checks: list[Check], seconds: float | None = None) -> str:
+    """The same table as HTML for notebooks (used by DoctorReport._repr_html_)."""
+    e = html.escape
+    rows = []
+    for c in checks:
+        fix = (f"<div style='color:#57606a;font-size:90%'>fix: {e(c.fix)}</div>"
+               if c.fix and c.ok is not True else "")
+        rows.append(
+            f"<tr><td style='color:{_COLORS[c.status]};font-weight:bold'>{e(c.status)}</td>"
+            f"<td>{e(c.name)}{' *' if c.required else ''}</td>"
+            f"<td style='text-align:left'>{e(c.detail)}{fix}</td></tr>"
+        )
+    missing = [c.name for c in checks if c.required and c.ok is not True]
+    verdict = (f"basics missing: {e(', '.join(missing))}" if missing
+               else "basics (*) work: kernelscope can run probes here")
+    took = f", {seconds:.1f} s" if seconds is not None else ""
+    return (
+        f"<div><b>kernelscope doctor</b>: kernel {e(host.kernel_release())}{e(took)}"
+        "<table><thead><tr><th>status</th><th>check</th><th style='text-align:left'>detail</th>"
+        f"</tr></thead><tbody>{''.join(rows)}</tbody></table><p>{verdict}</p></div>"
+    )

@@ -1,0 +1,71 @@
+"""Shared test setup: the real-kernel group, and fixtures to wait and to check for leaks.
+
+Tests marked `@pytest.mark.kernel` load real BPF programs. Without privileges (or when the
+host cannot be prepared) they skip, saying why; with KERNELSCOPE_REQUIRE_BPF=1 (what
+`make test`, and so CI, sets) they fail instead, because there a skip would hide that the
+real-kernel group never ran. Skips for a kernel feature this kernel lacks (kprobes,
+fentry) are the tests' own and stay skips.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import pytest
+import util
+
+from kernelscope import host
+from kernelscope.errors import KernelscopeError
+
+REQUIRE_BPF = os.environ.get("KERNELSCOPE_REQUIRE_BPF") == "1"
+
+_prepared: list[str] | None = None
+_unprepared: str | None = None
+
+
+def _kernel_ready() -> str | None:
+    """None when kernel tests can run; else why not. host.prepare() runs once per session."""
+    global _prepared, _unprepared
+    if _prepared is None and _unprepared is None:
+        try:
+            _prepared = host.prepare()
+        except KernelscopeError as e:
+            _unprepared = f"{type(e).__name__}: {e}"
+    return _unprepared
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("kernel") is None:
+        return
+    why = _kernel_ready()
+    if why is None:
+        return
+    if REQUIRE_BPF:
+        pytest.fail(f"KERNELSCOPE_REQUIRE_BPF=1 but this real-kernel test cannot run: {why}",
+                    pytrace=False)
+    pytest.skip(f"real-kernel test needs a prepared host: {why}")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    mode = "fail" if REQUIRE_BPF else "skip"
+    return (f"kernelscope: kernel {host.kernel_release()}, real-kernel tests {mode} "
+            f"when BPF is unavailable (KERNELSCOPE_REQUIRE_BPF={int(REQUIRE_BPF)})")
+
+
+@pytest.fixture
+def wait_for() -> Callable[..., object]:
+    """`wait_for(predicate, timeout=5.0, interval=0.01)`: poll until truthy, else fail."""
+    return util.wait_for
+
+
+@pytest.fixture
+def fd_count() -> Callable[[], int]:
+    """A function returning this process's open fd count; compare before/after for leaks."""
+    return util.fd_count
+
+
+@pytest.fixture
+def bpf_object_counts() -> Callable[[], util.BPFCounts]:
+    """A function returning BPFCounts(progs, maps, links) held open by this process."""
+    return util.bpf_object_counts

@@ -1,0 +1,317 @@
+"""A bad environment gives a message naming the fix, never a traceback (faked conditions)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kernelscope import cli, host
+from kernelscope.errors import BCCMissingError, BPFPermissionError, HeadersMissingError, SetupError
+
+CAP = {"sys_admin": 1 << host.CAP_SYS_ADMIN, "bpf": 1 << host.CAP_BPF,
+       "perfmon": 1 << host.CAP_PERFMON}
+
+
+# --- privileges -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("caps", "ok"),
+    [
+        (0, False),
+        (CAP["bpf"], False),
+        (CAP["perfmon"], False),
+        (CAP["bpf"] | CAP["perfmon"], True),
+        (CAP["sys_admin"], True),
+    ],
+)
+def test_privileges_need_root_or_cap_bpf_and_perfmon(caps: int, ok: bool) -> None:
+    assert host.has_bpf_privileges(caps) is ok
+
+
+def test_not_root_message_names_the_fix() -> None:
+    with pytest.raises(BPFPermissionError) as e:
+        host.require_privileges(caps=0)
+    msg = str(e.value)
+    assert "root" in msg
+    assert "CAP_BPF" in msg
+    assert "CAP_PERFMON" in msg
+    assert "setcap" in msg
+    assert isinstance(e.value, PermissionError)
+
+
+# --- kernel headers ---------------------------------------------------------------------
+
+
+def fake_debian_headers(src: Path, version: str) -> Path:
+    """What linux-headers-VERSION installs under /usr/src: an -amd64 and a -common folder."""
+    build = src / f"linux-headers-{version}"
+    (build / "include/generated").mkdir(parents=True)
+    (build / "Makefile").write_text("# fake\n")
+    (build / "include/generated/utsrelease.h").write_text(f'#define UTS_RELEASE "{version}"\n')
+    (src / f"linux-headers-{version.rsplit('-', 1)[0]}-common").mkdir()
+    return build
+
+
+def test_no_headers_message_names_the_package(tmp_path: Path) -> None:
+    (tmp_path / "modules").mkdir()
+    (tmp_path / "src").mkdir()
+    with pytest.raises(HeadersMissingError) as e:
+        host.ensure_headers(modules=tmp_path / "modules", src=tmp_path / "src")
+    msg = str(e.value)
+    assert "linux-headers-amd64" in msg
+    assert "make setup" in msg
+    assert host.kernel_release() in msg
+    assert isinstance(e.value, SetupError)
+
+
+def test_installed_headers_get_linked_where_bcc_looks(tmp_path: Path) -> None:
+    modules, src = tmp_path / "modules", tmp_path / "src"
+    modules.mkdir()
+    src.mkdir()
+    build = fake_debian_headers(src, "6.1.0-99-amd64")
+
+    note = host.ensure_headers(modules=modules, src=src)
+
+    target = modules / host.kernel_release()
+    assert (target / "build").resolve() == build.resolve()
+    assert (target / "source").resolve() == (src / "linux-headers-6.1.0-99-common").resolve()
+    assert "linked" in note
+    if host.kernel_release() != "6.1.0-99-amd64":
+        assert "not " + host.kernel_release() in note  # says the versions differ
+    found = host.find_headers(modules)
+    assert found is not None
+    assert found.version == "6.1.0-99-amd64"
+    # a second run finds them and changes nothing
+    assert "kernel headers:" in host.ensure_headers(modules=modules, src=src)
+
+
+def test_headers_that_cannot_be_linked_say_how_to_link_them(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    fake_debian_headers(src, "6.1.0-99-amd64")
+    modules = tmp_path / "modules"
+    modules.write_text("a file where a folder should be")
+    with pytest.raises(HeadersMissingError) as e:
+        host.ensure_headers(modules=modules, src=src)
+    assert "ln -s" in str(e.value)
+
+
+# --- tracefs ----------------------------------------------------------------------------
+
+
+def test_unmountable_tracefs_message_names_the_mount_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(fstype: str, target: Path) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(host, "_mount", refuse)
+    monkeypatch.setattr(host, "is_mounted", lambda path, fstype: False)
+    tracefs = tmp_path / "tracing"
+    with pytest.raises(SetupError) as e:
+        host.ensure_tracefs(tracefs=tracefs, debugfs=tmp_path / "debug")
+    msg = str(e.value)
+    assert f"mount -t tracefs nodev {tracefs}" in msg
+    assert "Operation not permitted" in msg
+
+
+def test_mounted_tracefs_is_left_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def must_not_mount(fstype: str, target: Path) -> None:
+        raise AssertionError("mounted although already mounted")
+
+    monkeypatch.setattr(host, "_mount", must_not_mount)
+    monkeypatch.setattr(host, "is_mounted", lambda path, fstype: True)
+    assert "tracefs mounted" in host.ensure_tracefs(tmp_path / "t", tmp_path / "d")
+
+
+# --- BCC --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_bcc_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`import bcc` fails as in a venv without the Debian link; import_bcc's cache is reset."""
+    monkeypatch.setitem(sys.modules, "bcc", None)  # None in sys.modules makes import raise
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    host.import_bcc.cache_clear()
+    yield
+    host.import_bcc.cache_clear()
+
+
+@pytest.mark.usefixtures("no_bcc_on_path")
+def test_missing_bcc_message_names_the_debian_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(host, "DEBIAN_BCC", tmp_path / "no-such-dist-packages" / "bcc")
+    with pytest.raises(BCCMissingError) as e:
+        host.import_bcc()
+    msg = str(e.value)
+    assert "python3-bpfcc" in msg
+    assert "make setup" in msg
+    assert "not on PyPI" in msg
+    assert isinstance(e.value, ImportError)
+    assert host.bcc_version() is None
+
+
+@pytest.mark.usefixtures("no_bcc_on_path")
+def test_broken_debian_bcc_message_says_reinstall(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = tmp_path / "dist-packages" / "bcc"
+    fake.mkdir(parents=True)
+    monkeypatch.setattr(host, "DEBIAN_BCC", fake)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # import_bcc appends its shim folder
+    with pytest.raises(BCCMissingError) as e:
+        host.import_bcc()
+    assert "--reinstall python3-bpfcc" in str(e.value)
+
+
+# --- the CLI turns all of these into a message and an exit code -------------------------
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_setup_not_root(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setattr(host, "effective_caps", lambda: 0)
+    code, _, err = run_cli(["setup"], capsys)
+    assert code != 0
+    assert "kernelscope setup:" in err
+    assert "CAP_BPF" in err
+    assert "Traceback" not in err
+
+
+def test_cli_setup_tracefs_unmountable(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setattr(host, "effective_caps", lambda: CAP["sys_admin"])
+    monkeypatch.setattr(host, "is_mounted", lambda path, fstype: False)
+
+    def refuse(fstype: str, target: Path) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(host, "_mount", refuse)
+    code, _, err = run_cli(["setup"], capsys)
+    assert code != 0
+    assert "mount -t tracefs" in err
+    assert "Traceback" not in err
+
+
+def test_cli_setup_headers_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setattr(host, "effective_caps", lambda: CAP["sys_admin"])
+    monkeypatch.setattr(host, "ensure_tracefs", lambda: "tracefs mounted (faked)")
+    real = host.ensure_headers
+    monkeypatch.setattr(host, "ensure_headers", lambda: real(modules=tmp_path, src=tmp_path))
+    code, _, err = run_cli(["setup"], capsys)
+    assert code != 0
+    assert "linux-headers-amd64" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.usefixtures("no_bcc_on_path")
+def test_cli_setup_bcc_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setattr(host, "effective_caps", lambda: CAP["sys_admin"])
+    monkeypatch.setattr(host, "ensure_tracefs", lambda: "tracefs mounted (faked)")
+    monkeypatch.setattr(host, "ensure_headers", lambda: "headers (faked)")
+    monkeypatch.setattr(host, "DEBIAN_BCC", tmp_path / "nothing")
+    code, _, err = run_cli(["setup"], capsys)
+    assert code != 0
+    assert "python3-bpfcc" in err
+    assert "Traceback" not in err
+
+
+def test_cli_missing_subcommand_module_is_a_message(
+    monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setitem(sys.modules, "kernelscope.record", None)
+    code, _, err = run_cli(["record", "--some-flag"], capsys)
+    assert code != 0
+    assert "kernelscope.record" in err
+    assert "Traceback" not in err
+
+
+def test_cli_passes_remaining_arguments_to_the_module(
+    monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    seen: list[list[str]] = []
+
+    class FakeBench:
+        @staticmethod
+        def main(argv: list[str]) -> int:
+            seen.append(argv)
+            return 3
+
+    monkeypatch.setitem(sys.modules, "kernelscope.bench", FakeBench)
+    code, _, _ = run_cli(["bench", "--events", "10", "-x"], capsys)
+    assert code == 3
+    assert seen == [["--events", "10", "-x"]]
+
+
+# --- kernel config and lockdown ---------------------------------------------------------
+
+
+def test_kernel_config_reports_unset_options_as_n(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gzip
+
+    cfg = tmp_path / "config.gz"
+    with gzip.open(cfg, "wt") as f:
+        f.write("CONFIG_BPF=y\n# CONFIG_KPROBES is not set\nCONFIG_LOCK_DOWN_KERNEL_FORCE_INTEGRITY=y\n")
+    monkeypatch.setattr(host, "CONFIG_GZ", cfg)
+    monkeypatch.setattr(host, "LOCKDOWN", tmp_path / "no-securityfs")
+    found = host.kernel_config()
+    assert found is not None
+    options, source = found
+    assert options == {"CONFIG_BPF": "y", "CONFIG_KPROBES": "n",
+                       "CONFIG_LOCK_DOWN_KERNEL_FORCE_INTEGRITY": "y"}
+    assert source == str(cfg)
+    mode = host.lockdown_mode()
+    assert mode is not None
+    assert mode[0] == "integrity"
+    assert "CONFIG_LOCK_DOWN_KERNEL_FORCE_INTEGRITY" in mode[1]
+
+
+def test_lockdown_read_from_securityfs_when_mounted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    f = tmp_path / "lockdown"
+    f.write_text("none integrity [confidentiality]\n")
+    monkeypatch.setattr(host, "LOCKDOWN", f)
+    assert host.lockdown_mode() == ("confidentiality", str(f))
+
+
+# --- the real-kernel group: skip without privileges, fail under KERNELSCOPE_REQUIRE_BPF=1 --
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None or os.geteuid() != 0,
+                    reason="needs root and setpriv (util-linux) to drop capabilities")
+@pytest.mark.parametrize(("require", "outcome"), [("0", "1 skipped"), ("1", "1 error")])
+def test_kernel_tests_without_privileges(tmp_path: Path, require: str, outcome: str) -> None:
+    here = Path(__file__).parent
+    for name in ("conftest.py", "util.py"):
+        shutil.copy(here / name, tmp_path / name)
+    (tmp_path / "test_k.py").write_text(
+        "import pytest\n\n@pytest.mark.kernel\ndef test_k():\n    pass\n"
+    )
+    env = {**os.environ, "KERNELSCOPE_REQUIRE_BPF": require}
+    proc = subprocess.run(
+        ["setpriv", "--bounding-set", "-sys_admin,-bpf,-perfmon", "--inh-caps", "-all",
+         sys.executable, "-m", "pytest", "-q", "-rsf", "-p", "no:cacheprovider", "-p", "no:nbval",
+         "-W", "ignore::pytest.PytestUnknownMarkWarning", str(tmp_path)],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120, check=False,
+    )
+    assert outcome in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == (0 if require == "0" else 1)  # a setup error fails the run
+    assert "CAP_BPF" in proc.stdout  # the reason names what is missing
+    if require == "1":
+        assert "KERNELSCOPE_REQUIRE_BPF=1 but" in proc.stdout
