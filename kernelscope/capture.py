@@ -52,12 +52,14 @@ def dtype_from_json(obj: Any) -> np.dtype:
         return np.dtype(obj)
     if "base" in obj:
         return np.dtype((dtype_from_json(obj["base"]), tuple(obj["shape"])))
-    return np.dtype({
-        "names": obj["names"],
-        "formats": [dtype_from_json(f) for f in obj["formats"]],
-        "offsets": obj["offsets"],
-        "itemsize": obj["itemsize"],
-    })
+    return np.dtype(
+        {
+            "names": obj["names"],
+            "formats": [dtype_from_json(f) for f in obj["formats"]],
+            "offsets": obj["offsets"],
+            "itemsize": obj["itemsize"],
+        }
+    )
 
 
 def host_facts() -> dict[str, Any]:
@@ -107,17 +109,23 @@ def save(capture: Capture, path: str | os.PathLike[str]) -> Path:
         arrivals.append(mc.arrival_ns.astype(np.int64) - capture.started_ns)
         cpus.append(mc.cpu.astype(np.int16) if mc.cpu is not None else np.full(n, -1, np.int16))
         raw = np.ascontiguousarray(mc.records).view(np.uint8).reshape(n, mc.dtype.itemsize)
-        blobs.append(pa.FixedSizeBinaryArray.from_buffers(
-            pa.binary(mc.dtype.itemsize), n, [None, pa.py_buffer(raw.tobytes())]
-        ).cast(pa.binary()))
+        blobs.append(
+            pa.FixedSizeBinaryArray.from_buffers(
+                pa.binary(mc.dtype.itemsize), n, [None, pa.py_buffer(raw.tobytes())]
+            ).cast(pa.binary())
+        )
     order = np.argsort(np.concatenate(arrivals), kind="stable") if arrivals else np.empty(0, int)
-    table = pa.table({
-        "map": pa.array(np.concatenate(names) if names else [], type=pa.string()).take(order),
-        "ks_seq": pa.array(np.concatenate(seqs) if seqs else [], type=pa.int64()).take(order),
-        "ks_arrival_ns": pa.array(np.concatenate(arrivals) if arrivals else [], type=pa.int64()).take(order),
-        "ks_cpu": pa.array(np.concatenate(cpus) if cpus else [], type=pa.int16()).take(order),
-        "record": (pa.concat_arrays(blobs) if blobs else pa.array([], type=pa.binary())).take(order),
-    })
+    table = pa.table(
+        {
+            "map": pa.array(np.concatenate(names) if names else [], type=pa.string()).take(order),
+            "ks_seq": pa.array(np.concatenate(seqs) if seqs else [], type=pa.int64()).take(order),
+            "ks_arrival_ns": pa.array(np.concatenate(arrivals) if arrivals else [], type=pa.int64()).take(
+                order
+            ),
+            "ks_cpu": pa.array(np.concatenate(cpus) if cpus else [], type=pa.int16()).take(order),
+            "record": (pa.concat_arrays(blobs) if blobs else pa.array([], type=pa.binary())).take(order),
+        }
+    )
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -152,7 +160,9 @@ def _records(col: pa.ChunkedArray, dtype: np.dtype) -> np.ndarray:
     offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset : arr.offset + len(arr) + 1]
     lengths = np.diff(offsets)
     if (lengths != dtype.itemsize).any():
-        raise CaptureError(f"records of {set(lengths.tolist())} bytes do not match the {dtype.itemsize}-byte dtype")
+        raise CaptureError(
+            f"records of {set(lengths.tolist())} bytes do not match the {dtype.itemsize}-byte dtype"
+        )
     data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
     return data.view(dtype).copy()
 
@@ -175,10 +185,14 @@ def load(path: str | os.PathLike[str]) -> Capture:
         raise CaptureError(f"{path} is not a Parquet file: {e}") from e
     raw_meta = (table.schema.metadata or {}).get(META_KEY)
     if raw_meta is None:
-        raise CaptureError(f"{path} is Parquet but not a kernelscope capture (no '{META_KEY.decode()}' metadata)")
+        raise CaptureError(
+            f"{path} is Parquet but not a kernelscope capture (no '{META_KEY.decode()}' metadata)"
+        )
     meta = json.loads(raw_meta)
     if meta.get("format") != FORMAT or meta.get("version", 0) > VERSION:
-        raise CaptureError(f"{path}: capture version {meta.get('version')} is newer than this kernelscope reads")
+        raise CaptureError(
+            f"{path}: capture version {meta.get('version')} is newer than this kernelscope reads"
+        )
     map_col = table.column("map").to_numpy(zero_copy_only=False)
     maps = {}
     for name, m in meta["maps"].items():
@@ -188,12 +202,22 @@ def load(path: str | os.PathLike[str]) -> Capture:
         records = _records(sub.column("record"), dtype)
         cpu = sub.column("ks_cpu").to_numpy().astype(np.int16)
         maps[name] = MapCapture(
-            name=name, kind=m["kind"], dtype=dtype, records=records,
+            name=name,
+            kind=m["kind"],
+            dtype=dtype,
+            records=records,
             seq=sub.column("ks_seq").to_numpy().astype(np.int64),
             arrival_ns=sub.column("ks_arrival_ns").to_numpy().astype(np.int64),
             cpu=cpu if m["kind"] == "perf" else None,
-            stats=m["stats"], history=m["history"], pages=m.get("pages", 0),
+            stats=m["stats"],
+            history=m["history"],
+            pages=m.get("pages", 0),
             epoch_offset_ns=m.get("epoch_offset_ns", 0),
         )
-    return Capture(maps, meta.get("source", ""), meta.get("settings", {}), meta.get("host", {}),
-                   int(meta.get("started_ns", 0)))
+    return Capture(
+        maps,
+        meta.get("source", ""),
+        meta.get("settings", {}),
+        meta.get("host", {}),
+        int(meta.get("started_ns", 0)),
+    )

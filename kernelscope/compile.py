@@ -30,13 +30,18 @@ from .errors import (
 )
 from .instrument import CELL_FILE, Instrumented
 
-_DIAG = re.compile(r"^(?P<file>[^:\n]+):(?P<line>\d+):(?P<col>\d+): (?P<kind>error|warning|fatal error): (?P<msg>.*)$", re.M)
+_DIAG = re.compile(
+    r"^(?P<file>[^:\n]+):(?P<line>\d+):(?P<col>\d+): (?P<kind>error|warning|fatal error): (?P<msg>.*)$",
+    re.M,
+)
 _TP = re.compile(r"\bTRACEPOINT_PROBE\s*\(\s*(\w+)\s*,\s*(\w+)\s*\)")
 _RAW_TP = re.compile(r"\bRAW_TRACEPOINT_PROBE\s*\(\s*(\w+)\s*\)")
 _KPROBE = re.compile(r"\bint\s+(kprobe__|kretprobe__)(\w+)\s*\(")
 _KFUNC = re.compile(r"\b(KFUNC_PROBE|KRETFUNC_PROBE|KMOD_RET)\s*\(\s*(\w+)")
 
-STRUCT_DEREF = re.compile(r"\b(struct\s+task_struct|bpf_get_current_task\s*\(|->\s*(real_parent|mm|files|nsproxy|cred)\b)")
+STRUCT_DEREF = re.compile(
+    r"\b(struct\s+task_struct|bpf_get_current_task\s*\(|->\s*(real_parent|mm|files|nsproxy|cred)\b)"
+)
 
 
 @contextlib.contextmanager
@@ -142,7 +147,8 @@ def check_attach_points(source: str, events: Path | None = None) -> None:
         known = known if known is not None else list_tracepoints(events)
         close = difflib.get_close_matches(f"{cat}:{ev}", known, n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; %bpf_tracepoints PATTERN lists them"
-        raise AttachError(f"line {_line_of(source, m.start())}: no tracepoint {cat}:{ev} on this kernel{hint}")
+        line = _line_of(source, m.start())
+        raise AttachError(f"line {line}: no tracepoint {cat}:{ev} on this kernel{hint}")
     for m in _RAW_TP.finditer(source):
         name = m.group(1)
         known = known if known is not None else list_tracepoints(events)
@@ -150,11 +156,12 @@ def check_attach_points(source: str, events: Path | None = None) -> None:
             continue
         close = difflib.get_close_matches(name, [k.split(":", 1)[1] for k in known], n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise AttachError(f"line {_line_of(source, m.start())}: no raw tracepoint {name} on this kernel{hint}")
-    m = _KPROBE.search(source)
-    if m and config_option("CONFIG_KPROBES") in (None, "n"):
+        line = _line_of(source, m.start())
+        raise AttachError(f"line {line}: no raw tracepoint {name} on this kernel{hint}")
+    kp = _KPROBE.search(source)
+    if kp and config_option("CONFIG_KPROBES") in (None, "n"):
         raise UnsupportedError(
-            f"line {_line_of(source, m.start())}: kprobes are not available: this kernel was built "
+            f"line {_line_of(source, kp.start())}: kprobes are not available: this kernel was built "
             "without CONFIG_KPROBES. Use a tracepoint (TRACEPOINT_PROBE) or raw tracepoint instead.",
             feature="CONFIG_KPROBES",
         )
@@ -211,8 +218,8 @@ def _classify(msg: str, log: str, user_source: str, lines: list[str]) -> Kernels
                 lock = found[0] if found else None
                 return UnsupportedError(
                     f"the kernel refused to load {name} (EPERM) although we are root"
-                    + (f": kernel lockdown is '{lock}', the likely reason for refusing this program type (fentry/"
-                       "KFUNC_PROBE tracing programs)" if lock and lock != "none" else "")
+                    + (f": kernel lockdown is '{lock}', the likely reason for refusing this program "
+                       "type (fentry/KFUNC_PROBE tracing programs)" if lock and lock != "none" else "")
                     + ". Use a tracepoint or raw tracepoint instead.",
                     feature=f"lockdown={lock}" if lock else "BPF program type",
                 )

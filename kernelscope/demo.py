@@ -47,8 +47,11 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
 def report_html(df: pd.DataFrame, stats: dict, summary: pd.DataFrame, seconds: float) -> str:
     import plotly.express as px
 
-    top = summary.head(15).reset_index().melt(id_vars="comm", value_vars=list(KINDS.values()),
-                                              var_name="kind", value_name="events")
+    top = (
+        summary.head(15)
+        .reset_index()
+        .melt(id_vars="comm", value_vars=list(KINDS.values()), var_name="kind", value_name="events")
+    )
     bars = px.bar(top, x="comm", y="events", color="kind", title="Events by process (top 15)")
     per_s = df.assign(kind=df["kind"].map(KINDS), second=df["ks_time"].dt.floor("100ms"))
     rate = per_s.groupby(["second", "kind"]).size().rename("events").reset_index()
@@ -74,8 +77,9 @@ def run(seconds: float = 3.0, report: Path | None = Path("report.html")) -> tupl
     probe = Probe(sources.read("exec_exit_openat.c"), name="demo")
     try:
         probe.start()
-        print(f"attached to {', '.join(probe.attach_points())}; tracing for {seconds:g} s ...",
-              file=sys.stderr)
+        print(
+            f"attached to {', '.join(probe.attach_points())}; tracing for {seconds:g} s ...", file=sys.stderr
+        )
         _activity(time.monotonic() + seconds)
         probe.stop()
         df, stats = probe.df, probe.stats
@@ -83,8 +87,10 @@ def run(seconds: float = 3.0, report: Path | None = Path("report.html")) -> tupl
         probe.close()
     summary = summarize(df)
     st = stats["events"]
-    print(f"\n{len(df):,} events: attempted {st['attempted']:,} = received {st['received']:,} "
-          f"+ dropped {st['dropped']:,}\n")
+    print(
+        f"\n{len(df):,} events: attempted {st['attempted']:,} = received {st['received']:,} "
+        f"+ dropped {st['dropped']:,}\n"
+    )
     print(summary.head(15).to_string())
     if report is not None:
         report.write_text(report_html(df, stats, summary, seconds))

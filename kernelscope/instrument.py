@@ -2,8 +2,9 @@
 
 Every call site of an output map (`X.ringbuf_output`, `X.ringbuf_reserve`,
 `X.ringbuf_discard`, `X.perf_submit`, `X.perf_submit_skb`) is wrapped, on the same line,
-in a statement expression that first checks a gate (open from load() until stop()) and then bumps per-CPU counters: attempts, failures (full buffer:
-reserve returned NULL, output/submit returned < 0) and discards. With those, after a final
+in a statement expression that first checks a gate (open from load() until stop()) and
+then bumps per-CPU counters: attempts, failures (full buffer: reserve returned NULL,
+output/submit returned < 0) and discards. With those, after a final
 drain `attempted == received + dropped` is exact, under overload too.
 
 BCC refuses map calls inside macro arguments ("cannot use map function inside a macro"),
@@ -23,7 +24,10 @@ CELL_FILE = "cell"
 
 _RING_DECL = re.compile(r"\bBPF_RINGBUF_OUTPUT\s*\(\s*(\w+)\s*,\s*([^)]*?)\s*\)")
 _PERF_DECL = re.compile(r"\bBPF_PERF_OUTPUT\s*\(\s*(\w+)\s*\)")
-_CALL = re.compile(r"\b(\w+)\s*\.\s*(ringbuf_output|ringbuf_reserve|ringbuf_discard|perf_submit_skb|perf_submit)\s*\(")
+_TP_USE = re.compile(r"\bTRACEPOINT_PROBE\s*\(\s*\w+\s*,\s*\w+\s*\)")
+_CALL = re.compile(
+    r"\b(\w+)\s*\.\s*(ringbuf_output|ringbuf_reserve|ringbuf_discard|perf_submit_skb|perf_submit)\s*\("
+)
 _COMMENT_OR_STRING = re.compile(r'//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'', re.S)
 
 
@@ -108,9 +112,10 @@ def instrument(source: str, pages: int | dict[str, int] | None = None) -> Instru
             edits.append((m.start(2), m.end(2), str(want)))
 
     for m in _CALL.finditer(code):
-        om = maps.get(m.group(1))
-        if om is None:
+        target = maps.get(m.group(1))
+        if target is None:
             continue
+        om = target
         close = _matching_paren(code, m.end() - 1)
         if close < 0:
             continue  # unbalanced: leave it to the compiler to report
@@ -134,11 +139,32 @@ def instrument(source: str, pages: int | dict[str, int] | None = None) -> Instru
         om.call_sites.append(source.count("\n", 0, m.start()) + 1)
         edits.append((m.start(), close + 1, wrapped))
 
+    edits += _line_resets(source, code, edits)
     out = source
     for start, end, text in sorted(edits, reverse=True):
         out = out[:start] + text + out[end:]
     prelude = _prelude(len(maps))
     return Instrumented(prelude + f'#line 1 "{CELL_FILE}"\n' + out, maps, prelude.count("\n") + 1)
+
+
+def _line_resets(source: str, code: str, edits: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+    """A `#line` directive after each TRACEPOINT_PROBE line, as insertions.
+
+    BCC inserts the tracepoint's args struct (one line per field) in front of each
+    TRACEPOINT_PROBE, shifting every later line of the cell in clang's diagnostics and in
+    the `; @ cell:N` line info of verifier logs; the directive puts the count back.
+    """
+    comments = [m.span() for m in _COMMENT_OR_STRING.finditer(source)]
+    out = []
+    for m in _TP_USE.finditer(code):
+        nl = code.find("\n", m.end())
+        line_start = code.rfind("\n", 0, m.start()) + 1
+        if nl < 0 or source[line_start:nl].lstrip().startswith("#") or source[:nl].endswith("\\"):
+            continue  # inside a macro definition: a directive would break it
+        if any(a <= nl < b for a, b in comments) or any(a <= nl < b for a, b, _ in edits):
+            continue
+        out.append((nl, nl, f'\n#line {source.count(chr(10), 0, nl) + 2} "{CELL_FILE}"'))
+    return out
 
 
 def _prelude(nmaps: int) -> str:

@@ -68,13 +68,17 @@ class Reorderer:
         if not self._held:
             return Batch(np.empty(0, dtype=np.dtype([("_", "u1")])))
         records = concat_records([b.records for b in self._held], self._held[0].records.dtype)
-        cpus = [b.cpu for b in self._held]
-        cpu = np.concatenate(cpus) if all(c is not None for c in cpus) else None  # type: ignore[arg-type]
+        cpus = [b.cpu for b in self._held if b.cpu is not None]
+        cpu: np.ndarray | None = np.concatenate(cpus) if len(cpus) == len(self._held) else None
         order = np.argsort(records[self.ts_field], kind="stable")
         records = records[order]
         cpu = cpu[order] if cpu is not None else None
-        cut = len(records) if horizon is None else int(
-            np.searchsorted(records[self.ts_field], max(horizon, 0), side="right")
+        cut = (
+            len(records)
+            if horizon is None
+            else int(np.searchsorted(records[self.ts_field], max(horizon, 0), side="right"))
         )
-        self._held = [Batch(records[cut:], cpu[cut:] if cpu is not None else None)] if cut < len(records) else []
+        self._held = (
+            [Batch(records[cut:], cpu[cut:] if cpu is not None else None)] if cut < len(records) else []
+        )
         return Batch(records[:cut], cpu[:cut] if cpu is not None else None)

@@ -143,7 +143,9 @@ class Results:
         try:
             return self.maps[name]
         except KeyError:
-            raise KeyError(f"no output map {name!r}; this probe has {', '.join(self.maps) or 'none'}") from None
+            raise KeyError(
+                f"no output map {name!r}; this probe has {', '.join(self.maps) or 'none'}"
+            ) from None
 
     def frame(self, name: str | None = None) -> pd.DataFrame:
         """Everything received so far from output map `name` (cached until new rows arrive)."""
@@ -172,7 +174,11 @@ class Results:
 
     def __repr__(self) -> str:
         parts = [f"{n}: {s['received']} received, {s['dropped']} dropped" for n, s in self.stats.items()]
-        return f"<{type(self).__name__} {getattr(self, 'name', None) or ''} {self.state()}; " + "; ".join(parts) + ">"
+        return (
+            f"<{type(self).__name__} {getattr(self, 'name', None) or ''} {self.state()}; "
+            + "; ".join(parts)
+            + ">"
+        )
 
     def _repr_html_(self) -> str:
         rows = []
@@ -180,16 +186,38 @@ class Results:
         for name, ms in self.maps.items():
             st = stats.get(name, {})
             rows.append(
-                "<tr>" + "".join(
+                "<tr>"
+                + "".join(
                     f"<td>{html.escape(str(v))}</td>"
-                    for v in (name, ms.om.kind, ms.pages, st.get("attempted", ""), st.get("received", ""),
-                              st.get("dropped", ""), st.get("lost_records", ""), st.get("inversions", ""),
-                              ", ".join(ms.schema.columns))
-                ) + "</tr>"
+                    for v in (
+                        name,
+                        ms.om.kind,
+                        ms.pages,
+                        st.get("attempted", ""),
+                        st.get("received", ""),
+                        st.get("dropped", ""),
+                        st.get("lost_records", ""),
+                        st.get("inversions", ""),
+                        ", ".join(ms.schema.columns),
+                    )
+                )
+                + "</tr>"
             )
         attach = ", ".join(self.attach_points()) or "none"
-        head = "".join(f"<th>{h}</th>" for h in ("map", "kind", "pages", "attempted", "received",
-                                                   "dropped", "lost records", "inversions", "columns"))
+        head = "".join(
+            f"<th>{h}</th>"
+            for h in (
+                "map",
+                "kind",
+                "pages",
+                "attempted",
+                "received",
+                "dropped",
+                "lost records",
+                "inversions",
+                "columns",
+            )
+        )
         warnings: list[str] = getattr(self, "warnings", [])
         error = getattr(self, "error", None)
         warn = "".join(f"<p style='color:#b45309'>&#9888; {html.escape(w)}</p>" for w in warnings)
@@ -322,7 +350,10 @@ class Probe(Results):
                     table[ctypes.c_int(cpu)] = ctypes.c_int(fd)
 
                 ms.reader = PerfBufferReader(
-                    set_fd, schema.dtype, pages=pages, wakeup_events=self.wakeup_events,
+                    set_fd,
+                    schema.dtype,
+                    pages=pages,
+                    wakeup_events=self.wakeup_events,
                     watermark_bytes=self.watermark_bytes,
                 )
             self._res.readers.append(ms.reader)
@@ -352,8 +383,10 @@ class Probe(Results):
         self._res.stop.clear()
         self.started_at = self.started_at or time.monotonic()
         t = threading.Thread(
-            target=_drain_thread, args=(weakref.ref(self), self._res.stop),
-            name=f"kernelscope-drain-{self.name or id(self)}", daemon=True,
+            target=_drain_thread,
+            args=(weakref.ref(self), self._res.stop),
+            name=f"kernelscope-drain-{self.name or id(self)}",
+            daemon=True,
         )
         self._res.thread = t
         t.start()
@@ -390,7 +423,7 @@ class Probe(Results):
         wakeup: str | None = None,
         wakeup_events: int | None = None,
         watermark_bytes: int | None = None,
-        reorder_ns: int | None | bool = False,
+        reorder_ns: int | bool | None = False,
         poll_interval: float | None = None,
     ) -> Probe:
         """Apply new buffer settings by reloading the program; rows and counts carry on.
@@ -406,14 +439,18 @@ class Probe(Results):
         if pages is not None and pages != self.pages:
             changes.append(f"pages {self.pages or 'default'} -> {pages}")
             self.pages = dict(pages) if isinstance(pages, Mapping) else pages
-        for attr, value in (("wakeup", wakeup), ("wakeup_events", wakeup_events),
-                            ("watermark_bytes", watermark_bytes), ("poll_interval", poll_interval)):
+        for attr, value in (
+            ("wakeup", wakeup),
+            ("wakeup_events", wakeup_events),
+            ("watermark_bytes", watermark_bytes),
+            ("poll_interval", poll_interval),
+        ):
             if value is not None and value != getattr(self, attr):
                 changes.append(f"{attr} {getattr(self, attr)} -> {value}")
                 setattr(self, attr, value)
         if reorder_ns is not False and reorder_ns != self.reorder_ns:
             changes.append(f"reorder_ns {self.reorder_ns} -> {reorder_ns}")
-            self.reorder_ns = reorder_ns  # type: ignore[assignment]
+            self.reorder_ns = reorder_ns
         if not changes:
             return self
         if self.loaded:
@@ -575,9 +612,14 @@ class Probe(Results):
         self._last_sample = now
         for name, st in self._compute_stats().items():
             self.maps[name].history.append(
-                {"t": now, "attempted": st["attempted"], "received": st["received"],
-                 "dropped": st["dropped"], "fill_bytes": st["fill_bytes"],
-                 "lost_records": st["lost_records"]}
+                {
+                    "t": now,
+                    "attempted": st["attempted"],
+                    "received": st["received"],
+                    "dropped": st["dropped"],
+                    "fill_bytes": st["fill_bytes"],
+                    "lost_records": st["lost_records"],
+                }
             )
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -590,16 +632,28 @@ class Probe(Results):
         for name, ms in self.maps.items():
             c = ms.store.chunk()
             maps[name] = capture.MapCapture(
-                name=name, kind=ms.om.kind, dtype=ms.schema.dtype, records=c.records,
+                name=name,
+                kind=ms.om.kind,
+                dtype=ms.schema.dtype,
+                records=c.records,
                 seq=np.arange(c.seq0, c.seq0 + len(c.records), dtype=np.int64),
-                arrival_ns=c.arrival_ns, cpu=c.cpu, stats=stats.get(name, {}),
+                arrival_ns=c.arrival_ns,
+                cpu=c.cpu,
+                stats=stats.get(name, {}),
                 history=[{**h, "t": h["t"] - (self.started_at or 0)} for h in ms.history],
-                pages=ms.pages, epoch_offset_ns=ms.schema.epoch_offset_ns,
+                pages=ms.pages,
+                epoch_offset_ns=ms.schema.epoch_offset_ns,
             )
         settings = {
-            "pages": self.pages, "poll_interval": self.poll_interval, "max_rows": self.max_rows,
-            "cflags": list(self.cflags), "wakeup": self.wakeup, "wakeup_events": self.wakeup_events,
-            "watermark_bytes": self.watermark_bytes, "reorder_ns": self.reorder_ns, "name": self.name,
+            "pages": self.pages,
+            "poll_interval": self.poll_interval,
+            "max_rows": self.max_rows,
+            "cflags": list(self.cflags),
+            "wakeup": self.wakeup,
+            "wakeup_events": self.wakeup_events,
+            "watermark_bytes": self.watermark_bytes,
+            "reorder_ns": self.reorder_ns,
+            "name": self.name,
         }
         cap = capture.Capture(maps, self.source, settings, started_ns=started)
         return capture.save(cap, path)
@@ -621,7 +675,9 @@ class Probe(Results):
                 elapsed = time.monotonic() - t0
                 if progress:
                     progress(received, elapsed)
-                if (duration is not None and elapsed >= duration) or (limit is not None and received >= limit):
+                if (duration is not None and elapsed >= duration) or (
+                    limit is not None and received >= limit
+                ):
                     break
                 if self.error is not None:
                     raise self.error
@@ -641,7 +697,9 @@ class Probe(Results):
                 return self
             except Exception as e:
                 err = e
-        raise _compile.AttachError(f"uprobe {name}:{sym} -> {fn_name}: {err} {''.join(log).strip()}") from None
+        raise _compile.AttachError(
+            f"uprobe {name}:{sym} -> {fn_name}: {err} {''.join(log).strip()}"
+        ) from None
 
     def attach_tracepoint(self, tp: str, fn_name: str) -> Probe:
         """Attach a program function to `category:event` (for functions not named by macros)."""
@@ -693,6 +751,6 @@ def bpf_lib() -> Any:
     from .host import import_bcc
 
     import_bcc()
-    from bcc.libbcc import lib  # type: ignore[import-not-found]
+    from bcc.libbcc import lib  # type: ignore[import-not-found,unused-ignore]
 
     return lib

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from .errors import KernelscopeError
 from .probe import Probe
 
 
-def progress_line(received: int, dropped: int, elapsed: float, duration: float | None, width: int = 30) -> str:
+def progress_line(
+    received: int, dropped: int, elapsed: float, duration: float | None, width: int = 30
+) -> str:
     if duration:
         frac = min(1.0, elapsed / duration)
         bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
@@ -28,15 +29,22 @@ def progress_line(received: int, dropped: int, elapsed: float, duration: float |
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="kernelscope record", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="kernelscope record", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("program", type=Path, help="BCC C source with BPF_RINGBUF_OUTPUT/BPF_PERF_OUTPUT maps")
     ap.add_argument("-o", "--output", type=Path, required=True, help="capture file (.parquet)")
     ap.add_argument("--duration", type=float, default=None, help="seconds to record (default: until Ctrl-C)")
     ap.add_argument("--limit", type=int, default=None, help="stop after this many events")
     ap.add_argument("--pages", type=int, default=None, help="buffer pages (ring: whole ring; perf: per CPU)")
-    ap.add_argument("-D", dest="defines", action="append", default=[], metavar="NAME=VALUE",
-                    help="preprocessor define passed to the compiler")
+    ap.add_argument(
+        "-D",
+        dest="defines",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="preprocessor define passed to the compiler",
+    )
     args = ap.parse_args(argv)
     if args.duration is None and args.limit is None and not sys.stdin.isatty():
         ap.error("give --duration or --limit when not at a terminal (nothing could stop the capture)")
@@ -57,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
 
     try:
-        probe = Probe(source, pages=args.pages, cflags=[f"-D{d}" for d in args.defines],
-                      name=args.program.stem)
+        probe = Probe(
+            source, pages=args.pages, cflags=[f"-D{d}" for d in args.defines], name=args.program.stem
+        )
         try:
             probe.wait(duration=args.duration, limit=args.limit, progress=show)
         except KeyboardInterrupt:
@@ -68,9 +77,11 @@ def main(argv: list[str] | None = None) -> int:
             print(file=sys.stderr)
         path = probe.save(args.output)
         for name, st in probe.stats.items():
-            print(f"{name}: attempted {st['attempted']:,} = received {st['received']:,} "
-                  f"+ dropped {st['dropped']:,}" + (f"; lost records reported {st['lost_records']:,}"
-                                                     if st["kind"] == "perf" else ""))
+            print(
+                f"{name}: attempted {st['attempted']:,} = received {st['received']:,} "
+                f"+ dropped {st['dropped']:,}"
+                + (f"; lost records reported {st['lost_records']:,}" if st["kind"] == "perf" else "")
+            )
         print(f"saved {path} ({path.stat().st_size:,} bytes)")
         probe.close()
     except KernelscopeError as e:

@@ -29,8 +29,9 @@ from .store import FrameStore
 class Replay(Results):
     """A capture played back: frames, stats and history as the live probe had them."""
 
-    def __init__(self, capture: Capture, speed: float | None = 1.0, name: str | None = None,
-                 path: str | None = None) -> None:
+    def __init__(
+        self, capture: Capture, speed: float | None = 1.0, name: str | None = None, path: str | None = None
+    ) -> None:
         if speed is not None and speed <= 0:
             raise ValueError("speed must be positive (or None for all at once)")
         self.capture = capture
@@ -68,7 +69,9 @@ class Replay(Results):
         return all(self._pos[n] >= len(mc.records) for n, mc in self.capture.maps.items())
 
     def state(self) -> str:
-        return "closed" if self.closed else "replaying" if self.running else "replayed" if self.done else "ready"
+        return (
+            "closed" if self.closed else "replaying" if self.running else "replayed" if self.done else "ready"
+        )
 
     def elapsed(self) -> float:
         """Seconds of recorded time played so far."""
@@ -109,8 +112,10 @@ class Replay(Results):
         for name, mc in self.capture.maps.items():
             ms = self.maps[name]
             start = self._pos[name]
-            end = len(mc.records) if horizon == math.inf else int(
-                np.searchsorted(mc.arrival_ns, horizon * 1e9, side="right")
+            end = (
+                len(mc.records)
+                if horizon == math.inf
+                else int(np.searchsorted(mc.arrival_ns, horizon * 1e9, side="right"))
             )
             if end <= start:
                 continue
@@ -119,8 +124,10 @@ class Replay(Results):
             arrivals = mc.arrival_ns[start:end]
             for a in np.unique(arrivals):
                 sel = arrivals == a
-                ms.store.append(Batch(mc.records[start:end][sel], cpu[sel] if cpu is not None else None),
-                                int(a) + self.capture.started_ns)  # the recorded clock, as recorded
+                ms.store.append(
+                    Batch(mc.records[start:end][sel], cpu[sel] if cpu is not None else None),
+                    int(a) + self.capture.started_ns,
+                )  # the recorded clock, as recorded
             ms.batches += 1
             self._pos[name] = end
             total += end - start
@@ -136,8 +143,7 @@ class Replay(Results):
         self.stop()
         self.closed = True
 
-    def wait(self, duration: float | None = None, limit: int | None = None,
-             progress: Any = None) -> Replay:
+    def wait(self, duration: float | None = None, limit: int | None = None, progress: Any = None) -> Replay:
         """Like Probe.wait: block for `duration` s of recorded time or `limit` events."""
         if self.speed is None:
             self.start()
@@ -148,7 +154,9 @@ class Replay(Results):
                 received = sum(ms.store.received for ms in self.maps.values())
                 if progress:
                     progress(received, time.monotonic() - t0)
-                if (duration is not None and self.elapsed() >= duration) or (limit is not None and received >= limit):
+                if (duration is not None and self.elapsed() >= duration) or (
+                    limit is not None and received >= limit
+                ):
                     break
                 time.sleep(0.05)
         self.stop()

@@ -140,15 +140,11 @@ class _Resources:
     def close(self) -> None:
         self.parser = None
         for m in self.maps:
-            try:
+            with contextlib.suppress(BufferError):  # a stray view still exists: unmapped with it
                 m.close()
-            except BufferError:
-                pass  # a stray view still exists; the mapping goes with it
         for c in self.closables:
-            try:
+            with contextlib.suppress(OSError):
                 c.close() if hasattr(c, "close") else os.close(c)  # type: ignore[arg-type]
-            except OSError:
-                pass
         self.maps.clear()
         self.closables.clear()
 

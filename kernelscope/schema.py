@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,18 +25,54 @@ CPU = "ks_cpu"
 ARRIVAL = "ks_arrival_ns"
 
 _SCALARS: dict[str, str] = {
-    "char": "i1", "signed char": "i1", "s8": "i1", "__s8": "i1", "int8_t": "i1",
-    "unsigned char": "u1", "u8": "u1", "__u8": "u1", "uint8_t": "u1", "_Bool": "u1", "bool": "u1",
-    "short": "i2", "s16": "i2", "__s16": "i2", "int16_t": "i2",
-    "unsigned short": "u2", "u16": "u2", "__u16": "u2", "uint16_t": "u2", "__be16": "u2",
-    "int": "i4", "s32": "i4", "__s32": "i4", "int32_t": "i4", "enum": "i4", "pid_t": "i4",
-    "unsigned int": "u4", "u32": "u4", "__u32": "u4", "uint32_t": "u4", "__be32": "u4",
+    "char": "i1",
+    "signed char": "i1",
+    "s8": "i1",
+    "__s8": "i1",
+    "int8_t": "i1",
+    "unsigned char": "u1",
+    "u8": "u1",
+    "__u8": "u1",
+    "uint8_t": "u1",
+    "_Bool": "u1",
+    "bool": "u1",
+    "short": "i2",
+    "s16": "i2",
+    "__s16": "i2",
+    "int16_t": "i2",
+    "unsigned short": "u2",
+    "u16": "u2",
+    "__u16": "u2",
+    "uint16_t": "u2",
+    "__be16": "u2",
+    "int": "i4",
+    "s32": "i4",
+    "__s32": "i4",
+    "int32_t": "i4",
+    "enum": "i4",
+    "pid_t": "i4",
+    "unsigned int": "u4",
+    "u32": "u4",
+    "__u32": "u4",
+    "uint32_t": "u4",
+    "__be32": "u4",
     "unsigned": "u4",
-    "long": "i8", "long long": "i8", "s64": "i8", "__s64": "i8", "int64_t": "i8",
-    "unsigned long": "u8", "unsigned long long": "u8", "u64": "u8", "__u64": "u8",
-    "uint64_t": "u8", "size_t": "u8",
-    "float": "f4", "double": "f8",
-    "void *": "u8", "char *": "u8", "u8 *": "u8",
+    "long": "i8",
+    "long long": "i8",
+    "s64": "i8",
+    "__s64": "i8",
+    "int64_t": "i8",
+    "unsigned long": "u8",
+    "unsigned long long": "u8",
+    "u64": "u8",
+    "__u64": "u8",
+    "uint64_t": "u8",
+    "size_t": "u8",
+    "float": "f4",
+    "double": "f8",
+    "void *": "u8",
+    "char *": "u8",
+    "u8 *": "u8",
 }
 _WIDE = {"__int128": "i8", "unsigned __int128": "u8"}  # no 16-byte ints in numpy: 2 x 8, align 16
 _ARRAY = re.compile(r"^(.*?)\s*\[(\d+)\]$")
@@ -127,9 +163,9 @@ def parse_structs(source: str) -> dict[str, list[tuple[str, str]]]:
     src = re.sub(r"//[^\n]*|/\*.*?\*/", "", source, flags=re.S)
     out: dict[str, list[tuple[str, str]]] = {}
     for kind, sname, body in _STRUCT_DEF.findall(src):
-        members = []
-        for decl in body.split(";"):
-            decl = decl.strip()
+        members: list[tuple[str, str]] = []
+        for raw in body.split(";"):
+            decl = raw.strip()
             if not decl:
                 continue
             if ":" in decl:  # bitfields: leave the struct undefined, an error if used
@@ -242,5 +278,4 @@ def _columns(records: np.ndarray, prefix: str, out: dict[str, object]) -> None:
 
 def _decode(col: np.ndarray) -> np.ndarray:
     # numpy's S dtype already stops at the first NUL; decode bytes -> str in one pass.
-    decode: Callable[[np.ndarray], np.ndarray] = np.char.decode  # type: ignore[assignment]
-    return decode(col, "utf-8", "replace").astype(object)
+    return np.char.decode(col, "utf-8", "replace").astype(object)

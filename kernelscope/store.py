@@ -78,7 +78,9 @@ class FrameStore:
             else:
                 cpu = first.cpu[count:] if first.cpu is not None else None
                 self._chunks[0] = _Chunk(
-                    first.records[count:].copy(), first.seq0 + count, first.arrival_ns[count:].copy(),
+                    first.records[count:].copy(),
+                    first.seq0 + count,
+                    first.arrival_ns[count:].copy(),
                     cpu.copy() if cpu is not None else None,
                 )
                 count = 0
