@@ -231,7 +231,21 @@ class Results:
 
 
 class Probe(Results):
-    """A BCC program whose output maps drain into growing DataFrames."""
+    """A BCC program whose output maps drain into growing DataFrames.
+
+    Under KERNELSCOPE_MODE=replay, `Probe(..., name=N)` returns the replay of the capture
+    recorded for N instead (see kernelscope.mode), so notebooks run unchanged without BPF.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        from . import mode
+
+        if mode.mode() == "replay":
+            from .replay import replay
+
+            return replay(mode.require_capture(kwargs.get("name")), speed=mode.replay_speed(),
+                          name=kwargs.get("name"))
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -414,7 +428,17 @@ class Probe(Results):
         self._flush_reorder()
         self._sample(force=True)
         self._stopped_stats = self._compute_stats()
+        self._record()
         return self
+
+    def _record(self) -> None:
+        """In record mode, a named probe saves its capture each time it stops."""
+        from . import mode
+
+        if self.name and mode.mode() == "record":
+            path = mode.capture_path(self.name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.save(path)
 
     def reconfigure(
         self,

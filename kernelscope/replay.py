@@ -19,7 +19,7 @@ import numpy as np
 
 from .batch import Batch
 from .capture import Capture, MapCapture, load
-from .errors import ClosedError
+from .errors import ClosedError, KernelscopeError
 from .instrument import OutputMap
 from .probe import MapState, Results
 from .schema import Schema
@@ -142,6 +142,26 @@ class Replay(Results):
     def close(self) -> None:
         self.stop()
         self.closed = True
+
+    def __enter__(self) -> Replay:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def reconfigure(self, **settings: Any) -> Replay:
+        """A capture's buffers cannot change; the recorded run is what it is."""
+        raise KernelscopeError("a replayed capture cannot be reconfigured: record it again with new settings")
+
+    def pause(self) -> Replay:
+        return self.stop()
+
+    def resume(self) -> Replay:
+        return self.start()
+
+    def clear(self, name: str | None = None) -> None:
+        for ms in [self._map(name)] if name else list(self.maps.values()):
+            ms.store.clear()
 
     def wait(self, duration: float | None = None, limit: int | None = None, progress: Any = None) -> Replay:
         """Like Probe.wait: block for `duration` s of recorded time or `limit` events."""

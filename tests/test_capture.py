@@ -143,3 +143,28 @@ def test_capture_replays_without_privileges(tmp_path) -> None:
     shutil.rmtree(shared)
     assert res.returncode == 0, res.stderr
     assert res.stdout == expected
+
+
+@pytest.mark.kernel
+def test_record_then_replay_mode_runs_the_same_code(tmp_path, monkeypatch) -> None:
+    """The same notebook code: recorded live once, then replayed with no BPF involved."""
+    monkeypatch.setenv("KERNELSCOPE_CAPTURES", str(tmp_path))
+    monkeypatch.setenv("KERNELSCOPE_MODE", "record")
+    prod = paused(1000)
+    src = ring_program()
+    with Probe(src, cflags=prod.cflags, name="getppid") as p:
+        prod.go()
+        p.stop()
+        live = p.df
+    assert (tmp_path / "getppid.parquet").exists()
+    monkeypatch.setenv("KERNELSCOPE_MODE", "replay")
+    r = Probe(src, cflags=prod.cflags, name="getppid")
+    assert type(r).__name__ == "Replay"
+    with r:
+        r.stop()
+        pd.testing.assert_frame_equal(r.df, live)
+        assert r.stats["events"]["attempted"] == 1000
+    with pytest.raises(Exception, match="no capture"):
+        Probe(src, name="never-recorded")
+    with pytest.raises(Exception, match="has no name"):
+        Probe(src)

@@ -1,0 +1,93 @@
+"""Live, record or replay: how probes behave in this process, set by KERNELSCOPE_MODE.
+
+- live (default): probes load into the kernel;
+- record: as live, and each named probe saves `<captures>/<name>.parquet` when it stops;
+- replay: no BPF at all; each named probe replays `<captures>/<name>.parquet` instead
+  (what Binder, laptops and CI's replay run use);
+- auto: replay when this process may not load BPF programs, else live.
+
+`<captures>` is KERNELSCOPE_CAPTURES, or `captures/` in the working directory (Jupyter
+starts kernels in the notebook's folder, so captures sit beside the notebook).
+Notebook code that measures something outside a probe keeps its figures the same way
+with `remember(name, compute)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .errors import KernelscopeError
+
+MODES = ("live", "record", "replay", "auto")
+
+
+def mode() -> str:
+    value = os.environ.get("KERNELSCOPE_MODE", "live").strip().lower() or "live"
+    if value not in MODES:
+        raise KernelscopeError(f"KERNELSCOPE_MODE={value!r}: use one of {', '.join(MODES)}")
+    if value == "auto":
+        from .host import has_bpf_privileges
+
+        return "live" if has_bpf_privileges() else "replay"
+    return value
+
+
+def captures_dir() -> Path:
+    return Path(os.environ.get("KERNELSCOPE_CAPTURES") or "captures")
+
+
+def capture_path(name: str) -> Path:
+    return captures_dir() / f"{name}.parquet"
+
+
+def replay_speed() -> float | None:
+    """KERNELSCOPE_REPLAY_SPEED: a factor, or unset/'all' for everything at once."""
+    raw = os.environ.get("KERNELSCOPE_REPLAY_SPEED", "all").strip().lower()
+    return None if raw in ("", "all", "none", "inf") else float(raw)
+
+
+def require_capture(name: str | None) -> Path:
+    if not name:
+        raise KernelscopeError(
+            "replay mode: this probe has no name, so its capture cannot be found; give it one "
+            "(Probe(..., name='x') or %%bpf x) and record it once with KERNELSCOPE_MODE=record"
+        )
+    path = capture_path(name)
+    if not path.exists():
+        raise KernelscopeError(
+            f"replay mode: no capture {path} for probe {name!r}; record it on a machine with BPF "
+            "with KERNELSCOPE_MODE=record"
+        )
+    return path
+
+
+def banner() -> str | None:
+    """A sentence to show when notebooks are not running live."""
+    m = mode()
+    if m == "replay":
+        return f"kernelscope is replaying recorded captures from {captures_dir()}/ (no BPF here)."
+    if m == "record":
+        return f"kernelscope is recording every named probe into {captures_dir()}/."
+    return None
+
+
+def remember(name: str, compute: Callable[[], Any]) -> Any:
+    """A JSON-able figure measured live (and saved in record mode), or the saved one in replay.
+
+    For what a notebook measures outside a probe, e.g. a producer's own event rate.
+    """
+    path = captures_dir() / f"{name}.json"
+    m = mode()
+    if m == "replay":
+        if not path.exists():
+            raise KernelscopeError(f"replay mode: no recorded figure {path}; record with KERNELSCOPE_MODE=record")
+        return json.loads(path.read_text())
+    value = compute()
+    if m == "record":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(value, indent=1, default=float))
+    return value
