@@ -84,7 +84,9 @@ def remember(name: str, compute: Callable[[], Any]) -> Any:
     m = mode()
     if m == "replay":
         if not path.exists():
-            raise KernelscopeError(f"replay mode: no recorded figure {path}; record with KERNELSCOPE_MODE=record")
+            raise KernelscopeError(
+                f"replay mode: no recorded figure {path}; record with KERNELSCOPE_MODE=record"
+            )
         return json.loads(path.read_text())
     value = compute()
     if m == "record":
