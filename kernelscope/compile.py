@@ -178,6 +178,9 @@ def load(instr: Instrumented, user_source: str, cflags: tuple[str, ...] = ()) ->
             return bcc.BPF(text=instr.source.encode(), cflags=list(cflags))
         except Exception as e:  # BCC raises bare Exception for every failure
             err = e
+        except BaseException as e:  # Ctrl-C during the compile: free what BCC made so far
+            _release_half_built(e, bcc.BPF)
+            raise
     _release_half_built(err, bcc.BPF)
     raise _classify(str(err), log[0] if log else "", user_source, lines) from None
 

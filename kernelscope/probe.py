@@ -162,8 +162,32 @@ class Results:
         """Counters sampled about every 0.1 s while draining: for rate and fill plots."""
         return pd.DataFrame(list(self._map(name).history))
 
+    name: str | None
+    closed: bool
+
     def state(self) -> str:
         return "results"
+
+    @property
+    def running(self) -> bool:
+        return False
+
+    def start(self) -> Results:
+        raise NotImplementedError
+
+    def stop(self) -> Results:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def wait(
+        self,
+        duration: float | None = None,
+        limit: int | None = None,
+        progress: Callable[[int, float], None] | None = None,
+    ) -> Results:
+        raise NotImplementedError
 
     def attach_points(self) -> list[str]:
         return []

@@ -65,6 +65,11 @@ class Replay(Results):
         return True
 
     @property
+    def started_at(self) -> float | None:
+        """Monotonic seconds when the replay started (None before), as on a Probe."""
+        return self._t0
+
+    @property
     def done(self) -> bool:
         return all(self._pos[n] >= len(mc.records) for n, mc in self.capture.maps.items())
 

@@ -1,0 +1,217 @@
+"""Find tracepoints and read their argument layout, for `%bpf_tracepoints` and `%bpf_format`.
+
+Both read tracefs (/sys/kernel/tracing/events/CATEGORY/EVENT/format), the kernel's own
+description of each tracepoint's record. That layout is what BCC's TRACEPOINT_PROBE `args`
+struct is built from, so it is right for the running kernel even when the kernel headers
+are not (see PLATFORM.md, header/kernel mismatch).
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import html
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from . import compile as _compile
+from .errors import KernelscopeError
+
+# The fields every tracepoint record starts with (struct trace_entry). BCC hides them
+# behind one `u64 __do_not_use__` member: read them with helpers instead.
+COMMON_FIELDS = ("common_type", "common_flags", "common_preempt_count", "common_pid")
+_COMMON_HELPER = {
+    "common_pid": "bpf_get_current_pid_tgid() (the thread id is the low 32 bits)",
+    "common_type": "(constant per tracepoint; not readable in BCC)",
+    "common_flags": "(not readable in BCC)",
+    "common_preempt_count": "(not readable in BCC)",
+}
+
+_FIELD = re.compile(
+    r"^\s*field:(?P<decl>[^;]+);\s*offset:(?P<offset>\d+);\s*size:(?P<size>\d+);\s*(?:signed:(?P<signed>-?\d+);)?"
+)
+_REGEX_CHARS = set("^$+|(){}\\.")
+_GLOB_CHARS = set("*?[")
+
+
+class UnknownTracepointError(KernelscopeError, LookupError):
+    """No such tracepoint on the running kernel; the message names close matches."""
+
+
+def events_dir() -> Path:
+    return _compile.tracefs_events()
+
+
+def _ensure_tracefs() -> None:
+    """Mount tracefs if needed (as root); without it there is nothing to list."""
+    if not events_dir().is_dir():
+        from . import host
+
+        host.ensure_tracefs()
+
+
+def match(pattern: str | None, names: list[str]) -> list[str]:
+    """The `category:event` names that `pattern` selects.
+
+    `pattern` is a glob (`sched:*exit*`), a regex written `/.../` or containing regex
+    syntax (`^syscalls:sys_enter_(open|close)`), or else a case-insensitive substring
+    (`openat`). A glob without a colon also matches against the event name alone.
+    """
+    if not pattern:
+        return list(names)
+    if len(pattern) > 2 and pattern.startswith("/") and pattern.endswith("/"):
+        return _regex(pattern[1:-1], names)
+    if _GLOB_CHARS & set(pattern):
+        if ":" in pattern:
+            return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        return [n for n in names if fnmatch.fnmatchcase(n.split(":", 1)[1], pattern)
+                or fnmatch.fnmatchcase(n, pattern)]
+    if _REGEX_CHARS & set(pattern):
+        return _regex(pattern, names)
+    low = pattern.lower()
+    return [n for n in names if low in n.lower()]
+
+
+def _regex(pattern: str, names: list[str]) -> list[str]:
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"bad regular expression {pattern!r}: {e}") from None
+    return [n for n in names if rx.search(n)]
+
+
+def tracepoints(pattern: str | None = None, events: Path | None = None) -> pd.DataFrame:
+    """Tracepoints of the running kernel matching `pattern` (see `match`), one row each."""
+    if events is None:
+        _ensure_tracefs()
+    names = match(pattern, _compile.list_tracepoints(events or events_dir()))
+    rows = [(n, *n.split(":", 1)) for n in names]
+    return pd.DataFrame(rows, columns=["tracepoint", "category", "event"])
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """`sched:sched_switch`, `sched/sched_switch` or `sched sched_switch` -> (category, event)."""
+    parts = re.split(r"[:/\s]+", name.strip())
+    if len(parts) != 2 or not all(parts):
+        raise ValueError(f"expected CATEGORY:EVENT (e.g. sched:sched_switch), got {name!r}")
+    return parts[0], parts[1]
+
+
+@dataclass
+class TracepointFormat:
+    """The record layout of one tracepoint: `fields` is a DataFrame, one row per field."""
+
+    category: str
+    event: str
+    id: int | None
+    fields: pd.DataFrame
+    print_fmt: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.category}:{self.event}"
+
+    def args_fields(self) -> pd.DataFrame:
+        """The fields a TRACEPOINT_PROBE can read as `args->NAME` (all but common_*)."""
+        return self.fields[~self.fields["common"]].reset_index(drop=True)
+
+    def __repr__(self) -> str:
+        head = f"tracepoint {self.name} (id {self.id}); common_* fields are marked *"
+        shown = self.fields.assign(field=[f"*{f}" if c else f for f, c in
+                                          zip(self.fields["field"], self.fields["common"], strict=True)])
+        return head + "\n" + shown.drop(columns=["common"]).to_string(index=False)
+
+    def _repr_html_(self) -> str:
+        e = html.escape
+        cols = ["field", "type", "offset", "size", "signed", "read in BCC"]
+        head = "".join(f"<th style='text-align:left'>{c}</th>" for c in cols)
+        rows = []
+        for r in self.fields.to_dict("records"):
+            style = " style='color:#6e7781'" if r["common"] else ""
+            field = e(str(r["field"]))
+            name = f"{field} <small>(common)</small>" if r["common"] else f"<b>{field}</b>"
+            cells = [name, f"<code>{e(str(r['type']))}</code>", str(r["offset"]), str(r["size"]),
+                     str(r["signed"]), f"<code>{e(str(r['bcc']))}</code>"]
+            rows.append(f"<tr{style}>" + "".join(f"<td style='text-align:left'>{c}</td>" for c in cells)
+                        + "</tr>")
+        return (
+            f"<div><b>{e(self.name)}</b> (id {self.id}): "
+            f"<code>TRACEPOINT_PROBE({e(self.category)}, {e(self.event)})</code> reads the fields "
+            "below as <code>args-&gt;field</code>; the grey common_* fields are hidden by BCC."
+            f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+            f"<small>print fmt: <code>{e(self.print_fmt)}</code></small></div>"
+        )
+
+
+def parse_format(text: str, category: str = "", event: str = "") -> TracepointFormat:
+    """Parse the text of a tracefs `format` file."""
+    ev_id = None
+    print_fmt = ""
+    rows = []
+    for line in text.splitlines():
+        if line.startswith("ID:"):
+            ev_id = int(line.split(":", 1)[1])
+        elif line.startswith("print fmt:"):
+            print_fmt = line.split(":", 1)[1].strip()
+        elif line.startswith("name:") and not event:
+            event = line.split(":", 1)[1].strip()
+        else:
+            m = _FIELD.match(line)
+            if m:
+                name, ctype = _split_decl(m["decl"])
+                signed = m["signed"]
+                rows.append({
+                    "field": name,
+                    "type": ctype,
+                    "offset": int(m["offset"]),
+                    "size": int(m["size"]),
+                    "signed": bool(int(signed)) if signed is not None else None,
+                    "common": name in COMMON_FIELDS,
+                    "bcc": _bcc_access(name, ctype),
+                })
+    fields = pd.DataFrame(rows, columns=["field", "type", "offset", "size", "signed", "common", "bcc"])
+    return TracepointFormat(category, event, ev_id, fields, print_fmt)
+
+
+def _split_decl(decl: str) -> tuple[str, str]:
+    """`const char * filename` -> (filename, const char *); `char comm[16]` -> (comm, char[16])."""
+    decl = decl.strip()
+    m = re.match(r"^(?P<type>.*?)(?P<name>\w+)\s*(?P<dims>(\[[^\]]*\])*)$", decl)
+    if not m:
+        return decl, ""
+    ctype = m["type"].strip()
+    if m["dims"]:
+        ctype = f"{ctype}{m['dims']}"
+    return m["name"], ctype
+
+
+def _bcc_access(name: str, ctype: str) -> str:
+    if name in COMMON_FIELDS:
+        return _COMMON_HELPER[name]
+    if ctype.startswith("__data_loc"):
+        return f"TP_DATA_LOC_READ_STR(buf, {name}, sizeof(buf))"
+    if "[" in ctype:
+        return f"bpf_probe_read_kernel(&dst, sizeof(dst), args->{name})"
+    if "*" in ctype and "char" in ctype:
+        return f"bpf_probe_read_user_str(buf, sizeof(buf), args->{name})"
+    return f"args->{name}"
+
+
+def tracepoint_format(name: str, events: Path | None = None) -> TracepointFormat:
+    """The fields of `category:event` from tracefs, or UnknownTracepointError with close matches."""
+    category, event = split_name(name)
+    if events is None:
+        _ensure_tracefs()
+    events = events or events_dir()
+    path = events / category / event / "format"
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        known = _compile.list_tracepoints(events)
+        close = difflib.get_close_matches(f"{category}:{event}", known, n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; %bpf_tracepoints PATTERN lists them"
+        raise UnknownTracepointError(f"no tracepoint {category}:{event} on this kernel{hint}") from None
+    return parse_format(text, category, event)

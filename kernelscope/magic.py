@@ -1,0 +1,546 @@
+"""IPython magics: `%%bpf` turns a cell of BCC C into a running `Probe` bound to a name.
+
+    %load_ext kernelscope
+    %%bpf counts --duration 5
+    ...BCC C...
+
+Line magics: `%bpf_stop`, `%bpf_list`, `%bpf_doctor`, `%bpf_tracepoints`, `%bpf_format`.
+The magics only parse arguments, build a Probe and hand it over; errors a user can fix are
+`UsageError`s (no traceback) with the compiler's or verifier's words and the cell's line.
+Line numbers count the `%%bpf` line as line 1, as the notebook shows the cell.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import keyword
+import re
+import time
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_var_expand
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.display import HTML, display
+
+from . import compile as _compile
+from . import discover, host, mode
+from .display import Progress, StatusLine, live_output, show_warning
+from .errors import CompileError, KernelscopeError, VerifierError
+from .probe import Probe, Results, close_all, live_probes
+from .replay import replay
+
+DEFAULT_NAME = "probe"
+HEAD_ROWS = 10  # rows shown after a --duration/--limit cell
+MAX_MESSAGE_LINES = 30
+SAFE_ALTERNATIVES = (
+    "tracepoint args (args->field; %bpf_format CATEGORY:EVENT lists them), BPF helpers "
+    "(bpf_get_current_pid_tgid(), bpf_get_current_comm(), bpf_get_current_uid_gid()), or the "
+    "CO-RE backend (clang + vmlinux.h + libbpf, which relocates struct offsets using the kernel's BTF)"
+)
+
+_VERIFIER_LINE = re.compile(r"@ cell:(\d+)")
+_LINE_PREFIX = re.compile(r"^line (\d+):")
+_UNEXPANDED = re.compile(r"\{[^{}]*\}|\$\w+")
+_LINE_MAGICS = ("bpf_stop", "bpf_list", "bpf_doctor", "bpf_tracepoints", "bpf_format")
+
+
+@dataclass
+class Options:
+    """The `%%bpf` line, checked."""
+
+    name: str
+    pages: int | None
+    duration: float | None
+    limit: int | None
+    max_rows: int | None
+    cflags: list[str]
+    no_start: bool
+    quiet: bool
+    perf_wakeup: int
+    reorder_ns: int | None
+    replay: str | None = None
+
+    @property
+    def blocking(self) -> bool:
+        return self.duration is not None or self.limit is not None
+
+
+@dataclass
+class LayoutVerdict:
+    """Whether the headers BCC compiles with describe the running kernel's structs."""
+
+    mismatch: bool | None  # None: could not be decided
+    detail: str
+    differ: dict[str, tuple[int, int]] | None = None  # "task_struct.tgid" -> (headers, kernel)
+
+    def describe(self, code: str = "") -> str:
+        """The detail, naming first the differing members this code uses (`->tgid`)."""
+        if not self.differ:
+            return self.detail
+
+        def rank(key: str) -> tuple[bool, bool]:
+            member = key.rpartition(".")[2]
+            used = re.search(rf"(->|\.)\s*{re.escape(member)}\b", code) is not None
+            return (not used, not key.startswith(("task_struct", "sizeof(task_struct")))
+
+        keys = sorted(self.differ, key=rank)
+        shown = "; ".join(f"{k} at {self.differ[k][0]} in the headers vs {self.differ[k][1]} in the kernel"
+                          for k in keys[:2])
+        more = f"; {len(keys) - 2} more differ (%bpf_doctor)" if len(keys) > 2 else ""
+        return shown + more
+
+
+@magics_class
+class BPFMagics(Magics):
+    """`%%bpf` and its line magics. Keeps the probes it made by name, to replace and stop them."""
+
+    def __init__(self, shell: Any) -> None:
+        super().__init__(shell)
+        # weak: a probe the user deleted (`del probe`, %reset) is collected and closes itself
+        self.probes: weakref.WeakValueDictionary[str, Probe] = weakref.WeakValueDictionary()
+        self.status: dict[str, StatusLine] = {}
+        self.layout: LayoutVerdict | None = None  # the doctor's header check, once per session
+
+    @magic_arguments()
+    @argument("name", nargs="?", help=f"variable the Probe is bound to (default: {DEFAULT_NAME})")
+    @argument("--pages", type=int, metavar="N",
+              help="ring buffer size in pages (a power of two), or perf buffer pages per CPU")
+    @argument("--duration", type=float, metavar="SECONDS",
+              help="block this long with a progress bar, then stop and show the first rows")
+    @argument("--limit", type=int, metavar="EVENTS",
+              help="block until this many events arrived, then stop and show the first rows")
+    @argument("--max-rows", type=int, metavar="N", help="keep only the newest N rows per output map")
+    @argument("-D", dest="defines", action="append", default=[], metavar="NAME=VALUE",
+              help="a C macro for the program (-DNAME=VALUE); repeatable; {expr} and $var expand")
+    @argument("--no-start", action="store_true",
+              help="compile, load and attach, but do not drain yet: call NAME.start()")
+    @argument("--quiet", action="store_true", help="show no status line, progress bar or rows")
+    @argument("--perf-wakeup", type=int, metavar="N",
+              help="perf buffers: wake the reader after every N events (default 1)")
+    @argument("--replay", metavar="PATH",
+              help="replay this capture instead of loading the program (no BPF needed)")
+    @argument("--reorder", type=int, metavar="NS",
+              help="hold events NS nanoseconds to emit them in timestamp order (needs a u64 ts field)")
+    @cell_magic
+    def bpf(self, line: str, cell: str) -> None:
+        """Compile a cell of BCC C, attach it, and drain its output maps into DataFrames.
+
+        Binds the Probe to NAME and returns at once while `NAME.df` keeps growing in the
+        background, under a status line (events, rate, drops). With --duration or --limit
+        the cell blocks instead, then stops the probe (its data stays) and shows the first
+        rows; Ctrl-C stops early and keeps what arrived. Re-running the cell closes the
+        probe NAME held before. Errors name the line of the cell, counting this line as 1.
+        """
+        opts = options(parse_argstring(self.bpf, line))
+        source = "\n" + cell  # line numbers as the notebook shows them, %%bpf being line 1
+        self.close_probe(opts.name)
+        probe = build_probe(source, opts)
+        self.probes[opts.name] = self.user_ns[opts.name] = probe
+        self._warn(probe, source)
+        if opts.blocking:
+            run_blocking(probe, opts, live_output(self.shell))
+            return
+        if not opts.no_start:
+            probe.start()
+        if not opts.quiet:
+            self._show_status(probe, opts.name)
+
+    def _show_status(self, probe: Probe, name: str) -> None:
+        """A status line under the cell, refreshed in place while the probe runs (Jupyter only)."""
+        status = StatusLine(probe, name).show()
+        self.status[name] = status
+        if probe.running and live_output(self.shell):
+            status.start()
+
+    # --- probes by name ------------------------------------------------------------------
+
+    @property
+    def user_ns(self) -> dict[str, Any]:
+        assert self.shell is not None
+        return self.shell.user_ns
+
+    def close_probe(self, name: str) -> Results | None:
+        """Close the probe bound to `name` (by us or in the user namespace); its data stays."""
+        status = self.status.pop(name, None)
+        found = [self.probes.pop(name, None), self.user_ns.get(name)]
+        closed = None
+        for p in {id(p): p for p in found if isinstance(p, Results)}.values():
+            p.close()
+            closed = p
+        if status is not None:
+            status.stop()
+        return closed
+
+    def close_all(self) -> None:
+        for name in list(self.probes):
+            self.close_probe(name)
+        for status in self.status.values():
+            status.stop()
+        self.status.clear()
+        close_all()
+
+    def _lookup(self, name: str) -> Results:
+        probe = self.user_ns.get(name)
+        if not isinstance(probe, Results):
+            probe = self.probes.get(name)
+        if probe is None:
+            live = ", ".join(_names(live_probes())) or "none"
+            raise UsageError(f"no probe named {name!r} (live probes: {live})")
+        return probe
+
+    # --- warnings ------------------------------------------------------------------------
+
+    def _warn(self, probe: Probe, source: str) -> None:
+        for w in probe.warnings:
+            show_warning(w)
+        code = _compile_blank(source)
+        m = _compile.STRUCT_DEREF.search(code)
+        if m is None:
+            return
+        verdict = self.header_layout()
+        if verdict.mismatch is False:
+            return
+        n = source.count("\n", 0, m.start()) + 1
+        what = "do not match" if verdict.mismatch else "may not match"
+        release = host.kernel_release()
+        text = (
+            f"line {n}: this cell reads kernel structs ({m.group(0).strip()}), but the kernel headers "
+            f"BCC compiles with {what} the running kernel {release} ({verdict.describe(code)}). "
+            f"Values read through kernel struct pointers may be garbage. Safe alternatives: "
+            f"{SAFE_ALTERNATIVES}."
+        )
+        probe.warnings.append(text)
+        show_warning(text)
+
+    def header_layout(self) -> LayoutVerdict:
+        """The doctor's header check, run once per session and only when a cell needs it."""
+        if self.layout is None:
+            found = host.find_headers()
+            if found is not None and not found.matches_kernel:
+                print(f"kernelscope: this cell reads kernel structs and the headers ({found.version}) are "
+                      f"not for this kernel; checking their layout once per session (a few seconds)...")
+            self.layout = header_layout_verdict()
+        return self.layout
+
+    # --- line magics ---------------------------------------------------------------------
+
+    @magic_arguments()
+    @argument("name", nargs="?", help="the probe to stop (default: the only live one)")
+    @argument("--all", action="store_true", help="stop every live probe")
+    @line_magic
+    def bpf_stop(self, line: str) -> None:
+        """Stop probes and detach them from the kernel; their DataFrames stay readable."""
+        args = parse_argstring(self.bpf_stop, line)
+        if args.all:
+            n = len(live_probes())
+            self.close_all()
+            print(f"stopped {n} probe(s)")
+            return
+        if args.name is None:
+            live = live_probes()
+            if len(live) != 1:
+                raise UsageError(
+                    "no live probes" if not live else
+                    f"several probes are live ({', '.join(_names(live))}): name one, or use --all"
+                )
+            probe: Results = live[0]
+            name = live[0].name or DEFAULT_NAME
+        else:
+            name = args.name
+            probe = self._lookup(name)
+        was_closed = probe.closed
+        if self.probes.get(name) is probe:
+            self.close_probe(name)  # also ends its status line
+        probe.close()
+        rows = sum(len(ms.store) for ms in probe.maps.values())
+        print(f"{name}: {'was already stopped' if was_closed else 'stopped'}; "
+              f"{rows:,} rows kept in {name}.df")
+
+    @line_magic
+    def bpf_list(self, line: str) -> pd.DataFrame:
+        """Every live probe with its counters, one row each."""
+        return probes_frame(live_probes())
+
+    @line_magic
+    def bpf_doctor(self, line: str) -> Any:
+        """Check what this host can do with eBPF (loads small test programs; a few seconds)."""
+        from . import doctor
+
+        report = doctor.report()
+        with contextlib.suppress(KeyError):
+            self.layout = verdict_from_check(report["header layout"])
+        return report
+
+    @line_magic
+    @no_var_expand
+    def bpf_tracepoints(self, line: str) -> pd.DataFrame:
+        """Tracepoints matching PATTERN: a glob (sched:*exit*), a regex (/^sched:/) or a substring."""
+        pattern = line.strip() or None
+        try:
+            df = discover.tracepoints(pattern)
+        except (ValueError, KernelscopeError) as e:
+            raise UsageError(str(e)) from None
+        if df.empty:
+            print(f"no tracepoint matches {pattern!r}")
+        return df
+
+    @line_magic
+    @no_var_expand
+    def bpf_format(self, line: str) -> discover.TracepointFormat:
+        """The fields of a tracepoint's args (CATEGORY:EVENT), with type, offset and size."""
+        if not line.strip():
+            raise UsageError("usage: %bpf_format CATEGORY:EVENT, e.g. %bpf_format sched:sched_switch")
+        try:
+            return discover.tracepoint_format(line.strip())
+        except (ValueError, KernelscopeError) as e:
+            raise UsageError(str(e)) from None
+
+
+# --- the %%bpf line ---------------------------------------------------------------------
+
+
+def options(args: Any) -> Options:
+    """Check the parsed `%%bpf` line; every mistake is a UsageError naming the flag."""
+    name = args.name or DEFAULT_NAME
+    if not name.isidentifier() or keyword.iskeyword(name):
+        raise UsageError(f"%%bpf: NAME must be a Python identifier, got {name!r}")
+    for flag, value in (("--pages", args.pages), ("--duration", args.duration), ("--limit", args.limit),
+                        ("--max-rows", args.max_rows), ("--perf-wakeup", args.perf_wakeup)):
+        if value is not None and value <= 0:
+            raise UsageError(f"%%bpf: {flag} must be positive, got {value}")
+    if args.reorder is not None and args.reorder < 0:
+        raise UsageError(f"%%bpf: --reorder must be >= 0 ns, got {args.reorder}")
+    if args.no_start and (args.duration is not None or args.limit is not None):
+        raise UsageError("%%bpf: --no-start cannot be combined with --duration or --limit")
+    return Options(
+        name=name, pages=args.pages, duration=args.duration, limit=args.limit,
+        max_rows=args.max_rows, cflags=[define_flag(d) for d in args.defines],
+        no_start=args.no_start, quiet=args.quiet, perf_wakeup=args.perf_wakeup or 1,
+        reorder_ns=args.reorder, replay=args.replay,
+    )
+
+
+def define_flag(define: str) -> str:
+    """`NAME=VALUE` (or `NAME`) from -D, as the clang flag `-DNAME=VALUE`."""
+    macro, eq, value = define.partition("=")
+    if not macro.isidentifier():
+        raise UsageError(f"%%bpf: -D expects NAME=VALUE with NAME a C identifier, got {define!r}")
+    if _UNEXPANDED.search(value):
+        raise UsageError(
+            f"%%bpf: -D {define} did not expand: IPython could not evaluate it in the notebook's "
+            "namespace (is the module imported, the variable defined?)"
+        )
+    return f"-D{macro}{eq}{value}"
+
+
+_shown_banners: set[str] = set()
+
+
+def build_probe(source: str, opts: Options) -> Probe:
+    """A loaded (compiled, attached) Probe, or a UsageError with nothing left attached.
+
+    With --replay, or under KERNELSCOPE_MODE=replay, a Replay of the capture instead: it
+    reads like a Probe, so the rest of the notebook runs unchanged.
+    """
+    with usage_errors(source, opts.name):
+        note = mode.banner()
+        if note and note not in _shown_banners:
+            _shown_banners.add(note)
+            show_warning(note)
+        if opts.replay:
+            return replay(opts.replay, speed=mode.replay_speed(), name=opts.name)  # type: ignore[return-value]
+        probe = Probe(source, pages=opts.pages, max_rows=opts.max_rows, cflags=opts.cflags,
+                      wakeup_events=opts.perf_wakeup, reorder_ns=opts.reorder_ns, name=opts.name)
+        try:
+            probe.load()
+        except BaseException:
+            probe.close()
+            raise
+    return probe
+
+
+def run_blocking(probe: Probe, opts: Options, live: bool) -> None:
+    """Drain for --duration/--limit under a progress bar, close, show the first rows.
+
+    Ctrl-C (KeyboardInterrupt) ends the wait early: the probe is closed the same way and
+    keeps every row that arrived.
+    """
+    progress = Progress(probe, opts.name, opts.duration, opts.limit, live=live, quiet=opts.quiet)
+    t0 = time.monotonic()
+    failure: BaseException | None = None
+    interrupted = False
+    try:
+        probe.wait(duration=opts.duration, limit=opts.limit, progress=progress)
+    except KeyboardInterrupt:
+        interrupted = True
+    except Exception as e:  # the drain thread failed; what arrived before stays
+        failure = e
+    finally:
+        probe.close()
+    rows = sum(len(ms.store) for ms in probe.maps.values())
+    took = time.monotonic() - t0
+    if interrupted:
+        end = f"interrupted after {took:.1f} s; {rows:,} rows kept in {opts.name}.df"
+    elif failure is not None:
+        end = "failed"
+    else:
+        end = f"done; {rows:,} rows in {opts.name}.df"
+    progress.finish(end)
+    if failure is not None:
+        raise UsageError(f"%%bpf {opts.name}: draining failed after {took:.1f} s: {failure}; "
+                         f"the {rows:,} rows received are kept in {opts.name}") from None
+    if not opts.quiet:
+        show_rows(probe, opts.name)
+
+
+def show_rows(probe: Probe, name: str, n: int = HEAD_ROWS) -> None:
+    if len(probe.maps) == 1:
+        display(probe.df.head(n))
+        return
+    for map_name in probe.maps:
+        display(HTML(f"<b>{name}.frame({map_name!r})</b>"))
+        display(probe.frame(map_name).head(n))
+
+
+# --- errors -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def usage_errors(source: str, name: str) -> Iterator[None]:
+    """Turn what a user can fix into a UsageError: no traceback, the cell's line quoted."""
+    try:
+        yield
+    except (KernelscopeError, ValueError) as e:
+        raise UsageError(usage_message(e, source, name)) from None
+
+
+def usage_message(e: BaseException, source: str, name: str) -> str:
+    lines = source.splitlines()
+    text = str(e).strip()
+    if isinstance(e, VerifierError):
+        n = verifier_line(e.log, len(lines))
+        if n is not None:
+            text = f"line {n}: {text}"
+    if not isinstance(e, CompileError):
+        m = _LINE_PREFIX.match(text)
+        if m and 1 <= int(m.group(1)) <= len(lines):
+            n = int(m.group(1))
+            first, nl, rest = text.partition("\n")
+            text = f"{first}\n    {n} | {lines[n - 1].rstrip()}{nl}{rest}"
+    out = text.splitlines()
+    if len(out) > MAX_MESSAGE_LINES:
+        out = [*out[:MAX_MESSAGE_LINES], f"... ({len(out) - MAX_MESSAGE_LINES} more lines)"]
+    return f"%%bpf {name}: " + "\n".join(out)
+
+
+def verifier_line(log: str, nlines: int) -> int | None:
+    """The cell line of the instruction the verifier stopped at: its last `; @ cell:N` note.
+
+    BCC loads programs with BTF line info, so the verifier log interleaves instructions
+    with `;  @ cell:N` (N counted in the instrumented cell; see instrument._line_resets).
+    """
+    found = [int(m.group(1)) for m in _VERIFIER_LINE.finditer(log)]
+    found = [n for n in found if 1 <= n <= nlines]
+    return found[-1] if found else None
+
+
+def _compile_blank(source: str) -> str:
+    from .instrument import _blank_comments_and_strings
+
+    return _blank_comments_and_strings(source)
+
+
+# --- header layout ----------------------------------------------------------------------
+
+
+def header_layout_verdict() -> LayoutVerdict:
+    """Cheap when the headers are for the running kernel; otherwise the doctor decides (slow)."""
+    found = host.find_headers()
+    release = host.kernel_release()
+    if found is None:
+        return LayoutVerdict(None, "no kernel headers found")
+    if found.matches_kernel:
+        return LayoutVerdict(False, f"headers {found.version} are for the running kernel")
+    from . import doctor
+
+    check = next((c for c in doctor.run_checks() if c.name == "header layout"), None)
+    if check is None:
+        return LayoutVerdict(None, f"headers {found.version}, kernel {release}; layout not checked")
+    verdict = verdict_from_check(check)
+    if verdict.mismatch is None:
+        verdict.detail = f"headers {found.version}; {verdict.detail}"
+    return verdict
+
+
+def verdict_from_check(check: Any) -> LayoutVerdict:
+    if check.ok is None:
+        return LayoutVerdict(None, check.detail)
+    if check.ok:
+        return LayoutVerdict(False, check.detail)
+    data = getattr(check, "data", {}) or {}
+    headers, btf = data.get("headers", {}), data.get("btf", {})
+    differ = {k: (headers[k], btf[k]) for k in data.get("differ") or [] if k in headers and k in btf}
+    return LayoutVerdict(True, check.detail.split(". ")[0], differ or None)
+
+
+# --- listing ----------------------------------------------------------------------------
+
+_LIST_COLUMNS = ["name", "state", "attached", "maps", "received", "dropped", "lost_records",
+                 "rows", "events_per_s", "running_s", "memory_mb"]
+
+
+def _names(probes: list[Probe]) -> list[str]:
+    return [p.name or f"<unnamed {id(p):x}>" for p in probes]
+
+
+def probes_frame(probes: list[Probe]) -> pd.DataFrame:
+    """One row per probe: what it is attached to and its counters summed over output maps."""
+    rows = []
+    now = time.monotonic()
+    for p in probes:
+        stats = p.stats
+        received = sum(s["received"] for s in stats.values())
+        running_s = now - p.started_at if p.started_at and p.running else None
+        rows.append({
+            "name": p.name or f"<unnamed {id(p):x}>",
+            "state": "running" if p.running else "loaded" if p.loaded else "closed" if p.closed else "new",
+            "attached": ", ".join(p.attach_points()),
+            "maps": ", ".join(f"{n} ({ms.om.kind})" for n, ms in p.maps.items()),
+            "received": received,
+            "dropped": sum(s["dropped"] for s in stats.values()),
+            "lost_records": sum(s["lost_records"] for s in stats.values()),
+            "rows": sum(s["stored"] for s in stats.values()),
+            "events_per_s": round(received / running_s, 1) if running_s else None,
+            "running_s": round(running_s, 1) if running_s is not None else None,
+            "memory_mb": round(sum(s["memory_bytes"] for s in stats.values()) / 2**20, 2),
+        })
+    return pd.DataFrame(rows, columns=_LIST_COLUMNS)
+
+
+# --- extension hooks --------------------------------------------------------------------
+
+
+def load(ipython: Any) -> None:
+    """`%load_ext kernelscope`: register the magics (probes also close at interpreter exit)."""
+    ipython.register_magics(BPFMagics)
+
+
+def unload(ipython: Any) -> None:
+    """`%unload_ext kernelscope`: close every probe (data stays readable), drop the magics."""
+    manager = ipython.magics_manager
+    magics = manager.registry.pop(BPFMagics.__name__, None)
+    if isinstance(magics, BPFMagics):
+        magics.close_all()
+    close_all()
+    manager.magics["cell"].pop("bpf", None)
+    for name in _LINE_MAGICS:
+        manager.magics["line"].pop(name, None)
+
+
+# magic_arguments names every magic `%name` in its usage line; this one is a cell magic.
+BPFMagics.bpf.__doc__ = (BPFMagics.bpf.__doc__ or "").replace("%bpf [", "%%bpf [", 1)
