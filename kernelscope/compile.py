@@ -167,15 +167,43 @@ def check_attach_points(source: str, events: Path | None = None) -> None:
         )
 
 
-def load(instr: Instrumented, user_source: str, cflags: tuple[str, ...] = ()) -> Any:
+def usdt_contexts(bcc: Any, usdt: list[tuple[str | int, str, str]]) -> list[Any]:
+    """BCC USDT contexts for (binary path or pid, probe name, program function) triples.
+
+    USDT probes are attached by BCC while it compiles (the probe arguments become
+    generated C), so they must be known before load, unlike uprobes.
+    """
+    contexts: dict[str | int, Any] = {}
+    for target, probe, fn_name in usdt:
+        ctx = contexts.get(target)
+        try:
+            if ctx is None:
+                ctx = bcc.USDT(pid=target) if isinstance(target, int) else bcc.USDT(path=str(target))
+                contexts[target] = ctx
+            ctx.enable_probe(probe=probe, fn_name=fn_name)
+        except Exception as e:  # bcc.USDTException is a bare Exception subclass
+            raise AttachError(f"USDT probe {probe} in {target}: {e}") from None
+    return list(contexts.values())
+
+
+def load(
+    instr: Instrumented,
+    user_source: str,
+    cflags: tuple[str, ...] = (),
+    usdt: list[tuple[str | int, str, str]] | None = None,
+) -> Any:
     """Compile, load and auto-attach; returns the `bcc.BPF` object or raises a specific error."""
     host.prepare()
     check_attach_points(user_source)
     bcc = host.import_bcc()
     lines = user_source.splitlines()
+    contexts = usdt_contexts(bcc, usdt or [])
     with capture_fd2() as log:
         try:
-            return bcc.BPF(text=instr.source.encode(), cflags=list(cflags))
+            bpf = bcc.BPF(text=instr.source.encode(), cflags=list(cflags), usdt_contexts=contexts)
+            # a USDT context disables its probes (clears their semaphores) when collected
+            bpf.kernelscope_usdt = contexts
+            return bpf
         except Exception as e:  # BCC raises bare Exception for every failure
             err = e
         except BaseException as e:  # Ctrl-C during the compile: free what BCC made so far
@@ -210,6 +238,12 @@ def _classify(msg: str, log: str, user_source: str, lines: list[str]) -> Kernels
         body = "\n".join(_format_diag(d, lines) for d in errors) or log.strip()[-2000:]
         first = next((d.line for d in errors if d.line), None)
         return CompileError(f"compile error\n{body}", line=first, log=log)
+    missing = re.search(r"(\S+) is not found in vmlinux BTF", log)
+    if missing:
+        return AttachError(
+            f"no kernel function {missing.group(1)} in the running kernel's BTF (renamed, inlined "
+            "or not traceable); `grep FUNCTION /proc/kallsyms` shows what exists"
+        )
     if "Failed to load" in msg or "bpf: Failed to load program" in log:
         vlog = log.split("bpf: Failed to load program", 1)[-1]
         tail = "\n".join(vlog.strip().splitlines()[-12:])

@@ -21,7 +21,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -285,6 +285,7 @@ class Probe(Results):
         reorder_ns: int | None = None,
         dtypes: Mapping[str, np.dtype] | None = None,
         name: str | None = None,
+        usdt: Sequence[tuple[str | int, str, str]] = (),
     ) -> None:
         """`pages`: ring buffer size in pages (whole ring) or perf buffer pages per CPU,
         one value for all output maps or a {map: pages} dict; None keeps the program's
@@ -293,7 +294,8 @@ class Probe(Results):
         `wakeup`: "epoll" (the kernel notifies) or "timer" (poll every poll_interval, for
         programs that submit with BPF_RB_NO_WAKEUP). `wakeup_events`/`watermark_bytes`: when
         a perf buffer notifies. `reorder_ns`: hold events this long to emit them in
-        timestamp order (needs a ts-like u64 field).
+        timestamp order (needs a ts-like u64 field). `usdt`: (binary path or pid, probe,
+        program function) triples, attached while compiling as BCC requires.
         """
         if poll_interval <= 0:
             raise ValueError("poll_interval must be positive")
@@ -308,6 +310,7 @@ class Probe(Results):
         self.watermark_bytes = watermark_bytes
         self.reorder_ns = reorder_ns
         self.dtypes = dict(dtypes or {})
+        self.usdt = list(usdt)
         self.maps: dict[str, MapState] = {}
         self.error: BaseException | None = None
         self.closed = False
@@ -347,7 +350,7 @@ class Probe(Results):
         self._check_open()
         if self.loaded:
             return self
-        bpf = _compile.load(self.instrumented, self.source, self.cflags)
+        bpf = _compile.load(self.instrumented, self.source, self.cflags, self.usdt)
         self._res.bpf = bpf
         try:
             self._open_maps(bpf)

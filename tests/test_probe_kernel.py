@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 
 import numpy as np
@@ -49,7 +50,9 @@ def test_ring_buffer_delivers_every_event_with_right_columns() -> None:
         assert len(df) == st["received"]
         assert st["received"] > 0
         assert (df["pid"] == prod.pid).all()
-        assert set(df["comm"]) == {"python" if "python" in os.path.basename(os.sys.executable) else df["comm"][0]}
+        assert set(df["comm"]) == {
+            "python" if "python" in os.path.basename(os.sys.executable) else df["comm"][0]
+        }
         assert df["ts"].is_monotonic_increasing  # one thread: reservation order is time order
         assert st["inversions"] == 0
         assert list(df["ks_seq"]) == list(range(len(df)))
@@ -76,8 +79,11 @@ def test_perf_buffer_counts_lost_records_like_the_program() -> None:
     """The kernel writes PERF_RECORD_LOST only once the buffer has room again, ahead of the
     next sample: so its count lags the program's count until something more is sent."""
     burst = paused(30_000, cpu=0)
-    p = Probe(perf_program().replace("TARGET", "TARGET || (id >> 32) == LATER"), pages=1,
-              cflags=[*burst.cflags, "-DLATER=0"]).load()
+    p = Probe(
+        perf_program().replace("TARGET", "TARGET || (id >> 32) == LATER"),
+        pages=1,
+        cflags=[*burst.cflags, "-DLATER=0"],
+    ).load()
     try:
         burst.go()  # nobody reads: one page per CPU overflows
         p.poll_once()
@@ -206,7 +212,9 @@ def test_garbage_collected_probe_is_closed() -> None:
 
 
 def test_compile_error_names_the_user_line() -> None:
-    src = "BPF_RINGBUF_OUTPUT(events, 8);\nTRACEPOINT_PROBE(syscalls, sys_enter_getppid) {\n  return nope;\n}\n"
+    src = (
+        "BPF_RINGBUF_OUTPUT(events, 8);\nTRACEPOINT_PROBE(syscalls, sys_enter_getppid) {\n  return nope;\n}\n"
+    )
     progs = bpf_prog_ids()
     with pytest.raises(CompileError) as exc:
         Probe(src).load()
@@ -233,12 +241,7 @@ def test_compile_error_after_tracepoint_struct_insertion_still_maps_to_the_cell(
 
 
 def test_call_to_undeclared_function_points_at_the_warning() -> None:
-    src = (
-        "TRACEPOINT_PROBE(syscalls, sys_enter_getppid) {\n"
-        "  undefined_function_here(1);\n"
-        "  return 0;\n"
-        "}\n"
-    )
+    src = "TRACEPOINT_PROBE(syscalls, sys_enter_getppid) {\n  undefined_function_here(1);\n  return 0;\n}\n"
     with pytest.raises(VerifierError) as exc:
         Probe(src).load()
     assert "line 2" in str(exc.value)
@@ -320,3 +323,117 @@ def test_reconfigure_reloads_with_new_size_and_keeps_rows_and_counts() -> None:
         assert st["stored"] == st["received"]
         assert set(p.df["pid"]) <= {first.pid, second.pid}
         assert list(p.df["ks_seq"]) == list(range(st["received"]))
+
+
+def test_raw_tracepoint_probe_attaches_and_delivers() -> None:
+    src = r"""
+    struct event { u64 ts; u32 pid; u32 id; };
+    BPF_RINGBUF_OUTPUT(events, 16);
+    RAW_TRACEPOINT_PROBE(sys_enter) {
+      u32 pid = bpf_get_current_pid_tgid() >> 32;
+      if (pid != TARGET) return 0;
+      struct event e = {.ts = bpf_ktime_get_ns(), .pid = pid, .id = ctx->args[1]};
+      events.ringbuf_output(&e, sizeof(e), 0);
+      return 0;
+    }"""
+    prod = paused(500)
+    with Probe(src, cflags=prod.cflags) as p:
+        assert p.attach_points() == ["raw_tracepoint:sys_enter"]
+        prod.go()
+        p.stop()
+        st = p.stats["events"]
+        assert st["attempted"] == st["received"] + st["dropped"]
+        assert (p.df["id"] == 110).sum() == 500  # __NR_getppid on x86_64
+
+
+def test_no_wakeup_submissions_are_drained_by_the_timer() -> None:
+    """BPF_RB_NO_WAKEUP never notifies epoll; wakeup='timer' polls every poll_interval."""
+    src = ring_program(pages=256).replace("sizeof(e), 0)", "sizeof(e), BPF_RB_NO_WAKEUP)")
+    prod = paused(5_000)
+    with Probe(src, wakeup="timer", poll_interval=0.02, cflags=prod.cflags) as p:
+        prod.go()
+        deadline = time.monotonic() + 5
+        while p.stats["events"]["received"] < 5_000 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert p.stats["events"]["received"] == 5_000  # arrived before any stop()
+        p.stop()
+        assert_accounted(p.stats["events"], 5_000)
+
+
+def test_records_of_other_sizes_are_padded_into_the_struct() -> None:
+    """Programs may submit fewer bytes than the struct: the slow path pads with zeros."""
+    src = r"""
+    struct event { u64 n; u64 ts; u64 extra; };
+    BPF_RINGBUF_OUTPUT(events, 64);
+    BPF_ARRAY(count, u64, 1);
+    TRACEPOINT_PROBE(syscalls, sys_enter_getppid) {
+      if ((bpf_get_current_pid_tgid() >> 32) != TARGET) return 0;
+      u32 k = 0; u64 *c = count.lookup(&k); if (!c) return 0;
+      struct event e = {.n = __sync_fetch_and_add(c, 1), .ts = bpf_ktime_get_ns(), .extra = 7};
+      if (e.n % 2) events.ringbuf_output(&e, 16, 0);
+      else events.ringbuf_output(&e, sizeof(e), 0);
+      return 0;
+    }"""
+    prod = paused(1_000)
+    with Probe(src, cflags=prod.cflags) as p:
+        prod.go()
+        p.stop()
+        df = p.df
+        assert_accounted(p.stats["events"], 1_000)
+    assert sorted(df["n"]) == list(range(1_000))
+    assert (df.loc[df["n"] % 2 == 1, "extra"] == 0).all()
+    assert (df.loc[df["n"] % 2 == 0, "extra"] == 7).all()
+
+
+def test_usdt_probe_from_python_attaches_while_compiling() -> None:
+    python = "/usr/bin/python3.11"
+    if not os.path.exists(python):
+        pytest.fail(f"{python} (Debian's python3.11, built with USDT markers) is missing")
+    child = subprocess.Popen(
+        [
+            python,
+            "-I",
+            "-S",
+            "-c",
+            "import sys, gc; print('ready', flush=True); sys.stdin.readline(); gc.collect()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().strip() == "ready"
+        src = r"""
+        struct event { u64 ts; u32 pid; u32 pad; };
+        BPF_RINGBUF_OUTPUT(events, 8);
+        int on_gc(struct pt_regs *ctx) {
+          struct event e = {.ts = bpf_ktime_get_ns(), .pid = bpf_get_current_pid_tgid() >> 32};
+          events.ringbuf_output(&e, sizeof(e), 0);
+          return 0;
+        }"""
+        with Probe(src, usdt=[(child.pid, "python:gc__start", "on_gc")]) as p:
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            child.wait(10)
+            p.stop()
+            assert p.stats["events"]["received"] >= 1
+            assert set(p.df["pid"]) == {child.pid}
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_unknown_kernel_function_is_named() -> None:
+    with pytest.raises(AttachError, match="no kernel function no_such_function_here"):
+        Probe("KFUNC_PROBE(no_such_function_here) { return 0; }").load()
+
+
+def test_fentry_is_refused_with_the_reason_on_this_kernel() -> None:
+    src = "KFUNC_PROBE(do_sys_openat2) { return 0; }"
+    try:
+        Probe(src).start().close()
+    except UnsupportedError as e:
+        assert "lockdown" in e.feature or "program type" in e.feature
+        return
+    pytest.skip("this kernel allows fentry (KFUNC_PROBE): nothing to refuse")
