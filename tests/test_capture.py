@@ -19,13 +19,20 @@ from kernelscope import Probe
 from kernelscope.capture import Capture, CaptureError, MapCapture, dtype_from_json, dtype_to_json, load, save
 from kernelscope.replay import replay
 
-NESTED = np.dtype({
-    "names": ["pid", "in", "arr", "comm", "ts"],
-    "formats": ["<u4", np.dtype({"names": ["a", "b"], "formats": ["<u2", "u1"], "offsets": [0, 2], "itemsize": 4}),
-                ("<u8", (3,)), "S16", "<u8"],
-    "offsets": [0, 4, 8, 32, 48],
-    "itemsize": 56,
-})
+NESTED = np.dtype(
+    {
+        "names": ["pid", "in", "arr", "comm", "ts"],
+        "formats": [
+            "<u4",
+            np.dtype({"names": ["a", "b"], "formats": ["<u2", "u1"], "offsets": [0, 2], "itemsize": 4}),
+            ("<u8", (3,)),
+            "S16",
+            "<u8",
+        ],
+        "offsets": [0, 4, 8, 32, 48],
+        "itemsize": 56,
+    }
+)
 
 
 @pytest.mark.parametrize("dt", [NESTED, np.dtype([("x", "<i2"), ("y", "<f8")], align=True), np.dtype("<u8")])
@@ -42,11 +49,29 @@ def synthetic(n: int = 1000) -> Capture:
     rec["comm"] = b"worker"
     rec["ts"] = 10**9 + np.arange(n) * 1000
     arrival = (np.arange(n) // 100) * 50_000_000  # a batch of 100 every 50 ms
-    history = [{"t": i * 0.1, "attempted": min(n, 200 * (i + 1)), "received": min(n, 200 * i),
-                "dropped": 0, "fill_bytes": 0, "lost_records": 0} for i in range(6)]
-    mc = MapCapture("events", "ringbuf", NESTED, rec, np.arange(n), arrival, None,
-                    stats={"kind": "ringbuf", "attempted": n + 5, "received": n, "dropped": 5,
-                           "in_flight": 0}, history=history, pages=16)
+    history = [
+        {
+            "t": i * 0.1,
+            "attempted": min(n, 200 * (i + 1)),
+            "received": min(n, 200 * i),
+            "dropped": 0,
+            "fill_bytes": 0,
+            "lost_records": 0,
+        }
+        for i in range(6)
+    ]
+    mc = MapCapture(
+        "events",
+        "ringbuf",
+        NESTED,
+        rec,
+        np.arange(n),
+        arrival,
+        None,
+        stats={"kind": "ringbuf", "attempted": n + 5, "received": n, "dropped": 5, "in_flight": 0},
+        history=history,
+        pages=16,
+    )
     return Capture({"events": mc}, source="// program", settings={"pages": 16}, started_ns=123)
 
 
@@ -135,9 +160,21 @@ def test_capture_replays_without_privileges(tmp_path) -> None:
         "sys.stdout.write(df.drop(columns=['ks_time']).to_json())\n"
     )
     res = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
-         "--bounding-set=-all", sys.executable, "-c", code],
-        capture_output=True, text=True, timeout=60, cwd="/",
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            sys.executable,
+            "-c",
+            code,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
         env={"PYTHONPATH": ":".join(sys.path), "HOME": "/tmp"},
     )
     shutil.rmtree(shared)

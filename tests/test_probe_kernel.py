@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import time
 
 import numpy as np
 import pytest
+from producers import paused, perf_program, ring_program
+from util import BPFCounts, bpf_object_counts, fd_count
 
 from kernelscope import (
     AttachError,
@@ -18,9 +21,6 @@ from kernelscope import (
     VerifierError,
 )
 from kernelscope.compile import config_option
-
-from util import BPFCounts, bpf_object_counts, fd_count
-from producers import paused, perf_program, ring_program
 
 pytestmark = pytest.mark.kernel
 
@@ -182,6 +182,7 @@ def test_stop_freezes_counters_and_start_resumes() -> None:
 def test_close_releases_programs_maps_and_fds() -> None:
     # warm up BCC's own one-time state (libbcc, tracefs handles) before counting
     Probe(ring_program(), cflags=["-DTARGET=1"]).start().close()
+    gc.collect()  # earlier tests' probes must not be collected mid-measurement
     fds, progs = open_fds(), bpf_prog_ids()
     for src in (ring_program(), perf_program()):
         p = Probe(src, cflags=["-DTARGET=1"]).start()
@@ -196,9 +197,8 @@ def test_close_releases_programs_maps_and_fds() -> None:
 
 
 def test_garbage_collected_probe_is_closed() -> None:
-    import gc
-
     Probe(ring_program(), cflags=["-DTARGET=1"]).start().close()
+    gc.collect()  # earlier tests' probes must not be collected mid-measurement
     fds, progs = open_fds(), bpf_prog_ids()
     p = Probe(ring_program(), cflags=["-DTARGET=1"]).start()
     del p
@@ -402,7 +402,8 @@ def test_usdt_probe_from_python_attaches_while_compiling() -> None:
         text=True,
     )
     try:
-        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout is not None
+        assert child.stdin is not None
         assert child.stdout.readline().strip() == "ready"
         src = r"""
         struct event { u64 ts; u32 pid; u32 pad; };
@@ -434,6 +435,9 @@ def test_fentry_is_refused_with_the_reason_on_this_kernel() -> None:
     try:
         Probe(src).start().close()
     except UnsupportedError as e:
-        assert "lockdown" in e.feature or "program type" in e.feature
-        return
-    pytest.skip("this kernel allows fentry (KFUNC_PROBE): nothing to refuse")
+        refused: UnsupportedError | None = e
+    else:
+        refused = None
+    if refused is None:
+        pytest.skip("this kernel allows fentry (KFUNC_PROBE): nothing to refuse")
+    assert "lockdown" in refused.feature or "program type" in refused.feature

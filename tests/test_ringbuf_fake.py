@@ -126,7 +126,9 @@ def test_size_must_be_power_of_two() -> None:
 ops = st.lists(
     st.one_of(
         st.tuples(st.just("commit"), st.integers(min_value=0, max_value=80), st.booleans()),
-        st.tuples(st.just("read"), st.one_of(st.none(), st.integers(min_value=8, max_value=1024)), st.just(False)),
+        st.tuples(
+            st.just("read"), st.one_of(st.none(), st.integers(min_value=8, max_value=1024)), st.just(False)
+        ),
     ),
     max_size=80,
 )
