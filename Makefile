@@ -24,7 +24,7 @@ DEBIAN_BCC := /usr/lib/python3/dist-packages/bcc
 SYSTEM_STAMP := $(VENV_ABS)/.stamp-system
 INSTALL_STAMP := $(VENV_ABS)/.stamp-install
 
-.PHONY: help setup system venv test lint demo lab clean
+.PHONY: help setup system venv test test-notebooks record-notebooks lint demo lab clean
 
 help:
 	@echo "make setup  - Debian packages, $(VENV), tracefs and kernel headers (needs root)"
@@ -32,6 +32,7 @@ help:
 	@echo "make demo   - setup, then attach a real probe for a few seconds and summarize it"
 	@echo "make lab    - setup, then JupyterLab on http://127.0.0.1:8888 in notebooks/"
 	@echo "make lint   - ruff + mypy over kernelscope/"
+	@echo "make record-notebooks - re-run the notebooks live, saving their captures for replay"
 	@echo "make clean  - remove $(VENV) and caches"
 
 setup: $(INSTALL_STAMP)
@@ -72,8 +73,26 @@ lint: $(INSTALL_STAMP)
 	$(BIN)/ruff check kernelscope
 	$(BIN)/mypy
 
+# The teaching notebooks run twice under nbval: live on this kernel, then replaying the
+# captures committed beside them (what Binder does). Only cells marked NBVAL_CHECK_OUTPUT
+# have their outputs compared; each notebook's assert cells check its claims.
+NOTEBOOKS := $(sort $(wildcard notebooks/0*.ipynb))
+
 test: setup lint
 	KERNELSCOPE_REQUIRE_BPF=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-notebooks
+
+test-notebooks: setup
+	@if [ -n "$(NOTEBOOKS)" ]; then \
+		KERNELSCOPE_REQUIRE_BPF=1 $(BIN)/python -m pytest --nbval-lax -p no:cacheprovider $(NOTEBOOKS) && \
+		KERNELSCOPE_MODE=replay $(BIN)/python -m pytest --nbval-lax -p no:cacheprovider $(NOTEBOOKS); \
+	else echo "no notebooks yet"; fi
+
+# Re-run every notebook live, saving each named probe's capture and the outputs shown.
+record-notebooks: setup
+	cd notebooks && for nb in $(notdir $(NOTEBOOKS)); do \
+		KERNELSCOPE_MODE=record $(BIN)/jupyter nbconvert --to notebook --execute --inplace "$$nb"; \
+	done
 
 demo: setup
 	$(BIN)/kernelscope demo
