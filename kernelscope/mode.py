@@ -93,3 +93,23 @@ def remember(name: str, compute: Callable[[], Any]) -> Any:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(value, indent=1, default=float))
     return value
+
+
+def setup_notebook(name: str) -> str:
+    """First cell of a teaching notebook: captures live in captures/<name>/, say the mode.
+
+    Returns the mode in force ("live", "record" or "replay").
+    """
+    if not os.environ.get("KERNELSCOPE_CAPTURES"):
+        os.environ["KERNELSCOPE_CAPTURES"] = str(Path("captures") / name)
+    note = banner()
+    if note:
+        from IPython.display import HTML, display
+
+        display(
+            HTML(
+                f"<div style='border-left:4px solid #2563eb;background:#eff6ff;padding:6px 10px'>"
+                f"&#9432; {note}</div>"
+            )
+        )
+    return mode()

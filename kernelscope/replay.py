@@ -139,6 +139,10 @@ class Replay(Results):
         return total
 
     def stop(self) -> Replay:
+        """Stop replaying; an all-at-once replay (speed None) first releases everything,
+        as a live probe's stop() drains what its buffers still hold."""
+        if self.speed is None and not self.closed:
+            self.poll_once()
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
