@@ -1,0 +1,58 @@
+"""`kernelscope bench --quick`: a smoke run on the real kernel, not a performance test."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kernelscope.bench import KIB, MIB, parse_size
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_sizes_parse_to_power_of_two_pages() -> None:
+    assert parse_size("64K") == 64 * KIB
+    assert parse_size("4MiB") == 4 * MIB
+    with pytest.raises(ValueError, match="power-of-two"):
+        parse_size("12K")
+
+
+@pytest.mark.kernel
+def test_quick_bench_measures_every_consumer(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t0 = time.monotonic()
+    r = subprocess.run(
+        [sys.executable, "-m", "kernelscope.bench", "--quick", "--json", str(out)],
+        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path, check=False,
+    )
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert elapsed < 30, f"--quick took {elapsed:.1f} s"
+    assert "TARGETS" in r.stdout
+    assert "[bench]" in r.stderr
+
+    doc = json.loads(out.read_text())
+    assert {"machine", "config", "live", "drain", "overflow", "ratios", "targets"} <= doc.keys()
+    runs = doc["live"] + doc["drain"] + doc["overflow"]
+    seen = {(x["scenario"], x["kind"], x["consumer"]) for x in runs}
+    for scenario in ("live", "drain"):
+        for kind in ("ring", "perf"):
+            for consumer in ("bcc", "libbpf", "kernelscope"):
+                assert (scenario, kind, consumer) in seen
+    for x in runs:
+        assert x["error"] is None, x
+        assert x["received"] > 0, x
+        assert x["made"] == x["received"] + x["dropped"]
+        assert x["events_per_s"] > 0
+    for x in runs:
+        if x["consumer"] == "kernelscope":
+            assert x["extra"]["accounting"] == "exact", x
+    assert len(doc["targets"]) == 4
+    assert all(t["passed"] in (True, False) for t in doc["targets"])
