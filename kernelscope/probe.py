@@ -560,7 +560,9 @@ class Probe(Results):
         self._check_open()
         if not self.loaded:
             raise KernelscopeError("probe is not loaded: call start() or load() first")
-        if timeout and not any(fill_bytes(ms.reader) for ms in self.maps.values()):
+        if timeout and self.wakeup == "timer":
+            self._res.stop.wait(timeout)  # timer-driven: look every poll_interval, pending or not
+        elif timeout and not any(fill_bytes(ms.reader) for ms in self.maps.values()):
             self._wait(timeout)
         total = 0
         with self._lock:

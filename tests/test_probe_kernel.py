@@ -441,3 +441,25 @@ def test_fentry_is_refused_with_the_reason_on_this_kernel() -> None:
     if refused is None:
         pytest.skip("this kernel allows fentry (KFUNC_PROBE): nothing to refuse")
     assert "lockdown" in refused.feature or "program type" in refused.feature
+
+
+def test_timer_mode_reads_once_per_interval_even_under_load() -> None:
+    """wakeup='timer' is a consumer that looks every poll_interval, however busy the ring."""
+    from kernelscope import lab
+
+    with lab.Burst("timer", 1_000_000) as burst:
+        p = Probe(lab.getppid_program("ring", pages=4096), wakeup="timer", poll_interval=0.1,
+                  cflags=burst.cflags)
+        try:
+            p.start()
+            t0 = time.monotonic()
+            burst.go()
+            time.sleep(0.15)
+            elapsed = time.monotonic() - t0
+            p.stop()
+            st = p.stats["events"]
+            assert_accounted(st, 1_000_000)
+            # one read per interval (+ the final drain), not one per wake-up
+            assert st["batches"] <= elapsed / 0.1 + 3
+        finally:
+            p.close()
