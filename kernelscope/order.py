@@ -49,36 +49,48 @@ class Reorderer:
             raise ValueError("window_ns must be >= 0")
         self.ts_field = ts_field
         self.window_ns = window_ns
-        self._held: list[Batch] = []
+        self._held: Batch | None = None  # always sorted by timestamp
         self._max = 0
 
     def __len__(self) -> int:
-        return sum(len(b) for b in self._held)
+        return len(self._held) if self._held is not None else 0
 
     def push(self, batch: Batch) -> Batch:
         if len(batch):
-            self._held.append(batch)
             self._max = max(self._max, int(batch.records[self.ts_field].max()))
+            self._held = self._merge(self._sorted(batch))
         return self._release(self._max - self.window_ns)
 
     def flush(self) -> Batch:
         return self._release(None)
 
-    def _release(self, horizon: int | None) -> Batch:
-        if not self._held:
-            return Batch(np.empty(0, dtype=np.dtype([("_", "u1")])))
-        records = concat_records([b.records for b in self._held], self._held[0].records.dtype)
-        cpus = [b.cpu for b in self._held if b.cpu is not None]
-        cpu: np.ndarray | None = np.concatenate(cpus) if len(cpus) == len(self._held) else None
+    def _sorted(self, batch: Batch) -> Batch:
+        order = np.argsort(batch.records[self.ts_field], kind="stable")
+        return Batch(batch.records[order], batch.cpu[order] if batch.cpu is not None else None)
+
+    def _merge(self, batch: Batch) -> Batch:
+        """Held records and a sorted batch, merged: two sorted runs, so the stable sort
+        (timsort) merges them in linear time instead of re-sorting everything held."""
+        held = self._held
+        if held is None or not len(held):
+            return batch
+        records = concat_records([held.records, batch.records], held.records.dtype)
+        cpu = (
+            np.concatenate([held.cpu, batch.cpu])
+            if held.cpu is not None and batch.cpu is not None
+            else None
+        )
         order = np.argsort(records[self.ts_field], kind="stable")
-        records = records[order]
-        cpu = cpu[order] if cpu is not None else None
-        cut = (
-            len(records)
-            if horizon is None
-            else int(np.searchsorted(records[self.ts_field], max(horizon, 0), side="right"))
-        )
+        return Batch(records[order], cpu[order] if cpu is not None else None)
+
+    def _release(self, horizon: int | None) -> Batch:
+        held = self._held
+        if held is None:
+            return Batch(np.empty(0, dtype=np.dtype([("_", "u1")])))
+        ts = held.records[self.ts_field]
+        cut = len(ts) if horizon is None else int(np.searchsorted(ts, max(horizon, 0), side="right"))
+        cpu = held.cpu
         self._held = (
-            [Batch(records[cut:], cpu[cut:] if cpu is not None else None)] if cut < len(records) else []
+            Batch(held.records[cut:], cpu[cut:] if cpu is not None else None) if cut < len(ts) else None
         )
-        return Batch(records[:cut], cpu[:cut] if cpu is not None else None)
+        return Batch(held.records[:cut], cpu[:cut] if cpu is not None else None)

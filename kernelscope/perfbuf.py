@@ -529,6 +529,9 @@ class PerfBufferReader:
 
         Records of different CPUs are not merged by time (the rings carry no common
         clock); put a timestamp in the event and sort if order across CPUs matters.
+        Every CPU's data_head is taken before any is parsed, so one pass covers the same
+        instant on all CPUs: a reader descheduled mid-pass does not let later CPUs run
+        ahead, and cross-CPU disorder stays within one poll interval.
         """
         with self._read_lock:
             if self._closed:
@@ -536,8 +539,11 @@ class PerfBufferReader:
             parts: list[np.ndarray] = []
             cpu_parts: list[np.ndarray] = []
             lost_by_cpu: dict[int, int] = {}
-            for cpu, ring in zip(self.cpus, self._rings, strict=True):
-                records, lost = ring.read()
+            pending = [ring.pending_bytes() for ring in self._rings]
+            for cpu, ring, upto in zip(self.cpus, self._rings, pending, strict=True):
+                if not upto:
+                    continue
+                records, lost = ring.read(max_bytes=upto)
                 if len(records):
                     parts.append(records)
                     cpu_parts.append(np.full(len(records), cpu, dtype=np.int16))
