@@ -181,6 +181,18 @@ class Results:
     def close(self) -> None:
         raise NotImplementedError
 
+    def pause(self) -> Results:
+        """Stop delivering and draining (counts stay exact); resume() goes on."""
+        return self.stop()
+
+    def resume(self) -> Results:
+        return self.start()
+
+    def clear(self, name: str | None = None) -> None:
+        """Forget stored rows (all maps, or one); counted in `evicted`, accounting unchanged."""
+        for ms in [self._map(name)] if name else list(self.maps.values()):
+            ms.store.clear()
+
     def wait(
         self,
         duration: float | None = None,
@@ -520,18 +532,6 @@ class Probe(Results):
         if was_running:
             self.start()
         return self
-
-    def pause(self) -> Probe:
-        """Stop delivering and draining (counts stay exact); resume() goes on."""
-        return self.stop()
-
-    def resume(self) -> Probe:
-        return self.start()
-
-    def clear(self, name: str | None = None) -> None:
-        """Forget stored rows (all maps, or one); counted in `evicted`, accounting unchanged."""
-        for ms in [self._map(name)] if name else list(self.maps.values()):
-            ms.store.clear()
 
     def close(self) -> None:
         """Detach programs and free maps, readers and fds. Idempotent; frames stay readable."""

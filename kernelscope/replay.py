@@ -162,16 +162,6 @@ class Replay(Results):
         """A capture's buffers cannot change; the recorded run is what it is."""
         raise KernelscopeError("a replayed capture cannot be reconfigured: record it again with new settings")
 
-    def pause(self) -> Replay:
-        return self.stop()
-
-    def resume(self) -> Replay:
-        return self.start()
-
-    def clear(self, name: str | None = None) -> None:
-        for ms in [self._map(name)] if name else list(self.maps.values()):
-            ms.store.clear()
-
     def wait(self, duration: float | None = None, limit: int | None = None, progress: Any = None) -> Replay:
         """Like Probe.wait: block for `duration` s of recorded time or `limit` events."""
         if self.speed is None:

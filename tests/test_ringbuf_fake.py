@@ -53,6 +53,17 @@ class FakeRing:
         return RingParser(self.consumer, self.producer, self.size, DTYPE)
 
 
+def drain(parser: RingParser, into: list[np.ndarray]) -> int:
+    """Read until a pass consumes nothing; returns the records discarded on the way."""
+    discarded = 0
+    while True:
+        res = parser.read()
+        into.append(res.records)
+        discarded += res.discarded
+        if not res.consumed:
+            return discarded
+
+
 def event(i: int) -> np.ndarray:
     rec = np.zeros(1, DTYPE)
     rec["pid"], rec["seq"], rec["ts"], rec["comm"] = 100 + i, i, 1000 + i, f"p{i}".encode()
@@ -174,21 +185,11 @@ def test_any_sequence_round_trips(plan, start, laps, busy_at) -> None:
     if busy is not None:
         # everything up to the BUSY record is readable; nothing after it
         before = want.index(b"BUSY")
-        while True:
-            res = parser.read()
-            got.append(res.records)
-            discarded_got += res.discarded
-            if not res.consumed:
-                break
+        discarded_got += drain(parser, got)
         assert parser.consumer_pos == busy[0]
         ring._write(busy[0], busy[1].to_bytes(4, "little"))  # the producer commits it
         want[before] = (event(busy[2]).tobytes() + bytes(80))[: busy[1]]
-    while True:
-        res = parser.read()
-        got.append(res.records)
-        discarded_got += res.discarded
-        if not res.consumed:
-            break
+    discarded_got += drain(parser, got)
     records = np.concatenate(got) if got else np.empty(0, DTYPE)
     expected = np.concatenate([copy_records(p, DTYPE) for p in want]) if want else np.empty(0, DTYPE)
     assert records.tobytes() == expected.tobytes()
