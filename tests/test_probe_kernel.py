@@ -99,7 +99,8 @@ def test_perf_buffer_counts_lost_records_like_the_program() -> None:
     p = Probe(src, pages=1, cflags=[*burst.cflags, f"-DLATER={trickle.pid}"]).load()
     try:
         burst.go()
-        p.start()  # drain: room again; the next sample carries the LOST record before it
+        p.poll_once()  # drain: room again; the next sample carries the LOST record before it
+        assert p.stats["events"]["fill_bytes"] == 0
         trickle.go()
         p.stop()
         st = p.stats["events"]
