@@ -257,8 +257,11 @@ class Schema:
             data[CPU] = cpu if cpu is not None else np.full(len(records), -1, dtype=np.int16)
         tf = self.time_field
         if tf:
-            data["ks_time"] = pd.to_datetime(records[tf].astype(np.int64) + self.epoch_offset_ns, unit="ns")
-        return pd.DataFrame(data, columns=self.columns)
+            epoch_ns = records[tf].astype(np.int64) + self.epoch_offset_ns
+            data["ks_time"] = epoch_ns.view("datetime64[ns]")  # same values, no parsing pass
+        # copy=False: one block per column, no consolidation copy (3-10x faster for big
+        # frames); columns may view the stored records, which are never written in place.
+        return pd.DataFrame(data, columns=self.columns, copy=False)
 
 
 def _columns(records: np.ndarray, prefix: str, out: dict[str, object]) -> None:
