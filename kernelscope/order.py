@@ -24,16 +24,20 @@ class OrderTracker:
     def update(self, records: np.ndarray) -> None:
         if not len(records):
             return
-        ts = records[self.ts_field].astype(np.uint64, copy=False)
-        prior = np.maximum.accumulate(ts)
-        prior = np.concatenate(([self.max_seen], prior[:-1])).astype(np.uint64)
-        prior = np.maximum(prior, np.uint64(self.max_seen))
-        late = ts < prior
-        n = int(late.sum())
+        ts = np.ascontiguousarray(records[self.ts_field], dtype=np.uint64)
+        # running max of everything seen so far, this batch included
+        running = np.maximum.accumulate(ts)
+        np.maximum(running, np.uint64(self.max_seen), out=running)
+        late = ts[1:] < running[:-1]  # record i is late if older than the max before it
+        first_late = int(ts[0]) < self.max_seen
+        n = int(np.count_nonzero(late)) + first_late
         if n:
             self.inversions += n
-            self.max_inversion_ns = max(self.max_inversion_ns, int((prior[late] - ts[late]).max()))
-        self.max_seen = max(self.max_seen, int(ts.max()))
+            worst = int((running[:-1][late] - ts[1:][late]).max()) if late.any() else 0
+            if first_late:
+                worst = max(worst, self.max_seen - int(ts[0]))
+            self.max_inversion_ns = max(self.max_inversion_ns, worst)
+        self.max_seen = int(running[-1])
 
 
 class Reorderer:

@@ -51,3 +51,19 @@ def test_reorderer_releases_everything_once_and_in_order_within_the_window(strea
     assert len(r) == 0
     if not late_beyond_window:
         assert out == sorted(out)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.integers(min_value=0, max_value=1_000), max_size=20), max_size=10))
+def test_tracker_matches_a_naive_count(parts) -> None:
+    t = OrderTracker("ts")
+    seen_max, inversions, worst = 0, 0, 0
+    for part in parts:
+        t.update(batch(part).records)
+        for ts in part:
+            if ts < seen_max:
+                inversions += 1
+                worst = max(worst, seen_max - ts)
+            seen_max = max(seen_max, ts)
+    assert t.inversions == inversions
+    assert t.max_inversion_ns == worst
