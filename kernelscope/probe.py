@@ -168,6 +168,13 @@ class Results:
     def state(self) -> str:
         return "results"
 
+    def widget(self, **kwargs: Any) -> Any:
+        """The live control and plot panel (kernelscope.widgets.panel): buffer sizes, wake-ups,
+        reorder window, pause/resume/stop/clear, rates, drops, fill, ordering and latency."""
+        from .widgets import panel
+
+        return panel(self, **kwargs)
+
     @property
     def running(self) -> bool:
         return False
@@ -502,10 +509,13 @@ class Probe(Results):
         if pages is not None and pages != self.pages:
             changes.append(f"pages {self.pages or 'default'} -> {pages}")
             self.pages = dict(pages) if isinstance(pages, Mapping) else pages
+        if watermark_bytes == 0 and self.watermark_bytes is not None:
+            changes.append(f"watermark_bytes {self.watermark_bytes} -> off")
+            self.watermark_bytes = None  # 0 turns the watermark off: wake per wakeup_events
         for attr, value in (
             ("wakeup", wakeup),
             ("wakeup_events", wakeup_events),
-            ("watermark_bytes", watermark_bytes),
+            ("watermark_bytes", watermark_bytes or None),
             ("poll_interval", poll_interval),
         ):
             if value is not None and value != getattr(self, attr):
@@ -671,6 +681,7 @@ class Probe(Results):
                     "received": st["received"],
                     "dropped": st["dropped"],
                     "fill_bytes": st["fill_bytes"],
+                    "capacity_bytes": st["capacity_bytes"],
                     "lost_records": st["lost_records"],
                 }
             )

@@ -39,6 +39,8 @@ class FrameStore:
         self.evicted = 0
         self._frame: pd.DataFrame | None = None
         self._lock = threading.Lock()
+        # record + arrival time (+ CPU for perf buffers): what one stored row costs
+        self._row_bytes = schema.dtype.itemsize + 8 + (2 if schema.per_cpu else 0)
 
     def __len__(self) -> int:
         return self._rows
@@ -46,10 +48,20 @@ class FrameStore:
     @property
     def nbytes(self) -> int:
         """Bytes held by stored records and their per-record metadata (not the cached frame)."""
-        return sum(
-            c.records.nbytes + c.arrival_ns.nbytes + (c.cpu.nbytes if c.cpu is not None else 0)
-            for c in self._chunks
-        )
+        return self._rows * self._row_bytes
+
+    def tail_chunks(self, n: int) -> list[_Chunk]:
+        """The newest chunks holding at least `n` rows (fewer if the store has fewer), oldest
+        first, without merging the store: cheap enough for a plot refreshing a few times a second."""
+        with self._lock:
+            picked, rows = [], 0
+            for c in reversed(self._chunks):
+                if rows >= n:
+                    break
+                picked.append(c)
+                rows += len(c.records)
+        picked.reverse()
+        return picked
 
     def append(self, batch: Batch, arrival_ns: int) -> None:
         n = len(batch.records)

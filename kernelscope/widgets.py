@@ -1,0 +1,572 @@
+"""The live panel: buffer controls that reload the probe, and plots that follow it a few times a second.
+
+    panel(probe)        # what probe.widget() returns: display it (last line of a cell)
+
+Controls: pages per output map (powers of two), poll interval, wake-up strategy (ring
+buffer: kernel notification or timer; perf buffer: every N events or a watermark),
+reorder window, and pause / resume / stop / clear. A change calls `probe.reconfigure()`,
+which reloads the program keeping rows and exact counts and marks the change in the plots.
+
+The plots are one plotly FigureWidget (a grid of subplots) fed by `Panel.refresh()`, which
+a daemon thread calls every `interval` seconds while the probe runs, and once more after it
+stops. A refresh reads only the drain loop's bookkeeping (`kernelscope.plots`: history
+samples and the latest thousand rows), so it costs the same after a billion events as after
+ten; and it waits for the page to have drawn the previous one (`Echo`), so a slow browser
+never falls behind.
+
+Without a widget front end (nbconvert, GitHub) the output falls back to HTML: the stats
+table, then, once the probe has stopped, the plots as a PNG (kaleido) or as plotly HTML.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import html
+import threading
+import time
+import weakref
+from typing import Any
+
+import anywidget
+import ipywidgets as w
+import traitlets
+
+# FigureWidget's first import takes seconds (plotly.io pulls nbformat and jsonschema): paid at
+# import time, before a probe is started, rather than while one drains
+from plotly.graph_objects import FigureWidget
+
+from . import plots
+
+REFRESH_INTERVAL = 0.4  # seconds between plot refreshes while the probe runs
+STOP_SETTLE = 1.0  # seconds a probe must stay stopped before the panel's final refresh
+LIVE_SAMPLE = 1_000  # latest rows per map in the live ordering and latency plots (SVG points)
+LIVE_POINTS = 400  # history samples per live time series (longer runs are strided)
+# A browser redraws the plots in 0.05-0.5 s (software rendering on a busy machine: the upper
+# end). The updater sends no new plot data until the page has echoed a mark sent after the
+# last (`Echo`), so a slow page never builds a backlog; it waits at most ACK_WAIT.
+ACK_WAIT = 3.0
+_ECHO_ESM = """
+export default {
+  render({ model }) {
+    // after the next frame: every message sent before `seq` has been applied and drawn
+    const echo = () => requestAnimationFrame(() => setTimeout(() => {
+      model.set("ack", model.get("seq"));
+      model.save_changes();
+    }, 0));
+    model.on("change:seq", echo);
+    echo();
+  },
+};
+"""
+POLL_CHOICES = (("5 ms", 0.005), ("20 ms", 0.02), ("50 ms", 0.05), ("100 ms", 0.1), ("250 ms", 0.25),
+                ("1 s", 1.0))
+REORDER_OFF = -1  # Dropdown values cannot be None (None means "nothing selected")
+REORDER_CHOICES = (("off", REORDER_OFF), ("1 ms", 1_000_000), ("10 ms", 10_000_000),
+                   ("100 ms", 100_000_000), ("1 s", 1_000_000_000))
+# perf buffer wake-ups: ("events", n) = wakeup_events n; ("fraction", d) = watermark at size/d
+PERF_WAKEUP_CHOICES = (("every event", ("events", 1)), ("every 16 events", ("events", 16)),
+                       ("every 256 events", ("events", 256)), ("buffer 1/4 full", ("fraction", 4)),
+                       ("buffer 1/2 full", ("fraction", 2)))
+RING_WAKEUP_CHOICES = (("kernel notifies (epoll)", "epoll"), ("timer: every poll interval", "timer"))
+MAX_PAGES = 4096  # 16 MiB ring, or 16 MiB per CPU for a perf buffer
+STATIC_MODES = ("auto", "png", "html", "none")
+
+
+def panel(results: Any, *, interval: float = REFRESH_INTERVAL, sample: int = LIVE_SAMPLE,
+          static: str = "auto") -> Panel:
+    """The control and plot panel of a live Probe (or, read-only, of a Replay).
+
+    `interval`: seconds between plot refreshes while events flow; `sample`: latest rows per
+    map drawn in the ordering and latency plots. `static`: what the output
+    shows without a widget front end once the probe has stopped: "png" (kaleido), "html"
+    (plotly.js inlined, ~4.5 MB), "auto" (PNG when kaleido works, else HTML) or "none".
+    """
+    return Panel(results, interval=interval, sample=sample, static=static)
+
+
+def page_choices(current: int, kind: str) -> list[tuple[str, int]]:
+    """Powers of two up to MAX_PAGES (plus the current size), labelled with their bytes."""
+    sizes = sorted({1 << i for i in range(MAX_PAGES.bit_length())} | ({current} if current else set()))
+    per = " per CPU" if kind == "perf" else ""
+    return [(f"{p} ({plots._bytes(p * plots.PAGE)}{per})", p) for p in sizes]
+
+
+def _with_current(choices: tuple[tuple[str, Any], ...], current: Any, label: str) -> list[tuple[str, Any]]:
+    out = list(choices)
+    if current not in [v for _, v in out]:
+        out.append((label, current))
+    return out
+
+
+class Echo(anywidget.AnyWidget):
+    """An invisible widget whose browser side echoes `seq` into `ack` once it has drawn a frame."""
+
+    _esm = _ECHO_ESM
+    seq = traitlets.Int(0).tag(sync=True)
+    ack = traitlets.Int(-1).tag(sync=True)
+
+
+class Panel(w.VBox):
+    """Controls and live plots for one probe; `refresh()` redraws, `updates` counts redraws."""
+
+    def __init__(self, results: Any, *, interval: float = REFRESH_INTERVAL, sample: int = LIVE_SAMPLE,
+                 static: str = "auto") -> None:
+        if static not in STATIC_MODES:
+            raise ValueError(f"static must be one of {', '.join(STATIC_MODES)}, not {static!r}")
+        if interval <= 0:
+            raise ValueError("interval must be positive")
+        self.results = results
+        self.interval = interval
+        self.sample = sample
+        self.static = static
+        self.live = plots.is_live(results)
+        self.updates = 0  # plot refreshes done (tests: it stops growing after stop())
+        self.error: BaseException | None = None
+        self._lock = threading.RLock()  # one refresh at a time (updater thread, button handlers)
+        self._syncing = False  # set while controls are set from the probe: no reconfigure then
+        self._final_done = False  # the refresh that follows a stop has been made
+        self._stopped_since: float | None = None
+        self._applying = False  # a reconfigure() from a control is under way
+        self._handle: Any = None
+        self._static_html: str | None = None
+        self._static_for: tuple[Any, ...] | None = None
+        self._static_lock = threading.Lock()
+        self._shell: Any = None  # the IPython shell whose post_execute runs _after_cell
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._sent_at: float | None = None  # when plot data last went to the front end
+        self.skipped = 0  # refreshes skipped while the browser was still drawing the last one
+        self.echo = Echo(layout=w.Layout(display="none"))
+
+        self.header = w.HTML(layout=w.Layout(width="100%"))
+        self.header.add_class("ks-header")
+        self.stats = w.HTML(layout=w.Layout(width="100%"))
+        self.stats.add_class("ks-stats")
+        self.message = w.HTML()
+        self.message.add_class("ks-message")
+        data, layout = plots.spec(results, sample=sample, max_points=LIVE_POINTS)
+        # one FigureWidget for all plots: each one carries plotly.js (~5 MB) to the browser
+        self.figure = FigureWidget(data=data, layout=layout)
+        self.figure.add_class("ks-plots")
+        self._sent = (layout["annotations"], layout["shapes"])
+        controls = self._build_controls()
+        super().__init__([self.header, controls, self.message, self.stats, self.figure, self.echo],
+                         layout=w.Layout(width="100%"))
+        self.add_class("kernelscope-panel")
+        self._sync_controls()
+        self._refresh_text()
+        self.start()
+
+    # --- controls ------------------------------------------------------------------------------
+
+    def _build_controls(self) -> w.Widget:
+        r = self.results
+        style = {"description_width": "initial"}
+        self.pages: dict[str, w.Dropdown] = {}
+        for name, ms in r.maps.items():
+            dd = w.Dropdown(options=page_choices(ms.pages, ms.om.kind), value=ms.pages or None,
+                            description=f"{name} pages", style=style,
+                            tooltip="buffer size; a change reloads the program (rows and counts carry on)",
+                            layout=w.Layout(width="auto"))
+            dd.add_class(f"ks-pages-{name}")
+            dd.observe(self._on_pages, names="value")
+            self.pages[name] = dd
+        kinds = {ms.om.kind for ms in r.maps.values()}
+        poll = getattr(r, "poll_interval", 0.05)
+        self.poll = w.Dropdown(options=_with_current(POLL_CHOICES, poll, f"{poll * 1000:g} ms"), value=poll,
+                               description="poll", style=style, layout=w.Layout(width="auto"),
+                               tooltip="drain loop: longest wait for data, and the period of timer wake-ups")
+        self.poll.add_class("ks-poll")
+        self.poll.observe(self._on_poll, names="value")
+        wakeup = getattr(r, "wakeup", "epoll")
+        self.ring_wakeup = w.Dropdown(options=_with_current(RING_WAKEUP_CHOICES, wakeup, wakeup),
+                                      value=wakeup, description="ring wake-up", style=style,
+                                      layout=w.Layout(width="auto"))
+        self.ring_wakeup.add_class("ks-ring-wakeup")
+        self.ring_wakeup.observe(self._on_ring_wakeup, names="value")
+        self.perf_wakeup = w.Dropdown(options=list(PERF_WAKEUP_CHOICES), description="perf wake-up",
+                                      style=style, layout=w.Layout(width="auto"))
+        self.perf_wakeup.add_class("ks-perf-wakeup")
+        self.perf_wakeup.observe(self._on_perf_wakeup, names="value")
+        self.reorder = w.Dropdown(options=list(REORDER_CHOICES), description="reorder window", style=style,
+                                  layout=w.Layout(width="auto"),
+                                  tooltip="hold events this long and release them in timestamp order")
+        self.reorder.add_class("ks-reorder")
+        self.reorder.observe(self._on_reorder, names="value")
+        self.buttons: dict[str, w.Button] = {}
+        tips = {"pause": "stop delivering and draining; counts stay exact",
+                "resume": "deliver and drain again",
+                "stop": "stop, then detach the program and free its buffers (rows stay readable)",
+                "clear": "forget stored rows (counted as evicted; the counts go on)"}
+        for name, icon in (("pause", "pause"), ("resume", "play"), ("stop", "stop"), ("clear", "eraser")):
+            b = w.Button(description=name, icon=icon, tooltip=tips[name], layout=w.Layout(width="auto"))
+            b.add_class(f"ks-{name}")
+            b.on_click(lambda _b, name=name: self._on_button(name))
+            self.buttons[name] = b
+        rows: list[w.Widget] = [*self.pages.values(), self.poll]
+        if "ringbuf" in kinds:
+            rows.append(self.ring_wakeup)
+        if "perf" in kinds:
+            rows.append(self.perf_wakeup)
+        if any(ms.schema.time_field for ms in r.maps.values()):
+            rows.append(self.reorder)
+        box = w.VBox([w.HBox(rows, layout=w.Layout(flex_flow="row wrap")),
+                      w.HBox(list(self.buttons.values()))])
+        box.add_class("ks-controls")
+        return box
+
+    def _sync_controls(self) -> None:
+        """Set every control from the probe's settings, and enable what applies now."""
+        r = self.results
+        closed = bool(getattr(r, "closed", False))
+        self._syncing = True
+        try:
+            for name, dd in self.pages.items():
+                ms = r.maps[name]
+                if ms.pages and ms.pages not in dd.options:
+                    dd.options = page_choices(ms.pages, ms.om.kind)
+                if ms.pages:
+                    dd.value = ms.pages
+            if self.live:
+                if r.poll_interval not in [v for _, v in self.poll.options]:
+                    self.poll.options = _with_current(POLL_CHOICES, r.poll_interval,
+                                                      f"{r.poll_interval * 1000:g} ms")
+                self.poll.value = r.poll_interval
+                self.ring_wakeup.value = r.wakeup
+                self.perf_wakeup.value = self._perf_mode()
+                self.reorder.value = REORDER_OFF if r.reorder_ns is None else r.reorder_ns
+        finally:
+            self._syncing = False
+        editable = self.live and not closed
+        for c in (*self.pages.values(), self.poll, self.ring_wakeup, self.perf_wakeup, self.reorder):
+            c.disabled = not editable
+        running = bool(getattr(r, "running", False))
+        self.buttons["pause"].disabled = closed or not running
+        self.buttons["resume"].disabled = closed or running
+        self.buttons["stop"].disabled = closed
+        self.buttons["clear"].disabled = False
+
+    def _perf_mode(self) -> tuple[str, int]:
+        r = self.results
+        if r.watermark_bytes:
+            size = self._perf_buffer_bytes()
+            d = max(1, round(size / r.watermark_bytes)) if size else 2
+            mode = ("fraction", d)
+        else:
+            mode = ("events", int(r.wakeup_events))
+        if mode not in [v for _, v in self.perf_wakeup.options]:
+            label = f"every {mode[1]} events" if mode[0] == "events" else f"buffer 1/{mode[1]} full"
+            self.perf_wakeup.options = [*self.perf_wakeup.options, (label, mode)]
+        return mode
+
+    def _perf_buffer_bytes(self, pages: dict[str, int] | None = None) -> int:
+        """Bytes of the smallest per-CPU perf buffer: a watermark must fit in every one."""
+        sizes = [(pages or {}).get(n, ms.pages) * plots.PAGE
+                 for n, ms in self.results.maps.items() if ms.om.kind == "perf"]
+        return min(sizes) if sizes else 0
+
+    def _on_pages(self, change: dict[str, Any]) -> None:
+        if self._syncing:
+            return
+        pages = {n: int(dd.value) for n, dd in self.pages.items()}
+        kw: dict[str, Any] = {"pages": pages}
+        mode = self.perf_wakeup.value
+        if mode and mode[0] == "fraction":  # the watermark follows the buffer size
+            kw["watermark_bytes"] = max(1, self._perf_buffer_bytes(pages) // mode[1])
+        self.apply(**kw)
+
+    def _on_poll(self, change: dict[str, Any]) -> None:
+        if not self._syncing:
+            self.apply(poll_interval=float(change["new"]))
+
+    def _on_ring_wakeup(self, change: dict[str, Any]) -> None:
+        if not self._syncing:
+            self.apply(wakeup=change["new"])
+
+    def _on_perf_wakeup(self, change: dict[str, Any]) -> None:
+        if self._syncing or not change["new"]:
+            return
+        how, n = change["new"]
+        if how == "fraction":
+            self.apply(watermark_bytes=max(1, self._perf_buffer_bytes() // n))
+        else:
+            self.apply(wakeup_events=int(n), watermark_bytes=0)
+
+    def _on_reorder(self, change: dict[str, Any]) -> None:
+        if not self._syncing:
+            value = int(change["new"])
+            self.apply(reorder_ns=None if value == REORDER_OFF else value)
+
+    def apply(self, **settings: Any) -> None:
+        """Reconfigure the probe with `settings` (as Probe.reconfigure), showing progress and errors.
+
+        `watermark_bytes=0` turns a perf watermark off (wake up every `wakeup_events` instead).
+        """
+        r = self.results
+        if not self.live:
+            return
+        self._say("reloading the program with the new settings ...")
+        t0 = time.monotonic()
+        self._applying = True
+        try:
+            with self._lock:
+                r.reconfigure(**settings)  # watermark_bytes=0 turns the watermark off
+        except Exception as e:
+            self.error = e
+            self._say(f"could not apply {settings}: {type(e).__name__}: {e}", error=True)
+        else:
+            self.error = None
+            self._say(f"reloaded in {time.monotonic() - t0:.1f} s" if r.loaded else "settings saved")
+        finally:
+            self._applying = False
+        self._sync_controls()
+        self.refresh()
+        self.start()
+
+    def _on_button(self, name: str) -> None:
+        r = self.results
+        try:
+            if name == "pause":
+                (r.pause if hasattr(r, "pause") else r.stop)()
+            elif name == "resume":
+                (r.resume if hasattr(r, "resume") else r.start)()
+                self.start()
+            elif name == "stop":
+                r.stop()
+                if hasattr(r, "close") and self.live:
+                    r.close()
+            elif name == "clear":
+                if hasattr(r, "clear"):
+                    r.clear()
+                else:
+                    for ms in r.maps.values():
+                        ms.store.clear()
+            self._say(f"{name}: done")
+        except Exception as e:
+            self.error = e
+            self._say(f"{name}: {type(e).__name__}: {e}", error=True)
+        self._sync_controls()
+        self.refresh()
+
+    def _say(self, text: str, error: bool = False) -> None:
+        colour = "#b91c1c" if error else "#374151"
+        self.message.value = f"<span style='color:{colour};font-size:90%'>{html.escape(text)}</span>"
+
+    # --- plots -----------------------------------------------------------------------------------
+
+    def browser_busy(self) -> bool:
+        """True while a page showing the panel has not drawn the last update yet (<= ACK_WAIT s).
+
+        A page that never echoed (none is open, or no widget front end) is never waited for.
+        """
+        echo = self.echo
+        if echo.ack < 0 or echo.ack >= echo.seq or self._sent_at is None:
+            return False
+        return time.monotonic() - self._sent_at < ACK_WAIT
+
+    def refresh(self, wait_for_browser: bool = False) -> None:
+        """Redraw the plots and the stats from what the probe has now.
+
+        With `wait_for_browser` (the updater), the plots are left alone while the browser is
+        still drawing the previous update; the stats table is refreshed either way.
+        """
+        with self._lock:
+            if wait_for_browser and self.browser_busy():
+                self.skipped += 1
+                self._refresh_text()
+                return
+            data, layout = plots.spec(self.results, sample=self.sample, max_points=LIVE_POINTS)
+            fig = self.figure
+            same = len(data) == len(fig.data) and all(
+                d["meta"] == t.meta for d, t in zip(data, fig.data, strict=True))
+            if not same:  # maps, CPUs or marks changed the set of traces: send them anew
+                fig.data = ()
+                fig.add_traces(data)
+            with fig.batch_update():
+                if same:
+                    for d, t in zip(data, fig.data, strict=True):
+                        t.x, t.y = d["x"], d["y"]
+                        if "customdata" in d:
+                            t.customdata = d["customdata"]
+                sent = (layout["annotations"], layout["shapes"])
+                if sent != self._sent:  # titles carry counts; marks add lines
+                    fig.layout.annotations, fig.layout.shapes = sent
+                    self._sent = sent
+            self._sent_at = time.monotonic()
+            self.echo.seq += 1  # sent after the plot data: echoed once the page has drawn it
+            self._refresh_text()
+            self.updates += 1
+
+    def _refresh_text(self) -> None:
+        r = self.results
+        label = html.escape(getattr(r, "name", None) or type(r).__name__)
+        state = plots.state(r)
+        err = getattr(r, "error", None)
+        errtext = f" <span style='color:#b91c1c'>drain error: {html.escape(str(err))}</span>" if err else ""
+        self.header.value = f"<b>kernelscope</b> {label}: <span class='ks-state'>{state}</span>{errtext}"
+        self.stats.value = plots.stats_table(r)
+
+    # --- the updater thread --------------------------------------------------------------------
+
+    def start(self) -> Panel:
+        """Refresh the plots every `interval` s while the probe runs (daemon thread). Idempotent."""
+        if self._thread is not None and self._thread.is_alive():
+            return self
+        self._stop.clear()
+        # a copy of the cell's context: ipykernel keeps the parent message in a contextvar
+        ctx = contextvars.copy_context()
+        self._thread = threading.Thread(target=ctx.run, args=(_updater, weakref.ref(self), self._stop),
+                                        name="kernelscope-panel", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop refreshing (joins the updater thread)."""
+        self._stop.set()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout=5)
+        self._thread = None
+
+    @property
+    def updating(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def tick(self) -> bool:
+        """One step of the updater: refresh while the probe runs, once more after it stops.
+
+        A stop counts once it has lasted STOP_SETTLE seconds and no reload is under way
+        (reconfigure() stops and restarts the probe). While stopped nothing is redrawn; the
+        thread keeps watching, so a resume from code is followed too, and it ends once the
+        probe is closed. Returns False when there is nothing more to follow.
+        """
+        r = self.results
+        now = time.monotonic()
+        if getattr(r, "running", False) or self._applying:
+            self.refresh(wait_for_browser=True)
+            self._final_done = False
+            self._stopped_since = None
+            return True
+        if self._stopped_since is None:
+            self._stopped_since = now
+        closed = bool(getattr(r, "closed", False))
+        if not closed and now - self._stopped_since < STOP_SETTLE:
+            return True
+        if not self._final_done:
+            self.refresh()
+            self._sync_controls()
+            self._final_done = True
+        if self.echo.ack >= 0:  # a page shows the panel: its saved output gets the copy now
+            self._update_static()
+        return not closed
+
+    def close(self) -> None:
+        self._unhook()
+        self.stop()
+        self.figure.close()
+        self.echo.close()
+        super().close()
+
+    # --- static fallback ---------------------------------------------------------------------------
+
+    def static_snapshot(self) -> str:
+        """The plots as HTML that needs no widget front end (PNG via kaleido, or plotly HTML)."""
+        r = self.results
+        mode = self.static
+        if mode == "none":
+            return plots.stats_table(r)
+        if mode in ("auto", "png"):
+            png = plots.static_png(r)
+            if png is not None:
+                return plots.stats_table(r) + plots.png_html(png)
+            if mode == "png":
+                return plots.stats_table(r) + "<p>(no PNG: kaleido or a Chromium for it is missing)</p>"
+        return plots.static_html(r)
+
+    def _update_static(self) -> None:
+        """Replace the fallback HTML of the displayed output with the plots, once per new state."""
+        if self._handle is None or self.static == "none":
+            return
+        with self._static_lock:
+            key = tuple((ms.store.received, len(ms.marks)) for ms in self.results.maps.values())
+            if self._static_for == key:
+                return
+            self._static_html = self.static_snapshot()
+            self._static_for = key
+            with contextlib.suppress(Exception):  # the front end may be gone
+                self._handle.update(self._bundle(), raw=True)
+
+    def _after_cell(self) -> None:
+        """IPython's post_execute: with no page showing the panel (nbconvert, nbclient), put the
+        static copy into the output now, as part of the cell that stopped the probe.
+
+        Such runners keep only messages of the cell being executed, so an update sent later
+        from the updater thread would be lost.
+        """
+        try:
+            if self.echo.ack >= 0 or getattr(self.results, "running", False):
+                return
+            self._update_static()
+            if getattr(self.results, "closed", False):
+                self._unhook()
+        except Exception as e:  # an event callback must not disturb the user's cells
+            self.error = e
+
+    def _unhook(self) -> None:
+        if self._shell is not None:
+            with contextlib.suppress(ValueError):
+                self._shell.events.unregister("post_execute", self._after_cell)
+            self._shell = None
+
+    def _bundle(self) -> dict[str, Any]:
+        data: dict[str, Any] = dict(super()._repr_mimebundle_() or {})
+        body = self._static_html
+        if body is None:
+            body = (plots.stats_table(self.results) + "<p><i>kernelscope panel: live plots need a "
+                    "Jupyter widget front end; a static copy of the plots replaces this once the probe "
+                    "stops.</i></p>")
+        data["text/html"] = f"<div class='kernelscope-static'>{self.header.value}{body}</div>"
+        return data
+
+    def __repr__(self) -> str:  # from bookkeeping only: it may run in the updater thread
+        r = self.results
+        maps = "; ".join(f"{n}: {s.get('received', 0):,} received, {s.get('dropped', 0):,} dropped"
+                         for n, s in plots.summary(r).items())
+        return f"<kernelscope panel: {getattr(r, 'name', None) or type(r).__name__} {plots.state(r)}; {maps}>"
+
+    def _ipython_display_(self) -> None:
+        """Display as a widget, with an HTML fallback that is replaced by the plots on stop."""
+        from IPython import get_ipython
+        from IPython.display import display
+
+        self._handle = display(self._bundle(), raw=True, display_id=True)
+        shell = get_ipython()
+        if shell is not None and self._shell is None:
+            shell.events.register("post_execute", self._after_cell)
+            self._shell = shell
+
+
+def _updater(ref: weakref.ReferenceType[Panel], stop: threading.Event) -> None:
+    """Call `panel.tick()` every interval until it says there is nothing left to follow."""
+    panel = ref()
+    if panel is None:
+        return
+    interval = panel.interval
+    del panel
+    while True:
+        panel = ref()
+        if panel is None:
+            return
+        try:
+            if not panel.tick():
+                return
+        except Exception as e:  # keep the kernel's output clean; show it in the panel
+            panel.error = e
+            with contextlib.suppress(Exception):
+                panel._say(f"plot refresh failed: {type(e).__name__}: {e}", error=True)
+            return
+        finally:
+            del panel
+        if stop.wait(interval):
+            return

@@ -1,0 +1,305 @@
+"""The widget panel in a real browser: JupyterLab runs notebooks/widget-demo.ipynb, Chromium watches it.
+
+The test starts JupyterLab on 127.0.0.1 (free port, its own token, a temporary root holding a
+copy of the notebook), drives Debian's Chromium with Playwright, runs every cell, and checks
+what a user would see: the live plots' data (plotly's `gd.data`, read from the page) grows,
+shrinking the ring buffer from the panel's page-size control reloads the probe (the stats
+table shows the new size and a reload) and makes drops rise, growing it again stops them,
+perf-buffer events arrive out of timestamp order while ring-buffer events do not, and the
+reorder window sorts both. Screenshots go to test-artifacts/.
+
+Needs: Debian's `chromium` (never a downloaded browser) and PyPI's `playwright`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from util import wait_for
+
+from kernelscope.widgets import page_choices
+
+pytestmark = pytest.mark.kernel
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "notebooks" / "widget-demo.ipynb"
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# what this machine's Chromium needs headless as root, and no calls home (the network is closed)
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+REQUIRED = os.environ.get("KERNELSCOPE_REQUIRE_BPF") == "1"  # CI: a missing browser is a failure
+
+
+def _missing(why: str) -> None:
+    if REQUIRED:
+        pytest.fail(f"the browser test cannot run: {why}", pytrace=False)
+    pytest.skip(why)
+
+
+@dataclass
+class Lab:
+    url: str
+    token: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def api(self, path: str, method: str = "GET") -> Any:
+        req = urllib.request.Request(f"{self.url}{path}", method=method,
+                                     headers={"Authorization": f"token {self.token}"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            body = resp.read()
+        return json.loads(body) if body else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    """JupyterLab serving a temporary copy of the demo notebook; kernels shut down afterwards."""
+    root = tmp_path / "root"
+    root.mkdir()
+    shutil.copy(NOTEBOOK, root / NOTEBOOK.name)
+    port, token = _free_port(), secrets.token_hex(16)
+    paths = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    for var, sub in (("JUPYTER_CONFIG_DIR", "config"), ("JUPYTER_RUNTIME_DIR", "runtime"),
+                     ("JUPYTERLAB_SETTINGS_DIR", "settings"), ("JUPYTERLAB_WORKSPACES_DIR", "workspaces"),
+                     ("IPYTHONDIR", "ipython")):
+        paths[var] = str(tmp_path / sub)  # nothing from the user's own Jupyter setup
+    log = tmp_path / "jupyterlab.log"
+    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root",
+           "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
+           f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+           "--LabApp.expose_app_in_browser=True",  # window.jupyterapp: run cells by command
+           "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, env={**os.environ, **paths}, cwd=root, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    lab = Lab(f"http://127.0.0.1:{port}", token, proc, log)
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"JupyterLab exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            lab.api("/api/status")
+        except OSError:
+            return False
+        return True
+
+    try:
+        wait_for(up, timeout=60, interval=0.2, what="JupyterLab to answer")
+        yield lab
+    finally:
+        try:  # kernels first: the probe and the notebook's load generators end with them
+            for k in lab.api("/api/kernels"):
+                lab.api(f"/api/kernels/{k['id']}", method="DELETE")
+        except OSError:
+            pass
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        ARTIFACTS.mkdir(exist_ok=True)
+        shutil.copy(log, ARTIFACTS / "jupyterlab.log")
+
+
+# --- reading the page ---------------------------------------------------------------------------
+
+STATS_JS = """() => {
+  const out = {};
+  for (const tr of document.querySelectorAll('.kernelscope-panel .ks-stats tbody tr')) {
+    const c = [...tr.children].map(td => td.innerText.trim());
+    out[c[0]] = {kind: c[1], pages: c[2], capacity: c[3], received: c[4], dropped: c[5],
+                 lost_records: c[6], inversions: c[7], reloads: c[8]};
+  }
+  return out;
+}"""
+# plotly keeps a figure's traces on its div as `data` (typed arrays from the widget's buffers);
+# kernelscope names each trace in `meta` ("ring:received", "perf:cpu1", ...)
+PLOTS = ".kernelscope-panel .ks-plots.js-plotly-plot"
+TRACE_LENGTHS_JS = """() => {
+  const gd = document.querySelector('__PLOTS__');
+  if (!gd || !gd.data) return {};
+  return Object.fromEntries(gd.data.map(t => [t.meta, t.x ? t.x.length : 0]));
+}""".replace("__PLOTS__", PLOTS)
+LAST_X_JS = """(meta) => {
+  const gd = document.querySelector('__PLOTS__');
+  const t = gd && gd.data ? gd.data.find(t => t.meta === meta) : null;
+  return t && t.x && t.x.length ? t.x[t.x.length - 1] : null;
+}""".replace("__PLOTS__", PLOTS)
+TITLES_JS = """() => {
+  const gd = document.querySelector('__PLOTS__');
+  return gd && gd.layout && gd.layout.annotations ? gd.layout.annotations.map(a => a.text) : [];
+}""".replace("__PLOTS__", PLOTS)
+
+
+def _int(text: str) -> int:
+    digits = re.sub(r"[^0-9]", "", text)
+    return int(digits) if digits else 0
+
+
+def stats(page: Any) -> dict[str, dict[str, Any]]:
+    raw = page.evaluate(STATS_JS)
+    return {name: {k: (v if k in ("kind", "capacity") else _int(v)) for k, v in row.items()}
+            for name, row in raw.items()}
+
+
+def out_of_order(page: Any) -> dict[str, int]:
+    """From the ordering plot's subplot titles: rows out of timestamp order, per map."""
+    out = {}
+    for title in page.evaluate(TITLES_JS):
+        m = re.match(r"(\w+) \(\w+\): ([\d,]+) of the latest", title)
+        if m:
+            out[m.group(1)] = _int(m.group(2))
+    return out
+
+
+def until(page: Any, check: Any, what: str, timeout: float = 30.0) -> dict[str, dict[str, Any]]:
+    """The stats table, once `check(stats)` holds."""
+    def ready() -> dict[str, dict[str, Any]] | None:
+        s = stats(page)
+        return s if set(s) == {"ring", "perf"} and check(s) else None
+
+    return wait_for(ready, timeout=timeout, interval=0.25, what=what)
+
+
+def choose(page: Any, control: str, label: str) -> None:
+    page.select_option(f".kernelscope-panel .{control} select", label=label)
+
+
+def shot(page: Any, name: str) -> Path:
+    """The panel as the user sees it (a clip of the page: the panel never stops moving)."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    page.eval_on_selector(".kernelscope-panel", "e => e.scrollIntoView({block: 'start'})")
+    box = page.locator(".kernelscope-panel").bounding_box()
+    viewport = page.viewport_size
+    clip = {"x": max(box["x"], 0), "y": max(box["y"], 0), "width": min(box["width"], viewport["width"]),
+            "height": min(box["height"], viewport["height"] - max(box["y"], 0))}
+    page.screenshot(path=str(path), clip=clip)
+    return path
+
+
+# --- the test -----------------------------------------------------------------------------------
+
+def test_widget_demo_in_jupyterlab(lab: Lab) -> None:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _missing("the Python package `playwright` is not installed (pip install playwright)")
+    if not os.access(CHROMIUM, os.X_OK):
+        _missing(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+
+    (ARTIFACTS / "browser-failure.png").unlink(missing_ok=True)
+    t0 = time.monotonic()
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1500})
+        errors: list[str] = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        try:
+            _drive(page, lab)
+        except BaseException:
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "browser-failure.png"), full_page=True)
+            print("browser console errors:", *errors[:20], sep="\n  ")
+            raise
+        finally:
+            browser.close()
+    assert time.monotonic() - t0 < 120
+
+
+def _drive(page: Any, lab: Lab) -> None:
+    t0 = time.monotonic()
+
+    def step(what: str) -> None:  # progress in the test's output (pytest -s, or on failure)
+        print(f"[{time.monotonic() - t0:5.1f} s] {what}", flush=True)
+
+    step("open the notebook")
+    page.goto(f"{lab.url}/lab/tree/{NOTEBOOK.name}?token={lab.token}")
+    page.wait_for_function(
+        "() => window.jupyterapp?.shell?.currentWidget?.context?.sessionContext?.session?.kernel",
+        timeout=60_000)
+    step("kernel up; run all cells")
+    page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+    page.wait_for_selector(PLOTS, timeout=90_000)
+
+    step("panel shown")
+    # the live plots follow the stream: the rates plot gains points, received keeps rising
+    before = until(page, lambda s: all(m["received"] for m in s.values()), "events in the panel's stats")
+    x0 = page.evaluate(LAST_X_JS, "ring:received") or 0.0
+    wait_for(lambda: (page.evaluate(LAST_X_JS, "ring:received") or 0.0) > x0 + 1.0, timeout=30,
+             interval=0.25, what="the rates plot to move on by a second")
+    until(page, lambda s: s["ring"]["received"] > before["ring"]["received"] + 10_000, "more events received")
+    lengths = page.evaluate(TRACE_LENGTHS_JS)
+    assert lengths["ring:all"] > 0
+    assert lengths.get("perf:cpu0", 0) + lengths.get("perf:cpu1", 0) > 0, lengths
+
+    step("plots move")
+    # perf buffers: CPUs interleave out of timestamp order; the ring keeps reservation order
+    def perf_out_of_order() -> dict[str, int] | None:
+        o = out_of_order(page)
+        return o if o.get("perf", 0) > 0 else None
+
+    order = wait_for(perf_out_of_order, timeout=20, interval=0.25, what="perf events out of order")
+    assert order["ring"] < order["perf"], order
+    s = stats(page)
+    assert s["perf"]["inversions"] > max(10 * s["ring"]["inversions"], 100), s
+    shot(page, "panel-live.png")
+
+    step("ordering seen")
+    # shrink the ring buffer from the panel: the program reloads with 1 page and drops rise
+    choose(page, "ks-pages-ring", page_choices(64, "ringbuf")[0][0])
+    s = until(page, lambda s: s["ring"]["pages"] == 1 and s["ring"]["reloads"] == 1,
+              "the ring buffer reloaded with 1 page")
+    assert s["ring"]["capacity"] == "4 KiB"
+    until(page, lambda t: t["ring"]["dropped"] > s["ring"]["dropped"] + 5_000, "ring buffer drops to rise")
+    wait_for(lambda: page.evaluate(LAST_X_JS, "ring:dropped"), timeout=10, interval=0.25)
+    shot(page, "panel-shrunk.png")
+
+    step("drops seen with 1 page")
+    # grow it again: another reload, and the drops stop
+    choose(page, "ks-pages-ring", next(label for label, n in page_choices(1, "ringbuf") if n == 64))
+    s = until(page, lambda s: s["ring"]["pages"] == 64 and s["ring"]["reloads"] == 2,
+              "the ring buffer reloaded with 64 pages")
+    assert s["ring"]["capacity"] == "256 KiB"
+    first = until(page, lambda t: t["ring"]["received"] > s["ring"]["received"] + 10_000,
+                  "events after the reload")
+    later = until(page, lambda t: t["ring"]["received"] > first["ring"]["received"] + 40_000,
+                  "more events with the big ring")
+    drops = later["ring"]["dropped"] - first["ring"]["dropped"]
+    received = later["ring"]["received"] - first["ring"]["received"]
+    assert drops < 0.01 * received, (drops, received)
+
+    step("no drops with 64 pages")
+    # the reorder window: both maps come out in timestamp order
+    choose(page, "ks-reorder", "10 ms")
+    until(page, lambda t: t["ring"]["reloads"] == 3, "the reload for the reorder window")
+    wait_for(lambda: out_of_order(page) == {"ring": 0, "perf": 0}, timeout=30, interval=0.25,
+             what="no events out of order with the reorder window on")
+    step("sorted with the reorder window")
+    shot(page, "panel-reordered.png")
+    page.screenshot(path=str(ARTIFACTS / "notebook.png"), full_page=True)

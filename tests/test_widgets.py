@@ -1,0 +1,405 @@
+"""The live panel and its plots: plot data from known events, controls that reload real probes.
+
+The first group builds replays in memory (no BPF); the real-kernel group drives the panel's
+controls and checks the kernel's side: new buffer sizes (stats and `bpftool map show`),
+plots that follow a stream and stop following it after stop(), buttons, the reorder window.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+from producers import Producer, paused, perf_program, ring_program
+from util import wait_for
+
+from kernelscope import Probe, plots, widgets
+from kernelscope.batch import Batch
+from kernelscope.capture import Capture, MapCapture
+from kernelscope.replay import Replay
+from kernelscope.schema import Schema
+from kernelscope.store import FrameStore
+
+EVENT = np.dtype([("ts", "<u8"), ("pid", "<u4"), ("cpu", "<u4")])
+STARTED_NS = 5_000_000_000
+
+
+def capture(ts: list[int], arrival_ns: list[int], *, cpu: list[int] | None = None, kind: str = "ringbuf",
+            history: list[dict[str, float]] | None = None, name: str = "events") -> Capture:
+    """A one-map capture: events with these timestamps (ns since start) read at these times."""
+    n = len(ts)
+    rec = np.zeros(n, EVENT)
+    rec["ts"] = np.array(ts, dtype=np.uint64) + STARTED_NS
+    mc = MapCapture(name, kind, EVENT, rec, np.arange(n), np.array(arrival_ns, dtype=np.int64),
+                    np.array(cpu, dtype=np.int16) if cpu is not None else None,
+                    stats={"kind": kind, "attempted": n, "received": n, "dropped": 0, "capacity_bytes": 4096,
+                           "pages": 1, "inversions": 0},
+                    history=history or [], pages=1)
+    return Capture({name: mc}, source="// test", settings={}, started_ns=STARTED_NS)
+
+
+def replayed(cap: Capture) -> Replay:
+    return Replay(cap, speed=None).start()
+
+
+# --- plot data from known events (no BPF) -------------------------------------------------------
+
+def test_ordering_marks_rows_older_than_an_earlier_arrival() -> None:
+    ts = [10, 20, 50, 30, 40, 60]
+    r = replayed(capture(ts, [100] * 6, cpu=[0, 0, 1, 0, 0, 1], kind="perf"))
+    o = plots.ordering(r, "events")
+    assert o is not None
+    assert list(o["late"]) == [False, False, False, True, True, False]
+    assert o["inversions"] == 2
+    assert list(o["seq"]) == list(range(6))
+    assert np.allclose(o["s"], np.array(ts) / 1e9)  # seconds since the recording started
+    assert plots.ordering_title(r, "events") == "events (perf): 2 of the latest 6 out of order"
+    traces = {t["meta"]: t for t in plots.ordering_traces(r, "events")}
+    assert set(traces) == {"events:cpu0", "events:cpu1", "events:late"}  # a colour per CPU
+    assert list(traces["events:late"]["x"]) == [3, 4]
+
+
+def test_ordering_is_bounded_to_the_latest_rows() -> None:
+    r = replayed(capture(list(range(0, 10_000, 10)), [1] * 1000))
+    o = plots.ordering(r, "events", sample=100)
+    assert o is not None
+    assert o["rows"] == 100
+    assert list(o["seq"]) == list(range(900, 1000))
+
+
+def test_tail_takes_the_last_chunks_without_merging_the_store() -> None:
+    store = FrameStore(Schema(EVENT))
+    for i in range(50):
+        rec = np.zeros(10, EVENT)
+        rec["ts"] = np.arange(i * 10, i * 10 + 10)
+        store.append(Batch(rec), arrival_ns=1000 + i)
+    r = replayed(capture([1], [1]))
+    r.maps["events"].store = store
+    t = plots.tail(r, "events", 25)
+    assert list(t["seq"]) == list(range(475, 500))
+    assert t["ts"] is not None
+    assert list(t["ts"]) == list(range(475, 500))
+    assert list(t["arrival_ns"][:5]) == [1047] * 5
+    assert len(store._chunks) == 50  # frame() would have merged them into one
+
+
+def test_latency_is_arrival_minus_timestamp() -> None:
+    # 100 events stamped at 1 ms, read at 1.5 ms: 500 us each
+    r = replayed(capture([1_000_000] * 100, [1_500_000] * 100))
+    lat = plots.latency(r, "events")
+    assert lat is not None
+    assert lat["rows"] == 100
+    assert lat["p50"] == pytest.approx(500.0)
+    (hit,) = np.nonzero(lat["counts"])[0]
+    assert lat["edges"][hit] <= 500 < lat["edges"][hit + 1]
+    assert "events 500 us/500 us" in plots.latency_title(r)
+
+
+def test_rates_come_from_the_sampled_counters() -> None:
+    history = [{"t": i * 0.5, "attempted": 1000 * i, "received": 800 * i, "dropped": 200 * i,
+                "fill_bytes": 1024, "lost_records": 0} for i in range(5)]
+    r = replayed(capture([1], [1], history=history))
+    rates = plots.rates(r, "events")
+    assert list(rates["t"]) == [0.5, 1.0, 1.5, 2.0]
+    assert np.allclose(rates["received"], 1600)
+    assert np.allclose(rates["dropped"], 400)
+    fill = plots.fill(r, "events")
+    assert np.allclose(fill["fraction"], 0.25)  # 1 KiB waiting in a 4 KiB buffer
+
+
+def test_fill_uses_the_buffer_size_each_sample_had() -> None:
+    history = [{"t": float(i), "fill_bytes": 2048, "attempted": 0, "received": 0, "dropped": 0,
+                "lost_records": 0} for i in range(6)]
+    r = replayed(capture([1], [1], history=history))
+    ms = r.maps["events"]
+    ms.pages = 1  # a 4 KiB ring now; 8 pages until t=2, 2 pages until t=4
+    ms.marks = [{"t": 2.0, "what": "pages {'events': 8} -> {'events': 2}"},
+                {"t": 3.0, "what": "reorder_ns None -> 1000000"},
+                {"t": 4.0, "what": "pages {'events': 2} -> {'events': 1}"}]
+    r.capture.maps["events"].stats["capacity_bytes"] = 4096
+    assert list(plots.fill(r, "events")["fraction"]) == [1 / 16, 1 / 16, 1 / 4, 1 / 4, 1 / 2, 1 / 2]
+    ms.marks = [{"t": 2.0, "what": "pages default -> {'events': 1}"}]  # the size declared: unknown
+    assert np.isnan(plots.fill(r, "events")["fraction"][:2]).all()
+
+
+def test_reload_marks_read_short() -> None:
+    assert plots.short_mark("pages {'ring': 64, 'perf': 64} -> {'ring': 1, 'perf': 64}") == "ring 64->1p"
+    assert plots.short_mark("pages default -> {'events': 8}") == "events default->8p"
+    assert plots.short_mark("reorder_ns None -> 10000000") == "reorder off->10ms"
+    assert plots.short_mark("pages 64 -> 8; wakeup epoll -> timer") == "pages 64->8, wakeup epoll->timer"
+
+
+def test_spec_sends_float_arrays_and_one_axis_pair_per_plot() -> None:
+    r = replayed(capture([10, 30, 20], [100, 100, 100], cpu=[0, 1, 0], kind="perf"))
+    data, layout = plots.spec(r)
+    assert {str(t["x"].dtype) for t in data} == {"float64"}  # browsers have no int64 typed array
+    axes = {(t["xaxis"], t["yaxis"]) for t in data}
+    assert axes == {("x", "y"), ("x2", "y2"), ("x3", "y3"), ("x4", "y4")}  # rates, fill, latency, ordering
+    titles = [a["text"] for a in layout["annotations"]]
+    assert "events (perf): 1 of the latest 3 out of order" in titles
+
+
+def test_static_html_inlines_plotly_once_and_works_offline() -> None:
+    r = replayed(capture([10, 30, 20], [100, 100, 100], cpu=[0, 1, 0], kind="perf"))
+    out = plots.static_html(r)
+    assert not re.search(r"<script[^>]*\bsrc=", out)  # nothing fetched: plotly.js is inline
+    assert len(out) > 3_000_000  # plotly.js itself is inside
+    assert out.count("Plotly.newPlot") == 1
+    assert "<table class='ks-stats-table'>" in out
+
+
+def test_static_png_via_kaleido() -> None:
+    pytest.importorskip("kaleido")
+    r = replayed(capture([10, 30, 20], [100, 100, 100], cpu=[0, 1, 0], kind="perf"))
+    png = plots.static_png(r)
+    assert png is not None
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_panel_of_a_replay_is_read_only_and_has_an_html_fallback() -> None:
+    r = replayed(capture([10, 30, 20], [100, 100, 100], cpu=[0, 1, 0], kind="perf"))
+    pn = widgets.panel(r, static="html")
+    try:
+        assert all(dd.disabled for dd in pn.pages.values())
+        assert pn.reorder.disabled
+        assert pn.poll.disabled
+        bundle = pn._bundle()
+        assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == pn.model_id
+        assert "live plots need a" in bundle["text/html"]
+        handle = Recorder()
+        pn._handle = handle  # as if displayed, with no page showing it (nbconvert)
+        pn._after_cell()  # IPython's post_execute: the cell that showed the finished replay ends
+        assert handle.bundles
+        html = handle.bundles[-1]["text/html"]
+        assert "Plotly.newPlot" in html
+        assert "ks-stats-table" in html
+    finally:
+        pn.close()
+
+
+class Recorder:
+    """Stands in for IPython's DisplayHandle: keeps what the panel displays."""
+
+    def __init__(self) -> None:
+        self.bundles: list[dict[str, Any]] = []
+
+    def update(self, obj: Any, **kwargs: Any) -> None:
+        self.bundles.append(obj)
+
+
+def test_page_choices_are_powers_of_two_with_sizes() -> None:
+    choices = widgets.page_choices(64, "ringbuf")
+    assert [p for _, p in choices] == [1 << i for i in range(13)]
+    assert choices[0][0] == "1 (4 KiB)"
+    assert widgets.page_choices(3, "perf")[2] == ("3 (12 KiB per CPU)", 3)  # an odd current size stays
+
+
+# --- real kernel: the panel drives a probe -------------------------------------------------------
+
+def map_info(probe: Probe, name: str) -> dict[str, Any]:
+    """`bpftool map show` for one of the probe's maps, found by the id behind its fd."""
+    fd = probe.bpf[name.encode()].get_fd()
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        map_id = int(re.search(r"^map_id:\s*(\d+)", f.read(), re.M).group(1))  # type: ignore[union-attr]
+    bpftool = shutil.which("bpftool") or "/usr/sbin/bpftool"
+    out = subprocess.run([bpftool, "-j", "map", "show", "id", str(map_id)], capture_output=True, text=True,
+                         check=True).stdout
+    return dict(json.loads(out))
+
+
+def two_target_ring(pages: int = 64) -> str:
+    return ring_program(pages).replace("!= TARGET", "!= TARGET && (id >> 32) != SECOND")
+
+
+@pytest.mark.kernel
+def test_pages_control_reloads_the_program_with_the_new_size() -> None:
+    first, second = paused(5_000), paused(5_000)
+    p = Probe(two_target_ring(64), cflags=[*first.cflags, f"-DSECOND={second.pid}"]).start()
+    pn = widgets.panel(p, interval=0.05, static="none")
+    try:
+        first.go()
+        assert map_info(p, "events")["max_entries"] == 64 * 4096
+        pn.pages["events"].value = 8  # what a user's pick in the dropdown does
+        st = p.stats["events"]
+        assert (st["pages"], st["capacity_bytes"], st["reloads"]) == (8, 8 * 4096, 1)
+        info = map_info(p, "events")
+        assert info["type"] == "ringbuf"
+        assert info["max_entries"] == 8 * 4096
+        assert p.running
+        assert "reloaded" in pn.message.value
+        assert plots.marks(p)[0][1] == "pages default -> {'events': 8}"
+        second.go()
+        p.stop()
+        st = p.stats["events"]
+        assert st["attempted"] == 10_000 == st["received"] + st["dropped"]  # counts carried over
+        pn.refresh()
+        assert "events default-&gt;8p" in str(pn.figure.layout.annotations)  # the reload, marked
+        assert "<td>8</td><td>32 KiB</td>" in pn.stats.value
+    finally:
+        p.close()
+        pn.close()
+
+
+@pytest.mark.kernel
+def test_perf_controls_set_pages_and_wakeups() -> None:
+    prod = paused(1)
+    p = Probe(perf_program(), cflags=prod.cflags, pages=4).start()
+    pn = widgets.panel(p, interval=0.05, static="none")
+    try:
+        cpus = len(p.maps["events"].reader.fill_bytes())
+        pn.pages["events"].value = 16
+        assert p.stats["events"]["capacity_bytes"] == 16 * 4096 * cpus
+        pn.perf_wakeup.value = ("fraction", 2)  # wake up when a CPU's buffer is half full
+        assert p.watermark_bytes == 8 * 4096
+        pn.pages["events"].value = 2  # the watermark follows the new size
+        assert p.watermark_bytes == 4096
+        assert p.stats["events"]["capacity_bytes"] == 2 * 4096 * cpus
+        pn.perf_wakeup.value = ("events", 16)
+        assert (p.watermark_bytes, p.wakeup_events) == (None, 16)
+        pn.poll.value = 0.1
+        assert p.poll_interval == 0.1
+        assert p.stats["events"]["reloads"] == 5
+        assert p.running
+        assert pn.error is None
+    finally:
+        prod.go()
+        p.close()
+        pn.close()
+
+
+def rates_points(pn: widgets.Panel) -> int:
+    return next(len(t.x) for t in pn.figure.data if t.meta == "events:received")
+
+
+@pytest.mark.kernel
+def test_plots_follow_the_stream_and_stop_after_stop() -> None:
+    prod = paused(300_000)
+    p = Probe(ring_program(256), cflags=prod.cflags).start()
+    pn = widgets.panel(p, interval=0.05, static="html")
+    handle = Recorder()
+    pn._handle = handle  # as if displayed: the static copy goes here once the probe stops
+    pn.echo.ack = 10**9  # as if a page showed the panel and kept up with it
+    go = threading.Thread(target=prod.go)
+    try:
+        go.start()
+        before = rates_points(pn)
+        wait_for(lambda: rates_points(pn) > before + 5, timeout=20, what="the rates plot to grow")
+        wait_for(lambda: next(len(t.x) for t in pn.figure.data if t.meta == "events:all") > 100, timeout=20,
+                 what="rows in the ordering plot")
+        assert pn.updates > 5
+        go.join(60)
+        p.stop()
+        wait_for(lambda: pn._final_done, timeout=10, what="the refresh after stop()")
+        wait_for(lambda: handle.bundles, timeout=20, what="the static copy after stop()")
+        updates, points = pn.updates, rates_points(pn)
+        received = p.stats["events"]["received"]
+        time.sleep(0.5)  # ten refresh intervals in which nothing may be redrawn
+        assert (pn.updates, rates_points(pn)) == (updates, points)
+        assert pn.updating  # still watching, so a resume() from code is followed
+        html = handle.bundles[-1]["text/html"]
+        assert "Plotly.newPlot" in html
+        assert f"{received:,}" in html
+        p.close()
+        wait_for(lambda: not pn.updating, timeout=5, what="the updater to end with the probe")
+    finally:
+        go.join(60)
+        p.close()
+        pn.close()
+
+
+@pytest.mark.kernel
+def test_buttons_pause_resume_clear_and_stop() -> None:
+    prod = paused(2_000)
+    p = Probe(ring_program(64), cflags=prod.cflags).start()
+    pn = widgets.panel(p, interval=0.05, static="none")
+    try:
+        prod.go()
+        wait_for(lambda: len(p.maps["events"].store) == 2_000, what="every event stored")
+        pn.buttons["pause"].click()
+        assert not p.running
+        assert pn.buttons["resume"].disabled is False
+        pn.buttons["resume"].click()
+        assert p.running
+        assert pn.buttons["pause"].disabled is False
+        pn.buttons["clear"].click()
+        assert len(p.maps["events"].store) == 0
+        assert p.stats["events"]["received"] == 2_000  # clearing rows keeps the counts
+        pn.buttons["stop"].click()
+        assert p.closed
+        assert all(dd.disabled for dd in pn.pages.values())
+        assert pn.buttons["resume"].disabled
+        wait_for(lambda: not pn.updating, timeout=5, what="the updater to end")
+    finally:
+        p.close()
+        pn.close()
+
+
+def concurrent(producers: list[Producer]) -> None:
+    threads = [threading.Thread(target=pr.go) for pr in producers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+
+
+@pytest.mark.kernel
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs for perf buffers to interleave")
+def test_reorder_control_sorts_perf_events_from_two_cpus() -> None:
+    a1, b1, a2, b2 = (paused(50_000, cpu=cpu) for cpu in (0, 1, 0, 1))
+    others = " && ".join(f"(id >> 32) != {d}" for d in ("B1", "A2", "B2"))
+    src = perf_program().replace("(id >> 32) != TARGET", f"(id >> 32) != TARGET && {others}")
+    cflags = [*a1.cflags, f"-DB1={b1.pid}", f"-DA2={a2.pid}", f"-DB2={b2.pid}"]
+    p = Probe(src, pages=256, cflags=cflags).start()
+    pn = widgets.panel(p, interval=0.05, static="none")
+    try:
+        concurrent([a1, b1])
+        wait_for(lambda: p.stats["events"]["received"] == 100_000, timeout=20, what="the first events")
+        mixed = p.stats["events"]["inversions"]
+        assert mixed > 0  # per-CPU buffers, emptied one after another: out of timestamp order
+        pn.reorder.value = 1_000_000_000  # a 1 s window
+        assert p.reorder_ns == 1_000_000_000
+        assert p.stats["events"]["reloads"] == 1
+        concurrent([a2, b2])
+        p.stop()  # flushes the window
+        st = p.stats["events"]
+        assert st["received"] == 200_000
+        assert st["inversions"] == mixed  # the second 100,000 came out sorted
+        pn.refresh()
+        assert plots.ordering_title(p, "events", 5_000) == "events (perf): 0 of the latest 5,000 out of order"
+    finally:
+        p.close()
+        pn.close()
+
+
+@pytest.mark.kernel
+def test_a_headless_notebook_run_keeps_the_plots_in_its_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    """nbconvert/nbclient (and so GitHub) see the static copy made when the probe stopped."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    cells = [
+        f"import sys\nsys.path.insert(0, {tests!r})\nfrom producers import paused, ring_program\n"
+        "from kernelscope import Probe\nfrom kernelscope.widgets import panel\n"
+        "prod = paused(3_000)\np = Probe(ring_program(64), cflags=prod.cflags).start()",
+        "panel(p, static='html')",
+        "prod.go()\np.stop()",
+        "p.close()",
+    ]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    root = os.path.dirname(tests)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    NotebookClient(nb, timeout=120, kernel_name="python3").execute()  # the kernel inherits the env
+    (out,) = nb.cells[1].outputs
+    assert "application/vnd.jupyter.widget-view+json" in out["data"]  # a live front end shows the panel
+    html = out["data"]["text/html"]  # everything else shows this
+    assert "Plotly.newPlot" in html
+    assert "<td>3,000</td>" in html
