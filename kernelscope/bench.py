@@ -65,54 +65,18 @@ HELPERS = {
 LIBBPF_HEADER = Path("/usr/include/bpf/libbpf.h")
 BUSY = 0.15  # share of the CPUs used by other work that makes a figure worth a warning
 
-# One program for every consumer. TARGET, the map declaration and the loop count are
-# substituted as literals (kernelscope reads the ring size from the declaration).
-PROGRAM = """\
-struct event {{
-    u64 ts;
-    u32 pid;
-    u32 cpu;
-    u64 seq;
-    u64 pad;
-}};
-
-{decl}
-BPF_PERCPU_ARRAY(bench_seq, u64, 1);
-
-TRACEPOINT_PROBE(syscalls, sys_enter_getppid) {{
-    if ((bpf_get_current_pid_tgid() >> 32) != {target})
-        return 0;
-    int zero = 0;
-    u64 *seq = bench_seq.lookup(&zero);
-    if (!seq)
-        return 0;
-    struct event e = {{}};
-    e.ts = bpf_ktime_get_ns();
-    e.pid = {target};
-    e.cpu = bpf_get_smp_processor_id();
-    #pragma unroll
-    for (int i = 0; i < {per_call}; i++) {{
-        e.seq = (*seq)++;
-        {emit}
-    }}
-    return 0;
-}}
-"""
-
-
 class BenchSetupError(SetupError):
     """The bench cannot build or run its C helpers (gcc or libbpf-dev missing, build failed)."""
 
 
 def program(kind: str, target: int, pages: int, per_call: int = 1) -> str:
-    """The bench's BPF C source for a ring (`pages` for the whole ring) or perf buffer."""
-    if kind == "ring":
-        decl = f"BPF_RINGBUF_OUTPUT(events, {pages});"
-        emit = "events.ringbuf_output(&e, sizeof(e), 0);"
-    else:
-        decl = "BPF_PERF_OUTPUT(events);"
-        emit = "events.perf_submit(args, &e, sizeof(e));"
-    return PROGRAM.format(decl=decl, emit=emit, target=target, per_call=per_call)
+    """The bench's BPF C source for a ring (`pages` for the whole ring) or perf buffer: the
+    notebooks' getppid program with the producer's pid as a literal, so every consumer
+    (BCC, libbpf, kernelscope) compiles the same text with no extra flags."""
+    from .lab import getppid_program
+
+    source = getppid_program("ring" if kind == "ring" else "perf", pages, per_call)
+    return f"#define TARGET {target}\n{source}"
 
 
 # --- C helpers ----------------------------------------------------------------------------
