@@ -678,21 +678,17 @@ def _map_checks(res: _ProbeResult) -> list[Check]:
     if "ringbuf" in res.dropped:
         checks.append(Check("ringbuf", False, f"BPF_RINGBUF_OUTPUT: {res.dropped['ringbuf']}",
                             "ring buffers need Linux 5.8 or later; use perf buffers"))
-    elif res.ring_events:
-        checks.append(Check("ringbuf", True, f"BPF_RINGBUF_OUTPUT delivered "
-                                             f"{res.ring_events} event(s)",
-                            data={"events": res.ring_events}))
     else:
-        checks.append(Check("ringbuf", False, "BPF_RINGBUF_OUTPUT delivered no events"
-                                              + _tracepoint_note(res)))
-    if res.perf_events:
-        checks.append(Check("perf event array", True, f"BPF_PERF_OUTPUT delivered "
-                                                 f"{res.perf_events} event(s)",
-                            data={"events": res.perf_events}))
-    else:
-        checks.append(Check("perf event array", False, "BPF_PERF_OUTPUT delivered no events"
-                                                  + _tracepoint_note(res)))
+        checks.append(_delivery("ringbuf", "BPF_RINGBUF_OUTPUT", res.ring_events, res))
+    checks.append(_delivery("perf event array", "BPF_PERF_OUTPUT", res.perf_events, res))
     return checks
+
+
+def _delivery(name: str, macro: str, events: int, res: _ProbeResult) -> Check:
+    """A map kind works when the probe's events came through it."""
+    if events:
+        return Check(name, True, f"{macro} delivered {events} event(s)", data={"events": events})
+    return Check(name, False, f"{macro} delivered no events" + _tracepoint_note(res))
 
 
 def _tracepoint_note(res: _ProbeResult) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 # one getppid() per event; the probe filters on TARGET (the child's tgid)
 _CHILD = """
@@ -72,3 +73,19 @@ def perf_program() -> str:
     return GETPPID_EVENT.replace("DECLARE", "BPF_PERF_OUTPUT(events)").replace(
         "SUBMIT", "events.perf_submit(args, &e, sizeof(e))"
     )
+
+
+def run_to_completion(source: str, count: int, **probe_kwargs: Any) -> tuple[Any, Producer]:
+    """Start a probe on `source` filtered to a fresh producer, make `count` events, stop and
+    close it (its frames and stats stay readable). Returns (probe, producer)."""
+    from kernelscope import Probe
+
+    prod = paused(count)
+    probe = Probe(source, cflags=prod.cflags, **probe_kwargs)
+    try:
+        probe.start()
+        prod.go()
+        probe.stop()
+    finally:
+        probe.close()
+    return probe, prod

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from producers import paused, perf_program, ring_program
+from producers import paused, perf_program, ring_program, run_to_completion
 from util import BPFCounts, bpf_object_counts, fd_count
 
 from kernelscope import (
@@ -40,24 +40,21 @@ def bpf_prog_ids() -> BPFCounts:
 
 
 def test_ring_buffer_delivers_every_event_with_right_columns() -> None:
-    prod = paused(20_000)
-    with Probe(ring_program(pages=256), cflags=prod.cflags) as p:
-        prod.go()
-        p.stop()
-        st = p.stats["events"]
-        assert_accounted(st, 20_000)
-        df = p.df
-        assert len(df) == st["received"]
-        assert st["received"] > 0
-        assert (df["pid"] == prod.pid).all()
-        assert set(df["comm"]) == {
-            "python" if "python" in os.path.basename(os.sys.executable) else df["comm"][0]
-        }
-        assert df["ts"].is_monotonic_increasing  # one thread: reservation order is time order
-        assert st["inversions"] == 0
-        assert list(df["ks_seq"]) == list(range(len(df)))
-        assert str(df["ks_time"].dtype).startswith("datetime64")
-        assert abs(df["ks_time"].iloc[0].timestamp() - time.time()) < 120
+    p, prod = run_to_completion(ring_program(pages=256), 20_000)
+    st = p.stats["events"]
+    assert_accounted(st, 20_000)
+    df = p.df
+    assert len(df) == st["received"]
+    assert st["received"] > 0
+    assert (df["pid"] == prod.pid).all()
+    assert set(df["comm"]) == {
+        "python" if "python" in os.path.basename(os.sys.executable) else df["comm"][0]
+    }
+    assert df["ts"].is_monotonic_increasing  # one thread: reservation order is time order
+    assert st["inversions"] == 0
+    assert list(df["ks_seq"]) == list(range(len(df)))
+    assert str(df["ks_time"].dtype).startswith("datetime64")
+    assert abs(df["ks_time"].iloc[0].timestamp() - time.time()) < 120
 
 
 def test_overloaded_tiny_ring_drops_and_still_balances() -> None:
@@ -115,14 +112,11 @@ def test_perf_buffer_counts_lost_records_like_the_program() -> None:
 
 
 def test_perf_buffer_live_drain_marks_cpu() -> None:
-    prod = paused(5_000)
-    with Probe(perf_program(), pages=64, cflags=prod.cflags) as p:
-        prod.go()
-        p.stop()
-        st = p.stats["events"]
-        assert_accounted(st, 5_000)
-        df = p.df
-        assert (df["ks_cpu"].astype(int) == df["cpu"].astype(int)).all()
+    p, _ = run_to_completion(perf_program(), 5_000, pages=64)
+    st = p.stats["events"]
+    assert_accounted(st, 5_000)
+    df = p.df
+    assert (df["ks_cpu"].astype(int) == df["cpu"].astype(int)).all()
 
 
 def test_reserve_submit_discard_is_accounted() -> None:
@@ -141,26 +135,20 @@ def test_reserve_submit_discard_is_accounted() -> None:
       events.ringbuf_submit(e, 0);
       return 0;
     }"""
-    prod = paused(3_000)
-    with Probe(src, cflags=prod.cflags) as p:
-        prod.go()
-        p.stop()
-        st = p.stats["events"]
-        assert st["discarded"] == 1_000
-        assert st["attempted"] == 2_000 == st["received"] + st["dropped"]
-        assert not (p.df["n"] % 3 == 0).any()
+    p, _ = run_to_completion(src, 3_000)
+    st = p.stats["events"]
+    assert st["discarded"] == 1_000
+    assert st["attempted"] == 2_000 == st["received"] + st["dropped"]
+    assert not (p.df["n"] % 3 == 0).any()
 
 
 def test_max_rows_keeps_newest_and_counts_evicted() -> None:
-    prod = paused(2_000)
-    with Probe(ring_program(pages=64), max_rows=500, cflags=prod.cflags) as p:
-        prod.go()
-        p.stop()
-        st = p.stats["events"]
-        assert st["stored"] == 500
-        assert st["evicted"] == st["received"] - 500
-        assert p.df["ks_seq"].iloc[-1] == st["received"] - 1
-        assert p.df["ts"].is_monotonic_increasing
+    p, _ = run_to_completion(ring_program(pages=64), 2_000, max_rows=500)
+    st = p.stats["events"]
+    assert st["stored"] == 500
+    assert st["evicted"] == st["received"] - 500
+    assert p.df["ks_seq"].iloc[-1] == st["received"] - 1
+    assert p.df["ts"].is_monotonic_increasing
 
 
 def test_stop_freezes_counters_and_start_resumes() -> None:
