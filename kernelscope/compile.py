@@ -136,32 +136,52 @@ def _line_of(source: str, pos: int) -> int:
     return source.count("\n", 0, pos) + 1
 
 
+def check_tracepoint(cat: str, ev: str, line: int | None = None, events: Path | None = None,
+                     known: list[str] | None = None) -> list[str] | None:
+    """AttachError naming close matches when `cat:ev` is not a tracepoint of this kernel.
+
+    Returns the list of known tracepoints when it had to read it, for the next call.
+    """
+    events = events or tracefs_events()
+    if (events / cat / ev / "format").exists():
+        return known
+    known = known if known is not None else list_tracepoints(events)
+    close = difflib.get_close_matches(f"{cat}:{ev}", known, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; %bpf_tracepoints PATTERN lists them"
+    where = f"line {line}: " if line else ""
+    raise AttachError(f"{where}no tracepoint {cat}:{ev} on this kernel{hint}")
+
+
 def check_attach_points(source: str, events: Path | None = None) -> None:
     """Name an unknown tracepoint (with close matches) or a missing kernel feature up front."""
     events = events or tracefs_events()
     known: list[str] | None = None
     for m in _TP.finditer(source):
         cat, ev = m.groups()
-        if (events / cat / ev / "format").exists():
-            continue
-        known = known if known is not None else list_tracepoints(events)
-        close = difflib.get_close_matches(f"{cat}:{ev}", known, n=3, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; %bpf_tracepoints PATTERN lists them"
-        line = _line_of(source, m.start())
-        raise AttachError(f"line {line}: no tracepoint {cat}:{ev} on this kernel{hint}")
+        known = check_tracepoint(cat, ev, _line_of(source, m.start()), events, known)
     for m in _RAW_TP.finditer(source):
-        name = m.group(1)
-        known = known if known is not None else list_tracepoints(events)
-        if any(k.split(":", 1)[1] == name for k in known):
-            continue
-        close = difflib.get_close_matches(name, [k.split(":", 1)[1] for k in known], n=3, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        line = _line_of(source, m.start())
-        raise AttachError(f"line {line}: no raw tracepoint {name} on this kernel{hint}")
+        known = check_raw_tracepoint(m.group(1), _line_of(source, m.start()), events, known)
     kp = _KPROBE.search(source)
-    if kp and config_option("CONFIG_KPROBES") in (None, "n"):
+    if kp:
+        check_kprobes(_line_of(source, kp.start()))
+
+
+def check_raw_tracepoint(name: str, line: int | None = None, events: Path | None = None,
+                         known: list[str] | None = None) -> list[str]:
+    known = known if known is not None else list_tracepoints(events or tracefs_events())
+    if any(k.split(":", 1)[1] == name for k in known):
+        return known
+    close = difflib.get_close_matches(name, [k.split(":", 1)[1] for k in known], n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    where = f"line {line}: " if line else ""
+    raise AttachError(f"{where}no raw tracepoint {name} on this kernel{hint}")
+
+
+def check_kprobes(line: int | None = None) -> None:
+    if config_option("CONFIG_KPROBES") in (None, "n"):
+        where = f"line {line}: " if line else ""
         raise UnsupportedError(
-            f"line {_line_of(source, kp.start())}: kprobes are not available: this kernel was built "
+            f"{where}kprobes are not available: this kernel was built "
             "without CONFIG_KPROBES. Use a tracepoint (TRACEPOINT_PROBE) or raw tracepoint instead.",
             feature="CONFIG_KPROBES",
         )

@@ -31,8 +31,8 @@ import pandas as pd
 
 from . import compile as _compile
 from .batch import Batch
-from .errors import ClosedError, KernelscopeError, SchemaError
-from .instrument import ACCT_MAP, GATE_MAP, OutputMap, instrument, read_counters
+from .errors import AttachError, ClosedError, KernelscopeError, SchemaError
+from .instrument import ACCT_MAP, GATE_MAP, Instrumented, OutputMap, instrument, read_counters
 from .order import OrderTracker, Reorderer
 from .ringbuf import PAGE, RingBufferReader
 from .schema import Schema, parse_structs, struct_dtype
@@ -78,7 +78,7 @@ class _Resources:
     """The kernel-side objects of a probe, closable without a reference to the probe."""
 
     def __init__(self) -> None:
-        self.bpf: Any = None
+        self.prog: Any = None  # BCCProgram or core.CoreProgram
         self.readers: list[Any] = []
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
@@ -91,9 +91,66 @@ class _Resources:
         for r in self.readers:
             r.close()
         self.readers.clear()
-        if self.bpf is not None:
-            release_bpf(self.bpf)
-            self.bpf = None
+        if self.prog is not None:
+            self.prog.close()
+            self.prog = None
+
+
+class BCCProgram:
+    """A loaded `bcc.BPF` behind the interface Probe uses for either backend."""
+
+    backend = "bcc"
+
+    def __init__(self, bpf: Any, instrumented: Instrumented, source: str) -> None:
+        self.bpf = bpf
+        self.instrumented = instrumented
+        self.source = source
+        self.notes: list[str] = []
+
+    def event_dtype(self, name: str) -> np.dtype:
+        return struct_dtype(bcc_event_fields(self.bpf, name), parse_structs(self.source), name)
+
+    def named_dtype(self, ctype: str, where: str) -> np.dtype:
+        structs = parse_structs(self.source)
+        if ctype not in structs:
+            raise SchemaError(f"{where}: no {ctype} defined in the program")
+        return struct_dtype(structs[ctype], structs, ctype)
+
+    def map_fd(self, name: str) -> int:
+        return int(self.bpf[name.encode()].get_fd())
+
+    def ring_size(self, name: str) -> int:
+        table = self.bpf[name.encode()]
+        om = self.instrumented.maps[name]
+        return int(table.max_entries) if hasattr(table, "max_entries") else (om.pages or 0) * PAGE
+
+    def perf_set_fd(self, name: str) -> Callable[[int, int], None]:
+        table = self.bpf[name.encode()]
+
+        def set_fd(cpu: int, fd: int) -> None:
+            table[ctypes.c_int(cpu)] = ctypes.c_int(fd)
+        return set_fd
+
+    def set_gate(self, value: int) -> None:
+        self.bpf[GATE_MAP.encode()][ctypes.c_int(0)] = ctypes.c_uint32(value)
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        return read_counters(self.bpf[ACCT_MAP.encode()], self.instrumented.maps)
+
+    def attach_points(self) -> list[str]:
+        bpf = self.bpf
+        out = [f"tracepoint:{_text(k)}" for k in bpf.tracepoint_fds]
+        out += [f"raw_tracepoint:{_text(k)}" for k in bpf.raw_tracepoint_fds]
+        out += [f"kprobe:{_text(k)}" for k in bpf.kprobe_fds]
+        out += [f"uprobe:{_text(k)}" for k in bpf.uprobe_fds]
+        return out
+
+    def close(self) -> None:
+        release_bpf(self.bpf)
+
+
+def _text(k: Any) -> str:
+    return k.decode() if isinstance(k, bytes) else str(k)
 
 
 def release_bpf(bpf: Any) -> None:
@@ -305,6 +362,7 @@ class Probe(Results):
         dtypes: Mapping[str, np.dtype] | None = None,
         name: str | None = None,
         usdt: Sequence[tuple[str | int, str, str]] = (),
+        backend: str | None = None,
     ) -> None:
         """`pages`: ring buffer size in pages (whole ring) or perf buffer pages per CPU,
         one value for all output maps or a {map: pages} dict; None keeps the program's
@@ -315,7 +373,18 @@ class Probe(Results):
         a perf buffer notifies. `reorder_ns`: hold events this long to emit them in
         timestamp order (needs a ts-like u64 field). `usdt`: (binary path or pid, probe,
         program function) triples, attached while compiling as BCC requires.
+
+        `backend`: "bcc" (BCC macros: TRACEPOINT_PROBE, BPF_RINGBUF_OUTPUT...) or "libbpf"
+        (CO-RE: SEC("tp/..."), vmlinux.h, BPF_CORE_READ); None picks "libbpf" when the source
+        uses SEC(...). `dtypes` overrides a map's record type: a numpy dtype, or a C type name
+        such as "struct event".
         """
+        from . import core
+
+        backend = backend or ("libbpf" if core.is_core(source) else "bcc")
+        if backend not in ("bcc", "libbpf"):
+            raise ValueError(f"backend must be 'bcc' or 'libbpf', not {backend!r}")
+        self.backend = backend
         if poll_interval <= 0:
             raise ValueError("poll_interval must be positive")
         self.source = source
@@ -328,9 +397,11 @@ class Probe(Results):
         self.wakeup_events = wakeup_events
         self.watermark_bytes = watermark_bytes
         self.reorder_ns = reorder_ns
-        self.dtypes = dict(dtypes or {})
+        self.dtypes: dict[str, Any] = dict(dtypes or {})
         self.usdt = list(usdt)
         self.maps: dict[str, MapState] = {}
+        self.user_rings: dict[str, Any] = {}  # name -> userring.UserRing (CO-RE backend)
+        self._sent_before: dict[str, dict[str, int]] = {}  # user ring counts of replaced programs
         self.error: BaseException | None = None
         self.closed = False
         self.started_at: float | None = None
@@ -339,25 +410,33 @@ class Probe(Results):
         self._lock = threading.RLock()  # one drainer at a time
         self._last_sample = 0.0
         self._stopped_stats: dict[str, dict[str, Any]] | None = None
-        self.instrumented = instrument(source, self._ring_pages())
+        self._stopped_send_stats: dict[str, dict[str, Any]] | None = None
+        self.instrumented: Any = self._instrument()
         self.warnings: list[str] = []
         _live.add(self)
 
     # --- lifecycle -------------------------------------------------------------------
 
-    def _ring_pages(self) -> int | dict[str, int] | None:
-        if isinstance(self.pages, dict):
-            return self.pages
-        return self.pages
+    def _instrument(self) -> Any:
+        if self.backend == "libbpf":
+            from . import core
+
+            return core.prepare(self.source, self.pages)
+        return instrument(self.source, self.pages)
 
     @property
     def bpf(self) -> Any:
-        """The underlying `bcc.BPF` object (None before load and after close)."""
-        return self._res.bpf
+        """The underlying `bcc.BPF` object (BCC backend; None before load, after close, for CO-RE)."""
+        return getattr(self._res.prog, "bpf", None)
+
+    @property
+    def program(self) -> Any:
+        """The loaded program behind either backend (BCCProgram or core.CoreProgram), or None."""
+        return self._res.prog
 
     @property
     def loaded(self) -> bool:
-        return self._res.bpf is not None
+        return self._res.prog is not None
 
     @property
     def running(self) -> bool:
@@ -369,24 +448,37 @@ class Probe(Results):
         self._check_open()
         if self.loaded:
             return self
-        bpf = _compile.load(self.instrumented, self.source, self.cflags, self.usdt)
-        self._res.bpf = bpf
+        if self.backend == "libbpf":
+            from . import core
+
+            prog: Any = core.load(self.instrumented, self.source, self.cflags)
+        else:
+            bpf = _compile.load(self.instrumented, self.source, self.cflags, self.usdt)
+            prog = BCCProgram(bpf, self.instrumented, self.source)
+        self._res.prog = prog
         try:
-            self._open_maps(bpf)
+            self._open_maps(prog)
+            self._open_user_rings(prog)
         except BaseException:
             self._res.close()
             raise
+        for note in prog.notes:
+            if note not in self.warnings:
+                self.warnings.append(note)
         self._set_gate(1)
         return self
 
-    def _open_maps(self, bpf: Any) -> None:
-        bcc = bpf.__class__.__module__
-        del bcc
-        structs = parse_structs(self.source)
+    def _dtype(self, prog: Any, name: str) -> np.dtype | None:
+        want = self.dtypes.get(name)
+        if isinstance(want, str):
+            return np.dtype(prog.named_dtype(want, name))
+        return np.dtype(want) if want is not None else None
+
+    def _open_maps(self, prog: Any) -> None:
         for name, om in self.instrumented.maps.items():
-            dtype = self.dtypes.get(name)
+            dtype = self._dtype(prog, name)
             if dtype is None:
-                dtype = struct_dtype(bcc_event_fields(bpf, name), structs, name)
+                dtype = prog.event_dtype(name)
             old = self.maps.get(name)
             if old is not None and old.schema.dtype == np.dtype(dtype):
                 ms = old  # reconfigure(): same program, new buffers; rows and counts carry on
@@ -395,22 +487,17 @@ class Probe(Results):
                 schema = Schema(np.dtype(dtype), per_cpu=om.kind == "perf")
                 ms = MapState(om, schema, FrameStore(schema, self.max_rows))
             schema = ms.schema
-            table = bpf[name.encode()]
             if om.kind == "ringbuf":
-                size = int(table.max_entries) if hasattr(table, "max_entries") else (om.pages or 0) * PAGE
+                size = prog.ring_size(name)
                 ms.pages = size // PAGE
-                ms.reader = RingBufferReader(table.get_fd(), size, schema.dtype, wakeup=self.wakeup)
+                ms.reader = RingBufferReader(prog.map_fd(name), size, schema.dtype, wakeup=self.wakeup)
             else:
                 from .perfbuf import PerfBufferReader
 
                 pages = self.pages.get(name, 64) if isinstance(self.pages, dict) else (self.pages or 64)
                 ms.pages = pages
-
-                def set_fd(cpu: int, fd: int, table: Any = table) -> None:
-                    table[ctypes.c_int(cpu)] = ctypes.c_int(fd)
-
                 ms.reader = PerfBufferReader(
-                    set_fd,
+                    prog.perf_set_fd(name),
                     schema.dtype,
                     pages=pages,
                     wakeup_events=self.wakeup_events,
@@ -424,14 +511,83 @@ class Probe(Results):
             elif self.reorder_ns is not None:
                 raise SchemaError(f"{name}: reorder_ns needs a u64 timestamp field (e.g. `u64 ts`)")
             self.maps[name] = ms
-        if not self.maps:
-            self.warnings.append(
-                "the program declares no BPF_RINGBUF_OUTPUT or BPF_PERF_OUTPUT map: nothing to drain"
-            )
+        if not self.maps and not getattr(self.instrumented, "user_rings", None):
+            what = ("ring buffer or perf event array map (SEC(\".maps\"))" if self.backend == "libbpf"
+                    else "BPF_RINGBUF_OUTPUT or BPF_PERF_OUTPUT map")
+            self.warnings.append(f"the program declares no {what}: nothing to drain")
+
+    def _open_user_rings(self, prog: Any) -> None:
+        from .userring import UserRing
+
+        for name in getattr(self.instrumented, "user_rings", {}):
+            dtype = self._dtype(prog, name)
+            if dtype is None and name in self.instrumented.event_types:
+                dtype = prog.event_dtype(name)
+            old = self.user_rings.get(name)
+            if old is not None:  # reconfigure(): counts carry on
+                before = self._sent_before.setdefault(name, {"sent": 0, "full": 0})
+                before["sent"] += old.sent
+                before["full"] += old.full
+            ring = UserRing(name, prog.map_fd(name), prog.ring_size(name), dtype)
+            self.user_rings[name] = ring
+            self._res.readers.append(ring)
 
     def _set_gate(self, value: int) -> None:
-        gate = self._res.bpf[GATE_MAP.encode()]
-        gate[ctypes.c_int(0)] = ctypes.c_uint32(value)
+        self._res.prog.set_gate(value)
+
+    def send(self, name: str | None = None, records: Any = None, timeout: float = 0.0) -> int:
+        """Write records into a BPF_MAP_TYPE_USER_RINGBUF map, in order; returns how many.
+
+        `records`: dicts, a DataFrame or a numpy structured array of the struct the program
+        reads (missing fields are zero). `name` may be omitted when there is one user ring.
+        A full ring waits up to `timeout` s for the program to drain, then raises
+        UserRingFullError saying how many records went in; nothing is lost silently.
+        """
+        self._check_open()
+        if records is None and name is not None and not isinstance(name, str):
+            name, records = None, name
+        self.load()
+        if not self.user_rings:
+            raise KernelscopeError("this program has no BPF_MAP_TYPE_USER_RINGBUF map to send to")
+        if name is None:
+            if len(self.user_rings) > 1:
+                raise KernelscopeError(f"several user ring buffers: name one of {', '.join(self.user_rings)}")
+            name = next(iter(self.user_rings))
+        ring = self.user_rings.get(name)
+        if ring is None:
+            have = ", ".join(self.user_rings)
+            raise KernelscopeError(f"no user ring buffer {name!r}; this program has {have}")
+        return int(ring.send(records, timeout=timeout))
+
+    @property
+    def send_stats(self) -> dict[str, dict[str, Any]]:
+        """Per user ring buffer: records sent, drained by the program, pending, times found full."""
+        if not self.user_rings:
+            return {}
+        if self._stopped_send_stats is not None:
+            return self._stopped_send_stats
+        return self._compute_send_stats()
+
+    def _compute_send_stats(self) -> dict[str, dict[str, Any]]:
+        counters = self.counters() if self.loaded else {}
+        out = {}
+        for name, ring in self.user_rings.items():
+            before = self._sent_before.get(name, {})
+            c = counters.get(name, {})
+            drained = c.get("drained", 0) + before.get("drained", 0)
+            sent = ring.sent + before.get("sent", 0)
+            out[name] = {
+                "kind": "user_ringbuf",
+                "sent": sent,
+                "drained": drained,
+                "pending": sent - drained,
+                "drain_errors": c.get("drain_errors", 0),
+                "full": ring.full + before.get("full", 0),
+                "fill_bytes": ring.fill_bytes(),
+                "capacity_bytes": ring.size,
+                "pages": ring.size // PAGE,
+            }
+        return out
 
     def start(self) -> Probe:
         """Load if needed and drain in a background thread. Idempotent."""
@@ -440,6 +596,7 @@ class Probe(Results):
             return self
         self._set_gate(1)
         self._stopped_stats = None
+        self._stopped_send_stats = None
         self._res.stop.clear()
         self.started_at = self.started_at or time.monotonic()
         t = threading.Thread(
@@ -474,6 +631,7 @@ class Probe(Results):
         self._flush_reorder()
         self._sample(force=True)
         self._stopped_stats = self._compute_stats()
+        self._stopped_send_stats = self._compute_send_stats() if self.user_rings else None
         self._record()
         return self
 
@@ -532,8 +690,11 @@ class Probe(Results):
             for name, ms in self.maps.items():
                 for key in ("attempted", "failed", "discarded"):
                     ms.carried[key] = ms.carried.get(key, 0) + counters.get(name, {}).get(key, 0)
+            for name in self.user_rings:
+                before = self._sent_before.setdefault(name, {"sent": 0, "full": 0})
+                before["drained"] = before.get("drained", 0) + counters.get(name, {}).get("drained", 0)
             self._res.close()
-        self.instrumented = instrument(self.source, self._ring_pages())
+        self.instrumented = self._instrument()
         now = time.monotonic()
         for ms in self.maps.values():
             ms.marks.append({"t": now, "what": "; ".join(changes)})
@@ -627,10 +788,10 @@ class Probe(Results):
 
     def counters(self) -> dict[str, dict[str, int]]:
         """The program's own per-CPU counters, summed: attempted, failed, discarded per map."""
-        bpf = self._res.bpf
-        if bpf is None:
+        prog = self._res.prog
+        if prog is None:
             return {}
-        return read_counters(bpf[ACCT_MAP.encode()], self.instrumented.maps)
+        return dict(prog.counters())
 
     @property
     def stats(self) -> dict[str, dict[str, Any]]:
@@ -645,6 +806,9 @@ class Probe(Results):
         for name, ms in self.maps.items():
             now = counters.get(name, {"attempted": 0, "failed": 0, "discarded": 0})
             c = {k: now.get(k, 0) + ms.carried.get(k, 0) for k in ("attempted", "failed", "discarded")}
+            if self.backend == "libbpf":
+                # bpf_ringbuf_discard() names no map: count the discards the reader skipped
+                c["discarded"] += ms.discarded_seen
             attempted = c["attempted"] - c["discarded"]
             received = ms.store.received + (len(ms.reorder) if ms.reorder else 0)
             out[name] = {
@@ -718,6 +882,8 @@ class Probe(Results):
             "watermark_bytes": self.watermark_bytes,
             "reorder_ns": self.reorder_ns,
             "name": self.name,
+            "backend": self.backend,
+            "send_stats": self.send_stats,
         }
         cap = capture.Capture(maps, self.source, settings, started_ns=started)
         return capture.save(cap, path)
@@ -755,6 +921,11 @@ class Probe(Results):
     def attach_uprobe(self, name: str, sym: str = "", fn_name: str = "", **kw: Any) -> Probe:
         """Attach a function of the program to a user-space symbol (`name`: binary or library)."""
         self.load()
+        if self.backend == "libbpf":
+            from . import core
+
+            core.attach_uprobe(self._res.prog, name, sym, fn_name, **kw)
+            return self
         with _compile.capture_fd2() as log:
             try:
                 self.bpf.attach_uprobe(name=name, sym=sym, fn_name=fn_name, **kw)
@@ -770,7 +941,16 @@ class Probe(Results):
         self.load()
         cat_ev = tp.replace(":", " ").split()
         if len(cat_ev) == 2:
-            _compile.check_attach_points(f"TRACEPOINT_PROBE({cat_ev[0]}, {cat_ev[1]})")
+            _compile.check_tracepoint(cat_ev[0], cat_ev[1])
+        if self.backend == "libbpf":
+            prog = self._res.prog
+            if len(cat_ev) != 2:
+                raise AttachError(f"tracepoint {tp!r}: expected CATEGORY:EVENT")
+            try:
+                prog.obj.attach_tracepoint(prog.program(fn_name), *cat_ev)
+            except OSError as e:
+                raise AttachError(f"tracepoint {tp} -> {fn_name}: {e}") from None
+            return self
         with _compile.capture_fd2() as log:
             try:
                 self.bpf.attach_tracepoint(tp=tp, fn_name=fn_name)
@@ -783,14 +963,8 @@ class Probe(Results):
         return "closed" if self.closed else "running" if self.running else "loaded" if self.loaded else "new"
 
     def attach_points(self) -> list[str]:
-        bpf = self._res.bpf
-        if bpf is None:
-            return []
-        out = [f"tracepoint:{k.decode() if isinstance(k, bytes) else k}" for k in bpf.tracepoint_fds]
-        out += [f"raw_tracepoint:{k.decode() if isinstance(k, bytes) else k}" for k in bpf.raw_tracepoint_fds]
-        out += [f"kprobe:{k.decode() if isinstance(k, bytes) else k}" for k in bpf.kprobe_fds]
-        out += [f"uprobe:{k.decode() if isinstance(k, bytes) else k}" for k in bpf.uprobe_fds]
-        return out
+        prog = self._res.prog
+        return [] if prog is None else list(prog.attach_points())
 
 
 def bcc_event_fields(bpf: Any, name: str) -> list[tuple[str, str]]:

@@ -1,0 +1,578 @@
+"""The CO-RE backend: libbpf-style programs (`SEC("tp/...")`, `vmlinux.h`) compiled by clang.
+
+    Probe(source, backend="libbpf")   # or automatically when the source uses SEC("...")
+
+A cell in the style of libbpf-tools is compiled with `clang -target bpf` against a
+`vmlinux.h` generated from the running kernel's BTF (cached per kernel), then opened,
+sized, loaded and attached through libbpf (kernelscope.libbpf). libbpf relocates every
+`BPF_CORE_READ` against the running kernel, so struct fields read right even where the
+installed headers belong to another kernel (BCC's weak point on this machine).
+
+Accounting is the same as for BCC programs: every `bpf_ringbuf_reserve`,
+`bpf_ringbuf_output` and `bpf_perf_event_output` on a declared map is wrapped, on its
+own line, in a statement expression that checks the gate and bumps per-CPU counters;
+`bpf_user_ringbuf_drain` adds the number of samples it drained. Event structs come from
+the object's own BTF: the text only says which struct goes to which map (the variable a
+reservation is assigned to, or the data a `*_output` call passes), and a global pointer
+of that type anchors it in the BTF.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno as _errno
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import btf, host, libbpf
+from . import compile as _compile
+from .errors import (
+    AttachError,
+    BPFPermissionError,
+    CompileError,
+    KernelscopeError,
+    SchemaError,
+    SetupError,
+    UnsupportedError,
+    VerifierError,
+)
+from .instrument import (
+    ACCT_MAP,
+    CELL_FILE,
+    GATE_MAP,
+    SLOTS,
+    OutputMap,
+    _blank_comments_and_strings,
+    _int_or_none,
+    _matching_paren,
+)
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kernelscope" / "vmlinux"
+ANCHOR = "__ks_type_"  # global `T *__ks_type_<map>` keeps the event struct in the object's BTF
+
+_SEC = re.compile(r"\bSEC\s*\(")
+_MAP_DECL = re.compile(r"\bstruct\s*\{(?P<body>[^{}]*)\}\s*(?P<name>\w+)\s+SEC\s*\(", re.S)
+_MAP_TYPE = re.compile(r"__uint\s*\(\s*type\s*,\s*BPF_MAP_TYPE_(\w+)\s*\)")
+_MAX_ENTRIES = re.compile(r"__uint\s*\(\s*max_entries\s*,\s*([^)]*?)\s*\)")
+_KINDS = {"RINGBUF": "ringbuf", "PERF_EVENT_ARRAY": "perf", "USER_RINGBUF": "user_ringbuf"}
+# helper -> index of the map argument
+_CALLS = {"bpf_ringbuf_reserve": 0, "bpf_ringbuf_output": 0, "bpf_perf_event_output": 1,
+          "bpf_user_ringbuf_drain": 0}
+_CALL = re.compile(r"\b(" + "|".join(_CALLS) + r")\s*\(")
+_INCLUDE = re.compile(r"^\s*#\s*include\s*[<\"]([^>\"]+)[>\"]", re.M)
+_SECTION = re.compile(r'\bSEC\s*\(\s*"([^"]+)"\s*\)')
+_LICENSE = re.compile(r'SEC\s*\(\s*"license"\s*\)')
+_KEYWORDS = {"return", "sizeof", "if", "while", "else", "case", "goto", "typeof", "const", "volatile"}
+TRACING_SECTIONS = ("fentry", "fexit", "fmod_ret", "lsm", "tp_btf", "iter", "freplace")
+KPROBE_SECTIONS = ("kprobe", "kretprobe", "ksyscall", "kretsyscall", "kprobe.multi", "kretprobe.multi")
+
+
+def is_core(source: str) -> bool:
+    """True for libbpf-style programs: they put programs and maps in SEC("...") sections."""
+    return bool(_SEC.search(_blank_comments_and_strings(source)))
+
+
+# --- vmlinux.h ---------------------------------------------------------------------------
+
+
+@cache
+def vmlinux_dir() -> Path:
+    """A folder holding vmlinux.h for the running kernel, generated from its BTF once, cached."""
+    if not btf.VMLINUX.is_file():
+        raise SetupError(f"no {btf.VMLINUX}: this kernel has no BTF (CONFIG_DEBUG_INFO_BTF), "
+                         "which CO-RE programs need; use the BCC backend (no SEC() sections)")
+    digest = hashlib.sha256(btf.VMLINUX.read_bytes()).hexdigest()[:16]
+    folder = CACHE / f"{host.kernel_release()}-{digest}"
+    header = folder / "vmlinux.h"
+    if header.is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([btf.require_bpftool(), "btf", "dump", "file", str(btf.VMLINUX), "format", "c"],
+                          capture_output=True, check=False)
+    if proc.returncode != 0:
+        raise SetupError(f"bpftool could not dump the kernel's BTF as C: "
+                         f"{proc.stderr.decode(errors='replace').strip()}")
+    tmp = header.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_bytes(proc.stdout)
+    tmp.replace(header)
+    return folder
+
+
+@cache
+def clang() -> str:
+    for name in ("clang", "clang-16", "clang-15", "clang-14"):
+        for d in [*os.environ.get("PATH", "/usr/bin").split(os.pathsep), "/usr/bin"]:
+            if os.access(os.path.join(d, name), os.X_OK):
+                return os.path.join(d, name)
+    raise SetupError("clang is not installed: apt-get install clang (or run `make setup`)")
+
+
+# --- source analysis and rewriting ---------------------------------------------------------
+
+
+@dataclass
+class CoreSource:
+    """A CO-RE cell prepared for clang: the rewritten text, its maps and event types."""
+
+    source: str
+    maps: dict[str, OutputMap]  # output maps (ringbuf, perf), as for BCC programs
+    user_rings: dict[str, OutputMap]  # BPF_MAP_TYPE_USER_RINGBUF maps, slot group: drained, errors
+    event_types: dict[str, str]  # map -> C type of its records ("struct event"), when found
+    sections: list[tuple[str, int]] = field(default_factory=list)  # (SEC name, line)
+    prelude_lines: int = 0
+
+
+def _split_args(text: str) -> list[str]:
+    args: list[str] = []
+    cur: list[str] = []
+    depth = 0
+    for ch in text:
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            args.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    args.append("".join(cur))
+    return [a.strip() for a in args]
+
+
+def _var_type(code: str, var: str, before: int) -> tuple[str, bool] | None:
+    """(C type, is pointer) of the last declaration of `var` before position `before`."""
+    decl = re.compile(
+        r"((?:struct|union)\s+\w+|\w+)\s*(\*?)\s*\b" + re.escape(var) + r"\b\s*(?=[=;,)\[])")
+    found = None
+    for m in decl.finditer(code, 0, before):
+        if m.group(1) not in _KEYWORDS:
+            found = (" ".join(m.group(1).split()), bool(m.group(2)))
+    return found
+
+
+def _event_type(code: str, helper: str, args: list[str], start: int) -> str | None:
+    """The C type a call site sends: from a reservation's target or an output call's data."""
+    if helper == "bpf_ringbuf_reserve":
+        size_arg = args[1] if len(args) > 1 else ""
+        size = re.fullmatch(r"sizeof\s*\(\s*((?:struct|union)\s+\w+|\w+)\s*\)", size_arg)
+        if size and not _var_type(code, size.group(1), start):
+            return " ".join(size.group(1).split())
+        lhs = re.search(r"(\w+)\s*=\s*(?:\(\s*((?:struct|union)\s+\w+|\w+)\s*\*\s*\)\s*)?$", code[:start])
+        if lhs:
+            if lhs.group(2):
+                return " ".join(lhs.group(2).split())
+            t = _var_type(code, lhs.group(1), start)
+            if t and t[1]:
+                return t[0]
+        return None
+    data = args[3] if helper == "bpf_perf_event_output" and len(args) > 3 else (
+        args[1] if len(args) > 1 else "")
+    m = re.fullmatch(r"(&?)\s*(\w+)", data)
+    if not m:
+        return None
+    t = _var_type(code, m.group(2), start)
+    if t is None or (bool(m.group(1)) == t[1]):
+        return None  # `&ptr` or a plain struct by value: not a struct pointer we understand
+    return t[0]
+
+
+def _sample_type(code: str, callback: str) -> str | None:
+    """The struct a user ring buffer callback reads from its dynptr (bpf_dynptr_read/data)."""
+    fn = re.search(r"\b" + re.escape(callback) + r"\s*\([^)]*\)\s*\{", code)
+    if not fn:
+        return None
+    end = _matching_brace(code, fn.end() - 1)
+    body_start = fn.end()
+    m = re.search(r"bpf_dynptr_read\s*\(\s*&?\s*(\w+)", code[body_start:end]) or re.search(
+        r"(\w+)\s*=\s*(?:\([^()]*\)\s*)?bpf_dynptr_data\s*\(", code[body_start:end])
+    if not m:
+        return None
+    t = _var_type(code, m.group(1), body_start + m.start())
+    return t[0] if t else None
+
+
+def _matching_brace(code: str, open_idx: int) -> int:
+    depth = 0
+    for i in range(open_idx, len(code)):
+        if code[i] == "{":
+            depth += 1
+        elif code[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+    return len(code)
+
+
+def prepare(source: str, pages: int | dict[str, int] | None = None) -> CoreSource:
+    """Find maps, wrap output call sites, add the accounting prelude and type anchors."""
+    code = _blank_comments_and_strings(source)
+    maps: dict[str, OutputMap] = {}
+    user_rings: dict[str, OutputMap] = {}
+    for m in _MAP_DECL.finditer(code):
+        if not source[m.end():].lstrip().startswith('".maps"'):
+            continue
+        t = _MAP_TYPE.search(m.group("body"))
+        kind = _KINDS.get(t.group(1)) if t else None
+        if kind is None:
+            continue
+        index = len(maps) + len(user_rings)
+        size = _MAX_ENTRIES.search(m.group("body"))
+        nbytes = _int_or_none(size.group(1)) if size else None
+        om = OutputMap(m.group("name"), kind, index, nbytes // PAGE if nbytes else None)
+        want = pages.get(om.name) if isinstance(pages, dict) else (pages if kind == "ringbuf" else None)
+        if want is not None and kind != "perf":
+            if want <= 0 or want & (want - 1):
+                raise ValueError(f"{om.name}: ring buffer pages must be a power of two, got {want}")
+            om.pages = want
+        (user_rings if kind == "user_ringbuf" else maps)[om.name] = om
+
+    edits: list[tuple[int, int, str]] = []
+    types: dict[str, str] = {}
+    for m in _CALL.finditer(code):
+        helper = m.group(1)
+        close = _matching_paren(code, m.end() - 1)
+        if close < 0:
+            continue
+        args = _split_args(code[m.end():close])
+        target = args[_CALLS[helper]].lstrip("&").strip() if len(args) > _CALLS[helper] else ""
+        found_map = maps.get(target) or user_rings.get(target)
+        if found_map is None:
+            continue
+        om = found_map
+        call = source[m.start(): close + 1]
+        base = om.index * SLOTS
+        if helper == "bpf_user_ringbuf_drain":
+            wrapped = (f"({{ long __ks_r = 0; if (__ks_open()) {{ __ks_r = {call}; "
+                       f"__ks_drained({base}, __ks_r); }} __ks_r; }})")
+            if len(args) > 1 and target not in types:
+                found = _sample_type(code, args[1])
+                if found:
+                    types[target] = found
+        elif helper == "bpf_ringbuf_reserve":
+            wrapped = (f"({{ void *__ks_p = 0; if (__ks_open()) {{ __ks_p = {call}; "
+                       f"__ks_count({base}, !__ks_p); }} __ks_p; }})")
+        else:
+            wrapped = (f"({{ long __ks_r = -1; if (__ks_open()) {{ __ks_r = {call}; "
+                       f"__ks_count({base}, __ks_r < 0); }} __ks_r; }})")
+        if helper != "bpf_user_ringbuf_drain" and target not in types:
+            found = _event_type(code, helper, args, m.start())
+            if found:
+                types[target] = found
+        om.call_sites.append(source.count("\n", 0, m.start()) + 1)
+        edits.append((m.start(), close + 1, wrapped))
+
+    out = source
+    for start, end, text in sorted(edits, reverse=True):
+        out = out[:start] + text + out[end:]
+    prelude = _prelude(source, len(maps) + len(user_rings))
+    epilogue = "\n#line 1 \"<kernelscope>\"\n"
+    epilogue += "".join(f"{t} *{ANCHOR}{name} __attribute__((used));\n" for name, t in types.items())
+    if not _LICENSE.search(source):
+        epilogue += 'char __ks_license[] SEC("license") = "Dual BSD/GPL";\n'
+    sections = [(m.group(1), source.count("\n", 0, m.start()) + 1) for m in _SECTION.finditer(source)]
+    return CoreSource(prelude + f'#line 1 "{CELL_FILE}"\n' + out + epilogue, maps, user_rings, types,
+                      sections, prelude.count("\n") + 1)
+
+
+def _prelude(source: str, nmaps: int) -> str:
+    """Base headers the cell itself uses (vmlinux.h by default) and the accounting maps."""
+    includes = set(_INCLUDE.findall(source))
+    if "vmlinux.h" in includes or not includes:
+        head = '#include "vmlinux.h"\n'
+    else:
+        head = "#include <linux/bpf.h>\n#include <linux/types.h>\n"
+    head += "#include <bpf/bpf_helpers.h>\n"
+    if not includes:  # a bare cell: what libbpf-tools programs include
+        head += "#include <bpf/bpf_tracing.h>\n#include <bpf/bpf_core_read.h>\n"
+    n = max(1, nmaps) * SLOTS
+    return head + (
+        "struct { __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY); __uint(max_entries, "
+        f"{n}); __type(key, __u32); __type(value, __u64); }} {ACCT_MAP} SEC(\".maps\");\n"
+        "struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 1); "
+        f"__type(key, __u32); __type(value, __u32); }} {GATE_MAP} SEC(\".maps\");\n"
+        "static __always_inline int __ks_open(void) {\n"
+        f"  __u32 k = 0; __u32 *g = bpf_map_lookup_elem(&{GATE_MAP}, &k); return g && *g;\n"
+        "}\n"
+        "static __always_inline void __ks_add(__u32 k, __u64 n) {\n"
+        f"  __u64 *v = bpf_map_lookup_elem(&{ACCT_MAP}, &k); if (v) *v += n;\n"
+        "}\n"
+        "static __always_inline void __ks_count(__u32 base, int failed) {\n"
+        "  __ks_add(base, 1); if (failed) __ks_add(base + 1, 1);\n"
+        "}\n"
+        "static __always_inline void __ks_drained(__u32 base, long r) {\n"
+        "  if (r > 0) __ks_add(base, r); else if (r < 0) __ks_add(base + 1, 1);\n"
+        "}\n"
+    )
+
+
+# --- compile, load, attach -----------------------------------------------------------------
+
+
+def compile_object(prepared: CoreSource, user_source: str, cflags: tuple[str, ...], out: Path) -> None:
+    """clang -target bpf; a CompileError with the cell's line numbers on failure."""
+    src = out.with_suffix(".c")
+    src.write_text(prepared.source)
+    cmd = [clang(), "-g", "-O2", "-target", "bpf", "-D__TARGET_ARCH_x86",
+           "-I", str(vmlinux_dir()), f"-I/usr/include/{os.uname().machine}-linux-gnu",
+           "-Wno-compare-distinct-pointer-types", "-Wno-unused-value", "-Wno-gnu-statement-expression",
+           *cflags, "-c", str(src), "-o", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=out.parent)
+    if proc.returncode == 0:
+        return
+    log = proc.stderr
+    lines = user_source.splitlines()
+    errors = [d for d in _compile.parse_diagnostics(log, user_source) if d.kind != "warning"]
+    body = "\n".join(_compile._format_diag(d, lines).replace("in BCC's headers", "in a header")
+                     for d in errors) or log.strip()[-2000:]
+    first = next((d.line for d in errors if d.line), None)
+    raise CompileError(f"compile error\n{body}", line=first, log=log)
+
+
+def check_sections(prepared: CoreSource) -> None:
+    """Name missing tracepoints and kernel features before loading, with the cell's line."""
+    known: list[str] | None = None
+    for sec, line in prepared.sections:
+        kind, _, rest = sec.partition("/")
+        if kind in ("tp", "tracepoint") and "/" in rest:
+            cat, ev = rest.split("/", 1)
+            known = _compile.check_tracepoint(cat, ev, line, known=known)
+        elif kind in ("raw_tp", "raw_tracepoint") and rest:
+            known = _compile.check_raw_tracepoint(rest, line, known=known)
+        elif kind in KPROBE_SECTIONS:
+            _compile.check_kprobes(line)
+
+
+class CoreProgram:
+    """A loaded and attached CO-RE object, with the interface Probe uses for any backend."""
+
+    backend = "libbpf"
+
+    def __init__(self, prepared: CoreSource, obj: libbpf.Object, objfile: Path, notes: list[str]) -> None:
+        self.prepared = prepared
+        self.obj = obj
+        self.objfile = objfile
+        self.notes = notes
+        self.maps = {m.name: m for m in obj.maps()}
+        self.ncpus = libbpf.possible_cpus()
+        self._types: btf.Types | None = None
+
+    @property
+    def bpf(self) -> None:
+        return None
+
+    def types(self) -> btf.Types:
+        if self._types is None:
+            self._types = btf.Types.load(self.objfile)
+        return self._types
+
+    def event_dtype(self, name: str) -> np.dtype:
+        """The dtype of map `name`'s records, from the type anchored in the object's BTF."""
+        types = self.types()
+        var = types.var(f"{ANCHOR}{name}")
+        if var is None:
+            raise SchemaError(
+                f"{name}: kernelscope could not tell which struct this map carries (it looks for "
+                f"`e = bpf_ringbuf_reserve(&{name}, ...)` with `struct T *e`, or `&e` passed to "
+                "bpf_ringbuf_output/bpf_perf_event_output). Pass dtypes={'" + name + "': 'struct T'} "
+                "or a numpy dtype to Probe.")
+        ptr = types.resolve(var["type_id"])
+        return types.dtype(types.resolve(ptr["type_id"]), self.prepared.event_types.get(name, name))
+
+    def named_dtype(self, ctype: str, where: str) -> np.dtype:
+        t = self.types().find(ctype)
+        if t is None:
+            raise SchemaError(f"{where}: no type {ctype!r} in the program's BTF (is it used in the code?)")
+        return self.types().dtype(t, ctype)
+
+    def map_fd(self, name: str) -> int:
+        return self.maps[name].fd
+
+    def ring_size(self, name: str) -> int:
+        return self.maps[name].max_entries
+
+    def perf_set_fd(self, name: str) -> Any:
+        fd = self.maps[name].fd
+
+        def set_fd(cpu: int, event_fd: int) -> None:
+            libbpf.map_update(fd, ctypes.c_uint32(cpu), ctypes.c_uint32(event_fd), f"{name}[{cpu}]")
+        return set_fd
+
+    def set_gate(self, value: int) -> None:
+        libbpf.map_update(self.maps[GATE_MAP].fd, ctypes.c_uint32(0), ctypes.c_uint32(value), "gate")
+
+    def _slots(self, nslots: int) -> list[int]:
+        fd = self.maps[ACCT_MAP].fd
+        out = []
+        values = (ctypes.c_uint64 * self.ncpus)()
+        for k in range(nslots):
+            libbpf.map_lookup(fd, ctypes.c_uint32(k), values, "counters")
+            out.append(int(sum(values)))
+        return out
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """attempted/failed per output map, drained/errors per user ring, from the per-CPU slots."""
+        p = self.prepared
+        n = (len(p.maps) + len(p.user_rings)) * SLOTS
+        if not self.obj.ptr:
+            return {}
+        slots = self._slots(n)
+        out = {}
+        for om in list(p.maps.values()) + list(p.user_rings.values()):
+            b = om.index * SLOTS
+            if om.kind == "user_ringbuf":
+                out[om.name] = {"drained": slots[b], "drain_errors": slots[b + 1]}
+            else:
+                out[om.name] = {"attempted": slots[b], "failed": slots[b + 1], "discarded": 0}
+        return out
+
+    def attach_points(self) -> list[str]:
+        return [point for point, _ in self.obj.links]
+
+    def program(self, name: str) -> libbpf.Program:
+        progs = {p.name: p for p in self.obj.programs()}
+        if name not in progs:
+            raise AttachError(f"no program {name!r} in this object; it has {', '.join(progs) or 'none'}")
+        return progs[name]
+
+    def close(self) -> None:
+        self.obj.close()
+        with contextlib.suppress(OSError):
+            self.objfile.unlink()
+
+
+def load(prepared: CoreSource, user_source: str, cflags: tuple[str, ...] = ()) -> CoreProgram:
+    """Compile, open, size, load and attach; every failure a specific kernelscope error."""
+    host.prepare()
+    check_sections(prepared)
+    libbpf.lib()
+    workdir = Path(tempfile.mkdtemp(prefix="kernelscope-core-"))
+    objfile = workdir / "cell.o"
+    try:
+        compile_object(prepared, user_source, cflags, objfile)
+        with _compile.capture_fd2() as log:
+            try:
+                obj = libbpf.Object(objfile)
+            except OSError as e:
+                err: OSError | None = e
+            else:
+                err = None
+        if err is not None:
+            raise KernelscopeError(f"libbpf could not open the object: {err}\n{''.join(log).strip()}")
+    finally:
+        with contextlib.suppress(OSError):
+            objfile.with_suffix(".c").unlink()
+    notes: list[str] = []
+    try:
+        for m in obj.maps():
+            om = prepared.maps.get(m.name) or prepared.user_rings.get(m.name)
+            if om is not None and om.kind != "perf" and om.pages:
+                m.set_max_entries(om.pages * PAGE)
+        _load(obj, prepared, user_source)
+        _attach_all(obj, prepared, user_source, notes)
+    except BaseException:
+        obj.close()
+        with contextlib.suppress(OSError):
+            objfile.unlink()
+            workdir.rmdir()
+        raise
+    return CoreProgram(prepared, obj, objfile, notes)
+
+
+def _load(obj: libbpf.Object, prepared: CoreSource, user_source: str) -> None:
+    with _compile.capture_fd2() as log:
+        try:
+            obj.load()
+            return
+        except OSError as e:
+            err = e
+    text = "".join(log)
+    raise _classify_load(err, text, prepared) from None
+
+
+def _classify_load(err: OSError, log: str, prepared: CoreSource) -> KernelscopeError:
+    progs = re.findall(r"prog '(\w+)': BPF program load failed", log)
+    name = progs[0] if progs else "the program"
+    relo = re.search(r"prog '(\w+)': relo #\d+: (.*)", log)
+    if relo and "failed" in log.split(relo.group(0), 1)[1][:400] + relo.group(2):
+        lines = [ln.removeprefix("libbpf: ") for ln in log.splitlines() if "relo" in ln or "failed" in ln]
+        return VerifierError(
+            f"CO-RE relocation failed for {relo.group(1)}: a field or type the program reads does not "
+            "exist in the running kernel's BTF:\n" + "\n".join(lines[-8:]), log=log)
+    if err.errno == _errno.EPERM:
+        if os.geteuid() != 0 and not host.has_bpf_privileges():
+            return BPFPermissionError(_compile.host_permission_hint())
+        tracing = [s for s, _ in prepared.sections if s.split("/")[0].split(".")[0] in TRACING_SECTIONS]
+        found = host.lockdown_mode()
+        lock = found[0] if found else None
+        if tracing:
+            return UnsupportedError(
+                f"the kernel refused to load {name} (EPERM) although we are root: "
+                f"{', '.join(tracing)} programs are BPF tracing programs (BTF-attached)"
+                + (f", which this kernel refuses (lockdown is '{lock}')" if lock and lock != "none" else "")
+                + ". Use a tracepoint (SEC(\"tp/...\")) or raw tracepoint instead.",
+                feature=f"lockdown={lock}" if lock else "BPF tracing programs")
+    vlog = log.split("-- BEGIN PROG LOAD LOG --", 1)[-1].split("-- END PROG LOAD LOG --", 1)[0]
+    tail = "\n".join(vlog.strip().splitlines()[-12:])
+    return VerifierError(f"the verifier rejected {name}: {os.strerror(err.errno or 0)}\n{tail}", log=log)
+
+
+def attach_uprobe(prog: CoreProgram, binary: str, sym: str = "", fn_name: str = "", *, pid: int = -1,
+                  addr: int = 0, retprobe: bool = False) -> None:
+    """Attach program `fn_name` to `sym` (or `addr`) in `binary`, as Probe.attach_uprobe does for BCC."""
+    path = binary if "/" in binary else (shutil.which(binary) or binary)
+    with _compile.capture_fd2() as log:
+        try:
+            prog.obj.attach_uprobe(prog.program(fn_name), path, sym, addr, pid=pid, retprobe=retprobe)
+            return
+        except OSError as e:
+            err = e
+    detail = "".join(log).strip()
+    raise AttachError(f"uprobe {binary}:{sym or hex(addr)} -> {fn_name}: {err}\n{detail}") from None
+
+
+def attach_point(section: str) -> str:
+    """`tracepoint:sched:sched_process_exit` for SEC("tp/sched/sched_process_exit"), as BCC names it."""
+    kind, _, rest = section.partition("/")
+    if kind in ("tp", "tracepoint"):
+        return "tracepoint:" + rest.replace("/", ":", 1)
+    if kind in ("raw_tp", "raw_tracepoint"):
+        return "raw_tracepoint:" + rest
+    return f"{kind}:{rest}" if rest else kind
+
+
+def _attach_all(obj: libbpf.Object, prepared: CoreSource, user_source: str, notes: list[str]) -> None:
+    """Attach every program libbpf can attach from its SEC() name alone; note the others."""
+    lines = dict(prepared.sections)
+    for prog in obj.programs():
+        point = attach_point(prog.section)
+        with _compile.capture_fd2() as log:
+            try:
+                obj.attach(prog, point)
+                continue
+            except OSError as e:
+                err = e
+        text = "".join(log).strip()
+        if err.errno == _errno.EOPNOTSUPP:
+            notes.append(f"{prog.name} (SEC(\"{prog.section}\")) is not attached automatically: "
+                         "attach it with probe.attach_uprobe()/attach_tracepoint()")
+            continue
+        line = lines.get(prog.section)
+        where = f"line {line}: " if line else ""
+        kind = prog.section.split("/")[0]
+        if kind in KPROBE_SECTIONS:
+            _compile.check_kprobes(line)
+        raise AttachError(f"{where}could not attach {prog.name} (SEC(\"{prog.section}\")): "
+                          f"{os.strerror(err.errno or 0)}" + (f"\n{text}" if text else ""))

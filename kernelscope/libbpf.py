@@ -1,0 +1,229 @@
+"""A small ctypes layer over Debian's libbpf (libbpf.so.1, 1.1+): objects, maps, links, user rings.
+
+No maintained Python binding of libbpf exists (PyPI's candidates are unmaintained or wrap
+a vendored libbpf), and kernelscope needs only a few dozen calls: open an object file,
+size its maps, load, attach each program by its SEC() name, read and write map elements,
+and the user ring buffer API. libbpf >= 1.0 returns NULL or a negative errno and sets
+errno on failure; every wrapper here turns that into an OSError with libbpf's words.
+libbpf prints its own diagnostics (verifier logs, CO-RE relocation failures) on stderr,
+which the caller captures (compile.capture_fd2).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno as _errno
+import os
+from functools import cache
+from typing import Any
+
+from .errors import SetupError
+
+c_void_p, c_char_p, c_int, c_uint, c_size_t = (
+    ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_size_t)
+
+# enum bpf_map_type (include/uapi/linux/bpf.h)
+MAP_TYPES = {
+    1: "hash", 2: "array", 4: "perf_event_array", 6: "percpu_array", 27: "ringbuf",
+    31: "user_ringbuf",
+}
+BPF_MAP_TYPE_PERF_EVENT_ARRAY = 4
+BPF_MAP_TYPE_RINGBUF = 27
+BPF_MAP_TYPE_USER_RINGBUF = 31
+
+_SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
+    "libbpf_major_version": (c_uint, []),
+    "libbpf_minor_version": (c_uint, []),
+    "libbpf_num_possible_cpus": (c_int, []),
+    "bpf_object__open_file": (c_void_p, [c_char_p, c_void_p]),
+    "bpf_object__load": (c_int, [c_void_p]),
+    "bpf_object__close": (None, [c_void_p]),
+    "bpf_object__next_map": (c_void_p, [c_void_p, c_void_p]),
+    "bpf_object__next_program": (c_void_p, [c_void_p, c_void_p]),
+    "bpf_map__name": (c_char_p, [c_void_p]),
+    "bpf_map__type": (c_int, [c_void_p]),
+    "bpf_map__fd": (c_int, [c_void_p]),
+    "bpf_map__max_entries": (c_uint, [c_void_p]),
+    "bpf_map__set_max_entries": (c_int, [c_void_p, c_uint]),
+    "bpf_map__value_size": (c_uint, [c_void_p]),
+    "bpf_program__name": (c_char_p, [c_void_p]),
+    "bpf_program__section_name": (c_char_p, [c_void_p]),
+    "bpf_program__attach": (c_void_p, [c_void_p]),
+    "bpf_program__attach_tracepoint": (c_void_p, [c_void_p, c_char_p, c_char_p]),
+    "bpf_program__attach_uprobe_opts": (c_void_p, [c_void_p, c_int, c_char_p, c_size_t, c_void_p]),
+    "bpf_link__destroy": (c_int, [c_void_p]),
+    "bpf_map_update_elem": (c_int, [c_int, c_void_p, c_void_p, ctypes.c_uint64]),
+    "bpf_map_lookup_elem": (c_int, [c_int, c_void_p, c_void_p]),
+    "user_ring_buffer__new": (c_void_p, [c_int, c_void_p]),
+    "user_ring_buffer__reserve": (c_void_p, [c_void_p, ctypes.c_uint32]),
+    "user_ring_buffer__reserve_blocking": (c_void_p, [c_void_p, ctypes.c_uint32, c_int]),
+    "user_ring_buffer__submit": (None, [c_void_p, c_void_p]),
+    "user_ring_buffer__discard": (None, [c_void_p, c_void_p]),
+    "user_ring_buffer__free": (None, [c_void_p]),
+}
+
+
+@cache
+def lib() -> Any:
+    """libbpf.so.1 with argument and result types set; SetupError naming the package if absent."""
+    name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+    try:
+        so = ctypes.CDLL(name, use_errno=True)
+    except OSError as e:
+        raise SetupError(f"libbpf is not installed ({e}): apt-get install libbpf1 libbpf-dev") from None
+    missing = []
+    for fn, (restype, argtypes) in _SIGNATURES.items():
+        f = getattr(so, fn, None)
+        if f is None:
+            missing.append(fn)
+            continue
+        f.restype, f.argtypes = restype, argtypes
+    if missing:
+        raise SetupError(
+            f"{name} is too old for kernelscope's CO-RE backend (lacks {', '.join(missing[:3])}); "
+            "libbpf 1.1 or later is needed"
+        )
+    return so
+
+
+def version() -> str:
+    so = lib()
+    return f"{so.libbpf_major_version()}.{so.libbpf_minor_version()}"
+
+
+def possible_cpus() -> int:
+    n = int(lib().libbpf_num_possible_cpus())
+    if n <= 0:
+        raise _oserror(-n, "libbpf_num_possible_cpus")
+    return n
+
+
+def _oserror(err: int, what: str) -> OSError:
+    err = abs(err) or _errno.EINVAL
+    return OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def check(ret: int, what: str) -> int:
+    if ret < 0:
+        raise _oserror(ret, what)
+    return ret
+
+
+def check_ptr(ptr: int | None, what: str) -> int:
+    if not ptr:
+        raise _oserror(ctypes.get_errno(), what)
+    return ptr
+
+
+class UprobeOpts(ctypes.Structure):
+    """struct bpf_uprobe_opts (libbpf.h, 1.1)."""
+
+    _fields_ = [("sz", c_size_t), ("ref_ctr_offset", c_size_t), ("bpf_cookie", ctypes.c_uint64),
+                ("retprobe", ctypes.c_bool), ("func_name", c_char_p)]
+
+
+class Map:
+    """A map of an open object (pointer into libbpf's bpf_object; valid until it closes)."""
+
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
+        so = lib()
+        self.name: str = so.bpf_map__name(ptr).decode()
+        self.type: int = so.bpf_map__type(ptr)
+
+    @property
+    def kind(self) -> str:
+        return MAP_TYPES.get(self.type, f"type {self.type}")
+
+    @property
+    def fd(self) -> int:
+        return int(lib().bpf_map__fd(self.ptr))
+
+    @property
+    def max_entries(self) -> int:
+        return int(lib().bpf_map__max_entries(self.ptr))
+
+    def set_max_entries(self, n: int) -> None:
+        check(lib().bpf_map__set_max_entries(self.ptr, n), f"{self.name}: set max_entries {n}")
+
+
+class Program:
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
+        so = lib()
+        self.name: str = so.bpf_program__name(ptr).decode()
+        self.section: str = so.bpf_program__section_name(ptr).decode()
+
+
+class Object:
+    """A BPF object file opened with libbpf: maps and programs, load, close."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.ptr: int | None = check_ptr(lib().bpf_object__open_file(os.fsencode(path), None),
+                                         f"open {path}")
+        self.links: list[tuple[str, int]] = []  # (attach point, bpf_link *)
+
+    def maps(self) -> list[Map]:
+        out: list[Map] = []
+        m = None
+        while True:
+            m = lib().bpf_object__next_map(self.ptr, m)
+            if not m:
+                return out
+            out.append(Map(m))
+
+    def programs(self) -> list[Program]:
+        out: list[Program] = []
+        p = None
+        while True:
+            p = lib().bpf_object__next_program(self.ptr, p)
+            if not p:
+                return out
+            out.append(Program(p))
+
+    def load(self) -> None:
+        check(lib().bpf_object__load(self.ptr), "load")
+
+    def attach(self, prog: Program, point: str) -> None:
+        link = check_ptr(lib().bpf_program__attach(prog.ptr), f"attach {prog.name} ({prog.section})")
+        self.links.append((point, link))
+
+    def attach_tracepoint(self, prog: Program, category: str, event: str) -> None:
+        link = check_ptr(
+            lib().bpf_program__attach_tracepoint(prog.ptr, category.encode(), event.encode()),
+            f"attach {prog.name} to tracepoint {category}:{event}",
+        )
+        self.links.append((f"tracepoint:{category}:{event}", link))
+
+    def attach_uprobe(self, prog: Program, binary: str, func: str = "", offset: int = 0, *, pid: int = -1,
+                      retprobe: bool = False) -> None:
+        """Attach to `func` (libbpf resolves the ELF symbol) plus `offset`, in `binary`."""
+        opts = UprobeOpts(ctypes.sizeof(UprobeOpts), 0, 0, retprobe, func.encode() if func else None)
+        label = f"{binary}:{func or hex(offset)}"
+        link = check_ptr(
+            lib().bpf_program__attach_uprobe_opts(prog.ptr, pid, binary.encode(), offset, ctypes.byref(opts)),
+            f"attach {prog.name} to uprobe {label}",
+        )
+        self.links.append((f"{'uretprobe' if retprobe else 'uprobe'}:{label}", link))
+
+    def close(self) -> None:
+        so = lib()
+        for _, link in self.links:
+            so.bpf_link__destroy(link)
+        self.links.clear()
+        if self.ptr:
+            so.bpf_object__close(self.ptr)
+            self.ptr = None
+
+
+def map_update(fd: int, key: ctypes._CData, value: ctypes._CData, what: str = "map update") -> None:
+    ret = lib().bpf_map_update_elem(fd, ctypes.byref(key), ctypes.byref(value), 0)
+    if ret < 0:
+        raise _oserror(ctypes.get_errno() or -ret, what)
+
+
+def map_lookup(fd: int, key: ctypes._CData, value: ctypes._CData, what: str = "map lookup") -> None:
+    ret = lib().bpf_map_lookup_elem(fd, ctypes.byref(key), ctypes.byref(value))
+    if ret < 0:
+        raise _oserror(ctypes.get_errno() or -ret, what)
