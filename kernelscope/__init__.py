@@ -16,6 +16,7 @@ from .errors import (
     SchemaError,
     SetupError,
     UnsupportedError,
+    UserRingFullError,
     VerifierError,
 )
 from .probe import Probe, close_all, live_probes
@@ -32,6 +33,7 @@ __all__ = [
     "SchemaError",
     "SetupError",
     "UnsupportedError",
+    "UserRingFullError",
     "VerifierError",
     "close_all",
     "live_probes",

@@ -455,14 +455,14 @@ class CoreProgram:
 
 def load(prepared: CoreSource, user_source: str, cflags: tuple[str, ...] = ()) -> CoreProgram:
     """Compile, open, size, load and attach; every failure a specific kernelscope error."""
-    host.prepare()
+    host.prepare("libbpf")
     check_sections(prepared)
     libbpf.lib()
     workdir = Path(tempfile.mkdtemp(prefix="kernelscope-core-"))
     objfile = workdir / "cell.o"
     try:
         compile_object(prepared, user_source, cflags, objfile)
-        with _compile.capture_fd2() as log:
+        with libbpf.captured_log() as log:
             try:
                 obj = libbpf.Object(objfile)
             except OSError as e:
@@ -492,7 +492,7 @@ def load(prepared: CoreSource, user_source: str, cflags: tuple[str, ...] = ()) -
 
 
 def _load(obj: libbpf.Object, prepared: CoreSource, user_source: str) -> None:
-    with _compile.capture_fd2() as log:
+    with libbpf.captured_log() as log:
         try:
             obj.load()
             return
@@ -505,12 +505,12 @@ def _load(obj: libbpf.Object, prepared: CoreSource, user_source: str) -> None:
 def _classify_load(err: OSError, log: str, prepared: CoreSource) -> KernelscopeError:
     progs = re.findall(r"prog '(\w+)': BPF program load failed", log)
     name = progs[0] if progs else "the program"
-    relo = re.search(r"prog '(\w+)': relo #\d+: (.*)", log)
-    if relo and "failed" in log.split(relo.group(0), 1)[1][:400] + relo.group(2):
-        lines = [ln.removeprefix("libbpf: ") for ln in log.splitlines() if "relo" in ln or "failed" in ln]
+    relo = re.findall(r"failed to resolve CO-RE relocation (.*)", log)
+    if relo:
         return VerifierError(
-            f"CO-RE relocation failed for {relo.group(1)}: a field or type the program reads does not "
-            "exist in the running kernel's BTF:\n" + "\n".join(lines[-8:]), log=log)
+            f"CO-RE relocation failed for {name}: a field or type the program reads does not exist in "
+            "the running kernel's BTF (guard optional fields with bpf_core_field_exists()):\n"
+            + "\n".join(dict.fromkeys(relo)), log=log)
     if err.errno == _errno.EPERM:
         if os.geteuid() != 0 and not host.has_bpf_privileges():
             return BPFPermissionError(_compile.host_permission_hint())
@@ -533,7 +533,7 @@ def attach_uprobe(prog: CoreProgram, binary: str, sym: str = "", fn_name: str = 
                   addr: int = 0, retprobe: bool = False) -> None:
     """Attach program `fn_name` to `sym` (or `addr`) in `binary`, as Probe.attach_uprobe does for BCC."""
     path = binary if "/" in binary else (shutil.which(binary) or binary)
-    with _compile.capture_fd2() as log:
+    with libbpf.captured_log() as log:
         try:
             prog.obj.attach_uprobe(prog.program(fn_name), path, sym, addr, pid=pid, retprobe=retprobe)
             return
@@ -558,7 +558,7 @@ def _attach_all(obj: libbpf.Object, prepared: CoreSource, user_source: str, note
     lines = dict(prepared.sections)
     for prog in obj.programs():
         point = attach_point(prog.section)
-        with _compile.capture_fd2() as log:
+        with libbpf.captured_log() as log:
             try:
                 obj.attach(prog, point)
                 continue

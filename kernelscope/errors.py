@@ -58,3 +58,12 @@ class SchemaError(KernelscopeError):
 
 class ClosedError(KernelscopeError):
     """The probe or reader was closed; its data stays readable, the kernel side is gone."""
+
+
+class UserRingFullError(KernelscopeError):
+    """A user ring buffer had no room left; `sent` records went in, `remaining` did not."""
+
+    def __init__(self, message: str, sent: int, remaining: int) -> None:
+        super().__init__(message)
+        self.sent = sent
+        self.remaining = remaining

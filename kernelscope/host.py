@@ -248,9 +248,14 @@ def ensure_tracefs(tracefs: Path = TRACEFS, debugfs: Path = DEBUGFS) -> str:
     return "; ".join(done) or f"tracefs mounted at {tracefs}"
 
 
-def prepare() -> list[str]:
-    """Everything a probe needs before compiling: returns what was done, raises what cannot be."""
+def prepare(backend: str = "bcc") -> list[str]:
+    """Everything a probe needs before compiling: returns what was done, raises what cannot be.
+
+    The CO-RE backend ("libbpf") needs neither BCC nor kernel headers, only tracefs.
+    """
     require_privileges()
+    if backend != "bcc":
+        return [ensure_tracefs()]
     notes = [ensure_tracefs(), ensure_headers()]
     import_bcc()
     return notes

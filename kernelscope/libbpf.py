@@ -5,16 +5,21 @@ a vendored libbpf), and kernelscope needs only a few dozen calls: open an object
 size its maps, load, attach each program by its SEC() name, read and write map elements,
 and the user ring buffer API. libbpf >= 1.0 returns NULL or a negative errno and sets
 errno on failure; every wrapper here turns that into an OSError with libbpf's words.
-libbpf prints its own diagnostics (verifier logs, CO-RE relocation failures) on stderr,
-which the caller captures (compile.capture_fd2).
+libbpf reports verifier logs and CO-RE relocation failures through its print callback;
+`captured_log()` installs kernelscope's own for the duration of a call (BCC, which loads
+the same libbpf.so.1, installs its own callback whenever it loads a program).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno as _errno
 import os
+import sys
+import threading
+from collections.abc import Iterator
 from functools import cache
 from typing import Any
 
@@ -36,6 +41,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "libbpf_major_version": (c_uint, []),
     "libbpf_minor_version": (c_uint, []),
     "libbpf_num_possible_cpus": (c_int, []),
+    "libbpf_set_print": (c_void_p, [c_void_p]),
     "bpf_object__open_file": (c_void_p, [c_char_p, c_void_p]),
     "bpf_object__load": (c_int, [c_void_p]),
     "bpf_object__close": (None, [c_void_p]),
@@ -85,6 +91,55 @@ def lib() -> Any:
             "libbpf 1.1 or later is needed"
         )
     return so
+
+
+LIBBPF_DEBUG = 2  # enum libbpf_print_level: WARN 0, INFO 1, DEBUG 2
+_PRINT_FN = ctypes.CFUNCTYPE(c_int, c_int, c_void_p, c_void_p)  # (level, fmt, va_list)
+_tls = threading.local()
+
+
+@cache
+def _libc() -> Any:
+    libc = ctypes.CDLL(None)
+    libc.vasprintf.argtypes = [ctypes.POINTER(c_void_p), c_void_p, c_void_p]
+    libc.vasprintf.restype = c_int
+    libc.free.argtypes = [c_void_p]
+    return libc
+
+
+def _on_print(level: int, fmt: int, args: int) -> int:
+    if level >= LIBBPF_DEBUG:
+        return 0
+    out = c_void_p()
+    n = _libc().vasprintf(ctypes.byref(out), fmt, args)  # x86_64/arm64: va_list passes as a pointer
+    if n < 0 or not out.value:
+        return 0
+    text = ctypes.string_at(out.value, n).decode("utf-8", "replace")
+    _libc().free(out)
+    sinks = getattr(_tls, "sinks", None)
+    if sinks:
+        sinks[-1].append(text)
+    else:
+        sys.stderr.write(text)
+    return 0
+
+
+_CALLBACK = _PRINT_FN(_on_print)
+
+
+@contextlib.contextmanager
+def captured_log() -> Iterator[list[str]]:
+    """Collect libbpf's warnings (verifier log, relocation errors) printed during the block."""
+    sinks = getattr(_tls, "sinks", None)
+    if sinks is None:
+        sinks = _tls.sinks = []
+    out: list[str] = []
+    sinks.append(out)
+    lib().libbpf_set_print(ctypes.cast(_CALLBACK, c_void_p))
+    try:
+        yield out
+    finally:
+        sinks.pop()
 
 
 def version() -> str:

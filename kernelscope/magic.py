@@ -64,6 +64,7 @@ class Options:
     perf_wakeup: int
     reorder_ns: int | None
     replay: str | None = None
+    backend: str | None = None  # None: CO-RE (libbpf) when the cell uses SEC(...), else BCC
 
     @property
     def blocking(self) -> bool:
@@ -126,9 +127,12 @@ class BPFMagics(Magics):
               help="replay this capture instead of loading the program (no BPF needed)")
     @argument("--reorder", type=int, metavar="NS",
               help="hold events NS nanoseconds to emit them in timestamp order (needs a u64 ts field)")
+    @argument("--libbpf", action="store_true",
+              help="CO-RE backend: clang + vmlinux.h + libbpf (automatic when the cell uses SEC(...))")
+    @argument("--bcc", action="store_true", help="BCC backend even if the cell uses SEC(...)")
     @cell_magic
     def bpf(self, line: str, cell: str) -> None:
-        """Compile a cell of BCC C, attach it, and drain its output maps into DataFrames.
+        """Compile a cell of BCC C (or libbpf-style CO-RE C), attach it, drain its output maps.
 
         Binds the Probe to NAME and returns at once while `NAME.df` keeps growing in the
         background, under a status line (events, rate, drops). With --duration or --limit
@@ -198,6 +202,8 @@ class BPFMagics(Magics):
     def _warn(self, probe: Probe, source: str) -> None:
         for w in probe.warnings:
             show_warning(w)
+        if getattr(probe, "backend", "bcc") != "bcc":
+            return  # CO-RE relocates struct reads against the kernel's BTF
         code = _compile_blank(source)
         m = _compile.STRUCT_DEREF.search(code)
         if m is None:
@@ -317,11 +323,14 @@ def options(args: Any) -> Options:
         raise UsageError(f"%%bpf: --reorder must be >= 0 ns, got {args.reorder}")
     if args.no_start and (args.duration is not None or args.limit is not None):
         raise UsageError("%%bpf: --no-start cannot be combined with --duration or --limit")
+    if args.libbpf and args.bcc:
+        raise UsageError("%%bpf: choose one of --libbpf and --bcc")
     return Options(
         name=name, pages=args.pages, duration=args.duration, limit=args.limit,
         max_rows=args.max_rows, cflags=[define_flag(d) for d in args.defines],
         no_start=args.no_start, quiet=args.quiet, perf_wakeup=args.perf_wakeup or 1,
         reorder_ns=args.reorder, replay=args.replay,
+        backend="libbpf" if args.libbpf else "bcc" if args.bcc else None,
     )
 
 
@@ -355,7 +364,8 @@ def build_probe(source: str, opts: Options) -> Probe:
         if opts.replay:
             return replay(opts.replay, speed=mode.replay_speed(), name=opts.name)  # type: ignore[return-value]
         probe = Probe(source, pages=opts.pages, max_rows=opts.max_rows, cflags=opts.cflags,
-                      wakeup_events=opts.perf_wakeup, reorder_ns=opts.reorder_ns, name=opts.name)
+                      wakeup_events=opts.perf_wakeup, reorder_ns=opts.reorder_ns, name=opts.name,
+                      backend=opts.backend)
         try:
             probe.load()
         except BaseException:

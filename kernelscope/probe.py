@@ -884,6 +884,8 @@ class Probe(Results):
             "name": self.name,
             "backend": self.backend,
             "send_stats": self.send_stats,
+            "user_ring_dtypes": {n: capture.dtype_to_json(r.dtype) for n, r in self.user_rings.items()
+                                 if r.dtype is not None},
         }
         cap = capture.Capture(maps, self.source, settings, started_ns=started)
         return capture.save(cap, path)

@@ -216,6 +216,39 @@ class Replay(Results):
     def attach_points(self) -> list[str]:
         return [f"replay of {self.path or 'a capture'}"]
 
+    @property
+    def backend(self) -> str:
+        return str(self.capture.settings.get("backend", "bcc"))
+
+    @property
+    def send_stats(self) -> dict[str, dict[str, Any]]:
+        """The user ring buffer counts the live probe had when it stopped."""
+        recorded = self.capture.settings.get("send_stats") or {}
+        return {name: {**st, "replayed": True} for name, st in recorded.items()}
+
+    def send(self, name: str | None = None, records: Any = None, timeout: float = 0.0) -> int:
+        """Check records against the recorded sample struct; returns how many there are.
+
+        A replay reaches no kernel: nothing is sent, and what the program echoed back is in
+        the capture's frames. Malformed records still fail as they would live.
+        """
+        from .capture import dtype_from_json
+        from .userring import to_records
+
+        if records is None and name is not None and not isinstance(name, str):
+            name, records = None, name
+        dtypes = self.capture.settings.get("user_ring_dtypes") or {}
+        if not dtypes:
+            raise KernelscopeError("the recorded program had no user ring buffer to send to")
+        if name is None:
+            if len(dtypes) > 1:
+                raise KernelscopeError(f"several user ring buffers: name one of {', '.join(dtypes)}")
+            name = next(iter(dtypes))
+        if name not in dtypes:
+            have = ", ".join(dtypes)
+            raise KernelscopeError(f"no user ring buffer {name!r}; the recorded program has {have}")
+        return len(to_records(records, dtype_from_json(dtypes[name]), f"send to {name}"))
+
 
 def _sample_at(mc: MapCapture, t: float) -> dict[str, float]:
     best: dict[str, float] = {}

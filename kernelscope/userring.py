@@ -26,18 +26,9 @@ import numpy as np
 import pandas as pd
 
 from . import libbpf
-from .errors import ClosedError, KernelscopeError, SchemaError
+from .errors import ClosedError, SchemaError, UserRingFullError
 
 PAGE = mmap.PAGESIZE
-
-
-class UserRingFullError(KernelscopeError):
-    """The user ring buffer had no room left; `sent` records went in, `remaining` did not."""
-
-    def __init__(self, message: str, sent: int, remaining: int) -> None:
-        super().__init__(message)
-        self.sent = sent
-        self.remaining = remaining
 
 
 def to_records(records: Any, dtype: np.dtype | None, where: str = "send") -> np.ndarray:
