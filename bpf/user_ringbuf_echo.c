@@ -15,7 +15,7 @@ struct echo {
     u32 seq;
     s32 value;
     u32 pid;        // the process whose kill() drained this sample
-    u32 batch;      // which drain call (per CPU) echoed it
+    u32 batch;      // which drain call echoed it
     u64 ts;         // bpf_ktime_get_ns() at the echo
     char comm[16];
     char text[16];
@@ -34,7 +34,7 @@ struct {
 } kernel_ringbuf SEC(".maps");
 
 struct {
-    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(type, BPF_MAP_TYPE_ARRAY);
     __uint(max_entries, 1);
     __type(key, u32);
     __type(value, u32);
@@ -64,7 +64,7 @@ int drain_on_kill(void *ctx) {
     u32 zero = 0, *n = bpf_map_lookup_elem(&drains, &zero);
     if (!n)
         return 0;
-    u32 batch = ++*n;
+    u32 batch = __sync_fetch_and_add(n, 1) + 1;   // numbers the drain calls
     bpf_user_ringbuf_drain(&user_ringbuf, echo_sample, &batch, 0);
     return 0;
 }

@@ -325,7 +325,8 @@ def compile_object(prepared: CoreSource, user_source: str, cflags: tuple[str, ..
     """clang -target bpf; a CompileError with the cell's line numbers on failure."""
     src = out.with_suffix(".c")
     src.write_text(prepared.source)
-    cmd = [clang(), "-g", "-O2", "-target", "bpf", "-D__TARGET_ARCH_x86",
+    # -mcpu=v3: atomics that return a value (__sync_fetch_and_add), 32-bit jumps; Linux >= 5.1
+    cmd = [clang(), "-g", "-O2", "-target", "bpf", "-mcpu=v3", "-D__TARGET_ARCH_x86",
            "-I", str(vmlinux_dir()), f"-I/usr/include/{os.uname().machine}-linux-gnu",
            "-Wno-compare-distinct-pointer-types", "-Wno-unused-value", "-Wno-gnu-statement-expression",
            *cflags, "-c", str(src), "-o", str(out)]
@@ -336,8 +337,15 @@ def compile_object(prepared: CoreSource, user_source: str, cflags: tuple[str, ..
     lines = user_source.splitlines()
     errors = [d for d in _compile.parse_diagnostics(log, user_source) if d.kind != "warning"]
     body = "\n".join(_compile._format_diag(d, lines).replace("in BCC's headers", "in a header")
-                     for d in errors) or log.strip()[-2000:]
+                     for d in errors)
     first = next((d.line for d in errors if d.line), None)
+    if not body:  # a backend failure: "fatal error: error in backend: line N: ..." and a crash dump
+        fatal = [ln for ln in log.splitlines() if ln.startswith(("fatal error", "error"))]
+        body = "\n".join(fatal[:3]) or log.strip()[:2000]
+        m = re.search(r"error in backend: line (\d+):", body)
+        first = int(m.group(1)) if m else None
+        if first and first <= len(lines):
+            body += f"\n    {first} | {lines[first - 1].rstrip()}"
     raise CompileError(f"compile error\n{body}", line=first, log=log)
 
 
@@ -441,6 +449,26 @@ class CoreProgram:
     def attach_points(self) -> list[str]:
         return [point for point, _ in self.obj.links]
 
+    def map_update(self, name: str, key: Any, value: Any) -> None:
+        """`map[key] = value` with one bpf(BPF_MAP_UPDATE_ELEM) syscall (ints, bytes or numpy)."""
+        m = self._map(name)
+        libbpf.map_update_bytes(m.fd, _packed(key, m.key_size, f"{name} key"),
+                                _packed(value, m.value_size, f"{name} value"), f"update {name}")
+
+    def map_update_batch(self, name: str, keys: Any, values: Any) -> int:
+        """Many updates in one bpf(BPF_MAP_UPDATE_BATCH) syscall; keys/values: numpy arrays."""
+        m = self._map(name)
+        k, v = np.ascontiguousarray(keys), np.ascontiguousarray(values)
+        if len(k) != len(v) or k.dtype.itemsize != m.key_size or v.dtype.itemsize != m.value_size:
+            raise ValueError(f"{name}: need equal-length key/value arrays of {m.key_size}- and "
+                             f"{m.value_size}-byte items")
+        return libbpf.map_update_batch(m.fd, k.tobytes(), v.tobytes(), len(k), f"batch update {name}")
+
+    def _map(self, name: str) -> libbpf.Map:
+        if name not in self.maps:
+            raise KernelscopeError(f"no map {name!r}; this program has {', '.join(self.maps)}")
+        return self.maps[name]
+
     def program(self, name: str) -> libbpf.Program:
         progs = {p.name: p for p in self.obj.programs()}
         if name not in progs:
@@ -451,6 +479,18 @@ class CoreProgram:
         self.obj.close()
         with contextlib.suppress(OSError):
             self.objfile.unlink()
+
+
+def _packed(value: Any, size: int, what: str) -> bytes:
+    if isinstance(value, (bytes, bytearray)):
+        data = bytes(value)
+    elif isinstance(value, (int, np.integer)):
+        data = int(value).to_bytes(size, "little", signed=int(value) < 0)
+    else:
+        data = np.asarray(value).tobytes()
+    if len(data) != size:
+        raise ValueError(f"{what}: {len(data)} bytes given, the map's is {size}")
+    return data
 
 
 def load(prepared: CoreSource, user_source: str, cflags: tuple[str, ...] = ()) -> CoreProgram:

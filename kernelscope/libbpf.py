@@ -53,6 +53,8 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "bpf_map__max_entries": (c_uint, [c_void_p]),
     "bpf_map__set_max_entries": (c_int, [c_void_p, c_uint]),
     "bpf_map__value_size": (c_uint, [c_void_p]),
+    "bpf_map__key_size": (c_uint, [c_void_p]),
+    "bpf_map_update_batch": (c_int, [c_int, c_void_p, c_void_p, ctypes.POINTER(ctypes.c_uint32), c_void_p]),
     "bpf_program__name": (c_char_p, [c_void_p]),
     "bpf_program__section_name": (c_char_p, [c_void_p]),
     "bpf_program__attach": (c_void_p, [c_void_p]),
@@ -196,6 +198,14 @@ class Map:
         return int(lib().bpf_map__fd(self.ptr))
 
     @property
+    def key_size(self) -> int:
+        return int(lib().bpf_map__key_size(self.ptr))
+
+    @property
+    def value_size(self) -> int:
+        return int(lib().bpf_map__value_size(self.ptr))
+
+    @property
     def max_entries(self) -> int:
         return int(lib().bpf_map__max_entries(self.ptr))
 
@@ -282,3 +292,19 @@ def map_lookup(fd: int, key: ctypes._CData, value: ctypes._CData, what: str = "m
     ret = lib().bpf_map_lookup_elem(fd, ctypes.byref(key), ctypes.byref(value))
     if ret < 0:
         raise _oserror(ctypes.get_errno() or -ret, what)
+
+
+def map_update_bytes(fd: int, key: bytes, value: bytes, what: str = "map update") -> None:
+    """One BPF_MAP_UPDATE_ELEM syscall."""
+    ret = lib().bpf_map_update_elem(fd, key, value, 0)
+    if ret < 0:
+        raise _oserror(ctypes.get_errno() or -ret, what)
+
+
+def map_update_batch(fd: int, keys: bytes, values: bytes, count: int, what: str = "batch update") -> int:
+    """One BPF_MAP_UPDATE_BATCH syscall (Linux 5.6) for `count` packed keys and values."""
+    n = ctypes.c_uint32(count)
+    ret = lib().bpf_map_update_batch(fd, keys, values, ctypes.byref(n), None)
+    if ret < 0:
+        raise _oserror(ctypes.get_errno() or -ret, f"{what} ({n.value} of {count} done)")
+    return int(n.value)
