@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from . import host
-from .errors import BPFPermissionError, SetupError
+from .errors import BPFPermissionError, KernelscopeError, SetupError
 
 BTF_VMLINUX = Path("/sys/kernel/btf/vmlinux")
 
@@ -135,6 +135,7 @@ def run_checks() -> list[Check]:
         checks += [Check(kind, None, f"not probed: {skip}") for kind in HITS]
         checks += [Check(kind, None, f"not probed: {skip}") for kind in MAP_KINDS]
         checks.append(_check_user_ringbuf())
+        checks.append(Check("co-re", None, f"not probed: {skip}"))
         checks.append(Check("header layout", None, f"not probed: {skip}"))
         return checks
 
@@ -146,6 +147,7 @@ def run_checks() -> list[Check]:
     checks += _attach_checks(result)
     checks += _map_checks(result)
     checks.append(_check_user_ringbuf())
+    checks.append(_check_core())
     checks.append(_check_layout(result, btf_thread.join()))
     return checks
 
@@ -723,6 +725,57 @@ def _check_user_ringbuf() -> Check:
                 "use the libbpf/CO-RE backend")
     return Check("user ringbuf", True, f"the kernel creates BPF_MAP_TYPE_USER_RINGBUF; {bcc_note}",
                  data={"bcc_supports": bcc_has_it})
+
+
+CORE_PROBE = r"""
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+struct ev { u32 pid; u32 tgid; u32 ppid; };
+struct { __uint(type, BPF_MAP_TYPE_RINGBUF); __uint(max_entries, 4096 * 4); } ks_doctor_core SEC(".maps");
+SEC("tp/syscalls/sys_enter_getppid")
+int ks_doctor_core_tp(void *ctx) {
+    u32 pid = bpf_get_current_pid_tgid() >> 32;
+    if (pid != TARGET) return 0;
+    struct task_struct *t = (struct task_struct *)bpf_get_current_task();
+    struct ev *e = bpf_ringbuf_reserve(&ks_doctor_core, sizeof(*e), 0);
+    if (!e) return 0;
+    e->pid = pid;
+    e->tgid = BPF_CORE_READ(t, tgid);
+    e->ppid = BPF_CORE_READ(t, real_parent, tgid);
+    bpf_ringbuf_submit(e, 0);
+    return 0;
+}
+"""
+
+
+def _check_core() -> Check:
+    """Compile, load and run a CO-RE program that reads task_struct; are the values right?"""
+    from .core import clang
+    from .libbpf import version
+    from .probe import Probe
+
+    fix = "apt-get install clang libbpf-dev bpftool (or `make setup`)"
+    try:
+        tools = f"clang ({clang()}), libbpf {version()}"
+        p = Probe(CORE_PROBE, cflags=[f"-DTARGET={os.getpid()}"], backend="libbpf").start()
+        try:
+            for _ in range(3):
+                os.getppid()
+            p.stop()
+            df = p.df
+        finally:
+            p.close()
+    except KernelscopeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return Check("co-re", False, f"the CO-RE backend failed: {first}", fix)
+    if len(df) != 3:
+        return Check("co-re", False, f"a CO-RE program ran, but {len(df)} of 3 events arrived")
+    right = bool((df["tgid"] == os.getpid()).all() and (df["ppid"] == os.getppid()).all())
+    if not right:
+        return Check("co-re", False, f"{tools}: task->tgid read {int(df['tgid'][0])}, expected {os.getpid()}")
+    return Check("co-re", True, f"{tools}; vmlinux.h from this kernel's BTF: task->tgid and "
+                 "real_parent->tgid read right (%%bpf cells with SEC(...), probe.send)")
 
 
 # --- header layout vs BTF ---------------------------------------------------------------

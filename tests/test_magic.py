@@ -728,3 +728,68 @@ def test_replay_flag_and_replay_mode_bind_the_recorded_frame(shell: Shell, tmp_p
     shown = out.stdout + " ".join(o.data.get("text/plain", "") for o in out.outputs)
     assert "replaying recorded captures" in shown
     assert shell.user_ns["rec"].df.equals(live.df)
+
+
+# --- the CO-RE (libbpf) backend through the magic ------------------------------------------
+
+CORE_CELL = r"""%%bpf {name} {flags}
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+struct ev {{ u32 pid; u32 ppid; }};
+struct {{ __uint(type, BPF_MAP_TYPE_RINGBUF); __uint(max_entries, 4096 * 16); }} ks_core_ev SEC(".maps");
+SEC("tp/syscalls/sys_enter_getppid")
+int on_getppid(void *ctx) {{
+    struct task_struct *t = (struct task_struct *)bpf_get_current_task();
+    u32 pid = bpf_get_current_pid_tgid() >> 32;
+    if (pid != TARGET) return 0;
+    struct ev *e = bpf_ringbuf_reserve(&ks_core_ev, sizeof(*e), 0);
+    if (!e) return 0;
+    e->pid = pid;
+    e->ppid = BPF_CORE_READ(t, real_parent, tgid);
+    {body}
+    bpf_ringbuf_submit(e, 0);
+    return 0;
+}}
+"""
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("flags", ["", "--libbpf"])
+def test_core_cell_is_picked_by_sec_or_flag_and_reads_struct_fields_without_a_warning(
+        shell: Shell, flags: str) -> None:
+    shell.magics.layout = magic.LayoutVerdict(True, "pretend mismatch")  # would warn for a BCC cell
+    cell = CORE_CELL.format(name="co", flags=f"{flags} --limit 20 -D TARGET={{os.getpid()}}", body="")
+    with getppid_calls(), capture_output() as cap:
+        shell.run_cell(cell)
+    probe = shell.user_ns["co"]
+    assert probe.backend == "libbpf"
+    assert probe.closed  # --limit: blocked, then stopped and detached
+    assert len(probe.df) >= 20
+    assert (probe.df["pid"] == os.getpid()).all()
+    assert (probe.df["ppid"] == os.getppid()).all()  # real_parent->tgid, relocated by CO-RE
+    assert not any(o.data.get("text/plain", "").startswith("WARNING") for o in cap.outputs)
+
+
+@pytest.mark.kernel
+def test_core_cell_errors_name_the_cell_line_and_leave_nothing_attached(shell: Shell) -> None:
+    before = bpf_objects(), fd_count()
+    msg, seen = _fails(shell, CORE_CELL.format(name="cobroken", flags="-D TARGET=1",
+                                               body="e->pid = undeclared_thing;"))
+    assert msg.startswith("%%bpf cobroken: compile error")
+    assert "line 16: error: use of undeclared identifier 'undeclared_thing'" in msg
+    assert "Traceback" not in seen
+    msg, _ = _fails(shell, CORE_CELL.format(name="coverif", flags="-D TARGET=1",
+                                            body="e->pid = *(u32 *)(long)bpf_get_prandom_u32();"))
+    assert msg.startswith("%%bpf coverif: line 16: the verifier rejected on_getppid")
+    assert "    16 |     e->pid = *(u32 *)(long)bpf_get_prandom_u32();" in msg
+    assert "invalid mem access" in msg
+    assert_nothing_attached(*before)
+
+
+@pytest.mark.kernel
+def test_bcc_flag_forces_bcc_and_both_flags_are_refused(shell: Shell) -> None:
+    msg, _ = _fails(shell, CORE_CELL.format(name="cobcc", flags="--bcc -D TARGET=1", body=""))
+    assert msg.startswith("%%bpf cobcc: compile error")  # BCC has no SEC(".maps") maps or vmlinux.h
+    msg, _ = _fails(shell, "%%bpf x --libbpf --bcc\nint x;")
+    assert "choose one of --libbpf and --bcc" in msg
