@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from . import btf, host, libbpf
+from . import btf, elf, host, libbpf
 from . import compile as _compile
 from .errors import (
     AttachError,
@@ -482,8 +482,13 @@ class CoreProgram:
 
 
 def _packed(value: Any, size: int, what: str) -> bytes:
+    """`value` as exactly `size` bytes: ints little-endian, strings/bytes NUL-padded (char[N])."""
+    if isinstance(value, str):
+        value = value.encode()
     if isinstance(value, (bytes, bytearray)):
         data = bytes(value)
+        if len(data) < size and what.startswith("global"):
+            data += b"\0" * (size - len(data))
     elif isinstance(value, (int, np.integer)):
         data = int(value).to_bytes(size, "little", signed=int(value) < 0)
     else:
@@ -493,8 +498,32 @@ def _packed(value: Any, size: int, what: str) -> bytes:
     return data
 
 
-def load(prepared: CoreSource, user_source: str, cflags: tuple[str, ...] = ()) -> CoreProgram:
-    """Compile, open, size, load and attach; every failure a specific kernelscope error."""
+def set_globals(obj: libbpf.Object, objfile: Path, values: dict[str, Any]) -> None:
+    """Write `const volatile` (and other global) variables before load, as a skeleton does."""
+    if not values:
+        return
+    syms = elf.symbols(objfile)
+    maps = obj.maps()
+    for name, value in values.items():
+        sym = syms.get(name)
+        if sym is None or sym.section not in (".rodata", ".data", ".bss") or not sym.size:
+            known = sorted(s.name for s in syms.values()
+                           if s.section in (".rodata", ".data", ".bss") and not s.name.startswith("__ks_"))
+            raise KernelscopeError(f"no global variable {name!r} in the program (globals: "
+                                   f"{', '.join(known) or 'none'}); declare it `const volatile T {name};`")
+        target = next((m for m in maps if m.name.endswith(sym.section)), None)
+        if target is None:
+            raise KernelscopeError(f"{name}: libbpf made no map for section {sym.section}")
+        addr, size = target.initial_value()
+        if sym.offset + sym.size > size:
+            raise KernelscopeError(f"{name}: outside {sym.section} ({size} bytes)")
+        data = _packed(value, sym.size, f"global {name}")
+        ctypes.memmove(addr + sym.offset, data, sym.size)
+
+
+def load(prepared: CoreSource, user_source: str, cflags: tuple[str, ...] = (),
+         globals_: dict[str, Any] | None = None) -> CoreProgram:
+    """Compile, open, size, set globals, load and attach; every failure a specific error."""
     host.prepare("libbpf")
     check_sections(prepared)
     libbpf.lib()
@@ -520,6 +549,7 @@ def load(prepared: CoreSource, user_source: str, cflags: tuple[str, ...] = ()) -
             om = prepared.maps.get(m.name) or prepared.user_rings.get(m.name)
             if om is not None and om.kind != "perf" and om.pages:
                 m.set_max_entries(om.pages * PAGE)
+        set_globals(obj, objfile, globals_ or {})
         _load(obj, prepared, user_source)
         _attach_all(obj, prepared, user_source, notes)
     except BaseException:

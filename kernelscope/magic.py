@@ -65,6 +65,7 @@ class Options:
     reorder_ns: int | None
     replay: str | None = None
     backend: str | None = None  # None: CO-RE (libbpf) when the cell uses SEC(...), else BCC
+    globals: dict[str, int | str] | None = None  # --set: `const volatile` values (CO-RE)
 
     @property
     def blocking(self) -> bool:
@@ -130,6 +131,8 @@ class BPFMagics(Magics):
     @argument("--libbpf", action="store_true",
               help="CO-RE backend: clang + vmlinux.h + libbpf (automatic when the cell uses SEC(...))")
     @argument("--bcc", action="store_true", help="BCC backend even if the cell uses SEC(...)")
+    @argument("--set", dest="sets", action="append", default=[], metavar="NAME=VALUE",
+              help="CO-RE: set the program's `const volatile` variable NAME before load; repeatable")
     @cell_magic
     def bpf(self, line: str, cell: str) -> None:
         """Compile a cell of BCC C (or libbpf-style CO-RE C), attach it, drain its output maps.
@@ -325,13 +328,29 @@ def options(args: Any) -> Options:
         raise UsageError("%%bpf: --no-start cannot be combined with --duration or --limit")
     if args.libbpf and args.bcc:
         raise UsageError("%%bpf: choose one of --libbpf and --bcc")
+    if args.sets and args.bcc:
+        raise UsageError("%%bpf: --set is for CO-RE programs' globals; BCC programs take -D NAME=VALUE")
     return Options(
         name=name, pages=args.pages, duration=args.duration, limit=args.limit,
         max_rows=args.max_rows, cflags=[define_flag(d) for d in args.defines],
         no_start=args.no_start, quiet=args.quiet, perf_wakeup=args.perf_wakeup or 1,
         reorder_ns=args.reorder, replay=args.replay,
-        backend="libbpf" if args.libbpf else "bcc" if args.bcc else None,
+        backend="libbpf" if args.libbpf or args.sets else "bcc" if args.bcc else None,
+        globals=dict(global_value(s) for s in args.sets),
     )
+
+
+def global_value(setting: str) -> tuple[str, int | str]:
+    """`NAME=VALUE` from --set: an integer (any base Python reads) or a string."""
+    name, eq, value = setting.partition("=")
+    if not name.isidentifier() or not eq:
+        raise UsageError(f"%%bpf: --set expects NAME=VALUE with NAME a C identifier, got {setting!r}")
+    if _UNEXPANDED.search(value):
+        raise UsageError(f"%%bpf: --set {setting} did not expand: IPython could not evaluate it")
+    try:
+        return name, int(value, 0)
+    except ValueError:
+        return name, value.strip("\"'")
 
 
 def define_flag(define: str) -> str:
@@ -365,7 +384,7 @@ def build_probe(source: str, opts: Options) -> Probe:
             return replay(opts.replay, speed=mode.replay_speed(), name=opts.name)  # type: ignore[return-value]
         probe = Probe(source, pages=opts.pages, max_rows=opts.max_rows, cflags=opts.cflags,
                       wakeup_events=opts.perf_wakeup, reorder_ns=opts.reorder_ns, name=opts.name,
-                      backend=opts.backend)
+                      backend=opts.backend, globals=opts.globals or None)
         try:
             probe.load()
         except BaseException:

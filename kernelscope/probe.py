@@ -323,10 +323,20 @@ class Results:
         warn = "".join(f"<p style='color:#b45309'>&#9888; {html.escape(w)}</p>" for w in warnings)
         err = f"<p style='color:#b91c1c'>error: {html.escape(str(error))}</p>" if error else ""
         label = html.escape(getattr(self, "name", None) or "")
+        backend = html.escape(str(getattr(self, "backend", "bcc")))
+        sends = ""
+        send_stats: dict[str, dict[str, Any]] = getattr(self, "send_stats", {})
+        if send_stats:
+            keys = ("sent", "drained", "pending", "full", "fill_bytes", "capacity_bytes")
+            srows = "".join(
+                f"<tr><td>{html.escape(n)}</td>" + "".join(f"<td>{st.get(k, '')}</td>" for k in keys)
+                + "</tr>" for n, st in send_stats.items())
+            sends = ("<table><thead><tr><th>user ring</th>" + "".join(f"<th>{k}</th>" for k in keys)
+                     + f"</tr></thead><tbody>{srows}</tbody></table>")
         return (
-            f"<div><b>{type(self).__name__} {label}</b> ({self.state()}); attached to "
+            f"<div><b>{type(self).__name__} {label}</b> ({self.state()}, {backend} backend); attached to "
             f"{html.escape(attach)}{warn}{err}<table><thead><tr>{head}</tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table></div>"
+            f"<tbody>{''.join(rows)}</tbody></table>{sends}</div>"
         )
 
 
@@ -363,6 +373,7 @@ class Probe(Results):
         name: str | None = None,
         usdt: Sequence[tuple[str | int, str, str]] = (),
         backend: str | None = None,
+        globals: Mapping[str, Any] | None = None,
     ) -> None:
         """`pages`: ring buffer size in pages (whole ring) or perf buffer pages per CPU,
         one value for all output maps or a {map: pages} dict; None keeps the program's
@@ -377,7 +388,8 @@ class Probe(Results):
         `backend`: "bcc" (BCC macros: TRACEPOINT_PROBE, BPF_RINGBUF_OUTPUT...) or "libbpf"
         (CO-RE: SEC("tp/..."), vmlinux.h, BPF_CORE_READ); None picks "libbpf" when the source
         uses SEC(...). `dtypes` overrides a map's record type: a numpy dtype, or a C type name
-        such as "struct event".
+        such as "struct event". `globals` (CO-RE): values for the program's `const volatile`
+        variables, set before load as a libbpf skeleton does ({"targ_tgid": 1234}).
         """
         from . import core
 
@@ -399,6 +411,10 @@ class Probe(Results):
         self.reorder_ns = reorder_ns
         self.dtypes: dict[str, Any] = dict(dtypes or {})
         self.usdt = list(usdt)
+        self.globals = dict(globals or {})
+        if self.globals and backend != "libbpf":
+            raise ValueError("globals= sets `const volatile` variables of CO-RE programs; "
+                             "for BCC programs use cflags=['-DNAME=VALUE']")
         self.maps: dict[str, MapState] = {}
         self.user_rings: dict[str, Any] = {}  # name -> userring.UserRing (CO-RE backend)
         self._sent_before: dict[str, dict[str, int]] = {}  # user ring counts of replaced programs
@@ -451,7 +467,7 @@ class Probe(Results):
         if self.backend == "libbpf":
             from . import core
 
-            prog: Any = core.load(self.instrumented, self.source, self.cflags)
+            prog: Any = core.load(self.instrumented, self.source, self.cflags, self.globals)
         else:
             bpf = _compile.load(self.instrumented, self.source, self.cflags, self.usdt)
             prog = BCCProgram(bpf, self.instrumented, self.source)

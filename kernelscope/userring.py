@@ -121,9 +121,9 @@ class UserRing:
                     if err != _errno.ENOSPC:
                         raise OSError(err, f"{self.name}: user_ring_buffer__reserve: {os.strerror(err)}")
                     self.full += 1
-                    left_ms = int((deadline - time.monotonic()) * 1000)
-                    if left_ms > 0:
-                        p = so.user_ring_buffer__reserve_blocking(self._rb, size, left_ms)
+                    # wait in slices of at most 100 ms, so that Ctrl-C is seen between them
+                    while not p and (left_ms := int((deadline - time.monotonic()) * 1000)) > 0:
+                        p = so.user_ring_buffer__reserve_blocking(self._rb, size, min(left_ms, 100))
                     if not p:
                         raise UserRingFullError(
                             f"{self.name}: the user ring buffer is full ({self.size} bytes, "

@@ -24,7 +24,7 @@ from kernelscope import (
     host,
     sources,
 )
-from kernelscope.errors import SchemaError
+from kernelscope.errors import KernelscopeError, SchemaError
 
 pytestmark = pytest.mark.kernel
 
@@ -84,6 +84,9 @@ def test_user_ring_round_trip_delivers_exactly_the_records_written_in_order() ->
     assert (df["pid"] == os.getpid()).all()
     ss = p.send_stats["user_ringbuf"]
     assert (ss["sent"], ss["drained"], ss["pending"], ss["fill_bytes"], ss["full"]) == (n, n, 0, 0, 0)
+    page = p._repr_html_()
+    assert "libbpf backend" in page
+    assert "<td>user_ringbuf</td><td>5000</td><td>5000</td><td>0</td>" in page
     st = p.stats["kernel_ringbuf"]
     assert st["attempted"] == st["received"] == n
     assert st["dropped"] == 0
@@ -199,7 +202,7 @@ int tracepoint__syscalls__sys_enter_getppid(struct trace_event_raw_sys_enter *ct
     struct task_struct *task;
     u64 id = bpf_get_current_pid_tgid();
 
-    if ((id >> 32) != TARGET)
+    if (targ_tgid && (id >> 32) != targ_tgid)
         return 0;
     task = (struct task_struct *)bpf_get_current_task();
     e.pid = id >> 32;
@@ -216,7 +219,8 @@ char LICENSE[] SEC("license") = "GPL";
 
 def test_libbpf_tools_style_program_attaches_to_a_tracepoint_with_a_perf_buffer() -> None:
     prod = paused(3_000)
-    p = Probe(LIBBPF_TOOLS_STYLE, cflags=prod.cflags).start()
+    # configured as libbpf-tools are: a `const volatile` global set before load
+    p = Probe(LIBBPF_TOOLS_STYLE, globals={"targ_tgid": prod.pid}).start()
     assert p.attach_points() == ["tracepoint:syscalls:sys_enter_getppid"]
     prod.go()
     p.stop()
@@ -410,3 +414,12 @@ def test_core_backend_works_without_importing_bcc() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          check=False)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_unknown_or_misused_globals_are_named() -> None:
+    with pytest.raises(KernelscopeError, match=r"no global variable 'targ_pid'.*globals: targ_tgid"):
+        Probe(LIBBPF_TOOLS_STYLE, globals={"targ_pid": 1}).load()
+    with pytest.raises(ValueError, match="global targ_tgid: 8 bytes given, the map's is 4"):
+        Probe(LIBBPF_TOOLS_STYLE, globals={"targ_tgid": b"12345678"}).load()
+    with pytest.raises(ValueError, match="for BCC programs use cflags"):
+        Probe(sources.read("exit_task_bcc.c"), globals={"x": 1})

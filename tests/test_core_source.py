@@ -170,3 +170,22 @@ def test_a_struct_with_a_bitfield_is_refused_by_name(tmp_path: Path) -> None:
     assert var is not None
     with pytest.raises(SchemaError, match="bitfields are not supported"):
         types.dtype(types.resolve(types.resolve(var["type_id"])["type_id"]), "struct bits")
+
+
+def test_elf_symbols_give_each_global_its_section_offset_and_size(tmp_path: Path) -> None:
+    from kernelscope import elf
+
+    src = ('#include "vmlinux.h"\n#include <bpf/bpf_helpers.h>\n'
+           "const volatile u32 a = 1;\nconst volatile u64 b = 2;\nconst volatile char name[5] = {};\n"
+           "u64 counter;\n"
+           'SEC("tp/sched/sched_process_exit") int f(void *ctx) { counter += a + b + name[0]; return 0; }\n')
+    obj = tmp_path / "g.o"
+    core.compile_object(core.prepare(src), src, (), obj)
+    syms = elf.symbols(obj)
+    assert (syms["a"].section, syms["a"].size) == (".rodata", 4)
+    assert (syms["b"].section, syms["b"].size) == (".rodata", 8)
+    assert syms["b"].offset % 8 == 0
+    assert syms["b"].offset != syms["a"].offset
+    assert (syms["name"].section, syms["name"].size) == (".rodata", 5)
+    assert (syms["counter"].section, syms["counter"].size) == (".bss", 8)
+    assert syms["f"].section == "tp/sched/sched_process_exit"

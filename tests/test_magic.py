@@ -793,3 +793,34 @@ def test_bcc_flag_forces_bcc_and_both_flags_are_refused(shell: Shell) -> None:
     assert msg.startswith("%%bpf cobcc: compile error")  # BCC has no SEC(".maps") maps or vmlinux.h
     msg, _ = _fails(shell, "%%bpf x --libbpf --bcc\nint x;")
     assert "choose one of --libbpf and --bcc" in msg
+
+
+@pytest.mark.kernel
+def test_set_gives_core_globals_their_values_before_load(shell: Shell) -> None:
+    cell = r"""%%bpf coset --limit 10 --set targ_tgid={os.getpid()} --set tag=0x2a
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+const volatile pid_t targ_tgid = 0;
+const volatile u64 tag = 0;
+struct ev { u32 pid; u64 tag; };
+struct { __uint(type, BPF_MAP_TYPE_RINGBUF); __uint(max_entries, 4096 * 16); } ks_core_set SEC(".maps");
+SEC("tp/syscalls/sys_enter_getppid")
+int on_getppid(void *ctx) {
+    u32 pid = bpf_get_current_pid_tgid() >> 32;
+    if (pid != targ_tgid) return 0;
+    struct ev *e = bpf_ringbuf_reserve(&ks_core_set, sizeof(*e), 0);
+    if (!e) return 0;
+    e->pid = pid;
+    e->tag = tag;
+    bpf_ringbuf_submit(e, 0);
+    return 0;
+}
+"""
+    with getppid_calls(), capture_output():
+        shell.run_cell(cell)
+    df = shell.user_ns["coset"].df
+    assert len(df) >= 10
+    assert (df["pid"] == os.getpid()).all()
+    assert (df["tag"] == 42).all()
+    msg, _ = _fails(shell, "%%bpf x --set 9lives=1\nint x;")
+    assert "--set expects NAME=VALUE with NAME a C identifier" in msg
