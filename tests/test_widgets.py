@@ -206,7 +206,7 @@ def test_page_choices_are_powers_of_two_with_sizes() -> None:
 
 def map_info(probe: Probe, name: str) -> dict[str, Any]:
     """`bpftool map show` for one of the probe's maps, found by the id behind its fd."""
-    fd = probe.bpf[name.encode()].get_fd()
+    fd = probe.program.map_fd(name)  # either backend
     with open(f"/proc/self/fdinfo/{fd}") as f:
         map_id = int(re.search(r"^map_id:\s*(\d+)", f.read(), re.M).group(1))  # type: ignore[union-attr]
     bpftool = shutil.which("bpftool") or "/usr/sbin/bpftool"
@@ -243,6 +243,31 @@ def test_pages_control_reloads_the_program_with_the_new_size() -> None:
         pn.refresh()
         assert "events default-&gt;8p" in str(pn.figure.layout.annotations)  # the reload, marked
         assert "<td>8</td><td>32 KiB</td>" in pn.stats.value
+    finally:
+        p.close()
+        pn.close()
+
+
+@pytest.mark.kernel
+def test_pages_control_reloads_a_core_program_and_its_user_ring_keeps_counting() -> None:
+    from kernelscope import sources
+
+    p = Probe(sources.read("user_ringbuf_echo.c")).start()
+    pn = widgets.panel(p, interval=0.05, static="none")
+    try:
+        assert set(pn.pages) == {"kernel_ringbuf"}  # output maps only: the user ring is not drained here
+        p.send([{"seq": i} for i in range(100)])
+        os.kill(os.getpid(), 0)
+        pn.pages["kernel_ringbuf"].value = 8
+        assert map_info(p, "kernel_ringbuf")["max_entries"] == 8 * 4096
+        assert p.backend == "libbpf" and p.running
+        p.send([{"seq": i} for i in range(100, 200)])
+        os.kill(os.getpid(), 0)
+        p.stop()
+        assert p.df["seq"].tolist() == list(range(200))
+        st = p.stats["kernel_ringbuf"]
+        assert (st["attempted"], st["received"], st["reloads"]) == (200, 200, 1)
+        assert p.send_stats["user_ringbuf"]["drained"] == 200
     finally:
         p.close()
         pn.close()
