@@ -260,7 +260,8 @@ def test_pages_control_reloads_a_core_program_and_its_user_ring_keeps_counting()
         os.kill(os.getpid(), 0)
         pn.pages["kernel_ringbuf"].value = 8
         assert map_info(p, "kernel_ringbuf")["max_entries"] == 8 * 4096
-        assert p.backend == "libbpf" and p.running
+        assert p.backend == "libbpf"
+        assert p.running
         p.send([{"seq": i} for i in range(100, 200)])
         os.kill(os.getpid(), 0)
         p.stop()
