@@ -171,6 +171,7 @@ def test_capture_replays_without_privileges(tmp_path) -> None:
             "-c",
             code,
         ],
+        check=False,
         capture_output=True,
         text=True,
         timeout=60,

@@ -11,8 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kernelscope import perfbuf
-from kernelscope.batch import copy_records
-from kernelscope.batch import concat_records
+from kernelscope.batch import concat_records, copy_records
 from kernelscope.errors import ClosedError, KernelscopeError
 from kernelscope.perfbuf import (
     PERF_RECORD_LOST,
