@@ -72,7 +72,7 @@ $(INSTALL_STAMP): pyproject.toml $(SYSTEM_STAMP) | $(BIN)/python
 	@touch $@
 
 lint: $(INSTALL_STAMP)
-	$(BIN)/ruff check kernelscope
+	$(BIN)/ruff check kernelscope tests
 	$(BIN)/mypy
 
 # The teaching notebooks run twice under nbval: live on this kernel, then replaying the
