@@ -1,10 +1,11 @@
-"""A small ctypes layer over Debian's libbpf (libbpf.so.1, 1.1+): objects, maps, links, user rings.
+"""A small ctypes layer over Debian's libbpf (libbpf.so.1, 1.1+): objects, maps, programs, links.
 
 No maintained Python binding of libbpf exists (PyPI's candidates are unmaintained or wrap
 a vendored libbpf), and kernelscope needs only a few dozen calls: open an object file,
-size its maps, load, attach each program by its SEC() name, read and write map elements,
-and the user ring buffer API. libbpf >= 1.0 returns NULL or a negative errno and sets
-errno on failure; every wrapper here turns that into an OSError with libbpf's words.
+size its maps, set its globals, load, attach each program by its SEC() name, read and
+write map elements. (User ring buffers are written by kernelscope.userring directly.)
+libbpf >= 1.0 returns NULL or a negative errno and sets errno on failure; every wrapper
+here turns that into an OSError with libbpf's words.
 libbpf reports verifier logs and CO-RE relocation failures through its print callback;
 `captured_log()` installs kernelscope's own for the duration of a call (BCC, which loads
 the same libbpf.so.1, installs its own callback whenever it loads a program).
@@ -64,12 +65,6 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "bpf_link__destroy": (c_int, [c_void_p]),
     "bpf_map_update_elem": (c_int, [c_int, c_void_p, c_void_p, ctypes.c_uint64]),
     "bpf_map_lookup_elem": (c_int, [c_int, c_void_p, c_void_p]),
-    "user_ring_buffer__new": (c_void_p, [c_int, c_void_p]),
-    "user_ring_buffer__reserve": (c_void_p, [c_void_p, ctypes.c_uint32]),
-    "user_ring_buffer__reserve_blocking": (c_void_p, [c_void_p, ctypes.c_uint32, c_int]),
-    "user_ring_buffer__submit": (None, [c_void_p, c_void_p]),
-    "user_ring_buffer__discard": (None, [c_void_p, c_void_p]),
-    "user_ring_buffer__free": (None, [c_void_p]),
 }
 
 

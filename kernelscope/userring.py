@@ -2,21 +2,28 @@
 
     probe.send("user_ringbuf", [{"pid": 1, "value": 7}, ...], timeout=1.0)
 
-libbpf's `user_ring_buffer__reserve` / `__submit` do the protocol (an 8-byte header per
-sample, BUSY until submitted, 8-byte aligned); this module turns rows (numpy structured
-array, DataFrame, dicts) into samples of the program's struct, one reserve/copy/submit
-each. When the ring is full the kernel consumer has not drained it yet: `timeout` > 0
-waits for space (libbpf's `__reserve_blocking`: the kernel wakes the producer after each
-drain), and when there is still none, UserRingFullError says how many records went in and
-how many did not. Nothing is dropped without an error.
+The protocol is libbpf's (`user_ring_buffer__reserve` / `__submit`, src/ringbuf.c) and the
+kernel's checks (`__bpf_user_ringbuf_peek`, kernel/bpf/ringbuf.c): each sample is an 8-byte
+header {u32 len; u32 pad} and its payload, rounded up to 8 bytes, written at
+`producer_pos & (size - 1)` in the data area (mapped twice, so a sample that wraps is still
+contiguous); the kernel consumes up to `producer_pos` and stops at a header with the BUSY
+bit. libbpf publishes each sample as it reserves it (BUSY set) and clears BUSY on submit.
+kernelscope writes a whole batch instead: every header (BUSY clear) and payload of as many
+samples as fit, as one numpy copy, then one store to `producer_pos`. x86-64 keeps stores in
+order, so the kernel, which reads `producer_pos` with acquire semantics, never sees a
+sample before its bytes. No syscall, no Python call per record.
+
+When the ring is full the program has not drained it yet: `timeout` > 0 waits on the map fd
+with epoll (the kernel signals EPOLLOUT after a drain that consumed something), and when
+there is still no room, UserRingFullError says how many records went in and how many did
+not. Nothing is dropped without an error.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno as _errno
+import contextlib
 import mmap
-import os
+import select
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -25,10 +32,56 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import libbpf
 from .errors import ClosedError, SchemaError, UserRingFullError
 
 PAGE = mmap.PAGESIZE
+HDR = 8
+
+
+def sample_span(size: int) -> int:
+    """Bytes one sample of `size` payload bytes takes in the ring: header + payload, 8-aligned."""
+    return (size + HDR + 7) // 8 * 8
+
+
+class RingWriter:
+    """Layout only: writes batches of samples between producer_pos and consumer_pos.
+
+    `consumer` holds consumer_pos at offset 0 (the kernel's, read-only here); `producer` holds
+    producer_pos at offset 0 and the double-mapped data area at `data_offset`. Tests pass
+    bytearrays built to the same layout; UserRing passes the two mmaps.
+    """
+
+    def __init__(self, consumer: Any, producer: Any, size: int, data_offset: int = PAGE) -> None:
+        if size <= 0 or size & (size - 1):
+            raise ValueError(f"ring size must be a power of two, got {size}")
+        self.size = size
+        self._cons = np.frombuffer(consumer, dtype="<u8", count=1)
+        self._prod = np.frombuffer(producer, dtype="<u8", count=1)
+        self._data = np.frombuffer(producer, dtype=np.uint8, offset=data_offset)
+        if len(self._data) < 2 * size:
+            raise ValueError("data area must be mapped twice (2 * size bytes)")
+
+    def pending_bytes(self) -> int:
+        return int(self._prod[0]) - int(self._cons[0])
+
+    def write(self, records: np.ndarray) -> int:
+        """Write as many of `records` as fit, in order; returns how many."""
+        n, size = len(records), records.dtype.itemsize
+        span = sample_span(size)
+        if span > self.size:
+            raise ValueError(f"a {size}-byte sample does not fit the ring ({self.size} bytes)")
+        prod = int(self._prod[0])
+        free = self.size - (prod - int(self._cons[0]))
+        k = min(n, free // span)
+        if k <= 0:
+            return 0
+        block = np.zeros((k, span), np.uint8)
+        block[:, :4] = np.frombuffer(np.uint32(size).tobytes(), np.uint8)  # len, BUSY and DISCARD clear
+        block[:, HDR:HDR + size] = np.ascontiguousarray(records[:k]).view(np.uint8).reshape(k, size)
+        start = prod & (self.size - 1)
+        self._data[start:start + k * span] = block.reshape(-1)  # contiguous: the area is mapped twice
+        self._prod[0] = prod + k * span  # publish: one store, after every byte of the batch
+        return k
 
 
 def to_records(records: Any, dtype: np.dtype | None, where: str = "send") -> np.ndarray:
@@ -71,7 +124,7 @@ def to_records(records: Any, dtype: np.dtype | None, where: str = "send") -> np.
 
 
 class UserRing:
-    """The producer side of one user ring buffer map (libbpf's user_ring_buffer)."""
+    """The producer side of one user ring buffer map: its mappings, the writer, the counts."""
 
     def __init__(self, name: str, fd: int, size: int, dtype: np.dtype | None) -> None:
         self.name = name
@@ -79,68 +132,78 @@ class UserRing:
         self.dtype = dtype
         self.sent = 0
         self.full = 0  # sends that found the ring full (waited or raised)
-        self._lock = threading.Lock()  # libbpf: reserve is not thread safe
-        self._rb: int | None = libbpf.check_ptr(libbpf.lib().user_ring_buffer__new(fd, None),
-                                                f"{name}: user_ring_buffer__new")
-        # consumer_pos (page 0) and producer_pos (page 1), read-only: the fill level
-        self._pos: mmap.mmap | None = mmap.mmap(fd, 2 * PAGE, mmap.MAP_SHARED, mmap.PROT_READ)
+        self._lock = threading.Lock()  # one producer at a time (the kernel's model, and libbpf's)
+        # page 0: consumer_pos, read-only (the kernel refuses a writable mapping of it);
+        # from page 1: producer_pos, then the data area twice
+        self._cons: mmap.mmap | None = mmap.mmap(fd, PAGE, mmap.MAP_SHARED, mmap.PROT_READ)
+        self._prod: mmap.mmap | None = mmap.mmap(fd, PAGE + 2 * size, mmap.MAP_SHARED,
+                                                 mmap.PROT_READ | mmap.PROT_WRITE, offset=PAGE)
+        self._writer: RingWriter | None = RingWriter(self._cons, self._prod, size)
+        self._epoll: select.epoll | None = select.epoll()
+        self._epoll.register(fd, select.EPOLLOUT)
 
     @property
     def closed(self) -> bool:
-        return self._rb is None
+        return self._writer is None
 
     def fill_bytes(self) -> int:
         """Bytes written (headers included) that the kernel has not drained yet."""
-        if self._pos is None:
-            return 0
-        cons = int.from_bytes(self._pos[0:8], "little")
-        prod = int.from_bytes(self._pos[PAGE:PAGE + 8], "little")
-        return prod - cons
+        w = self._writer
+        return 0 if w is None else w.pending_bytes()
 
     def send(self, records: Any, timeout: float = 0.0) -> int:
-        """Reserve, fill and submit one sample per record, in order. Returns how many were sent.
+        """Write one sample per record, in order, in batches. Returns how many were sent.
 
-        `timeout`: seconds to wait for room in total when the ring is full (0: do not wait).
+        `timeout`: seconds to wait in total for room when the ring is full (0: do not wait).
         Raises UserRingFullError (with .sent/.remaining) when records are left over.
         """
-        if self._rb is None:
-            raise ClosedError(f"{self.name}: the probe is closed")
         arr = to_records(records, self.dtype, f"send to {self.name}")
-        n, size = len(arr), arr.dtype.itemsize
-        if n and size + 8 > self.size:
-            raise ValueError(f"{self.name}: a {size}-byte sample does not fit the ring ({self.size} bytes)")
-        so = libbpf.lib()
-        buf = arr.tobytes()
-        base = ctypes.cast(ctypes.c_char_p(buf), ctypes.c_void_p).value or 0
+        n = len(arr)
+        if n and sample_span(arr.dtype.itemsize) > self.size:
+            raise ValueError(f"{self.name}: a {arr.dtype.itemsize}-byte sample does not fit the ring "
+                             f"({self.size} bytes)")
         deadline = time.monotonic() + timeout
+        done = 0
         with self._lock:
-            for i in range(n):
-                p = so.user_ring_buffer__reserve(self._rb, size)
-                if not p:
-                    err = ctypes.get_errno()
-                    if err != _errno.ENOSPC:
-                        raise OSError(err, f"{self.name}: user_ring_buffer__reserve: {os.strerror(err)}")
-                    self.full += 1
-                    # wait in slices of at most 100 ms, so that Ctrl-C is seen between them
-                    while not p and (left_ms := int((deadline - time.monotonic()) * 1000)) > 0:
-                        p = so.user_ring_buffer__reserve_blocking(self._rb, size, min(left_ms, 100))
-                    if not p:
+            if self._writer is None or self._epoll is None:
+                raise ClosedError(f"{self.name}: the probe is closed")
+            waited = False
+            while done < n:
+                k = self._writer.write(arr[done:])
+                done += k
+                self.sent += k
+                if done == n:
+                    break
+                if k == 0:
+                    if not waited:
+                        self.full += 1
+                        waited = True
+                    left = deadline - time.monotonic()
+                    if left <= 0:
                         raise UserRingFullError(
                             f"{self.name}: the user ring buffer is full ({self.size} bytes, "
-                            f"{self.fill_bytes()} waiting for the program to drain); {i} of {n} records "
-                            f"sent, {n - i} not. The program drains only when it runs: trigger its "
-                            "attach point, send with a timeout, or use a bigger ring (pages=...).",
-                            sent=i, remaining=n - i)
-                ctypes.memmove(p, base + i * size, size)
-                so.user_ring_buffer__submit(self._rb, p)
-                self.sent += 1
+                            f"{self.fill_bytes()} waiting for the program to drain); {done} of {n} "
+                            f"records sent, {n - done} not. The program drains only when it runs: "
+                            "trigger its attach point, send with a timeout, or use a bigger ring "
+                            "(pages=...).", sent=done, remaining=n - done)
+                    # EPOLLOUT: the ring is not completely full (ringbuf_map_poll_user), which a
+                    # drain brings about. A ring with a few bytes free, too few for a sample, is
+                    # "ready" at once: a short sleep then keeps this loop from spinning.
+                    t0 = time.monotonic()
+                    if self._epoll.poll(min(left, 0.1)) and time.monotonic() - t0 < 0.0005:
+                        time.sleep(0.001)
+                else:
+                    waited = False
         return n
 
     def close(self) -> None:
         with self._lock:
-            if self._rb is not None:
-                libbpf.lib().user_ring_buffer__free(self._rb)
-                self._rb = None
-            if self._pos is not None:
-                self._pos.close()
-                self._pos = None
+            self._writer = None  # its numpy views go before the mappings can
+            for m in (self._cons, self._prod):
+                if m is not None:
+                    with contextlib.suppress(BufferError):  # a stray view: unmapped with it
+                        m.close()
+            self._cons = self._prod = None
+            if self._epoll is not None:
+                self._epoll.close()
+                self._epoll = None
