@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from producers import paused
-from util import bpf_object_counts, fd_count
+from util import bpf_object_counts, fd_count, refusal
 
 from kernelscope import (
     AttachError,
@@ -328,13 +328,7 @@ def test_kprobe_section_is_refused_naming_the_missing_option() -> None:
 
 
 def test_fentry_section_is_refused_with_the_reason_on_this_kernel() -> None:
-    src = 'SEC("fentry/do_sys_openat2") int BPF_PROG(f) { return 0; }'
-    try:
-        Probe(src).start().close()
-    except UnsupportedError as e:
-        refused: UnsupportedError | None = e
-    else:
-        refused = None
+    refused = refusal('SEC("fentry/do_sys_openat2") int BPF_PROG(f) { return 0; }')
     if refused is None:
         pytest.skip("this kernel allows fentry programs: nothing to refuse")
     assert "fentry" in str(refused)

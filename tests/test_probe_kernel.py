@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 from producers import paused, perf_program, ring_program, run_to_completion
-from util import BPFCounts, bpf_object_counts, fd_count
+from util import BPFCounts, bpf_object_counts, fd_count, refusal
 
 from kernelscope import (
     AttachError,
@@ -420,13 +420,7 @@ def test_unknown_kernel_function_is_named() -> None:
 
 
 def test_fentry_is_refused_with_the_reason_on_this_kernel() -> None:
-    src = "KFUNC_PROBE(do_sys_openat2) { return 0; }"
-    try:
-        Probe(src).start().close()
-    except UnsupportedError as e:
-        refused: UnsupportedError | None = e
-    else:
-        refused = None
+    refused = refusal("KFUNC_PROBE(do_sys_openat2) { return 0; }")
     if refused is None:
         pytest.skip("this kernel allows fentry (KFUNC_PROBE): nothing to refuse")
     assert "lockdown" in refused.feature or "program type" in refused.feature

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from kernelscope.errors import UnsupportedError
+
 T = TypeVar("T")
 
 
@@ -87,3 +89,14 @@ def system_bpf_ids() -> tuple[set[int], set[int]]:
         return {int(o["id"]) for o in json.loads(out or "[]")}
 
     return ids("prog"), ids("map")
+
+
+def refusal(source: str, **probe_kwargs: object) -> UnsupportedError | None:
+    """Start and close a probe of `source`: the UnsupportedError the kernel's refusal raised, or None."""
+    from kernelscope import Probe
+
+    try:
+        Probe(source, **probe_kwargs).start().close()  # type: ignore[arg-type]
+    except UnsupportedError as e:
+        return e
+    return None
