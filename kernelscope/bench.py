@@ -61,6 +61,7 @@ HELPERS = {
     "producer": ("producer.c", ()),
     "ringbuf_consumer": ("ringbuf_consumer.c", ("-lbpf",)),
     "perfbuf_consumer": ("perfbuf_consumer.c", ("-lbpf",)),
+    "userring_producer": ("userring_producer.c", ("-lbpf",)),
 }
 LIBBPF_HEADER = Path("/usr/include/bpf/libbpf.h")
 BUSY = 0.15  # share of the CPUs used by other work that makes a figure worth a warning
@@ -223,6 +224,7 @@ class Config:
     producer_cpu: int | None = None
     consumer_cpu: int | None = None
     poll_interval: float = 0.01
+    send_samples: int = 1_000_000  # user ring buffer writes (SEND section); 0 skips it
     quick: bool = False
 
 
@@ -237,6 +239,7 @@ def quick_config(**kw: Any) -> Config:
         "overflow_events": 100_000,
         "overflow_consumers": ("kernelscope",),
         "perf_watermark": None,
+        "send_samples": 100_000,
         "quick": True,
     }
     base.update(kw)
@@ -974,7 +977,10 @@ def machine_info(bcc: ModuleType | None) -> dict[str, Any]:
     }
 
 
-def write_json(path: Path, runs: Sequence[Result], cfg: Config, machine: dict[str, Any]) -> None:
+def write_json(path: Path, runs: Sequence[Result], cfg: Config, machine: dict[str, Any],
+               sends: Sequence[Any] = ()) -> None:
+    from .bench_send import ratio as send_ratio
+
     doc = {
         "version": 1,
         "machine": machine,
@@ -983,7 +989,9 @@ def write_json(path: Path, runs: Sequence[Result], cfg: Config, machine: dict[st
         "live": [r.as_json() for r in runs if r.scenario == "live"],
         "drain": [r.as_json() for r in runs if r.scenario == "drain"],
         "overflow": [r.as_json() for r in runs if r.scenario == "overflow"],
-        "ratios": ratios(runs),
+        "send": [s.as_json() for s in sends],
+        "ratios": {**ratios(runs),
+                   **({"send/userring/kernelscope_vs_libbpf": send_ratio(list(sends))} if sends else {})},
         "targets": [{"name": t.name, "passed": t.passed, "detail": t.detail}
                     for t in targets(runs)],
     }
@@ -1046,6 +1054,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--per-call", type=int, help="events per getppid() in live runs (1)")
     ap.add_argument("--buffers", type=_csv(KINDS), help="ring,perf")
     ap.add_argument("--consumers", type=_csv(CONSUMERS), help="bcc,libbpf,kernelscope")
+    ap.add_argument("--send", type=int, metavar="N",
+                    help="samples for the user ring buffer SEND comparison (1,000,000; 0 skips it)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run each drain N times and keep the fastest (on a busy machine)")
     ap.add_argument("--no-pin", action="store_true",
@@ -1058,7 +1068,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     for name, attr in (("live_events", "events"), ("live_perf_events", "perf_events"),
                        ("live_sizes", "sizes"),
                        ("drain_ring_size", "drain_ring"), ("drain_perf_size", "drain_perf"),
-                       ("per_call", "per_call"), ("kinds", "buffers"),
+                       ("per_call", "per_call"), ("kinds", "buffers"), ("send_samples", "send"),
                        ("consumers", "consumers")):
         if getattr(args, attr) is not None:
             kw[name] = getattr(args, attr)
@@ -1110,12 +1120,20 @@ def main(argv: list[str] | None = None) -> int:
     meter = OtherWork()
     with _pinned(cfg.consumer_cpu):
         runs = run_all(env, runs, args.repeat)
+        sends = []
+        if cfg.send_samples:
+            from . import bench_send
+
+            _progress(f"send: {cfg.send_samples:,} samples into a user ring, libbpf C then kernelscope")
+            sends = bench_send.run(helpers["userring_producer"], cfg.send_samples)
     machine["seconds"] = round(time.perf_counter() - started, 1)
     machine["busy_during"] = round(meter.share(), 2)
     machine["repeat"] = args.repeat
     print(report(runs, cfg, machine))
+    if sends:
+        print("\n".join(bench_send.report(sends)))
     path = args.json or cache_dir() / "bench.json"
-    write_json(path, runs, cfg, machine)
+    write_json(path, runs, cfg, machine, sends)
     print(f"\nfigures written to {path} ({machine['seconds']} s)")
     return 0 if all(r.ok for r in runs) else 1
 

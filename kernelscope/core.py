@@ -339,6 +339,11 @@ def compile_object(prepared: CoreSource, user_source: str, cflags: tuple[str, ..
     body = "\n".join(_compile._format_diag(d, lines).replace("in BCC's headers", "in a header")
                      for d in errors)
     first = next((d.line for d in errors if d.line), None)
+    clash = re.findall(r"error: redefinition of '(\w+)'.*\n(?:.*\n)*?.*vmlinux\.h:\d+:\d+: note: previous",
+                       log)
+    if clash:
+        body += (f"\n(vmlinux.h already defines {', '.join(sorted(set(clash)))}: every type of the running "
+                 "kernel is in it, so give your own structs names the kernel does not use)")
     if not body:  # a backend failure: "fatal error: error in backend: line N: ..." and a crash dump
         fatal = [ln for ln in log.splitlines() if ln.startswith(("fatal error", "error"))]
         body = "\n".join(fatal[:3]) or log.strip()[:2000]
@@ -454,6 +459,14 @@ class CoreProgram:
         m = self._map(name)
         libbpf.map_update_bytes(m.fd, _packed(key, m.key_size, f"{name} key"),
                                 _packed(value, m.value_size, f"{name} value"), f"update {name}")
+
+    def map_lookup(self, name: str, key: Any) -> bytes:
+        """The value bytes of `map[key]` (one bpf(BPF_MAP_LOOKUP_ELEM) syscall)."""
+        m = self._map(name)
+        value = (ctypes.c_uint8 * m.value_size)()
+        k = _packed(key, m.key_size, f"{name} key")
+        libbpf.map_lookup(m.fd, (ctypes.c_uint8 * len(k)).from_buffer_copy(k), value, f"lookup {name}")
+        return bytes(value)
 
     def map_update_batch(self, name: str, keys: Any, values: Any) -> int:
         """Many updates in one bpf(BPF_MAP_UPDATE_BATCH) syscall; keys/values: numpy arrays."""

@@ -56,3 +56,12 @@ def test_quick_bench_measures_every_consumer(tmp_path: Path) -> None:
             assert x["extra"]["accounting"] == "exact", x
     assert len(doc["targets"]) == 4
     assert all(t["passed"] in (True, False) for t in doc["targets"])
+    # SEND: both writers put every sample into the user ring intact (the program's count and sum)
+    assert [s["writer"] for s in doc["send"]] == ["libbpf C", "kernelscope"]
+    for s in doc["send"]:
+        assert s["error"] is None, s
+        assert s["sent"] == s["drained"] == doc["config"]["send_samples"], s
+        assert s["checksum_ok"], s
+        assert s["samples_per_s"] > 0
+    assert doc["ratios"]["send/userring/kernelscope_vs_libbpf"] > 0
+    assert "SEND:" in r.stdout

@@ -189,3 +189,12 @@ def test_elf_symbols_give_each_global_its_section_offset_and_size(tmp_path: Path
     assert (syms["name"].section, syms["name"].size) == (".rodata", 5)
     assert (syms["counter"].section, syms["counter"].size) == (".bss", 8)
     assert syms["f"].section == "tp/sched/sched_process_exit"
+
+
+def test_a_struct_named_like_a_kernel_type_gets_told_why(tmp_path: Path) -> None:
+    src = ('#include "vmlinux.h"\nstruct sample { int x; };\n'
+           'SEC("tp/sched/sched_process_exit") int f(void *c) { return 0; }\n')
+    with pytest.raises(CompileError) as info:
+        core.compile_object(core.prepare(src), src, (), tmp_path / "c.o")
+    assert info.value.line == 2
+    assert "vmlinux.h already defines sample" in str(info.value)
