@@ -87,6 +87,7 @@ class MapCapture:
     history: list[dict[str, float]] = field(default_factory=list)
     pages: int = 0
     epoch_offset_ns: int = 0
+    marks: list[dict[str, Any]] = field(default_factory=list)  # reloads: {"t": s from start, "what"}
 
 
 @dataclass
@@ -141,6 +142,7 @@ def save(capture: Capture, path: str | os.PathLike[str]) -> Path:
                 "history": [{**h, "t": h["t"]} for h in mc.history],
                 "pages": mc.pages,
                 "epoch_offset_ns": mc.epoch_offset_ns,
+                "marks": mc.marks,
             }
             for name, mc in capture.maps.items()
         },
@@ -213,6 +215,7 @@ def load(path: str | os.PathLike[str]) -> Capture:
             history=m["history"],
             pages=m.get("pages", 0),
             epoch_offset_ns=m.get("epoch_offset_ns", 0),
+            marks=m.get("marks", []),
         )
     return Capture(
         maps,

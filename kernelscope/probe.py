@@ -887,6 +887,7 @@ class Probe(Results):
                 history=[{**h, "t": h["t"] - (self.started_at or 0)} for h in ms.history],
                 pages=ms.pages,
                 epoch_offset_ns=ms.schema.epoch_offset_ns,
+                marks=[{**m, "t": m["t"] - (self.started_at or 0)} for m in ms.marks],
             )
         settings = {
             "pages": self.pages,

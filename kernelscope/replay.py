@@ -116,6 +116,8 @@ class Replay(Results):
         total = 0
         for name, mc in self.capture.maps.items():
             ms = self.maps[name]
+            if len(ms.marks) < len(mc.marks):  # reloads, shown in the plots as the recording reaches them
+                ms.marks[:] = [m for m in mc.marks if m["t"] <= horizon]
             start = self._pos[name]
             end = (
                 len(mc.records)

@@ -206,3 +206,26 @@ def test_record_then_replay_mode_runs_the_same_code(tmp_path, monkeypatch) -> No
         Probe(src, name="never-recorded")
     with pytest.raises(Exception, match="has no name"):
         Probe(src)
+
+
+@pytest.mark.kernel
+def test_reload_marks_survive_the_capture_and_show_in_the_replays_plots(tmp_path) -> None:
+    from kernelscope import plots
+
+    first, second = paused(2000), paused(2000)
+    src = ring_program().replace("!= TARGET", "!= TARGET && (id >> 32) != SECOND")
+    with Probe(src, cflags=[*first.cflags, f"-DSECOND={second.pid}"]) as p:
+        first.go()
+        p.reconfigure(pages=8)
+        second.go()
+        p.stop()
+        path = p.save(tmp_path / "reloaded.parquet")
+        live_marks = plots.marks(p)
+    assert [what for _, what in live_marks] == ["pages default -> 8"]
+    r = replay(path, speed=None).start()
+    replayed = plots.marks(r)
+    assert [what for _, what in replayed] == ["pages default -> 8"]
+    assert replayed[0][0] == pytest.approx(live_marks[0][0], abs=1e-6)  # seconds from the start
+    assert r.stats["events"]["reloads"] == 1
+    st = r.stats["events"]
+    assert st["attempted"] == st["received"] + st["dropped"] == 4000  # a 32 KiB ring may drop some
