@@ -417,3 +417,35 @@ def test_unknown_or_misused_globals_are_named() -> None:
         Probe(LIBBPF_TOOLS_STYLE, globals={"targ_tgid": b"12345678"}).load()
     with pytest.raises(ValueError, match="for BCC programs use cflags"):
         Probe(sources.read("exit_task_bcc.c"), globals={"x": 1})
+
+
+def test_usdt_section_attaches_and_reads_the_probe_arguments() -> None:
+    from kernelscope.doctor import _find_usdt_binary
+
+    binary = _find_usdt_binary()
+    if binary is None:
+        pytest.skip("no binary with the python:gc__start USDT probe on this machine")
+    src = r"""
+    #include "vmlinux.h"
+    #include <bpf/bpf_helpers.h>
+    #include <bpf/usdt.bpf.h>
+    struct ev { u32 pid; s32 gen; };
+    struct { __uint(type, BPF_MAP_TYPE_RINGBUF); __uint(max_entries, 4096 * 4); } gcs SEC(".maps");
+    SEC("usdt/BINARY:python:gc__start")
+    int BPF_USDT(on_gc, int generation) {
+        struct ev *e = bpf_ringbuf_reserve(&gcs, sizeof(*e), 0);
+        if (!e) return 0;
+        e->pid = bpf_get_current_pid_tgid() >> 32;
+        e->gen = generation;
+        bpf_ringbuf_submit(e, 0);
+        return 0;
+    }
+    """.replace("BINARY", str(binary))
+    p = Probe(src).start()
+    assert p.attach_points() == [f"usdt:{binary}:python:gc__start"]
+    child = subprocess.Popen([str(binary), "-c", "import gc; gc.collect(0); gc.collect(1); gc.collect(2)"])
+    assert child.wait(30) == 0
+    p.stop()
+    gens = set(p.df.loc[p.df["pid"] == child.pid, "gen"].tolist())
+    assert {0, 1, 2} <= gens  # the probe's argument, read by libbpf's USDT support
+    p.close()
