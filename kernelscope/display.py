@@ -53,6 +53,7 @@ class Counts:
     rows: int
     elapsed: float
     error: str = ""
+    sent: int = 0  # records written into user ring buffers (CO-RE probes)
 
 
 def counts(probe: Any) -> Counts:
@@ -75,7 +76,8 @@ def counts(probe: Any) -> Counts:
     started = probe.started_at
     elapsed = time.monotonic() - started if started and probe.running else 0.0
     err = f"{type(probe.error).__name__}: {probe.error}" if probe.error is not None else ""
-    return Counts(state, received, dropped, lost, rows, elapsed, err)
+    sent = sum(r.sent for r in getattr(probe, "user_rings", {}).values())
+    return Counts(state, received, dropped, lost, rows, elapsed, err, sent)
 
 
 def _n(x: float) -> str:
@@ -128,6 +130,8 @@ class StatusLine:
         parts.append(drop)
         if c.rows != c.received:
             parts.append(f"{_n(c.rows)} rows kept")
+        if c.sent:
+            parts.append(f"{_n(c.sent)} sent (user ring)")
         line = " | ".join(parts)
         if c.state in ("running", "loaded, not started"):
             line += f"  ({self.name}.df grows; %bpf_stop {self.name})"

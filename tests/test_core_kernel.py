@@ -84,6 +84,10 @@ def test_user_ring_round_trip_delivers_exactly_the_records_written_in_order() ->
     assert (df["pid"] == os.getpid()).all()
     ss = p.send_stats["user_ringbuf"]
     assert (ss["sent"], ss["drained"], ss["pending"], ss["fill_bytes"], ss["full"]) == (n, n, 0, 0, 0)
+    from kernelscope.display import StatusLine, counts
+
+    assert "5,000 events" in StatusLine(p, "echo").text(counts(p))
+    assert "5,000 sent (user ring)" in StatusLine(p, "echo").text(counts(p))
     page = p._repr_html_()
     assert "libbpf backend" in page
     assert "<td>user_ringbuf</td><td>5000</td><td>5000</td><td>0</td>" in page
