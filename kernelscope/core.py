@@ -19,7 +19,6 @@ of that type anchors it in the BTF.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno as _errno
 import hashlib
@@ -131,7 +130,6 @@ class CoreSource:
     user_rings: dict[str, OutputMap]  # BPF_MAP_TYPE_USER_RINGBUF maps, slot group: drained, errors
     event_types: dict[str, str]  # map -> C type of its records ("struct event"), when found
     sections: list[tuple[str, int]] = field(default_factory=list)  # (SEC name, line)
-    prelude_lines: int = 0
 
 
 def _split_args(text: str) -> list[str]:
@@ -284,7 +282,7 @@ def prepare(source: str, pages: int | dict[str, int] | None = None) -> CoreSourc
         epilogue += 'char __ks_license[] SEC("license") = "Dual BSD/GPL";\n'
     sections = [(m.group(1), source.count("\n", 0, m.start()) + 1) for m in _SECTION.finditer(source)]
     return CoreSource(prelude + f'#line 1 "{CELL_FILE}"\n' + out + epilogue, maps, user_rings, types,
-                      sections, prelude.count("\n") + 1)
+                      sections)
 
 
 def _prelude(source: str, nmaps: int) -> str:
@@ -376,15 +374,11 @@ class CoreProgram:
     def __init__(self, prepared: CoreSource, obj: libbpf.Object, objfile: Path, notes: list[str]) -> None:
         self.prepared = prepared
         self.obj = obj
-        self.objfile = objfile
+        self.objfile = objfile  # in a temporary folder of its own, removed by close()
         self.notes = notes
         self.maps = {m.name: m for m in obj.maps()}
         self.ncpus = libbpf.possible_cpus()
         self._types: btf.Types | None = None
-
-    @property
-    def bpf(self) -> None:
-        return None
 
     def types(self) -> btf.Types:
         if self._types is None:
@@ -490,8 +484,7 @@ class CoreProgram:
 
     def close(self) -> None:
         self.obj.close()
-        with contextlib.suppress(OSError):
-            self.objfile.unlink()
+        shutil.rmtree(self.objfile.parent, ignore_errors=True)
 
 
 def _packed(value: Any, size: int, what: str) -> bytes:
@@ -542,39 +535,32 @@ def load(prepared: CoreSource, user_source: str, cflags: tuple[str, ...] = (),
     libbpf.lib()
     workdir = Path(tempfile.mkdtemp(prefix="kernelscope-core-"))
     objfile = workdir / "cell.o"
+    obj: libbpf.Object | None = None
+    notes: list[str] = []
     try:
         compile_object(prepared, user_source, cflags, objfile)
         with libbpf.captured_log() as log:
             try:
                 obj = libbpf.Object(objfile)
             except OSError as e:
-                err: OSError | None = e
-            else:
-                err = None
-        if err is not None:
-            raise KernelscopeError(f"libbpf could not open the object: {err}\n{''.join(log).strip()}")
-    finally:
-        with contextlib.suppress(OSError):
-            objfile.with_suffix(".c").unlink()
-    notes: list[str] = []
-    try:
+                detail = "".join(log).strip()
+                raise KernelscopeError(f"libbpf could not open the object: {e}\n{detail}") from None
         for m in obj.maps():
             om = prepared.maps.get(m.name) or prepared.user_rings.get(m.name)
             if om is not None and om.kind != "perf" and om.pages:
                 m.set_max_entries(om.pages * PAGE)
         set_globals(obj, objfile, globals_ or {})
-        _load(obj, prepared, user_source)
-        _attach_all(obj, prepared, user_source, notes)
+        _load(obj, prepared)
+        _attach_all(obj, prepared, notes)
     except BaseException:
-        obj.close()
-        with contextlib.suppress(OSError):
-            objfile.unlink()
-            workdir.rmdir()
+        if obj is not None:
+            obj.close()
+        shutil.rmtree(workdir, ignore_errors=True)
         raise
     return CoreProgram(prepared, obj, objfile, notes)
 
 
-def _load(obj: libbpf.Object, prepared: CoreSource, user_source: str) -> None:
+def _load(obj: libbpf.Object, prepared: CoreSource) -> None:
     with libbpf.captured_log() as log:
         try:
             obj.load()
@@ -636,7 +622,7 @@ def attach_point(section: str) -> str:
     return f"{kind}:{rest}" if rest else kind
 
 
-def _attach_all(obj: libbpf.Object, prepared: CoreSource, user_source: str, notes: list[str]) -> None:
+def _attach_all(obj: libbpf.Object, prepared: CoreSource, notes: list[str]) -> None:
     """Attach every program libbpf can attach from its SEC() name alone; note the others."""
     lines = dict(prepared.sections)
     for prog in obj.programs():

@@ -453,3 +453,17 @@ def test_usdt_section_attaches_and_reads_the_probe_arguments() -> None:
     gens = set(p.df.loc[p.df["pid"] == child.pid, "gen"].tolist())
     assert {0, 1, 2} <= gens  # the probe's argument, read by libbpf's USDT support
     p.close()
+
+
+def test_compiled_objects_are_removed_with_the_probe_and_after_a_failed_compile() -> None:
+    import glob
+    import tempfile
+
+    pattern = os.path.join(tempfile.gettempdir(), "kernelscope-core-*")
+    before = set(glob.glob(pattern))
+    p = Probe(sources.read("exit_task_core.c")).start()
+    assert len(set(glob.glob(pattern)) - before) == 1  # the object lives while the program does
+    p.close()
+    with pytest.raises(CompileError):
+        Probe('SEC("tp/sched/sched_process_exit") int f(void *c) { return nope; }').load()
+    assert set(glob.glob(pattern)) == before
