@@ -54,7 +54,9 @@ from .instrument import (
     OutputMap,
     _blank_comments_and_strings,
     _int_or_none,
-    _matching_paren,
+    apply_edits,
+    matching_close,
+    wrap_output_call,
 )
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -192,7 +194,8 @@ def _sample_type(code: str, callback: str) -> str | None:
     fn = re.search(r"\b" + re.escape(callback) + r"\s*\([^)]*\)\s*\{", code)
     if not fn:
         return None
-    end = _matching_brace(code, fn.end() - 1)
+    end = matching_close(code, fn.end() - 1)
+    end = len(code) if end < 0 else end
     body_start = fn.end()
     m = re.search(r"bpf_dynptr_read\s*\(\s*&?\s*(\w+)", code[body_start:end]) or re.search(
         r"(\w+)\s*=\s*(?:\([^()]*\)\s*)?bpf_dynptr_data\s*\(", code[body_start:end])
@@ -200,18 +203,6 @@ def _sample_type(code: str, callback: str) -> str | None:
         return None
     t = _var_type(code, m.group(1), body_start + m.start())
     return t[0] if t else None
-
-
-def _matching_brace(code: str, open_idx: int) -> int:
-    depth = 0
-    for i in range(open_idx, len(code)):
-        if code[i] == "{":
-            depth += 1
-        elif code[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-    return len(code)
 
 
 def prepare(source: str, pages: int | dict[str, int] | None = None) -> CoreSource:
@@ -241,40 +232,31 @@ def prepare(source: str, pages: int | dict[str, int] | None = None) -> CoreSourc
     types: dict[str, str] = {}
     for m in _CALL.finditer(code):
         helper = m.group(1)
-        close = _matching_paren(code, m.end() - 1)
+        close = matching_close(code, m.end() - 1)
         if close < 0:
             continue
         args = _split_args(code[m.end():close])
         target = args[_CALLS[helper]].lstrip("&").strip() if len(args) > _CALLS[helper] else ""
-        found_map = maps.get(target) or user_rings.get(target)
-        if found_map is None:
+        called = maps.get(target) or user_rings.get(target)
+        if called is None:
             continue
-        om = found_map
         call = source[m.start(): close + 1]
-        base = om.index * SLOTS
-        if helper == "bpf_user_ringbuf_drain":
+        base = called.index * SLOTS
+        drain = helper == "bpf_user_ringbuf_drain"
+        if drain:
             wrapped = (f"({{ long __ks_r = 0; if (__ks_open()) {{ __ks_r = {call}; "
                        f"__ks_drained({base}, __ks_r); }} __ks_r; }})")
-            if len(args) > 1 and target not in types:
-                found = _sample_type(code, args[1])
-                if found:
-                    types[target] = found
-        elif helper == "bpf_ringbuf_reserve":
-            wrapped = (f"({{ void *__ks_p = 0; if (__ks_open()) {{ __ks_p = {call}; "
-                       f"__ks_count({base}, !__ks_p); }} __ks_p; }})")
         else:
-            wrapped = (f"({{ long __ks_r = -1; if (__ks_open()) {{ __ks_r = {call}; "
-                       f"__ks_count({base}, __ks_r < 0); }} __ks_r; }})")
-        if helper != "bpf_user_ringbuf_drain" and target not in types:
-            found = _event_type(code, helper, args, m.start())
+            wrapped = wrap_output_call(call, base, reserve=helper == "bpf_ringbuf_reserve")
+        if target not in types:
+            found = ((_sample_type(code, args[1]) if len(args) > 1 else None) if drain
+                     else _event_type(code, helper, args, m.start()))
             if found:
                 types[target] = found
-        om.call_sites.append(source.count("\n", 0, m.start()) + 1)
+        called.call_sites.append(source.count("\n", 0, m.start()) + 1)
         edits.append((m.start(), close + 1, wrapped))
 
-    out = source
-    for start, end, text in sorted(edits, reverse=True):
-        out = out[:start] + text + out[end:]
+    out = apply_edits(source, edits)
     prelude = _prelude(source, len(maps) + len(user_rings))
     epilogue = "\n#line 1 \"<kernelscope>\"\n"
     epilogue += "".join(f"{t} *{ANCHOR}{name} __attribute__((used));\n" for name, t in types.items())

@@ -52,17 +52,44 @@ def _blank_comments_and_strings(src: str) -> str:
     return _COMMENT_OR_STRING.sub(lambda m: re.sub(r"[^\n]", " ", m.group(0)), src)
 
 
-def _matching_paren(code: str, open_idx: int) -> int:
+_PAIRS = {"(": ")", "{": "}", "[": "]"}
+
+
+def matching_close(code: str, open_idx: int) -> int:
+    """Index of the bracket closing the one at `open_idx` (`(`, `{` or `[`); -1 if none."""
+    opening = code[open_idx]
+    closing = _PAIRS[opening]
     depth = 0
     for i in range(open_idx, len(code)):
         c = code[i]
-        if c == "(":
+        if c == opening:
             depth += 1
-        elif c == ")":
+        elif c == closing:
             depth -= 1
             if depth == 0:
                 return i
     return -1
+
+
+def wrap_output_call(call: str, base: int, reserve: bool) -> str:
+    """`call` behind the gate, counting an attempt and, when it failed, a failure.
+
+    While the gate is closed (before load, after stop) nothing is attempted or counted: a
+    reservation yields NULL and an output call -1, which programs already handle.
+    """
+    if reserve:
+        return (f"({{ void *__ks_p = 0; if (__ks_open()) {{ __ks_p = {call}; "
+                f"__ks_count({base}, !__ks_p); }} __ks_p; }})")
+    return (f"({{ long __ks_r = -1; if (__ks_open()) {{ __ks_r = {call}; "
+            f"__ks_count({base}, __ks_r < 0); }} __ks_r; }})")
+
+
+def apply_edits(source: str, edits: list[tuple[int, int, str]]) -> str:
+    """Replace each (start, end) span of `source` with its text; spans do not overlap."""
+    out = source
+    for start, end, text in sorted(edits, reverse=True):
+        out = out[:start] + text + out[end:]
+    return out
 
 
 def find_output_maps(source: str) -> dict[str, OutputMap]:
@@ -116,33 +143,21 @@ def instrument(source: str, pages: int | dict[str, int] | None = None) -> Instru
         if target is None:
             continue
         om = target
-        close = _matching_paren(code, m.end() - 1)
+        close = matching_close(code, m.end() - 1)
         if close < 0:
             continue  # unbalanced: leave it to the compiler to report
         call = source[m.start() : close + 1]
         base = om.index * SLOTS
         method = m.group(2)
-        # While the gate is closed (before load, after stop) nothing is attempted or
-        # counted: reserve yields NULL and output -1, which programs already handle.
-        if method == "ringbuf_reserve":
-            wrapped = (
-                f"({{ void *__ks_p = 0; if (__ks_open()) {{ __ks_p = {call}; "
-                f"__ks_count({base}, !__ks_p); }} __ks_p; }})"
-            )
-        elif method == "ringbuf_discard":
+        if method == "ringbuf_discard":
             wrapped = f"({{ {call}; __ks_discard({base}); }})"
         else:
-            wrapped = (
-                f"({{ long __ks_r = -1; if (__ks_open()) {{ __ks_r = {call}; "
-                f"__ks_count({base}, __ks_r < 0); }} __ks_r; }})"
-            )
+            wrapped = wrap_output_call(call, base, reserve=method == "ringbuf_reserve")
         om.call_sites.append(source.count("\n", 0, m.start()) + 1)
         edits.append((m.start(), close + 1, wrapped))
 
     edits += _line_resets(source, code, edits)
-    out = source
-    for start, end, text in sorted(edits, reverse=True):
-        out = out[:start] + text + out[end:]
+    out = apply_edits(source, edits)
     prelude = _prelude(len(maps))
     return Instrumented(prelude + f'#line 1 "{CELL_FILE}"\n' + out, maps, prelude.count("\n") + 1)
 
