@@ -539,11 +539,6 @@ class Probe(Results):
             dtype = self._dtype(prog, name)
             if dtype is None and name in self.instrumented.event_types:
                 dtype = prog.event_dtype(name)
-            old = self.user_rings.get(name)
-            if old is not None:  # reconfigure(): counts carry on
-                before = self._sent_before.setdefault(name, {"sent": 0, "full": 0})
-                before["sent"] += old.sent
-                before["full"] += old.full
             ring = UserRing(name, prog.map_fd(name), prog.ring_size(name), dtype)
             self.user_rings[name] = ring
             self._res.readers.append(ring)
@@ -559,21 +554,12 @@ class Probe(Results):
         A full ring waits up to `timeout` s for the program to drain, then raises
         UserRingFullError saying how many records went in; nothing is lost silently.
         """
+        from .userring import choose_ring
+
         self._check_open()
-        if records is None and name is not None and not isinstance(name, str):
-            name, records = None, name
         self.load()
-        if not self.user_rings:
-            raise KernelscopeError("this program has no BPF_MAP_TYPE_USER_RINGBUF map to send to")
-        if name is None:
-            if len(self.user_rings) > 1:
-                raise KernelscopeError(f"several user ring buffers: name one of {', '.join(self.user_rings)}")
-            name = next(iter(self.user_rings))
-        ring = self.user_rings.get(name)
-        if ring is None:
-            have = ", ".join(self.user_rings)
-            raise KernelscopeError(f"no user ring buffer {name!r}; this program has {have}")
-        return int(ring.send(records, timeout=timeout))
+        name, records = choose_ring(name, records, self.user_rings, "this program")
+        return int(self.user_rings[name].send(records, timeout=timeout))
 
     @property
     def send_stats(self) -> dict[str, dict[str, Any]]:
@@ -706,9 +692,11 @@ class Probe(Results):
             for name, ms in self.maps.items():
                 for key in ("attempted", "failed", "discarded"):
                     ms.carried[key] = ms.carried.get(key, 0) + counters.get(name, {}).get(key, 0)
-            for name in self.user_rings:
-                before = self._sent_before.setdefault(name, {"sent": 0, "full": 0})
-                before["drained"] = before.get("drained", 0) + counters.get(name, {}).get("drained", 0)
+            for name, ring in self.user_rings.items():  # user ring counts carry on too
+                before = self._sent_before.setdefault(name, {})
+                for key, n in (("sent", ring.sent), ("full", ring.full),
+                               ("drained", counters.get(name, {}).get("drained", 0))):
+                    before[key] = before.get(key, 0) + n
             self._res.close()
         self.instrumented = self._instrument()
         now = time.monotonic()

@@ -235,20 +235,10 @@ class Replay(Results):
         the capture's frames. Malformed records still fail as they would live.
         """
         from .capture import dtype_from_json
-        from .userring import to_records
+        from .userring import choose_ring, to_records
 
-        if records is None and name is not None and not isinstance(name, str):
-            name, records = None, name
         dtypes = self.capture.settings.get("user_ring_dtypes") or {}
-        if not dtypes:
-            raise KernelscopeError("the recorded program had no user ring buffer to send to")
-        if name is None:
-            if len(dtypes) > 1:
-                raise KernelscopeError(f"several user ring buffers: name one of {', '.join(dtypes)}")
-            name = next(iter(dtypes))
-        if name not in dtypes:
-            have = ", ".join(dtypes)
-            raise KernelscopeError(f"no user ring buffer {name!r}; the recorded program has {have}")
+        name, records = choose_ring(name, records, dtypes, "the recorded program")
         return len(to_records(records, dtype_from_json(dtypes[name]), f"send to {name}"))
 
 

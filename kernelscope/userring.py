@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import ClosedError, SchemaError, UserRingFullError
+from .errors import ClosedError, KernelscopeError, SchemaError, UserRingFullError
 
 PAGE = mmap.PAGESIZE
 HDR = 8
@@ -82,6 +82,25 @@ class RingWriter:
         self._data[start:start + k * span] = block.reshape(-1)  # contiguous: the area is mapped twice
         self._prod[0] = prod + k * span  # publish: one store, after every byte of the batch
         return k
+
+
+def choose_ring(name: Any, records: Any, rings: Iterable[str], program: str) -> tuple[str, Any]:
+    """(map name, records) for `send(name, records)` or `send(records)` with one user ring.
+
+    `program` names whose rings these are in errors ("this program", "the recorded program").
+    """
+    if records is None and name is not None and not isinstance(name, str):
+        name, records = None, name
+    names = list(rings)
+    if not names:
+        raise KernelscopeError(f"{program} has no BPF_MAP_TYPE_USER_RINGBUF map to send to")
+    if name is None:
+        if len(names) > 1:
+            raise KernelscopeError(f"several user ring buffers: name one of {', '.join(names)}")
+        name = names[0]
+    if name not in names:
+        raise KernelscopeError(f"no user ring buffer {name!r}; {program} has {', '.join(names)}")
+    return name, records
 
 
 def to_records(records: Any, dtype: np.dtype | None, where: str = "send") -> np.ndarray:
