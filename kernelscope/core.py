@@ -393,23 +393,16 @@ class CoreProgram:
         return self.maps[name].max_entries
 
     def perf_set_fd(self, name: str) -> Any:
-        fd = self.maps[name].fd
-
         def set_fd(cpu: int, event_fd: int) -> None:
-            libbpf.map_update(fd, ctypes.c_uint32(cpu), ctypes.c_uint32(event_fd), f"{name}[{cpu}]")
+            self.map_update(name, cpu, event_fd)
         return set_fd
 
     def set_gate(self, value: int) -> None:
-        libbpf.map_update(self.maps[GATE_MAP].fd, ctypes.c_uint32(0), ctypes.c_uint32(value), "gate")
+        self.map_update(GATE_MAP, 0, value)
 
     def _slots(self, nslots: int) -> list[int]:
-        fd = self.maps[ACCT_MAP].fd
-        out = []
-        values = (ctypes.c_uint64 * self.ncpus)()
-        for k in range(nslots):
-            libbpf.map_lookup(fd, ctypes.c_uint32(k), values, "counters")
-            out.append(int(sum(values)))
-        return out
+        """The accounting slots, each summed over the CPUs (a per-CPU array of u64)."""
+        return [int(np.frombuffer(self.map_lookup(ACCT_MAP, k), "<u8").sum()) for k in range(nslots)]
 
     def counters(self) -> dict[str, dict[str, int]]:
         """attempted/failed per output map, drained/errors per user ring, from the per-CPU slots."""
@@ -433,16 +426,17 @@ class CoreProgram:
     def map_update(self, name: str, key: Any, value: Any) -> None:
         """`map[key] = value` with one bpf(BPF_MAP_UPDATE_ELEM) syscall (ints, bytes or numpy)."""
         m = self._map(name)
-        libbpf.map_update_bytes(m.fd, _packed(key, m.key_size, f"{name} key"),
-                                _packed(value, m.value_size, f"{name} value"), f"update {name}")
+        libbpf.map_update(m.fd, _packed(key, m.key_size, f"{name} key"),
+                          _packed(value, m.value_size, f"{name} value"), f"update {name}")
 
     def map_lookup(self, name: str, key: Any) -> bytes:
-        """The value bytes of `map[key]` (one bpf(BPF_MAP_LOOKUP_ELEM) syscall)."""
+        """The value bytes of `map[key]` (one bpf(BPF_MAP_LOOKUP_ELEM) syscall); for a per-CPU
+        map, every possible CPU's value, each padded to 8 bytes, one after the other."""
         m = self._map(name)
-        value = (ctypes.c_uint8 * m.value_size)()
-        k = _packed(key, m.key_size, f"{name} key")
-        libbpf.map_lookup(m.fd, (ctypes.c_uint8 * len(k)).from_buffer_copy(k), value, f"lookup {name}")
-        return bytes(value)
+        size = m.value_size
+        if m.type in libbpf.PERCPU_MAP_TYPES:
+            size = -(-size // 8) * 8 * self.ncpus
+        return libbpf.map_lookup(m.fd, _packed(key, m.key_size, f"{name} key"), size, f"lookup {name}")
 
     def map_update_batch(self, name: str, keys: Any, values: Any) -> int:
         """Many updates in one bpf(BPF_MAP_UPDATE_BATCH) syscall; keys/values: numpy arrays."""

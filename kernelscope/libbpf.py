@@ -30,6 +30,7 @@ c_void_p, c_char_p, c_int, c_uint, c_size_t = (
     ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_size_t)
 
 # enum bpf_map_type (include/uapi/linux/bpf.h)
+PERCPU_MAP_TYPES = {5, 6, 10, 21}  # percpu hash, percpu array, lru percpu hash, percpu cgroup storage
 MAP_TYPES = {
     1: "hash", 2: "array", 4: "perf_event_array", 6: "percpu_array", 27: "ringbuf",
     31: "user_ringbuf",
@@ -232,23 +233,19 @@ class Object:
                                          f"open {path}")
         self.links: list[tuple[str, int]] = []  # (attach point, bpf_link *)
 
+    def _each(self, next_fn: Any) -> list[int]:
+        """Pointers from libbpf's `bpf_object__next_*(obj, prev)` iteration, in order."""
+        out: list[int] = []
+        item = None
+        while item := next_fn(self.ptr, item):
+            out.append(item)
+        return out
+
     def maps(self) -> list[Map]:
-        out: list[Map] = []
-        m = None
-        while True:
-            m = lib().bpf_object__next_map(self.ptr, m)
-            if not m:
-                return out
-            out.append(Map(m))
+        return [Map(m) for m in self._each(lib().bpf_object__next_map)]
 
     def programs(self) -> list[Program]:
-        out: list[Program] = []
-        p = None
-        while True:
-            p = lib().bpf_object__next_program(self.ptr, p)
-            if not p:
-                return out
-            out.append(Program(p))
+        return [Program(p) for p in self._each(lib().bpf_object__next_program)]
 
     def load(self) -> None:
         check(lib().bpf_object__load(self.ptr), "load")
@@ -285,23 +282,20 @@ class Object:
             self.ptr = None
 
 
-def map_update(fd: int, key: ctypes._CData, value: ctypes._CData, what: str = "map update") -> None:
-    ret = lib().bpf_map_update_elem(fd, ctypes.byref(key), ctypes.byref(value), 0)
-    if ret < 0:
-        raise _oserror(ctypes.get_errno() or -ret, what)
-
-
-def map_lookup(fd: int, key: ctypes._CData, value: ctypes._CData, what: str = "map lookup") -> None:
-    ret = lib().bpf_map_lookup_elem(fd, ctypes.byref(key), ctypes.byref(value))
-    if ret < 0:
-        raise _oserror(ctypes.get_errno() or -ret, what)
-
-
-def map_update_bytes(fd: int, key: bytes, value: bytes, what: str = "map update") -> None:
+def map_update(fd: int, key: bytes, value: bytes, what: str = "map update") -> None:
     """One BPF_MAP_UPDATE_ELEM syscall."""
     ret = lib().bpf_map_update_elem(fd, key, value, 0)
     if ret < 0:
         raise _oserror(ctypes.get_errno() or -ret, what)
+
+
+def map_lookup(fd: int, key: bytes, size: int, what: str = "map lookup") -> bytes:
+    """One BPF_MAP_LOOKUP_ELEM syscall; `size` bytes of value (all CPUs' for per-CPU maps)."""
+    value = ctypes.create_string_buffer(size)
+    ret = lib().bpf_map_lookup_elem(fd, key, value)
+    if ret < 0:
+        raise _oserror(ctypes.get_errno() or -ret, what)
+    return value.raw
 
 
 def map_update_batch(fd: int, keys: bytes, values: bytes, count: int, what: str = "batch update") -> int:
