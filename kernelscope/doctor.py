@@ -12,7 +12,6 @@ import atexit
 import ctypes
 import errno
 import html
-import json
 import os
 import platform
 import shutil
@@ -29,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import host
+from . import btf, host
 from .errors import BPFPermissionError, KernelscopeError, SetupError
 
-BTF_VMLINUX = Path("/sys/kernel/btf/vmlinux")
+BTF_VMLINUX = btf.VMLINUX
 
 # Checks that must pass for kernelscope's main path (tracepoint -> ring buffer -> DataFrame).
 BASICS = ("privileges", "bcc", "kernel headers", "tracefs", "tracepoint", "ringbuf")
@@ -783,30 +782,23 @@ def _check_core() -> Check:
 
 def _btf_layout() -> dict[str, int] | str:
     """Sizes and byte offsets of LAYOUT_FIELDS in the running kernel, or why they are unknown."""
-    bpftool = shutil.which("bpftool") or next(
-        (p for p in ("/usr/sbin/bpftool", "/sbin/bpftool") if Path(p).exists()), None)
-    if bpftool is None:
+    if btf.bpftool() is None:
         return "bpftool is not installed (apt-get install bpftool)"
     if not BTF_VMLINUX.is_file():
         return f"no {BTF_VMLINUX}"
-    proc = subprocess.run(
-        [bpftool, "-j", "btf", "dump", "file", str(BTF_VMLINUX)],
-        capture_output=True, check=False,
-    )
-    if proc.returncode != 0:
-        return f"bpftool failed: {proc.stderr.decode(errors='replace').strip()}"
-    types = json.loads(proc.stdout)["types"]
-    by_id = {t["id"]: t for t in types}
-    structs = {t["name"]: t for t in types if t["kind"] == "STRUCT" and t["name"] != "(anon)"}
+    try:
+        types = btf.Types.load(BTF_VMLINUX)
+    except KernelscopeError as e:
+        return str(e)
     out = {}
     for struct_name, member in LAYOUT_FIELDS:
-        t = structs.get(struct_name)
+        t = types.find(f"struct {struct_name}")
         if t is None:
             continue
         if member is None:
             out[_field_name(struct_name, None)] = int(t["size"])
             continue
-        bits = _member_bits(t, member, by_id)
+        bits = _member_bits(t, member, types.by_id)
         if bits is not None:
             out[_field_name(struct_name, member)] = bits // 8
     return out
