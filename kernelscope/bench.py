@@ -372,33 +372,45 @@ def _open_bcc(b: Any, kind: str, pages: int, cb: Any, lost_cb: Any) -> tuple[Any
     return b.perf_buffer_poll, b.perf_buffer_consume
 
 
-def live_bcc(env: Env, res: Result) -> None:
-    """BCC's documented loop: poll with a per-event Python callback that does nothing."""
+@contextlib.contextmanager
+def _bcc_program(env: Env, res: Result) -> Iterator[tuple[Producer, Any, int]]:
+    """A paused producer and the bench program loaded by BCC for it (pages too); unloaded on exit."""
     pages = _pages(res.size)
     with Producer(env.helpers["producer"], res.events // res.per_call,
                   env.cfg.producer_cpu) as prod:
         b = env.bcc.BPF(text=program(res.kind, prod.pid, pages, res.per_call))
         try:
-            cb, lost_cb, counts = _bcc_counting_callbacks(res.kind, None, [])
-            poll, consume = _open_bcc(b, res.kind, pages, cb, lost_cb)
-            prod.go()
-            t_last = 0
-            while not prod.exited():
-                before = counts[0]
-                poll(10)
-                if counts[0] != before:
-                    t_last = _now()
-            before = counts[0]
-            consume()
-            if counts[0] != before:
-                t_last = _now()
-            calls, t0, t1 = prod.finish()
+            yield prod, b, pages
         finally:
             _cleanup_bcc(b)
+
+
+def _produced(res: Result, calls: int, t0: int, t1: int) -> None:
+    """What the producer made, exactly, and how long it took."""
     res.made = calls * res.per_call
+    res.producer_seconds = (t1 - t0) / 1e9
+
+
+def live_bcc(env: Env, res: Result) -> None:
+    """BCC's documented loop: poll with a per-event Python callback that does nothing."""
+    with _bcc_program(env, res) as (prod, b, pages):
+        cb, lost_cb, counts = _bcc_counting_callbacks(res.kind, None, [])
+        poll, consume = _open_bcc(b, res.kind, pages, cb, lost_cb)
+        prod.go()
+        t_last = 0
+        while not prod.exited():
+            before = counts[0]
+            poll(10)
+            if counts[0] != before:
+                t_last = _now()
+        before = counts[0]
+        consume()
+        if counts[0] != before:
+            t_last = _now()
+        calls, t0, t1 = prod.finish()
+    _produced(res, calls, t0, t1)
     res.received = counts[0]
     res.seconds = (t_last - t0) / 1e9 if t_last else 0.0
-    res.producer_seconds = (t1 - t0) / 1e9
     res.lost_reported = counts[1] if res.kind == "perf" else None
 
 
@@ -406,28 +418,21 @@ def drain_bcc(env: Env, res: Result) -> None:
     """Decode every record with `table.event(data)` into a list, then build a DataFrame."""
     import pandas as pd
 
-    pages = _pages(res.size)
-    with Producer(env.helpers["producer"], res.events // res.per_call,
-                  env.cfg.producer_cpu) as prod:
-        b = env.bcc.BPF(text=program(res.kind, prod.pid, pages, res.per_call))
-        try:
-            rows: list[tuple[int, ...]] = []
-            cb, lost_cb, counts = _bcc_counting_callbacks(res.kind, b["events"].event, rows)
-            if res.kind == "perf":  # perf_submit needs the per-CPU perf events to exist
-                _, consume = _open_bcc(b, res.kind, pages, cb, lost_cb)
-            prod.go()
-            calls, t0, t1 = prod.finish()
-            if res.kind == "ring":
-                _, consume = _open_bcc(b, res.kind, pages, cb, lost_cb)
-            start = time.perf_counter()
-            consume()
-            df = pd.DataFrame.from_records(rows, columns=list(EVENT_FIELDS))
-            res.seconds = time.perf_counter() - start
-        finally:
-            _cleanup_bcc(b)
-    res.made = calls * res.per_call
+    with _bcc_program(env, res) as (prod, b, pages):
+        rows: list[tuple[int, ...]] = []
+        cb, lost_cb, counts = _bcc_counting_callbacks(res.kind, b["events"].event, rows)
+        if res.kind == "perf":  # perf_submit needs the per-CPU perf events to exist
+            _, consume = _open_bcc(b, res.kind, pages, cb, lost_cb)
+        prod.go()
+        calls, t0, t1 = prod.finish()
+        if res.kind == "ring":
+            _, consume = _open_bcc(b, res.kind, pages, cb, lost_cb)
+        start = time.perf_counter()
+        consume()
+        df = pd.DataFrame.from_records(rows, columns=list(EVENT_FIELDS))
+        res.seconds = time.perf_counter() - start
+    _produced(res, calls, t0, t1)
     res.received = len(df)
-    res.producer_seconds = (t1 - t0) / 1e9
     res.lost_reported = counts[1] if res.kind == "perf" else None
     res.extra["into"] = "table.event() per record -> list of tuples -> DataFrame"
 
@@ -465,60 +470,55 @@ def _c_report(cons: subprocess.Popen[bytes], timeout: float = 120.0) -> dict[str
     return report
 
 
-def live_libbpf(env: Env, res: Result) -> None:
-    """libbpf's ring_buffer__poll / perf_buffer__poll in a C process on the BCC map fd."""
-    pages = _pages(res.size)
-    with Producer(env.helpers["producer"], res.events // res.per_call,
-                  env.cfg.producer_cpu) as prod:
-        b = env.bcc.BPF(text=program(res.kind, prod.pid, pages, res.per_call))
-        cons = None
-        try:
-            cons = _spawn_c_consumer(env, res.kind, b["events"].map_fd, mode="live",
-                                     capacity=res.events, pages=pages)
-            prod.go()
-            calls, t0, t1 = prod.finish()
-            cons.send_signal(signal.SIGUSR1)
-            report = _c_report(cons)
-        finally:
-            if cons is not None and cons.poll() is None:
+@contextlib.contextmanager
+def _c_consumers() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Where a run puts the C consumers it starts; any still running at the end are killed."""
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        yield started
+    finally:
+        for cons in started:
+            if cons.poll() is None:
                 cons.kill()
                 cons.communicate()
-            _cleanup_bcc(b)
-    res.made = calls * res.per_call
+
+
+def live_libbpf(env: Env, res: Result) -> None:
+    """libbpf's ring_buffer__poll / perf_buffer__poll in a C process on the BCC map fd."""
+    with _bcc_program(env, res) as (prod, b, pages), _c_consumers() as started:
+        cons = _spawn_c_consumer(env, res.kind, b["events"].map_fd, mode="live",
+                                 capacity=res.events, pages=pages)
+        started.append(cons)
+        prod.go()
+        calls, t0, t1 = prod.finish()
+        cons.send_signal(signal.SIGUSR1)
+        report = _c_report(cons)
+    _produced(res, calls, t0, t1)
     res.received = report["received"]
     res.seconds = (report["t_last"] - t0) / 1e9 if report["t_last"] else 0.0
-    res.producer_seconds = (t1 - t0) / 1e9
     res.lost_reported = report["lost"] if res.kind == "perf" else None
 
 
 def drain_libbpf(env: Env, res: Result) -> None:
     """One timed ring_buffer__consume / perf_buffer__consume copying into a C array."""
-    pages = _pages(res.size)
-    with Producer(env.helpers["producer"], res.events // res.per_call,
-                  env.cfg.producer_cpu) as prod:
-        b = env.bcc.BPF(text=program(res.kind, prod.pid, pages, res.per_call))
-        cons = None
-        try:
-            cap = _capacity(res.kind, res.size) + 1
-            if res.kind == "perf":  # perf_buffer__new creates the per-CPU perf events
-                cons = _spawn_c_consumer(env, res.kind, b["events"].map_fd, mode="drain",
-                                         capacity=cap, pages=pages)
-            prod.go()
-            calls, t0, t1 = prod.finish()
-            if cons is None:
-                cons = _spawn_c_consumer(env, res.kind, b["events"].map_fd, mode="drain",
-                                         capacity=cap, pages=pages)
-            _send_go(cons)
-            report = _c_report(cons)
-        finally:
-            if cons is not None and cons.poll() is None:
-                cons.kill()
-                cons.communicate()
-            _cleanup_bcc(b)
-    res.made = calls * res.per_call
+    with _bcc_program(env, res) as (prod, b, pages), _c_consumers() as started:
+        cap = _capacity(res.kind, res.size) + 1
+
+        def spawn() -> subprocess.Popen[bytes]:
+            started.append(_spawn_c_consumer(env, res.kind, b["events"].map_fd, mode="drain",
+                                             capacity=cap, pages=pages))
+            return started[-1]
+
+        if res.kind == "perf":  # perf_buffer__new creates the per-CPU perf events
+            spawn()
+        prod.go()
+        calls, t0, t1 = prod.finish()
+        cons = started[-1] if started else spawn()
+        _send_go(cons)
+        report = _c_report(cons)
+    _produced(res, calls, t0, t1)
     res.received = report["received"]
     res.seconds = (report["t_done"] - report["t_start"]) / 1e9
-    res.producer_seconds = (t1 - t0) / 1e9
     res.lost_reported = report["lost"] if res.kind == "perf" else None
     res.extra["into"] = "memcpy of each record into a preallocated C array"
 
@@ -584,12 +584,11 @@ def live_kernelscope(env: Env, res: Result) -> None:
             df = p.frame("events")
         finally:
             p.close()
-    res.made = made
+    _produced(res, calls, t0, t1)
     res.received = len(df)
     # ks_arrival_ns: CLOCK_MONOTONIC when the read that brought each record began
     t_last = int(df["ks_arrival_ns"].max()) if len(df) else 0
     res.seconds = (t_last - t0) / 1e9 if t_last else 0.0
-    res.producer_seconds = (t1 - t0) / 1e9
     _ks_accounting(res, stats, len(df))
 
 
@@ -619,9 +618,8 @@ def drain_kernelscope(env: Env, res: Result) -> None:
             stats = dict(p.stats["events"])
         finally:
             p.close()
-    res.made = calls * res.per_call
+    _produced(res, calls, t0, t1)
     res.received = len(df)
-    res.producer_seconds = (t1 - t0) / 1e9
     res.extra["into"] = "Probe.start(); Probe.stop(); Probe.frame() -> DataFrame"
     _ks_accounting(res, stats, len(df))
 
