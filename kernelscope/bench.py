@@ -91,8 +91,8 @@ def cache_dir() -> Path:
 def build_helpers(cache: Path | None = None) -> dict[str, Path]:
     """Compile the producer and the libbpf consumers once per source version.
 
-    Binaries are cached as `<name>-<hash of source and flags>`, so editing a .c file
-    rebuilds it and nothing else.
+    Binaries are cached as `<name>-<hash of source, shared header and flags>`, so editing a
+    .c file rebuilds it and nothing else; editing bench_common.h rebuilds them all.
     """
     gcc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if not gcc:
@@ -103,9 +103,10 @@ def build_helpers(cache: Path | None = None) -> dict[str, Path]:
     cache = cache or cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     built: dict[str, Path] = {}
+    common = (SRC_DIR / "bench_common.h").read_bytes()
     for name, (src_name, libs) in HELPERS.items():
         src = SRC_DIR / src_name
-        text = src.read_bytes()
+        text = src.read_bytes() + common
         key = hashlib.sha256(text + " ".join((*CFLAGS, *libs)).encode()).hexdigest()[:16]
         exe = cache / f"{name}-{key}"
         if not exe.exists():

@@ -9,19 +9,9 @@
  * done it prints "calls t_start_ns t_end_ns" (CLOCK_MONOTONIC) on stdout.
  */
 #define _GNU_SOURCE
-#include <sched.h>
-#include <stdio.h>
-#include <stdlib.h>
 #include <sys/syscall.h>
-#include <time.h>
-#include <unistd.h>
 
-static long long now_ns(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
+#include "bench_common.h"
 
 int main(int argc, char **argv)
 {
@@ -33,14 +23,9 @@ int main(int argc, char **argv)
 	double seconds = argc > 2 ? atof(argv[2]) : 0.0;
 	int cpu = argc > 3 ? atoi(argv[3]) : -1;
 
-	if (cpu >= 0) {
-		cpu_set_t set;
-		CPU_ZERO(&set);
-		CPU_SET(cpu, &set);
-		if (sched_setaffinity(0, sizeof(set), &set) != 0) {
-			perror("sched_setaffinity");
-			return 1;
-		}
+	if (pin_cpu(cpu) != 0) {
+		perror("sched_setaffinity");
+		return 1;
 	}
 
 	char go;
