@@ -277,11 +277,7 @@ def test_nested_struct_and_arrays_become_columns() -> None:
       events.ringbuf_output(&e, sizeof(e), 0);
       return 0;
     }"""
-    prod = paused(3)
-    with Probe(src, cflags=prod.cflags) as p:
-        prod.go()
-        p.stop()
-        df = p.df
+    df = run_to_completion(src, 3)[0].df
     assert list(df.columns[:5]) == ["pid", "in.a", "in.b", "arr", "comm"]
     assert df["in.a"].tolist() == [513] * 3
     assert df["in.b"].tolist() == [9] * 3
@@ -363,12 +359,9 @@ def test_records_of_other_sizes_are_padded_into_the_struct() -> None:
       else events.ringbuf_output(&e, sizeof(e), 0);
       return 0;
     }"""
-    prod = paused(1_000)
-    with Probe(src, cflags=prod.cflags) as p:
-        prod.go()
-        p.stop()
-        df = p.df
-        assert_accounted(p.stats["events"], 1_000)
+    p, _ = run_to_completion(src, 1_000)
+    df = p.df
+    assert_accounted(p.stats["events"], 1_000)
     assert sorted(df["n"]) == list(range(1_000))
     assert (df.loc[df["n"] % 2 == 1, "extra"] == 0).all()
     assert (df.loc[df["n"] % 2 == 0, "extra"] == 7).all()
