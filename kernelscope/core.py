@@ -463,13 +463,14 @@ class CoreProgram:
         shutil.rmtree(self.objfile.parent, ignore_errors=True)
 
 
-def _packed(value: Any, size: int, what: str) -> bytes:
-    """`value` as exactly `size` bytes: ints little-endian, strings/bytes NUL-padded (char[N])."""
+def _packed(value: Any, size: int, what: str, pad: bool = False) -> bytes:
+    """`value` as exactly `size` bytes: ints little-endian; strings and bytes as given, or
+    NUL-padded with `pad` (a char[N] global)."""
     if isinstance(value, str):
         value = value.encode()
     if isinstance(value, (bytes, bytearray)):
         data = bytes(value)
-        if len(data) < size and what.startswith("global"):
+        if pad and len(data) < size:
             data += b"\0" * (size - len(data))
     elif isinstance(value, (int, np.integer)):
         data = int(value).to_bytes(size, "little", signed=int(value) < 0)
@@ -499,7 +500,7 @@ def set_globals(obj: libbpf.Object, objfile: Path, values: dict[str, Any]) -> No
         addr, size = target.initial_value()
         if sym.offset + sym.size > size:
             raise KernelscopeError(f"{name}: outside {sym.section} ({size} bytes)")
-        data = _packed(value, sym.size, f"global {name}")
+        data = _packed(value, sym.size, f"global {name}", pad=True)
         ctypes.memmove(addr + sym.offset, data, sym.size)
 
 
