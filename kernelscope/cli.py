@@ -1,7 +1,8 @@
 """The `kernelscope` command: setup, doctor, and entry points to the demo, bench and record jobs.
 
-Anything a user can fix (no root, no BCC, no headers, tracefs not mountable) ends as one
-message on stderr and a nonzero exit code, never a traceback.
+Anything a user can fix (no root, no BCC, no headers, tracefs not mountable or not
+readable, a file the host refuses) ends as one message on stderr and a nonzero exit code,
+never a traceback.
 """
 
 from __future__ import annotations
@@ -104,6 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except KernelscopeError as e:
         print(f"kernelscope {args.command}: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as e:  # refused by the host where kernelscope did not name the cause itself
+        print(f"kernelscope {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

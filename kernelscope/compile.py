@@ -25,6 +25,7 @@ from .errors import (
     BPFPermissionError,
     CompileError,
     KernelscopeError,
+    TracefsAccessError,
     UnsupportedError,
     VerifierError,
 )
@@ -111,16 +112,31 @@ def tracefs_events() -> Path:
     return host.TRACEFS / "events"
 
 
+@contextlib.contextmanager
+def reading_tracefs(events: Path) -> Iterator[None]:
+    """Turn a refused read under tracefs (`events` is its events/ folder) into TracefsAccessError.
+
+    Path.exists() and is_dir() raise PermissionError rather than answer False when a parent
+    folder is not searchable, as tracefs's 0700 top folder is for anyone but root.
+    """
+    try:
+        yield
+    except PermissionError as e:
+        raise TracefsAccessError(events.parent, e) from None
+
+
 def list_tracepoints(events: Path | None = None) -> list[str]:
-    """Every `category:event` the running kernel offers."""
+    """Every `category:event` the running kernel offers (none when tracefs is not mounted)."""
     events = events or tracefs_events()
     out = []
-    try:
-        for cat in sorted(events.iterdir()):
+    with reading_tracefs(events):
+        try:
+            cats = sorted(events.iterdir())
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        for cat in cats:
             if cat.is_dir():
                 out += [f"{cat.name}:{ev.name}" for ev in sorted(cat.iterdir()) if (ev / "format").exists()]
-    except OSError:
-        pass
     return out
 
 
@@ -143,8 +159,9 @@ def check_tracepoint(cat: str, ev: str, line: int | None = None, events: Path | 
     Returns the list of known tracepoints when it had to read it, for the next call.
     """
     events = events or tracefs_events()
-    if (events / cat / ev / "format").exists():
-        return known
+    with reading_tracefs(events):
+        if (events / cat / ev / "format").exists():
+            return known
     known = known if known is not None else list_tracepoints(events)
     close = difflib.get_close_matches(f"{cat}:{ev}", known, n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; %bpf_tracepoints PATTERN lists them"

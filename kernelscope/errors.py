@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class KernelscopeError(Exception):
     """Base class of every error kernelscope raises on purpose."""
@@ -21,6 +23,27 @@ class HeadersMissingError(SetupError):
 
 class BPFPermissionError(KernelscopeError, PermissionError):
     """Loading or attaching needs root, or CAP_BPF and CAP_PERFMON."""
+
+
+class TracefsAccessError(SetupError, PermissionError):
+    """This process may not read tracefs, where the kernel lists tracepoints and their formats.
+
+    tracefs is mounted root-only (the top folder 0700, files 0440 or 0640), and reading it is
+    a file permission check, not a capability one: CAP_BPF and CAP_PERFMON do not open it.
+    """
+
+    def __init__(self, tracefs: os.PathLike[str] | str, denied: OSError | None = None,
+                 uid: int | None = None) -> None:
+        self.tracefs = str(tracefs)
+        self.uid = os.geteuid() if uid is None else uid
+        where = f" ({denied.filename}: {denied.strerror})" if denied is not None and denied.filename else ""
+        super().__init__(
+            f"tracefs at {self.tracefs} is not readable by uid {self.uid}{where}: run as root, or give "
+            f"this user read access, as root: `mount -o remount,mode=755,gid=GID {self.tracefs}` with the "
+            "user in group GID (tracefs's files are group-readable, its top folder is 0700); "
+            "CAP_BPF and CAP_PERFMON alone do not open tracefs. "
+            "Without it, notebooks can still replay recorded captures (KERNELSCOPE_MODE=replay)."
+        )
 
 
 class CompileError(KernelscopeError):

@@ -10,6 +10,7 @@ function fixes what it can, returns a sentence saying what it did, and raises a
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import glob
 import gzip
@@ -240,9 +241,13 @@ def ensure_tracefs(tracefs: Path = TRACEFS, debugfs: Path = DEBUGFS) -> str:
         except OSError as e:
             if fstype == "debugfs":
                 continue  # optional: BCC prefers tracefs
+            why = f"mounting it failed ({e.strerror})"
+            if e.errno in (errno.EPERM, errno.EACCES):
+                why += f": it needs CAP_SYS_ADMIN, which this process (uid {os.geteuid()}) lacks"
             raise SetupError(
-                f"tracefs is not mounted at {path} and mounting it failed ({e.strerror}); "
-                f"as root: mount -t tracefs nodev {path}"
+                f"tracefs is not mounted at {path}: {why}; as root: `kernelscope setup` or "
+                f"`mount -t tracefs nodev {path}`. Without it, notebooks can still replay recorded "
+                "captures (KERNELSCOPE_MODE=replay)."
             ) from e
         done.append(f"mounted {fstype} at {path}")
     return "; ".join(done) or f"tracefs mounted at {tracefs}"
