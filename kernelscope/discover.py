@@ -4,12 +4,16 @@ Both read tracefs (/sys/kernel/tracing/events/CATEGORY/EVENT/format), the kernel
 description of each tracepoint's record. That layout is what BCC's TRACEPOINT_PROBE `args`
 struct is built from, so it is right for the running kernel even when the kernel headers
 are not (see PLATFORM.md, header/kernel mismatch).
+
+In record mode (KERNELSCOPE_MODE) what they found is also saved beside the notebook's
+captures, and in replay mode it is read back from there: replay needs no tracefs.
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
+import hashlib
 import html
 import re
 from dataclasses import dataclass
@@ -18,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import compile as _compile
+from . import mode
 from .errors import KernelscopeError
 
 # The fields every tracepoint record starts with (struct trace_entry). BCC hides them
@@ -45,12 +50,28 @@ def events_dir() -> Path:
     return _compile.tracefs_events()
 
 
-def _ensure_tracefs() -> None:
-    """Mount tracefs if needed (as root); without it there is nothing to list."""
-    if not events_dir().is_dir():
-        from . import host
+def _ensure_tracefs() -> Path:
+    """The events folder of tracefs, mounted first if needed (as root)."""
+    events = events_dir()
+    with _compile.reading_tracefs(events):
+        if not events.is_dir():
+            from . import host
 
-        host.ensure_tracefs()
+            host.ensure_tracefs()
+    return events
+
+
+def capture_name(kind: str, text: str | None) -> str:
+    """The file name (without .json) a recorded lookup of `text` is kept under.
+
+    Only letters, digits, `_` and `-` of `text` are kept, so no pattern can name a path
+    outside the captures folder; a hash of the whole text keeps different patterns apart.
+    """
+    if text is None:
+        return f"{kind}.all"
+    safe = re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")[:60]
+    digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+    return f"{kind}.{safe}.{digest}" if safe else f"{kind}.{digest}"
 
 
 def match(pattern: str | None, names: list[str]) -> list[str]:
@@ -84,10 +105,21 @@ def _regex(pattern: str, names: list[str]) -> list[str]:
 
 
 def tracepoints(pattern: str | None = None, events: Path | None = None) -> pd.DataFrame:
-    """Tracepoints of the running kernel matching `pattern` (see `match`), one row each."""
-    if events is None:
-        _ensure_tracefs()
-    names = match(pattern, _compile.list_tracepoints(events or events_dir()))
+    """Tracepoints of the running kernel matching `pattern` (see `match`), one row each.
+
+    Without `events` (a tracefs events/ folder), the kernel's own, through the mode: saved in
+    record mode, read back from the captures in replay mode.
+    """
+    pattern = pattern or None
+    if events is not None:
+        names = match(pattern, _compile.list_tracepoints(events))
+    else:
+        what = f"list of tracepoints matching {pattern!r}" if pattern else "list of tracepoints"
+        saved = mode.remember(capture_name("tracepoints", pattern), lambda: {
+            "pattern": pattern,
+            "tracepoints": match(pattern, _compile.list_tracepoints(_ensure_tracefs())),
+        }, what=what)
+        names = list(saved["tracepoints"])
     rows = [(n, *n.split(":", 1)) for n in names]
     return pd.DataFrame(rows, columns=["tracepoint", "category", "event"])
 
@@ -201,17 +233,32 @@ def _bcc_access(name: str, ctype: str) -> str:
 
 
 def tracepoint_format(name: str, events: Path | None = None) -> TracepointFormat:
-    """The fields of `category:event` from tracefs, or UnknownTracepointError with close matches."""
+    """The fields of `category:event` from tracefs, or UnknownTracepointError with close matches.
+
+    Without `events`, the running kernel's, through the mode as `tracepoints` does: the
+    format file's text is what is saved and read back, parsed the same way.
+    """
     category, event = split_name(name)
-    if events is None:
-        _ensure_tracefs()
-    events = events or events_dir()
-    path = events / category / event / "format"
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        known = _compile.list_tracepoints(events)
-        close = difflib.get_close_matches(f"{category}:{event}", known, n=3, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; %bpf_tracepoints PATTERN lists them"
-        raise UnknownTracepointError(f"no tracepoint {category}:{event} on this kernel{hint}") from None
+    if events is not None:
+        text = _read_format(events, category, event)
+    else:
+        full = f"{category}:{event}"
+        saved = mode.remember(capture_name("format", full), lambda: {
+            "tracepoint": full,
+            "format": _read_format(_ensure_tracefs(), category, event),
+        }, what=f"format of {full}")
+        text = saved["format"]
     return parse_format(text, category, event)
+
+
+def _read_format(events: Path, category: str, event: str) -> str:
+    path = events / category / event / "format"
+    with _compile.reading_tracefs(events):
+        try:
+            return path.read_text()
+        except FileNotFoundError:
+            pass
+    known = _compile.list_tracepoints(events)
+    close = difflib.get_close_matches(f"{category}:{event}", known, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; %bpf_tracepoints PATTERN lists them"
+    raise UnknownTracepointError(f"no tracepoint {category}:{event} on this kernel{hint}")

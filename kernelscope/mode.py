@@ -9,7 +9,7 @@
 `<captures>` is KERNELSCOPE_CAPTURES, or `captures/` in the working directory (Jupyter
 starts kernels in the notebook's folder, so captures sit beside the notebook).
 Notebook code that measures something outside a probe keeps its figures the same way
-with `remember(name, compute)`.
+with `remember(name, compute)`, and so do `%bpf_tracepoints` and `%bpf_format`.
 """
 
 from __future__ import annotations
@@ -75,17 +75,19 @@ def banner() -> str | None:
     return None
 
 
-def remember(name: str, compute: Callable[[], Any]) -> Any:
-    """A JSON-able figure measured live (and saved in record mode), or the saved one in replay.
+def remember(name: str, compute: Callable[[], Any], what: str = "figure") -> Any:
+    """A JSON-able value measured live (and saved in record mode), or the saved one in replay.
 
-    For what a notebook measures outside a probe, e.g. a producer's own event rate.
+    For what a notebook measures outside a probe, e.g. a producer's own event rate, or what
+    it looked up in the kernel (`what` names it in the error when the saved copy is missing).
     """
     path = captures_dir() / f"{name}.json"
     m = mode()
     if m == "replay":
         if not path.exists():
             raise KernelscopeError(
-                f"replay mode: no recorded figure {path}; record with KERNELSCOPE_MODE=record"
+                f"replay mode: no recorded {what}: {path} is missing; record it by running this "
+                "notebook with KERNELSCOPE_MODE=record on a machine with BPF (`make record-notebooks`)"
             )
         return json.loads(path.read_text())
     value = compute()
