@@ -10,6 +10,9 @@
 starts kernels in the notebook's folder, so captures sit beside the notebook).
 Notebook code that measures something outside a probe keeps its figures the same way
 with `remember(name, compute)`, and so do `%bpf_tracepoints` and `%bpf_format`.
+
+Recording is a maintainer's step whose outputs are committed as if from a live run, so
+record mode shows no banner; replay mode says so above every notebook.
 """
 
 from __future__ import annotations
@@ -66,12 +69,12 @@ def require_capture(name: str | None) -> Path:
 
 
 def banner() -> str | None:
-    """A sentence to show when notebooks are not running live."""
-    m = mode()
-    if m == "replay":
+    """A sentence to show when notebooks replay captures; None live and in record mode.
+
+    Record mode says nothing: its outputs are committed, and should read as a live run's.
+    """
+    if mode() == "replay":
         return f"kernelscope is replaying recorded captures from {captures_dir()}/ (no BPF here)."
-    if m == "record":
-        return f"kernelscope is recording every named probe into {captures_dir()}/."
     return None
 
 
