@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import keyword
+import os
 import re
 import time
 import weakref
@@ -292,8 +293,8 @@ class BPFMagics(Magics):
         pattern = line.strip() or None
         try:
             df = discover.tracepoints(pattern)
-        except (ValueError, KernelscopeError) as e:
-            raise UsageError(str(e)) from None
+        except USER_ERRORS as e:
+            raise UsageError(f"%bpf_tracepoints: {error_text(e)}") from None
         if df.empty:
             print(f"no tracepoint matches {pattern!r}")
         return df
@@ -306,8 +307,8 @@ class BPFMagics(Magics):
             raise UsageError("usage: %bpf_format CATEGORY:EVENT, e.g. %bpf_format sched:sched_switch")
         try:
             return discover.tracepoint_format(line.strip())
-        except (ValueError, KernelscopeError) as e:
-            raise UsageError(str(e)) from None
+        except USER_ERRORS as e:
+            raise UsageError(f"%bpf_format: {error_text(e)}") from None
 
 
 # --- the %%bpf line ---------------------------------------------------------------------
@@ -438,19 +439,31 @@ def show_rows(probe: Probe, name: str, n: int = HEAD_ROWS) -> None:
 
 # --- errors -----------------------------------------------------------------------------
 
+# What a user can fix: kernelscope's own errors, bad values, and what the host refused (a
+# file or device this user may not open, a limit); a bug in kernelscope stays a traceback.
+USER_ERRORS = (KernelscopeError, ValueError, OSError)
+
+
+def error_text(e: BaseException) -> str:
+    """The message of a USER_ERRORS exception; an OS error not wrapped by kernelscope says its kind."""
+    if isinstance(e, OSError) and not isinstance(e, KernelscopeError):
+        what = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
+        return f"{type(e).__name__}: {what} (uid {os.geteuid()})"
+    return str(e).strip()
+
 
 @contextlib.contextmanager
 def usage_errors(source: str, name: str) -> Iterator[None]:
     """Turn what a user can fix into a UsageError: no traceback, the cell's line quoted."""
     try:
         yield
-    except (KernelscopeError, ValueError) as e:
+    except USER_ERRORS as e:
         raise UsageError(usage_message(e, source, name)) from None
 
 
 def usage_message(e: BaseException, source: str, name: str) -> str:
     lines = source.splitlines()
-    text = str(e).strip()
+    text = error_text(e)
     if isinstance(e, VerifierError):
         n = verifier_line(e.log, len(lines))
         if n is not None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pandas as pd
 import pytest
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
@@ -30,7 +31,7 @@ from IPython.utils.capture import capture_output
 from traitlets.config import Config
 from util import fd_count, wait_for
 
-from kernelscope import Probe, doctor, host, magic
+from kernelscope import Probe, discover, doctor, host, magic, mode
 from kernelscope.display import Progress, StatusLine
 
 # What a new user types: count exec, exit and openat events, system-wide (10 lines of C).
@@ -579,6 +580,96 @@ def test_format_magic_shows_fields_and_marks_common_ones(shell: Shell) -> None:
         shell.run_cell("%bpf_format sched:sched_swich")
     with pytest.raises(UsageError, match="usage: %bpf_format CATEGORY:EVENT"):
         shell.run_cell("%bpf_format")
+
+
+@pytest.mark.kernel
+def test_discovery_magics_record_then_replay_with_no_tracefs(shell: Shell, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KERNELSCOPE_CAPTURES", str(tmp_path))
+    monkeypatch.setenv("KERNELSCOPE_MODE", "record")
+    live = shell.run_cell("%bpf_tracepoints sched:*")
+    live_fmt = shell.run_cell("%bpf_format sched:sched_process_exec")
+    assert len(list(tmp_path.glob("*.json"))) == 2
+
+    monkeypatch.setenv("KERNELSCOPE_MODE", "replay")  # and no tracefs: Binder's situation
+
+    def no_tracefs(*args: object) -> None:
+        raise AssertionError("replay read tracefs")
+
+    monkeypatch.setattr(discover, "events_dir", no_tracefs)
+    monkeypatch.setattr(host, "ensure_tracefs", no_tracefs)
+    again = shell.run_cell("%bpf_tracepoints sched:*")
+    assert isinstance(again, pd.DataFrame)
+    assert again.equals(live)
+    fmt = shell.run_cell("%bpf_format sched:sched_process_exec")
+    assert isinstance(fmt, discover.TracepointFormat)
+    assert fmt.args_fields().equals(live_fmt.args_fields())
+    assert repr(fmt) == repr(live_fmt)
+    with pytest.raises(UsageError) as info:
+        shell.run_cell("%bpf_tracepoints syscalls:*")
+    missing = tmp_path / (discover.capture_name("tracepoints", "syscalls:*") + ".json")
+    assert str(info.value).startswith("%bpf_tracepoints: replay mode: no recorded list of tracepoints")
+    assert f"{missing} is missing" in str(info.value)
+    assert "KERNELSCOPE_MODE=record" in str(info.value)
+
+
+def test_os_errors_in_magics_are_usage_errors_not_tracebacks(shell: Shell,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused(*args: object, **kwargs: object) -> Any:
+        raise PermissionError(13, "Permission denied", "/sys/kernel/tracing/events")
+
+    monkeypatch.setattr(discover, "tracepoints", refused)
+    monkeypatch.setattr(discover, "tracepoint_format", refused)
+    said = f"PermissionError: Permission denied: /sys/kernel/tracing/events (uid {os.geteuid()})"
+    for cell in ("%bpf_tracepoints sched:*", "%bpf_format a:b"):
+        msg, seen = _fails(shell, cell)
+        assert msg == f"{cell.split()[0]}: {said}"
+        assert "Traceback" not in seen
+    monkeypatch.setattr(Probe, "load", refused)
+    msg, seen = _fails(shell, "%%bpf refused -D TARGET=1\n" + GETPPID)
+    assert msg.startswith("%%bpf refused: PermissionError: Permission denied: /sys/kernel/tracing/events")
+    assert "Traceback" not in seen
+
+
+@pytest.mark.kernel
+@pytest.mark.skipif(os.geteuid() != 0, reason="becoming uid 65534 needs root")
+def test_as_uid_65534_tracefs_refusals_are_usage_errors_naming_the_fix(shell: Shell) -> None:
+    from nobody import NOBODY, run_as_nobody
+
+    host.import_bcc()  # the child cannot read /root, where this venv's interpreter may live
+    expected = f"tracefs at {host.TRACEFS} is not readable by uid {NOBODY}"
+    for cell in ("%bpf_tracepoints sched:*", "%bpf_format sched:sched_switch"):
+        out = run_as_nobody(lambda cell=cell: shell.run_cell(cell))
+        assert out.error == "UsageError", out.traceback
+        assert expected in out.message
+        assert "CAP_BPF and CAP_PERFMON alone do not open tracefs" in out.message
+    # with the capabilities that load programs, the tracepoint check still needs tracefs
+    cell = "%%bpf nobody -D TARGET=1\n" + GETPPID
+    out = run_as_nobody(lambda: shell.run_cell(cell), caps=(host.CAP_BPF, host.CAP_PERFMON))
+    assert out.error == "UsageError", out.traceback
+    assert out.message.startswith(f"%%bpf nobody: {expected}")
+    out = run_as_nobody(lambda: shell.run_cell(cell))  # no capabilities at all
+    assert out.error == "UsageError", out.traceback
+    assert "loading BPF programs needs root, or CAP_BPF and CAP_PERFMON" in out.message
+
+
+@pytest.mark.kernel
+def test_record_mode_shows_no_banner_and_replay_mode_does(shell: Shell, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KERNELSCOPE_CAPTURES", str(tmp_path))
+    monkeypatch.setenv("KERNELSCOPE_MODE", "record")
+    with capture_output() as cap:
+        assert mode.setup_notebook("ignored") == "record"  # KERNELSCOPE_CAPTURES is set already
+    assert not cap.outputs  # a committed notebook reads as a live run
+    with getppid_calls(), capture_output() as cap:
+        shell.run_cell(f"%%bpf recd --limit 5 -D TARGET={os.getpid()}\n{GETPPID}")
+    assert "recording" not in shown(cap)
+    assert "kernelscope is" not in shown(cap)
+    assert (tmp_path / "recd.parquet").exists()
+    monkeypatch.setenv("KERNELSCOPE_MODE", "replay")
+    with capture_output() as cap:
+        assert mode.setup_notebook("ignored") == "replay"
+    assert f"kernelscope is replaying recorded captures from {tmp_path}/" in cap.outputs[0].data["text/html"]
 
 
 # --- the display helpers, without a frontend ------------------------------------------------
