@@ -26,11 +26,13 @@ DEBIAN_BCC := /usr/lib/python3/dist-packages/bcc
 SYSTEM_STAMP := $(VENV_ABS)/.stamp-system
 INSTALL_STAMP := $(VENV_ABS)/.stamp-install
 
-.PHONY: help setup system venv test test-notebooks record-notebooks lint demo lab clean
+.PHONY: help setup system venv test test-notebooks test-binder record-notebooks lint demo lab clean
 
 help:
 	@echo "make setup  - Debian packages, $(VENV), tracefs and kernel headers (needs root)"
-	@echo "make test   - setup, then ruff + mypy over kernelscope/ and pytest with real eBPF"
+	@echo "make test   - setup, then ruff + mypy, pytest with real eBPF, the notebooks live and"
+	@echo "              replayed, and test-binder"
+	@echo "make test-binder - the notebooks as Binder runs them: binder/ venv, replay, uid $(BINDER_UID)"
 	@echo "make demo   - setup, then attach a real probe for a few seconds and summarize it"
 	@echo "make lab    - setup, then JupyterLab on http://127.0.0.1:8888 in notebooks/"
 	@echo "make lint   - ruff + mypy over kernelscope/"
@@ -75,20 +77,58 @@ lint: $(INSTALL_STAMP)
 	$(BIN)/ruff check kernelscope tests
 	$(BIN)/mypy
 
-# The teaching notebooks run twice under nbval: live on this kernel, then replaying the
-# captures committed beside them (what Binder does). Only cells marked NBVAL_CHECK_OUTPUT
-# have their outputs compared; each notebook's assert cells check its claims.
-NOTEBOOKS := $(sort $(wildcard notebooks/0*.ipynb))
+# The notebooks (the teaching ones and widget-demo) run twice under nbval: live on this
+# kernel, then replaying the captures committed beside them (what Binder does). Only cells
+# marked NBVAL_CHECK_OUTPUT have their outputs compared; each notebook's assert cells check
+# its claims.
+NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 
 test: setup lint
 	KERNELSCOPE_REQUIRE_BPF=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-notebooks
+	$(MAKE) --no-print-directory test-binder
 
 test-notebooks: setup
 	@if [ -n "$(NOTEBOOKS)" ]; then \
 		KERNELSCOPE_REQUIRE_BPF=1 $(BIN)/python -m pytest --nbval-lax -p no:cacheprovider $(NOTEBOOKS) && \
 		KERNELSCOPE_MODE=replay $(BIN)/python -m pytest --nbval-lax -p no:cacheprovider $(NOTEBOOKS); \
 	else echo "no notebooks yet"; fi
+
+# What Binder runs, checked here: a venv of the system python with binder/requirements.txt
+# alone (plus pytest and nbval), binder/postBuild run into it inside a copy of the
+# repository's tracked files (as the working tree has them: `git add` a new capture for the
+# check to see it), then every notebook under nbval through binder/start (replay mode) as
+# uid 65534, who cannot read tracefs, /root or perhaps this checkout. The venv is cached in
+# /var/tmp (readable by every user, kept across reboots) and rebuilt when
+# binder/requirements.txt changes.
+BINDER_PYTHON ?= /usr/bin/python3
+BINDER_UID ?= 65534
+BINDER_CACHE ?= /var/tmp/kernelscope-binder-$(shell printf %s '$(CURDIR)' | sha256sum | cut -c1-12)
+BINDER_VENV := $(BINDER_CACHE)/venv
+BINDER_STAMP := $(BINDER_VENV)/.stamp-binder
+BINDER_TEST_PACKAGES := 'pytest>=8' 'nbval>=0.11'
+
+$(BINDER_STAMP): binder/requirements.txt
+	@if [ -e $(BINDER_CACHE) ] && [ "$$(stat -c %u $(BINDER_CACHE))" != "$$(id -u)" ]; then \
+		echo "$(BINDER_CACHE) belongs to someone else: remove it or set BINDER_CACHE"; exit 1; fi
+	rm -rf $(BINDER_VENV)
+	mkdir -p $(BINDER_CACHE) && chmod 755 $(BINDER_CACHE)
+	$(BINDER_PYTHON) -m venv $(BINDER_VENV)
+	$(BINDER_VENV)/bin/python -m pip install --quiet -r binder/requirements.txt $(BINDER_TEST_PACKAGES)
+	@touch $@
+
+test-binder: $(BINDER_STAMP)
+	@if [ "$$(id -u)" != 0 ]; then echo "test-binder runs the notebooks as uid $(BINDER_UID): run it as root"; exit 1; fi
+	@run=$$(mktemp -d); trap 'rm -rf "$$run"' EXIT; chmod 755 "$$run"; \
+	mkdir "$$run/repo" "$$run/home" "$$run/tmp"; \
+	git ls-files -z | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C "$$run/repo"; \
+	echo "test-binder: postBuild in a copy of the tracked files at $$run/repo"; \
+	(cd "$$run/repo" && PATH="$(BINDER_VENV)/bin:$$PATH" binder/postBuild) | tail -n 1; \
+	chown -R $(BINDER_UID):$(BINDER_UID) "$$run/repo" "$$run/home" "$$run/tmp"; \
+	echo "test-binder: the notebooks in replay mode as uid $(BINDER_UID)"; \
+	cd "$$run/repo" && setpriv --reuid=$(BINDER_UID) --regid=$(BINDER_UID) --clear-groups \
+		env -i HOME="$$run/home" TMPDIR="$$run/tmp" LANG=C.UTF-8 PATH="$(BINDER_VENV)/bin:/usr/bin:/bin" \
+		binder/start python -m pytest --nbval-lax -p no:cacheprovider $(NOTEBOOKS)
 
 # Re-run every notebook live, saving each named probe's capture and the outputs shown.
 record-notebooks: setup
@@ -103,5 +143,5 @@ lab: setup
 	cd notebooks && $(BIN)/jupyter lab --ip 127.0.0.1 --no-browser --allow-root
 
 clean:
-	rm -rf $(VENV_ABS) build dist .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV_ABS) $(BINDER_CACHE) build dist .pytest_cache .mypy_cache .ruff_cache
 	find kernelscope tests -name __pycache__ -type d -prune -exec rm -rf {} +
