@@ -34,7 +34,7 @@ from .batch import Batch
 from .errors import AttachError, ClosedError, KernelscopeError, SchemaError
 from .instrument import ACCT_MAP, GATE_MAP, Instrumented, OutputMap, instrument, read_counters
 from .order import OrderTracker, Reorderer
-from .ringbuf import PAGE, RingBufferReader
+from .ringbuf import PAGE, RingBufferReader, pace
 from .schema import Schema, parse_structs, struct_dtype
 from .store import FrameStore
 
@@ -365,7 +365,7 @@ class Probe(Results):
         max_rows: int | None = None,
         cflags: tuple[str, ...] | list[str] = (),
         *,
-        wakeup: str = "epoll",
+        wakeup: str = "adaptive",
         wakeup_events: int = 1,
         watermark_bytes: int | None = None,
         reorder_ns: int | None = None,
@@ -379,9 +379,16 @@ class Probe(Results):
         one value for all output maps or a {map: pages} dict; None keeps the program's
         ring sizes and 64 pages per CPU for perf buffers.
 
-        `wakeup`: "epoll" (the kernel notifies) or "timer" (poll every poll_interval, for
-        programs that submit with BPF_RB_NO_WAKEUP). `wakeup_events`/`watermark_bytes`: when
-        a perf buffer notifies. `reorder_ns`: hold events this long to emit them in
+        `wakeup` (ring buffers): "adaptive" (the default): after a read that found records,
+        leave the ring unread for a pause sized from their arrival rate so that it would be
+        about a quarter full (at most twice the last interval, at most poll_interval); after
+        a read that found nothing, wait for the kernel to notify. An eager reader is woken
+        for nearly every record, and each wake-up slows the producer; paced, it is woken
+        about once per read. A lone event still arrives at once, any event within
+        poll_interval. (Probes that also have a perf buffer read eagerly, as "epoll".)
+        "epoll": read as soon as the kernel notifies. "timer": read every poll_interval,
+        for programs that submit with BPF_RB_NO_WAKEUP. `wakeup_events`/`watermark_bytes`:
+        when a perf buffer notifies. `reorder_ns`: hold events this long to emit them in
         timestamp order (needs a ts-like u64 field). `usdt`: (binary path or pid, probe,
         program function) triples, attached while compiling as BCC requires.
 
@@ -425,6 +432,11 @@ class Probe(Results):
         self._finalizer = weakref.finalize(self, self._res.close)
         self._lock = threading.RLock()  # one drainer at a time
         self._last_sample = 0.0
+        # adaptive pacing: seconds between reads, the next read (monotonic ns; None: wait for
+        # the kernel), and since when the records the next read finds have been arriving
+        self._interval = 0.0
+        self._next_read: int | None = None
+        self._window_start = 0
         self._stopped_stats: dict[str, dict[str, Any]] | None = None
         self._stopped_send_stats: dict[str, dict[str, Any]] | None = None
         self.instrumented: Any = self._instrument()
@@ -731,17 +743,27 @@ class Probe(Results):
     # --- draining --------------------------------------------------------------------
 
     def poll_once(self, timeout: float = 0.0) -> int:
-        """Wait up to `timeout` s for data, then drain every output map once. Returns rows read."""
+        """Wait up to `timeout` s for data, then drain every output map once. Returns rows read.
+
+        The wait depends on `wakeup`: "timer" always sleeps `timeout`; "adaptive", after a
+        read that found records, sleeps the pacing pause (on the stop Event, so stop() cuts
+        it short); otherwise it waits until the kernel notifies or `timeout` passes.
+        """
         self._check_open()
         if not self.loaded:
             raise KernelscopeError("probe is not loaded: call start() or load() first")
         if timeout and self.wakeup == "timer":
             self._res.stop.wait(timeout)  # timer-driven: look every poll_interval, pending or not
+        elif timeout and self._next_read is not None:
+            self._res.stop.wait(min(max(0, self._next_read - time.monotonic_ns()) / 1e9, timeout))
         elif timeout and not any(fill_bytes(ms.reader) for ms in self.maps.values()):
             self._wait(timeout)
         total = 0
         with self._lock:
             now = time.monotonic_ns()
+            paced = self._paced()
+            pending = [(fill_bytes(ms.reader), ms.reader.capacity_bytes)
+                       for ms in self.maps.values()] if paced else []
             for ms in self.maps.values():
                 batch: Batch = ms.reader.read()
                 ms.batches += 1
@@ -753,10 +775,32 @@ class Probe(Results):
                     continue
                 total += len(batch)
                 self._store(ms, batch, now)
+            limit = timeout or self.poll_interval
+            self._next_read = self._next_paced_read(now, pending, limit) if paced else None
+            self._window_start = now
             self._sample()
         return total
 
+    def _paced(self) -> bool:
+        """Adaptive pacing applies to probes whose output maps are all ring buffers: a perf
+        buffer keeps its own wake-up settings (wakeup_events, watermark_bytes)."""
+        return (self.wakeup == "adaptive" and bool(self.maps)
+                and all(ms.om.kind == "ringbuf" for ms in self.maps.values()))
+
+    def _next_paced_read(self, now: int, pending: list[tuple[int, int]], limit: float) -> int | None:
+        """When to start the next read, from what the read started at `now` found (bytes
+        pending, capacity per map). None when it found nothing: then wait for the kernel, and
+        halve the interval, so a ring idle for a while is paced from a short interval again."""
+        window = max(0, now - self._window_start) / 1e9 if self._window_start else 0.0
+        found = [(n, capacity) for n, capacity in pending if n]
+        if not found:
+            self._interval /= 2
+            return None
+        self._interval = min(pace(self._interval, window, n, capacity, limit) for n, capacity in found)
+        return now + int(self._interval * 1e9)
+
     def _wait(self, timeout: float) -> None:
+        """Wait for the kernel to notify (or `timeout`); the next read's records arrived after."""
         readers = [ms.reader for ms in self.maps.values()]
         if not readers:
             self._res.stop.wait(timeout)
@@ -767,7 +811,8 @@ class Probe(Results):
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline and not self._res.stop.is_set():
                 if any(r.poll(min(0.005, timeout)) for r in readers):
-                    return
+                    break
+        self._window_start = time.monotonic_ns()
 
     def _store(self, ms: MapState, batch: Batch, now: int) -> None:
         if ms.reorder is not None:

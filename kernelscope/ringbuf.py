@@ -35,6 +35,25 @@ def record_span(length: int) -> int:
     return (length + HDR + 7) & ~7
 
 
+def pace(interval_s: float, window_s: float, pending_bytes: int, capacity_bytes: int,
+         limit_s: float) -> float:
+    """The next interval between the starts of two reads of a ring, after a read that found
+    `pending_bytes`, which had arrived over `window_s` seconds; `interval_s` is the current
+    interval. The aim is a ring about a quarter full at each read, at the rate just measured;
+    the interval at most doubles per read (a burst that starts from idle is first measured
+    over a short window) and never exceeds `limit_s`.
+
+    Why wait at all: bpf_ringbuf_commit() queues an irq_work wake-up when the committed
+    record is the first one the consumer has not read (`cons_pos == rec_pos`), so a consumer
+    that is always caught up costs the producer a wake-up for nearly every record. A ring
+    left unread between reads takes about one wake-up per read instead.
+    """
+    if pending_bytes <= 0:
+        return interval_s
+    quarter = window_s * capacity_bytes / (4 * pending_bytes)
+    return max(0.0, min(quarter, 2 * max(interval_s, window_s), limit_s))
+
+
 @dataclass
 class ParseResult:
     records: np.ndarray
@@ -149,16 +168,21 @@ class _Resources:
         self.closables.clear()
 
 
+WAKEUPS = ("adaptive", "epoll", "timer")
+
+
 class RingBufferReader:
     """Public layer over one ring map fd: mmap, epoll wake-ups or timer mode, close.
 
     `map_fd` stays owned by the caller (BCC); the reader owns its mappings, its epoll and
-    an eventfd that `close()` uses to wake a blocked `poll()`.
+    an eventfd that `close()` uses to wake a blocked `poll()`. `wakeup` "epoll" and
+    "adaptive" register the map fd with the epoll (the caller's drain loop decides when
+    to wait on it; "adaptive" says it paces its reads with `pace()`); "timer" does not.
     """
 
     def __init__(self, map_fd: int, size: int, dtype: np.dtype, wakeup: str = "epoll") -> None:
-        if wakeup not in ("epoll", "timer"):
-            raise ValueError("wakeup must be 'epoll' or 'timer'")
+        if wakeup not in WAKEUPS:
+            raise ValueError(f"wakeup must be one of {', '.join(map(repr, WAKEUPS))}, not {wakeup!r}")
         self.size = size
         self.wakeup = wakeup
         self.closed = False
@@ -175,7 +199,7 @@ class RingBufferReader:
         self._ep = select.epoll()
         res.closables.append(self._ep)
         self._ep.register(self._wake, select.EPOLLIN)
-        if wakeup == "epoll":
+        if wakeup != "timer":
             # The kernel wakes the map's poll queue when a committed record becomes visible
             # to a consumer that had caught up (unless the program passed BPF_RB_NO_WAKEUP).
             self._ep.register(map_fd, select.EPOLLIN)

@@ -439,3 +439,57 @@ def test_timer_mode_reads_once_per_interval_even_under_load() -> None:
             assert st["batches"] <= elapsed / 0.1 + 3
         finally:
             p.close()
+
+
+def test_default_pacing_reads_a_burst_in_few_reads_and_counts_exactly() -> None:
+    """The default ring pacing ("adaptive") leaves the ring unread between reads, so a burst
+    is read in a few large batches, where an eager reader (wakeup="epoll") reads as often as
+    the kernel wakes it; counts stay exact either way."""
+    from kernelscope import lab
+
+    batches = {}
+    for wakeup in ("adaptive", "epoll"):
+        with lab.Burst(f"pacing_{wakeup}", 1_000_000) as burst:
+            p = Probe(lab.getppid_program("ring", pages=4096), cflags=burst.cflags,
+                      **({} if wakeup == "adaptive" else {"wakeup": wakeup}))
+            try:
+                assert p.wakeup == wakeup
+                p.start()
+                burst.go()
+                p.stop()
+                st = p.stats["events"]
+                assert_accounted(st, 1_000_000)
+                batches[wakeup] = st["batches"]
+                if wakeup == "adaptive":
+                    assert st["batches"] * 1_000 < st["received"], st
+            finally:
+                p.close()
+    assert batches["adaptive"] * 10 < batches["epoll"], batches
+
+
+def test_default_pacing_delivers_a_lone_event_at_once(wait_for) -> None:
+    """After a burst has been read in paced batches, a lone event is not left for a pause:
+    a read that found nothing waits for the kernel's wake-up, which comes with the event."""
+    from kernelscope import lab
+
+    poll = 2.0
+    lone = paused(1)
+    with lab.Burst("pacing_then_lone", 300_000) as burst:
+        src = lab.getppid_program("ring", pages=1024)
+        p = Probe(src, poll_interval=poll, cflags=[*burst.cflags, f"-DTARGET2={lone.pid}"])
+        try:
+            p.start()
+            burst.go()
+            wait_for(lambda: p.stats["events"]["received"] == 300_000, timeout=10)
+            lone.go()
+            wait_for(lambda: p.stats["events"]["received"] == 300_001, timeout=poll)
+            p.stop()
+            assert_accounted(p.stats["events"], 300_001)
+            df = p.df
+            last = df[df["pid"] == lone.pid]
+            assert len(last) == 1
+            latency = int(last["ks_arrival_ns"].iloc[0]) - int(last["ts"].iloc[0])
+            assert 0 < latency < poll * 1e9 / 4, latency  # well within poll_interval: not a paced read
+            assert p.stats["events"]["batches"] * 100 < 300_001
+        finally:
+            p.close()
