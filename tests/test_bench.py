@@ -39,13 +39,27 @@ def test_quick_bench_measures_every_consumer(tmp_path: Path) -> None:
     assert "[bench]" in r.stderr
 
     doc = json.loads(out.read_text())
-    assert {"machine", "config", "live", "drain", "overflow", "ratios", "targets"} <= doc.keys()
-    runs = doc["live"] + doc["drain"] + doc["overflow"]
+    assert {"machine", "config", "undisturbed", "live", "drain", "overflow", "ratios",
+            "targets"} <= doc.keys()
+    runs = doc["undisturbed"] + doc["live"] + doc["drain"] + doc["overflow"]
     seen = {(x["scenario"], x["kind"], x["consumer"]) for x in runs}
     for scenario in ("live", "drain"):
         for kind in ("ring", "perf"):
             for consumer in ("bcc", "libbpf", "kernelscope"):
                 assert (scenario, kind, consumer) in seen
+    # the producer's undisturbed rate, at each events-per-call of the live 4 MiB ring runs
+    per_calls = doc["config"]["live_per_calls"]
+    assert sorted(x["per_call"] for x in doc["undisturbed"]) == sorted(per_calls) == [1, 16]
+    for x in doc["undisturbed"]:
+        assert x["consumer"] == "nobody"
+        assert x["size"] >= x["events"] * 40  # the ring holds every event: no output fails
+        assert x["received"] == x["made"], x
+        assert doc["undisturbed_events_per_s"][str(x["per_call"])] == x["producer_events_per_s"]
+    live_4m = {(x["consumer"], x["per_call"]) for x in doc["live"]
+               if x["kind"] == "ring" and x["size"] == 4 * MIB}
+    assert live_4m == {(c, k) for c in ("bcc", "libbpf", "kernelscope") for k in per_calls}
+    for k in per_calls:
+        assert doc["ratios"][f"live/ring/4MiB/{'' if k == 1 else f'{k}pc/'}kernelscope_vs_undisturbed"] > 0
     for x in runs:
         assert x["error"] is None, x
         assert x["received"] > 0, x
@@ -56,6 +70,12 @@ def test_quick_bench_measures_every_consumer(tmp_path: Path) -> None:
             assert x["extra"]["accounting"] == "exact", x
     assert len(doc["targets"]) == 4
     assert all(t["passed"] in (True, False) for t in doc["targets"])
+    # every target is about kernelscope: the live one against the producer's own rate
+    live = [t for t in doc["targets"] if t["name"].startswith("live ")]
+    assert len(live) == 1
+    assert "undisturbed" in live[0]["name"]
+    assert "BCC" not in live[0]["name"]
+    assert "producer undisturbed" in r.stdout
     # SEND: both writers put every sample into the user ring intact (the program's count and sum)
     assert [s["writer"] for s in doc["send"]] == ["libbpf C", "kernelscope"]
     for s in doc["send"]:
