@@ -381,8 +381,9 @@ class Probe(Results):
 
         `wakeup` (ring buffers): "adaptive" (the default): after a read that found records,
         leave the ring unread for a pause sized from their arrival rate so that it would be
-        about a quarter full (at most twice the last interval, at most poll_interval); after
-        a read that found nothing, wait for the kernel to notify. An eager reader is woken
+        about a quarter full (the interval between reads at most doubles from one read to
+        the next and never exceeds poll_interval); after a read that found nothing, wait for
+        the kernel to notify. An eager reader is woken
         for nearly every record, and each wake-up slows the producer; paced, it is woken
         about once per read. A lone event still arrives at once, any event within
         poll_interval. (Probes that also have a perf buffer read eagerly, as "epoll".)
