@@ -12,7 +12,10 @@ from __future__ import annotations
 import ctypes
 import os
 import pickle
+import select
+import signal
 import struct
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,10 +71,11 @@ def _child(fn: Callable[[], Any], caps: tuple[int, ...]) -> Outcome:
                        message=str(e), traceback=traceback.format_exc())
 
 
-def run_as_nobody(fn: Callable[[], Any], caps: tuple[int, ...] = ()) -> Outcome:
+def run_as_nobody(fn: Callable[[], Any], caps: tuple[int, ...] = (), timeout: float = 60.0) -> Outcome:
     """Call `fn` in a forked child running as uid/gid 65534 with no groups; its Outcome.
 
-    The value `fn` returns must pickle. Needs root in the parent (to change uid).
+    The value `fn` returns must pickle. Needs root in the parent (to change uid). A child
+    that does not answer within `timeout` s (a lock another thread held at the fork) is killed.
     """
     r, w = os.pipe()
     pid = os.fork()
@@ -93,8 +97,17 @@ def run_as_nobody(fn: Callable[[], Any], caps: tuple[int, ...] = ()) -> Outcome:
             os._exit(code)
     os.close(w)
     chunks = []
-    with os.fdopen(r, "rb") as f:
-        while chunk := f.read(65536):
+    deadline = time.monotonic() + timeout
+    with os.fdopen(r, "rb", buffering=0) as f:
+        while True:
+            ready, _, _ = select.select([f], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise AssertionError(f"the uid {NOBODY} child gave no answer within {timeout} s")
+            chunk = f.read(65536)
+            if not chunk:
+                break
             chunks.append(chunk)
     _, status = os.waitpid(pid, 0)
     if not chunks:
