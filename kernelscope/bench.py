@@ -214,6 +214,11 @@ class Config:
     # ring of `target_size` (every consumer) and the undisturbed producer at each value.
     live_per_calls: tuple[int, ...] = (1, 16)
     target_size: int = 4 * MIB  # the live ring size the targets judge
+    # The producer's speed on this project's VMs drifts by up to a third between runs of the
+    # same work (another guest's load on the host), for seconds at a time, idle guest or not.
+    # So the runs the live target compares (the undisturbed producer, the target-size live
+    # ring, every consumer) are made in this many interleaved rounds; the fastest is kept.
+    target_rounds: int = 3
     drain_ring_size: int = 64 * MIB
     drain_perf_size: int = 16 * MIB  # per CPU
     drain_per_call: int = 16  # filling speed does not matter for a drain
@@ -247,6 +252,7 @@ def quick_config(**kw: Any) -> Config:
         "overflow_events": 100_000,
         "overflow_consumers": ("kernelscope",),
         "perf_watermark": None,
+        "target_rounds": 1,
         "send_samples": 100_000,
         "quick": True,
     }
@@ -685,22 +691,27 @@ def _consumers(cfg: Config, kind: str) -> tuple[str, ...]:
     return cfg.consumers + (("kernelscope-wm",) if wm else ())
 
 
-def _live_per_calls(cfg: Config, kind: str, size: int) -> tuple[int, ...]:
-    return cfg.live_per_calls if (kind, size) == ("ring", cfg.target_size) else cfg.live_per_calls[:1]
-
-
 def plan(cfg: Config) -> list[Result]:
-    runs = []
+    """Every measurement, in the order made. The ones the live target compares come first,
+    in `target_rounds` interleaved rounds (the same run planned once per round)."""
+    runs: list[Result] = []
     if "ring" in cfg.kinds:
-        size = undisturbed_size(cfg.live_events)
-        runs += [Result("undisturbed", "ring", NOBODY, size, cfg.live_events, per_call)
-                 for per_call in cfg.live_per_calls]
+        target = cfg.target_size in cfg.live_sizes
+        for _ in range(cfg.target_rounds):
+            for per_call in cfg.live_per_calls:
+                runs.append(Result("undisturbed", "ring", NOBODY, undisturbed_size(cfg.live_events),
+                                   cfg.live_events, per_call))
+                # kernelscope right after the undisturbed producer it is compared with
+                consumers = sorted(_consumers(cfg, "ring"), key=lambda c: c != "kernelscope")
+                runs += [Result("live", "ring", consumer, cfg.target_size, cfg.live_events, per_call)
+                         for consumer in consumers if target]
     runs += [
         Result("live", kind, consumer, size,
                cfg.live_events if kind == "ring" else cfg.live_perf_events, per_call)
         for size in cfg.live_sizes
         for kind in cfg.kinds
-        for per_call in _live_per_calls(cfg, kind, size)
+        if (kind, size) != ("ring", cfg.target_size)
+        for per_call in cfg.live_per_calls[:1]
         for consumer in _consumers(cfg, kind)
     ]
     for kind in cfg.kinds:
@@ -750,37 +761,46 @@ def _attempt(env: Env, planned: Result) -> Result:
     return res
 
 
+def _key(r: Result) -> tuple[str, str, str, int, int]:
+    return (r.scenario, r.kind, r.consumer, r.size, r.per_call)
+
+
 def run_all(env: Env, runs: Sequence[Result], repeat: int = 1) -> list[Result]:
-    """Run every planned measurement; drains `repeat` times, keeping the fastest.
+    """Run every planned measurement; drains `repeat` times; keep the fastest attempt of each.
 
     For a drain the best of several is the usual defence against other work on the
-    machine, which only ever makes it slower. A live run is not repeated: noise there
-    moves drops both ways (a starved consumer drops more, a starved producer less), so
-    no attempt is "best". Every attempt's figures stay in `extra["attempts"]`.
+    machine, which only ever makes it slower. The same measurement planned several times
+    (the target rounds) is one measurement too, fastest kept. Other live runs are not
+    repeated: noise there moves drops both ways (a starved consumer drops more, a starved
+    producer less). Every attempt's figures stay in `extra["attempts"]`.
     """
-    done = []
+    tries: dict[tuple[str, str, str, int, int], list[Result]] = {}
+    rounds = {_key(r): sum(_key(x) == _key(r) for x in runs) for r in runs}
     for i, planned in enumerate(runs, 1):
-        tries = []
         n = repeat if planned.scenario == "drain" else 1
         for k in range(n):
             res = _attempt(env, planned)
-            tries.append(res)
+            attempts = tries.setdefault(_key(res), [])
+            attempts.append(res)
             if res.ok:
                 lost = "" if res.lost_reported is None else f", {res.lost_reported:,} reported lost"
                 what = (f"{res.received:,}/{res.made:,} received ({res.dropped_pct:.1f} % "
                         f"dropped{lost}), {res.rate / 1e6:.2f} M ev/s")
             else:
                 what = f"FAILED: {res.error}"
-            again = f" (try {k + 1}/{n})" if n > 1 else ""
+            again = (f" (try {k + 1}/{n})" if n > 1 else
+                     f" (round {len(attempts)}/{rounds[_key(res)]})" if rounds[_key(res)] > 1 else "")
             other = res.extra["other_cpu"]
             noisy = f", other work took {other:.0%} of the CPUs" if other > BUSY else ""
             _progress(f"{i}/{len(runs)}{again} {_describe(res)}: {what} "
                       f"[{res.extra['wall_seconds']:.1f} s{noisy}]")
-        best = max(tries, key=lambda r: (r.ok, r.rate))
-        if n > 1:
+    done = []
+    for attempts in tries.values():
+        best = max(attempts, key=lambda r: (r.ok, r.rate))
+        if len(attempts) > 1:
             best.extra["attempts"] = [
                 {"events_per_s": round(r.rate, 1), "received": r.received, "made": r.made,
-                 "error": r.error} for r in tries
+                 "error": r.error} for r in attempts
             ]
         done.append(best)
     return done
@@ -863,10 +883,14 @@ def _live_target(runs: Sequence[Result], live_size: int) -> Target:
         share = None if ks is None else _vs_undisturbed(ks, rates)
         if ks is None or share is None:
             return Target(name, None, f"missing runs at {per_call} per call")
-        verdicts.append(share >= LIVE_SHARE and ks.dropped == 0)
+        # every round counts for drops: the fastest one is only the one compared
+        dropped = max([a["made"] - a["received"] for a in ks.extra.get("attempts", [])] + [ks.dropped])
+        verdicts.append(share >= LIVE_SHARE and dropped == 0)
         reads = ks.extra.get("stats", {}).get("batches")
+        rounds = len(ks.extra.get("attempts", [])) or 1
         parts.append(f"{per_call}/call: {_m(ks.rate)} of {_m(rates[per_call])} M ev/s ({share:.2f}x), "
-                     f"{ks.dropped:,} dropped" + ("" if reads is None else f", {reads:,} reads"))
+                     f"{dropped:,} dropped" + ("" if rounds == 1 else f" in any of {rounds} rounds")
+                     + ("" if reads is None else f", {reads:,} reads"))
     return Target(name, all(verdicts), "; ".join(parts))
 
 
@@ -975,7 +999,12 @@ def _undisturbed_line(rates: dict[int, float]) -> str:
 
 def report(runs: Sequence[Result], cfg: Config, machine: dict[str, Any]) -> str:
     """The human-readable summary: tables, ratios, errors, targets."""
-    by = {s: [r for r in runs if r.scenario == s] for s in SCENARIOS}
+    order = (NOBODY, *CONSUMERS, *KS_VARIANTS)
+
+    def reading_order(r: Result) -> tuple[int, int, int, int]:
+        return (KINDS.index(r.kind), r.size, r.per_call, order.index(r.consumer))
+
+    by = {s: sorted((r for r in runs if r.scenario == s), key=reading_order) for s in SCENARIOS}
     rates = undisturbed_rates(runs)
     und = _undisturbed_line(rates)
     out = [
@@ -984,7 +1013,9 @@ def report(runs: Sequence[Result], cfg: Config, machine: dict[str, Any]) -> str:
         f"producer on CPU {cfg.producer_cpu}, consumers on CPU {cfg.consumer_cpu}",
         "received/dropped are exact: dropped = events the program emitted - events received"
         + (f"; each drain figure is the fastest of {machine['repeat']} runs"
-           if machine.get("repeat", 1) > 1 else ""),
+           if machine.get("repeat", 1) > 1 else "")
+        + (f"; undisturbed and live {fmt_size(cfg.target_size)} ring figures: the fastest of "
+           f"{cfg.target_rounds} interleaved rounds" if cfg.target_rounds > 1 else ""),
     ]
     busy = (machine.get("busy_before", 0.0), machine.get("busy_during", 0.0))
     noisy = sum(1 for r in runs if r.extra.get("other_cpu", 0.0) > BUSY)

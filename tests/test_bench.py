@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kernelscope.bench import KIB, MIB, parse_size
+from kernelscope.bench import KIB, MIB, Config, Result, parse_size, plan, targets
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,6 +21,49 @@ def test_sizes_parse_to_power_of_two_pages() -> None:
     assert parse_size("4MiB") == 4 * MIB
     with pytest.raises(ValueError, match="power-of-two"):
         parse_size("12K")
+
+
+def test_plan_interleaves_the_runs_the_live_target_compares() -> None:
+    cfg = Config()
+    runs = plan(cfg)
+    first = runs[: len(runs) // 2]
+    undisturbed = [r for r in runs if r.scenario == "undisturbed"]
+    assert [r.per_call for r in undisturbed] == [1, 16] * cfg.target_rounds
+    assert all(r in first for r in undisturbed)
+    assert {r.size for r in undisturbed} == {128 * MIB}  # 3 M records of 40 bytes fit
+    ring_4m = [(r.consumer, r.per_call) for r in runs
+               if (r.scenario, r.kind, r.size) == ("live", "ring", 4 * MIB)]
+    assert sorted(ring_4m) == sorted(
+        [(c, k) for c in ("bcc", "libbpf", "kernelscope") for k in (1, 16)] * cfg.target_rounds)
+    other = {r.per_call for r in runs if r.scenario == "live" and (r.kind, r.size) != ("ring", 4 * MIB)}
+    assert other == {1}
+
+
+def _run(scenario: str, consumer: str, per_call: int, received: int, seconds: float,
+         **extra: object) -> Result:
+    return Result(scenario, "ring", consumer, 4 * MIB if scenario == "live" else 128 * MIB,
+                  3_000_000, per_call, made=3_000_000, received=received, seconds=seconds,
+                  producer_seconds=seconds, extra=dict(extra))
+
+
+def test_live_target_compares_kernelscope_with_the_undisturbed_producer_only() -> None:
+    undisturbed = [_run("undisturbed", "nobody", 1, 3_000_000, 1.0),
+                   _run("undisturbed", "nobody", 16, 3_000_000, 0.25)]
+    bcc = [_run("live", "bcc", k, 3_000_000, 1.0) for k in (1, 16)]  # BCC dropping nothing is fine
+
+    def live_target(runs: list[Result]) -> object:
+        (t,) = [t for t in targets(runs) if t.name.startswith("live ")]
+        return t.passed
+
+    keeps_up = [_run("live", "kernelscope", 1, 3_000_000, 1.05),
+                _run("live", "kernelscope", 16, 3_000_000, 0.27)]
+    assert live_target(undisturbed + bcc + keeps_up) is True
+    slow = [keeps_up[0], _run("live", "kernelscope", 16, 3_000_000, 0.3)]  # 0.83x at 16 per call
+    assert live_target(undisturbed + bcc + slow) is False
+    dropped_once = [keeps_up[0], _run("live", "kernelscope", 16, 3_000_000, 0.27, attempts=[
+        {"made": 3_000_000, "received": 3_000_000}, {"made": 3_000_000, "received": 2_999_000}])]
+    assert live_target(undisturbed + bcc + dropped_once) is False
+    assert live_target(bcc + keeps_up) is None  # no undisturbed rate: cannot judge
 
 
 @pytest.mark.kernel
