@@ -383,10 +383,11 @@ class Probe(Results):
         leave the ring unread for a pause sized from their arrival rate so that it would be
         about a quarter full (the interval between reads at most doubles from one read to
         the next and never exceeds poll_interval); after a read that found nothing, wait for
-        the kernel to notify. An eager reader is woken for nearly every record, and each
-        wake-up slows the producer; paced, it is woken about once per read. A lone event
-        still arrives at once, any event within poll_interval. (Probes that also have a
-        perf buffer read eagerly, as "epoll".) "epoll": read as soon as the kernel notifies. "timer": read every poll_interval,
+        the kernel to notify. An eager reader that keeps up is woken for nearly every
+        record, each wake-up an interrupt on the producer's CPU that slows it; paced, it
+        is woken about once per read. A lone event still arrives at once, any event within
+        poll_interval. (Probes that also have a perf buffer read eagerly, as "epoll".)
+        "epoll": read as soon as the kernel notifies. "timer": read every poll_interval,
         for programs that submit with BPF_RB_NO_WAKEUP. `wakeup_events`/`watermark_bytes`:
         when a perf buffer notifies. `reorder_ns`: hold events this long to emit them in
         timestamp order (needs a ts-like u64 field). `usdt`: (binary path or pid, probe,
