@@ -747,15 +747,38 @@ def _progress(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
+def irq_work_interrupts(cpu: int | None) -> int | None:
+    """IRQ-work interrupts so far on `cpu` (all CPUs if None), from /proc/interrupts (x86: IWI).
+
+    A ring buffer's wake-up is an irq_work the committing program queues on its own CPU
+    (bpf_ringbuf_commit()), so this counts what waking the consumer costs the producer,
+    plus a few interrupts of other kernel users.
+    """
+    try:
+        with open("/proc/interrupts") as f:
+            for line in f:
+                name, _, rest = line.strip().partition(":")
+                if name == "IWI":
+                    counts = [int(x) for x in rest.split() if x.isdigit()]
+                    return sum(counts) if cpu is None else counts[cpu]
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _attempt(env: Env, planned: Result) -> Result:
     res = replace(planned, extra={})
     started = time.perf_counter()
     meter = OtherWork()
     gc.collect()
+    irq_work = irq_work_interrupts(env.cfg.producer_cpu)
     try:
         RUNNERS[res.scenario, res.consumer](env, res)
     except Exception as e:  # one failed run must not lose the others' figures
         res.error = f"{type(e).__name__}: {e}"
+    after = irq_work_interrupts(env.cfg.producer_cpu)
+    if irq_work is not None and after is not None:
+        res.extra["irq_work"] = after - irq_work
     res.extra["wall_seconds"] = round(time.perf_counter() - started, 2)
     res.extra["other_cpu"] = round(meter.share(), 3)
     return res
@@ -975,6 +998,7 @@ def _run_table(runs: Sequence[Result], scenario: str, rates: dict[int, float]) -
     header += ["received", "dropped %"]
     header += ["seconds", "M rec/s"] if drain else ["M ev/s", "producer M ev/s"]
     header += ["vs undisturbed"] if live else []
+    header += ["IRQ work"] if per_call else []
     header += ["lost reported"]
     rows = []
     for r in runs:
@@ -986,6 +1010,9 @@ def _run_table(runs: Sequence[Result], scenario: str, rates: dict[int, float]) -
         if live:
             share = _vs_undisturbed(r, rates)
             figures.append("-" if share is None else f"{share:.2f}x")
+        if per_call:
+            irq_work = r.extra.get("irq_work")
+            figures.append("-" if irq_work is None else f"{irq_work:,}")
         rows.append([*head, f"{r.received:,}", f"{r.dropped_pct:.1f}", *figures, _lost(r)])
     return _table(header, rows)
 
@@ -1037,7 +1064,8 @@ def report(runs: Sequence[Result], cfg: Config, machine: dict[str, Any]) -> str:
                 f"{cfg.live_perf_events:,} (perf) events of {EVENT_SIZE} bytes, {per_calls} "
                 f"per getppid() call ({fmt_size(cfg.target_size)} ring at each); M ev/s = received / "
                 "(producer start to last event received); vs undisturbed = that / the undisturbed "
-                "producer's rate at the same events per call"
+                "producer's rate at the same events per call; IRQ work = IRQ-work interrupts on the "
+                "producer's CPU during the run (a ring buffer wake-up is one)"
                 + ("" if cfg.perf_watermark is None else
                    f"; kernelscope wm: perf wakeup at {cfg.perf_watermark:.0%} of the buffer, "
                    "the others wake per event"),

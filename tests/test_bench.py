@@ -119,6 +119,9 @@ def test_quick_bench_measures_every_consumer(tmp_path: Path) -> None:
     assert "undisturbed" in live[0]["name"]
     assert "BCC" not in live[0]["name"]
     assert "producer undisturbed" in r.stdout
+    # what waking the consumer cost the producer: IRQ-work interrupts on its CPU (x86)
+    if "IWI:" in Path("/proc/interrupts").read_text():
+        assert all(isinstance(x["extra"]["irq_work"], int) for x in doc["live"]), doc["live"]
     # SEND: both writers put every sample into the user ring intact (the program's count and sum)
     assert [s["writer"] for s in doc["send"]] == ["libbpf C", "kernelscope"]
     for s in doc["send"]:
