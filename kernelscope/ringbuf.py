@@ -28,6 +28,9 @@ BUSY = 1 << 31
 DISCARD = 1 << 30
 HDR = 8
 PAGE = mmap.PAGESIZE
+# A long read gives room back to the producer this often, not only at its end: a reader
+# that parses a big batch while the producer keeps writing would otherwise hold all of it.
+RELEASE_BYTES = 256 * 1024
 
 
 def record_span(length: int) -> int:
@@ -80,6 +83,7 @@ class RingParser:
         self.dtype = np.dtype(dtype)
         self.stride = record_span(self.dtype.itemsize)
         self._opaque = opaque(self.dtype)
+        self._run_max = max(1, RELEASE_BYTES // self.stride)
         self._cons = np.frombuffer(consumer, dtype="<u8", count=1)  # type: ignore[call-overload]
         self._prod = np.frombuffer(producer, dtype="<u8", count=1)  # type: ignore[call-overload]
         self._data = np.frombuffer(producer, dtype=np.uint8, offset=data_offset)  # type: ignore[call-overload]
@@ -98,7 +102,8 @@ class RingParser:
         return self.producer_pos - self.consumer_pos
 
     def read(self, max_bytes: int | None = None) -> ParseResult:
-        """Parse everything committed, store consumer_pos once, return owned records."""
+        """Parse everything committed, return owned records. consumer_pos is stored after
+        every RELEASE_BYTES of fixed-size records copied out, and at the end."""
         cons = self.consumer_pos
         prod = self.producer_pos  # read before any record: x86 keeps loads in order
         avail = prod - cons
@@ -106,23 +111,27 @@ class RingParser:
             avail = min(avail, max_bytes)
         start = cons & self.mask
         region = self._data[start : start + avail]  # contiguous thanks to the double mapping
+        # Fixed-size records are copied into one array (a copy: the kernel reuses the bytes
+        # once consumer_pos moves on); records of other sizes go between its segments.
+        out = np.empty(avail // self.stride, dtype=self._opaque)
         chunks: list[np.ndarray] = []
-        pos, discarded, busy = 0, 0, False
+        pos, filled, mark, discarded, busy = 0, 0, 0, 0, False
         itemsize, stride = self.dtype.itemsize, self.stride
         while pos + HDR <= avail:
             # Fast path: the longest run of committed records of exactly the struct's size,
             # found by reading every header at the expected stride in one vector operation.
-            n = (avail - pos) // stride
+            n = min((avail - pos) // stride, self._run_max, len(out) - filled)
             if n:
                 lens = np.ndarray((n,), dtype="<u4", buffer=region, offset=pos, strides=(stride,))
                 bad = np.flatnonzero(lens != itemsize)
                 run = int(bad[0]) if len(bad) else n
                 if run:
-                    view = np.ndarray(
+                    out[filled : filled + run] = np.ndarray(
                         (run,), dtype=self._opaque, buffer=region, offset=pos + HDR, strides=(stride,)
                     )
-                    chunks.append(view.copy().view(self.dtype))  # copy: the kernel reuses the bytes later
+                    filled += run
                     pos += run * stride
+                    self._cons[0] = cons + pos  # copied out: the producer may reuse the room
                     continue
             # Slow path: one record that is BUSY, DISCARDed or of another size.
             hdr = int(region[pos : pos + 4].view("<u4")[0])
@@ -136,10 +145,15 @@ class RingParser:
             if hdr & DISCARD:
                 discarded += 1
             else:
+                if filled > mark:
+                    chunks.append(out[mark:filled].view(self.dtype))
+                    mark = filled
                 chunks.append(copy_records(region[pos + HDR : pos + HDR + length], self.dtype))
             pos += span
+        if filled > mark:
+            chunks.append(out[mark:filled].view(self.dtype))
         if pos:
-            self._cons[0] = cons + pos  # one store per batch; the kernel reads it to make room
+            self._cons[0] = cons + pos  # the kernel reads it to make room
         records = concat_records(chunks, self.dtype)
         return ParseResult(records, discarded, pos, busy)
 
