@@ -382,14 +382,15 @@ class Probe(Results):
         `wakeup` (ring buffers): "adaptive" (the default): after a read that found records,
         leave the ring unread for a pause sized from their arrival rate so that it would be
         about a quarter full (the interval between reads at most doubles from one read to
-        the next and never exceeds poll_interval); after a read that found nothing, wait for
-        the kernel to notify. An eager reader that keeps up is woken for nearly every
-        record, each wake-up an interrupt on the producer's CPU that slows it; paced, it
-        is woken about once per read. A lone event still arrives at once, any event within
-        poll_interval. (Probes that also have a perf buffer read eagerly, as "epoll".)
-        "epoll": read as soon as the kernel notifies. "timer": read every poll_interval,
-        for programs that submit with BPF_RB_NO_WAKEUP. `wakeup_events`/`watermark_bytes`:
-        when a perf buffer notifies. `reorder_ns`: hold events this long to emit them in
+        the next, never exceeds poll_interval, and halves for each poll_interval the ring
+        stays empty); after a read that found nothing, wait for the kernel to notify. An
+        eager reader that keeps up is woken for nearly every record, each wake-up an
+        interrupt on the producer's CPU that slows it; paced, it is woken about once per
+        read. A lone event still arrives at once, any event within poll_interval. (Probes
+        that also have a perf buffer read eagerly, as "epoll".) "epoll": read as soon as the
+        kernel notifies. "timer": read every poll_interval, for programs that submit with
+        BPF_RB_NO_WAKEUP. `wakeup_events`/`watermark_bytes`: when a perf buffer notifies.
+        `reorder_ns`: hold events this long to emit them in
         timestamp order (needs a ts-like u64 field). `usdt`: (binary path or pid, probe,
         program function) triples, attached while compiling as BCC requires.
 
@@ -753,12 +754,14 @@ class Probe(Results):
         self._check_open()
         if not self.loaded:
             raise KernelscopeError("probe is not loaded: call start() or load() first")
+        waited = False  # for the kernel's wake-up
         if timeout and self.wakeup == "timer":
             self._res.stop.wait(timeout)  # timer-driven: look every poll_interval, pending or not
         elif timeout and self._next_read is not None:
             self._res.stop.wait(min(max(0, self._next_read - time.monotonic_ns()) / 1e9, timeout))
         elif timeout and not any(fill_bytes(ms.reader) for ms in self.maps.values()):
             self._wait(timeout)
+            waited = True
         total = 0
         with self._lock:
             now = time.monotonic_ns()
@@ -777,7 +780,7 @@ class Probe(Results):
                 total += len(batch)
                 self._store(ms, batch, now)
             limit = timeout or self.poll_interval
-            self._next_read = self._next_paced_read(now, pending, limit) if paced else None
+            self._next_read = self._next_paced_read(now, pending, limit, waited) if paced else None
             self._window_start = now
             self._sample()
         return total
@@ -788,14 +791,21 @@ class Probe(Results):
         return (self.wakeup == "adaptive" and bool(self.maps)
                 and all(ms.om.kind == "ringbuf" for ms in self.maps.values()))
 
-    def _next_paced_read(self, now: int, pending: list[tuple[int, int]], limit: float) -> int | None:
+    def _next_paced_read(self, now: int, pending: list[tuple[int, int]], limit: float,
+                         waited: bool) -> int | None:
         """When to start the next read, from what the read started at `now` found (bytes
-        pending, capacity per map). None when it found nothing: then wait for the kernel, and
-        halve the interval, so a ring idle for a while is paced from a short interval again."""
+        pending, capacity per map); None when it found nothing: wait for the kernel then.
+
+        The interval survives a paced read that found nothing (a producer that did not get
+        the CPU for one interval, e.g. because each of our wake-ups preempted it on a shared
+        CPU, is still busy); it halves when a whole wait for the kernel (`waited`) brought
+        nothing, so a ring idle for a while is paced from a short interval again.
+        """
         window = max(0, now - self._window_start) / 1e9 if self._window_start else 0.0
         found = [(n, capacity) for n, capacity in pending if n]
         if not found:
-            self._interval /= 2
+            if waited:
+                self._interval /= 2
             return None
         self._interval = min(pace(self._interval, window, n, capacity, limit) for n, capacity in found)
         return now + int(self._interval * 1e9)
