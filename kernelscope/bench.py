@@ -766,17 +766,22 @@ def irq_work_interrupts(cpu: int | None) -> int | None:
     return None
 
 
-def steal_seconds() -> float:
-    """CPU time the hypervisor has taken from this guest's CPUs so far (/proc/stat steal).
+def steal_seconds(cpu: int | None = None) -> float:
+    """CPU time the hypervisor has taken so far from `cpu` (all CPUs if None): /proc/stat steal.
 
     A vCPU descheduled by the host stops its reader however the reader waits: a ring that
     fills faster than the host gives the vCPU back drops, and only this says why.
     """
+    name = "cpu" if cpu is None else f"cpu{cpu}"
     try:
         with open("/proc/stat") as f:
-            return int(f.readline().split()[8]) / os.sysconf("SC_CLK_TCK")
+            for line in f:
+                fields = line.split()
+                if fields and fields[0] == name:
+                    return int(fields[8]) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
-        return 0.0
+        pass
+    return 0.0
 
 
 def _attempt(env: Env, planned: Result) -> Result:
@@ -785,7 +790,7 @@ def _attempt(env: Env, planned: Result) -> Result:
     meter = OtherWork()
     gc.collect()
     irq_work = irq_work_interrupts(env.cfg.producer_cpu)
-    steal = steal_seconds()
+    steal = steal_seconds(env.cfg.consumer_cpu)
     try:
         RUNNERS[res.scenario, res.consumer](env, res)
     except Exception as e:  # one failed run must not lose the others' figures
@@ -793,7 +798,7 @@ def _attempt(env: Env, planned: Result) -> Result:
     after = irq_work_interrupts(env.cfg.producer_cpu)
     if irq_work is not None and after is not None:
         res.extra["irq_work"] = after - irq_work
-    res.extra["steal_ms"] = round((steal_seconds() - steal) * 1e3, 1)
+    res.extra["steal_ms"] = round((steal_seconds(env.cfg.consumer_cpu) - steal) * 1e3, 1)
     res.extra["wall_seconds"] = round(time.perf_counter() - started, 2)
     res.extra["other_cpu"] = round(meter.share(), 3)
     return res
@@ -830,7 +835,8 @@ def run_all(env: Env, runs: Sequence[Result], repeat: int = 1) -> list[Result]:
                      f" (round {len(attempts)}/{rounds[_key(res)]})" if rounds[_key(res)] > 1 else "")
             other = res.extra["other_cpu"]
             noisy = f", other work took {other:.0%} of the CPUs" if other > BUSY else ""
-            noisy += f", the host stole {res.extra['steal_ms']:g} ms" if res.extra["steal_ms"] else ""
+            noisy += (f", the host stole {res.extra['steal_ms']:g} ms of the consumers' CPU"
+                      if res.extra["steal_ms"] else "")
             _progress(f"{i}/{len(runs)}{again} {_describe(res)}: {what} "
                       f"[{res.extra['wall_seconds']:.1f} s{noisy}]")
     done = []
@@ -916,7 +922,7 @@ def _drops_detail(attempts: list[dict[str, Any]], lossy: list[dict[str, Any]], r
            f"{len(lossy)} of {len(attempts)} rounds dropped" + (f" (at most {dropped:,})" if lossy else ""))
     if lossy:
         stolen = ", ".join(f"{a.get('steal_ms', 0):g}" for a in lossy)
-        out += f"; the host stole {stolen} ms of CPU from this guest in the rounds that dropped"
+        out += f"; the host stole {stolen} ms of the consumers' CPU in the rounds that dropped"
     return out + ("" if reads is None else f", {reads:,} reads")
 
 
