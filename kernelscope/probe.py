@@ -40,6 +40,10 @@ from .store import FrameStore
 
 _live: weakref.WeakSet[Probe] = weakref.WeakSet()
 HISTORY_INTERVAL = 0.1  # seconds between samples of the counters kept for plots and captures
+# Below this arrival rate (records/s) adaptive pacing reads as soon as the kernel notifies:
+# a wake-up per record then costs the producer a few per cent of a CPU at most, and a pause
+# would only delay sparse events (by up to poll_interval).
+PACE_MIN_RATE = 10_000
 GRACE = 0.02  # seconds for BPF programs already running to finish after the gate closes
 
 
@@ -439,6 +443,7 @@ class Probe(Results):
         self._interval = 0.0
         self._next_read: int | None = None
         self._window_start = 0
+        self._last_read = 0  # monotonic ns of the last read's start
         self._stopped_stats: dict[str, dict[str, Any]] | None = None
         self._stopped_send_stats: dict[str, dict[str, Any]] | None = None
         self.instrumented: Any = self._instrument()
@@ -780,8 +785,8 @@ class Probe(Results):
                 total += len(batch)
                 self._store(ms, batch, now)
             limit = timeout or self.poll_interval
-            self._next_read = self._next_paced_read(now, pending, limit, waited) if paced else None
-            self._window_start = now
+            self._next_read = self._next_paced_read(now, pending, limit, waited, total) if paced else None
+            self._window_start = self._last_read = now
             self._sample()
         return total
 
@@ -792,9 +797,11 @@ class Probe(Results):
                 and all(ms.om.kind == "ringbuf" for ms in self.maps.values()))
 
     def _next_paced_read(self, now: int, pending: list[tuple[int, int]], limit: float,
-                         waited: bool) -> int | None:
+                         waited: bool, records: int) -> int | None:
         """When to start the next read, from what the read started at `now` found (bytes
-        pending, capacity per map); None when it found nothing: wait for the kernel then.
+        pending, capacity per map; `records` in all); None when it found nothing, or records
+        that arrived slower than PACE_MIN_RATE: wait for the kernel then, so sparse events
+        arrive at once (a wake-up per record costs nothing worth saving at that rate).
 
         The interval survives a paced read that found nothing (a producer that did not get
         the CPU for one interval, e.g. because each of our wake-ups preempted it on a shared
@@ -806,6 +813,11 @@ class Probe(Results):
         if not found:
             if waited:
                 self._interval /= 2
+            return None
+        # the rate that decides: records since the previous read (after a wait for the kernel,
+        # `window` only spans the time since the wake-up, which one record makes look fast)
+        since = max(0, now - self._last_read) / 1e9 if self._last_read else window
+        if records < PACE_MIN_RATE * since:
             return None
         self._interval = min(pace(self._interval, window, n, capacity, limit) for n, capacity in found)
         return now + int(self._interval * 1e9)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -500,3 +501,34 @@ def test_default_pacing_delivers_a_lone_event_at_once(wait_for) -> None:
             assert p.stats["events"]["batches"] * 100 < 300_001
         finally:
             p.close()
+
+
+def test_default_pacing_delivers_sparse_events_at_once() -> None:
+    """Events that trickle in (here groups of 3 calls 1 ms apart, 50 groups a second: far below
+    PACE_MIN_RATE) are read as the kernel notifies, not held for a pacing pause: they
+    arrive well within poll_interval."""
+    from kernelscope import lab
+    from kernelscope.probe import PACE_MIN_RATE
+
+    poll, groups, gap = 1.0, 20, 0.02
+    assert 3 / gap < PACE_MIN_RATE
+    child = subprocess.Popen(
+        [sys.executable, "-c",
+         f"import os, sys, time; sys.stdin.read(1)\nfor _ in range({groups}):\n"
+         "    for _ in range(3):\n        os.getppid(); time.sleep(0.001)\n"
+         f"    time.sleep({gap})"],
+        stdin=subprocess.PIPE, text=True)
+    p = Probe(lab.getppid_program("ring", pages=64), poll_interval=poll, cflags=[f"-DTARGET={child.pid}"])
+    try:
+        p.start()
+        child.communicate("g", timeout=30)
+        p.stop()
+        assert_accounted(p.stats["events"], 3 * groups)
+        df = p.df
+        latency = (df["ks_arrival_ns"].astype(np.int64) - df["ts"].astype(np.int64)) / 1e9
+        assert (latency > 0).all()
+        # paced reads would hold many of them for up to `poll`; read as notified, each waits
+        # only for one wake-up of the drain thread
+        assert latency.quantile(0.9) < poll / 20, latency.describe()
+    finally:
+        p.close()
