@@ -68,7 +68,8 @@ REORDER_CHOICES = (("off", REORDER_OFF), ("1 ms", 1_000_000), ("10 ms", 10_000_0
 PERF_WAKEUP_CHOICES = (("every event", ("events", 1)), ("every 16 events", ("events", 16)),
                        ("every 256 events", ("events", 256)), ("buffer 1/4 full", ("fraction", 4)),
                        ("buffer 1/2 full", ("fraction", 2)))
-RING_WAKEUP_CHOICES = (("kernel notifies (epoll)", "epoll"), ("timer: every poll interval", "timer"))
+RING_WAKEUP_CHOICES = (("adaptive: paced reads (default)", "adaptive"), ("kernel notifies (epoll)", "epoll"),
+                       ("timer: every poll interval", "timer"))
 MAX_PAGES = 4096  # 16 MiB ring, or 16 MiB per CPU for a perf buffer
 STATIC_MODES = ("auto", "png", "html", "none")
 
@@ -179,7 +180,7 @@ class Panel(w.VBox):
                                tooltip="drain loop: longest wait for data, and the period of timer wake-ups")
         self.poll.add_class("ks-poll")
         self.poll.observe(self._on_poll, names="value")
-        wakeup = getattr(r, "wakeup", "epoll")
+        wakeup = getattr(r, "wakeup", "adaptive")
         self.ring_wakeup = w.Dropdown(options=_with_current(RING_WAKEUP_CHOICES, wakeup, wakeup),
                                       value=wakeup, description="ring wake-up", style=style,
                                       layout=w.Layout(width="auto"))
