@@ -131,9 +131,15 @@ test-binder: $(BINDER_STAMP)
 		binder/start python -m pytest --nbval-lax -p no:cacheprovider $(NOTEBOOKS)
 
 # Re-run every notebook live, saving each named probe's capture and the outputs shown.
+# nbconvert saves every widget's state in the notebook's metadata (5 MB for the live panel's
+# plots); the committed notebooks keep the static outputs only.
+export STRIP_WIDGET_STATE := import json, sys; p = sys.argv[1]; d = json.load(open(p)); \
+	d["metadata"].pop("widgets", None); open(p, "w").write(json.dumps(d, indent=1, ensure_ascii=False) + "\n")
+
 record-notebooks: setup
 	cd notebooks && for nb in $(notdir $(NOTEBOOKS)); do \
 		KERNELSCOPE_MODE=record $(BIN)/jupyter nbconvert --to notebook --execute --inplace "$$nb"; \
+		$(BIN)/python -c "$$STRIP_WIDGET_STATE" "$$nb"; \
 	done
 
 demo: setup
