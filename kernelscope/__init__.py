@@ -43,12 +43,12 @@ __all__ = [
 
 
 def load_ipython_extension(ipython: Any) -> None:
-    from .magic import load
+    from .jupyter.magic import load
 
     load(ipython)
 
 
 def unload_ipython_extension(ipython: Any) -> None:
-    from .magic import unload
+    from .jupyter.magic import unload
 
     unload(ipython)

@@ -14,28 +14,27 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
-import html
 import os
 import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
-from . import compile as _compile
-from .batch import Batch
+from . import tracepoints
+from .backends import bcc
+from .backends.bcc import BCCProgram
+from .backends.rewrite import instrument
+from .drain import MapState, _drain_thread, fill_bytes
 from .errors import AttachError, ClosedError, KernelscopeError, SchemaError
-from .instrument import ACCT_MAP, GATE_MAP, Instrumented, OutputMap, instrument, read_counters
 from .order import OrderTracker, Reorderer
-from .ringbuf import PAGE, RingBufferReader, pace
-from .schema import Schema, parse_structs, struct_dtype
+from .readers.batch import Batch
+from .readers.ring import PAGE, RingBufferReader, pace
+from .results import Results
+from .schema import Schema
 from .store import FrameStore
 
 _live: weakref.WeakSet[Probe] = weakref.WeakSet()
@@ -56,26 +55,6 @@ def close_all() -> None:
     """Close every live probe (interpreter exit, %bpf_stop --all, unload_ipython_extension)."""
     for p in live_probes():
         p.close()
-
-
-@dataclass
-class MapState:
-    """Everything kept per output map: its reader, rows and counters."""
-
-    om: OutputMap
-    schema: Schema
-    store: FrameStore
-    reader: Any = None
-    order: OrderTracker | None = None
-    reorder: Reorderer | None = None
-    lost_records: int = 0
-    lost_by_cpu: dict[int, int] = field(default_factory=dict)
-    discarded_seen: int = 0
-    batches: int = 0
-    pages: int = 0
-    history: deque[dict[str, float]] = field(default_factory=lambda: deque(maxlen=100_000))
-    carried: dict[str, int] = field(default_factory=dict)  # counters of programs replaced by reconfigure()
-    marks: list[dict[str, Any]] = field(default_factory=list)  # {"t", "what"}: settings changes, for plots
 
 
 class _Resources:
@@ -100,250 +79,6 @@ class _Resources:
             self.prog = None
 
 
-class BCCProgram:
-    """A loaded `bcc.BPF` behind the interface Probe uses for either backend."""
-
-    backend = "bcc"
-
-    def __init__(self, bpf: Any, instrumented: Instrumented, source: str) -> None:
-        self.bpf = bpf
-        self.instrumented = instrumented
-        self.source = source
-        self.notes: list[str] = []
-
-    def event_dtype(self, name: str) -> np.dtype:
-        return struct_dtype(bcc_event_fields(self.bpf, name), parse_structs(self.source), name)
-
-    def named_dtype(self, ctype: str, where: str) -> np.dtype:
-        structs = parse_structs(self.source)
-        if ctype not in structs:
-            raise SchemaError(f"{where}: no {ctype} defined in the program")
-        return struct_dtype(structs[ctype], structs, ctype)
-
-    def map_fd(self, name: str) -> int:
-        return int(self.bpf[name.encode()].get_fd())
-
-    def ring_size(self, name: str) -> int:
-        table = self.bpf[name.encode()]
-        om = self.instrumented.maps[name]
-        return int(table.max_entries) if hasattr(table, "max_entries") else (om.pages or 0) * PAGE
-
-    def perf_set_fd(self, name: str) -> Callable[[int, int], None]:
-        table = self.bpf[name.encode()]
-
-        def set_fd(cpu: int, fd: int) -> None:
-            table[ctypes.c_int(cpu)] = ctypes.c_int(fd)
-        return set_fd
-
-    def set_gate(self, value: int) -> None:
-        self.bpf[GATE_MAP.encode()][ctypes.c_int(0)] = ctypes.c_uint32(value)
-
-    def counters(self) -> dict[str, dict[str, int]]:
-        return read_counters(self.bpf[ACCT_MAP.encode()], self.instrumented.maps)
-
-    def attach_points(self) -> list[str]:
-        bpf = self.bpf
-        out = [f"tracepoint:{_text(k)}" for k in bpf.tracepoint_fds]
-        out += [f"raw_tracepoint:{_text(k)}" for k in bpf.raw_tracepoint_fds]
-        out += [f"kprobe:{_text(k)}" for k in bpf.kprobe_fds]
-        out += [f"uprobe:{_text(k)}" for k in bpf.uprobe_fds]
-        return out
-
-    def close(self) -> None:
-        release_bpf(self.bpf)
-
-
-def _text(k: Any) -> str:
-    return k.decode() if isinstance(k, bytes) else str(k)
-
-
-def release_bpf(bpf: Any) -> None:
-    """Detach and free a (possibly half-built) bcc.BPF, and drop BCC's atexit hook for it."""
-    with contextlib.suppress(Exception):
-        bpf.cleanup()
-    atexit.unregister(bpf.cleanup)
-
-
-def fill_bytes(reader: Any) -> int:
-    """Bytes waiting in a reader's buffer(s): perf readers report a {cpu: bytes} dict."""
-    if reader is None or reader.closed:
-        return 0
-    fill = reader.fill_bytes()
-    return sum(fill.values()) if isinstance(fill, dict) else int(fill)
-
-
-def _drain_thread(ref: weakref.ReferenceType[Probe], stop: threading.Event) -> None:
-    while not stop.is_set():
-        probe = ref()
-        if probe is None:
-            return
-        try:
-            probe.poll_once(probe.poll_interval)
-        except ClosedError:
-            return
-        except Exception as e:  # keep the error for the user, stop draining
-            probe.error = e
-            return
-        finally:
-            del probe
-
-
-class Results:
-    """Reading what arrived: shared by live probes and replayed captures."""
-
-    maps: dict[str, MapState]
-
-    def _map(self, name: str | None) -> MapState:
-        if name is None:
-            if len(self.maps) != 1:
-                raise KeyError(
-                    f"this probe has {len(self.maps)} output maps ({', '.join(self.maps) or 'none'}): "
-                    "name one, e.g. probe.frame('events')"
-                )
-            return next(iter(self.maps.values()))
-        try:
-            return self.maps[name]
-        except KeyError:
-            raise KeyError(
-                f"no output map {name!r}; this probe has {', '.join(self.maps) or 'none'}"
-            ) from None
-
-    def frame(self, name: str | None = None) -> pd.DataFrame:
-        """Everything received so far from output map `name` (cached until new rows arrive)."""
-        return self._map(name).store.frame()
-
-    @property
-    def df(self) -> pd.DataFrame:
-        return self.frame()
-
-    def records(self, name: str | None = None) -> np.ndarray:
-        return self._map(name).store.records()
-
-    def history(self, name: str | None = None) -> pd.DataFrame:
-        """Counters sampled about every 0.1 s while draining: for rate and fill plots."""
-        return pd.DataFrame(list(self._map(name).history))
-
-    name: str | None
-    closed: bool
-
-    def state(self) -> str:
-        return "results"
-
-    def widget(self, **kwargs: Any) -> Any:
-        """The live control and plot panel (kernelscope.widgets.panel): buffer sizes, wake-ups,
-        reorder window, pause/resume/stop/clear, rates, drops, fill, ordering and latency."""
-        from .widgets import panel
-
-        return panel(self, **kwargs)
-
-    @property
-    def running(self) -> bool:
-        return False
-
-    def start(self) -> Results:
-        raise NotImplementedError
-
-    def stop(self) -> Results:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-    def pause(self) -> Results:
-        """Stop delivering and draining (counts stay exact); resume() goes on."""
-        return self.stop()
-
-    def resume(self) -> Results:
-        return self.start()
-
-    def clear(self, name: str | None = None) -> None:
-        """Forget stored rows (all maps, or one); counted in `evicted`, accounting unchanged."""
-        for ms in [self._map(name)] if name else list(self.maps.values()):
-            ms.store.clear()
-
-    def wait(
-        self,
-        duration: float | None = None,
-        limit: int | None = None,
-        progress: Callable[[int, float], None] | None = None,
-    ) -> Results:
-        raise NotImplementedError
-
-    def attach_points(self) -> list[str]:
-        return []
-
-    @property
-    def stats(self) -> dict[str, dict[str, Any]]:
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        parts = [f"{n}: {s['received']} received, {s['dropped']} dropped" for n, s in self.stats.items()]
-        return (
-            f"<{type(self).__name__} {getattr(self, 'name', None) or ''} {self.state()}; "
-            + "; ".join(parts)
-            + ">"
-        )
-
-    def _repr_html_(self) -> str:
-        rows = []
-        stats = self.stats
-        for name, ms in self.maps.items():
-            st = stats.get(name, {})
-            rows.append(
-                "<tr>"
-                + "".join(
-                    f"<td>{html.escape(str(v))}</td>"
-                    for v in (
-                        name,
-                        ms.om.kind,
-                        ms.pages,
-                        st.get("attempted", ""),
-                        st.get("received", ""),
-                        st.get("dropped", ""),
-                        st.get("lost_records", ""),
-                        st.get("inversions", ""),
-                        ", ".join(ms.schema.columns),
-                    )
-                )
-                + "</tr>"
-            )
-        attach = ", ".join(self.attach_points()) or "none"
-        head = "".join(
-            f"<th>{h}</th>"
-            for h in (
-                "map",
-                "kind",
-                "pages",
-                "attempted",
-                "received",
-                "dropped",
-                "lost records",
-                "inversions",
-                "columns",
-            )
-        )
-        warnings: list[str] = getattr(self, "warnings", [])
-        error = getattr(self, "error", None)
-        warn = "".join(f"<p style='color:#b45309'>&#9888; {html.escape(w)}</p>" for w in warnings)
-        err = f"<p style='color:#b91c1c'>error: {html.escape(str(error))}</p>" if error else ""
-        label = html.escape(getattr(self, "name", None) or "")
-        backend = html.escape(str(getattr(self, "backend", "bcc")))
-        sends = ""
-        send_stats: dict[str, dict[str, Any]] = getattr(self, "send_stats", {})
-        if send_stats:
-            keys = ("sent", "drained", "pending", "full", "fill_bytes", "capacity_bytes")
-            srows = "".join(
-                f"<tr><td>{html.escape(n)}</td>" + "".join(f"<td>{st.get(k, '')}</td>" for k in keys)
-                + "</tr>" for n, st in send_stats.items())
-            sends = ("<table><thead><tr><th>user ring</th>" + "".join(f"<th>{k}</th>" for k in keys)
-                     + f"</tr></thead><tbody>{srows}</tbody></table>")
-        return (
-            f"<div><b>{type(self).__name__} {label}</b> ({self.state()}, {backend} backend); attached to "
-            f"{html.escape(attach)}{warn}{err}<table><thead><tr>{head}</tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table>{sends}</div>"
-        )
-
-
 class Probe(Results):
     """A BCC program whose output maps drain into growing DataFrames.
 
@@ -355,7 +90,7 @@ class Probe(Results):
         from . import mode
 
         if mode.mode() == "replay":
-            from .replay import replay
+            from .captures.replay import replay
 
             return replay(mode.require_capture(kwargs.get("name")), speed=mode.replay_speed(),
                           name=kwargs.get("name"))
@@ -404,7 +139,7 @@ class Probe(Results):
         such as "struct event". `globals` (CO-RE): values for the program's `const volatile`
         variables, set before load as a libbpf skeleton does ({"targ_tgid": 1234}).
         """
-        from . import core
+        from .backends import core
 
         backend = backend or ("libbpf" if core.is_core(source) else "bcc")
         if backend not in ("bcc", "libbpf"):
@@ -454,7 +189,7 @@ class Probe(Results):
 
     def _instrument(self) -> Any:
         if self.backend == "libbpf":
-            from . import core
+            from .backends import core
 
             return core.prepare(self.source, self.pages)
         return instrument(self.source, self.pages)
@@ -484,11 +219,11 @@ class Probe(Results):
         if self.loaded:
             return self
         if self.backend == "libbpf":
-            from . import core
+            from .backends import core
 
             prog: Any = core.load(self.instrumented, self.source, self.cflags, self.globals)
         else:
-            bpf = _compile.load(self.instrumented, self.source, self.cflags, self.usdt)
+            bpf = bcc.load(self.instrumented, self.source, self.cflags, self.usdt)
             prog = BCCProgram(bpf, self.instrumented, self.source)
         self._res.prog = prog
         try:
@@ -527,7 +262,7 @@ class Probe(Results):
                 ms.pages = size // PAGE
                 ms.reader = RingBufferReader(prog.map_fd(name), size, schema.dtype, wakeup=self.wakeup)
             else:
-                from .perfbuf import PerfBufferReader
+                from .readers.perf import PerfBufferReader
 
                 pages = self.pages.get(name, 64) if isinstance(self.pages, dict) else (self.pages or 64)
                 ms.pages = pages
@@ -552,7 +287,7 @@ class Probe(Results):
             self.warnings.append(f"the program declares no {what}: nothing to drain")
 
     def _open_user_rings(self, prog: Any) -> None:
-        from .userring import UserRing
+        from .readers.user_ring import UserRing
 
         for name in getattr(self.instrumented, "user_rings", {}):
             dtype = self._dtype(prog, name)
@@ -573,7 +308,7 @@ class Probe(Results):
         A full ring waits up to `timeout` s for the program to drain, then raises
         UserRingFullError saying how many records went in; nothing is lost silently.
         """
-        from .userring import choose_ring
+        from .readers.user_ring import choose_ring
 
         self._check_open()
         self.load()
@@ -924,7 +659,7 @@ class Probe(Results):
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write everything received, the counters over time and the program to one Parquet file."""
-        from . import capture
+        from .captures import capture
 
         started = int((self.started_at or 0) * 1e9)
         maps = {}
@@ -997,17 +732,17 @@ class Probe(Results):
         """Attach a function of the program to a user-space symbol (`name`: binary or library)."""
         self.load()
         if self.backend == "libbpf":
-            from . import core
+            from .backends import core
 
             core.attach_uprobe(self._res.prog, name, sym, fn_name, **kw)
             return self
-        with _compile.capture_fd2() as log:
+        with bcc.capture_fd2() as log:
             try:
                 self.bpf.attach_uprobe(name=name, sym=sym, fn_name=fn_name, **kw)
                 return self
             except Exception as e:
                 err = e
-        raise _compile.AttachError(
+        raise bcc.AttachError(
             f"uprobe {name}:{sym} -> {fn_name}: {err} {''.join(log).strip()}"
         ) from None
 
@@ -1016,7 +751,7 @@ class Probe(Results):
         self.load()
         cat_ev = tp.replace(":", " ").split()
         if len(cat_ev) == 2:
-            _compile.check_tracepoint(cat_ev[0], cat_ev[1])
+            tracepoints.check_tracepoint(cat_ev[0], cat_ev[1])
         if self.backend == "libbpf":
             prog = self._res.prog
             if len(cat_ev) != 2:
@@ -1026,13 +761,13 @@ class Probe(Results):
             except OSError as e:
                 raise AttachError(f"tracepoint {tp} -> {fn_name}: {e}") from None
             return self
-        with _compile.capture_fd2() as log:
+        with bcc.capture_fd2() as log:
             try:
                 self.bpf.attach_tracepoint(tp=tp, fn_name=fn_name)
                 return self
             except Exception as e:
                 err = e
-        raise _compile.AttachError(f"tracepoint {tp} -> {fn_name}: {err} {''.join(log).strip()}") from None
+        raise bcc.AttachError(f"tracepoint {tp} -> {fn_name}: {err} {''.join(log).strip()}") from None
 
     def state(self) -> str:
         return "closed" if self.closed else "running" if self.running else "loaded" if self.loaded else "new"
@@ -1042,28 +777,3 @@ class Probe(Results):
         return [] if prog is None else list(prog.attach_points())
 
 
-def bcc_event_fields(bpf: Any, name: str) -> list[tuple[str, str]]:
-    """The (field, C type) list BCC recorded for what the program submits to map `name`."""
-    lib = bpf_lib()
-    n = lib.bpf_perf_event_fields(bpf.module, name.encode())
-    fields = []
-    for i in range(n):
-        raw = lib.bpf_perf_event_field(bpf.module, name.encode(), i).decode()
-        fname, _, ctype = raw.partition("#")
-        fields.append((fname, ctype))
-    if not fields:
-        raise SchemaError(
-            f"{name}: BCC found no struct submitted to this map (no {name}.ringbuf_output/"
-            "ringbuf_reserve/perf_submit call with a struct). Submit a struct, or pass "
-            "dtypes={...} to Probe."
-        )
-    return fields
-
-
-def bpf_lib() -> Any:
-    from .host import import_bcc
-
-    import_bcc()
-    from bcc.libbcc import lib  # type: ignore[import-not-found,unused-ignore]
-
-    return lib
