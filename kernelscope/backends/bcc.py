@@ -10,34 +10,35 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import difflib
+import ctypes
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from . import host
-from .errors import (
+import numpy as np
+
+from .. import host
+from ..errors import (
     AttachError,
     BPFPermissionError,
     CompileError,
     KernelscopeError,
-    TracefsAccessError,
+    SchemaError,
     UnsupportedError,
     VerifierError,
 )
-from .instrument import CELL_FILE, Instrumented
+from ..readers.ring import PAGE
+from ..schema import parse_structs, struct_dtype
+from ..tracepoints import check_attach_points
+from .rewrite import ACCT_MAP, CELL_FILE, GATE_MAP, Instrumented, read_counters
 
 _DIAG = re.compile(
     r"^(?P<file>[^:\n]+):(?P<line>\d+):(?P<col>\d+): (?P<kind>error|warning|fatal error): (?P<msg>.*)$",
     re.M,
 )
-_TP = re.compile(r"\bTRACEPOINT_PROBE\s*\(\s*(\w+)\s*,\s*(\w+)\s*\)")
-_RAW_TP = re.compile(r"\bRAW_TRACEPOINT_PROBE\s*\(\s*(\w+)\s*\)")
-_KPROBE = re.compile(r"\bint\s+(kprobe__|kretprobe__)(\w+)\s*\(")
 _KFUNC = re.compile(r"\b(KFUNC_PROBE|KRETFUNC_PROBE|KMOD_RET)\s*\(\s*(\w+)")
 
 STRUCT_DEREF = re.compile(
@@ -106,102 +107,6 @@ def _format_diag(d: Diagnostic, source_lines: list[str]) -> str:
     if d.line and d.line <= len(source_lines):
         text += f"\n    {d.line} | {source_lines[d.line - 1].rstrip()}"
     return text
-
-
-def tracefs_events() -> Path:
-    return host.TRACEFS / "events"
-
-
-@contextlib.contextmanager
-def reading_tracefs(events: Path) -> Iterator[None]:
-    """Turn a refused read under tracefs (`events` is its events/ folder) into TracefsAccessError.
-
-    Path.exists() and is_dir() raise PermissionError rather than answer False when a parent
-    folder is not searchable, as tracefs's 0700 top folder is for anyone but root.
-    """
-    try:
-        yield
-    except PermissionError as e:
-        raise TracefsAccessError(events.parent, e) from None
-
-
-def list_tracepoints(events: Path | None = None) -> list[str]:
-    """Every `category:event` the running kernel offers (none when tracefs is not mounted)."""
-    events = events or tracefs_events()
-    out = []
-    with reading_tracefs(events):
-        try:
-            cats = sorted(events.iterdir())
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        for cat in cats:
-            if cat.is_dir():
-                out += [f"{cat.name}:{ev.name}" for ev in sorted(cat.iterdir()) if (ev / "format").exists()]
-    return out
-
-
-def config_option(option: str) -> str | None:
-    """`y`, `m`, `n` (off) or None (absent) for a CONFIG_ option; "unknown" if the config is hidden."""
-    found = host.kernel_config()
-    if found is None:
-        return "unknown"
-    return found[0].get(option)
-
-
-def _line_of(source: str, pos: int) -> int:
-    return source.count("\n", 0, pos) + 1
-
-
-def check_tracepoint(cat: str, ev: str, line: int | None = None, events: Path | None = None,
-                     known: list[str] | None = None) -> list[str] | None:
-    """AttachError naming close matches when `cat:ev` is not a tracepoint of this kernel.
-
-    Returns the list of known tracepoints when it had to read it, for the next call.
-    """
-    events = events or tracefs_events()
-    with reading_tracefs(events):
-        if (events / cat / ev / "format").exists():
-            return known
-    known = known if known is not None else list_tracepoints(events)
-    close = difflib.get_close_matches(f"{cat}:{ev}", known, n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; %bpf_tracepoints PATTERN lists them"
-    where = f"line {line}: " if line else ""
-    raise AttachError(f"{where}no tracepoint {cat}:{ev} on this kernel{hint}")
-
-
-def check_attach_points(source: str, events: Path | None = None) -> None:
-    """Name an unknown tracepoint (with close matches) or a missing kernel feature up front."""
-    events = events or tracefs_events()
-    known: list[str] | None = None
-    for m in _TP.finditer(source):
-        cat, ev = m.groups()
-        known = check_tracepoint(cat, ev, _line_of(source, m.start()), events, known)
-    for m in _RAW_TP.finditer(source):
-        known = check_raw_tracepoint(m.group(1), _line_of(source, m.start()), events, known)
-    kp = _KPROBE.search(source)
-    if kp:
-        check_kprobes(_line_of(source, kp.start()))
-
-
-def check_raw_tracepoint(name: str, line: int | None = None, events: Path | None = None,
-                         known: list[str] | None = None) -> list[str]:
-    known = known if known is not None else list_tracepoints(events or tracefs_events())
-    if any(k.split(":", 1)[1] == name for k in known):
-        return known
-    close = difflib.get_close_matches(name, [k.split(":", 1)[1] for k in known], n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    where = f"line {line}: " if line else ""
-    raise AttachError(f"{where}no raw tracepoint {name} on this kernel{hint}")
-
-
-def check_kprobes(line: int | None = None) -> None:
-    if config_option("CONFIG_KPROBES") in (None, "n"):
-        where = f"line {line}: " if line else ""
-        raise UnsupportedError(
-            f"{where}kprobes are not available: this kernel was built "
-            "without CONFIG_KPROBES. Use a tracepoint (TRACEPOINT_PROBE) or raw tracepoint instead.",
-            feature="CONFIG_KPROBES",
-        )
 
 
 def usdt_contexts(bcc: Any, usdt: list[tuple[str | int, str, str]]) -> list[Any]:
@@ -323,3 +228,98 @@ def host_permission_hint() -> str:
     except BPFPermissionError as e:
         return str(e)
     return "the kernel refused the operation (EPERM)"
+
+
+class BCCProgram:
+    """A loaded `bcc.BPF` behind the interface Probe uses for either backend."""
+
+    backend = "bcc"
+
+    def __init__(self, bpf: Any, instrumented: Instrumented, source: str) -> None:
+        self.bpf = bpf
+        self.instrumented = instrumented
+        self.source = source
+        self.notes: list[str] = []
+
+    def event_dtype(self, name: str) -> np.dtype:
+        return struct_dtype(bcc_event_fields(self.bpf, name), parse_structs(self.source), name)
+
+    def named_dtype(self, ctype: str, where: str) -> np.dtype:
+        structs = parse_structs(self.source)
+        if ctype not in structs:
+            raise SchemaError(f"{where}: no {ctype} defined in the program")
+        return struct_dtype(structs[ctype], structs, ctype)
+
+    def map_fd(self, name: str) -> int:
+        return int(self.bpf[name.encode()].get_fd())
+
+    def ring_size(self, name: str) -> int:
+        table = self.bpf[name.encode()]
+        om = self.instrumented.maps[name]
+        return int(table.max_entries) if hasattr(table, "max_entries") else (om.pages or 0) * PAGE
+
+    def perf_set_fd(self, name: str) -> Callable[[int, int], None]:
+        table = self.bpf[name.encode()]
+
+        def set_fd(cpu: int, fd: int) -> None:
+            table[ctypes.c_int(cpu)] = ctypes.c_int(fd)
+        return set_fd
+
+    def set_gate(self, value: int) -> None:
+        self.bpf[GATE_MAP.encode()][ctypes.c_int(0)] = ctypes.c_uint32(value)
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        return read_counters(self.bpf[ACCT_MAP.encode()], self.instrumented.maps)
+
+    def attach_points(self) -> list[str]:
+        bpf = self.bpf
+        out = [f"tracepoint:{_text(k)}" for k in bpf.tracepoint_fds]
+        out += [f"raw_tracepoint:{_text(k)}" for k in bpf.raw_tracepoint_fds]
+        out += [f"kprobe:{_text(k)}" for k in bpf.kprobe_fds]
+        out += [f"uprobe:{_text(k)}" for k in bpf.uprobe_fds]
+        return out
+
+    def close(self) -> None:
+        release_bpf(self.bpf)
+
+
+
+def _text(k: Any) -> str:
+    return k.decode() if isinstance(k, bytes) else str(k)
+
+
+
+def release_bpf(bpf: Any) -> None:
+    """Detach and free a (possibly half-built) bcc.BPF, and drop BCC's atexit hook for it."""
+    with contextlib.suppress(Exception):
+        bpf.cleanup()
+    atexit.unregister(bpf.cleanup)
+
+
+
+def bcc_event_fields(bpf: Any, name: str) -> list[tuple[str, str]]:
+    """The (field, C type) list BCC recorded for what the program submits to map `name`."""
+    lib = bpf_lib()
+    n = lib.bpf_perf_event_fields(bpf.module, name.encode())
+    fields = []
+    for i in range(n):
+        raw = lib.bpf_perf_event_field(bpf.module, name.encode(), i).decode()
+        fname, _, ctype = raw.partition("#")
+        fields.append((fname, ctype))
+    if not fields:
+        raise SchemaError(
+            f"{name}: BCC found no struct submitted to this map (no {name}.ringbuf_output/"
+            "ringbuf_reserve/perf_submit call with a struct). Submit a struct, or pass "
+            "dtypes={...} to Probe."
+        )
+    return fields
+
+
+
+def bpf_lib() -> Any:
+    from ..host import import_bcc
+
+    import_bcc()
+    from bcc.libbcc import lib  # type: ignore[import-not-found,unused-ignore]
+
+    return lib

@@ -4,7 +4,7 @@
 
 A cell in the style of libbpf-tools is compiled with `clang -target bpf` against a
 `vmlinux.h` generated from the running kernel's BTF (cached per kernel), then opened,
-sized, loaded and attached through libbpf (kernelscope.libbpf). libbpf relocates every
+sized, loaded and attached through libbpf (kernelscope.backends.libbpf). libbpf relocates every
 `BPF_CORE_READ` against the running kernel, so struct fields read right even where the
 installed headers belong to another kernel (BCC's weak point on this machine).
 
@@ -34,9 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from . import btf, elf, host, libbpf
-from . import compile as _compile
-from .errors import (
+from .. import host, tracepoints
+from ..errors import (
     AttachError,
     BPFPermissionError,
     CompileError,
@@ -46,7 +45,8 @@ from .errors import (
     UnsupportedError,
     VerifierError,
 )
-from .instrument import (
+from . import bcc, btf, elf, libbpf
+from .rewrite import (
     ACCT_MAP,
     CELL_FILE,
     GATE_MAP,
@@ -315,8 +315,8 @@ def compile_object(prepared: CoreSource, user_source: str, cflags: tuple[str, ..
         return
     log = proc.stderr
     lines = user_source.splitlines()
-    errors = [d for d in _compile.parse_diagnostics(log, user_source) if d.kind != "warning"]
-    body = "\n".join(_compile._format_diag(d, lines).replace("in BCC's headers", "in a header")
+    errors = [d for d in bcc.parse_diagnostics(log, user_source) if d.kind != "warning"]
+    body = "\n".join(bcc._format_diag(d, lines).replace("in BCC's headers", "in a header")
                      for d in errors)
     first = next((d.line for d in errors if d.line), None)
     clash = re.findall(r"error: redefinition of '(\w+)'.*\n(?:.*\n)*?.*vmlinux\.h:\d+:\d+: note: previous",
@@ -341,11 +341,11 @@ def check_sections(prepared: CoreSource) -> None:
         kind, _, rest = sec.partition("/")
         if kind in ("tp", "tracepoint") and "/" in rest:
             cat, ev = rest.split("/", 1)
-            known = _compile.check_tracepoint(cat, ev, line, known=known)
+            known = tracepoints.check_tracepoint(cat, ev, line, known=known)
         elif kind in ("raw_tp", "raw_tracepoint") and rest:
-            known = _compile.check_raw_tracepoint(rest, line, known=known)
+            known = tracepoints.check_raw_tracepoint(rest, line, known=known)
         elif kind in KPROBE_SECTIONS:
-            _compile.check_kprobes(line)
+            tracepoints.check_kprobes(line)
 
 
 class CoreProgram:
@@ -559,7 +559,7 @@ def _classify_load(err: OSError, log: str, prepared: CoreSource) -> KernelscopeE
             + "\n".join(dict.fromkeys(relo)), log=log)
     if err.errno == _errno.EPERM:
         if os.geteuid() != 0 and not host.has_bpf_privileges():
-            return BPFPermissionError(_compile.host_permission_hint())
+            return BPFPermissionError(bcc.host_permission_hint())
         tracing = [s for s, _ in prepared.sections if s.split("/")[0].split(".")[0] in TRACING_SECTIONS]
         found = host.lockdown_mode()
         lock = found[0] if found else None
@@ -619,6 +619,6 @@ def _attach_all(obj: libbpf.Object, prepared: CoreSource, notes: list[str]) -> N
         where = f"line {line}: " if line else ""
         kind = prog.section.split("/")[0]
         if kind in KPROBE_SECTIONS:
-            _compile.check_kprobes(line)
+            tracepoints.check_kprobes(line)
         raise AttachError(f"{where}could not attach {prog.name} (SEC(\"{prog.section}\")): "
                           f"{os.strerror(err.errno or 0)}" + (f"\n{text}" if text else ""))
