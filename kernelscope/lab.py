@@ -73,7 +73,7 @@ def getppid_program(kind: str = "ring", pages: int = 64, per_call: int = 1, flag
 
 @functools.cache
 def _producer_exe() -> Path:
-    from .bench import build_helpers
+    from .bench.producer import build_helpers
 
     return build_helpers()["producer"]
 
@@ -87,7 +87,7 @@ class Burst:
         self.cpu = cpu
         self._proc: Any = None
         if mode.mode() != "replay":
-            from .bench import Producer
+            from .bench.producer import Producer
 
             self._proc = Producer(_producer_exe(), calls, cpu)
 

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import KernelscopeError
+from ..errors import KernelscopeError
 
 FORMAT = "kernelscope-capture"
 VERSION = 1

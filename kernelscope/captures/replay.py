@@ -1,6 +1,6 @@
 """Replaying a capture through the same interface as a live `Probe`.
 
-    r = kernelscope.replay("capture.parquet", speed=1.0).start()
+    r = kernelscope.captures.replay.replay("capture.parquet", speed=1.0).start()
     r.df, r.stats, r.history()          # as on a Probe, growing at the recorded pace
 
 `speed=None` releases everything at once. No BPF, no root: this is how notebooks run on
@@ -17,13 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from .batch import Batch
+from ..backends.rewrite import OutputMap
+from ..drain import MapState
+from ..errors import ClosedError, KernelscopeError
+from ..readers.batch import Batch
+from ..results import Results
+from ..schema import Schema
+from ..store import FrameStore
 from .capture import Capture, MapCapture, load
-from .errors import ClosedError, KernelscopeError
-from .instrument import OutputMap
-from .probe import MapState, Results
-from .schema import Schema
-from .store import FrameStore
 
 
 class Replay(Results):
@@ -234,8 +235,8 @@ class Replay(Results):
         A replay reaches no kernel: nothing is sent, and what the program echoed back is in
         the capture's frames. Malformed records still fail as they would live.
         """
+        from ..readers.user_ring import choose_ring, to_records
         from .capture import dtype_from_json
-        from .userring import choose_ring, to_records
 
         dtypes = self.capture.settings.get("user_ring_dtypes") or {}
         name, records = choose_ring(name, records, dtypes, "the recorded program")

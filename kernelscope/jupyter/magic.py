@@ -28,12 +28,13 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import HTML, display
 
-from . import compile as _compile
-from . import discover, host, mode
+from .. import host, mode, tracepoints
+from ..backends import bcc
+from ..captures.replay import replay
+from ..errors import CompileError, KernelscopeError, VerifierError
+from ..probe import Probe, close_all, live_probes
+from ..results import Results
 from .display import Progress, StatusLine, live_output, show_warning
-from .errors import CompileError, KernelscopeError, VerifierError
-from .probe import Probe, Results, close_all, live_probes
-from .replay import replay
 
 DEFAULT_NAME = "probe"
 HEAD_ROWS = 10  # rows shown after a --duration/--limit cell
@@ -209,7 +210,7 @@ class BPFMagics(Magics):
         if getattr(probe, "backend", "bcc") != "bcc":
             return  # CO-RE relocates struct reads against the kernel's BTF
         code = _compile_blank(source)
-        m = _compile.STRUCT_DEREF.search(code)
+        m = bcc.STRUCT_DEREF.search(code)
         if m is None:
             return
         verdict = self.header_layout()
@@ -279,7 +280,7 @@ class BPFMagics(Magics):
     @line_magic
     def bpf_doctor(self, line: str) -> Any:
         """Check what this host can do with eBPF (loads small test programs; a few seconds)."""
-        from . import doctor
+        from ..doctor import checks as doctor
 
         report = doctor.report()
         with contextlib.suppress(KeyError):
@@ -292,7 +293,7 @@ class BPFMagics(Magics):
         """Tracepoints matching PATTERN: a glob (sched:*exit*), a regex (/^sched:/) or a substring."""
         pattern = line.strip() or None
         try:
-            df = discover.tracepoints(pattern)
+            df = tracepoints.tracepoints(pattern)
         except USER_ERRORS as e:
             raise UsageError(f"%bpf_tracepoints: {error_text(e)}") from None
         if df.empty:
@@ -301,12 +302,12 @@ class BPFMagics(Magics):
 
     @line_magic
     @no_var_expand
-    def bpf_format(self, line: str) -> discover.TracepointFormat:
+    def bpf_format(self, line: str) -> tracepoints.TracepointFormat:
         """The fields of a tracepoint's args (CATEGORY:EVENT), with type, offset and size."""
         if not line.strip():
             raise UsageError("usage: %bpf_format CATEGORY:EVENT, e.g. %bpf_format sched:sched_switch")
         try:
-            return discover.tracepoint_format(line.strip())
+            return tracepoints.tracepoint_format(line.strip())
         except USER_ERRORS as e:
             raise UsageError(f"%bpf_format: {error_text(e)}") from None
 
@@ -492,7 +493,7 @@ def verifier_line(log: str, nlines: int) -> int | None:
 
 
 def _compile_blank(source: str) -> str:
-    from .instrument import _blank_comments_and_strings
+    from ..backends.rewrite import _blank_comments_and_strings
 
     return _blank_comments_and_strings(source)
 
@@ -508,7 +509,7 @@ def header_layout_verdict() -> LayoutVerdict:
         return LayoutVerdict(None, "no kernel headers found")
     if found.matches_kernel:
         return LayoutVerdict(False, f"headers {found.version} are for the running kernel")
-    from . import doctor
+    from ..doctor import checks as doctor
 
     check = next((c for c in doctor.run_checks() if c.name == "header layout"), None)
     if check is None:

@@ -63,7 +63,7 @@ def map_names(results: Any) -> list[str]:
 
 def is_live(results: Any) -> bool:
     """A live probe (its settings can change) rather than a replayed capture."""
-    from .probe import Probe
+    from ..probe import Probe
 
     return isinstance(results, Probe)
 

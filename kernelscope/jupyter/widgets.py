@@ -9,7 +9,7 @@ which reloads the program keeping rows and exact counts and marks the change in 
 
 The plots are one plotly FigureWidget (a grid of subplots) fed by `Panel.refresh()`, which
 a daemon thread calls every `interval` seconds while the probe runs, and once more after it
-stops. A refresh reads only the drain loop's bookkeeping (`kernelscope.plots`: history
+stops. A refresh reads only the drain loop's bookkeeping (`kernelscope.jupyter.plots`: history
 samples and the latest thousand rows), so it costs the same after a billion events as after
 ten; and it waits for the page to have drawn the previous one (`Echo`), so a slow browser
 never falls behind.

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import BPFPermissionError, ClosedError, KernelscopeError
 from .batch import Batch, concat_records, copy_records, opaque
-from .errors import BPFPermissionError, ClosedError, KernelscopeError
 
 __all__ = [
     "PerfBufferReader",

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import ClosedError
 from .batch import Batch, concat_records, copy_records, opaque
-from .errors import ClosedError
 
 BUSY = 1 << 31
 DISCARD = 1 << 30

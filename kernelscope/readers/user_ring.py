@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import ClosedError, KernelscopeError, SchemaError, UserRingFullError
+from ..errors import ClosedError, KernelscopeError, SchemaError, UserRingFullError
 
 PAGE = mmap.PAGESIZE
 HDR = 8
