@@ -7,29 +7,27 @@ a perf buffer. The producer's count is exact, so dropped = made - received for e
 consumer, whether or not it can count losses itself.
 
 Consumers: BCC's Python callbacks (open_ring_buffer / open_perf_buffer), libbpf's C
-consumers (bench_c/*_consumer.c, given the BCC-created map fd by inheritance), and
+consumers (c/*_consumer.c, given the BCC-created map fd by inheritance), and
 kernelscope's Probe. Scenarios: undisturbed (the program loaded by BCC into a ring that
 holds every event, nobody reading: the producer's own rate, which the live figures are
 judged against), live (producer and consumer in parallel), drain (a buffer filled while
 nobody reads, then drained into memory: a DataFrame for Python) and overflow (tiny perf
 buffers overrun live: are the losses reported?).
 
-Run as `kernelscope bench` or `python -m kernelscope.bench`; `--quick` for a smoke run.
+Run as `kernelscope bench` or `python -m kernelscope.bench` (the command line is in
+`__main__.py`, the C producer in `producer.py`, tables and targets in `report.py`); `--quick` for a smoke run.
 The figures are ratios within one run; other work on the machine skews them, so each
 run's share of CPU lost to other processes is measured and flagged.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
-import hashlib
 import json
 import os
 import platform
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -40,7 +38,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .errors import SetupError
+from .producer import LIBBPF_HEADER, Producer, _send_go
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -59,87 +57,17 @@ KS_VARIANTS = ("kernelscope", "kernelscope-wm")
 LABELS = {"bcc": "BCC Python", "libbpf": "libbpf C", "kernelscope": "kernelscope",
           "kernelscope-wm": "kernelscope wm", NOBODY: "nobody reads"}
 
-SRC_DIR = Path(__file__).parent / "bench_c"
-CFLAGS = ("-O2", "-Wall")
-HELPERS = {
-    "producer": ("producer.c", ()),
-    "ringbuf_consumer": ("ringbuf_consumer.c", ("-lbpf",)),
-    "perfbuf_consumer": ("perfbuf_consumer.c", ("-lbpf",)),
-    "userring_producer": ("userring_producer.c", ("-lbpf",)),
-}
-LIBBPF_HEADER = Path("/usr/include/bpf/libbpf.h")
 BUSY = 0.15  # share of the CPUs used by other work that makes a figure worth a warning
-
-class BenchSetupError(SetupError):
-    """The bench cannot build or run its C helpers (gcc or libbpf-dev missing, build failed)."""
 
 
 def program(kind: str, target: int, pages: int, per_call: int = 1) -> str:
     """The bench's BPF C source for a ring (`pages` for the whole ring) or perf buffer: the
     notebooks' getppid program with the producer's pid as a literal, so every consumer
     (BCC, libbpf, kernelscope) compiles the same text with no extra flags."""
-    from .lab import getppid_program
+    from ..lab import getppid_program
 
     source = getppid_program("ring" if kind == "ring" else "perf", pages, per_call)
     return f"#define TARGET {target}\n{source}"
-
-
-# --- C helpers ----------------------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "kernelscope" / "bench"
-
-
-def build_helpers(cache: Path | None = None) -> dict[str, Path]:
-    """Compile the producer and the libbpf consumers once per source version.
-
-    Binaries are cached as `<name>-<hash of source, shared header and flags>`, so editing a
-    .c file rebuilds it and nothing else; editing bench_common.h rebuilds them all.
-    """
-    gcc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if not gcc:
-        raise BenchSetupError(
-            "gcc is not installed: `kernelscope bench` builds its C producer and libbpf "
-            "consumers at run time. Install them with `apt-get install gcc libbpf-dev`."
-        )
-    cache = cache or cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    built: dict[str, Path] = {}
-    common = (SRC_DIR / "bench_common.h").read_bytes()
-    for name, (src_name, libs) in HELPERS.items():
-        src = SRC_DIR / src_name
-        text = src.read_bytes() + common
-        key = hashlib.sha256(text + " ".join((*CFLAGS, *libs)).encode()).hexdigest()[:16]
-        exe = cache / f"{name}-{key}"
-        if not exe.exists():
-            if libs and not LIBBPF_HEADER.exists():
-                raise BenchSetupError(
-                    f"libbpf's headers are missing ({LIBBPF_HEADER}): the bench's reference "
-                    "consumers link against libbpf. Install them with `apt-get install libbpf-dev`."
-                )
-            tmp = exe.with_name(f"{exe.name}.{os.getpid()}.tmp")
-            cmd = [gcc, *CFLAGS, "-o", str(tmp), str(src), *libs]
-            r = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if r.returncode != 0:
-                hint = (
-                    " (is libbpf-dev installed? `apt-get install libbpf-dev`)"
-                    if "bpf" in r.stderr
-                    else ""
-                )
-                raise BenchSetupError(f"building {src_name} failed{hint}:\n{r.stderr.strip()}")
-            os.replace(tmp, exe)
-        built[name] = exe
-    return built
-
-
-def _send_go(proc: subprocess.Popen[bytes]) -> None:
-    """Release a helper waiting on its stdin (one byte, then EOF)."""
-    assert proc.stdin is not None
-    proc.stdin.write(b"g")
-    proc.stdin.close()
-    proc.stdin = None  # so communicate() does not flush the closed pipe
 
 
 def _cleanup_bcc(b: Any) -> None:
@@ -153,51 +81,6 @@ def _cleanup_bcc(b: Any) -> None:
         for key in list(getattr(table, "_open_key_fds", {})):
             del table[key]
     b.cleanup()
-
-
-class Producer:
-    """The C producer, started paused so a program can be loaded with its pid first."""
-
-    def __init__(self, exe: Path, calls: int, cpu: int | None) -> None:
-        self.calls = calls
-        self.proc = subprocess.Popen(
-            [str(exe), str(calls), "0", str(-1 if cpu is None else cpu)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def go(self) -> None:
-        _send_go(self.proc)
-
-    def exited(self) -> bool:
-        return self.proc.poll() is not None
-
-    def finish(self, timeout: float = 300.0) -> tuple[int, int, int]:
-        """Wait for the producer; returns (calls, t_start_ns, t_end_ns) on CLOCK_MONOTONIC."""
-        out, _ = self.proc.communicate(timeout=timeout)
-        if self.proc.returncode != 0:
-            raise RuntimeError(f"producer exited with status {self.proc.returncode}")
-        calls, t0, t1 = (int(x) for x in out.split())
-        return calls, t0, t1
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        for f in (self.proc.stdin, self.proc.stdout):
-            if f is not None:
-                with contextlib.suppress(OSError):
-                    f.close()
-
-    def __enter__(self) -> Producer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.kill()
 
 
 # --- configuration and results ------------------------------------------------------------
@@ -309,17 +192,6 @@ class Result:
         return d
 
 
-@dataclass
-class Target:
-    name: str
-    passed: bool | None  # None: could not be evaluated
-    detail: str
-
-    @property
-    def verdict(self) -> str:
-        return {True: "PASS", False: "FAIL", None: "N/A "}[self.passed]
-
-
 # --- the consumers ------------------------------------------------------------------------
 
 
@@ -418,7 +290,7 @@ def undisturbed(env: Env, res: Result) -> None:
     first record (bpf_ringbuf_commit() wakes only when the record is the first unread one)."""
     import numpy as np
 
-    from .ringbuf import RingBufferReader
+    from ..readers.ring import RingBufferReader
 
     with _bcc_program(env, res) as (prod, b, _):
         prod.go()
@@ -568,7 +440,7 @@ def drain_libbpf(env: Env, res: Result) -> None:
 
 def _probe_class() -> Any:
     try:
-        from .probe import Probe
+        from ..probe import Probe
     except ImportError as e:
         raise RuntimeError(f"kernelscope.probe.Probe is not available ({e})") from e
     return Probe
@@ -851,279 +723,7 @@ def run_all(env: Env, runs: Sequence[Result], repeat: int = 1) -> list[Result]:
     return done
 
 
-def _find(runs: Sequence[Result], scenario: str, kind: str, consumer: str,
-          size: int | None = None, *, per_call: int | None = None) -> Result | None:
-    for r in runs:
-        if ((r.scenario, r.kind, r.consumer) == (scenario, kind, consumer) and r.ok
-                and (size is None or r.size == size)
-                and (per_call is None or r.per_call == per_call)):
-            return r
-    return None
-
-
-def undisturbed_rates(runs: Sequence[Result]) -> dict[int, float]:
-    """The producer's undisturbed rate (events/s) by events per call, as measured in `runs`."""
-    return {r.per_call: r.producer_rate for r in runs if r.scenario == "undisturbed" and r.ok}
-
-
-def _vs_undisturbed(r: Result, rates: dict[int, float]) -> float | None:
-    """A live ring run's received rate over the undisturbed producer's at its events per call."""
-    base = rates.get(r.per_call)
-    if r.kind != "ring" or r.scenario != "live" or not base or not r.ok:
-        return None
-    return r.rate / base
-
-
-def _ratio(a: Result | None, b: Result | None) -> float | None:
-    if a is None or b is None or b.rate <= 0:
-        return None
-    return a.rate / b.rate
-
-
-def _ratio_key(r: Result) -> str:
-    per_call = f"{r.per_call}pc/" if r.scenario == "live" and r.per_call != 1 else ""
-    return f"{r.scenario}/{r.kind}/{fmt_size(r.size).replace(' ', '')}/{per_call}"
-
-
-def ratios(runs: Sequence[Result]) -> dict[str, float | None]:
-    """kernelscope's rate over each other consumer's, per scenario, buffer, size and events
-    per call; and, for live rings, over the producer's undisturbed rate."""
-    out: dict[str, float | None] = {}
-    rates = undisturbed_rates(runs)
-    for ks in runs:
-        if ks.consumer not in KS_VARIANTS:
-            continue
-        for r in runs:
-            if r.consumer in (*KS_VARIANTS, NOBODY) or (r.scenario, r.kind, r.size, r.per_call) != (
-                ks.scenario, ks.kind, ks.size, ks.per_call
-            ):
-                continue
-            out[f"{_ratio_key(r)}{ks.consumer}_vs_{r.consumer}"] = _ratio(
-                ks if ks.ok else None, r if r.ok else None)
-        if ks.scenario == "live" and ks.kind == "ring":
-            out[f"{_ratio_key(ks)}{ks.consumer}_vs_undisturbed"] = _vs_undisturbed(ks, rates)
-    return out
-
-
-def _ratio_target(name: str, ks: Result | None, other: Result | None, at_least: float) -> Target:
-    x = _ratio(ks, other)
-    if ks is None or other is None or x is None:
-        return Target(name, None, "missing runs")
-    return Target(name, x >= at_least,
-                  f"{x:.2f}x ({_m(ks.rate)} vs {_m(other.rate)} M rec/s)")
-
-
-LIVE_SHARE = 0.9  # of the producer's undisturbed rate that kernelscope must receive live
-
-
-def _drops_detail(attempts: list[dict[str, Any]], lossy: list[dict[str, Any]], reads: int | None) -> str:
-    dropped = max((a["made"] - a["received"] for a in lossy), default=0)
-    out = (f"{dropped:,} dropped" if len(attempts) == 1 else
-           f"{len(lossy)} of {len(attempts)} rounds dropped" + (f" (at most {dropped:,})" if lossy else ""))
-    if lossy:
-        stolen = ", ".join(f"{a.get('steal_ms', 0):g}" for a in lossy)
-        out += f"; the host stole {stolen} ms of the consumers' CPU in the rounds that dropped"
-    return out + ("" if reads is None else f", {reads:,} reads")
-
-
-def _live_target(runs: Sequence[Result], live_size: int) -> Target:
-    """kernelscope live at every events-per-call value the undisturbed producer was measured at."""
-    rates = undisturbed_rates(runs)
-    per_calls = sorted(rates) or [1, 16]
-    name = (f"live {fmt_size(live_size)} ring: kernelscope receives >= {LIVE_SHARE}x the producer's "
-            f"undisturbed rate with 0 drops, at {' and at '.join(map(str, per_calls))} events per call")
-    parts, verdicts = [], []
-    for per_call in per_calls:
-        ks = _find(runs, "live", "ring", "kernelscope", live_size, per_call=per_call)
-        share = None if ks is None else _vs_undisturbed(ks, rates)
-        if ks is None or share is None:
-            return Target(name, None, f"missing runs at {per_call} per call")
-        # every round counts for drops: the fastest one is only the one compared
-        attempts = ks.extra.get("attempts") or [
-            {"made": ks.made, "received": ks.received, "steal_ms": ks.extra.get("steal_ms", 0)}]
-        lossy = [a for a in attempts if a["made"] > a["received"]]
-        verdicts.append(share >= LIVE_SHARE and not lossy)
-        parts.append(f"{per_call}/call: {_m(ks.rate)} of {_m(rates[per_call])} M ev/s ({share:.2f}x), "
-                     + _drops_detail(attempts, lossy, ks.extra.get("stats", {}).get("batches")))
-    return Target(name, all(verdicts), "; ".join(parts))
-
-
-def targets(runs: Sequence[Result], live_size: int = 4 * MIB) -> list[Target]:
-    """The 'done when' figures of the event-engine issue, as ratios within this run.
-
-    Each is about kernelscope alone: its speed against the other consumers draining the same
-    buffer, and live, against the producer's own undisturbed rate. Who else drops live
-    depends on the host (how much a wake-up costs there), so the other consumers' live
-    figures stay in the tables as measured, not in the targets.
-    """
-    ks = _find(runs, "drain", "ring", "kernelscope")
-    out = [
-        _ratio_target("drain full ring into a DataFrame: kernelscope >= 30x BCC Python callback",
-                      ks, _find(runs, "drain", "ring", "bcc"), 30),
-        _ratio_target("drain full ring: kernelscope >= 0.5x libbpf C consumer",
-                      ks, _find(runs, "drain", "ring", "libbpf"), 0.5),
-    ]
-
-    out.append(_live_target(runs, live_size))
-
-    name = "perf reader >= 10x BCC perf callback path, lost records reported"
-    ratio = _ratio_target(name, _find(runs, "drain", "perf", "kernelscope"),
-                          _find(runs, "drain", "perf", "bcc"), 10)
-    bcc_live = _find(runs, "live", "perf", "bcc", live_size)
-    live = [(_ratio(_find(runs, "live", "perf", v, live_size), bcc_live), LABELS[v])
-            for v in KS_VARIANTS]
-    over = _find(runs, "overflow", "perf", "kernelscope")
-    if ratio.passed is None or over is None:
-        out.append(Target(name, None, "missing runs"))
-    else:
-        lost = over.lost_reported or 0
-        out.append(Target(
-            name, bool(ratio.passed) and lost > 0,
-            f"drain {ratio.detail}"
-            + "".join(f"; live {fmt_size(live_size)}/CPU {label} {x:.1f}x"
-                      for x, label in live if x is not None)
-            + f"; overrun of {fmt_size(over.size)}/CPU: {lost:,} lost records reported, "
-            f"{over.dropped:,} events not received",
-        ))
-    return out
-
-
-# --- output -------------------------------------------------------------------------------
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(header)]
-    line = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
-    out = [line, "  ".join("-" * w for w in widths)]
-    for r in rows:
-        out.append("  ".join(
-            c.rjust(w) if i >= 3 else c.ljust(w)
-            for i, (c, w) in enumerate(zip(r, widths, strict=True))
-        ))
-    return "\n".join(out)
-
-
-def _m(x: float) -> str:
-    return f"{x / 1e6:.3f}" if x < 1e6 else f"{x / 1e6:.2f}"
-
-
-def _lost(r: Result) -> str:
-    return "-" if r.lost_reported is None else f"{r.lost_reported:,}"
-
-
-def _size_label(r: Result) -> str:
-    return fmt_size(r.size) + ("/CPU" if r.kind == "perf" else "")
-
-
-def _label(r: Result) -> str:
-    return LABELS[r.consumer] + (" *" if r.extra.get("other_cpu", 0.0) > BUSY else "")
-
-
-def _run_table(runs: Sequence[Result], scenario: str, rates: dict[int, float]) -> str:
-    """One section's table. Live tables add the events per call and, for rings, the received
-    rate over the producer's undisturbed rate at the same events per call."""
-    drain, live, per_call = scenario == "drain", scenario == "live", scenario != "drain"
-    header = ["buffer", "size", "consumer"]
-    header += ["per call"] if per_call else []
-    header += ["received", "dropped %"]
-    header += ["seconds", "M rec/s"] if drain else ["M ev/s", "producer M ev/s"]
-    header += ["vs undisturbed"] if live else []
-    header += ["IRQ work"] if per_call else []
-    header += ["lost reported"]
-    rows = []
-    for r in runs:
-        head = [r.kind, _size_label(r), _label(r)] + ([str(r.per_call)] if per_call else [])
-        if not r.ok:
-            rows.append([*head, "error"] + [""] * (len(header) - len(head) - 1))
-            continue
-        figures = [f"{r.seconds:.3f}", _m(r.rate)] if drain else [_m(r.rate), _m(r.producer_rate)]
-        if live:
-            share = _vs_undisturbed(r, rates)
-            figures.append("-" if share is None else f"{share:.2f}x")
-        if per_call:
-            irq_work = r.extra.get("irq_work")
-            figures.append("-" if irq_work is None else f"{irq_work:,}")
-        rows.append([*head, f"{r.received:,}", f"{r.dropped_pct:.1f}", *figures, _lost(r)])
-    return _table(header, rows)
-
-
-def _undisturbed_line(rates: dict[int, float]) -> str:
-    if not rates:
-        return "  producer undisturbed: not measured (no undisturbed runs)"
-    return ("  producer undisturbed (ring program, nobody reading): "
-            + ", ".join(f"{_m(v)} M ev/s at {k} per call" for k, v in sorted(rates.items())))
-
-
-def report(runs: Sequence[Result], cfg: Config, machine: dict[str, Any]) -> str:
-    """The human-readable summary: tables, ratios, errors, targets."""
-    order = (NOBODY, *CONSUMERS, *KS_VARIANTS)
-
-    def reading_order(r: Result) -> tuple[int, int, int, int]:
-        return (KINDS.index(r.kind), r.size, r.per_call, order.index(r.consumer))
-
-    by = {s: sorted((r for r in runs if r.scenario == s), key=reading_order) for s in SCENARIOS}
-    rates = undisturbed_rates(runs)
-    und = _undisturbed_line(rates)
-    out = [
-        f"kernelscope bench{' --quick' if cfg.quick else ''}: kernel {machine['kernel']}, "
-        f"{machine['cpus']} CPUs, BCC {machine['bcc']}, libbpf {machine['libbpf']}; "
-        f"producer on CPU {cfg.producer_cpu}, consumers on CPU {cfg.consumer_cpu}",
-        "received/dropped are exact: dropped = events the program emitted - events received"
-        + (f"; each drain figure is the fastest of {machine['repeat']} runs"
-           if machine.get("repeat", 1) > 1 else "")
-        + (f"; undisturbed and live {fmt_size(cfg.target_size)} ring figures: the fastest of "
-           f"{cfg.target_rounds} interleaved rounds" if cfg.target_rounds > 1 else ""),
-    ]
-    busy = (machine.get("busy_before", 0.0), machine.get("busy_during", 0.0))
-    noisy = sum(1 for r in runs if r.extra.get("other_cpu", 0.0) > BUSY)
-    if max(busy) > BUSY or noisy:
-        out.append(f"WARNING: other work used {busy[0]:.0%} of the CPUs just before the run and "
-                   f"{busy[1]:.0%} during it; {noisy} run(s) marked * lost over {BUSY:.0%} of the "
-                   "CPUs to it: those figures are noisy")
-    else:
-        out.append(f"other work used {busy[0]:.0%} of the CPUs just before the run and "
-                   f"{busy[1]:.0%} during it")
-    if by["undisturbed"]:
-        out += ["", "UNDISTURBED: the program loaded by BCC into a ring that holds every event, "
-                "nobody reading: every output succeeds and the kernel queues a single wake-up, so "
-                "the producer runs at its own speed; M ev/s = events / producer seconds",
-                _run_table(by["undisturbed"], "undisturbed", rates)]
-    if by["live"]:
-        per_calls = " / ".join(map(str, cfg.live_per_calls))
-        out += ["", f"LIVE: producer and consumer in parallel, {cfg.live_events:,} (ring) / "
-                f"{cfg.live_perf_events:,} (perf) events of {EVENT_SIZE} bytes, {per_calls} "
-                f"per getppid() call ({fmt_size(cfg.target_size)} ring at each); M ev/s = received / "
-                "(producer start to last event received); vs undisturbed = that / the undisturbed "
-                "producer's rate at the same events per call; IRQ work = IRQ-work interrupts on the "
-                "producer's CPU during the run (a ring buffer wake-up is one)"
-                + ("" if cfg.perf_watermark is None else
-                   f"; kernelscope wm: perf wakeup at {cfg.perf_watermark:.0%} of the buffer, "
-                   "the others wake per event"),
-                und, _run_table(by["live"], "live", rates)]
-    if by["drain"]:
-        out += ["", "DRAIN: a buffer filled while nobody reads, then drained into memory "
-                f"(Python: a DataFrame; libbpf: a C array), {cfg.drain_per_call} events per call; "
-                "M rec/s = records / drain time",
-                und, _run_table(by["drain"], "drain", rates)]
-    if by["overflow"]:
-        out += ["", f"OVERFLOW: perf buffers of {fmt_size(cfg.overflow_size)}/CPU overrun live "
-                f"({cfg.overflow_per_call} events per call): are the losses reported?",
-                und, _run_table(by["overflow"], "overflow", rates)]
-    rat = {k: v for k, v in ratios(runs).items() if v is not None}
-    if rat:
-        out += ["", "RATIOS (kernelscope rate / other consumer's rate, or / the undisturbed "
-                "producer's, same run)", und]
-        out += [f"  {k:<50} {v:8.2f}x" for k, v in rat.items()]
-    errors = [r for r in runs if not r.ok]
-    if errors:
-        out += ["", "ERRORS"]
-        out += [f"  {_describe(r)}: {r.error}" for r in errors]
-    out += ["", "TARGETS" + (" (--quick: a smoke run; its small drains are dominated by fixed "
-                             "start/stop costs, judge the targets on a full run)"
-                             if cfg.quick else ""), und]
-    out += [f"  {t.verdict}  {t.name}: {t.detail}" for t in targets(runs, cfg.target_size)]
-    return "\n".join(out)
+# --- the host while it runs --------------------------------------------------------------
 
 
 class OtherWork:
@@ -1184,33 +784,6 @@ def machine_info(bcc: ModuleType | None) -> dict[str, Any]:
     }
 
 
-def write_json(path: Path, runs: Sequence[Result], cfg: Config, machine: dict[str, Any],
-               sends: Sequence[Any] = ()) -> None:
-    from .bench_send import ratio as send_ratio
-
-    doc = {
-        "version": 1,
-        "machine": machine,
-        "config": asdict(cfg),
-        "event_size": EVENT_SIZE,
-        "undisturbed": [r.as_json() for r in runs if r.scenario == "undisturbed"],
-        "undisturbed_events_per_s": {str(k): round(v, 1) for k, v in undisturbed_rates(runs).items()},
-        "live": [r.as_json() for r in runs if r.scenario == "live"],
-        "drain": [r.as_json() for r in runs if r.scenario == "drain"],
-        "overflow": [r.as_json() for r in runs if r.scenario == "overflow"],
-        "send": [s.as_json() for s in sends],
-        "ratios": {**ratios(runs),
-                   **({"send/userring/kernelscope_vs_libbpf": send_ratio(list(sends))} if sends else {})},
-        "targets": [{"name": t.name, "passed": t.passed, "detail": t.detail}
-                    for t in targets(runs, cfg.target_size)],
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2) + "\n")
-
-
-# --- command line -------------------------------------------------------------------------
-
-
 def parse_size(text: str) -> int:
     """'64K', '4M', '4MiB', '65536' -> bytes; must be a power-of-two number of pages."""
     m = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)(?:i?[bB])?\s*", text)
@@ -1221,143 +794,3 @@ def parse_size(text: str) -> int:
     if n % PAGE or pages <= 0 or pages & (pages - 1):
         raise ValueError(f"{text}: must be a power-of-two number of {PAGE}-byte pages")
     return n
-
-
-def _size_arg(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _sizes_arg(text: str) -> tuple[int, ...]:
-    return tuple(_size_arg(x) for x in text.split(",") if x.strip())
-
-
-def _ints_arg(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        values = ()
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text}: positive integers, comma-separated (e.g. 1,16)")
-    return values
-
-
-def _csv(choices: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
-    def parse(text: str) -> tuple[str, ...]:
-        items = tuple(x.strip() for x in text.split(",") if x.strip())
-        bad = [x for x in items if x not in choices]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)}")
-        return items
-
-    return parse
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="kernelscope bench",
-        description="Measure kernelscope's ring and perf readers against BCC's Python "
-        "callbacks and libbpf's C consumers, in one run on this machine.",
-    )
-    ap.add_argument("--quick", action="store_true", help="smoke run, well under 30 s")
-    ap.add_argument("--json", type=Path, default=None,
-                    help=f"where to write the figures (default {cache_dir() / 'bench.json'})")
-    ap.add_argument("--events", type=int, help="events per live ring run (3,000,000)")
-    ap.add_argument("--perf-events", type=int, help="events per live perf run (1,000,000)")
-    ap.add_argument("--sizes", type=_sizes_arg,
-                    help="live ring sizes, ring total / perf per CPU (default 64K,1M,4M)")
-    ap.add_argument("--drain-ring", type=_size_arg, help="ring size for the drain (64M)")
-    ap.add_argument("--drain-perf", type=_size_arg, help="perf size per CPU for the drain (16M)")
-    ap.add_argument("--per-call", type=_ints_arg,
-                    help="events per getppid() in live runs: every live run at the first, the 4 MiB "
-                    "ring and the undisturbed producer at each (default 1,16)")
-    ap.add_argument("--buffers", type=_csv(KINDS), help="ring,perf")
-    ap.add_argument("--consumers", type=_csv(CONSUMERS), help="bcc,libbpf,kernelscope")
-    ap.add_argument("--send", type=int, metavar="N",
-                    help="samples for the user ring buffer SEND comparison (1,000,000; 0 skips it)")
-    ap.add_argument("--repeat", type=int, default=1,
-                    help="run each drain N times and keep the fastest (on a busy machine)")
-    ap.add_argument("--no-pin", action="store_true",
-                    help="do not pin the producer and the consumers to separate CPUs")
-    return ap
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    kw: dict[str, Any] = {}
-    for name, attr in (("live_events", "events"), ("live_perf_events", "perf_events"),
-                       ("live_sizes", "sizes"),
-                       ("drain_ring_size", "drain_ring"), ("drain_perf_size", "drain_perf"),
-                       ("live_per_calls", "per_call"), ("kinds", "buffers"), ("send_samples", "send"),
-                       ("consumers", "consumers")):
-        if getattr(args, attr) is not None:
-            kw[name] = getattr(args, attr)
-    ncpu = os.cpu_count() or 1
-    if not args.no_pin and ncpu > 1:
-        kw["producer_cpu"] = ncpu - 1
-        kw["consumer_cpu"] = 0
-    return quick_config(**kw) if args.quick else Config(**kw)
-
-
-@contextlib.contextmanager
-def _pinned(cpu: int | None) -> Iterator[None]:
-    """Pin this process (and the threads it starts) to `cpu` for the measurements."""
-    if cpu is None:
-        yield
-        return
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpu})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.repeat < 1:
-        parser.error("--repeat must be at least 1")
-    cfg = config_from_args(args)
-    from .host import import_bcc, prepare
-
-    try:
-        for note in prepare():
-            _progress(note)
-        bcc = import_bcc()
-        helpers = build_helpers()
-    except SetupError as e:
-        print(f"kernelscope bench: {e}", file=sys.stderr)
-        return 2
-    env = Env(cfg, helpers, bcc)
-    runs = plan(cfg)
-    machine = machine_info(bcc)
-    _progress(f"{len(runs)} runs; C helpers in {cache_dir()}")
-    if machine["busy_before"] > BUSY:
-        _progress(f"the CPUs are {machine['busy_before']:.0%} busy with other work: "
-                  "the figures will be noisy")
-    started = time.perf_counter()
-    meter = OtherWork()
-    with _pinned(cfg.consumer_cpu):
-        runs = run_all(env, runs, args.repeat)
-        sends = []
-        if cfg.send_samples:
-            from . import bench_send
-
-            _progress(f"send: {cfg.send_samples:,} samples into a user ring, libbpf C then kernelscope")
-            sends = bench_send.run(helpers["userring_producer"], cfg.send_samples)
-    machine["seconds"] = round(time.perf_counter() - started, 1)
-    machine["busy_during"] = round(meter.share(), 2)
-    machine["repeat"] = args.repeat
-    print(report(runs, cfg, machine))
-    if sends:
-        print("\n".join(bench_send.report(sends)))
-    path = args.json or cache_dir() / "bench.json"
-    write_json(path, runs, cfg, machine, sends)
-    print(f"\nfigures written to {path} ({machine['seconds']} s)")
-    return 0 if all(r.ok for r in runs) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
