@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from kernelscope.bench import KIB, MIB, Config, Result, parse_size, plan, targets
+from kernelscope.bench.report import targets
+from kernelscope.bench.run import KIB, MIB, Config, Result, parse_size, plan
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -31,8 +31,11 @@ from IPython.utils.capture import capture_output
 from traitlets.config import Config
 from util import fd_count, wait_for
 
-from kernelscope import Probe, discover, doctor, host, magic, mode
-from kernelscope.display import Progress, StatusLine
+from kernelscope import Probe, host, mode
+from kernelscope import tracepoints as discover
+from kernelscope.doctor import checks as doctor
+from kernelscope.jupyter import magic
+from kernelscope.jupyter.display import Progress, StatusLine
 
 # What a new user types: count exec, exit and openat events, system-wide (10 lines of C).
 COUNT_CELL = """%%bpf

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernelscope import perfbuf
-from kernelscope.batch import concat_records, copy_records
 from kernelscope.errors import ClosedError, KernelscopeError
-from kernelscope.perfbuf import (
+from kernelscope.readers import perf as perfbuf
+from kernelscope.readers.batch import concat_records, copy_records
+from kernelscope.readers.perf import (
     PERF_RECORD_LOST,
     PERF_RECORD_SAMPLE,
     PerfBufferReader,

@@ -20,7 +20,7 @@ import pytest
 
 from kernelscope import host
 from kernelscope.errors import ClosedError, SetupError
-from kernelscope.perfbuf import PAGE_SIZE, PerfBufferReader
+from kernelscope.readers.perf import PAGE_SIZE, PerfBufferReader
 
 pytestmark = pytest.mark.kernel
 

@@ -13,15 +13,8 @@ import pytest
 from producers import paused, perf_program, ring_program, run_to_completion
 from util import BPFCounts, bpf_object_counts, fd_count, refusal
 
-from kernelscope import (
-    AttachError,
-    ClosedError,
-    CompileError,
-    Probe,
-    UnsupportedError,
-    VerifierError,
-)
-from kernelscope.compile import config_option
+from kernelscope import AttachError, ClosedError, CompileError, Probe, UnsupportedError, VerifierError
+from kernelscope.tracepoints import config_option
 
 pytestmark = pytest.mark.kernel
 

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernelscope.batch import copy_records
-from kernelscope.ringbuf import BUSY, DISCARD, HDR, RingParser, record_span
+from kernelscope.readers.batch import copy_records
+from kernelscope.readers.ring import BUSY, DISCARD, HDR, RingParser, record_span
 
 PAGE = 4096
 DTYPE = np.dtype([("pid", "<u4"), ("seq", "<u4"), ("ts", "<u8"), ("comm", "S16")])  # 32 bytes
