@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import KernelscopeError
+from .errors import CaptureError, KernelscopeError
 
 MODES = ("live", "record", "replay", "auto")
 
@@ -55,13 +55,13 @@ def replay_speed() -> float | None:
 
 def require_capture(name: str | None) -> Path:
     if not name:
-        raise KernelscopeError(
+        raise CaptureError(
             "replay mode: this probe has no name, so its capture cannot be found; give it one "
             "(Probe(..., name='x') or %%bpf x) and record it once with KERNELSCOPE_MODE=record"
         )
     path = capture_path(name)
     if not path.exists():
-        raise KernelscopeError(
+        raise CaptureError(
             f"replay mode: no capture {path} for probe {name!r}; record it on a machine with BPF "
             "with KERNELSCOPE_MODE=record"
         )
@@ -88,7 +88,7 @@ def remember(name: str, compute: Callable[[], Any], what: str = "figure") -> Any
     m = mode()
     if m == "replay":
         if not path.exists():
-            raise KernelscopeError(
+            raise CaptureError(
                 f"replay mode: no recorded {what}: {path} is missing; record it by running this "
                 "notebook with KERNELSCOPE_MODE=record on a machine with BPF (`make record-notebooks`)"
             )

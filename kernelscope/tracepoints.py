@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import host, mode
-from .errors import AttachError, KernelscopeError, TracefsAccessError, UnsupportedError
+from .errors import TracefsAccessError, UnknownTracepointError, UnsupportedError
 
 # The fields every tracepoint record starts with (struct trace_entry). BCC hides them
 # behind one `u64 __do_not_use__` member: read them with helpers instead.
@@ -44,10 +44,6 @@ _GLOB_CHARS = set("*?[")
 _TP = re.compile(r"\bTRACEPOINT_PROBE\s*\(\s*(\w+)\s*,\s*(\w+)\s*\)")
 _RAW_TP = re.compile(r"\bRAW_TRACEPOINT_PROBE\s*\(\s*(\w+)\s*\)")
 _KPROBE = re.compile(r"\bint\s+(kprobe__|kretprobe__)(\w+)\s*\(")
-
-
-class UnknownTracepointError(KernelscopeError, LookupError):
-    """No such tracepoint on the running kernel; the message names close matches."""
 
 
 def tracefs_events() -> Path:
@@ -96,7 +92,7 @@ def _line_of(source: str, pos: int) -> int:
 
 def check_tracepoint(cat: str, ev: str, line: int | None = None, events: Path | None = None,
                      known: list[str] | None = None) -> list[str] | None:
-    """AttachError naming close matches when `cat:ev` is not a tracepoint of this kernel.
+    """UnknownTracepointError naming close matches when `cat:ev` is not a tracepoint of this kernel.
 
     Returns the list of known tracepoints when it had to read it, for the next call.
     """
@@ -108,7 +104,7 @@ def check_tracepoint(cat: str, ev: str, line: int | None = None, events: Path | 
     close = difflib.get_close_matches(f"{cat}:{ev}", known, n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; %bpf_tracepoints PATTERN lists them"
     where = f"line {line}: " if line else ""
-    raise AttachError(f"{where}no tracepoint {cat}:{ev} on this kernel{hint}")
+    raise UnknownTracepointError(f"{where}no tracepoint {cat}:{ev} on this kernel{hint}")
 
 
 def check_attach_points(source: str, events: Path | None = None) -> None:
@@ -133,7 +129,7 @@ def check_raw_tracepoint(name: str, line: int | None = None, events: Path | None
     close = difflib.get_close_matches(name, [k.split(":", 1)[1] for k in known], n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     where = f"line {line}: " if line else ""
-    raise AttachError(f"{where}no raw tracepoint {name} on this kernel{hint}")
+    raise UnknownTracepointError(f"{where}no raw tracepoint {name} on this kernel{hint}")
 
 
 def check_kprobes(line: int | None = None) -> None:
