@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from kernelscope.bench.config import KIB, MIB, Config, Result, parse_size
 from kernelscope.bench.report import targets
-from kernelscope.bench.run import KIB, MIB, Config, Result, parse_size, plan
+from kernelscope.bench.run import plan
 
 ROOT = Path(__file__).resolve().parent.parent
 

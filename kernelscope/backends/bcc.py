@@ -290,10 +290,15 @@ def _text(k: Any) -> str:
 
 
 def release_bpf(bpf: Any) -> None:
-    """Detach and free a (possibly half-built) bcc.BPF, and drop BCC's atexit hook for it."""
+    """Detach and free a (possibly half-built) bcc.BPF, and drop BCC's atexit hooks for it.
+
+    BCC registers `cleanup` when it builds the object and `donothing` when a load fails;
+    either hook would keep the object (and its maps) alive until the interpreter exits.
+    """
     with contextlib.suppress(Exception):
         bpf.cleanup()
     atexit.unregister(bpf.cleanup)
+    atexit.unregister(bpf.donothing)
 
 
 

@@ -60,7 +60,7 @@ from .rewrite import (
 )
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
-CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kernelscope" / "vmlinux"
+CACHE = host.cache_dir("vmlinux")
 ANCHOR = "__ks_type_"  # global `T *__ks_type_<map>` keeps the event struct in the object's BTF
 
 _SEC = re.compile(r"\bSEC\s*\(")

@@ -12,22 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SetupError
+from .config import BUSY, CONSUMERS, KINDS, Config, parse_size, quick_config
+from .consumers import Env
 from .producer import build_helpers, cache_dir
 from .report import report, write_json
-from .run import (
-    BUSY,
-    CONSUMERS,
-    KINDS,
-    Config,
-    Env,
-    OtherWork,
-    _progress,
-    machine_info,
-    parse_size,
-    plan,
-    quick_config,
-    run_all,
-)
+from .run import OtherWork, _progress, machine_info, plan, run_all
 
 
 def _size_arg(text: str) -> int:

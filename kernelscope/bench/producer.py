@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from .. import host
 from ..errors import SetupError
 
 SRC_DIR = Path(__file__).parent / "c"
@@ -32,8 +33,7 @@ class BenchSetupError(SetupError):
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "kernelscope" / "bench"
+    return host.cache_dir("bench")
 
 
 

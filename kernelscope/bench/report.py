@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .run import (
+from .config import (
     BUSY,
     CONSUMERS,
     EVENT_SIZE,

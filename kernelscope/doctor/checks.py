@@ -8,7 +8,6 @@ is cached between runs and everything loaded is unloaded before `run_checks` ret
 
 from __future__ import annotations
 
-import atexit
 import ctypes
 import errno
 import os
@@ -17,7 +16,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +26,7 @@ from typing import Any
 
 from .. import host
 from ..backends import btf
+from ..backends.bcc import capture_fd2, release_bpf
 from ..errors import BPFPermissionError, KernelscopeError, SetupError
 from .report import Check, DoctorReport
 
@@ -218,9 +217,9 @@ class _ProbeRun:
     def run(self) -> _ProbeResult:
         child: subprocess.Popen[bytes] | None = None
         bpf = None
-        log = _StderrCapture()
+        log: list[str] = []
         try:
-            with log:
+            with capture_fd2() as log:
                 usdt = None
                 if self.usdt_binary is not None:
                     child, usdt = self._start_usdt_child(self.usdt_binary)
@@ -231,7 +230,7 @@ class _ProbeRun:
                     self._collect(bpf)
         finally:
             if bpf is not None:
-                _unload(bpf)
+                release_bpf(bpf)
             if child is not None and child.poll() is None:
                 child.kill()
                 child.wait()
@@ -239,7 +238,7 @@ class _ProbeRun:
                 child.stdin.close()
             if child is not None and child.stdout is not None:
                 child.stdout.close()
-        self.result.bcc_log += log.text
+        self.result.bcc_log += "".join(log)
         return self.result
 
     # compile ---------------------------------------------------------------------------
@@ -264,19 +263,18 @@ class _ProbeRun:
         if usdt is not None:
             parts.add("usdt")
         for attempt in (parts, set()):
-            log = _StderrCapture()
+            log: list[str] = []
             try:
-                with log:
+                with capture_fd2() as log:
                     bpf = _DoctorBPF(
                         text=_program(attempt, self.fentry_target).encode(),
                         usdt_contexts=[usdt] if "usdt" in attempt else [],
                     )
             except Exception as e:  # BCC raises bare Exception for compile and USDT errors
                 for half_made in made:
-                    with suppress(Exception):
-                        _unload(half_made)
+                    release_bpf(half_made)
                 made.clear()
-                error = _first_error(log.text) or str(e)
+                error = _first_error("".join(log)) or str(e)
                 if not attempt:
                     self.result.compile_error = f"the probe program did not compile: {error}"
                     return None
@@ -284,7 +282,7 @@ class _ProbeRun:
                     self.result.dropped[part] = f"the program with it failed to build: {error}"
                 continue
             self.result.compiled = True
-            self.result.bcc_log += log.text
+            self.result.bcc_log += "".join(log)
             return bpf
         return None
 
@@ -404,15 +402,6 @@ class _ProbeRun:
             if values[-1]:  # the program sets the last slot once it has filled the rest
                 pairs = zip(LAYOUT_FIELDS, values[:-1], strict=True)
                 res.layout = {_field_name(s, m): v for (s, m), v in pairs}
-
-
-def _unload(bpf: Any) -> None:
-    """Detach and close everything, and drop BCC's atexit hooks that would keep it alive."""
-    try:
-        bpf.cleanup()
-    finally:
-        atexit.unregister(bpf.cleanup)
-        atexit.unregister(bpf.donothing)
 
 
 def _program(parts: set[str], fentry_target: str) -> str:
@@ -816,28 +805,6 @@ class _Background:
     def join(self) -> Any:
         self._thread.join()
         return self._value
-
-
-class _StderrCapture:
-    """Collect what libbcc and clang write to file descriptor 2 (they bypass sys.stderr)."""
-
-    def __init__(self) -> None:
-        self.text = ""
-
-    def __enter__(self) -> _StderrCapture:
-        sys.stderr.flush()
-        self._file = tempfile.TemporaryFile()
-        self._saved = os.dup(2)
-        os.dup2(self._file.fileno(), 2)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        sys.stderr.flush()
-        os.dup2(self._saved, 2)
-        os.close(self._saved)
-        self._file.seek(0)
-        self.text += self._file.read().decode(errors="replace")
-        self._file.close()
 
 
 def _first_error(log: str) -> str:
