@@ -20,29 +20,24 @@ import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from . import tracepoints
-from .backends import bcc
-from .backends.bcc import BCCProgram
-from .backends.rewrite import instrument
-from .drain import MapState, _drain_thread, fill_bytes
-from .errors import AttachError, ClosedError, KernelscopeError, SchemaError
+from .backends import bcc, core
+from .backends.base import Backend, Program
+from .drain import HISTORY_INTERVAL, PACE_MIN_RATE, Drain, MapState, _drain_thread, fill_bytes
+from .errors import ClosedError, KernelscopeError, SchemaError
 from .order import OrderTracker, Reorderer
-from .readers.batch import Batch
-from .readers.ring import PAGE, RingBufferReader, pace
+from .readers.ring import PAGE, RingBufferReader
 from .results import Results
 from .schema import Schema
 from .store import FrameStore
 
 _live: weakref.WeakSet[Probe] = weakref.WeakSet()
-HISTORY_INTERVAL = 0.1  # seconds between samples of the counters kept for plots and captures
-# Below this arrival rate (records/s) adaptive pacing reads as soon as the kernel notifies:
-# a wake-up per record then costs the producer a few per cent of a CPU at most, and a pause
-# would only delay sparse events (by up to poll_interval).
-PACE_MIN_RATE = 10_000
+BACKENDS: dict[str, Backend] = {"bcc": bcc, "libbpf": core}  # the one place a backend is chosen
+__all__ = ["BACKENDS", "GRACE", "HISTORY_INTERVAL", "PACE_MIN_RATE", "Probe", "close_all", "live_probes"]
 GRACE = 0.02  # seconds for BPF programs already running to finish after the gate closes
 
 
@@ -61,7 +56,7 @@ class _Resources:
     """The kernel-side objects of a probe, closable without a reference to the probe."""
 
     def __init__(self) -> None:
-        self.prog: Any = None  # BCCProgram or core.CoreProgram
+        self.prog: Program | None = None
         self.readers: list[Any] = []
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
@@ -85,6 +80,8 @@ class Probe(Results):
     Under KERNELSCOPE_MODE=replay, `Probe(..., name=N)` returns the replay of the capture
     recorded for N instead (see kernelscope.mode), so notebooks run unchanged without BPF.
     """
+
+    live = True
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         from . import mode
@@ -139,12 +136,11 @@ class Probe(Results):
         such as "struct event". `globals` (CO-RE): values for the program's `const volatile`
         variables, set before load as a libbpf skeleton does ({"targ_tgid": 1234}).
         """
-        from .backends import core
-
         backend = backend or ("libbpf" if core.is_core(source) else "bcc")
-        if backend not in ("bcc", "libbpf"):
+        if backend not in BACKENDS:
             raise ValueError(f"backend must be 'bcc' or 'libbpf', not {backend!r}")
         self.backend = backend
+        self._backend = BACKENDS[backend]
         if poll_interval <= 0:
             raise ValueError("poll_interval must be positive")
         self.source = source
@@ -160,9 +156,6 @@ class Probe(Results):
         self.dtypes: dict[str, Any] = dict(dtypes or {})
         self.usdt = list(usdt)
         self.globals = dict(globals or {})
-        if self.globals and backend != "libbpf":
-            raise ValueError("globals= sets `const volatile` variables of CO-RE programs; "
-                             "for BCC programs use cflags=['-DNAME=VALUE']")
         self.maps: dict[str, MapState] = {}
         self.user_rings: dict[str, Any] = {}  # name -> userring.UserRing (CO-RE backend)
         self._sent_before: dict[str, dict[str, int]] = {}  # user ring counts of replaced programs
@@ -171,14 +164,10 @@ class Probe(Results):
         self.started_at: float | None = None
         self._res = _Resources()
         self._finalizer = weakref.finalize(self, self._res.close)
-        self._lock = threading.RLock()  # one drainer at a time
-        self._last_sample = 0.0
-        # adaptive pacing: seconds between reads, the next read (monotonic ns; None: wait for
-        # the kernel), and since when the records the next read finds have been arriving
-        self._interval = 0.0
-        self._next_read: int | None = None
-        self._window_start = 0
-        self._last_read = 0  # monotonic ns of the last read's start
+        # the drain sees this probe through a weak proxy: no cycle, so a forgotten probe is
+        # freed as soon as the drain thread lets go of it (and its finalizer closes it)
+        me = cast(Probe, weakref.proxy(self))
+        self._drain = Drain(self.maps, self._res.stop, me, lambda: me._compute_stats())  # noqa: PLW0108 (a bound method would hold self)
         self._stopped_stats: dict[str, dict[str, Any]] | None = None
         self._stopped_send_stats: dict[str, dict[str, Any]] | None = None
         self.instrumented: Any = self._instrument()
@@ -188,19 +177,15 @@ class Probe(Results):
     # --- lifecycle -------------------------------------------------------------------
 
     def _instrument(self) -> Any:
-        if self.backend == "libbpf":
-            from .backends import core
-
-            return core.prepare(self.source, self.pages)
-        return instrument(self.source, self.pages)
+        return self._backend.prepare(self.source, self.pages, self.globals)
 
     @property
     def bpf(self) -> Any:
         """The underlying `bcc.BPF` object (BCC backend; None before load, after close, for CO-RE)."""
-        return getattr(self._res.prog, "bpf", None)
+        return None if self._res.prog is None else self._res.prog.bpf
 
     @property
-    def program(self) -> Any:
+    def program(self) -> Program | None:
         """The loaded program behind either backend (BCCProgram or core.CoreProgram), or None."""
         return self._res.prog
 
@@ -218,13 +203,8 @@ class Probe(Results):
         self._check_open()
         if self.loaded:
             return self
-        if self.backend == "libbpf":
-            from .backends import core
-
-            prog: Any = core.load(self.instrumented, self.source, self.cflags, self.globals)
-        else:
-            bpf = bcc.load(self.instrumented, self.source, self.cflags, self.usdt)
-            prog = BCCProgram(bpf, self.instrumented, self.source)
+        prog = self._backend.open_program(self.instrumented, self.source, self.cflags, self.usdt,
+                                          self.globals)
         self._res.prog = prog
         try:
             self._open_maps(prog)
@@ -238,13 +218,13 @@ class Probe(Results):
         self._set_gate(1)
         return self
 
-    def _dtype(self, prog: Any, name: str) -> np.dtype | None:
+    def _dtype(self, prog: Program, name: str) -> np.dtype | None:
         want = self.dtypes.get(name)
         if isinstance(want, str):
             return np.dtype(prog.named_dtype(want, name))
         return np.dtype(want) if want is not None else None
 
-    def _open_maps(self, prog: Any) -> None:
+    def _open_maps(self, prog: Program) -> None:
         for name, om in self.instrumented.maps.items():
             dtype = self._dtype(prog, name)
             if dtype is None:
@@ -281,15 +261,13 @@ class Probe(Results):
             elif self.reorder_ns is not None:
                 raise SchemaError(f"{name}: reorder_ns needs a u64 timestamp field (e.g. `u64 ts`)")
             self.maps[name] = ms
-        if not self.maps and not getattr(self.instrumented, "user_rings", None):
-            what = ("ring buffer or perf event array map (SEC(\".maps\"))" if self.backend == "libbpf"
-                    else "BPF_RINGBUF_OUTPUT or BPF_PERF_OUTPUT map")
-            self.warnings.append(f"the program declares no {what}: nothing to drain")
+        if not self.maps and not self.instrumented.user_rings:
+            self.warnings.append(f"the program declares no {prog.output_decl}: nothing to drain")
 
-    def _open_user_rings(self, prog: Any) -> None:
+    def _open_user_rings(self, prog: Program) -> None:
         from .readers.user_ring import UserRing
 
-        for name in getattr(self.instrumented, "user_rings", {}):
+        for name in self.instrumented.user_rings:
             dtype = self._dtype(prog, name)
             if dtype is None and name in self.instrumented.event_types:
                 dtype = prog.event_dtype(name)
@@ -297,8 +275,13 @@ class Probe(Results):
             self.user_rings[name] = ring
             self._res.readers.append(ring)
 
+    def _prog(self) -> Program:
+        if self._res.prog is None:
+            raise KernelscopeError("probe is not loaded: call start() or load() first")
+        return self._res.prog
+
     def _set_gate(self, value: int) -> None:
-        self._res.prog.set_gate(value)
+        self._prog().set_gate(value)
 
     def send(self, name: str | None = None, records: Any = None, timeout: float = 0.0) -> int:
         """Write records into a BPF_MAP_TYPE_USER_RINGBUF map, in order; returns how many.
@@ -380,12 +363,12 @@ class Probe(Results):
         self._res.thread = None
         time.sleep(GRACE)
         deadline = time.monotonic() + 5.0  # a BUSY record is finished by the time the gate closed
-        while self.poll_once(0) or any(fill_bytes(ms.reader) for ms in self.maps.values()):
+        while self.poll_once(0) or self._drain.pending():
             if time.monotonic() > deadline:
                 self.warnings.append("final drain stopped after 5 s with data still in a buffer")
                 break
-        self._flush_reorder()
-        self._sample(force=True)
+        self._drain.flush_reorder()
+        self._drain.sample(force=True)
         self._stopped_stats = self._compute_stats()
         self._stopped_send_stats = self._compute_send_stats() if self.user_rings else None
         self._record()
@@ -492,104 +475,8 @@ class Probe(Results):
         it short); otherwise it waits until the kernel notifies or `timeout` passes.
         """
         self._check_open()
-        if not self.loaded:
-            raise KernelscopeError("probe is not loaded: call start() or load() first")
-        waited = False  # for the kernel's wake-up
-        if timeout and self.wakeup == "timer":
-            self._res.stop.wait(timeout)  # timer-driven: look every poll_interval, pending or not
-        elif timeout and self._next_read is not None:
-            self._res.stop.wait(min(max(0, self._next_read - time.monotonic_ns()) / 1e9, timeout))
-        elif timeout and not any(fill_bytes(ms.reader) for ms in self.maps.values()):
-            self._wait(timeout)
-            waited = True
-        total = 0
-        with self._lock:
-            now = time.monotonic_ns()
-            paced = self._paced()
-            pending = [(fill_bytes(ms.reader), ms.reader.capacity_bytes)
-                       for ms in self.maps.values()] if paced else []
-            for ms in self.maps.values():
-                batch: Batch = ms.reader.read()
-                ms.batches += 1
-                ms.lost_records += batch.lost
-                for cpu, n in batch.lost_by_cpu.items():
-                    ms.lost_by_cpu[cpu] = ms.lost_by_cpu.get(cpu, 0) + n
-                ms.discarded_seen += batch.discarded
-                if not len(batch):
-                    continue
-                total += len(batch)
-                self._store(ms, batch, now)
-            limit = timeout or self.poll_interval
-            self._next_read = self._next_paced_read(now, pending, limit, waited, total) if paced else None
-            self._window_start = self._last_read = now
-            self._sample()
-        return total
-
-    def _paced(self) -> bool:
-        """Adaptive pacing applies to probes whose output maps are all ring buffers: a perf
-        buffer keeps its own wake-up settings (wakeup_events, watermark_bytes)."""
-        return (self.wakeup == "adaptive" and bool(self.maps)
-                and all(ms.om.kind == "ringbuf" for ms in self.maps.values()))
-
-    def _next_paced_read(self, now: int, pending: list[tuple[int, int]], limit: float,
-                         waited: bool, records: int) -> int | None:
-        """When to start the next read, from what the read started at `now` found (bytes
-        pending, capacity per map; `records` in all); None when it found nothing, or records
-        that arrived slower than PACE_MIN_RATE: wait for the kernel then, so sparse events
-        arrive at once (a wake-up per record costs nothing worth saving at that rate).
-
-        The interval survives a paced read that found nothing (a producer that did not get
-        the CPU for one interval, e.g. because each of our wake-ups preempted it on a shared
-        CPU, is still busy); it halves when a whole wait for the kernel (`waited`) brought
-        nothing, so a ring idle for a while is paced from a short interval again.
-        """
-        window = max(0, now - self._window_start) / 1e9 if self._window_start else 0.0
-        found = [(n, capacity) for n, capacity in pending if n]
-        if not found:
-            if waited:
-                self._interval /= 2
-            return None
-        # the rate that decides: records since the previous read (after a wait for the kernel,
-        # `window` only spans the time since the wake-up, which one record makes look fast)
-        since = max(0, now - self._last_read) / 1e9 if self._last_read else window
-        if records < PACE_MIN_RATE * since:
-            return None
-        self._interval = min(pace(self._interval, window, n, capacity, limit) for n, capacity in found)
-        return now + int(self._interval * 1e9)
-
-    def _wait(self, timeout: float) -> None:
-        """Wait for the kernel to notify (or `timeout`); the next read's records arrived after."""
-        readers = [ms.reader for ms in self.maps.values()]
-        if not readers:
-            self._res.stop.wait(timeout)
-        elif len(readers) == 1:
-            readers[0].poll(timeout)
-        else:
-            # several maps: short polls in turn, bounded by `timeout` overall
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and not self._res.stop.is_set():
-                if any(r.poll(min(0.005, timeout)) for r in readers):
-                    break
-        self._window_start = time.monotonic_ns()
-
-    def _store(self, ms: MapState, batch: Batch, now: int) -> None:
-        if ms.reorder is not None:
-            batch = ms.reorder.push(batch)
-            if not len(batch):
-                return
-        if ms.order is not None:
-            ms.order.update(batch.records)
-        ms.store.append(batch, now)
-
-    def _flush_reorder(self) -> None:
-        now = time.monotonic_ns()
-        for ms in self.maps.values():
-            if ms.reorder is not None:
-                batch = ms.reorder.flush()
-                if len(batch):
-                    if ms.order is not None:
-                        ms.order.update(batch.records)
-                    ms.store.append(batch, now)
+        self._prog()
+        return self._drain.poll_once(timeout)
 
     # --- results ---------------------------------------------------------------------
 
@@ -613,8 +500,8 @@ class Probe(Results):
         for name, ms in self.maps.items():
             now = counters.get(name, {"attempted": 0, "failed": 0, "discarded": 0})
             c = {k: now.get(k, 0) + ms.carried.get(k, 0) for k in ("attempted", "failed", "discarded")}
-            if self.backend == "libbpf":
-                # bpf_ringbuf_discard() names no map: count the discards the reader skipped
+            if not self._prog().counts_discards:
+                # e.g. bpf_ringbuf_discard() names no map in CO-RE: count what the reader skipped
                 c["discarded"] += ms.discarded_seen
             attempted = c["attempted"] - c["discarded"]
             received = ms.store.received + (len(ms.reorder) if ms.reorder else 0)
@@ -638,24 +525,6 @@ class Probe(Results):
                 "reloads": len(ms.marks),
             }
         return out
-
-    def _sample(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last_sample < HISTORY_INTERVAL:
-            return
-        self._last_sample = now
-        for name, st in self._compute_stats().items():
-            self.maps[name].history.append(
-                {
-                    "t": now,
-                    "attempted": st["attempted"],
-                    "received": st["received"],
-                    "dropped": st["dropped"],
-                    "fill_bytes": st["fill_bytes"],
-                    "capacity_bytes": st["capacity_bytes"],
-                    "lost_records": st["lost_records"],
-                }
-            )
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write everything received, the counters over time and the program to one Parquet file."""
@@ -731,20 +600,8 @@ class Probe(Results):
     def attach_uprobe(self, name: str, sym: str = "", fn_name: str = "", **kw: Any) -> Probe:
         """Attach a function of the program to a user-space symbol (`name`: binary or library)."""
         self.load()
-        if self.backend == "libbpf":
-            from .backends import core
-
-            core.attach_uprobe(self._res.prog, name, sym, fn_name, **kw)
-            return self
-        with bcc.capture_fd2() as log:
-            try:
-                self.bpf.attach_uprobe(name=name, sym=sym, fn_name=fn_name, **kw)
-                return self
-            except Exception as e:
-                err = e
-        raise bcc.AttachError(
-            f"uprobe {name}:{sym} -> {fn_name}: {err} {''.join(log).strip()}"
-        ) from None
+        self._prog().attach_uprobe(name, sym, fn_name, **kw)
+        return self
 
     def attach_tracepoint(self, tp: str, fn_name: str) -> Probe:
         """Attach a program function to `category:event` (for functions not named by macros)."""
@@ -752,22 +609,8 @@ class Probe(Results):
         cat_ev = tp.replace(":", " ").split()
         if len(cat_ev) == 2:
             tracepoints.check_tracepoint(cat_ev[0], cat_ev[1])
-        if self.backend == "libbpf":
-            prog = self._res.prog
-            if len(cat_ev) != 2:
-                raise AttachError(f"tracepoint {tp!r}: expected CATEGORY:EVENT")
-            try:
-                prog.obj.attach_tracepoint(prog.program(fn_name), *cat_ev)
-            except OSError as e:
-                raise AttachError(f"tracepoint {tp} -> {fn_name}: {e}") from None
-            return self
-        with bcc.capture_fd2() as log:
-            try:
-                self.bpf.attach_tracepoint(tp=tp, fn_name=fn_name)
-                return self
-            except Exception as e:
-                err = e
-        raise bcc.AttachError(f"tracepoint {tp} -> {fn_name}: {err} {''.join(log).strip()}") from None
+        self._prog().attach_tracepoint(tp, fn_name)
+        return self
 
     def state(self) -> str:
         return "closed" if self.closed else "running" if self.running else "loaded" if self.loaded else "new"

@@ -13,9 +13,7 @@ import contextlib
 import ctypes
 import os
 import re
-import tempfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,80 +31,24 @@ from ..errors import (
 from ..readers.ring import PAGE
 from ..schema import parse_structs, struct_dtype
 from ..tracepoints import check_attach_points
-from .rewrite import ACCT_MAP, CELL_FILE, GATE_MAP, Instrumented, read_counters
-
-_DIAG = re.compile(
-    r"^(?P<file>[^:\n]+):(?P<line>\d+):(?P<col>\d+): (?P<kind>error|warning|fatal error): (?P<msg>.*)$",
-    re.M,
+from .base import (
+    Diagnostic,
+    capture_fd2,
+    format_diag,
+    host_permission_hint,
+    packed,
+    parse_diagnostics,
 )
+from .rewrite import ACCT_MAP, GATE_MAP, Instrumented, instrument, read_counters
+
+__all__ = ["BCCProgram", "Diagnostic", "capture_fd2", "load", "open_program", "parse_diagnostics",
+           "prepare", "release_bpf"]
+
 _KFUNC = re.compile(r"\b(KFUNC_PROBE|KRETFUNC_PROBE|KMOD_RET)\s*\(\s*(\w+)")
 
 STRUCT_DEREF = re.compile(
     r"\b(struct\s+task_struct|bpf_get_current_task\s*\(|->\s*(real_parent|mm|files|nsproxy|cred)\b)"
 )
-
-
-@contextlib.contextmanager
-def capture_fd2() -> Iterator[list[str]]:
-    """Collect what C++ code writes to fd 2 during the block (BCC's clang and verifier logs)."""
-    out: list[str] = []
-    with tempfile.TemporaryFile(mode="w+b") as tmp:
-        saved = os.dup(2)
-        try:
-            os.dup2(tmp.fileno(), 2)
-            yield out
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            out.append(tmp.read().decode("utf-8", "replace"))
-
-
-@dataclass
-class Diagnostic:
-    line: int | None  # 1-based line in the user's source
-    col: int
-    kind: str
-    message: str
-    excerpt: str  # the source line clang quoted
-
-
-def _user_line(reported: int, excerpt: str, source_lines: list[str]) -> int | None:
-    """Map a clang line back to the user's source.
-
-    `#line 1 "cell"` makes clang count from the user's first line, but BCC inserts
-    tracepoint struct definitions before TRACEPOINT_PROBE, shifting later lines; clang
-    quotes the offending line, so the quote (nearest match to the reported line) wins.
-    """
-    text = excerpt.strip()
-    if text:
-        hits = [i + 1 for i, s in enumerate(source_lines) if s.strip() == text]
-        if hits:
-            return min(hits, key=lambda n: abs(n - reported))
-    return reported if 1 <= reported <= len(source_lines) else None
-
-
-def parse_diagnostics(log: str, user_source: str) -> list[Diagnostic]:
-    lines = user_source.splitlines()
-    diags = []
-    log_lines = log.splitlines()
-    for i, raw in enumerate(log_lines):
-        m = _DIAG.match(raw)
-        if not m:
-            continue
-        excerpt = log_lines[i + 1] if i + 1 < len(log_lines) else ""
-        in_cell = m["file"] in (CELL_FILE, "/virtual/main.c")
-        line = _user_line(int(m["line"]), excerpt, lines) if in_cell else None
-        diags.append(Diagnostic(line, int(m["col"]), m["kind"], m["msg"], excerpt))
-    return diags
-
-
-def _format_diag(d: Diagnostic, source_lines: list[str]) -> str:
-    where = f"line {d.line}" if d.line else "in BCC's headers"
-    text = f"{where}: {d.kind}: {d.message}"
-    if d.line and d.line <= len(source_lines):
-        text += f"\n    {d.line} | {source_lines[d.line - 1].rstrip()}"
-    return text
 
 
 def usdt_contexts(bcc: Any, usdt: list[tuple[str | int, str, str]]) -> list[Any]:
@@ -177,7 +119,7 @@ def _classify(msg: str, log: str, user_source: str, lines: list[str]) -> Kernels
     diags = parse_diagnostics(log, user_source)
     errors = [d for d in diags if d.kind != "warning"]
     if "Failed to compile" in msg or (errors and "Failed to load" not in msg):
-        body = "\n".join(_format_diag(d, lines) for d in errors) or log.strip()[-2000:]
+        body = "\n".join(format_diag(d, lines) for d in errors) or log.strip()[-2000:]
         first = next((d.line for d in errors if d.line), None)
         return CompileError(f"compile error\n{body}", line=first, log=log)
     missing = re.search(r"(\S+) is not found in vmlinux BTF", log)
@@ -205,7 +147,7 @@ def _classify(msg: str, log: str, user_source: str, lines: list[str]) -> Kernels
             return BPFPermissionError(str(host_permission_hint()))
         # clang only warns about calls to undeclared functions; the load then fails with an
         # obscure message, so the warning is the useful part.
-        hints = [_format_diag(d, lines) for d in diags if d.kind == "warning" and d.line
+        hints = [format_diag(d, lines) for d in diags if d.kind == "warning" and d.line
                  and "implicit declaration" in d.message]
         hint = ("\n" + "\n".join(hints)) if hints else ""
         return VerifierError(f"the verifier rejected {name}:\n{tail}{hint}", log=vlog)
@@ -222,18 +164,28 @@ def _classify(msg: str, log: str, user_source: str, lines: list[str]) -> Kernels
     return KernelscopeError(f"{msg}\n{log.strip()[-2000:]}")
 
 
-def host_permission_hint() -> str:
-    try:
-        host.require_privileges()
-    except BPFPermissionError as e:
-        return str(e)
-    return "the kernel refused the operation (EPERM)"
+def prepare(source: str, pages: int | dict[str, int] | None = None,
+            globals_: Mapping[str, Any] | None = None) -> Instrumented:
+    """The cell with its output calls counted (see rewrite.instrument)."""
+    if globals_:
+        raise ValueError("globals= sets `const volatile` variables of CO-RE programs; "
+                         "for BCC programs use cflags=['-DNAME=VALUE']")
+    return instrument(source, pages)
+
+
+def open_program(prepared: Instrumented, source: str, cflags: tuple[str, ...],
+                 usdt: Sequence[tuple[str | int, str, str]] = (),
+                 globals_: Mapping[str, Any] | None = None) -> BCCProgram:
+    """Compile, load and attach: the `Program` Probe drives."""
+    return BCCProgram(load(prepared, source, cflags, list(usdt)), prepared, source)
 
 
 class BCCProgram:
-    """A loaded `bcc.BPF` behind the interface Probe uses for either backend."""
+    """A loaded `bcc.BPF` behind the interface Probe uses for either backend (base.Program)."""
 
     backend = "bcc"
+    counts_discards = True  # the rewrite wraps bpf_ringbuf_discard() on a named map
+    output_decl = "BPF_RINGBUF_OUTPUT or BPF_PERF_OUTPUT map"
 
     def __init__(self, bpf: Any, instrumented: Instrumented, source: str) -> None:
         self.bpf = bpf
@@ -278,6 +230,45 @@ class BCCProgram:
         out += [f"kprobe:{_text(k)}" for k in bpf.kprobe_fds]
         out += [f"uprobe:{_text(k)}" for k in bpf.uprobe_fds]
         return out
+
+    def attach_uprobe(self, name: str, sym: str = "", fn_name: str = "", **kw: Any) -> None:
+        with capture_fd2() as log:
+            try:
+                self.bpf.attach_uprobe(name=name, sym=sym, fn_name=fn_name, **kw)
+                return
+            except Exception as e:
+                err = e
+        raise AttachError(f"uprobe {name}:{sym} -> {fn_name}: {err} {''.join(log).strip()}") from None
+
+    def attach_tracepoint(self, tp: str, fn_name: str) -> None:
+        with capture_fd2() as log:
+            try:
+                self.bpf.attach_tracepoint(tp=tp, fn_name=fn_name)
+                return
+            except Exception as e:
+                err = e
+        raise AttachError(f"tracepoint {tp} -> {fn_name}: {err} {''.join(log).strip()}") from None
+
+    def _table(self, name: str) -> Any:
+        try:
+            return self.bpf[name.encode()]
+        except KeyError:
+            raise KernelscopeError(f"no map {name!r} in this program") from None
+
+    def map_update(self, name: str, key: Any, value: Any) -> None:
+        """`map[key] = value` (ints, bytes or numpy), as CoreProgram.map_update."""
+        t = self._table(name)
+        t[t.Key.from_buffer_copy(packed(key, ctypes.sizeof(t.Key), f"{name} key"))] = \
+            t.Leaf.from_buffer_copy(packed(value, ctypes.sizeof(t.Leaf), f"{name} value"))
+
+    def map_lookup(self, name: str, key: Any) -> bytes:
+        t = self._table(name)
+        return bytes(t[t.Key.from_buffer_copy(packed(key, ctypes.sizeof(t.Key), f"{name} key"))])
+
+    def map_update_batch(self, name: str, keys: Any, values: Any) -> int:
+        for k, v in zip(np.ascontiguousarray(keys), np.ascontiguousarray(values), strict=True):
+            self.map_update(name, k.tobytes(), v.tobytes())
+        return len(keys)
 
     def close(self) -> None:
         release_bpf(self.bpf)
