@@ -4,6 +4,7 @@ Every attach kind and map kind is tried by loading one small BCC program (compil
 about 2 s, most of it parsing kernel headers) and attaching its functions one by one, so a
 failure names the kind that failed and the reason, not just "BPF does not work". Nothing
 is cached between runs and everything loaded is unloaded before `run_checks` returns.
+This module runs the probes; verdicts.py reads their counts into rows, report.py renders them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from ..backends import btf
 from ..backends.bcc import capture_fd2, release_bpf
 from ..errors import BPFPermissionError, KernelscopeError, SetupError
 from .report import Check, DoctorReport
+from .verdicts import HITS, MAP_KINDS, ProbeResult, attach_checks, map_checks
 
 BTF_VMLINUX = btf.VMLINUX
 
@@ -56,10 +57,6 @@ SYS_BPF = {"x86_64": 321, "aarch64": 280}
 
 USDT_CHILD = "import sys, gc; print('ready', flush=True); sys.stdin.readline(); gc.collect()"
 USDT_PROBE = "python:gc__start"
-
-# Indexes into the program's `hits` array, one counter per attach kind.
-HITS = ("tracepoint", "raw tracepoint", "kprobe", "fentry", "uprobe", "usdt")
-MAP_KINDS = ("ringbuf", "perf event array")
 
 
 def report() -> DoctorReport:
@@ -90,9 +87,9 @@ def run_checks() -> list[Check]:
     try:
         result = _ProbeRun().run()
     except Exception as e:  # a diagnostic tool reports its own failure as a row, not a traceback
-        result = _ProbeResult(compile_error=f"the doctor's probe failed: {type(e).__name__}: {e}")
-    checks += _attach_checks(result)
-    checks += _map_checks(result)
+        result = ProbeResult(compile_error=f"the doctor's probe failed: {type(e).__name__}: {e}")
+    checks += attach_checks(result)
+    checks += map_checks(result)
     checks.append(_check_user_ringbuf())
     checks.append(_check_core())
     checks.append(_check_layout(result, btf_thread.join()))
@@ -190,31 +187,16 @@ def _why_not_probed(basics: dict[str, Check]) -> str:
 # --- the probe program ------------------------------------------------------------------
 
 
-@dataclass
-class _ProbeResult:
-    compiled: bool = False
-    compile_error: str = ""  # why nothing could be probed, as a sentence
-    dropped: dict[str, str] = field(default_factory=dict)  # part -> why it was left out
-    attached: dict[str, str | None] = field(default_factory=dict)  # kind -> error or None
-    errnos: dict[str, int] = field(default_factory=dict)
-    targets: dict[str, str] = field(default_factory=dict)  # kind -> what it attached to
-    hits: dict[str, int] = field(default_factory=dict)
-    ring_events: int = 0
-    perf_events: int = 0
-    layout: dict[str, int] = field(default_factory=dict)
-    bcc_log: str = ""
-
-
 class _ProbeRun:
     """Compile one program with a function per attach kind, attach each, trigger, read back."""
 
     def __init__(self) -> None:
         self.bcc = host.import_bcc()
-        self.result = _ProbeResult()
+        self.result = ProbeResult()
         self.usdt_binary = _find_usdt_binary()
         self.fentry_target = _fentry_target()
 
-    def run(self) -> _ProbeResult:
+    def run(self) -> ProbeResult:
         child: subprocess.Popen[bytes] | None = None
         bpf = None
         log: list[str] = []
@@ -521,119 +503,6 @@ def _elf_has_section(path: Path, name: bytes) -> bool:
     return False
 
 
-# --- turning results into checks --------------------------------------------------------
-
-
-def _attach_checks(res: _ProbeResult) -> list[Check]:
-    checks = []
-    for kind in HITS:
-        target = res.targets.get(kind, "")
-        hits = res.hits.get(kind, 0)
-        data = {"target": target, "hits": hits}
-        if not res.compiled:
-            checks.append(Check(kind, False, res.compile_error, data=data))
-            continue
-        if kind == "usdt" and "usdt" not in res.attached:
-            if "usdt" in res.dropped:
-                checks.append(Check(kind, False, res.dropped["usdt"], data=data))
-            else:
-                checks.append(Check(
-                    kind, None,
-                    "unknown: no USDT-enabled binary found (looked for a Python built with "
-                    "dtrace markers, e.g. Debian's /usr/bin/python3)", data=data))
-            continue
-        if kind == "fentry" and "fentry" not in res.attached:
-            why = res.dropped.get("fentry", "no BTF function to attach to")
-            checks.append(Check(kind, False, why, _fentry_fix(), data=data))
-            continue
-        error = res.attached.get(kind)
-        if error is None:
-            if hits:
-                checks.append(Check(kind, True, f"{target}: attached, fired {hits}x", data=data))
-            else:
-                checks.append(Check(kind, False, f"{target}: attached but never fired",
-                                    data=data))
-            continue
-        data["error"] = error
-        data["bcc_log"] = res.bcc_log
-        if kind == "kprobe":
-            why, fix = _kprobe_reason(error)
-        elif kind == "fentry":
-            why, fix = _fentry_reason(error, res.errnos.get(kind, 0))
-        elif kind == "tracepoint" and not host.is_mounted(host.TRACEFS, "tracefs"):
-            why, fix = (f"{error} (tracefs is not mounted)", "run `kernelscope setup`")
-        else:
-            why, fix = error, ""
-        data["reason"] = why
-        checks.append(Check(kind, False, f"{target}: {why}", fix, data=data))
-    return checks
-
-
-def _kprobe_reason(error: str) -> tuple[str, str]:
-    config = host.kernel_config()
-    if config is not None:
-        options, source = config
-        for option in ("CONFIG_KPROBES", "CONFIG_KPROBE_EVENTS"):
-            if options.get(option, "n") == "n":
-                return (
-                    f"{option} is not set in the running kernel ({source})",
-                    f"needs a kernel built with {option}=y; tracepoints and raw tracepoints "
-                    "work without it",
-                )
-    return error, "check that the function exists and is not inlined or notrace"
-
-
-def _fentry_reason(error: str, err: int) -> tuple[str, str]:
-    if err == errno.EPERM and host.has_bpf_privileges():
-        lockdown = host.lockdown_mode()
-        if lockdown is not None and lockdown[0] != "none":
-            mode, source = lockdown
-            return (
-                f"the kernel refused the tracing program with EPERM although this process is "
-                f"privileged; kernel lockdown is '{mode}' ({source})",
-                _fentry_fix(),
-            )
-        return ("the kernel refused the tracing program with EPERM although this process is "
-                "privileged (an LSM policy?)", _fentry_fix())
-    config = host.kernel_config()
-    if config is not None:
-        options, source = config
-        for option in ("CONFIG_DEBUG_INFO_BTF", "CONFIG_BPF_JIT",
-                       "CONFIG_DYNAMIC_FTRACE_WITH_DIRECT_CALLS"):
-            if options.get(option, "n") == "n":
-                return f"{error}; {option} is not set ({source})", _fentry_fix()
-    return error, _fentry_fix()
-
-
-def _fentry_fix() -> str:
-    return "not fixable from user space on this kernel; use tracepoints or raw tracepoints"
-
-
-def _map_checks(res: _ProbeResult) -> list[Check]:
-    if not res.compiled:
-        why = res.compile_error
-        return [Check("ringbuf", False, why), Check("perf event array", False, why)]
-    checks = []
-    if "ringbuf" in res.dropped:
-        checks.append(Check("ringbuf", False, f"BPF_RINGBUF_OUTPUT: {res.dropped['ringbuf']}",
-                            "ring buffers need Linux 5.8 or later; use perf buffers"))
-    else:
-        checks.append(_delivery("ringbuf", "BPF_RINGBUF_OUTPUT", res.ring_events, res))
-    checks.append(_delivery("perf event array", "BPF_PERF_OUTPUT", res.perf_events, res))
-    return checks
-
-
-def _delivery(name: str, macro: str, events: int, res: _ProbeResult) -> Check:
-    """A map kind works when the probe's events came through it."""
-    if events:
-        return Check(name, True, f"{macro} delivered {events} event(s)", data={"events": events})
-    return Check(name, False, f"{macro} delivered no events" + _tracepoint_note(res))
-
-
-def _tracepoint_note(res: _ProbeResult) -> str:
-    return "" if res.attached.get("tracepoint") is None else " (its tracepoint did not attach)"
-
-
 def _check_user_ringbuf() -> Check:
     """Create a BPF_MAP_TYPE_USER_RINGBUF map with bpf(2) directly: BCC has no such map type."""
     bcc_version = host.bcc_version() or "?"
@@ -756,7 +625,7 @@ def _member_bits(t: dict[str, Any], member: str, by_id: dict[int, dict[str, Any]
     return None
 
 
-def _check_layout(res: _ProbeResult, btf: dict[str, int] | str | None) -> Check:
+def _check_layout(res: ProbeResult, btf: dict[str, int] | str | None) -> Check:
     if not res.compiled or "layout" in res.dropped:
         why = res.compile_error or f"the layout probe did not build: {res.dropped['layout']}"
         return Check("header layout", None, f"unknown: {why}")
