@@ -3,19 +3,54 @@
 from __future__ import annotations
 
 import html
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 
+from .captures.capture import Capture
 from .drain import MapState
 
 
 class Results:
-    """Reading what arrived: shared by live probes and replayed captures."""
+    """Reading what arrived: shared by live probes and replayed captures.
 
+    The attributes below are everything the Jupyter face (widgets, plots, status lines, the
+    HTML table) reads; a subclass sets them, the defaults say what a replay lacks.
+    """
+
+    live: ClassVar[bool] = False
+    """A live probe, whose settings can change (True on Probe); False for a replayed capture."""
     maps: dict[str, MapState]
+    """Output map name -> its drain state (reader, store, counters, history)."""
+    name: str | None = None
+    """The label it shows (the %%bpf variable name), or None."""
+    closed: bool = False
+    """True once close() ran: the kernel side is gone, the rows stay readable."""
+    error: BaseException | None = None
+    """What stopped the drain thread, if anything."""
+    warnings: list[str]
+    """Messages shown above its table (e.g. headers that may not match the kernel)."""
+    backend: str = "bcc"
+    """Which backend compiled the program: "bcc" or "libbpf"."""
+    started_at: float | None = None
+    """Monotonic seconds of the first start(), None before."""
+    capture: Capture | None = None
+    """The recorded capture it replays; None on a live probe."""
+    poll_interval: float = 0.05
+    """Seconds the drain loop waits for data at most (live probes)."""
+    wakeup: str = "adaptive"
+    """Ring buffer wake-up policy (live probes)."""
+    wakeup_events: int = 1
+    """Perf buffers: wake the reader after this many events (live probes)."""
+    watermark_bytes: int | None = None
+    """Perf buffers: wake the reader at this many bytes waiting, or None (live probes)."""
+    reorder_ns: int | None = None
+    """Hold events this long to release them in timestamp order, or None (live probes)."""
+    user_rings: Mapping[str, Any] = MappingProxyType({})
+    """User ring buffers (user space -> program) by name; each has a `sent` count."""
 
     def _map(self, name: str | None) -> MapState:
         if name is None:
@@ -47,22 +82,24 @@ class Results:
         """Counters sampled about every 0.1 s while draining: for rate and fill plots."""
         return pd.DataFrame(list(self._map(name).history))
 
-    name: str | None
-    closed: bool
-
     def state(self) -> str:
+        """A word for its lifecycle ("running", "closed", "replayed", ...)."""
         return "results"
-
-    def widget(self, **kwargs: Any) -> Any:
-        """The live control and plot panel (kernelscope.jupyter.widgets.panel): buffer sizes, wake-ups,
-        reorder window, pause/resume/stop/clear, rates, drops, fill, ordering and latency."""
-        from .jupyter.widgets import panel
-
-        return panel(self, **kwargs)
 
     @property
     def running(self) -> bool:
+        """True while rows are being delivered (a drain or replay thread runs)."""
         return False
+
+    @property
+    def loaded(self) -> bool:
+        """True once the program is in the kernel (a replay: always)."""
+        return False
+
+    @property
+    def send_stats(self) -> dict[str, dict[str, Any]]:
+        """Per user ring buffer: sent, drained, pending, full, fill and capacity bytes."""
+        return {}
 
     def start(self) -> Results:
         raise NotImplementedError
@@ -103,7 +140,7 @@ class Results:
     def __repr__(self) -> str:
         parts = [f"{n}: {s['received']} received, {s['dropped']} dropped" for n, s in self.stats.items()]
         return (
-            f"<{type(self).__name__} {getattr(self, 'name', None) or ''} {self.state()}; "
+            f"<{type(self).__name__} {self.name or ''} {self.state()}; "
             + "; ".join(parts)
             + ">"
         )
@@ -146,14 +183,13 @@ class Results:
                 "columns",
             )
         )
-        warnings: list[str] = getattr(self, "warnings", [])
-        error = getattr(self, "error", None)
-        warn = "".join(f"<p style='color:#b45309'>&#9888; {html.escape(w)}</p>" for w in warnings)
+        error = self.error
+        warn = "".join(f"<p style='color:#b45309'>&#9888; {html.escape(w)}</p>" for w in self.warnings)
         err = f"<p style='color:#b91c1c'>error: {html.escape(str(error))}</p>" if error else ""
-        label = html.escape(getattr(self, "name", None) or "")
-        backend = html.escape(str(getattr(self, "backend", "bcc")))
+        label = html.escape(self.name or "")
+        backend = html.escape(str(self.backend))
         sends = ""
-        send_stats: dict[str, dict[str, Any]] = getattr(self, "send_stats", {})
+        send_stats = self.send_stats
         if send_stats:
             keys = ("sent", "drained", "pending", "full", "fill_bytes", "capacity_bytes")
             srows = "".join(

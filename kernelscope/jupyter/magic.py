@@ -207,7 +207,7 @@ class BPFMagics(Magics):
     def _warn(self, probe: Probe, source: str) -> None:
         for w in probe.warnings:
             show_warning(w)
-        if getattr(probe, "backend", "bcc") != "bcc":
+        if probe.backend != "bcc":
             return  # CO-RE relocates struct reads against the kernel's BTF
         code = _compile_blank(source)
         m = bcc.STRUCT_DEREF.search(code)
