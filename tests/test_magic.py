@@ -32,8 +32,10 @@ from traitlets.config import Config
 from util import fd_count, wait_for
 
 from kernelscope import Probe, host, mode
+from kernelscope import probe as probe_module
 from kernelscope import tracepoints as discover
 from kernelscope.doctor import checks as doctor
+from kernelscope.errors import CorruptBufferError, InternalError
 from kernelscope.jupyter import magic
 from kernelscope.jupyter.display import Progress, StatusLine
 
@@ -632,6 +634,25 @@ def test_os_errors_in_magics_are_usage_errors_not_tracebacks(shell: Shell,
     msg, seen = _fails(shell, "%%bpf refused -D TARGET=1\n" + GETPPID)
     assert msg.startswith("%%bpf refused: PermissionError: Permission denied: /sys/kernel/tracing/events")
     assert "Traceback" not in seen
+
+
+def test_internal_errors_in_a_probe_are_not_usage_errors(shell: Shell,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # A corrupt buffer or a broken invariant is kernelscope's fault, not the cell's: it keeps its
+    # traceback and says to report it, rather than reading as the user's mistake.
+    for fault in (CorruptBufferError("corrupt ring: record length 99999 at byte 8"),
+                  ValueError("internal layout error")):
+        def broken(*args: object, fault: Exception = fault, **kwargs: object) -> Any:
+            raise fault
+
+        monkeypatch.setattr(probe_module.Probe, "load", broken)
+        with pytest.raises(type(fault)) as info:
+            shell.run_cell("%%bpf broken -D TARGET=1\n" + GETPPID)
+        assert not isinstance(info.value, UsageError)
+        assert isinstance(info.value, InternalError) == isinstance(fault, InternalError)
+        assert magic.INTERNAL_NOTE in getattr(info.value, "__notes__", [])
+    with pytest.raises(UsageError, match="--pages must be a power of two"):
+        shell.run_cell("%%bpf x --pages 3\n" + GETPPID)
 
 
 @pytest.mark.kernel
