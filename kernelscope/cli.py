@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import host
-from .errors import KernelscopeError
+from .errors import KernelscopeError, SetupError
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -57,7 +57,7 @@ def _delegate(command: str, module: str) -> Callable[[argparse.Namespace], int]:
         except ModuleNotFoundError as e:
             if e.name != name:
                 raise
-            raise KernelscopeError(f"`kernelscope {command}` is not available in this "
+            raise SetupError(f"`kernelscope {command}` is not available in this "
                                    f"version ({name} is missing)") from None
         code = mod.main(list(args.rest))
         return int(code) if isinstance(code, int) else 0

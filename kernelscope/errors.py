@@ -79,6 +79,14 @@ class UnsupportedError(AttachError):
         self.feature = feature
 
 
+class SettingError(KernelscopeError, ValueError):
+    """A setting (KERNELSCOPE_MODE, ...) has a value kernelscope cannot use; the message lists valid ones."""
+
+
+class UnknownNameError(KernelscopeError, LookupError):
+    """The program has no map, global or user ring buffer by that name; the message lists those it has."""
+
+
 class SchemaError(KernelscopeError):
     """An output map's event type cannot be turned into a numpy dtype."""
 

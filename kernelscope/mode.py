@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import CaptureError, KernelscopeError
+from .errors import CaptureError, SettingError
 
 MODES = ("live", "record", "replay", "auto")
 
@@ -31,7 +31,7 @@ MODES = ("live", "record", "replay", "auto")
 def mode() -> str:
     value = os.environ.get("KERNELSCOPE_MODE", "live").strip().lower() or "live"
     if value not in MODES:
-        raise KernelscopeError(f"KERNELSCOPE_MODE={value!r}: use one of {', '.join(MODES)}")
+        raise SettingError(f"KERNELSCOPE_MODE={value!r}: use one of {', '.join(MODES)}")
     if value == "auto":
         from .host import has_bpf_privileges
 

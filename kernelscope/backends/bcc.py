@@ -25,6 +25,7 @@ from ..errors import (
     CompileError,
     KernelscopeError,
     SchemaError,
+    UnknownNameError,
     UnsupportedError,
     VerifierError,
 )
@@ -253,7 +254,7 @@ class BCCProgram:
         try:
             return self.bpf[name.encode()]
         except KeyError:
-            raise KernelscopeError(f"no map {name!r} in this program") from None
+            raise UnknownNameError(f"no map {name!r} in this program") from None
 
     def map_update(self, name: str, key: Any, value: Any) -> None:
         """`map[key] = value` (ints, bytes or numpy), as CoreProgram.map_update."""

@@ -43,6 +43,7 @@ from ..errors import (
     KernelscopeError,
     SchemaError,
     SetupError,
+    UnknownNameError,
     UnsupportedError,
     VerifierError,
 )
@@ -460,7 +461,7 @@ class CoreProgram:
 
     def _map(self, name: str) -> libbpf.Map:
         if name not in self.maps:
-            raise KernelscopeError(f"no map {name!r}; this program has {', '.join(self.maps)}")
+            raise UnknownNameError(f"no map {name!r}; this program has {', '.join(self.maps)}")
         return self.maps[name]
 
     def program(self, name: str) -> libbpf.Program:
@@ -497,7 +498,7 @@ def set_globals(obj: libbpf.Object, objfile: Path, values: dict[str, Any]) -> No
         if sym is None or sym.section not in (".rodata", ".data", ".bss") or not sym.size:
             known = sorted(s.name for s in syms.values()
                            if s.section in (".rodata", ".data", ".bss") and not s.name.startswith("__ks_"))
-            raise KernelscopeError(f"no global variable {name!r} in the program (globals: "
+            raise UnknownNameError(f"no global variable {name!r} in the program (globals: "
                                    f"{', '.join(known) or 'none'}); declare it `const volatile T {name};`")
         target = next((m for m in maps if m.name.endswith(sym.section)), None)
         if target is None:

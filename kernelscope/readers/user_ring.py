@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..errors import ClosedError, KernelscopeError, SchemaError, UserRingFullError
+from ..errors import ClosedError, SchemaError, UnknownNameError, UserRingFullError
 from .base import Resources
 from .ring import HDR, PAGE, ring_views
 from .ring import record_span as sample_span  # the same layout as a ring buffer's
@@ -83,13 +83,13 @@ def choose_ring(name: Any, records: Any, rings: Iterable[str], program: str) -> 
         name, records = None, name
     names = list(rings)
     if not names:
-        raise KernelscopeError(f"{program} has no BPF_MAP_TYPE_USER_RINGBUF map to send to")
+        raise UnknownNameError(f"{program} has no BPF_MAP_TYPE_USER_RINGBUF map to send to")
     if name is None:
         if len(names) > 1:
-            raise KernelscopeError(f"several user ring buffers: name one of {', '.join(names)}")
+            raise UnknownNameError(f"several user ring buffers: name one of {', '.join(names)}")
         name = names[0]
     if name not in names:
-        raise KernelscopeError(f"no user ring buffer {name!r}; {program} has {', '.join(names)}")
+        raise UnknownNameError(f"no user ring buffer {name!r}; {program} has {', '.join(names)}")
     return name, records
 
 
