@@ -21,9 +21,12 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import CaptureError, SettingError
+
+if TYPE_CHECKING:
+    from .results import Results
 
 MODES = ("live", "record", "replay", "auto")
 
@@ -66,6 +69,19 @@ def require_capture(name: str | None) -> Path:
             "with KERNELSCOPE_MODE=record"
         )
     return path
+
+
+def replay_instead(name: str | None) -> Results | None:
+    """What `Probe(..., name=name)` gives in this mode instead of a live probe: in replay mode
+    the replay of the capture recorded for `name` (an error if there is none); else None.
+
+    This is the one place live and replay meet: probe.py asks here, and knows no Replay.
+    """
+    if mode() != "replay":
+        return None
+    from .captures.replay import replay
+
+    return replay(require_capture(name), speed=replay_speed(), name=name)
 
 
 def banner() -> str | None:

@@ -24,7 +24,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from . import tracepoints
+from . import mode, tracepoints
 from .backends import bcc, core
 from .backends.base import Backend, Program
 from .drain import HISTORY_INTERVAL, PACE_MIN_RATE, Drain, MapState, _drain_thread, fill_bytes
@@ -74,24 +74,23 @@ class _Resources:
             self.prog = None
 
 
-class Probe(Results):
+class _LiveOrReplay(type):
+    """`Probe(...)` asks kernelscope.mode first: under KERNELSCOPE_MODE=replay it is the replay
+    of the capture recorded for `name` (mode.replay_instead), so notebooks run without BPF."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        instead = mode.replay_instead(kwargs.get("name"))
+        return instead if instead is not None else super().__call__(*args, **kwargs)
+
+
+class Probe(Results, metaclass=_LiveOrReplay):
     """A BCC program whose output maps drain into growing DataFrames.
 
-    Under KERNELSCOPE_MODE=replay, `Probe(..., name=N)` returns the replay of the capture
-    recorded for N instead (see kernelscope.mode), so notebooks run unchanged without BPF.
+    Under KERNELSCOPE_MODE=replay, `Probe(..., name=N)` is the replay of the capture recorded
+    for N instead (kernelscope.mode decides), so notebooks run unchanged without BPF.
     """
 
     live = True
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        from . import mode
-
-        if mode.mode() == "replay":
-            from .captures.replay import replay
-
-            return replay(mode.require_capture(kwargs.get("name")), speed=mode.replay_speed(),
-                          name=kwargs.get("name"))
-        return super().__new__(cls)
 
     def __init__(
         self,
@@ -376,8 +375,6 @@ class Probe(Results):
 
     def _record(self) -> None:
         """In record mode, a named probe saves its capture each time it stops."""
-        from . import mode
-
         if self.name and mode.mode() == "record":
             path = mode.capture_path(self.name)
             path.parent.mkdir(parents=True, exist_ok=True)
