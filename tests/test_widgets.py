@@ -281,7 +281,7 @@ def test_perf_controls_set_pages_and_wakeups() -> None:
     p = Probe(perf_program(), cflags=prod.cflags, pages=4).start()
     pn = widgets.panel(p, interval=0.05, static="none")
     try:
-        cpus = len(p.maps["events"].reader.fill_bytes())
+        cpus = len(p.maps["events"].reader.fill_by_cpu())
         pn.pages["events"].value = 16
         assert p.stats["events"]["capacity_bytes"] == 16 * 4096 * cpus
         pn.perf_wakeup.value = ("fraction", 2)  # wake up when a CPU's buffer is half full
