@@ -15,12 +15,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
+
+from .backends.base import Program
 from .backends.rewrite import OutputMap
-from .errors import ClosedError
+from .captures.capture import MapCapture
+from .errors import ClosedError, SchemaError
 from .order import OrderTracker, Reorderer
 from .readers.base import Reader
 from .readers.batch import Batch
-from .readers.ring import pace
+from .readers.perf import PerfBufferReader
+from .readers.ring import PAGE, RingBufferReader, pace
 from .schema import Schema
 from .store import FrameStore
 
@@ -43,6 +48,24 @@ class MapState:
     history: deque[dict[str, float]] = field(default_factory=lambda: deque(maxlen=100_000))
     carried: dict[str, int] = field(default_factory=dict)  # counters of programs replaced by reconfigure()
     marks: list[dict[str, Any]] = field(default_factory=list)  # {"t", "what"}: settings changes, for plots
+
+    def capture(self, stats: dict[str, Any], t0: float) -> MapCapture:
+        """Everything received and counted, for a capture file (`t0`: the start, monotonic s)."""
+        c = self.store.chunk()
+        return MapCapture(
+            name=self.om.name,
+            kind=self.om.kind,
+            dtype=self.schema.dtype,
+            records=c.records,
+            seq=np.arange(c.seq0, c.seq0 + len(c.records), dtype=np.int64),
+            arrival_ns=c.arrival_ns,
+            cpu=c.cpu,
+            stats=stats,
+            history=[{**h, "t": h["t"] - t0} for h in self.history],
+            pages=self.pages,
+            epoch_offset_ns=self.schema.epoch_offset_ns,
+            marks=[{**m, "t": m["t"] - t0} for m in self.marks],
+        )
 
     def live_reader(self) -> Reader:
         """The reader to drain; ClosedError for a map with none (a replay's)."""
@@ -243,3 +266,153 @@ def _drain_thread(ref: weakref.ReferenceType[Drained], stop: threading.Event) ->
             return
         finally:
             del owner
+
+
+# --- what the drain owns, and what it reports ---------------------------------------------
+
+
+class Resources:
+    """The kernel-side objects of a probe (program, readers, drain thread), closable without a
+    reference to the probe (for `weakref.finalize`)."""
+
+    def __init__(self) -> None:
+        self.prog: Program | None = None
+        self.readers: list[Any] = []
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def close(self) -> None:
+        self.stop.set()
+        t = self.thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout=5)
+        for r in self.readers:
+            r.close()
+        self.readers.clear()
+        if self.prog is not None:
+            self.prog.close()
+            self.prog = None
+
+
+class ReaderSettings(Protocol):
+    """The settings `open_map` builds a reader from (a Probe's)."""
+
+    pages: int | dict[str, int] | None
+    max_rows: int | None
+    wakeup: str
+    wakeup_events: int
+    watermark_bytes: int | None
+    reorder_ns: int | None
+
+
+def open_map(prog: Program, om: OutputMap, dtype: np.dtype, old: MapState | None,
+             s: ReaderSettings) -> MapState:
+    """The MapState of output map `om` of a loaded program, with a new reader on its buffer.
+
+    `old`: the map's state under the program this one replaces (reconfigure); with the same
+    record type its rows and counts carry on.
+    """
+    name = om.name
+    if old is not None and old.schema.dtype == np.dtype(dtype):
+        ms = old  # reconfigure(): same program, new buffers; rows and counts carry on
+        ms.om = om
+    else:
+        schema = Schema(np.dtype(dtype), per_cpu=om.kind == "perf")
+        ms = MapState(om, schema, FrameStore(schema, s.max_rows))
+    schema = ms.schema
+    if om.kind == "ringbuf":
+        size = prog.ring_size(name)
+        ms.pages = size // PAGE
+        ms.reader = RingBufferReader(prog.map_fd(name), size, schema.dtype, wakeup=s.wakeup)
+    else:
+        pages = s.pages.get(name, 64) if isinstance(s.pages, dict) else (s.pages or 64)
+        ms.pages = pages
+        ms.reader = PerfBufferReader(
+            prog.perf_set_fd(name),
+            schema.dtype,
+            pages=pages,
+            wakeup_events=s.wakeup_events,
+            watermark_bytes=s.watermark_bytes,
+        )
+    tf = schema.time_field
+    if tf:
+        ms.order = ms.order or OrderTracker(tf)
+        ms.reorder = Reorderer(tf, s.reorder_ns) if s.reorder_ns is not None else None
+    elif s.reorder_ns is not None:
+        ms.reader.close()
+        raise SchemaError(f"{name}: reorder_ns needs a u64 timestamp field (e.g. `u64 ts`)")
+    return ms
+
+
+def map_stats(maps: dict[str, MapState], counters: dict[str, dict[str, int]],
+              counts_discards: bool) -> dict[str, dict[str, Any]]:
+    """Per output map: attempted, received, dropped, in_flight, lost_records, ordering...
+
+    `counters`: the program's own; `counts_discards` False when the program cannot count
+    discarded records (CO-RE: bpf_ringbuf_discard() names no map), so the readers' count is used.
+    """
+    out = {}
+    for name, ms in maps.items():
+        now = counters.get(name, {"attempted": 0, "failed": 0, "discarded": 0})
+        c = {k: now.get(k, 0) + ms.carried.get(k, 0) for k in ("attempted", "failed", "discarded")}
+        if not counts_discards:
+            c["discarded"] += ms.discarded_seen
+        attempted = c["attempted"] - c["discarded"]
+        received = ms.store.received + (len(ms.reorder) if ms.reorder else 0)
+        out[name] = {
+            "kind": ms.om.kind,
+            "attempted": attempted,
+            "received": received,
+            "dropped": c["failed"],
+            "in_flight": attempted - received - c["failed"],
+            "discarded": c["discarded"],
+            "lost_records": ms.lost_records,
+            "stored": len(ms.store),
+            "evicted": ms.store.evicted,
+            "fill_bytes": fill_bytes(ms.reader),
+            "capacity_bytes": ms.reader.capacity_bytes if ms.reader else 0,
+            "pages": ms.pages,
+            "inversions": ms.order.inversions if ms.order else None,
+            "max_inversion_ns": ms.order.max_inversion_ns if ms.order else None,
+            "batches": ms.batches,
+            "memory_bytes": ms.store.nbytes,
+            "reloads": len(ms.marks),
+        }
+    return out
+
+
+def carry_over(maps: dict[str, MapState], rings: dict[str, Any], counters: dict[str, dict[str, int]],
+               before: dict[str, dict[str, int]]) -> None:
+    """Keep the counts of a program about to be replaced (reconfigure), so they carry on."""
+    for name, ms in maps.items():
+        for key in ("attempted", "failed", "discarded"):
+            ms.carried[key] = ms.carried.get(key, 0) + counters.get(name, {}).get(key, 0)
+    for name, ring in rings.items():  # user ring counts carry on too
+        was = before.setdefault(name, {})
+        for key, n in (("sent", ring.sent), ("full", ring.full),
+                       ("drained", counters.get(name, {}).get("drained", 0))):
+            was[key] = was.get(key, 0) + n
+
+
+def user_ring_stats(rings: dict[str, Any], counters: dict[str, dict[str, int]],
+                    before: dict[str, dict[str, int]]) -> dict[str, dict[str, Any]]:
+    """Per user ring buffer: records sent, drained by the program, pending, times found full
+    (`before`: the counts of programs replaced by reconfigure)."""
+    out = {}
+    for name, ring in rings.items():
+        was = before.get(name, {})
+        c = counters.get(name, {})
+        drained = c.get("drained", 0) + was.get("drained", 0)
+        sent = ring.sent + was.get("sent", 0)
+        out[name] = {
+            "kind": "user_ringbuf",
+            "sent": sent,
+            "drained": drained,
+            "pending": sent - drained,
+            "drain_errors": c.get("drain_errors", 0),
+            "full": ring.full + was.get("full", 0),
+            "fill_bytes": ring.fill_bytes(),
+            "capacity_bytes": ring.size,
+            "pages": ring.size // PAGE,
+        }
+    return out

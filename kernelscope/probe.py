@@ -1,13 +1,13 @@
-"""`Probe`: one BCC program, its output maps drained into DataFrames, every event accounted for.
+"""`Probe`: one BPF program's lifecycle and settings, its output maps drained into DataFrames.
 
     p = Probe(source).start()   # compile, attach, drain in a background thread
     p.df                        # DataFrame of what arrived (one output map)
     p.stats                     # attempted / received / dropped ... per output map
     p.stop(); p.close()
 
-The drain loop is a plain `poll_once()` that tests call directly; `start()` runs it in a
-daemon thread that holds only a weak reference, so a forgotten probe is still collected
-and closed (`weakref.finalize`).
+The backend (BCC or CO-RE/libbpf) is picked once from BACKENDS; the drain loop is drain.py's,
+a plain `poll_once()` that tests call directly, run by `start()` in a daemon thread that holds
+only a weak reference, so a forgotten probe is still collected and closed (`weakref.finalize`).
 """
 
 from __future__ import annotations
@@ -27,17 +27,22 @@ import numpy as np
 from . import mode, tracepoints
 from .backends import bcc, core
 from .backends.base import Backend, Program
-from .drain import HISTORY_INTERVAL, PACE_MIN_RATE, Drain, MapState, _drain_thread, fill_bytes
-from .errors import ClosedError, KernelscopeError, SchemaError
-from .order import OrderTracker, Reorderer
-from .readers.ring import PAGE, RingBufferReader
+from .drain import (
+    Drain,
+    MapState,
+    Resources,
+    _drain_thread,
+    carry_over,
+    map_stats,
+    open_map,
+    user_ring_stats,
+)
+from .errors import ClosedError, KernelscopeError
 from .results import Results
-from .schema import Schema
-from .store import FrameStore
 
 _live: weakref.WeakSet[Probe] = weakref.WeakSet()
 BACKENDS: dict[str, Backend] = {"bcc": bcc, "libbpf": core}  # the one place a backend is chosen
-__all__ = ["BACKENDS", "GRACE", "HISTORY_INTERVAL", "PACE_MIN_RATE", "Probe", "close_all", "live_probes"]
+__all__ = ["BACKENDS", "GRACE", "Probe", "close_all", "live_probes"]
 GRACE = 0.02  # seconds for BPF programs already running to finish after the gate closes
 
 
@@ -50,28 +55,6 @@ def close_all() -> None:
     """Close every live probe (interpreter exit, %bpf_stop --all, unload_ipython_extension)."""
     for p in live_probes():
         p.close()
-
-
-class _Resources:
-    """The kernel-side objects of a probe, closable without a reference to the probe."""
-
-    def __init__(self) -> None:
-        self.prog: Program | None = None
-        self.readers: list[Any] = []
-        self.stop = threading.Event()
-        self.thread: threading.Thread | None = None
-
-    def close(self) -> None:
-        self.stop.set()
-        t = self.thread
-        if t is not None and t is not threading.current_thread():
-            t.join(timeout=5)
-        for r in self.readers:
-            r.close()
-        self.readers.clear()
-        if self.prog is not None:
-            self.prog.close()
-            self.prog = None
 
 
 class _LiveOrReplay(type):
@@ -161,7 +144,7 @@ class Probe(Results, metaclass=_LiveOrReplay):
         self.error: BaseException | None = None
         self.closed = False
         self.started_at: float | None = None
-        self._res = _Resources()
+        self._res = Resources()
         self._finalizer = weakref.finalize(self, self._res.close)
         # the drain sees this probe through a weak proxy: no cycle, so a forgotten probe is
         # freed as soon as the drain thread lets go of it (and its finalizer closes it)
@@ -206,8 +189,7 @@ class Probe(Results, metaclass=_LiveOrReplay):
                                           self.globals)
         self._res.prog = prog
         try:
-            self._open_maps(prog)
-            self._open_user_rings(prog)
+            self._open_buffers(prog)
         except BaseException:
             self._res.close()
             raise
@@ -223,56 +205,25 @@ class Probe(Results, metaclass=_LiveOrReplay):
             return np.dtype(prog.named_dtype(want, name))
         return np.dtype(want) if want is not None else None
 
-    def _open_maps(self, prog: Program) -> None:
-        for name, om in self.instrumented.maps.items():
-            dtype = self._dtype(prog, name)
-            if dtype is None:
-                dtype = prog.event_dtype(name)
-            old = self.maps.get(name)
-            if old is not None and old.schema.dtype == np.dtype(dtype):
-                ms = old  # reconfigure(): same program, new buffers; rows and counts carry on
-                ms.om = om
-            else:
-                schema = Schema(np.dtype(dtype), per_cpu=om.kind == "perf")
-                ms = MapState(om, schema, FrameStore(schema, self.max_rows))
-            schema = ms.schema
-            if om.kind == "ringbuf":
-                size = prog.ring_size(name)
-                ms.pages = size // PAGE
-                ms.reader = RingBufferReader(prog.map_fd(name), size, schema.dtype, wakeup=self.wakeup)
-            else:
-                from .readers.perf import PerfBufferReader
-
-                pages = self.pages.get(name, 64) if isinstance(self.pages, dict) else (self.pages or 64)
-                ms.pages = pages
-                ms.reader = PerfBufferReader(
-                    prog.perf_set_fd(name),
-                    schema.dtype,
-                    pages=pages,
-                    wakeup_events=self.wakeup_events,
-                    watermark_bytes=self.watermark_bytes,
-                )
-            self._res.readers.append(ms.reader)
-            tf = schema.time_field
-            if tf:
-                ms.order = ms.order or OrderTracker(tf)
-                ms.reorder = Reorderer(tf, self.reorder_ns) if self.reorder_ns is not None else None
-            elif self.reorder_ns is not None:
-                raise SchemaError(f"{name}: reorder_ns needs a u64 timestamp field (e.g. `u64 ts`)")
-            self.maps[name] = ms
-        if not self.maps and not self.instrumented.user_rings:
-            self.warnings.append(f"the program declares no {prog.output_decl}: nothing to drain")
-
-    def _open_user_rings(self, prog: Program) -> None:
+    def _open_buffers(self, prog: Program) -> None:
+        """A reader on each output map (rows and counts carry on over a reload), a writer on
+        each user ring."""
         from .readers.user_ring import UserRing
 
+        for name, om in self.instrumented.maps.items():
+            dtype = self._dtype(prog, name)
+            dtype = prog.event_dtype(name) if dtype is None else dtype
+            ms = open_map(prog, om, dtype, self.maps.get(name), self)
+            self._res.readers.append(ms.reader)
+            self.maps[name] = ms
         for name in self.instrumented.user_rings:
             dtype = self._dtype(prog, name)
             if dtype is None and name in self.instrumented.event_types:
                 dtype = prog.event_dtype(name)
-            ring = UserRing(name, prog.map_fd(name), prog.ring_size(name), dtype)
-            self.user_rings[name] = ring
-            self._res.readers.append(ring)
+            self.user_rings[name] = UserRing(name, prog.map_fd(name), prog.ring_size(name), dtype)
+            self._res.readers.append(self.user_rings[name])
+        if not self.maps and not self.user_rings:
+            self.warnings.append(f"the program declares no {prog.output_decl}: nothing to drain")
 
     def _prog(self) -> Program:
         if self._res.prog is None:
@@ -307,25 +258,7 @@ class Probe(Results, metaclass=_LiveOrReplay):
         return self._compute_send_stats()
 
     def _compute_send_stats(self) -> dict[str, dict[str, Any]]:
-        counters = self.counters() if self.loaded else {}
-        out = {}
-        for name, ring in self.user_rings.items():
-            before = self._sent_before.get(name, {})
-            c = counters.get(name, {})
-            drained = c.get("drained", 0) + before.get("drained", 0)
-            sent = ring.sent + before.get("sent", 0)
-            out[name] = {
-                "kind": "user_ringbuf",
-                "sent": sent,
-                "drained": drained,
-                "pending": sent - drained,
-                "drain_errors": c.get("drain_errors", 0),
-                "full": ring.full + before.get("full", 0),
-                "fill_bytes": ring.fill_bytes(),
-                "capacity_bytes": ring.size,
-                "pages": ring.size // PAGE,
-            }
-        return out
+        return user_ring_stats(self.user_rings, self.counters() if self.loaded else {}, self._sent_before)
 
     def start(self) -> Probe:
         """Load if needed and drain in a background thread. Idempotent."""
@@ -422,15 +355,7 @@ class Probe(Results, metaclass=_LiveOrReplay):
             return self
         if self.loaded:
             self.stop()
-            counters = self.counters()
-            for name, ms in self.maps.items():
-                for key in ("attempted", "failed", "discarded"):
-                    ms.carried[key] = ms.carried.get(key, 0) + counters.get(name, {}).get(key, 0)
-            for name, ring in self.user_rings.items():  # user ring counts carry on too
-                before = self._sent_before.setdefault(name, {})
-                for key, n in (("sent", ring.sent), ("full", ring.full),
-                               ("drained", counters.get(name, {}).get("drained", 0))):
-                    before[key] = before.get(key, 0) + n
+            carry_over(self.maps, self.user_rings, self.counters(), self._sent_before)
             self._res.close()
         self.instrumented = self._instrument()
         now = time.monotonic()
@@ -492,60 +417,15 @@ class Probe(Results, metaclass=_LiveOrReplay):
         return self._compute_stats()
 
     def _compute_stats(self) -> dict[str, dict[str, Any]]:
-        counters = self.counters()
-        out = {}
-        for name, ms in self.maps.items():
-            now = counters.get(name, {"attempted": 0, "failed": 0, "discarded": 0})
-            c = {k: now.get(k, 0) + ms.carried.get(k, 0) for k in ("attempted", "failed", "discarded")}
-            if not self._prog().counts_discards:
-                # e.g. bpf_ringbuf_discard() names no map in CO-RE: count what the reader skipped
-                c["discarded"] += ms.discarded_seen
-            attempted = c["attempted"] - c["discarded"]
-            received = ms.store.received + (len(ms.reorder) if ms.reorder else 0)
-            out[name] = {
-                "kind": ms.om.kind,
-                "attempted": attempted,
-                "received": received,
-                "dropped": c["failed"],
-                "in_flight": attempted - received - c["failed"],
-                "discarded": c["discarded"],
-                "lost_records": ms.lost_records,
-                "stored": len(ms.store),
-                "evicted": ms.store.evicted,
-                "fill_bytes": fill_bytes(ms.reader),
-                "capacity_bytes": ms.reader.capacity_bytes if ms.reader else 0,
-                "pages": ms.pages,
-                "inversions": ms.order.inversions if ms.order else None,
-                "max_inversion_ns": ms.order.max_inversion_ns if ms.order else None,
-                "batches": ms.batches,
-                "memory_bytes": ms.store.nbytes,
-                "reloads": len(ms.marks),
-            }
-        return out
+        return map_stats(self.maps, self.counters(), self._prog().counts_discards)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write everything received, the counters over time and the program to one Parquet file."""
         from .captures import capture
 
         started = int((self.started_at or 0) * 1e9)
-        maps = {}
         stats = self.stats
-        for name, ms in self.maps.items():
-            c = ms.store.chunk()
-            maps[name] = capture.MapCapture(
-                name=name,
-                kind=ms.om.kind,
-                dtype=ms.schema.dtype,
-                records=c.records,
-                seq=np.arange(c.seq0, c.seq0 + len(c.records), dtype=np.int64),
-                arrival_ns=c.arrival_ns,
-                cpu=c.cpu,
-                stats=stats.get(name, {}),
-                history=[{**h, "t": h["t"] - (self.started_at or 0)} for h in ms.history],
-                pages=ms.pages,
-                epoch_offset_ns=ms.schema.epoch_offset_ns,
-                marks=[{**m, "t": m["t"] - (self.started_at or 0)} for m in ms.marks],
-            )
+        maps = {name: ms.capture(stats.get(name, {}), self.started_at or 0) for name, ms in self.maps.items()}
         settings = {
             "pages": self.pages,
             "poll_interval": self.poll_interval,

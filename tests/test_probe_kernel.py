@@ -501,7 +501,7 @@ def test_default_pacing_delivers_sparse_events_at_once() -> None:
     PACE_MIN_RATE) are read as the kernel notifies, not held for a pacing pause: they
     arrive well within poll_interval."""
     from kernelscope import lab
-    from kernelscope.probe import PACE_MIN_RATE
+    from kernelscope.drain import PACE_MIN_RATE
 
     poll, groups, gap = 1.0, 20, 0.02
     assert 3 / gap < PACE_MIN_RATE
