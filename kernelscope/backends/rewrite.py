@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 
 from .base import CELL_FILE, COMMENT_OR_STRING, blank_comments_and_strings, int_or_none
 
-_blank_comments_and_strings = blank_comments_and_strings  # the name jupyter.magic imports
-
 ACCT_MAP = "__ks_acct"
 GATE_MAP = "__ks_gate"  # one u32: 1 while the probe is started
 SLOTS = 3  # per output map: attempted, failed, discarded

@@ -512,9 +512,9 @@ def verifier_line(log: str, nlines: int) -> int | None:
 
 
 def _compile_blank(source: str) -> str:
-    from ..backends.rewrite import _blank_comments_and_strings
+    from ..backends.base import blank_comments_and_strings
 
-    return _blank_comments_and_strings(source)
+    return blank_comments_and_strings(source)
 
 
 # --- header layout ----------------------------------------------------------------------
