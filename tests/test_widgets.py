@@ -388,7 +388,8 @@ def test_reorder_control_sorts_perf_events_from_two_cpus() -> None:
     pn = widgets.panel(p, interval=0.05, static="none")
     try:
         concurrent([a1, b1])
-        wait_for(lambda: p.stats["events"]["received"] == 100_000, timeout=20, what="the first events")
+        wait_for(lambda: p.stats["events"]["received"] + p.stats["events"]["dropped"] == 100_000,
+                 timeout=20, what="the first events")
         mixed = p.stats["events"]["inversions"]
         assert mixed > 0  # per-CPU buffers, emptied one after another: out of timestamp order
         pn.reorder.value = 1_000_000_000  # a 1 s window
@@ -397,7 +398,10 @@ def test_reorder_control_sorts_perf_events_from_two_cpus() -> None:
         concurrent([a2, b2])
         p.stop()  # flushes the window
         st = p.stats["events"]
-        assert st["received"] == 200_000
+        # every event accounted for; whether a 1 MiB/CPU buffer ever filled depends on how
+        # busy the machine is (a second test suite beside this one made it drop 3 %)
+        assert st["attempted"] == st["received"] + st["dropped"] == 200_000, st
+        assert st["received"] >= 100_000, st
         assert st["inversions"] == mixed  # the second 100,000 came out sorted
         pn.refresh()
         assert plots.ordering_title(p, "events", 5_000) == "events (perf): 0 of the latest 5,000 out of order"
