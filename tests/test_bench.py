@@ -79,7 +79,7 @@ def test_quick_bench_measures_every_consumer(tmp_path: Path) -> None:
     )
     elapsed = time.monotonic() - t0
     assert r.returncode == 0, r.stdout + r.stderr
-    assert elapsed < 30, f"--quick took {elapsed:.1f} s"
+    assert elapsed < 60, f"--quick took {elapsed:.1f} s"  # a hang guard: 12 s quiet, 34 s under load
     assert "TARGETS" in r.stdout
     assert "[bench]" in r.stderr
 

@@ -42,6 +42,7 @@ from ..errors import (
     CompileError,
     KernelscopeError,
     SchemaError,
+    SettingError,
     SetupError,
     UnknownNameError,
     UnsupportedError,
@@ -233,7 +234,7 @@ def prepare(source: str, pages: int | dict[str, int] | None = None,
         want = pages.get(om.name) if isinstance(pages, dict) else (pages if kind == "ringbuf" else None)
         if want is not None and kind != "perf":
             if want <= 0 or want & (want - 1):
-                raise ValueError(f"{om.name}: ring buffer pages must be a power of two, got {want}")
+                raise SettingError(f"{om.name}: ring buffer pages must be a power of two, got {want}")
             om.pages = want
         (user_rings if kind == "user_ringbuf" else maps)[om.name] = om
 

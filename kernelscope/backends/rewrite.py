@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from ..errors import SettingError
 from .base import CELL_FILE, COMMENT_OR_STRING, blank_comments_and_strings, int_or_none
 
 ACCT_MAP = "__ks_acct"
@@ -110,7 +111,7 @@ def instrument(source: str, pages: int | dict[str, int] | None = None) -> Instru
         want = pages.get(om.name) if isinstance(pages, dict) else pages
         if want is not None:
             if want <= 0 or want & (want - 1):
-                raise ValueError(f"{om.name}: ring buffer pages must be a power of two, got {want}")
+                raise SettingError(f"{om.name}: ring buffer pages must be a power of two, got {want}")
             om.pages = want
             edits.append((m.start(2), m.end(2), str(want)))
 
