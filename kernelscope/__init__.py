@@ -10,11 +10,16 @@ from typing import Any
 from .errors import (
     AttachError,
     BPFPermissionError,
+    CaptureError,
     ClosedError,
     CompileError,
+    InternalError,
     KernelscopeError,
     SchemaError,
+    SettingError,
     SetupError,
+    UnknownNameError,
+    UnknownTracepointError,
     UnsupportedError,
     UserRingFullError,
     VerifierError,
@@ -26,12 +31,17 @@ __version__ = "0.1.0"
 __all__ = [
     "AttachError",
     "BPFPermissionError",
+    "CaptureError",
     "ClosedError",
     "CompileError",
+    "InternalError",
     "KernelscopeError",
     "Probe",
     "SchemaError",
+    "SettingError",
     "SetupError",
+    "UnknownNameError",
+    "UnknownTracepointError",
     "UnsupportedError",
     "UserRingFullError",
     "VerifierError",
@@ -43,12 +53,12 @@ __all__ = [
 
 
 def load_ipython_extension(ipython: Any) -> None:
-    from .magic import load
+    from .jupyter.magic import load
 
     load(ipython)
 
 
 def unload_ipython_extension(ipython: Any) -> None:
-    from .magic import unload
+    from .jupyter.magic import unload
 
     unload(ipython)

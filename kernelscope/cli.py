@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import host
-from .errors import KernelscopeError
+from .errors import KernelscopeError, SetupError
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -32,7 +32,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from . import doctor  # imports BCC lazily; keep `kernelscope --help` instant
+    from .doctor import checks as doctor  # imports BCC lazily; keep `kernelscope --help` instant
 
     if args.fix:
         try:
@@ -47,7 +47,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if found.ok else EXIT_ERROR
 
 
-def _delegate(module: str) -> Callable[[argparse.Namespace], int]:
+def _delegate(command: str, module: str) -> Callable[[argparse.Namespace], int]:
     """A handler that imports kernelscope.<module> only when run and calls its main(argv)."""
 
     def run(args: argparse.Namespace) -> int:
@@ -57,7 +57,7 @@ def _delegate(module: str) -> Callable[[argparse.Namespace], int]:
         except ModuleNotFoundError as e:
             if e.name != name:
                 raise
-            raise KernelscopeError(f"`kernelscope {module}` is not available in this "
+            raise SetupError(f"`kernelscope {command}` is not available in this "
                                    f"version ({name} is missing)") from None
         code = mod.main(list(args.rest))
         return int(code) if isinstance(code, int) else 0
@@ -83,14 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", metavar="FILE", help="also write the table as HTML to FILE")
     p.set_defaults(func=cmd_doctor)
 
-    for name, text in (
-        ("demo", "attach a real probe for a few seconds and summarize its events"),
-        ("bench", "measure event throughput and drops of the buffer readers"),
-        ("record", "record probe events to a file for later replay"),
+    for name, module, text in (
+        ("demo", "demo", "attach a real probe for a few seconds and summarize its events"),
+        ("bench", "bench.__main__", "measure event throughput and drops of the buffer readers"),
+        ("record", "captures.record", "record probe events to a file for later replay"),
     ):
         # add_help=False: `kernelscope demo --help` reaches the module's own parser
         p = sub.add_parser(name, help=text, add_help=False)
-        p.set_defaults(func=_delegate(name), delegate=True)
+        p.set_defaults(func=_delegate(name, module), delegate=True)
     return parser
 
 

@@ -67,12 +67,24 @@ class AttachError(KernelscopeError):
     """A probe could not be attached (unknown tracepoint, kernel lacks the attach kind, ...)."""
 
 
+class UnknownTracepointError(AttachError, LookupError):
+    """No such tracepoint (or raw tracepoint) on the running kernel; the message names close matches."""
+
+
 class UnsupportedError(AttachError):
     """The running kernel lacks a feature; `feature` names it (e.g. CONFIG_KPROBES)."""
 
     def __init__(self, message: str, feature: str = "") -> None:
         super().__init__(message)
         self.feature = feature
+
+
+class SettingError(KernelscopeError, ValueError):
+    """A setting (KERNELSCOPE_MODE, ...) has a value kernelscope cannot use; the message lists valid ones."""
+
+
+class UnknownNameError(KernelscopeError, LookupError):
+    """The program has no map, global or user ring buffer by that name; the message lists those it has."""
 
 
 class SchemaError(KernelscopeError):
@@ -83,6 +95,10 @@ class ClosedError(KernelscopeError):
     """The probe or reader was closed; its data stays readable, the kernel side is gone."""
 
 
+class CaptureError(KernelscopeError):
+    """A file is not a kernelscope capture, is of a version this kernelscope cannot read, or is missing."""
+
+
 class UserRingFullError(KernelscopeError):
     """A user ring buffer had no room left; `sent` records went in, `remaining` did not."""
 
@@ -90,3 +106,12 @@ class UserRingFullError(KernelscopeError):
         super().__init__(message)
         self.sent = sent
         self.remaining = remaining
+
+
+class InternalError(KernelscopeError):
+    """A fault inside kernelscope (not the user's doing): a bug, or a buffer in an impossible state."""
+
+
+class CorruptBufferError(InternalError):
+    """A ring or perf buffer holds what the kernel never writes (a bad record length, impossible
+    positions); the reader skipped the damaged bytes so the next read starts clean."""

@@ -39,10 +39,15 @@ def kernel_release() -> str:
     return platform.release()
 
 
+def cache_dir(part: str) -> Path:
+    """kernelscope's cache folder `part` ($XDG_CACHE_HOME/kernelscope/PART, ~/.cache by default)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "kernelscope" / part
+
+
 def bcc_shim_dir() -> Path:
     """A folder holding only a link to Debian's `bcc` package, safe to put on sys.path."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "kernelscope" / "pylib"
+    return cache_dir("pylib")
 
 
 @functools.cache

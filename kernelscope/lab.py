@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import mode
+from .bench.producer import Producer, build_helpers
 
 EVENT_SIZE = 32  # bytes: u64 ts, u32 pid, u32 cpu, u64 seq, u64 pad
 
@@ -73,8 +74,6 @@ def getppid_program(kind: str = "ring", pages: int = 64, per_call: int = 1, flag
 
 @functools.cache
 def _producer_exe() -> Path:
-    from .bench import build_helpers
-
     return build_helpers()["producer"]
 
 
@@ -87,8 +86,6 @@ class Burst:
         self.cpu = cpu
         self._proc: Any = None
         if mode.mode() != "replay":
-            from .bench import Producer
-
             self._proc = Producer(_producer_exe(), calls, cpu)
 
     @property

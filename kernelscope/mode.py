@@ -21,9 +21,12 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import KernelscopeError
+from .errors import CaptureError, SettingError
+
+if TYPE_CHECKING:
+    from .results import Results
 
 MODES = ("live", "record", "replay", "auto")
 
@@ -31,7 +34,7 @@ MODES = ("live", "record", "replay", "auto")
 def mode() -> str:
     value = os.environ.get("KERNELSCOPE_MODE", "live").strip().lower() or "live"
     if value not in MODES:
-        raise KernelscopeError(f"KERNELSCOPE_MODE={value!r}: use one of {', '.join(MODES)}")
+        raise SettingError(f"KERNELSCOPE_MODE={value!r}: use one of {', '.join(MODES)}")
     if value == "auto":
         from .host import has_bpf_privileges
 
@@ -55,17 +58,30 @@ def replay_speed() -> float | None:
 
 def require_capture(name: str | None) -> Path:
     if not name:
-        raise KernelscopeError(
+        raise CaptureError(
             "replay mode: this probe has no name, so its capture cannot be found; give it one "
             "(Probe(..., name='x') or %%bpf x) and record it once with KERNELSCOPE_MODE=record"
         )
     path = capture_path(name)
     if not path.exists():
-        raise KernelscopeError(
+        raise CaptureError(
             f"replay mode: no capture {path} for probe {name!r}; record it on a machine with BPF "
             "with KERNELSCOPE_MODE=record"
         )
     return path
+
+
+def replay_instead(name: str | None) -> Results | None:
+    """What `Probe(..., name=name)` gives in this mode instead of a live probe: in replay mode
+    the replay of the capture recorded for `name` (an error if there is none); else None.
+
+    This is the one place live and replay meet: probe.py asks here, and knows no Replay.
+    """
+    if mode() != "replay":
+        return None
+    from .captures.replay import replay
+
+    return replay(require_capture(name), speed=replay_speed(), name=name)
 
 
 def banner() -> str | None:
@@ -88,7 +104,7 @@ def remember(name: str, compute: Callable[[], Any], what: str = "figure") -> Any
     m = mode()
     if m == "replay":
         if not path.exists():
-            raise KernelscopeError(
+            raise CaptureError(
                 f"replay mode: no recorded {what}: {path} is missing; record it by running this "
                 "notebook with KERNELSCOPE_MODE=record on a machine with BPF (`make record-notebooks`)"
             )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .batch import Batch, concat_records
+from .readers.batch import Batch, concat_records
 
 
 class OrderTracker:

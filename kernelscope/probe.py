@@ -1,49 +1,48 @@
-"""`Probe`: one BCC program, its output maps drained into DataFrames, every event accounted for.
+"""`Probe`: one BPF program's lifecycle and settings, its output maps drained into DataFrames.
 
     p = Probe(source).start()   # compile, attach, drain in a background thread
     p.df                        # DataFrame of what arrived (one output map)
     p.stats                     # attempted / received / dropped ... per output map
     p.stop(); p.close()
 
-The drain loop is a plain `poll_once()` that tests call directly; `start()` runs it in a
-daemon thread that holds only a weak reference, so a forgotten probe is still collected
-and closed (`weakref.finalize`).
+The backend (BCC or CO-RE/libbpf) is picked once from BACKENDS; the drain loop is drain.py's,
+a plain `poll_once()` that tests call directly, run by `start()` in a daemon thread that holds
+only a weak reference, so a forgotten probe is still collected and closed (`weakref.finalize`).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
-import html
 import os
 import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
-import pandas as pd
 
-from . import compile as _compile
-from .batch import Batch
-from .errors import AttachError, ClosedError, KernelscopeError, SchemaError
-from .instrument import ACCT_MAP, GATE_MAP, Instrumented, OutputMap, instrument, read_counters
-from .order import OrderTracker, Reorderer
-from .ringbuf import PAGE, RingBufferReader, pace
-from .schema import Schema, parse_structs, struct_dtype
-from .store import FrameStore
+from . import mode, tracepoints
+from .backends import bcc, core
+from .backends.base import Backend, Program
+from .drain import (
+    Drain,
+    MapState,
+    Resources,
+    _drain_thread,
+    carry_over,
+    map_stats,
+    open_map,
+    user_ring_stats,
+)
+from .errors import ClosedError, KernelscopeError
+from .results import Results
 
 _live: weakref.WeakSet[Probe] = weakref.WeakSet()
-HISTORY_INTERVAL = 0.1  # seconds between samples of the counters kept for plots and captures
-# Below this arrival rate (records/s) adaptive pacing reads as soon as the kernel notifies:
-# a wake-up per record then costs the producer a few per cent of a CPU at most, and a pause
-# would only delay sparse events (by up to poll_interval).
-PACE_MIN_RATE = 10_000
+BACKENDS: dict[str, Backend] = {"bcc": bcc, "libbpf": core}  # the one place a backend is chosen
+__all__ = ["BACKENDS", "GRACE", "Probe", "close_all", "live_probes"]
 GRACE = 0.02  # seconds for BPF programs already running to finish after the gate closes
 
 
@@ -58,308 +57,23 @@ def close_all() -> None:
         p.close()
 
 
-@dataclass
-class MapState:
-    """Everything kept per output map: its reader, rows and counters."""
+class _LiveOrReplay(type):
+    """`Probe(...)` asks kernelscope.mode first: under KERNELSCOPE_MODE=replay it is the replay
+    of the capture recorded for `name` (mode.replay_instead), so notebooks run without BPF."""
 
-    om: OutputMap
-    schema: Schema
-    store: FrameStore
-    reader: Any = None
-    order: OrderTracker | None = None
-    reorder: Reorderer | None = None
-    lost_records: int = 0
-    lost_by_cpu: dict[int, int] = field(default_factory=dict)
-    discarded_seen: int = 0
-    batches: int = 0
-    pages: int = 0
-    history: deque[dict[str, float]] = field(default_factory=lambda: deque(maxlen=100_000))
-    carried: dict[str, int] = field(default_factory=dict)  # counters of programs replaced by reconfigure()
-    marks: list[dict[str, Any]] = field(default_factory=list)  # {"t", "what"}: settings changes, for plots
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        instead = mode.replay_instead(kwargs.get("name"))
+        return instead if instead is not None else super().__call__(*args, **kwargs)
 
 
-class _Resources:
-    """The kernel-side objects of a probe, closable without a reference to the probe."""
-
-    def __init__(self) -> None:
-        self.prog: Any = None  # BCCProgram or core.CoreProgram
-        self.readers: list[Any] = []
-        self.stop = threading.Event()
-        self.thread: threading.Thread | None = None
-
-    def close(self) -> None:
-        self.stop.set()
-        t = self.thread
-        if t is not None and t is not threading.current_thread():
-            t.join(timeout=5)
-        for r in self.readers:
-            r.close()
-        self.readers.clear()
-        if self.prog is not None:
-            self.prog.close()
-            self.prog = None
-
-
-class BCCProgram:
-    """A loaded `bcc.BPF` behind the interface Probe uses for either backend."""
-
-    backend = "bcc"
-
-    def __init__(self, bpf: Any, instrumented: Instrumented, source: str) -> None:
-        self.bpf = bpf
-        self.instrumented = instrumented
-        self.source = source
-        self.notes: list[str] = []
-
-    def event_dtype(self, name: str) -> np.dtype:
-        return struct_dtype(bcc_event_fields(self.bpf, name), parse_structs(self.source), name)
-
-    def named_dtype(self, ctype: str, where: str) -> np.dtype:
-        structs = parse_structs(self.source)
-        if ctype not in structs:
-            raise SchemaError(f"{where}: no {ctype} defined in the program")
-        return struct_dtype(structs[ctype], structs, ctype)
-
-    def map_fd(self, name: str) -> int:
-        return int(self.bpf[name.encode()].get_fd())
-
-    def ring_size(self, name: str) -> int:
-        table = self.bpf[name.encode()]
-        om = self.instrumented.maps[name]
-        return int(table.max_entries) if hasattr(table, "max_entries") else (om.pages or 0) * PAGE
-
-    def perf_set_fd(self, name: str) -> Callable[[int, int], None]:
-        table = self.bpf[name.encode()]
-
-        def set_fd(cpu: int, fd: int) -> None:
-            table[ctypes.c_int(cpu)] = ctypes.c_int(fd)
-        return set_fd
-
-    def set_gate(self, value: int) -> None:
-        self.bpf[GATE_MAP.encode()][ctypes.c_int(0)] = ctypes.c_uint32(value)
-
-    def counters(self) -> dict[str, dict[str, int]]:
-        return read_counters(self.bpf[ACCT_MAP.encode()], self.instrumented.maps)
-
-    def attach_points(self) -> list[str]:
-        bpf = self.bpf
-        out = [f"tracepoint:{_text(k)}" for k in bpf.tracepoint_fds]
-        out += [f"raw_tracepoint:{_text(k)}" for k in bpf.raw_tracepoint_fds]
-        out += [f"kprobe:{_text(k)}" for k in bpf.kprobe_fds]
-        out += [f"uprobe:{_text(k)}" for k in bpf.uprobe_fds]
-        return out
-
-    def close(self) -> None:
-        release_bpf(self.bpf)
-
-
-def _text(k: Any) -> str:
-    return k.decode() if isinstance(k, bytes) else str(k)
-
-
-def release_bpf(bpf: Any) -> None:
-    """Detach and free a (possibly half-built) bcc.BPF, and drop BCC's atexit hook for it."""
-    with contextlib.suppress(Exception):
-        bpf.cleanup()
-    atexit.unregister(bpf.cleanup)
-
-
-def fill_bytes(reader: Any) -> int:
-    """Bytes waiting in a reader's buffer(s): perf readers report a {cpu: bytes} dict."""
-    if reader is None or reader.closed:
-        return 0
-    fill = reader.fill_bytes()
-    return sum(fill.values()) if isinstance(fill, dict) else int(fill)
-
-
-def _drain_thread(ref: weakref.ReferenceType[Probe], stop: threading.Event) -> None:
-    while not stop.is_set():
-        probe = ref()
-        if probe is None:
-            return
-        try:
-            probe.poll_once(probe.poll_interval)
-        except ClosedError:
-            return
-        except Exception as e:  # keep the error for the user, stop draining
-            probe.error = e
-            return
-        finally:
-            del probe
-
-
-class Results:
-    """Reading what arrived: shared by live probes and replayed captures."""
-
-    maps: dict[str, MapState]
-
-    def _map(self, name: str | None) -> MapState:
-        if name is None:
-            if len(self.maps) != 1:
-                raise KeyError(
-                    f"this probe has {len(self.maps)} output maps ({', '.join(self.maps) or 'none'}): "
-                    "name one, e.g. probe.frame('events')"
-                )
-            return next(iter(self.maps.values()))
-        try:
-            return self.maps[name]
-        except KeyError:
-            raise KeyError(
-                f"no output map {name!r}; this probe has {', '.join(self.maps) or 'none'}"
-            ) from None
-
-    def frame(self, name: str | None = None) -> pd.DataFrame:
-        """Everything received so far from output map `name` (cached until new rows arrive)."""
-        return self._map(name).store.frame()
-
-    @property
-    def df(self) -> pd.DataFrame:
-        return self.frame()
-
-    def records(self, name: str | None = None) -> np.ndarray:
-        return self._map(name).store.records()
-
-    def history(self, name: str | None = None) -> pd.DataFrame:
-        """Counters sampled about every 0.1 s while draining: for rate and fill plots."""
-        return pd.DataFrame(list(self._map(name).history))
-
-    name: str | None
-    closed: bool
-
-    def state(self) -> str:
-        return "results"
-
-    def widget(self, **kwargs: Any) -> Any:
-        """The live control and plot panel (kernelscope.widgets.panel): buffer sizes, wake-ups,
-        reorder window, pause/resume/stop/clear, rates, drops, fill, ordering and latency."""
-        from .widgets import panel
-
-        return panel(self, **kwargs)
-
-    @property
-    def running(self) -> bool:
-        return False
-
-    def start(self) -> Results:
-        raise NotImplementedError
-
-    def stop(self) -> Results:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-    def pause(self) -> Results:
-        """Stop delivering and draining (counts stay exact); resume() goes on."""
-        return self.stop()
-
-    def resume(self) -> Results:
-        return self.start()
-
-    def clear(self, name: str | None = None) -> None:
-        """Forget stored rows (all maps, or one); counted in `evicted`, accounting unchanged."""
-        for ms in [self._map(name)] if name else list(self.maps.values()):
-            ms.store.clear()
-
-    def wait(
-        self,
-        duration: float | None = None,
-        limit: int | None = None,
-        progress: Callable[[int, float], None] | None = None,
-    ) -> Results:
-        raise NotImplementedError
-
-    def attach_points(self) -> list[str]:
-        return []
-
-    @property
-    def stats(self) -> dict[str, dict[str, Any]]:
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        parts = [f"{n}: {s['received']} received, {s['dropped']} dropped" for n, s in self.stats.items()]
-        return (
-            f"<{type(self).__name__} {getattr(self, 'name', None) or ''} {self.state()}; "
-            + "; ".join(parts)
-            + ">"
-        )
-
-    def _repr_html_(self) -> str:
-        rows = []
-        stats = self.stats
-        for name, ms in self.maps.items():
-            st = stats.get(name, {})
-            rows.append(
-                "<tr>"
-                + "".join(
-                    f"<td>{html.escape(str(v))}</td>"
-                    for v in (
-                        name,
-                        ms.om.kind,
-                        ms.pages,
-                        st.get("attempted", ""),
-                        st.get("received", ""),
-                        st.get("dropped", ""),
-                        st.get("lost_records", ""),
-                        st.get("inversions", ""),
-                        ", ".join(ms.schema.columns),
-                    )
-                )
-                + "</tr>"
-            )
-        attach = ", ".join(self.attach_points()) or "none"
-        head = "".join(
-            f"<th>{h}</th>"
-            for h in (
-                "map",
-                "kind",
-                "pages",
-                "attempted",
-                "received",
-                "dropped",
-                "lost records",
-                "inversions",
-                "columns",
-            )
-        )
-        warnings: list[str] = getattr(self, "warnings", [])
-        error = getattr(self, "error", None)
-        warn = "".join(f"<p style='color:#b45309'>&#9888; {html.escape(w)}</p>" for w in warnings)
-        err = f"<p style='color:#b91c1c'>error: {html.escape(str(error))}</p>" if error else ""
-        label = html.escape(getattr(self, "name", None) or "")
-        backend = html.escape(str(getattr(self, "backend", "bcc")))
-        sends = ""
-        send_stats: dict[str, dict[str, Any]] = getattr(self, "send_stats", {})
-        if send_stats:
-            keys = ("sent", "drained", "pending", "full", "fill_bytes", "capacity_bytes")
-            srows = "".join(
-                f"<tr><td>{html.escape(n)}</td>" + "".join(f"<td>{st.get(k, '')}</td>" for k in keys)
-                + "</tr>" for n, st in send_stats.items())
-            sends = ("<table><thead><tr><th>user ring</th>" + "".join(f"<th>{k}</th>" for k in keys)
-                     + f"</tr></thead><tbody>{srows}</tbody></table>")
-        return (
-            f"<div><b>{type(self).__name__} {label}</b> ({self.state()}, {backend} backend); attached to "
-            f"{html.escape(attach)}{warn}{err}<table><thead><tr>{head}</tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table>{sends}</div>"
-        )
-
-
-class Probe(Results):
+class Probe(Results, metaclass=_LiveOrReplay):
     """A BCC program whose output maps drain into growing DataFrames.
 
-    Under KERNELSCOPE_MODE=replay, `Probe(..., name=N)` returns the replay of the capture
-    recorded for N instead (see kernelscope.mode), so notebooks run unchanged without BPF.
+    Under KERNELSCOPE_MODE=replay, `Probe(..., name=N)` is the replay of the capture recorded
+    for N instead (kernelscope.mode decides), so notebooks run unchanged without BPF.
     """
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        from . import mode
-
-        if mode.mode() == "replay":
-            from .replay import replay
-
-            return replay(mode.require_capture(kwargs.get("name")), speed=mode.replay_speed(),
-                          name=kwargs.get("name"))
-        return super().__new__(cls)
+    live = True
 
     def __init__(
         self,
@@ -404,12 +118,11 @@ class Probe(Results):
         such as "struct event". `globals` (CO-RE): values for the program's `const volatile`
         variables, set before load as a libbpf skeleton does ({"targ_tgid": 1234}).
         """
-        from . import core
-
         backend = backend or ("libbpf" if core.is_core(source) else "bcc")
-        if backend not in ("bcc", "libbpf"):
+        if backend not in BACKENDS:
             raise ValueError(f"backend must be 'bcc' or 'libbpf', not {backend!r}")
         self.backend = backend
+        self._backend = BACKENDS[backend]
         if poll_interval <= 0:
             raise ValueError("poll_interval must be positive")
         self.source = source
@@ -425,25 +138,18 @@ class Probe(Results):
         self.dtypes: dict[str, Any] = dict(dtypes or {})
         self.usdt = list(usdt)
         self.globals = dict(globals or {})
-        if self.globals and backend != "libbpf":
-            raise ValueError("globals= sets `const volatile` variables of CO-RE programs; "
-                             "for BCC programs use cflags=['-DNAME=VALUE']")
         self.maps: dict[str, MapState] = {}
         self.user_rings: dict[str, Any] = {}  # name -> userring.UserRing (CO-RE backend)
         self._sent_before: dict[str, dict[str, int]] = {}  # user ring counts of replaced programs
         self.error: BaseException | None = None
         self.closed = False
         self.started_at: float | None = None
-        self._res = _Resources()
+        self._res = Resources()
         self._finalizer = weakref.finalize(self, self._res.close)
-        self._lock = threading.RLock()  # one drainer at a time
-        self._last_sample = 0.0
-        # adaptive pacing: seconds between reads, the next read (monotonic ns; None: wait for
-        # the kernel), and since when the records the next read finds have been arriving
-        self._interval = 0.0
-        self._next_read: int | None = None
-        self._window_start = 0
-        self._last_read = 0  # monotonic ns of the last read's start
+        # the drain sees this probe through a weak proxy: no cycle, so a forgotten probe is
+        # freed as soon as the drain thread lets go of it (and its finalizer closes it)
+        me = cast(Probe, weakref.proxy(self))
+        self._drain = Drain(self.maps, self._res.stop, me, lambda: me._compute_stats())  # noqa: PLW0108 (a bound method would hold self)
         self._stopped_stats: dict[str, dict[str, Any]] | None = None
         self._stopped_send_stats: dict[str, dict[str, Any]] | None = None
         self.instrumented: Any = self._instrument()
@@ -453,19 +159,15 @@ class Probe(Results):
     # --- lifecycle -------------------------------------------------------------------
 
     def _instrument(self) -> Any:
-        if self.backend == "libbpf":
-            from . import core
-
-            return core.prepare(self.source, self.pages)
-        return instrument(self.source, self.pages)
+        return self._backend.prepare(self.source, self.pages, self.globals)
 
     @property
     def bpf(self) -> Any:
         """The underlying `bcc.BPF` object (BCC backend; None before load, after close, for CO-RE)."""
-        return getattr(self._res.prog, "bpf", None)
+        return None if self._res.prog is None else self._res.prog.bpf
 
     @property
-    def program(self) -> Any:
+    def program(self) -> Program | None:
         """The loaded program behind either backend (BCCProgram or core.CoreProgram), or None."""
         return self._res.prog
 
@@ -483,17 +185,11 @@ class Probe(Results):
         self._check_open()
         if self.loaded:
             return self
-        if self.backend == "libbpf":
-            from . import core
-
-            prog: Any = core.load(self.instrumented, self.source, self.cflags, self.globals)
-        else:
-            bpf = _compile.load(self.instrumented, self.source, self.cflags, self.usdt)
-            prog = BCCProgram(bpf, self.instrumented, self.source)
+        prog = self._backend.open_program(self.instrumented, self.source, self.cflags, self.usdt,
+                                          self.globals)
         self._res.prog = prog
         try:
-            self._open_maps(prog)
-            self._open_user_rings(prog)
+            self._open_buffers(prog)
         except BaseException:
             self._res.close()
             raise
@@ -503,67 +199,39 @@ class Probe(Results):
         self._set_gate(1)
         return self
 
-    def _dtype(self, prog: Any, name: str) -> np.dtype | None:
+    def _dtype(self, prog: Program, name: str) -> np.dtype | None:
         want = self.dtypes.get(name)
         if isinstance(want, str):
             return np.dtype(prog.named_dtype(want, name))
         return np.dtype(want) if want is not None else None
 
-    def _open_maps(self, prog: Any) -> None:
+    def _open_buffers(self, prog: Program) -> None:
+        """A reader on each output map (rows and counts carry on over a reload), a writer on
+        each user ring."""
+        from .readers.user_ring import UserRing
+
         for name, om in self.instrumented.maps.items():
             dtype = self._dtype(prog, name)
-            if dtype is None:
-                dtype = prog.event_dtype(name)
-            old = self.maps.get(name)
-            if old is not None and old.schema.dtype == np.dtype(dtype):
-                ms = old  # reconfigure(): same program, new buffers; rows and counts carry on
-                ms.om = om
-            else:
-                schema = Schema(np.dtype(dtype), per_cpu=om.kind == "perf")
-                ms = MapState(om, schema, FrameStore(schema, self.max_rows))
-            schema = ms.schema
-            if om.kind == "ringbuf":
-                size = prog.ring_size(name)
-                ms.pages = size // PAGE
-                ms.reader = RingBufferReader(prog.map_fd(name), size, schema.dtype, wakeup=self.wakeup)
-            else:
-                from .perfbuf import PerfBufferReader
-
-                pages = self.pages.get(name, 64) if isinstance(self.pages, dict) else (self.pages or 64)
-                ms.pages = pages
-                ms.reader = PerfBufferReader(
-                    prog.perf_set_fd(name),
-                    schema.dtype,
-                    pages=pages,
-                    wakeup_events=self.wakeup_events,
-                    watermark_bytes=self.watermark_bytes,
-                )
+            dtype = prog.event_dtype(name) if dtype is None else dtype
+            ms = open_map(prog, om, dtype, self.maps.get(name), self)
             self._res.readers.append(ms.reader)
-            tf = schema.time_field
-            if tf:
-                ms.order = ms.order or OrderTracker(tf)
-                ms.reorder = Reorderer(tf, self.reorder_ns) if self.reorder_ns is not None else None
-            elif self.reorder_ns is not None:
-                raise SchemaError(f"{name}: reorder_ns needs a u64 timestamp field (e.g. `u64 ts`)")
             self.maps[name] = ms
-        if not self.maps and not getattr(self.instrumented, "user_rings", None):
-            what = ("ring buffer or perf event array map (SEC(\".maps\"))" if self.backend == "libbpf"
-                    else "BPF_RINGBUF_OUTPUT or BPF_PERF_OUTPUT map")
-            self.warnings.append(f"the program declares no {what}: nothing to drain")
-
-    def _open_user_rings(self, prog: Any) -> None:
-        from .userring import UserRing
-
-        for name in getattr(self.instrumented, "user_rings", {}):
+        for name in self.instrumented.user_rings:
             dtype = self._dtype(prog, name)
             if dtype is None and name in self.instrumented.event_types:
                 dtype = prog.event_dtype(name)
-            ring = UserRing(name, prog.map_fd(name), prog.ring_size(name), dtype)
-            self.user_rings[name] = ring
-            self._res.readers.append(ring)
+            self.user_rings[name] = UserRing(name, prog.map_fd(name), prog.ring_size(name), dtype)
+            self._res.readers.append(self.user_rings[name])
+        if not self.maps and not self.user_rings:
+            self.warnings.append(f"the program declares no {prog.output_decl}: nothing to drain")
+
+    def _prog(self) -> Program:
+        if self._res.prog is None:
+            raise KernelscopeError("probe is not loaded: call start() or load() first")
+        return self._res.prog
 
     def _set_gate(self, value: int) -> None:
-        self._res.prog.set_gate(value)
+        self._prog().set_gate(value)
 
     def send(self, name: str | None = None, records: Any = None, timeout: float = 0.0) -> int:
         """Write records into a BPF_MAP_TYPE_USER_RINGBUF map, in order; returns how many.
@@ -573,7 +241,7 @@ class Probe(Results):
         A full ring waits up to `timeout` s for the program to drain, then raises
         UserRingFullError saying how many records went in; nothing is lost silently.
         """
-        from .userring import choose_ring
+        from .readers.user_ring import choose_ring
 
         self._check_open()
         self.load()
@@ -590,25 +258,7 @@ class Probe(Results):
         return self._compute_send_stats()
 
     def _compute_send_stats(self) -> dict[str, dict[str, Any]]:
-        counters = self.counters() if self.loaded else {}
-        out = {}
-        for name, ring in self.user_rings.items():
-            before = self._sent_before.get(name, {})
-            c = counters.get(name, {})
-            drained = c.get("drained", 0) + before.get("drained", 0)
-            sent = ring.sent + before.get("sent", 0)
-            out[name] = {
-                "kind": "user_ringbuf",
-                "sent": sent,
-                "drained": drained,
-                "pending": sent - drained,
-                "drain_errors": c.get("drain_errors", 0),
-                "full": ring.full + before.get("full", 0),
-                "fill_bytes": ring.fill_bytes(),
-                "capacity_bytes": ring.size,
-                "pages": ring.size // PAGE,
-            }
-        return out
+        return user_ring_stats(self.user_rings, self.counters() if self.loaded else {}, self._sent_before)
 
     def start(self) -> Probe:
         """Load if needed and drain in a background thread. Idempotent."""
@@ -645,12 +295,12 @@ class Probe(Results):
         self._res.thread = None
         time.sleep(GRACE)
         deadline = time.monotonic() + 5.0  # a BUSY record is finished by the time the gate closed
-        while self.poll_once(0) or any(fill_bytes(ms.reader) for ms in self.maps.values()):
+        while self.poll_once(0) or self._drain.pending():
             if time.monotonic() > deadline:
                 self.warnings.append("final drain stopped after 5 s with data still in a buffer")
                 break
-        self._flush_reorder()
-        self._sample(force=True)
+        self._drain.flush_reorder()
+        self._drain.sample(force=True)
         self._stopped_stats = self._compute_stats()
         self._stopped_send_stats = self._compute_send_stats() if self.user_rings else None
         self._record()
@@ -658,8 +308,6 @@ class Probe(Results):
 
     def _record(self) -> None:
         """In record mode, a named probe saves its capture each time it stops."""
-        from . import mode
-
         if self.name and mode.mode() == "record":
             path = mode.capture_path(self.name)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -707,15 +355,7 @@ class Probe(Results):
             return self
         if self.loaded:
             self.stop()
-            counters = self.counters()
-            for name, ms in self.maps.items():
-                for key in ("attempted", "failed", "discarded"):
-                    ms.carried[key] = ms.carried.get(key, 0) + counters.get(name, {}).get(key, 0)
-            for name, ring in self.user_rings.items():  # user ring counts carry on too
-                before = self._sent_before.setdefault(name, {})
-                for key, n in (("sent", ring.sent), ("full", ring.full),
-                               ("drained", counters.get(name, {}).get("drained", 0))):
-                    before[key] = before.get(key, 0) + n
+            carry_over(self.maps, self.user_rings, self.counters(), self._sent_before)
             self._res.close()
         self.instrumented = self._instrument()
         now = time.monotonic()
@@ -757,104 +397,8 @@ class Probe(Results):
         it short); otherwise it waits until the kernel notifies or `timeout` passes.
         """
         self._check_open()
-        if not self.loaded:
-            raise KernelscopeError("probe is not loaded: call start() or load() first")
-        waited = False  # for the kernel's wake-up
-        if timeout and self.wakeup == "timer":
-            self._res.stop.wait(timeout)  # timer-driven: look every poll_interval, pending or not
-        elif timeout and self._next_read is not None:
-            self._res.stop.wait(min(max(0, self._next_read - time.monotonic_ns()) / 1e9, timeout))
-        elif timeout and not any(fill_bytes(ms.reader) for ms in self.maps.values()):
-            self._wait(timeout)
-            waited = True
-        total = 0
-        with self._lock:
-            now = time.monotonic_ns()
-            paced = self._paced()
-            pending = [(fill_bytes(ms.reader), ms.reader.capacity_bytes)
-                       for ms in self.maps.values()] if paced else []
-            for ms in self.maps.values():
-                batch: Batch = ms.reader.read()
-                ms.batches += 1
-                ms.lost_records += batch.lost
-                for cpu, n in batch.lost_by_cpu.items():
-                    ms.lost_by_cpu[cpu] = ms.lost_by_cpu.get(cpu, 0) + n
-                ms.discarded_seen += batch.discarded
-                if not len(batch):
-                    continue
-                total += len(batch)
-                self._store(ms, batch, now)
-            limit = timeout or self.poll_interval
-            self._next_read = self._next_paced_read(now, pending, limit, waited, total) if paced else None
-            self._window_start = self._last_read = now
-            self._sample()
-        return total
-
-    def _paced(self) -> bool:
-        """Adaptive pacing applies to probes whose output maps are all ring buffers: a perf
-        buffer keeps its own wake-up settings (wakeup_events, watermark_bytes)."""
-        return (self.wakeup == "adaptive" and bool(self.maps)
-                and all(ms.om.kind == "ringbuf" for ms in self.maps.values()))
-
-    def _next_paced_read(self, now: int, pending: list[tuple[int, int]], limit: float,
-                         waited: bool, records: int) -> int | None:
-        """When to start the next read, from what the read started at `now` found (bytes
-        pending, capacity per map; `records` in all); None when it found nothing, or records
-        that arrived slower than PACE_MIN_RATE: wait for the kernel then, so sparse events
-        arrive at once (a wake-up per record costs nothing worth saving at that rate).
-
-        The interval survives a paced read that found nothing (a producer that did not get
-        the CPU for one interval, e.g. because each of our wake-ups preempted it on a shared
-        CPU, is still busy); it halves when a whole wait for the kernel (`waited`) brought
-        nothing, so a ring idle for a while is paced from a short interval again.
-        """
-        window = max(0, now - self._window_start) / 1e9 if self._window_start else 0.0
-        found = [(n, capacity) for n, capacity in pending if n]
-        if not found:
-            if waited:
-                self._interval /= 2
-            return None
-        # the rate that decides: records since the previous read (after a wait for the kernel,
-        # `window` only spans the time since the wake-up, which one record makes look fast)
-        since = max(0, now - self._last_read) / 1e9 if self._last_read else window
-        if records < PACE_MIN_RATE * since:
-            return None
-        self._interval = min(pace(self._interval, window, n, capacity, limit) for n, capacity in found)
-        return now + int(self._interval * 1e9)
-
-    def _wait(self, timeout: float) -> None:
-        """Wait for the kernel to notify (or `timeout`); the next read's records arrived after."""
-        readers = [ms.reader for ms in self.maps.values()]
-        if not readers:
-            self._res.stop.wait(timeout)
-        elif len(readers) == 1:
-            readers[0].poll(timeout)
-        else:
-            # several maps: short polls in turn, bounded by `timeout` overall
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and not self._res.stop.is_set():
-                if any(r.poll(min(0.005, timeout)) for r in readers):
-                    break
-        self._window_start = time.monotonic_ns()
-
-    def _store(self, ms: MapState, batch: Batch, now: int) -> None:
-        if ms.reorder is not None:
-            batch = ms.reorder.push(batch)
-            if not len(batch):
-                return
-        if ms.order is not None:
-            ms.order.update(batch.records)
-        ms.store.append(batch, now)
-
-    def _flush_reorder(self) -> None:
-        now = time.monotonic_ns()
-        for ms in self.maps.values():
-            if ms.reorder is not None:
-                batch = ms.reorder.flush()
-                if len(batch):
-                    if ms.order is not None:
-                        ms.order.update(batch.records)
-                    ms.store.append(batch, now)
+        self._prog()
+        return self._drain.poll_once(timeout)
 
     # --- results ---------------------------------------------------------------------
 
@@ -873,78 +417,15 @@ class Probe(Results):
         return self._compute_stats()
 
     def _compute_stats(self) -> dict[str, dict[str, Any]]:
-        counters = self.counters()
-        out = {}
-        for name, ms in self.maps.items():
-            now = counters.get(name, {"attempted": 0, "failed": 0, "discarded": 0})
-            c = {k: now.get(k, 0) + ms.carried.get(k, 0) for k in ("attempted", "failed", "discarded")}
-            if self.backend == "libbpf":
-                # bpf_ringbuf_discard() names no map: count the discards the reader skipped
-                c["discarded"] += ms.discarded_seen
-            attempted = c["attempted"] - c["discarded"]
-            received = ms.store.received + (len(ms.reorder) if ms.reorder else 0)
-            out[name] = {
-                "kind": ms.om.kind,
-                "attempted": attempted,
-                "received": received,
-                "dropped": c["failed"],
-                "in_flight": attempted - received - c["failed"],
-                "discarded": c["discarded"],
-                "lost_records": ms.lost_records,
-                "stored": len(ms.store),
-                "evicted": ms.store.evicted,
-                "fill_bytes": fill_bytes(ms.reader),
-                "capacity_bytes": ms.reader.capacity_bytes if ms.reader else 0,
-                "pages": ms.pages,
-                "inversions": ms.order.inversions if ms.order else None,
-                "max_inversion_ns": ms.order.max_inversion_ns if ms.order else None,
-                "batches": ms.batches,
-                "memory_bytes": ms.store.nbytes,
-                "reloads": len(ms.marks),
-            }
-        return out
-
-    def _sample(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last_sample < HISTORY_INTERVAL:
-            return
-        self._last_sample = now
-        for name, st in self._compute_stats().items():
-            self.maps[name].history.append(
-                {
-                    "t": now,
-                    "attempted": st["attempted"],
-                    "received": st["received"],
-                    "dropped": st["dropped"],
-                    "fill_bytes": st["fill_bytes"],
-                    "capacity_bytes": st["capacity_bytes"],
-                    "lost_records": st["lost_records"],
-                }
-            )
+        return map_stats(self.maps, self.counters(), self._prog().counts_discards)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write everything received, the counters over time and the program to one Parquet file."""
-        from . import capture
+        from .captures import capture
 
         started = int((self.started_at or 0) * 1e9)
-        maps = {}
         stats = self.stats
-        for name, ms in self.maps.items():
-            c = ms.store.chunk()
-            maps[name] = capture.MapCapture(
-                name=name,
-                kind=ms.om.kind,
-                dtype=ms.schema.dtype,
-                records=c.records,
-                seq=np.arange(c.seq0, c.seq0 + len(c.records), dtype=np.int64),
-                arrival_ns=c.arrival_ns,
-                cpu=c.cpu,
-                stats=stats.get(name, {}),
-                history=[{**h, "t": h["t"] - (self.started_at or 0)} for h in ms.history],
-                pages=ms.pages,
-                epoch_offset_ns=ms.schema.epoch_offset_ns,
-                marks=[{**m, "t": m["t"] - (self.started_at or 0)} for m in ms.marks],
-            )
+        maps = {name: ms.capture(stats.get(name, {}), self.started_at or 0) for name, ms in self.maps.items()}
         settings = {
             "pages": self.pages,
             "poll_interval": self.poll_interval,
@@ -996,43 +477,17 @@ class Probe(Results):
     def attach_uprobe(self, name: str, sym: str = "", fn_name: str = "", **kw: Any) -> Probe:
         """Attach a function of the program to a user-space symbol (`name`: binary or library)."""
         self.load()
-        if self.backend == "libbpf":
-            from . import core
-
-            core.attach_uprobe(self._res.prog, name, sym, fn_name, **kw)
-            return self
-        with _compile.capture_fd2() as log:
-            try:
-                self.bpf.attach_uprobe(name=name, sym=sym, fn_name=fn_name, **kw)
-                return self
-            except Exception as e:
-                err = e
-        raise _compile.AttachError(
-            f"uprobe {name}:{sym} -> {fn_name}: {err} {''.join(log).strip()}"
-        ) from None
+        self._prog().attach_uprobe(name, sym, fn_name, **kw)
+        return self
 
     def attach_tracepoint(self, tp: str, fn_name: str) -> Probe:
         """Attach a program function to `category:event` (for functions not named by macros)."""
         self.load()
         cat_ev = tp.replace(":", " ").split()
         if len(cat_ev) == 2:
-            _compile.check_tracepoint(cat_ev[0], cat_ev[1])
-        if self.backend == "libbpf":
-            prog = self._res.prog
-            if len(cat_ev) != 2:
-                raise AttachError(f"tracepoint {tp!r}: expected CATEGORY:EVENT")
-            try:
-                prog.obj.attach_tracepoint(prog.program(fn_name), *cat_ev)
-            except OSError as e:
-                raise AttachError(f"tracepoint {tp} -> {fn_name}: {e}") from None
-            return self
-        with _compile.capture_fd2() as log:
-            try:
-                self.bpf.attach_tracepoint(tp=tp, fn_name=fn_name)
-                return self
-            except Exception as e:
-                err = e
-        raise _compile.AttachError(f"tracepoint {tp} -> {fn_name}: {err} {''.join(log).strip()}") from None
+            tracepoints.check_tracepoint(cat_ev[0], cat_ev[1])
+        self._prog().attach_tracepoint(tp, fn_name)
+        return self
 
     def state(self) -> str:
         return "closed" if self.closed else "running" if self.running else "loaded" if self.loaded else "new"
@@ -1042,28 +497,3 @@ class Probe(Results):
         return [] if prog is None else list(prog.attach_points())
 
 
-def bcc_event_fields(bpf: Any, name: str) -> list[tuple[str, str]]:
-    """The (field, C type) list BCC recorded for what the program submits to map `name`."""
-    lib = bpf_lib()
-    n = lib.bpf_perf_event_fields(bpf.module, name.encode())
-    fields = []
-    for i in range(n):
-        raw = lib.bpf_perf_event_field(bpf.module, name.encode(), i).decode()
-        fname, _, ctype = raw.partition("#")
-        fields.append((fname, ctype))
-    if not fields:
-        raise SchemaError(
-            f"{name}: BCC found no struct submitted to this map (no {name}.ringbuf_output/"
-            "ringbuf_reserve/perf_submit call with a struct). Submit a struct, or pass "
-            "dtypes={...} to Probe."
-        )
-    return fields
-
-
-def bpf_lib() -> Any:
-    from .host import import_bcc
-
-    import_bcc()
-    from bcc.libbcc import lib  # type: ignore[import-not-found,unused-ignore]
-
-    return lib

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .batch import Batch, concat_records
+from .readers.batch import Batch, concat_records
 from .schema import Schema
 
 

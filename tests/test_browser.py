@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 from util import wait_for
 
-from kernelscope.widgets import page_choices
+from kernelscope.jupyter.widgets import page_choices
 
 pytestmark = pytest.mark.kernel
 

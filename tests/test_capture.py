@@ -16,8 +16,16 @@ import pytest
 from producers import paused, perf_program, ring_program
 
 from kernelscope import Probe
-from kernelscope.capture import Capture, CaptureError, MapCapture, dtype_from_json, dtype_to_json, load, save
-from kernelscope.replay import replay
+from kernelscope.captures.capture import (
+    Capture,
+    CaptureError,
+    MapCapture,
+    dtype_from_json,
+    dtype_to_json,
+    load,
+    save,
+)
+from kernelscope.captures.replay import replay
 
 NESTED = np.dtype(
     {
@@ -154,7 +162,7 @@ def test_capture_replays_without_privileges(tmp_path) -> None:
     path = Path(shutil.copy(path, shared / "cap.parquet"))
     path.chmod(0o644)
     code = (
-        "import sys, kernelscope.host as h, kernelscope.replay as r\n"
+        "import sys, kernelscope.host as h, kernelscope.captures.replay as r\n"
         "assert not h.has_bpf_privileges()\n"
         f"df = r.replay({str(path)!r}, speed=None).start().df\n"
         "sys.stdout.write(df.drop(columns=['ks_time']).to_json())\n"
@@ -210,7 +218,7 @@ def test_record_then_replay_mode_runs_the_same_code(tmp_path, monkeypatch) -> No
 
 @pytest.mark.kernel
 def test_reload_marks_survive_the_capture_and_show_in_the_replays_plots(tmp_path) -> None:
-    from kernelscope import plots
+    from kernelscope.jupyter import plots
 
     first, second = paused(2000), paused(2000)
     src = ring_program().replace("!= TARGET", "!= TARGET && (id >> 32) != SECOND")

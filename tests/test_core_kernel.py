@@ -84,7 +84,7 @@ def test_user_ring_round_trip_delivers_exactly_the_records_written_in_order() ->
     assert (df["pid"] == os.getpid()).all()
     ss = p.send_stats["user_ringbuf"]
     assert (ss["sent"], ss["drained"], ss["pending"], ss["fill_bytes"], ss["full"]) == (n, n, 0, 0, 0)
-    from kernelscope.display import StatusLine, counts
+    from kernelscope.jupyter.display import StatusLine, counts
 
     assert "5,000 events" in StatusLine(p, "echo").text(counts(p))
     assert "5,000 sent (user ring)" in StatusLine(p, "echo").text(counts(p))
@@ -320,7 +320,7 @@ def test_core_relocation_against_a_field_this_kernel_lacks_is_explained() -> Non
 
 
 def test_kprobe_section_is_refused_naming_the_missing_option() -> None:
-    from kernelscope.compile import config_option
+    from kernelscope.tracepoints import config_option
 
     src = 'SEC("kprobe/do_sys_openat2") int f(void *ctx) { return 0; }'
     if config_option("CONFIG_KPROBES") not in (None, "n"):
@@ -383,7 +383,7 @@ def test_reconfigure_resizes_core_rings_and_carries_send_counts() -> None:
 
 
 def test_core_capture_replays_frames_and_send_counts(tmp_path: Path) -> None:
-    from kernelscope.replay import replay
+    from kernelscope.captures.replay import replay
 
     p = Probe(sources.read("user_ringbuf_echo.c"), name="echo").start()
     p.send([{"seq": i, "text": "x"} for i in range(100)])
@@ -424,7 +424,7 @@ def test_unknown_or_misused_globals_are_named() -> None:
 
 
 def test_usdt_section_attaches_and_reads_the_probe_arguments() -> None:
-    from kernelscope.doctor import _find_usdt_binary
+    from kernelscope.doctor.checks import _find_usdt_binary
 
     binary = _find_usdt_binary()
     if binary is None:

@@ -15,9 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernelscope import btf, core
+from kernelscope.backends import btf, core
 from kernelscope.errors import CompileError, SchemaError
-from kernelscope.userring import to_records
+from kernelscope.readers.user_ring import to_records
 
 RING = 'struct { __uint(type, BPF_MAP_TYPE_RINGBUF); __uint(max_entries, 1 << 16); } rb SEC(".maps");\n'
 PERF = ('struct { __uint(type, BPF_MAP_TYPE_PERF_EVENT_ARRAY); __uint(key_size, 4); __uint(value_size, 4); }'
@@ -173,7 +173,7 @@ def test_a_struct_with_a_bitfield_is_refused_by_name(tmp_path: Path) -> None:
 
 
 def test_elf_symbols_give_each_global_its_section_offset_and_size(tmp_path: Path) -> None:
-    from kernelscope import elf
+    from kernelscope.backends import elf
 
     src = ('#include "vmlinux.h"\n#include <bpf/bpf_helpers.h>\n'
            "const volatile u32 a = 1;\nconst volatile u64 b = 2;\nconst volatile char name[5] = {};\n"

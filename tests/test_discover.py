@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kernelscope import discover
+from kernelscope import tracepoints as discover
 from kernelscope.errors import KernelscopeError, TracefsAccessError
 
 EXEC_FORMAT = """name: sched_process_exec
@@ -241,8 +241,8 @@ def test_the_real_tracefs_refuses_uid_65534_with_a_kernelscope_error(monkeypatch
                                                                      ) -> None:
     from nobody import NOBODY, run_as_nobody
 
-    from kernelscope import compile as _compile
     from kernelscope import host
+    from kernelscope import tracepoints as _compile
 
     monkeypatch.setenv("KERNELSCOPE_MODE", "live")
     for call in (lambda: discover.tracepoints("sched:*"),

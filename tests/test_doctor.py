@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from kernelscope import cli, doctor, host
-from kernelscope.doctor import Check, DoctorReport
+from kernelscope import cli, host
+from kernelscope.doctor import checks as doctor
+from kernelscope.doctor.report import BASICS, Check, DoctorReport, render_text
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def kprobes_configured() -> bool:
 
 @pytest.mark.kernel
 def test_basics_work_here(found: DoctorReport) -> None:
-    for name in doctor.BASICS:
+    for name in BASICS:
         assert found[name].ok is True, found[name]
     assert found.ok
 
@@ -276,7 +277,7 @@ def sample() -> list[Check]:
 
 
 def test_text_table_shows_status_fix_and_verdict() -> None:
-    text = doctor.render_text(sample(), 1.25)
+    text = render_text(sample(), 1.25)
     lines = text.splitlines()
     assert "1.2 s" in lines[0] or "1.3 s" in lines[0]
     assert re.search(r"^ok\s+\*\s+privileges\s+root$", text, re.M)
@@ -295,6 +296,6 @@ def test_html_report_escapes_and_renders_in_notebooks() -> None:
     assert "fix: run `kernelscope setup`" in out
     assert "basics missing" in out
     assert not rep.ok
-    assert str(rep) == doctor.render_text(rep.checks, 0.5)
+    assert str(rep) == render_text(rep.checks, 0.5)
     with pytest.raises(KeyError):
         rep["no such check"]

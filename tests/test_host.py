@@ -232,10 +232,10 @@ def test_cli_setup_bcc_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
 def test_cli_missing_subcommand_module_is_a_message(
     monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    monkeypatch.setitem(sys.modules, "kernelscope.record", None)
+    monkeypatch.setitem(sys.modules, "kernelscope.captures.record", None)
     code, _, err = run_cli(["record", "--some-flag"], capsys)
     assert code != 0
-    assert "kernelscope.record" in err
+    assert "kernelscope.captures.record" in err
     assert "Traceback" not in err
 
 
@@ -250,7 +250,7 @@ def test_cli_passes_remaining_arguments_to_the_module(
             seen.append(argv)
             return 3
 
-    monkeypatch.setitem(sys.modules, "kernelscope.bench", FakeBench)
+    monkeypatch.setitem(sys.modules, "kernelscope.bench.__main__", FakeBench)
     code, _, _ = run_cli(["bench", "--events", "10", "-x"], capsys)
     assert code == 3
     assert seen == [["--events", "10", "-x"]]

@@ -6,8 +6,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernelscope.batch import Batch
 from kernelscope.order import OrderTracker, Reorderer
+from kernelscope.readers.batch import Batch
 
 DT = np.dtype([("ts", "<u8"), ("cpu", "<u4"), ("n", "<u4")])
 

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernelscope import perfbuf
-from kernelscope.batch import concat_records, copy_records
 from kernelscope.errors import ClosedError, KernelscopeError
-from kernelscope.perfbuf import (
+from kernelscope.readers import perf as perfbuf
+from kernelscope.readers.batch import concat_records, copy_records
+from kernelscope.readers.perf import (
     PERF_RECORD_LOST,
     PERF_RECORD_SAMPLE,
     PerfBufferReader,
@@ -430,3 +430,15 @@ def test_reader_validates_arguments_before_opening_anything(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PerfBufferReader(lambda cpu, fd: calls.append((cpu, fd)), **args)
     assert calls == []
+
+
+def test_corruption_is_an_internal_error_not_the_users():
+    from kernelscope.errors import CorruptBufferError, InternalError
+
+    area = FakeArea(256)
+    area.put(struct.pack("<IHH", PERF_RECORD_SAMPLE, 0, 0))
+    area.publish()
+    with pytest.raises(CorruptBufferError) as e:
+        PerfRing(area.buf, DTYPES[0]).read()
+    assert isinstance(e.value, InternalError)
+    assert not isinstance(e.value, ValueError)

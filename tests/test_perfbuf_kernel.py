@@ -20,7 +20,7 @@ import pytest
 
 from kernelscope import host
 from kernelscope.errors import ClosedError, SetupError
-from kernelscope.perfbuf import PAGE_SIZE, PerfBufferReader
+from kernelscope.readers.perf import PAGE_SIZE, PerfBufferReader
 
 pytestmark = pytest.mark.kernel
 
@@ -184,11 +184,13 @@ def test_tiny_buffer_reports_what_it_dropped(prog, reader, pinned):
 def test_fill_and_capacity(prog, reader, pinned):
     r = reader(pages=4)
     assert r.capacity_bytes == 4 * PAGE_SIZE * len(r.cpus)
-    assert r.fill_bytes() == dict.fromkeys(r.cpus, 0)
+    assert r.fill_by_cpu() == dict.fromkeys(r.cpus, 0)
+    assert r.fill_bytes() == 0
     prog.produce(10)
-    assert r.fill_bytes()[pinned] == 10 * RECORD_BYTES
+    assert r.fill_by_cpu()[pinned] == 10 * RECORD_BYTES
+    assert r.fill_bytes() == 10 * RECORD_BYTES  # the sum over CPUs, an int like a ring's
     assert len(r.read()) == 10
-    assert r.fill_bytes()[pinned] == 0
+    assert r.fill_by_cpu()[pinned] == 0
 
 
 def test_wakeup_events_batches_wakeups(prog, reader, pinned):
@@ -230,6 +232,8 @@ def test_close_releases_everything_and_is_final(prog, reader, fd_count):
         r.poll(0)
     with pytest.raises(ClosedError):
         r.fill_bytes()
+    with pytest.raises(ClosedError):
+        r.fill_by_cpu()
     r.close()  # a second close does nothing
     prog.produce(5)  # the map still points at the closed events: harmless
 

@@ -13,15 +13,8 @@ import pytest
 from producers import paused, perf_program, ring_program, run_to_completion
 from util import BPFCounts, bpf_object_counts, fd_count, refusal
 
-from kernelscope import (
-    AttachError,
-    ClosedError,
-    CompileError,
-    Probe,
-    UnsupportedError,
-    VerifierError,
-)
-from kernelscope.compile import config_option
+from kernelscope import AttachError, ClosedError, CompileError, Probe, UnsupportedError, VerifierError
+from kernelscope.tracepoints import config_option
 
 pytestmark = pytest.mark.kernel
 
@@ -508,7 +501,7 @@ def test_default_pacing_delivers_sparse_events_at_once() -> None:
     PACE_MIN_RATE) are read as the kernel notifies, not held for a pacing pause: they
     arrive well within poll_interval."""
     from kernelscope import lab
-    from kernelscope.probe import PACE_MIN_RATE
+    from kernelscope.drain import PACE_MIN_RATE
 
     poll, groups, gap = 1.0, 20, 0.02
     assert 3 / gap < PACE_MIN_RATE

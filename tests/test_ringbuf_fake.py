@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernelscope.batch import copy_records
-from kernelscope.ringbuf import BUSY, DISCARD, HDR, RingParser, record_span
+from kernelscope.readers.batch import copy_records
+from kernelscope.readers.ring import BUSY, DISCARD, HDR, RingParser, record_span
 
 PAGE = 4096
 DTYPE = np.dtype([("pid", "<u4"), ("seq", "<u4"), ("ts", "<u8"), ("comm", "S16")])  # 32 bytes
@@ -195,3 +195,33 @@ def test_any_sequence_round_trips(plan, start, laps, busy_at) -> None:
     assert records.tobytes() == expected.tobytes()
     assert discarded_got == discarded_want
     assert parser.consumer_pos == ring.prod
+
+
+def test_a_record_longer_than_what_was_reserved_is_corruption():
+    from kernelscope.errors import CorruptBufferError, InternalError
+
+    ring = FakeRing(4096)
+    ring.commit(b"\x01" * 32)
+    ring._write(ring.prod, (5000).to_bytes(4, "little") + bytes(4))  # committed, runs past producer_pos
+    ring.prod += 16
+    ring._set(ring.producer, 0, ring.prod)
+    parser = ring.parser()
+    with pytest.raises(CorruptBufferError, match="corrupt ring buffer") as e:
+        parser.read()
+    assert isinstance(e.value, InternalError)  # a fault of the buffer, not the user's mistake
+    assert parser.consumer_pos == parser.producer_pos  # the next read starts clean
+    ring.commit(b"\x02" * 32)
+    assert len(parser.read().records) == 1
+
+
+@pytest.mark.parametrize(("cons", "prod"), [(100, 8), (0, 2 * 4096)])
+def test_impossible_positions_are_corruption(cons, prod):
+    from kernelscope.errors import CorruptBufferError
+
+    ring = FakeRing(4096, start=cons)
+    ring._set(ring.producer, 0, prod)
+    parser = ring.parser()
+    with pytest.raises(CorruptBufferError, match="producer_pos"):
+        parser.read()
+    assert parser.consumer_pos == prod
+    assert len(parser.read().records) == 0

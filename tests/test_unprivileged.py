@@ -32,8 +32,8 @@ def _cli(*argv: str) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def imported() -> None:
     """What the child imports lazily, imported here: it may not read this venv's interpreter."""
-    import kernelscope.core
-    import kernelscope.record  # noqa: F401
+    import kernelscope.backends.core
+    import kernelscope.captures.record  # noqa: F401
 
     host.import_bcc()
 

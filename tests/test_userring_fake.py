@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernelscope.ringbuf import BUSY, DISCARD, RingParser
-from kernelscope.userring import RingWriter, sample_span
+from kernelscope.readers.ring import BUSY, DISCARD, RingParser
+from kernelscope.readers.user_ring import RingWriter, sample_span
 
 SAMPLE = np.dtype([("seq", "<u4"), ("value", "<i8")], align=True)  # 16 bytes: span 24
 

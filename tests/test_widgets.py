@@ -21,10 +21,11 @@ import pytest
 from producers import Producer, paused, perf_program, ring_program
 from util import wait_for
 
-from kernelscope import Probe, plots, widgets
-from kernelscope.batch import Batch
-from kernelscope.capture import Capture, MapCapture
-from kernelscope.replay import Replay
+from kernelscope import Probe
+from kernelscope.captures.capture import Capture, MapCapture
+from kernelscope.captures.replay import Replay
+from kernelscope.jupyter import plots, widgets
+from kernelscope.readers.batch import Batch
 from kernelscope.schema import Schema
 from kernelscope.store import FrameStore
 
@@ -280,7 +281,7 @@ def test_perf_controls_set_pages_and_wakeups() -> None:
     p = Probe(perf_program(), cflags=prod.cflags, pages=4).start()
     pn = widgets.panel(p, interval=0.05, static="none")
     try:
-        cpus = len(p.maps["events"].reader.fill_bytes())
+        cpus = len(p.maps["events"].reader.fill_by_cpu())
         pn.pages["events"].value = 16
         assert p.stats["events"]["capacity_bytes"] == 16 * 4096 * cpus
         pn.perf_wakeup.value = ("fraction", 2)  # wake up when a CPU's buffer is half full
@@ -418,7 +419,7 @@ def test_a_headless_notebook_run_keeps_the_plots_in_its_output(monkeypatch: pyte
     tests = os.path.dirname(os.path.abspath(__file__))
     cells = [
         f"import sys\nsys.path.insert(0, {tests!r})\nfrom producers import paused, ring_program\n"
-        "from kernelscope import Probe\nfrom kernelscope.widgets import panel\n"
+        "from kernelscope import Probe\nfrom kernelscope.jupyter.widgets import panel\n"
         "prod = paused(3_000)\np = Probe(ring_program(64), cflags=prod.cflags).start()",
         "panel(p, static='html')",
         "prod.go()\np.stop()",

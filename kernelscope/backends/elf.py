@@ -11,7 +11,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import KernelscopeError
+from ..errors import KernelscopeError
 
 SHT_SYMTAB = 2
 

@@ -2,7 +2,7 @@
 
 The same CO-RE program (a BPF_MAP_TYPE_USER_RINGBUF big enough for every sample, drained by
 a program on kill(2) that counts samples and sums their `seq`) is loaded twice: once for
-libbpf's C producer (bench_c/userring_producer.c: user_ring_buffer__reserve/__submit per
+libbpf's C producer (c/userring_producer.c: user_ring_buffer__reserve/__submit per
 sample, given the map fd by inheritance), once for kernelscope's `Probe.send()` of one numpy
 array. Each writer is timed on its own; then kill() calls drain the ring, and the program's
 count and checksum say whether every sample arrived intact.
@@ -83,7 +83,7 @@ def _ring_bytes(samples: int) -> int:
 
 
 def _probe(samples: int) -> Any:
-    from .probe import Probe
+    from ..probe import Probe
 
     return Probe(PROGRAM, cflags=[f"-DRING_BYTES={_ring_bytes(samples)}", f"-DOWNER={os.getpid()}"],
                  backend="libbpf").start()

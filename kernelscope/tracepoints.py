@@ -11,19 +11,20 @@ captures, and in replay mode it is read back from there: replay needs no tracefs
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
 import hashlib
 import html
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from . import compile as _compile
-from . import mode
-from .errors import KernelscopeError
+from . import host, mode
+from .errors import TracefsAccessError, UnknownTracepointError, UnsupportedError
 
 # The fields every tracepoint record starts with (struct trace_entry). BCC hides them
 # behind one `u64 __do_not_use__` member: read them with helpers instead.
@@ -40,20 +41,115 @@ _FIELD = re.compile(
 )
 _REGEX_CHARS = set("^$+|(){}\\.")
 _GLOB_CHARS = set("*?[")
+_TP = re.compile(r"\bTRACEPOINT_PROBE\s*\(\s*(\w+)\s*,\s*(\w+)\s*\)")
+_RAW_TP = re.compile(r"\bRAW_TRACEPOINT_PROBE\s*\(\s*(\w+)\s*\)")
+_KPROBE = re.compile(r"\bint\s+(kprobe__|kretprobe__)(\w+)\s*\(")
 
 
-class UnknownTracepointError(KernelscopeError, LookupError):
-    """No such tracepoint on the running kernel; the message names close matches."""
+def tracefs_events() -> Path:
+    return host.TRACEFS / "events"
+
+
+@contextlib.contextmanager
+def reading_tracefs(events: Path) -> Iterator[None]:
+    """Turn a refused read under tracefs (`events` is its events/ folder) into TracefsAccessError.
+
+    Path.exists() and is_dir() raise PermissionError rather than answer False when a parent
+    folder is not searchable, as tracefs's 0700 top folder is for anyone but root.
+    """
+    try:
+        yield
+    except PermissionError as e:
+        raise TracefsAccessError(events.parent, e) from None
+
+
+def list_tracepoints(events: Path | None = None) -> list[str]:
+    """Every `category:event` the running kernel offers (none when tracefs is not mounted)."""
+    events = events or tracefs_events()
+    out = []
+    with reading_tracefs(events):
+        try:
+            cats = sorted(events.iterdir())
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        for cat in cats:
+            if cat.is_dir():
+                out += [f"{cat.name}:{ev.name}" for ev in sorted(cat.iterdir()) if (ev / "format").exists()]
+    return out
+
+
+def config_option(option: str) -> str | None:
+    """`y`, `m`, `n` (off) or None (absent) for a CONFIG_ option; "unknown" if the config is hidden."""
+    found = host.kernel_config()
+    if found is None:
+        return "unknown"
+    return found[0].get(option)
+
+
+def _line_of(source: str, pos: int) -> int:
+    return source.count("\n", 0, pos) + 1
+
+
+def check_tracepoint(cat: str, ev: str, line: int | None = None, events: Path | None = None,
+                     known: list[str] | None = None) -> list[str] | None:
+    """UnknownTracepointError naming close matches when `cat:ev` is not a tracepoint of this kernel.
+
+    Returns the list of known tracepoints when it had to read it, for the next call.
+    """
+    events = events or tracefs_events()
+    with reading_tracefs(events):
+        if (events / cat / ev / "format").exists():
+            return known
+    known = known if known is not None else list_tracepoints(events)
+    close = difflib.get_close_matches(f"{cat}:{ev}", known, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; %bpf_tracepoints PATTERN lists them"
+    where = f"line {line}: " if line else ""
+    raise UnknownTracepointError(f"{where}no tracepoint {cat}:{ev} on this kernel{hint}")
+
+
+def check_attach_points(source: str, events: Path | None = None) -> None:
+    """Name an unknown tracepoint (with close matches) or a missing kernel feature up front."""
+    events = events or tracefs_events()
+    known: list[str] | None = None
+    for m in _TP.finditer(source):
+        cat, ev = m.groups()
+        known = check_tracepoint(cat, ev, _line_of(source, m.start()), events, known)
+    for m in _RAW_TP.finditer(source):
+        known = check_raw_tracepoint(m.group(1), _line_of(source, m.start()), events, known)
+    kp = _KPROBE.search(source)
+    if kp:
+        check_kprobes(_line_of(source, kp.start()))
+
+
+def check_raw_tracepoint(name: str, line: int | None = None, events: Path | None = None,
+                         known: list[str] | None = None) -> list[str]:
+    known = known if known is not None else list_tracepoints(events or tracefs_events())
+    if any(k.split(":", 1)[1] == name for k in known):
+        return known
+    close = difflib.get_close_matches(name, [k.split(":", 1)[1] for k in known], n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    where = f"line {line}: " if line else ""
+    raise UnknownTracepointError(f"{where}no raw tracepoint {name} on this kernel{hint}")
+
+
+def check_kprobes(line: int | None = None) -> None:
+    if config_option("CONFIG_KPROBES") in (None, "n"):
+        where = f"line {line}: " if line else ""
+        raise UnsupportedError(
+            f"{where}kprobes are not available: this kernel was built "
+            "without CONFIG_KPROBES. Use a tracepoint (TRACEPOINT_PROBE) or raw tracepoint instead.",
+            feature="CONFIG_KPROBES",
+        )
 
 
 def events_dir() -> Path:
-    return _compile.tracefs_events()
+    return tracefs_events()
 
 
 def _ensure_tracefs() -> Path:
     """The events folder of tracefs, mounted first if needed (as root)."""
     events = events_dir()
-    with _compile.reading_tracefs(events):
+    with reading_tracefs(events):
         if not events.is_dir():
             from . import host
 
@@ -112,12 +208,12 @@ def tracepoints(pattern: str | None = None, events: Path | None = None) -> pd.Da
     """
     pattern = pattern or None
     if events is not None:
-        names = match(pattern, _compile.list_tracepoints(events))
+        names = match(pattern, list_tracepoints(events))
     else:
         what = f"list of tracepoints matching {pattern!r}" if pattern else "list of tracepoints"
         saved = mode.remember(capture_name("tracepoints", pattern), lambda: {
             "pattern": pattern,
-            "tracepoints": match(pattern, _compile.list_tracepoints(_ensure_tracefs())),
+            "tracepoints": match(pattern, list_tracepoints(_ensure_tracefs())),
         }, what=what)
         names = list(saved["tracepoints"])
     rows = [(n, *n.split(":", 1)) for n in names]
@@ -253,12 +349,12 @@ def tracepoint_format(name: str, events: Path | None = None) -> TracepointFormat
 
 def _read_format(events: Path, category: str, event: str) -> str:
     path = events / category / event / "format"
-    with _compile.reading_tracefs(events):
+    with reading_tracefs(events):
         try:
             return path.read_text()
         except FileNotFoundError:
             pass
-    known = _compile.list_tracepoints(events)
+    known = list_tracepoints(events)
     close = difflib.get_close_matches(f"{category}:{event}", known, n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; %bpf_tracepoints PATTERN lists them"
     raise UnknownTracepointError(f"no tracepoint {category}:{event} on this kernel{hint}")

@@ -11,8 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import KernelscopeError
-from .probe import Probe
+from ..errors import KernelscopeError
+from ..probe import Probe
 
 
 def progress_line(

@@ -8,6 +8,8 @@ Layout (kernel/bpf/ringbuf.c, Documentation/bpf/ringbuf.rst; libbpf ringbuf.c do
 Each record: an 8-byte header {u32 len; u32 pg_off} then `len` bytes, the whole padded to
 8 bytes. Bit 31 of len is BUSY (reserved, not yet submitted): nothing after it may be read
 yet. Bit 30 is DISCARD: skip it. Positions only grow; `pos & (size - 1)` is the offset.
+A user ring buffer (BPF_MAP_TYPE_USER_RINGBUF, readers/user_ring.py) has the same layout with
+the roles swapped; `record_span` and `ring_views` serve both.
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ import contextlib
 import mmap
 import os
 import select
+import threading
 import weakref
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import ClosedError, CorruptBufferError
+from .base import Resources
 from .batch import Batch, concat_records, copy_records, opaque
-from .errors import ClosedError
 
 BUSY = 1 << 31
 DISCARD = 1 << 30
@@ -36,6 +40,23 @@ RELEASE_BYTES = 256 * 1024
 def record_span(length: int) -> int:
     """Bytes a record of `length` payload bytes occupies in the ring (header + padding)."""
     return (length + HDR + 7) & ~7
+
+
+def ring_views(consumer: object, producer: object, size: int,
+               data_offset: int = PAGE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """consumer_pos, producer_pos (one u64 each) and the double-mapped data area as numpy views.
+
+    `consumer` holds consumer_pos at offset 0, `producer` holds producer_pos at offset 0 and
+    the data area, mapped twice in a row, at `data_offset`.
+    """
+    if size <= 0 or size & (size - 1):
+        raise ValueError(f"ring size must be a power of two, got {size}")
+    cons = np.frombuffer(consumer, dtype="<u8", count=1)  # type: ignore[call-overload]
+    prod = np.frombuffer(producer, dtype="<u8", count=1)  # type: ignore[call-overload]
+    data = np.frombuffer(producer, dtype=np.uint8, offset=data_offset)  # type: ignore[call-overload]
+    if len(data) < 2 * size:
+        raise ValueError("data area must be mapped twice (2 * size bytes)")
+    return cons, prod, data
 
 
 def pace(interval_s: float, window_s: float, pending_bytes: int, capacity_bytes: int,
@@ -76,19 +97,13 @@ class RingParser:
     def __init__(
         self, consumer: object, producer: object, size: int, dtype: np.dtype, data_offset: int = PAGE
     ) -> None:
-        if size <= 0 or size & (size - 1):
-            raise ValueError(f"ring size must be a power of two, got {size}")
+        self._cons, self._prod, self._data = ring_views(consumer, producer, size, data_offset)
         self.size = size
         self.mask = size - 1
         self.dtype = np.dtype(dtype)
         self.stride = record_span(self.dtype.itemsize)
         self._opaque = opaque(self.dtype)
         self._run_max = max(1, RELEASE_BYTES // self.stride)
-        self._cons = np.frombuffer(consumer, dtype="<u8", count=1)  # type: ignore[call-overload]
-        self._prod = np.frombuffer(producer, dtype="<u8", count=1)  # type: ignore[call-overload]
-        self._data = np.frombuffer(producer, dtype=np.uint8, offset=data_offset)  # type: ignore[call-overload]
-        if len(self._data) < 2 * size:
-            raise ValueError("data area must be mapped twice (2 * size bytes)")
 
     @property
     def consumer_pos(self) -> int:
@@ -103,10 +118,20 @@ class RingParser:
 
     def read(self, max_bytes: int | None = None) -> ParseResult:
         """Parse everything committed, return owned records. consumer_pos is stored after
-        every RELEASE_BYTES of fixed-size records copied out, and at the end."""
+        every RELEASE_BYTES of fixed-size records copied out, and at the end.
+
+        Raises CorruptBufferError for what the kernel never writes (positions more than the
+        ring apart, a record longer than what was reserved), after moving consumer_pos to
+        producer_pos so the next read starts clean.
+        """
         cons = self.consumer_pos
         prod = self.producer_pos  # read before any record: x86 keeps loads in order
         avail = prod - cons
+        if not 0 <= avail <= self.size:
+            self._cons[0] = prod
+            raise CorruptBufferError(f"corrupt ring buffer: producer_pos {prod}, consumer_pos {cons}, "
+                                     f"ring {self.size} bytes")
+        whole = max_bytes is None or max_bytes >= avail
         if max_bytes is not None:
             avail = min(avail, max_bytes)
         start = cons & self.mask
@@ -141,7 +166,11 @@ class RingParser:
             length = hdr & ~(BUSY | DISCARD)
             span = record_span(length)
             if pos + span > avail:
-                break  # only when max_bytes cut the region
+                if whole:  # the kernel reserves a record whole before producer_pos covers it
+                    self._cons[0] = prod
+                    raise CorruptBufferError(f"corrupt ring buffer record at position {cons + pos}: "
+                                             f"length {length} runs past producer_pos {prod}")
+                break  # max_bytes cut the region
             if hdr & DISCARD:
                 discarded += 1
             else:
@@ -158,40 +187,17 @@ class RingParser:
         return ParseResult(records, discarded, pos, busy)
 
 
-class _Resources:
-    """What a reader owns in the kernel's name, closable without a reference to the reader.
-
-    Python's mmap keeps a dup of the map fd, so an unclosed mapping keeps the BPF map alive
-    after BCC closed its own fd: the parser's numpy views must go before the mappings can.
-    """
-
-    def __init__(self) -> None:
-        self.maps: list[mmap.mmap] = []
-        self.closables: list[object] = []
-        self.parser: object | None = None
-
-    def close(self) -> None:
-        self.parser = None
-        for m in self.maps:
-            with contextlib.suppress(BufferError):  # a stray view still exists: unmapped with it
-                m.close()
-        for c in self.closables:
-            with contextlib.suppress(OSError):
-                c.close() if hasattr(c, "close") else os.close(c)  # type: ignore[arg-type]
-        self.maps.clear()
-        self.closables.clear()
-
-
 WAKEUPS = ("adaptive", "epoll", "timer")
 
 
 class RingBufferReader:
-    """Public layer over one ring map fd: mmap, epoll wake-ups or timer mode, close.
+    """Public layer over one ring map fd: mmap, epoll wake-ups or timer mode, close (a `Reader`).
 
     `map_fd` stays owned by the caller (BCC); the reader owns its mappings, its epoll and
     an eventfd that `close()` uses to wake a blocked `poll()`. `wakeup` "epoll" and
     "adaptive" register the map fd with the epoll (the caller's drain loop decides when
     to wait on it; "adaptive" says it paces its reads with `pace()`); "timer" does not.
+    One thread reads and polls; `close` may come from any thread.
     """
 
     def __init__(self, map_fd: int, size: int, dtype: np.dtype, wakeup: str = "epoll") -> None:
@@ -199,44 +205,67 @@ class RingBufferReader:
             raise ValueError(f"wakeup must be one of {', '.join(map(repr, WAKEUPS))}, not {wakeup!r}")
         self.size = size
         self.wakeup = wakeup
-        self.closed = False
-        res = self._res = _Resources()
-        self._finalizer = weakref.finalize(self, res.close)
-        rw = mmap.PROT_READ | mmap.PROT_WRITE
-        res.maps.append(mmap.mmap(map_fd, PAGE, flags=mmap.MAP_SHARED, prot=rw))
-        res.maps.append(
-            mmap.mmap(map_fd, PAGE + 2 * size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=PAGE)
-        )
-        self.parser = res.parser = RingParser(res.maps[0], res.maps[1], size, dtype)
-        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        res.closables.append(self._wake)
-        self._ep = select.epoll()
-        res.closables.append(self._ep)
-        self._ep.register(self._wake, select.EPOLLIN)
-        if wakeup != "timer":
-            # The kernel wakes the map's poll queue when a committed record becomes visible
-            # to a consumer that had caught up (unless the program passed BPF_RB_NO_WAKEUP).
-            self._ep.register(map_fd, select.EPOLLIN)
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._poll_lock = threading.Lock()
+        # Python's mmap keeps a dup of the map fd, so an unclosed mapping keeps the BPF map
+        # alive after BCC closed its own fd: the parser's numpy views go before the mappings.
+        res = self._res = Resources()
+        self._finalizer = weakref.finalize(self, res.release)
+        try:
+            rw = mmap.PROT_READ | mmap.PROT_WRITE
+            cons = mmap.mmap(map_fd, PAGE, flags=mmap.MAP_SHARED, prot=rw)
+            res.push(cons.close)
+            prod = mmap.mmap(map_fd, PAGE + 2 * size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ,
+                             offset=PAGE)
+            res.push(prod.close)
+            holder = [RingParser(cons, prod, size, dtype)]
+            res.push(holder.clear)
+            self._parser: RingParser | None = holder[0]
+            self._wake = res.fd(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
+            self._ep = select.epoll()
+            res.push(self._ep.close)
+            self._ep.register(self._wake, select.EPOLLIN)
+            if wakeup != "timer":
+                # The kernel wakes the map's poll queue when a committed record becomes visible
+                # to a consumer that had caught up (unless the program passed BPF_RB_NO_WAKEUP).
+                self._ep.register(map_fd, select.EPOLLIN)
+        except BaseException:
+            self.close()
+            raise
 
-    def _check(self) -> RingParser:
-        if self.closed:
-            raise ClosedError("ring buffer reader is closed")
-        return self.parser
+    @property
+    def parser(self) -> RingParser:
+        """The layout layer; ClosedError once the reader is closed."""
+        parser = self._parser
+        if self._closed or parser is None:
+            raise ClosedError("the ring buffer reader is closed")
+        return parser
 
-    def poll(self, timeout: float) -> bool:
-        """Wait up to `timeout` s for data (epoll) or just sleep it (timer mode). True if data."""
-        parser = self._check()
-        if parser.pending_bytes():
-            return True
-        self._ep.poll(timeout)
-        return not self.closed and bool(parser.pending_bytes())
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def poll(self, timeout: float | None = None) -> bool:
+        """Wait up to `timeout` s (None: no limit) for data (epoll), or just sleep it (timer
+        mode). True if data is pending; raises ClosedError if the reader is closed, also when
+        `close` interrupts the wait."""
+        with self._poll_lock:
+            if self.parser.pending_bytes():
+                return True
+            self._ep.poll(timeout)
+            if self._closed:
+                raise ClosedError("the ring buffer reader was closed while polling")
+            return bool(self.parser.pending_bytes())
 
     def read(self, max_bytes: int | None = None) -> Batch:
-        res = self._check().read(max_bytes)
+        with self._read_lock:
+            res = self.parser.read(max_bytes)
         return Batch(res.records, discarded=res.discarded)
 
     def fill_bytes(self) -> int:
-        return 0 if self.closed else self.parser.pending_bytes()
+        return self.parser.pending_bytes()
 
     @property
     def capacity_bytes(self) -> int:
@@ -244,10 +273,22 @@ class RingBufferReader:
 
     def close(self) -> None:
         """Wake a blocked poll, unmap, close our fds. Idempotent."""
-        if self.closed:
-            return
-        self.closed = True
-        with contextlib.suppress(OSError):
-            os.eventfd_write(self._wake, 1)
-        del self.parser
-        self._finalizer()
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            with contextlib.suppress(OSError, AttributeError):  # AttributeError: __init__ failed early
+                os.eventfd_write(self._wake, 1)
+            with self._poll_lock, self._read_lock:
+                self._parser = None
+                self._finalizer()
+
+    def __enter__(self) -> RingBufferReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"wakeup {self.wakeup}"
+        return f"<RingBufferReader {state}, {self.size} bytes>"

@@ -13,14 +13,15 @@ so the wrapper is spelled out at each site rather than hidden behind a macro.
 
 from __future__ import annotations
 
-import ast
 import re
 from dataclasses import dataclass, field
+
+from ..errors import SettingError
+from .base import CELL_FILE, COMMENT_OR_STRING, blank_comments_and_strings, int_or_none
 
 ACCT_MAP = "__ks_acct"
 GATE_MAP = "__ks_gate"  # one u32: 1 while the probe is started
 SLOTS = 3  # per output map: attempted, failed, discarded
-CELL_FILE = "cell"
 
 _RING_DECL = re.compile(r"\bBPF_RINGBUF_OUTPUT\s*\(\s*(\w+)\s*,\s*([^)]*?)\s*\)")
 _PERF_DECL = re.compile(r"\bBPF_PERF_OUTPUT\s*\(\s*(\w+)\s*\)")
@@ -28,7 +29,6 @@ _TP_USE = re.compile(r"\bTRACEPOINT_PROBE\s*\(\s*\w+\s*,\s*\w+\s*\)")
 _CALL = re.compile(
     r"\b(\w+)\s*\.\s*(ringbuf_output|ringbuf_reserve|ringbuf_discard|perf_submit_skb|perf_submit)\s*\("
 )
-_COMMENT_OR_STRING = re.compile(r'//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'', re.S)
 
 
 @dataclass
@@ -45,11 +45,8 @@ class Instrumented:
     source: str  # what BCC compiles: prelude + `#line 1` + rewritten user text
     maps: dict[str, OutputMap]
     prelude_lines: int
-
-
-def _blank_comments_and_strings(src: str) -> str:
-    """Same length and line structure, but comments and literals blanked out."""
-    return _COMMENT_OR_STRING.sub(lambda m: re.sub(r"[^\n]", " ", m.group(0)), src)
+    user_rings: dict[str, OutputMap] = field(default_factory=dict)  # BCC has none
+    event_types: dict[str, str] = field(default_factory=dict)  # BCC finds them itself
 
 
 _PAIRS = {"(": ")", "{": "}", "[": "]"}
@@ -93,40 +90,20 @@ def apply_edits(source: str, edits: list[tuple[int, int, str]]) -> str:
 
 
 def find_output_maps(source: str) -> dict[str, OutputMap]:
-    code = _blank_comments_and_strings(source)
+    code = blank_comments_and_strings(source)
     maps: dict[str, OutputMap] = {}
     for m in _RING_DECL.finditer(code):
-        pages = _int_or_none(m.group(2))
+        pages = int_or_none(m.group(2))
         maps[m.group(1)] = OutputMap(m.group(1), "ringbuf", len(maps), pages)
     for m in _PERF_DECL.finditer(code):
         maps[m.group(1)] = OutputMap(m.group(1), "perf", len(maps))
     return maps
 
 
-def _int_or_none(text: str) -> int | None:
-    """The value of a page-count expression such as `64` or `1 << 4`; None for macros."""
-    try:
-        return _const(ast.parse(text.strip(), mode="eval").body)
-    except (SyntaxError, ValueError):
-        return None
-
-
-def _const(node: ast.AST) -> int:
-    if isinstance(node, ast.Constant) and isinstance(node.value, int):
-        return node.value
-    if isinstance(node, ast.BinOp):
-        a, b = _const(node.left), _const(node.right)
-        if isinstance(node.op, ast.LShift):
-            return a << b
-        if isinstance(node.op, ast.Mult):
-            return a * b
-    raise ValueError("not a constant")
-
-
 def instrument(source: str, pages: int | dict[str, int] | None = None) -> Instrumented:
     """Rewrite `source` for accounting; `pages` overrides ring buffer sizes (power of two)."""
     maps = find_output_maps(source)
-    code = _blank_comments_and_strings(source)
+    code = blank_comments_and_strings(source)
     edits: list[tuple[int, int, str]] = []  # (start, end, replacement) on the original text
 
     for m in _RING_DECL.finditer(code):
@@ -134,7 +111,7 @@ def instrument(source: str, pages: int | dict[str, int] | None = None) -> Instru
         want = pages.get(om.name) if isinstance(pages, dict) else pages
         if want is not None:
             if want <= 0 or want & (want - 1):
-                raise ValueError(f"{om.name}: ring buffer pages must be a power of two, got {want}")
+                raise SettingError(f"{om.name}: ring buffer pages must be a power of two, got {want}")
             om.pages = want
             edits.append((m.start(2), m.end(2), str(want)))
 
@@ -169,7 +146,7 @@ def _line_resets(source: str, code: str, edits: list[tuple[int, int, str]]) -> l
     TRACEPOINT_PROBE, shifting every later line of the cell in clang's diagnostics and in
     the `; @ cell:N` line info of verifier logs; the directive puts the count back.
     """
-    comments = [m.span() for m in _COMMENT_OR_STRING.finditer(source)]
+    comments = [m.span() for m in COMMENT_OR_STRING.finditer(source)]
     out = []
     for m in _TP_USE.finditer(code):
         nl = code.find("\n", m.end())

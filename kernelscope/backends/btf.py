@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SchemaError, SetupError
+from ..errors import SchemaError, SetupError
 
 VMLINUX = Path("/sys/kernel/btf/vmlinux")
 _QUALIFIERS = ("TYPEDEF", "CONST", "VOLATILE", "RESTRICT", "TYPE_TAG")

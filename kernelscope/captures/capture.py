@@ -21,15 +21,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import KernelscopeError
+from ..errors import CaptureError
 
 FORMAT = "kernelscope-capture"
 VERSION = 1
 META_KEY = b"kernelscope"
-
-
-class CaptureError(KernelscopeError):
-    """A file is not a kernelscope capture, or is of a version this kernelscope cannot read."""
 
 
 def dtype_to_json(dt: np.dtype) -> Any:

@@ -21,7 +21,6 @@ not. Nothing is dropped without an error.
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import select
 import threading
@@ -32,15 +31,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import ClosedError, KernelscopeError, SchemaError, UserRingFullError
+from ..errors import ClosedError, SchemaError, UnknownNameError, UserRingFullError
+from .base import Resources
+from .ring import HDR, PAGE, ring_views
+from .ring import record_span as sample_span  # the same layout as a ring buffer's
 
-PAGE = mmap.PAGESIZE
-HDR = 8
-
-
-def sample_span(size: int) -> int:
-    """Bytes one sample of `size` payload bytes takes in the ring: header + payload, 8-aligned."""
-    return (size + HDR + 7) // 8 * 8
+__all__ = ["HDR", "PAGE", "RingWriter", "UserRing", "choose_ring", "sample_span", "to_records"]
 
 
 class RingWriter:
@@ -52,14 +48,8 @@ class RingWriter:
     """
 
     def __init__(self, consumer: Any, producer: Any, size: int, data_offset: int = PAGE) -> None:
-        if size <= 0 or size & (size - 1):
-            raise ValueError(f"ring size must be a power of two, got {size}")
+        self._cons, self._prod, self._data = ring_views(consumer, producer, size, data_offset)
         self.size = size
-        self._cons = np.frombuffer(consumer, dtype="<u8", count=1)
-        self._prod = np.frombuffer(producer, dtype="<u8", count=1)
-        self._data = np.frombuffer(producer, dtype=np.uint8, offset=data_offset)
-        if len(self._data) < 2 * size:
-            raise ValueError("data area must be mapped twice (2 * size bytes)")
 
     def pending_bytes(self) -> int:
         return int(self._prod[0]) - int(self._cons[0])
@@ -93,13 +83,13 @@ def choose_ring(name: Any, records: Any, rings: Iterable[str], program: str) -> 
         name, records = None, name
     names = list(rings)
     if not names:
-        raise KernelscopeError(f"{program} has no BPF_MAP_TYPE_USER_RINGBUF map to send to")
+        raise UnknownNameError(f"{program} has no BPF_MAP_TYPE_USER_RINGBUF map to send to")
     if name is None:
         if len(names) > 1:
-            raise KernelscopeError(f"several user ring buffers: name one of {', '.join(names)}")
+            raise UnknownNameError(f"several user ring buffers: name one of {', '.join(names)}")
         name = names[0]
     if name not in names:
-        raise KernelscopeError(f"no user ring buffer {name!r}; {program} has {', '.join(names)}")
+        raise UnknownNameError(f"no user ring buffer {name!r}; {program} has {', '.join(names)}")
     return name, records
 
 
@@ -152,14 +142,24 @@ class UserRing:
         self.sent = 0
         self.full = 0  # sends that found the ring full (waited or raised)
         self._lock = threading.Lock()  # one producer at a time (the kernel's model, and libbpf's)
-        # page 0: consumer_pos, read-only (the kernel refuses a writable mapping of it);
-        # from page 1: producer_pos, then the data area twice
-        self._cons: mmap.mmap | None = mmap.mmap(fd, PAGE, mmap.MAP_SHARED, mmap.PROT_READ)
-        self._prod: mmap.mmap | None = mmap.mmap(fd, PAGE + 2 * size, mmap.MAP_SHARED,
-                                                 mmap.PROT_READ | mmap.PROT_WRITE, offset=PAGE)
-        self._writer: RingWriter | None = RingWriter(self._cons, self._prod, size)
-        self._epoll: select.epoll | None = select.epoll()
-        self._epoll.register(fd, select.EPOLLOUT)
+        res = self._res = Resources()
+        try:
+            # page 0: consumer_pos, read-only (the kernel refuses a writable mapping of it);
+            # from page 1: producer_pos, then the data area twice
+            cons = mmap.mmap(fd, PAGE, mmap.MAP_SHARED, mmap.PROT_READ)
+            res.push(cons.close)
+            prod = mmap.mmap(fd, PAGE + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                             offset=PAGE)
+            res.push(prod.close)
+            self._writer: RingWriter | None = RingWriter(cons, prod, size)
+            epoll = select.epoll()
+            res.push(epoll.close)
+            self._epoll: select.epoll | None = epoll
+            epoll.register(fd, select.EPOLLOUT)
+        except BaseException:
+            self._writer = self._epoll = None
+            res.release()
+            raise
 
     @property
     def closed(self) -> bool:
@@ -216,13 +216,7 @@ class UserRing:
         return n
 
     def close(self) -> None:
+        """Unmap the ring and close the epoll; a second call does nothing."""
         with self._lock:
-            self._writer = None  # its numpy views go before the mappings can
-            for m in (self._cons, self._prod):
-                if m is not None:
-                    with contextlib.suppress(BufferError):  # a stray view: unmapped with it
-                        m.close()
-            self._cons = self._prod = None
-            if self._epoll is not None:
-                self._epoll.close()
-                self._epoll = None
+            self._writer = self._epoll = None  # the writer's numpy views go before the mappings can
+            self._res.release()

@@ -20,6 +20,8 @@ from typing import Any, Protocol
 
 from IPython.display import display
 
+from ..results import Results
+
 Bundle = dict[str, str]
 
 STATUS_INTERVAL = 0.5  # seconds between refreshes of a status line
@@ -56,15 +58,18 @@ class Counts:
     sent: int = 0  # records written into user ring buffers (CO-RE probes)
 
 
-def counts(probe: Any) -> Counts:
-    received = dropped = lost = rows = 0
+def dropped(probe: Results) -> int:
+    """Events dropped so far over all output maps, as of the drain loop's last sample."""
+    return sum(int(ms.history[-1]["dropped"]) for ms in list(probe.maps.values()) if ms.history)
+
+
+def counts(probe: Results) -> Counts:
+    received = lost = rows = 0
     for ms in list(probe.maps.values()):
         received += ms.store.received
         rows += len(ms.store)
-        last = ms.history[-1] if ms.history else None
-        if last is not None:
-            dropped += int(last["dropped"])
-            lost += int(last["lost_records"])
+        if ms.history:
+            lost += int(ms.history[-1]["lost_records"])
     if probe.closed:
         state = "closed"
     elif probe.running:
@@ -76,8 +81,8 @@ def counts(probe: Any) -> Counts:
     started = probe.started_at
     elapsed = time.monotonic() - started if started and probe.running else 0.0
     err = f"{type(probe.error).__name__}: {probe.error}" if probe.error is not None else ""
-    sent = sum(r.sent for r in getattr(probe, "user_rings", {}).values())
-    return Counts(state, received, dropped, lost, rows, elapsed, err, sent)
+    sent = sum(r.sent for r in probe.user_rings.values())
+    return Counts(state, received, dropped(probe), lost, rows, elapsed, err, sent)
 
 
 def _n(x: float) -> str:
@@ -263,8 +268,8 @@ class Progress:
             goal.append(f"{_n(self.received)} events")
         rate = self.received / self.elapsed if self.elapsed > 0 else 0.0
         probe = self._ref()
-        dropped = counts(probe).dropped if probe is not None else 0
-        line = f"{self.name} [{bar}] " + ", ".join(goal) + f", {_n(rate)}/s, {_n(dropped)} dropped"
+        drops = dropped(probe) if probe is not None else 0
+        line = f"{self.name} [{bar}] " + ", ".join(goal) + f", {_n(rate)}/s, {_n(drops)} dropped"
         return line + (f"  {end}" if end else "")
 
     def __call__(self, received: int, elapsed: float) -> None:

@@ -21,9 +21,11 @@ import math
 import os
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
+
+from ..results import Results
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 ORDER_SAMPLE = 5_000  # latest rows drawn in the ordering scatter
@@ -57,25 +59,23 @@ STYLE = {"template": "none", "paper_bgcolor": "white", "plot_bgcolor": "white",
 
 # --- what the drain loop kept --------------------------------------------------------------
 
-def map_names(results: Any) -> list[str]:
+def map_names(results: Results) -> list[str]:
     return list(results.maps)
 
 
-def is_live(results: Any) -> bool:
+def is_live(results: Results) -> bool:
     """A live probe (its settings can change) rather than a replayed capture."""
-    from .probe import Probe
-
-    return isinstance(results, Probe)
+    return results.live
 
 
-def origin_s(results: Any) -> float:
+def origin_s(results: Results) -> float:
     """Time zero of the plots, in the monotonic clock of the history samples and marks.
 
     A live probe's samples are monotonic seconds, counted from its start; a replay's are
     already relative to the recording's start.
     """
     if is_live(results):
-        started = getattr(results, "started_at", None)
+        started = results.started_at
         if started:
             return float(started)
         for ms in results.maps.values():
@@ -85,15 +85,15 @@ def origin_s(results: Any) -> float:
     return 0.0
 
 
-def origin_ns(results: Any) -> int:
+def origin_ns(results: Results) -> int:
     """Time zero in the clock of event timestamps (bpf_ktime_get_ns is CLOCK_MONOTONIC)."""
-    capture = getattr(results, "capture", None)
+    capture = results.capture
     if capture is not None:
         return int(capture.started_ns)
     return int(origin_s(results) * 1e9)
 
 
-def history(results: Any, name: str) -> list[dict[str, float]]:
+def history(results: Results, name: str) -> list[dict[str, float]]:
     """The counter samples of map `name`, oldest first, as plain dicts."""
     ms = results.maps[name]
     if ms.history:
@@ -106,13 +106,13 @@ def history(results: Any, name: str) -> list[dict[str, float]]:
     if is_live(results):
         return []
     frame = results.history(name)  # a replay: the recorded samples up to its current time
-    return frame.to_dict("records") if len(frame) else []
+    return cast("list[dict[str, float]]", frame.to_dict("records")) if len(frame) else []
 
 
 def capacity_bytes(ms: Any) -> int:
     """Buffer size of a map's current reader (perf: all CPUs), from its page count if closed."""
     reader = ms.reader
-    if reader is not None and not getattr(reader, "closed", False):
+    if reader is not None and not reader.closed:
         cap = int(reader.capacity_bytes)
         if cap:
             return cap
@@ -120,7 +120,7 @@ def capacity_bytes(ms: Any) -> int:
     return int(ms.pages) * PAGE * cpus
 
 
-def summary(results: Any) -> dict[str, dict[str, Any]]:
+def summary(results: Results) -> dict[str, dict[str, Any]]:
     """Per map: the numbers the panel shows, read from the drain loop's bookkeeping only.
 
     `Probe.stats` reads the program's counters from the kernel, which must not race with a
@@ -155,7 +155,7 @@ def summary(results: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-def tail(results: Any, name: str, n: int) -> dict[str, np.ndarray | None]:
+def tail(results: Results, name: str, n: int) -> dict[str, np.ndarray | None]:
     """The latest `n` stored rows of map `name`: seq, arrival_ns, cpu and the time field.
 
     Only the last chunks of the store are touched (FrameStore merges all its chunks when a
@@ -176,7 +176,7 @@ def tail(results: Any, name: str, n: int) -> dict[str, np.ndarray | None]:
     cpus = [c.cpu for c in picked]
     cpu = None
     if all(c is not None for c in cpus):
-        cpu = np.concatenate(cpus)[skip:].astype(np.int64)
+        cpu = np.concatenate([c for c in cpus if c is not None])[skip:].astype(np.int64)
     return {"seq": seq, "arrival_ns": arrival, "ts": ts, "cpu": cpu}
 
 
@@ -192,7 +192,7 @@ def _strided(samples: Sequence[dict[str, float]], max_points: int) -> list[dict[
     return picked
 
 
-def rates(results: Any, name: str, max_points: int = MAX_POINTS) -> dict[str, np.ndarray]:
+def rates(results: Results, name: str, max_points: int = MAX_POINTS) -> dict[str, np.ndarray]:
     """Received, dropped and lost events per second between history samples."""
     samples = _strided(history(results, name), max_points)
     if len(samples) < 2:
@@ -208,7 +208,7 @@ def rates(results: Any, name: str, max_points: int = MAX_POINTS) -> dict[str, np
     return out
 
 
-def fill(results: Any, name: str, max_points: int = MAX_POINTS) -> dict[str, np.ndarray]:
+def fill(results: Results, name: str, max_points: int = MAX_POINTS) -> dict[str, np.ndarray]:
     """Bytes waiting in the buffer as a fraction of its size (at the time), over time."""
     samples = _strided(history(results, name), max_points)
     t = np.array([s["t"] for s in samples], dtype=float)
@@ -219,7 +219,7 @@ def fill(results: Any, name: str, max_points: int = MAX_POINTS) -> dict[str, np.
     return {"t": t - origin_s(results), "fraction": waiting / cap, "bytes": waiting}
 
 
-def capacity_at(results: Any, name: str, times: np.ndarray) -> np.ndarray:
+def capacity_at(results: Results, name: str, times: np.ndarray) -> np.ndarray:
     """Buffer size of map `name` at each of `times`, rebuilt from the reload marks.
 
     Each "pages A -> B" mark says what the size was before it; NaN where that is unknown
@@ -262,7 +262,7 @@ def _pages_value(text: str) -> Any:
     return value if isinstance(value, (int, dict)) else None
 
 
-def ordering(results: Any, name: str, sample: int = ORDER_SAMPLE) -> dict[str, Any] | None:
+def ordering(results: Results, name: str, sample: int = ORDER_SAMPLE) -> dict[str, Any] | None:
     """The latest rows: arrival index against event time, and which arrived out of order.
 
     A row is out of order when an earlier arrival carries a later timestamp (the same rule
@@ -286,7 +286,7 @@ def ordering(results: Any, name: str, sample: int = ORDER_SAMPLE) -> dict[str, A
     }
 
 
-def latency(results: Any, name: str, sample: int = LATENCY_SAMPLE) -> dict[str, Any] | None:
+def latency(results: Results, name: str, sample: int = LATENCY_SAMPLE) -> dict[str, Any] | None:
     """Distribution of (arrival - event timestamp) over the latest rows, in microseconds.
 
     Both are CLOCK_MONOTONIC: the drain loop stamps each read with time.monotonic_ns() and
@@ -308,7 +308,7 @@ def latency(results: Any, name: str, sample: int = LATENCY_SAMPLE) -> dict[str, 
     }
 
 
-def marks(results: Any) -> list[tuple[float, str]]:
+def marks(results: Results) -> list[tuple[float, str]]:
     """(seconds since start, what changed) for every reload, once per change (not per map)."""
     seen: dict[float, str] = {}
     for ms in results.maps.values():
@@ -369,7 +369,7 @@ def _trace(name: str, key: str, x: Any, y: Any, **props: Any) -> Trace:
             "x": np.asarray(x, dtype=np.float64), "y": np.asarray(y, dtype=np.float64), **props}
 
 
-def rates_traces(results: Any, max_points: int = MAX_POINTS) -> list[Trace]:
+def rates_traces(results: Results, max_points: int = MAX_POINTS) -> list[Trace]:
     out: list[Trace] = []
     for i, name in enumerate(map_names(results)):
         r = rates(results, name, max_points)
@@ -380,7 +380,7 @@ def rates_traces(results: Any, max_points: int = MAX_POINTS) -> list[Trace]:
     return out
 
 
-def fill_traces(results: Any, max_points: int = MAX_POINTS) -> list[Trace]:
+def fill_traces(results: Results, max_points: int = MAX_POINTS) -> list[Trace]:
     out: list[Trace] = []
     for i, name in enumerate(map_names(results)):
         f = fill(results, name, max_points)
@@ -391,7 +391,7 @@ def fill_traces(results: Any, max_points: int = MAX_POINTS) -> list[Trace]:
     return out
 
 
-def ordering_traces(results: Any, name: str, sample: int = ORDER_SAMPLE) -> list[Trace]:
+def ordering_traces(results: Results, name: str, sample: int = ORDER_SAMPLE) -> list[Trace]:
     """One map's latest rows: a trace per CPU (perf buffer) or one (ring), then the late rows."""
     o = ordering(results, name, sample)
     if o is None:
@@ -414,7 +414,7 @@ def ordering_traces(results: Any, name: str, sample: int = ORDER_SAMPLE) -> list
     return out
 
 
-def ordering_title(results: Any, name: str, sample: int = ORDER_SAMPLE) -> str:
+def ordering_title(results: Results, name: str, sample: int = ORDER_SAMPLE) -> str:
     o = ordering(results, name, sample)
     kind = results.maps[name].om.kind
     if o is None:
@@ -422,7 +422,7 @@ def ordering_title(results: Any, name: str, sample: int = ORDER_SAMPLE) -> str:
     return f"{name} ({kind}): {o['inversions']:,} of the latest {o['rows']:,} out of order"
 
 
-def latency_traces(results: Any, sample: int = LATENCY_SAMPLE) -> list[Trace]:
+def latency_traces(results: Results, sample: int = LATENCY_SAMPLE) -> list[Trace]:
     out: list[Trace] = []
     for i, name in enumerate(map_names(results)):
         lat = latency(results, name, sample)
@@ -435,7 +435,7 @@ def latency_traces(results: Any, sample: int = LATENCY_SAMPLE) -> list[Trace]:
     return out
 
 
-def latency_title(results: Any, sample: int = LATENCY_SAMPLE) -> str:
+def latency_title(results: Results, sample: int = LATENCY_SAMPLE) -> str:
     parts = []
     for name in map_names(results):
         lat = latency(results, name, sample)
@@ -464,7 +464,7 @@ def traces(kind: str, results: Any, sample: int = ORDER_SAMPLE, max_points: int 
 
 # --- one figure, a grid of plots -------------------------------------------------------------------
 
-def cells(results: Any, kinds: Sequence[str] = FIGURES) -> list[str]:
+def cells(results: Results, kinds: Sequence[str] = FIGURES) -> list[str]:
     """The plots of a grid, in order: ordering takes one cell per output map ("ordering:NAME")."""
     out = []
     for kind in kinds:
@@ -477,7 +477,7 @@ def cells(results: Any, kinds: Sequence[str] = FIGURES) -> list[str]:
     return out
 
 
-def spec(results: Any, kinds: Sequence[str] = FIGURES, sample: int = ORDER_SAMPLE,
+def spec(results: Results, kinds: Sequence[str] = FIGURES, sample: int = ORDER_SAMPLE,
          width: int = WIDTH, max_points: int = MAX_POINTS) -> tuple[list[Trace], dict[str, Any]]:
     """Traces and layout (plain dicts) of a grid of plots, two a row, each on its own axes.
 
@@ -534,7 +534,7 @@ def spec(results: Any, kinds: Sequence[str] = FIGURES, sample: int = ORDER_SAMPL
     return out, layout
 
 
-def mark_shapes(results: Any, xref: str = "x", yref: str = "y domain") -> tuple[list[Trace], list[Trace]]:
+def mark_shapes(results: Results, xref: str = "x", yref: str = "y domain") -> tuple[list[Trace], list[Trace]]:
     """Vertical lines (and labels, staggered so neighbours do not overlap) at reloads."""
     shapes, notes = [], []
     for i, (t, what) in enumerate(marks(results)):
@@ -555,7 +555,7 @@ def figure(kind: str, results: Any, sample: int = ORDER_SAMPLE, width: int = WID
     return go.Figure(data=data, layout=layout)
 
 
-def overview(results: Any, sample: int = ORDER_SAMPLE) -> Any:
+def overview(results: Results, sample: int = ORDER_SAMPLE) -> Any:
     """Every plot in one plotly Figure: what the panel shows, for static output."""
     import plotly.graph_objects as go
 
@@ -567,23 +567,23 @@ def overview(results: Any, sample: int = ORDER_SAMPLE) -> Any:
     return go.Figure(data=data, layout=layout)
 
 
-def state(results: Any) -> str:
+def state(results: Results) -> str:
     """The probe's state, "stopped" (not the engine's "loaded") once it has run."""
-    st = results.state() if hasattr(results, "state") else ""
-    if st == "loaded" and getattr(results, "started_at", None):
+    st = results.state()
+    if st == "loaded" and results.started_at:
         return "stopped"
     return str(st)
 
 
-def _label(results: Any) -> str:
-    name = getattr(results, "name", None) or type(results).__name__
+def _label(results: Results) -> str:
+    name = results.name or type(results).__name__
     st = state(results)
     return f"{name} ({st})" if st else name
 
 
 # --- static output: what nbconvert and GitHub show ------------------------------------------
 
-def stats_table(results: Any) -> str:
+def stats_table(results: Results) -> str:
     """The panel's numbers as an HTML table."""
     cols = ("kind", "pages", "capacity", "received", "dropped", "lost_records", "inversions", "reloads")
     rows = []
@@ -611,7 +611,7 @@ def _bytes(n: int) -> str:
     return str(n)
 
 
-def static_html(results: Any, plotlyjs: bool = True) -> str:
+def static_html(results: Results, plotlyjs: bool = True) -> str:
     """Stats table and every plot as one HTML fragment, plotly.js inlined once (works offline).
 
     plotly.js is about 4.5 MB; `plotlyjs=False` leaves it out for pages that already load it.
@@ -621,7 +621,7 @@ def static_html(results: Any, plotlyjs: bool = True) -> str:
     return f"<div class='kernelscope-static'>{stats_table(results)}{div}</div>"
 
 
-def static_png(results: Any, scale: float = 1.0) -> bytes | None:
+def static_png(results: Results, scale: float = 1.0) -> bytes | None:
     """Every plot as one PNG via kaleido (which drives a local Chromium); None without kaleido.
 
     kaleido 1.x finds a browser on PATH (Debian's `chromium`) or in $BROWSER_PATH; it never

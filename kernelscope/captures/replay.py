@@ -1,6 +1,6 @@
 """Replaying a capture through the same interface as a live `Probe`.
 
-    r = kernelscope.replay("capture.parquet", speed=1.0).start()
+    r = kernelscope.captures.replay.replay("capture.parquet", speed=1.0).start()
     r.df, r.stats, r.history()          # as on a Probe, growing at the recorded pace
 
 `speed=None` releases everything at once. No BPF, no root: this is how notebooks run on
@@ -17,13 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from .batch import Batch
+from ..backends.rewrite import OutputMap
+from ..drain import MapState
+from ..errors import ClosedError, KernelscopeError
+from ..readers.batch import Batch
+from ..results import Results
+from ..schema import Schema
+from ..store import FrameStore
 from .capture import Capture, MapCapture, load
-from .errors import ClosedError, KernelscopeError
-from .instrument import OutputMap
-from .probe import MapState, Results
-from .schema import Schema
-from .store import FrameStore
 
 
 class Replay(Results):
@@ -34,11 +35,12 @@ class Replay(Results):
     ) -> None:
         if speed is not None and speed <= 0:
             raise ValueError("speed must be positive (or None for all at once)")
-        self.capture = capture
+        self.capture: Capture = capture
         self.speed = speed
         self.path = path
         self.name = name or capture.settings.get("name")
         self.source = capture.source
+        self.backend = str(capture.settings.get("backend", "bcc"))
         self.warnings: list[str] = []
         self.error: BaseException | None = None
         self.closed = False
@@ -50,7 +52,7 @@ class Replay(Results):
             ms.pages = mc.pages
             self.maps[mname] = ms
             self._pos[mname] = 0
-        self._t0: float | None = None
+        self.started_at = None  # monotonic seconds of start(), as on a Probe
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -65,11 +67,6 @@ class Replay(Results):
         return True
 
     @property
-    def started_at(self) -> float | None:
-        """Monotonic seconds when the replay started (None before), as on a Probe."""
-        return self._t0
-
-    @property
     def done(self) -> bool:
         return all(self._pos[n] >= len(mc.records) for n, mc in self.capture.maps.items())
 
@@ -80,11 +77,11 @@ class Replay(Results):
 
     def elapsed(self) -> float:
         """Seconds of recorded time played so far."""
-        if self._t0 is None:
+        if self.started_at is None:
             return 0.0
         if self.speed is None:
             return math.inf
-        return (time.monotonic() - self._t0) * self.speed
+        return (time.monotonic() - self.started_at) * self.speed
 
     def load(self) -> Replay:
         return self
@@ -92,8 +89,8 @@ class Replay(Results):
     def start(self) -> Replay:
         if self.closed:
             raise ClosedError("this replay is closed")
-        if self._t0 is None:
-            self._t0 = time.monotonic()
+        if self.started_at is None:
+            self.started_at = time.monotonic()
         if self.speed is None:
             self.poll_once()
             return self
@@ -110,8 +107,8 @@ class Replay(Results):
 
     def poll_once(self, timeout: float = 0.0) -> int:
         """Release every recorded event whose arrival time has come."""
-        if self._t0 is None:
-            self._t0 = time.monotonic()
+        if self.started_at is None:
+            self.started_at = time.monotonic()
         horizon = self.elapsed()
         total = 0
         for name, mc in self.capture.maps.items():
@@ -219,10 +216,6 @@ class Replay(Results):
         return [f"replay of {self.path or 'a capture'}"]
 
     @property
-    def backend(self) -> str:
-        return str(self.capture.settings.get("backend", "bcc"))
-
-    @property
     def send_stats(self) -> dict[str, dict[str, Any]]:
         """The user ring buffer counts the live probe had when it stopped."""
         recorded = self.capture.settings.get("send_stats") or {}
@@ -234,8 +227,8 @@ class Replay(Results):
         A replay reaches no kernel: nothing is sent, and what the program echoed back is in
         the capture's frames. Malformed records still fail as they would live.
         """
+        from ..readers.user_ring import choose_ring, to_records
         from .capture import dtype_from_json
-        from .userring import choose_ring, to_records
 
         dtypes = self.capture.settings.get("user_ring_dtypes") or {}
         name, records = choose_ring(name, records, dtypes, "the recorded program")

@@ -3,7 +3,7 @@
 No maintained Python binding of libbpf exists (PyPI's candidates are unmaintained or wrap
 a vendored libbpf), and kernelscope needs only a few dozen calls: open an object file,
 size its maps, set its globals, load, attach each program by its SEC() name, read and
-write map elements. (User ring buffers are written by kernelscope.userring directly.)
+write map elements. (User ring buffers are written by kernelscope.readers.user_ring directly.)
 libbpf >= 1.0 returns NULL or a negative errno and sets errno on failure; every wrapper
 here turns that into an OSError with libbpf's words.
 libbpf reports verifier logs and CO-RE relocation failures through its print callback;
@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from functools import cache
 from typing import Any
 
-from .errors import SetupError
+from ..errors import SetupError
 
 c_void_p, c_char_p, c_int, c_uint, c_size_t = (
     ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_size_t)

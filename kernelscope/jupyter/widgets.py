@@ -1,6 +1,6 @@
 """The live panel: buffer controls that reload the probe, and plots that follow it a few times a second.
 
-    panel(probe)        # what probe.widget() returns: display it (last line of a cell)
+    panel(probe)        # the panel of a probe or replay: display it (last line of a cell)
 
 Controls: pages per output map (powers of two), poll interval, wake-up strategy (ring
 buffer: kernel notification or timer; perf buffer: every N events or a watermark),
@@ -9,7 +9,7 @@ which reloads the program keeping rows and exact counts and marks the change in 
 
 The plots are one plotly FigureWidget (a grid of subplots) fed by `Panel.refresh()`, which
 a daemon thread calls every `interval` seconds while the probe runs, and once more after it
-stops. A refresh reads only the drain loop's bookkeeping (`kernelscope.plots`: history
+stops. A refresh reads only the drain loop's bookkeeping (`kernelscope.jupyter.plots`: history
 samples and the latest thousand rows), so it costs the same after a billion events as after
 ten; and it waits for the page to have drawn the previous one (`Echo`), so a slow browser
 never falls behind.
@@ -36,6 +36,8 @@ import traitlets
 # import time, before a probe is started, rather than while one drains
 from plotly.graph_objects import FigureWidget
 
+from ..probe import Probe
+from ..results import Results
 from . import plots
 
 REFRESH_INTERVAL = 0.4  # seconds between plot refreshes while the probe runs
@@ -74,7 +76,7 @@ MAX_PAGES = 4096  # 16 MiB ring, or 16 MiB per CPU for a perf buffer
 STATIC_MODES = ("auto", "png", "html", "none")
 
 
-def panel(results: Any, *, interval: float = REFRESH_INTERVAL, sample: int = LIVE_SAMPLE,
+def panel(results: Results, *, interval: float = REFRESH_INTERVAL, sample: int = LIVE_SAMPLE,
           static: str = "auto") -> Panel:
     """The control and plot panel of a live Probe (or, read-only, of a Replay).
 
@@ -111,7 +113,7 @@ class Echo(anywidget.AnyWidget):
 class Panel(w.VBox):
     """Controls and live plots for one probe; `refresh()` redraws, `updates` counts redraws."""
 
-    def __init__(self, results: Any, *, interval: float = REFRESH_INTERVAL, sample: int = LIVE_SAMPLE,
+    def __init__(self, results: Results, *, interval: float = REFRESH_INTERVAL, sample: int = LIVE_SAMPLE,
                  static: str = "auto") -> None:
         if static not in STATIC_MODES:
             raise ValueError(f"static must be one of {', '.join(STATIC_MODES)}, not {static!r}")
@@ -174,13 +176,13 @@ class Panel(w.VBox):
             dd.observe(self._on_pages, names="value")
             self.pages[name] = dd
         kinds = {ms.om.kind for ms in r.maps.values()}
-        poll = getattr(r, "poll_interval", 0.05)
+        poll = r.poll_interval
         self.poll = w.Dropdown(options=_with_current(POLL_CHOICES, poll, f"{poll * 1000:g} ms"), value=poll,
                                description="poll", style=style, layout=w.Layout(width="auto"),
                                tooltip="drain loop: longest wait for data, and the period of timer wake-ups")
         self.poll.add_class("ks-poll")
         self.poll.observe(self._on_poll, names="value")
-        wakeup = getattr(r, "wakeup", "adaptive")
+        wakeup = r.wakeup
         self.ring_wakeup = w.Dropdown(options=_with_current(RING_WAKEUP_CHOICES, wakeup, wakeup),
                                       value=wakeup, description="ring wake-up", style=style,
                                       layout=w.Layout(width="auto"))
@@ -220,7 +222,7 @@ class Panel(w.VBox):
     def _sync_controls(self) -> None:
         """Set every control from the probe's settings, and enable what applies now."""
         r = self.results
-        closed = bool(getattr(r, "closed", False))
+        closed = r.closed
         self._syncing = True
         try:
             for name, dd in self.pages.items():
@@ -242,7 +244,7 @@ class Panel(w.VBox):
         editable = self.live and not closed
         for c in (*self.pages.values(), self.poll, self.ring_wakeup, self.perf_wakeup, self.reorder):
             c.disabled = not editable
-        running = bool(getattr(r, "running", False))
+        running = r.running
         self.buttons["pause"].disabled = closed or not running
         self.buttons["resume"].disabled = closed or running
         self.buttons["stop"].disabled = closed
@@ -305,7 +307,7 @@ class Panel(w.VBox):
         `watermark_bytes=0` turns a perf watermark off (wake up every `wakeup_events` instead).
         """
         r = self.results
-        if not self.live:
+        if not isinstance(r, Probe):  # a replay's settings are what was recorded
             return
         self._say("reloading the program with the new settings ...")
         t0 = time.monotonic()
@@ -401,9 +403,9 @@ class Panel(w.VBox):
 
     def _refresh_text(self) -> None:
         r = self.results
-        label = html.escape(getattr(r, "name", None) or type(r).__name__)
+        label = html.escape(r.name or type(r).__name__)
         state = plots.state(r)
-        err = getattr(r, "error", None)
+        err = r.error
         errtext = f" <span style='color:#b91c1c'>drain error: {html.escape(str(err))}</span>" if err else ""
         self.header.value = f"<b>kernelscope</b> {label}: <span class='ks-state'>{state}</span>{errtext}"
         self.stats.value = plots.stats_table(r)
@@ -444,14 +446,14 @@ class Panel(w.VBox):
         """
         r = self.results
         now = time.monotonic()
-        if getattr(r, "running", False) or self._applying:
+        if r.running or self._applying:
             self.refresh(wait_for_browser=True)
             self._final_done = False
             self._stopped_since = None
             return True
         if self._stopped_since is None:
             self._stopped_since = now
-        closed = bool(getattr(r, "closed", False))
+        closed = r.closed
         if not closed and now - self._stopped_since < STOP_SETTLE:
             return True
         if not self._final_done:
@@ -506,10 +508,10 @@ class Panel(w.VBox):
         from the updater thread would be lost.
         """
         try:
-            if self.echo.ack >= 0 or getattr(self.results, "running", False):
+            if self.echo.ack >= 0 or self.results.running:
                 return
             self._update_static()
-            if getattr(self.results, "closed", False):
+            if self.results.closed:
                 self._unhook()
         except Exception as e:  # an event callback must not disturb the user's cells
             self.error = e
@@ -534,7 +536,7 @@ class Panel(w.VBox):
         r = self.results
         maps = "; ".join(f"{n}: {s.get('received', 0):,} received, {s.get('dropped', 0):,} dropped"
                          for n, s in plots.summary(r).items())
-        return f"<kernelscope panel: {getattr(r, 'name', None) or type(r).__name__} {plots.state(r)}; {maps}>"
+        return f"<kernelscope panel: {r.name or type(r).__name__} {plots.state(r)}; {maps}>"
 
     def _ipython_display_(self) -> None:
         """Display as a widget, with an HTML fallback that is replaced by the plots on stop."""

@@ -4,7 +4,7 @@
 
 A cell in the style of libbpf-tools is compiled with `clang -target bpf` against a
 `vmlinux.h` generated from the running kernel's BTF (cached per kernel), then opened,
-sized, loaded and attached through libbpf (kernelscope.libbpf). libbpf relocates every
+sized, loaded and attached through libbpf (kernelscope.backends.libbpf). libbpf relocates every
 `BPF_CORE_READ` against the running kernel, so struct fields read right even where the
 installed headers belong to another kernel (BCC's weak point on this machine).
 
@@ -27,6 +27,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -34,33 +35,41 @@ from typing import Any
 
 import numpy as np
 
-from . import btf, elf, host, libbpf
-from . import compile as _compile
-from .errors import (
+from .. import host, tracepoints
+from ..errors import (
     AttachError,
     BPFPermissionError,
     CompileError,
     KernelscopeError,
     SchemaError,
+    SettingError,
     SetupError,
+    UnknownNameError,
     UnsupportedError,
     VerifierError,
 )
-from .instrument import (
+from . import btf, elf, libbpf
+from .base import (
+    blank_comments_and_strings,
+    format_diag,
+    host_permission_hint,
+    int_or_none,
+    packed,
+    parse_diagnostics,
+)
+from .rewrite import (
     ACCT_MAP,
     CELL_FILE,
     GATE_MAP,
     SLOTS,
     OutputMap,
-    _blank_comments_and_strings,
-    _int_or_none,
     apply_edits,
     matching_close,
     wrap_output_call,
 )
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
-CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kernelscope" / "vmlinux"
+CACHE = host.cache_dir("vmlinux")
 ANCHOR = "__ks_type_"  # global `T *__ks_type_<map>` keeps the event struct in the object's BTF
 
 _SEC = re.compile(r"\bSEC\s*\(")
@@ -82,7 +91,7 @@ KPROBE_SECTIONS = ("kprobe", "kretprobe", "ksyscall", "kretsyscall", "kprobe.mul
 
 def is_core(source: str) -> bool:
     """True for libbpf-style programs: they put programs and maps in SEC("...") sections."""
-    return bool(_SEC.search(_blank_comments_and_strings(source)))
+    return bool(_SEC.search(blank_comments_and_strings(source)))
 
 
 # --- vmlinux.h ---------------------------------------------------------------------------
@@ -205,9 +214,10 @@ def _sample_type(code: str, callback: str) -> str | None:
     return t[0] if t else None
 
 
-def prepare(source: str, pages: int | dict[str, int] | None = None) -> CoreSource:
+def prepare(source: str, pages: int | dict[str, int] | None = None,
+            globals_: Mapping[str, Any] | None = None) -> CoreSource:
     """Find maps, wrap output call sites, add the accounting prelude and type anchors."""
-    code = _blank_comments_and_strings(source)
+    code = blank_comments_and_strings(source)
     maps: dict[str, OutputMap] = {}
     user_rings: dict[str, OutputMap] = {}
     for m in _MAP_DECL.finditer(code):
@@ -219,12 +229,12 @@ def prepare(source: str, pages: int | dict[str, int] | None = None) -> CoreSourc
             continue
         index = len(maps) + len(user_rings)
         size = _MAX_ENTRIES.search(m.group("body"))
-        nbytes = _int_or_none(size.group(1)) if size else None
+        nbytes = int_or_none(size.group(1)) if size else None
         om = OutputMap(m.group("name"), kind, index, nbytes // PAGE if nbytes else None)
         want = pages.get(om.name) if isinstance(pages, dict) else (pages if kind == "ringbuf" else None)
         if want is not None and kind != "perf":
             if want <= 0 or want & (want - 1):
-                raise ValueError(f"{om.name}: ring buffer pages must be a power of two, got {want}")
+                raise SettingError(f"{om.name}: ring buffer pages must be a power of two, got {want}")
             om.pages = want
         (user_rings if kind == "user_ringbuf" else maps)[om.name] = om
 
@@ -315,8 +325,8 @@ def compile_object(prepared: CoreSource, user_source: str, cflags: tuple[str, ..
         return
     log = proc.stderr
     lines = user_source.splitlines()
-    errors = [d for d in _compile.parse_diagnostics(log, user_source) if d.kind != "warning"]
-    body = "\n".join(_compile._format_diag(d, lines).replace("in BCC's headers", "in a header")
+    errors = [d for d in parse_diagnostics(log, user_source) if d.kind != "warning"]
+    body = "\n".join(format_diag(d, lines, headers="in a header")
                      for d in errors)
     first = next((d.line for d in errors if d.line), None)
     clash = re.findall(r"error: redefinition of '(\w+)'.*\n(?:.*\n)*?.*vmlinux\.h:\d+:\d+: note: previous",
@@ -341,17 +351,20 @@ def check_sections(prepared: CoreSource) -> None:
         kind, _, rest = sec.partition("/")
         if kind in ("tp", "tracepoint") and "/" in rest:
             cat, ev = rest.split("/", 1)
-            known = _compile.check_tracepoint(cat, ev, line, known=known)
+            known = tracepoints.check_tracepoint(cat, ev, line, known=known)
         elif kind in ("raw_tp", "raw_tracepoint") and rest:
-            known = _compile.check_raw_tracepoint(rest, line, known=known)
+            known = tracepoints.check_raw_tracepoint(rest, line, known=known)
         elif kind in KPROBE_SECTIONS:
-            _compile.check_kprobes(line)
+            tracepoints.check_kprobes(line)
 
 
 class CoreProgram:
     """A loaded and attached CO-RE object, with the interface Probe uses for any backend."""
 
     backend = "libbpf"
+    counts_discards = False  # bpf_ringbuf_discard() names no map: the drain counts what readers skip
+    output_decl = "ring buffer or perf event array map (SEC(\".maps\"))"
+    bpf = None
 
     def __init__(self, prepared: CoreSource, obj: libbpf.Object, objfile: Path, notes: list[str]) -> None:
         self.prepared = prepared
@@ -417,7 +430,7 @@ class CoreProgram:
             if om.kind == "user_ringbuf":
                 out[om.name] = {"drained": slots[b], "drain_errors": slots[b + 1]}
             else:
-                out[om.name] = {"attempted": slots[b], "failed": slots[b + 1], "discarded": 0}
+                out[om.name] = {"attempted": slots[b], "failed": slots[b + 1]}
         return out
 
     def attach_points(self) -> list[str]:
@@ -426,8 +439,8 @@ class CoreProgram:
     def map_update(self, name: str, key: Any, value: Any) -> None:
         """`map[key] = value` with one bpf(BPF_MAP_UPDATE_ELEM) syscall (ints, bytes or numpy)."""
         m = self._map(name)
-        libbpf.map_update(m.fd, _packed(key, m.key_size, f"{name} key"),
-                          _packed(value, m.value_size, f"{name} value"), f"update {name}")
+        libbpf.map_update(m.fd, packed(key, m.key_size, f"{name} key"),
+                          packed(value, m.value_size, f"{name} value"), f"update {name}")
 
     def map_lookup(self, name: str, key: Any) -> bytes:
         """The value bytes of `map[key]` (one bpf(BPF_MAP_LOOKUP_ELEM) syscall); for a per-CPU
@@ -436,7 +449,7 @@ class CoreProgram:
         size = m.value_size
         if m.type in libbpf.PERCPU_MAP_TYPES:
             size = -(-size // 8) * 8 * self.ncpus
-        return libbpf.map_lookup(m.fd, _packed(key, m.key_size, f"{name} key"), size, f"lookup {name}")
+        return libbpf.map_lookup(m.fd, packed(key, m.key_size, f"{name} key"), size, f"lookup {name}")
 
     def map_update_batch(self, name: str, keys: Any, values: Any) -> int:
         """Many updates in one bpf(BPF_MAP_UPDATE_BATCH) syscall; keys/values: numpy arrays."""
@@ -449,7 +462,7 @@ class CoreProgram:
 
     def _map(self, name: str) -> libbpf.Map:
         if name not in self.maps:
-            raise KernelscopeError(f"no map {name!r}; this program has {', '.join(self.maps)}")
+            raise UnknownNameError(f"no map {name!r}; this program has {', '.join(self.maps)}")
         return self.maps[name]
 
     def program(self, name: str) -> libbpf.Program:
@@ -458,27 +471,21 @@ class CoreProgram:
             raise AttachError(f"no program {name!r} in this object; it has {', '.join(progs) or 'none'}")
         return progs[name]
 
+    def attach_uprobe(self, name: str, sym: str = "", fn_name: str = "", **kw: Any) -> None:
+        attach_uprobe(self, name, sym, fn_name, **kw)
+
+    def attach_tracepoint(self, tp: str, fn_name: str) -> None:
+        cat_ev = tp.replace(":", " ").split()
+        if len(cat_ev) != 2:
+            raise AttachError(f"tracepoint {tp!r}: expected CATEGORY:EVENT")
+        try:
+            self.obj.attach_tracepoint(self.program(fn_name), *cat_ev)
+        except OSError as e:
+            raise AttachError(f"tracepoint {tp} -> {fn_name}: {e}") from None
+
     def close(self) -> None:
         self.obj.close()
         shutil.rmtree(self.objfile.parent, ignore_errors=True)
-
-
-def _packed(value: Any, size: int, what: str, pad: bool = False) -> bytes:
-    """`value` as exactly `size` bytes: ints little-endian; strings and bytes as given, or
-    NUL-padded with `pad` (a char[N] global)."""
-    if isinstance(value, str):
-        value = value.encode()
-    if isinstance(value, (bytes, bytearray)):
-        data = bytes(value)
-        if pad and len(data) < size:
-            data += b"\0" * (size - len(data))
-    elif isinstance(value, (int, np.integer)):
-        data = int(value).to_bytes(size, "little", signed=int(value) < 0)
-    else:
-        data = np.asarray(value).tobytes()
-    if len(data) != size:
-        raise ValueError(f"{what}: {len(data)} bytes given, the map's is {size}")
-    return data
 
 
 def set_globals(obj: libbpf.Object, objfile: Path, values: dict[str, Any]) -> None:
@@ -492,7 +499,7 @@ def set_globals(obj: libbpf.Object, objfile: Path, values: dict[str, Any]) -> No
         if sym is None or sym.section not in (".rodata", ".data", ".bss") or not sym.size:
             known = sorted(s.name for s in syms.values()
                            if s.section in (".rodata", ".data", ".bss") and not s.name.startswith("__ks_"))
-            raise KernelscopeError(f"no global variable {name!r} in the program (globals: "
+            raise UnknownNameError(f"no global variable {name!r} in the program (globals: "
                                    f"{', '.join(known) or 'none'}); declare it `const volatile T {name};`")
         target = next((m for m in maps if m.name.endswith(sym.section)), None)
         if target is None:
@@ -500,8 +507,15 @@ def set_globals(obj: libbpf.Object, objfile: Path, values: dict[str, Any]) -> No
         addr, size = target.initial_value()
         if sym.offset + sym.size > size:
             raise KernelscopeError(f"{name}: outside {sym.section} ({size} bytes)")
-        data = _packed(value, sym.size, f"global {name}", pad=True)
+        data = packed(value, sym.size, f"global {name}", pad=True)
         ctypes.memmove(addr + sym.offset, data, sym.size)
+
+
+def open_program(prepared: CoreSource, source: str, cflags: tuple[str, ...],
+                 usdt: Sequence[tuple[str | int, str, str]] = (),
+                 globals_: Mapping[str, Any] | None = None) -> CoreProgram:
+    """Compile, load and attach: the `Program` Probe drives (USDT probes are BCC's)."""
+    return load(prepared, source, cflags, dict(globals_ or {}))
 
 
 def load(prepared: CoreSource, user_source: str, cflags: tuple[str, ...] = (),
@@ -559,7 +573,7 @@ def _classify_load(err: OSError, log: str, prepared: CoreSource) -> KernelscopeE
             + "\n".join(dict.fromkeys(relo)), log=log)
     if err.errno == _errno.EPERM:
         if os.geteuid() != 0 and not host.has_bpf_privileges():
-            return BPFPermissionError(_compile.host_permission_hint())
+            return BPFPermissionError(host_permission_hint())
         tracing = [s for s, _ in prepared.sections if s.split("/")[0].split(".")[0] in TRACING_SECTIONS]
         found = host.lockdown_mode()
         lock = found[0] if found else None
@@ -619,6 +633,6 @@ def _attach_all(obj: libbpf.Object, prepared: CoreSource, notes: list[str]) -> N
         where = f"line {line}: " if line else ""
         kind = prog.section.split("/")[0]
         if kind in KPROBE_SECTIONS:
-            _compile.check_kprobes(line)
+            tracepoints.check_kprobes(line)
         raise AttachError(f"{where}could not attach {prog.name} (SEC(\"{prog.section}\")): "
                           f"{os.strerror(err.errno or 0)}" + (f"\n{text}" if text else ""))

@@ -4,37 +4,34 @@ Every attach kind and map kind is tried by loading one small BCC program (compil
 about 2 s, most of it parsing kernel headers) and attaching its functions one by one, so a
 failure names the kind that failed and the reason, not just "BPF does not work". Nothing
 is cached between runs and everything loaded is unloaded before `run_checks` returns.
+This module runs the probes; verdicts.py reads their counts into rows, report.py renders them.
 """
 
 from __future__ import annotations
 
-import atexit
 import ctypes
 import errno
-import html
 import os
 import platform
 import shutil
 import struct
 import subprocess
 import sys
-import tempfile
-import textwrap
 import threading
 import time
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import btf, host
-from .errors import BPFPermissionError, KernelscopeError, SetupError
+from .. import host
+from ..backends import btf
+from ..backends.bcc import capture_fd2, release_bpf
+from ..errors import BPFPermissionError, KernelscopeError, SetupError
+from .report import Check, DoctorReport
+from .verdicts import HITS, MAP_KINDS, ProbeResult, attach_checks, map_checks
 
 BTF_VMLINUX = btf.VMLINUX
-
-# Checks that must pass for kernelscope's main path (tracepoint -> ring buffer -> DataFrame).
-BASICS = ("privileges", "bcc", "kernel headers", "tracefs", "tracepoint", "ringbuf")
 
 # Struct members whose layout is compared between the headers BCC compiles with and the
 # running kernel's BTF. None means sizeof(struct). (struct file would need linux/fs.h, which
@@ -60,58 +57,6 @@ SYS_BPF = {"x86_64": 321, "aarch64": 280}
 
 USDT_CHILD = "import sys, gc; print('ready', flush=True); sys.stdin.readline(); gc.collect()"
 USDT_PROBE = "python:gc__start"
-
-# Indexes into the program's `hits` array, one counter per attach kind.
-HITS = ("tracepoint", "raw tracepoint", "kprobe", "fentry", "uprobe", "usdt")
-MAP_KINDS = ("ringbuf", "perf event array")
-
-
-@dataclass
-class Check:
-    """One line of the doctor's table. `ok` is None when the check could not be decided."""
-
-    name: str
-    ok: bool | None
-    detail: str
-    fix: str = ""
-    data: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def required(self) -> bool:
-        return self.name in BASICS
-
-    @property
-    def status(self) -> str:
-        if self.ok is None:
-            return "?"
-        if self.ok:
-            return "ok"
-        return "FAIL" if self.required else "no"
-
-
-@dataclass
-class DoctorReport:
-    """The doctor's findings; renders as a text table, and as HTML in notebooks."""
-
-    checks: list[Check]
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        """True when every basic check passed (what `kernelscope doctor`'s exit code says)."""
-        return all(c.ok is True for c in self.checks if c.required)
-
-    def __getitem__(self, name: str) -> Check:
-        for c in self.checks:
-            if c.name == name:
-                return c
-        raise KeyError(name)
-
-    def __str__(self) -> str:
-        return render_text(self.checks, self.seconds)
-
-    def _repr_html_(self) -> str:
-        return render_html(self.checks, self.seconds)
 
 
 def report() -> DoctorReport:
@@ -142,9 +87,9 @@ def run_checks() -> list[Check]:
     try:
         result = _ProbeRun().run()
     except Exception as e:  # a diagnostic tool reports its own failure as a row, not a traceback
-        result = _ProbeResult(compile_error=f"the doctor's probe failed: {type(e).__name__}: {e}")
-    checks += _attach_checks(result)
-    checks += _map_checks(result)
+        result = ProbeResult(compile_error=f"the doctor's probe failed: {type(e).__name__}: {e}")
+    checks += attach_checks(result)
+    checks += map_checks(result)
     checks.append(_check_user_ringbuf())
     checks.append(_check_core())
     checks.append(_check_layout(result, btf_thread.join()))
@@ -242,36 +187,21 @@ def _why_not_probed(basics: dict[str, Check]) -> str:
 # --- the probe program ------------------------------------------------------------------
 
 
-@dataclass
-class _ProbeResult:
-    compiled: bool = False
-    compile_error: str = ""  # why nothing could be probed, as a sentence
-    dropped: dict[str, str] = field(default_factory=dict)  # part -> why it was left out
-    attached: dict[str, str | None] = field(default_factory=dict)  # kind -> error or None
-    errnos: dict[str, int] = field(default_factory=dict)
-    targets: dict[str, str] = field(default_factory=dict)  # kind -> what it attached to
-    hits: dict[str, int] = field(default_factory=dict)
-    ring_events: int = 0
-    perf_events: int = 0
-    layout: dict[str, int] = field(default_factory=dict)
-    bcc_log: str = ""
-
-
 class _ProbeRun:
     """Compile one program with a function per attach kind, attach each, trigger, read back."""
 
     def __init__(self) -> None:
         self.bcc = host.import_bcc()
-        self.result = _ProbeResult()
+        self.result = ProbeResult()
         self.usdt_binary = _find_usdt_binary()
         self.fentry_target = _fentry_target()
 
-    def run(self) -> _ProbeResult:
+    def run(self) -> ProbeResult:
         child: subprocess.Popen[bytes] | None = None
         bpf = None
-        log = _StderrCapture()
+        log: list[str] = []
         try:
-            with log:
+            with capture_fd2() as log:
                 usdt = None
                 if self.usdt_binary is not None:
                     child, usdt = self._start_usdt_child(self.usdt_binary)
@@ -282,7 +212,7 @@ class _ProbeRun:
                     self._collect(bpf)
         finally:
             if bpf is not None:
-                _unload(bpf)
+                release_bpf(bpf)
             if child is not None and child.poll() is None:
                 child.kill()
                 child.wait()
@@ -290,7 +220,7 @@ class _ProbeRun:
                 child.stdin.close()
             if child is not None and child.stdout is not None:
                 child.stdout.close()
-        self.result.bcc_log += log.text
+        self.result.bcc_log += "".join(log)
         return self.result
 
     # compile ---------------------------------------------------------------------------
@@ -315,19 +245,18 @@ class _ProbeRun:
         if usdt is not None:
             parts.add("usdt")
         for attempt in (parts, set()):
-            log = _StderrCapture()
+            log: list[str] = []
             try:
-                with log:
+                with capture_fd2() as log:
                     bpf = _DoctorBPF(
                         text=_program(attempt, self.fentry_target).encode(),
                         usdt_contexts=[usdt] if "usdt" in attempt else [],
                     )
             except Exception as e:  # BCC raises bare Exception for compile and USDT errors
                 for half_made in made:
-                    with suppress(Exception):
-                        _unload(half_made)
+                    release_bpf(half_made)
                 made.clear()
-                error = _first_error(log.text) or str(e)
+                error = _first_error("".join(log)) or str(e)
                 if not attempt:
                     self.result.compile_error = f"the probe program did not compile: {error}"
                     return None
@@ -335,7 +264,7 @@ class _ProbeRun:
                     self.result.dropped[part] = f"the program with it failed to build: {error}"
                 continue
             self.result.compiled = True
-            self.result.bcc_log += log.text
+            self.result.bcc_log += "".join(log)
             return bpf
         return None
 
@@ -457,15 +386,6 @@ class _ProbeRun:
                 res.layout = {_field_name(s, m): v for (s, m), v in pairs}
 
 
-def _unload(bpf: Any) -> None:
-    """Detach and close everything, and drop BCC's atexit hooks that would keep it alive."""
-    try:
-        bpf.cleanup()
-    finally:
-        atexit.unregister(bpf.cleanup)
-        atexit.unregister(bpf.donothing)
-
-
 def _program(parts: set[str], fentry_target: str) -> str:
     """The doctor's BPF program: one function per attach kind, each counting its own hits."""
     fills = []
@@ -583,119 +503,6 @@ def _elf_has_section(path: Path, name: bytes) -> bool:
     return False
 
 
-# --- turning results into checks --------------------------------------------------------
-
-
-def _attach_checks(res: _ProbeResult) -> list[Check]:
-    checks = []
-    for kind in HITS:
-        target = res.targets.get(kind, "")
-        hits = res.hits.get(kind, 0)
-        data = {"target": target, "hits": hits}
-        if not res.compiled:
-            checks.append(Check(kind, False, res.compile_error, data=data))
-            continue
-        if kind == "usdt" and "usdt" not in res.attached:
-            if "usdt" in res.dropped:
-                checks.append(Check(kind, False, res.dropped["usdt"], data=data))
-            else:
-                checks.append(Check(
-                    kind, None,
-                    "unknown: no USDT-enabled binary found (looked for a Python built with "
-                    "dtrace markers, e.g. Debian's /usr/bin/python3)", data=data))
-            continue
-        if kind == "fentry" and "fentry" not in res.attached:
-            why = res.dropped.get("fentry", "no BTF function to attach to")
-            checks.append(Check(kind, False, why, _fentry_fix(), data=data))
-            continue
-        error = res.attached.get(kind)
-        if error is None:
-            if hits:
-                checks.append(Check(kind, True, f"{target}: attached, fired {hits}x", data=data))
-            else:
-                checks.append(Check(kind, False, f"{target}: attached but never fired",
-                                    data=data))
-            continue
-        data["error"] = error
-        data["bcc_log"] = res.bcc_log
-        if kind == "kprobe":
-            why, fix = _kprobe_reason(error)
-        elif kind == "fentry":
-            why, fix = _fentry_reason(error, res.errnos.get(kind, 0))
-        elif kind == "tracepoint" and not host.is_mounted(host.TRACEFS, "tracefs"):
-            why, fix = (f"{error} (tracefs is not mounted)", "run `kernelscope setup`")
-        else:
-            why, fix = error, ""
-        data["reason"] = why
-        checks.append(Check(kind, False, f"{target}: {why}", fix, data=data))
-    return checks
-
-
-def _kprobe_reason(error: str) -> tuple[str, str]:
-    config = host.kernel_config()
-    if config is not None:
-        options, source = config
-        for option in ("CONFIG_KPROBES", "CONFIG_KPROBE_EVENTS"):
-            if options.get(option, "n") == "n":
-                return (
-                    f"{option} is not set in the running kernel ({source})",
-                    f"needs a kernel built with {option}=y; tracepoints and raw tracepoints "
-                    "work without it",
-                )
-    return error, "check that the function exists and is not inlined or notrace"
-
-
-def _fentry_reason(error: str, err: int) -> tuple[str, str]:
-    if err == errno.EPERM and host.has_bpf_privileges():
-        lockdown = host.lockdown_mode()
-        if lockdown is not None and lockdown[0] != "none":
-            mode, source = lockdown
-            return (
-                f"the kernel refused the tracing program with EPERM although this process is "
-                f"privileged; kernel lockdown is '{mode}' ({source})",
-                _fentry_fix(),
-            )
-        return ("the kernel refused the tracing program with EPERM although this process is "
-                "privileged (an LSM policy?)", _fentry_fix())
-    config = host.kernel_config()
-    if config is not None:
-        options, source = config
-        for option in ("CONFIG_DEBUG_INFO_BTF", "CONFIG_BPF_JIT",
-                       "CONFIG_DYNAMIC_FTRACE_WITH_DIRECT_CALLS"):
-            if options.get(option, "n") == "n":
-                return f"{error}; {option} is not set ({source})", _fentry_fix()
-    return error, _fentry_fix()
-
-
-def _fentry_fix() -> str:
-    return "not fixable from user space on this kernel; use tracepoints or raw tracepoints"
-
-
-def _map_checks(res: _ProbeResult) -> list[Check]:
-    if not res.compiled:
-        why = res.compile_error
-        return [Check("ringbuf", False, why), Check("perf event array", False, why)]
-    checks = []
-    if "ringbuf" in res.dropped:
-        checks.append(Check("ringbuf", False, f"BPF_RINGBUF_OUTPUT: {res.dropped['ringbuf']}",
-                            "ring buffers need Linux 5.8 or later; use perf buffers"))
-    else:
-        checks.append(_delivery("ringbuf", "BPF_RINGBUF_OUTPUT", res.ring_events, res))
-    checks.append(_delivery("perf event array", "BPF_PERF_OUTPUT", res.perf_events, res))
-    return checks
-
-
-def _delivery(name: str, macro: str, events: int, res: _ProbeResult) -> Check:
-    """A map kind works when the probe's events came through it."""
-    if events:
-        return Check(name, True, f"{macro} delivered {events} event(s)", data={"events": events})
-    return Check(name, False, f"{macro} delivered no events" + _tracepoint_note(res))
-
-
-def _tracepoint_note(res: _ProbeResult) -> str:
-    return "" if res.attached.get("tracepoint") is None else " (its tracepoint did not attach)"
-
-
 def _check_user_ringbuf() -> Check:
     """Create a BPF_MAP_TYPE_USER_RINGBUF map with bpf(2) directly: BCC has no such map type."""
     bcc_version = host.bcc_version() or "?"
@@ -750,9 +557,9 @@ int ks_doctor_core_tp(void *ctx) {
 
 def _check_core() -> Check:
     """Compile, load and run a CO-RE program that reads task_struct; are the values right?"""
-    from .core import clang
-    from .libbpf import version
-    from .probe import Probe
+    from ..backends.core import clang
+    from ..backends.libbpf import version
+    from ..probe import Probe
 
     fix = "apt-get install clang libbpf-dev bpftool (or `make setup`)"
     try:
@@ -818,7 +625,7 @@ def _member_bits(t: dict[str, Any], member: str, by_id: dict[int, dict[str, Any]
     return None
 
 
-def _check_layout(res: _ProbeResult, btf: dict[str, int] | str | None) -> Check:
+def _check_layout(res: ProbeResult, btf: dict[str, int] | str | None) -> Check:
     if not res.compiled or "layout" in res.dropped:
         why = res.compile_error or f"the layout probe did not build: {res.dropped['layout']}"
         return Check("header layout", None, f"unknown: {why}")
@@ -869,88 +676,8 @@ class _Background:
         return self._value
 
 
-class _StderrCapture:
-    """Collect what libbcc and clang write to file descriptor 2 (they bypass sys.stderr)."""
-
-    def __init__(self) -> None:
-        self.text = ""
-
-    def __enter__(self) -> _StderrCapture:
-        sys.stderr.flush()
-        self._file = tempfile.TemporaryFile()
-        self._saved = os.dup(2)
-        os.dup2(self._file.fileno(), 2)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        sys.stderr.flush()
-        os.dup2(self._saved, 2)
-        os.close(self._saved)
-        self._file.seek(0)
-        self.text += self._file.read().decode(errors="replace")
-        self._file.close()
-
-
 def _first_error(log: str) -> str:
     for line in log.splitlines():
         if "error:" in line:
             return line.split("error:", 1)[1].strip()
     return ""
-
-
-# --- rendering --------------------------------------------------------------------------
-
-
-def render_text(checks: list[Check], seconds: float | None = None) -> str:
-    """The doctor's table for a terminal: status, check, detail, and a fix line where useful."""
-    width = max(60, min(shutil.get_terminal_size((110, 24)).columns, 140))
-    name_w = max(len(c.name) for c in checks) + 2 if checks else 16
-    indent = " " * (7 + name_w)
-    head = f"kernelscope doctor: kernel {host.kernel_release()} ({platform.machine()})"
-    if seconds is not None:
-        head += f", {seconds:.1f} s"
-    lines = [head, ""]
-    for c in checks:
-        mark = "*" if c.required else " "
-        first = f"{c.status:<5}{mark} {c.name:<{name_w}}"
-        wrapped = textwrap.wrap(c.detail, width - len(indent), break_on_hyphens=False) or [""]
-        lines.append(first + wrapped[0])
-        lines += [indent + w for w in wrapped[1:]]
-        if c.fix and c.ok is not True:
-            lines += textwrap.wrap(c.fix, width, initial_indent=indent + "fix: ",
-                                   subsequent_indent=indent + "     ", break_on_hyphens=False)
-    missing = [c.name for c in checks if c.required and c.ok is not True]
-    lines.append("")
-    if missing:
-        lines.append(f"* basics missing: {', '.join(missing)}; kernelscope cannot run probes "
-                     "until they are fixed.")
-    else:
-        lines.append("* basics work: kernelscope can compile, attach tracepoints and drain "
-                     "ring buffers here.")
-    return "\n".join(lines)
-
-
-_COLORS = {"ok": "#1a7f37", "FAIL": "#cf222e", "no": "#9a6700", "?": "#6e7781"}
-
-
-def render_html(checks: list[Check], seconds: float | None = None) -> str:
-    """The same table as HTML for notebooks (used by DoctorReport._repr_html_)."""
-    e = html.escape
-    rows = []
-    for c in checks:
-        fix = (f"<div style='color:#57606a;font-size:90%'>fix: {e(c.fix)}</div>"
-               if c.fix and c.ok is not True else "")
-        rows.append(
-            f"<tr><td style='color:{_COLORS[c.status]};font-weight:bold'>{e(c.status)}</td>"
-            f"<td>{e(c.name)}{' *' if c.required else ''}</td>"
-            f"<td style='text-align:left'>{e(c.detail)}{fix}</td></tr>"
-        )
-    missing = [c.name for c in checks if c.required and c.ok is not True]
-    verdict = (f"basics missing: {e(', '.join(missing))}" if missing
-               else "basics (*) work: kernelscope can run probes here")
-    took = f", {seconds:.1f} s" if seconds is not None else ""
-    return (
-        f"<div><b>kernelscope doctor</b>: kernel {e(host.kernel_release())}{e(took)}"
-        "<table><thead><tr><th>status</th><th>check</th><th style='text-align:left'>detail</th>"
-        f"</tr></thead><tbody>{''.join(rows)}</tbody></table><p>{verdict}</p></div>"
-    )

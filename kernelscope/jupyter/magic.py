@@ -7,6 +7,7 @@
 Line magics: `%bpf_stop`, `%bpf_list`, `%bpf_doctor`, `%bpf_tracepoints`, `%bpf_format`.
 The magics only parse arguments, build a Probe and hand it over; errors a user can fix are
 `UsageError`s (no traceback) with the compiler's or verifier's words and the cell's line.
+An internal fault (InternalError, or anything unexpected) keeps its traceback and says to report it.
 Line numbers count the `%%bpf` line as line 1, as the notebook shows the cell.
 """
 
@@ -28,12 +29,13 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import HTML, display
 
-from . import compile as _compile
-from . import discover, host, mode
+from .. import host, mode, tracepoints
+from ..backends import bcc
+from ..captures.replay import replay
+from ..errors import CompileError, InternalError, KernelscopeError, VerifierError
+from ..probe import Probe, close_all, live_probes
+from ..results import Results
 from .display import Progress, StatusLine, live_output, show_warning
-from .errors import CompileError, KernelscopeError, VerifierError
-from .probe import Probe, Results, close_all, live_probes
-from .replay import replay
 
 DEFAULT_NAME = "probe"
 HEAD_ROWS = 10  # rows shown after a --duration/--limit cell
@@ -206,10 +208,10 @@ class BPFMagics(Magics):
     def _warn(self, probe: Probe, source: str) -> None:
         for w in probe.warnings:
             show_warning(w)
-        if getattr(probe, "backend", "bcc") != "bcc":
+        if probe.backend != "bcc":
             return  # CO-RE relocates struct reads against the kernel's BTF
         code = _compile_blank(source)
-        m = _compile.STRUCT_DEREF.search(code)
+        m = bcc.STRUCT_DEREF.search(code)
         if m is None:
             return
         verdict = self.header_layout()
@@ -279,7 +281,7 @@ class BPFMagics(Magics):
     @line_magic
     def bpf_doctor(self, line: str) -> Any:
         """Check what this host can do with eBPF (loads small test programs; a few seconds)."""
-        from . import doctor
+        from ..doctor import checks as doctor
 
         report = doctor.report()
         with contextlib.suppress(KeyError):
@@ -291,24 +293,20 @@ class BPFMagics(Magics):
     def bpf_tracepoints(self, line: str) -> pd.DataFrame:
         """Tracepoints matching PATTERN: a glob (sched:*exit*), a regex (/^sched:/) or a substring."""
         pattern = line.strip() or None
-        try:
-            df = discover.tracepoints(pattern)
-        except USER_ERRORS as e:
-            raise UsageError(f"%bpf_tracepoints: {error_text(e)}") from None
+        with usage_errors(line, "", "%bpf_tracepoints", ARGUMENT_ERRORS):
+            df = tracepoints.tracepoints(pattern)
         if df.empty:
             print(f"no tracepoint matches {pattern!r}")
         return df
 
     @line_magic
     @no_var_expand
-    def bpf_format(self, line: str) -> discover.TracepointFormat:
+    def bpf_format(self, line: str) -> tracepoints.TracepointFormat:
         """The fields of a tracepoint's args (CATEGORY:EVENT), with type, offset and size."""
         if not line.strip():
             raise UsageError("usage: %bpf_format CATEGORY:EVENT, e.g. %bpf_format sched:sched_switch")
-        try:
-            return discover.tracepoint_format(line.strip())
-        except USER_ERRORS as e:
-            raise UsageError(f"%bpf_format: {error_text(e)}") from None
+        with usage_errors(line, "", "%bpf_format", ARGUMENT_ERRORS):
+            return tracepoints.tracepoint_format(line.strip())
 
 
 # --- the %%bpf line ---------------------------------------------------------------------
@@ -323,6 +321,8 @@ def options(args: Any) -> Options:
                         ("--max-rows", args.max_rows), ("--perf-wakeup", args.perf_wakeup)):
         if value is not None and value <= 0:
             raise UsageError(f"%%bpf: {flag} must be positive, got {value}")
+    if args.pages is not None and args.pages & (args.pages - 1):
+        raise UsageError(f"%%bpf: --pages must be a power of two (1, 2, 4, ...), got {args.pages}")
     if args.reorder is not None and args.reorder < 0:
         raise UsageError(f"%%bpf: --reorder must be >= 0 ns, got {args.reorder}")
     if args.no_start and (args.duration is not None or args.limit is not None):
@@ -421,6 +421,9 @@ def run_blocking(probe: Probe, opts: Options, live: bool) -> None:
     else:
         end = f"done; {rows:,} rows in {opts.name}.df"
     progress.finish(end)
+    if failure is not None and not is_user_error(failure):
+        failure.add_note(INTERNAL_NOTE + f"; the {rows:,} rows received are kept in {opts.name}")
+        raise failure
     if failure is not None:
         raise UsageError(f"%%bpf {opts.name}: draining failed after {took:.1f} s: {failure}; "
                          f"the {rows:,} rows received are kept in {opts.name}") from None
@@ -439,13 +442,24 @@ def show_rows(probe: Probe, name: str, n: int = HEAD_ROWS) -> None:
 
 # --- errors -----------------------------------------------------------------------------
 
-# What a user can fix: kernelscope's own errors, bad values, and what the host refused (a
-# file or device this user may not open, a limit); a bug in kernelscope stays a traceback.
-USER_ERRORS = (KernelscopeError, ValueError, OSError)
+# What a user can fix: kernelscope's errors about the program, the host or the arguments, and
+# what the host refused (a file or device this user may not open, a limit). An InternalError
+# (a corrupt buffer, a broken invariant) or any other exception is kernelscope's fault: it keeps
+# its traceback, with a note saying so, and never reads as the user's mistake.
+USER_ERRORS = (KernelscopeError, OSError)
+# The line magics' only argument is a pattern or a tracepoint name, whose parsers raise ValueError.
+ARGUMENT_ERRORS = (*USER_ERRORS, ValueError)
+INTERNAL_NOTE = ("kernelscope: internal error, not a mistake in the cell: please report it "
+                 "(https://github.com/kernelscope/kernelscope/issues) with this traceback")
+
+
+def is_user_error(e: BaseException, allowed: tuple[type[BaseException], ...] = USER_ERRORS) -> bool:
+    """Whether `e` is something the user can fix (and so a UsageError without traceback)."""
+    return isinstance(e, allowed) and not isinstance(e, InternalError)
 
 
 def error_text(e: BaseException) -> str:
-    """The message of a USER_ERRORS exception; an OS error not wrapped by kernelscope says its kind."""
+    """The message of a user error; an OS error not wrapped by kernelscope says its kind."""
     if isinstance(e, OSError) and not isinstance(e, KernelscopeError):
         what = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
         return f"{type(e).__name__}: {what} (uid {os.geteuid()})"
@@ -453,12 +467,18 @@ def error_text(e: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def usage_errors(source: str, name: str) -> Iterator[None]:
-    """Turn what a user can fix into a UsageError: no traceback, the cell's line quoted."""
+def usage_errors(source: str, name: str, magic: str = "",
+                 allowed: tuple[type[BaseException], ...] = USER_ERRORS) -> Iterator[None]:
+    """Turn what a user can fix into a UsageError (no traceback, the cell's line quoted);
+    anything else propagates with its traceback and INTERNAL_NOTE."""
     try:
         yield
-    except USER_ERRORS as e:
-        raise UsageError(usage_message(e, source, name)) from None
+    except Exception as e:
+        if not is_user_error(e, allowed):
+            e.add_note(INTERNAL_NOTE)
+            raise
+        text = f"{magic}: {error_text(e)}" if magic else usage_message(e, source, name)
+        raise UsageError(text) from None
 
 
 def usage_message(e: BaseException, source: str, name: str) -> str:
@@ -492,9 +512,9 @@ def verifier_line(log: str, nlines: int) -> int | None:
 
 
 def _compile_blank(source: str) -> str:
-    from .instrument import _blank_comments_and_strings
+    from ..backends.base import blank_comments_and_strings
 
-    return _blank_comments_and_strings(source)
+    return blank_comments_and_strings(source)
 
 
 # --- header layout ----------------------------------------------------------------------
@@ -508,7 +528,7 @@ def header_layout_verdict() -> LayoutVerdict:
         return LayoutVerdict(None, "no kernel headers found")
     if found.matches_kernel:
         return LayoutVerdict(False, f"headers {found.version} are for the running kernel")
-    from . import doctor
+    from ..doctor import checks as doctor
 
     check = next((c for c in doctor.run_checks() if c.name == "header layout"), None)
     if check is None:

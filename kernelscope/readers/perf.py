@@ -9,10 +9,10 @@ array, waits with epoll and owns the lifecycle. Per-event Python callbacks (BCC'
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import platform
@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import BPFPermissionError, ClosedError, CorruptBufferError, KernelscopeError
+from .base import Resources
 from .batch import Batch, concat_records, copy_records, opaque
-from .errors import BPFPermissionError, ClosedError, KernelscopeError
 
 __all__ = [
     "PerfBufferReader",
@@ -248,7 +249,8 @@ class PerfRing:
         if pending == 0:
             return np.empty(0, dtype=self.dtype), 0
         if not 0 < pending <= self._size:
-            raise KernelscopeError(f"corrupt perf ring: data_head {head}, data_tail {tail}, "
+            ctl[_TAIL] = head
+            raise CorruptBufferError(f"corrupt perf ring: data_head {head}, data_tail {tail}, "
                                    f"data area {self._size} bytes")
         n = pending
         if max_bytes is not None and max_bytes < pending:
@@ -257,7 +259,7 @@ class PerfRing:
         buf = self._copy_out(tail, n)
         try:
             chunks, lost, used = self._parse(buf, n, whole=n == pending)
-        except KernelscopeError:
+        except CorruptBufferError:
             ctl[_TAIL] = head  # skip what cannot be parsed so the next batch starts clean
             raise
         # data_tail is stored after the copy: from then on the kernel may overwrite it.
@@ -294,18 +296,18 @@ class PerfRing:
         while n - pos >= _HEADER_SIZE:
             rtype, _misc, size = _HEADER.unpack_from(mv, pos)
             if size < _HEADER_SIZE:
-                raise KernelscopeError(f"corrupt perf record at byte {pos}: size {size}")
+                raise CorruptBufferError(f"corrupt perf record at byte {pos}: size {size}")
             if pos + size > n:
                 if whole:
-                    raise KernelscopeError(f"perf record at byte {pos} of size {size} runs "
+                    raise CorruptBufferError(f"perf record at byte {pos} of size {size} runs "
                                            f"past data_head ({n} bytes pending)")
                 break  # the rest did not fit in max_bytes
             if rtype == PERF_RECORD_SAMPLE:
                 if size < _SAMPLE_PAYLOAD:
-                    raise KernelscopeError(f"perf sample at byte {pos} too short: {size}")
+                    raise CorruptBufferError(f"perf sample at byte {pos} too short: {size}")
                 raw = _U32.unpack_from(mv, pos + _HEADER_SIZE)[0]
                 if raw > size - _SAMPLE_PAYLOAD:
-                    raise KernelscopeError(f"perf sample at byte {pos}: raw_size {raw} "
+                    raise CorruptBufferError(f"perf sample at byte {pos}: raw_size {raw} "
                                            f"exceeds record size {size}")
                 if self.fast and raw >= itemsize:
                     kmax = (n - pos) // size
@@ -321,12 +323,12 @@ class PerfRing:
                 chunks.append(copy_records(buf[start:start + raw], dtype))
             elif rtype == PERF_RECORD_LOST:
                 if size < _LOST_SIZE:
-                    raise KernelscopeError(f"perf LOST record at byte {pos} too short: {size}")
+                    raise CorruptBufferError(f"perf LOST record at byte {pos} too short: {size}")
                 lost += _U64.unpack_from(mv, pos + 16)[0]
             # Other record types (THROTTLE, ...) carry no samples and are skipped.
             pos += size
         if whole and pos != n:
-            raise KernelscopeError(f"{n - pos} stray bytes at the end of the perf ring batch")
+            raise CorruptBufferError(f"{n - pos} stray bytes at the end of the perf ring batch")
         return chunks, lost, pos
 
 
@@ -413,31 +415,6 @@ def online_cpus(text: str | None = None) -> list[int]:
     return cpus
 
 
-class _Resources:
-    """Kernel-side resources of a reader; `release` frees them once and holds no reader."""
-
-    def __init__(self) -> None:
-        self.fds: list[int] = []
-        self.maps: list[tuple[int, int]] = []
-        self.epoll: select.epoll | None = None
-        self.wake_fd: int | None = None
-
-    def release(self) -> None:
-        for addr, length in self.maps:
-            _libc.munmap(addr, length)
-        self.maps.clear()
-        for fd in self.fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.fds.clear()
-        if self.epoll is not None:
-            self.epoll.close()
-            self.epoll = None
-        if self.wake_fd is not None:
-            os.close(self.wake_fd)
-            self.wake_fd = None
-
-
 # --- public reader ------------------------------------------------------------------------
 
 
@@ -480,19 +457,20 @@ class PerfBufferReader:
         self._close_lock = threading.Lock()
         self._read_lock = threading.Lock()
         self._poll_lock = threading.Lock()
-        res = self._res = _Resources()
+        self._wake_fd = -1
+        res = self._res = Resources()
         self._finalizer = weakref.finalize(self, res.release)
         try:
-            res.epoll = select.epoll()
-            res.wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            res.epoll.register(res.wake_fd, select.EPOLLIN)
+            self._epoll = select.epoll()
+            res.push(self._epoll.close)
+            self._wake_fd = res.fd(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
+            self._epoll.register(self._wake_fd, select.EPOLLIN)
             attr = bpf_output_attr(wakeup_events, watermark_bytes)
             length = (1 + pages) * PAGE_SIZE
             for cpu in self.cpus:
-                fd = perf_event_open(attr, cpu)
-                res.fds.append(fd)
+                fd = res.fd(perf_event_open(attr, cpu))
                 addr = _map_shared(fd, length)
-                res.maps.append((addr, length))
+                res.push(functools.partial(_libc.munmap, addr, length))
                 self._rings.append(PerfRing((ctypes.c_char * length).from_address(addr),
                                             self.dtype))
                 set_cpu_fd(cpu, fd)
@@ -501,28 +479,27 @@ class PerfBufferReader:
                 except OSError as e:
                     raise _os_error(f"enabling the perf event of cpu {cpu}",
                                     e.errno or errno.EIO) from e
-                res.epoll.register(fd, select.EPOLLIN)
+                self._epoll.register(fd, select.EPOLLIN)
         except BaseException:
             self.close()
             raise
 
     # -- reading --
 
-    def poll(self, timeout_s: float | None = None) -> bool:
-        """Wait until the kernel wakes some CPU's ring (True) or `timeout_s` passes (False).
+    def poll(self, timeout: float | None = None) -> bool:
+        """Wait until the kernel wakes some CPU's ring (True) or `timeout` s pass (False).
 
         A wakeup comes after `wakeup_events` samples or `watermark_bytes` bytes on one CPU,
         so fewer can be pending while this says False; `read` drains them regardless.
         Raises ClosedError if the reader is closed, also when `close` interrupts the wait.
         """
         with self._poll_lock:
-            res = self._res
-            if self._closed or res.epoll is None:
+            if self._closed:
                 raise ClosedError("the perf buffer reader is closed")
-            events = res.epoll.poll(-1 if timeout_s is None else timeout_s)
+            events = self._epoll.poll(-1 if timeout is None else timeout)
             if self._closed:
                 raise ClosedError("the perf buffer reader was closed while polling")
-            return any(fd != res.wake_fd for fd, _ in events)
+            return any(fd != self._wake_fd for fd, _ in events)
 
     def read(self) -> Batch:
         """Drain every CPU once: records in arrival order per CPU, CPU by CPU.
@@ -553,7 +530,11 @@ class PerfBufferReader:
         cpu_col = np.concatenate(cpu_parts) if cpu_parts else np.empty(0, np.int16)
         return Batch(records, cpu_col, sum(lost_by_cpu.values()), lost_by_cpu)
 
-    def fill_bytes(self) -> dict[int, int]:
+    def fill_bytes(self) -> int:
+        """Bytes waiting in all CPUs' rings."""
+        return sum(self.fill_by_cpu().values())
+
+    def fill_by_cpu(self) -> dict[int, int]:
         """Bytes waiting in each CPU's ring."""
         with self._read_lock:
             if self._closed:
@@ -582,8 +563,8 @@ class PerfBufferReader:
             if self._closed:
                 return
             self._closed = True
-            if self._res.wake_fd is not None:
-                os.eventfd_write(self._res.wake_fd, 1)
+            if self._wake_fd >= 0:
+                os.eventfd_write(self._wake_fd, 1)
             with self._poll_lock, self._read_lock:
                 for ring in self._rings:
                     ring.release()

@@ -1,0 +1,322 @@
+"""Compile and attach a BCC program, turning BCC's stderr into specific, line-accurate errors.
+
+BCC reports clang diagnostics and verifier logs on file descriptor 2 (from C++) and then
+raises a bare `Exception`; kernelscope captures fd 2 around each BCC call and raises
+`CompileError`, `VerifierError`, `AttachError`, `UnsupportedError` or
+`BPFPermissionError` with the compiler's or the kernel's own words and the cell's line.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .. import host
+from ..errors import (
+    AttachError,
+    BPFPermissionError,
+    CompileError,
+    KernelscopeError,
+    SchemaError,
+    UnknownNameError,
+    UnsupportedError,
+    VerifierError,
+)
+from ..readers.ring import PAGE
+from ..schema import parse_structs, struct_dtype
+from ..tracepoints import check_attach_points
+from .base import (
+    Diagnostic,
+    capture_fd2,
+    format_diag,
+    host_permission_hint,
+    packed,
+    parse_diagnostics,
+)
+from .rewrite import ACCT_MAP, GATE_MAP, Instrumented, instrument, read_counters
+
+__all__ = ["BCCProgram", "Diagnostic", "capture_fd2", "load", "open_program", "parse_diagnostics",
+           "prepare", "release_bpf"]
+
+_KFUNC = re.compile(r"\b(KFUNC_PROBE|KRETFUNC_PROBE|KMOD_RET)\s*\(\s*(\w+)")
+
+STRUCT_DEREF = re.compile(
+    r"\b(struct\s+task_struct|bpf_get_current_task\s*\(|->\s*(real_parent|mm|files|nsproxy|cred)\b)"
+)
+
+
+def usdt_contexts(bcc: Any, usdt: list[tuple[str | int, str, str]]) -> list[Any]:
+    """BCC USDT contexts for (binary path or pid, probe name, program function) triples.
+
+    USDT probes are attached by BCC while it compiles (the probe arguments become
+    generated C), so they must be known before load, unlike uprobes.
+    """
+    contexts: dict[str | int, Any] = {}
+    for target, probe, fn_name in usdt:
+        ctx = contexts.get(target)
+        try:
+            if ctx is None:
+                ctx = bcc.USDT(pid=target) if isinstance(target, int) else bcc.USDT(path=str(target))
+                contexts[target] = ctx
+            ctx.enable_probe(probe=probe, fn_name=fn_name)
+        except Exception as e:  # bcc.USDTException is a bare Exception subclass
+            raise AttachError(f"USDT probe {probe} in {target}: {e}") from None
+    return list(contexts.values())
+
+
+def load(
+    instr: Instrumented,
+    user_source: str,
+    cflags: tuple[str, ...] = (),
+    usdt: list[tuple[str | int, str, str]] | None = None,
+) -> Any:
+    """Compile, load and auto-attach; returns the `bcc.BPF` object or raises a specific error."""
+    host.prepare()
+    check_attach_points(user_source)
+    bcc = host.import_bcc()
+    lines = user_source.splitlines()
+    contexts = usdt_contexts(bcc, usdt or [])
+    with capture_fd2() as log:
+        try:
+            bpf = bcc.BPF(text=instr.source.encode(), cflags=list(cflags), usdt_contexts=contexts)
+            # a USDT context disables its probes (clears their semaphores) when collected
+            bpf.kernelscope_usdt = contexts
+            return bpf
+        except Exception as e:  # BCC raises bare Exception for every failure
+            err = e
+        except BaseException as e:  # Ctrl-C during the compile: free what BCC made so far
+            _release_half_built(e, bcc.BPF)
+            raise
+    _release_half_built(err, bcc.BPF)
+    raise _classify(str(err), log[0] if log else "", user_source, lines) from None
+
+
+def _release_half_built(err: BaseException, cls: Any) -> None:
+    """Free the maps (and any attached programs) of a BPF object whose __init__ raised.
+
+    BCC creates maps before loading and attaching programs, and keeps the object alive
+    through its own atexit hook, so a verifier or attach failure would otherwise leak
+    them until the interpreter exits. The object is only reachable from the traceback.
+    """
+    tb = err.__traceback__
+    while tb is not None:
+        obj: Any = tb.tb_frame.f_locals.get("self")
+        if isinstance(obj, cls):
+            with contextlib.suppress(Exception):
+                obj.cleanup()
+            atexit.unregister(obj.cleanup)
+            return
+        tb = tb.tb_next
+
+
+def _classify(msg: str, log: str, user_source: str, lines: list[str]) -> KernelscopeError:
+    diags = parse_diagnostics(log, user_source)
+    errors = [d for d in diags if d.kind != "warning"]
+    if "Failed to compile" in msg or (errors and "Failed to load" not in msg):
+        body = "\n".join(format_diag(d, lines) for d in errors) or log.strip()[-2000:]
+        first = next((d.line for d in errors if d.line), None)
+        return CompileError(f"compile error\n{body}", line=first, log=log)
+    missing = re.search(r"(\S+) is not found in vmlinux BTF", log)
+    if missing:
+        return AttachError(
+            f"no kernel function {missing.group(1)} in the running kernel's BTF (renamed, inlined "
+            "or not traceable); `grep FUNCTION /proc/kallsyms` shows what exists"
+        )
+    if "Failed to load" in msg or "bpf: Failed to load program" in log:
+        vlog = log.split("bpf: Failed to load program", 1)[-1]
+        tail = "\n".join(vlog.strip().splitlines()[-12:])
+        prog = re.search(r"program b?'([^']+)'", msg)
+        name = prog.group(1) if prog else "the program"
+        if "Operation not permitted" in log or "Need super-user" in msg:
+            if os.geteuid() == 0:
+                found = host.lockdown_mode()
+                lock = found[0] if found else None
+                return UnsupportedError(
+                    f"the kernel refused to load {name} (EPERM) although we are root"
+                    + (f": kernel lockdown is '{lock}', the likely reason for refusing this program "
+                       "type (fentry/KFUNC_PROBE tracing programs)" if lock and lock != "none" else "")
+                    + ". Use a tracepoint or raw tracepoint instead.",
+                    feature=f"lockdown={lock}" if lock else "BPF program type",
+                )
+            return BPFPermissionError(str(host_permission_hint()))
+        # clang only warns about calls to undeclared functions; the load then fails with an
+        # obscure message, so the warning is the useful part.
+        hints = [format_diag(d, lines) for d in diags if d.kind == "warning" and d.line
+                 and "implicit declaration" in d.message]
+        hint = ("\n" + "\n".join(hints)) if hints else ""
+        return VerifierError(f"the verifier rejected {name}:\n{tail}{hint}", log=vlog)
+    if "Need super-user" in msg:
+        return BPFPermissionError(str(host_permission_hint()))
+    if "not traceable" in msg or "kprobe_events" in log:
+        return UnsupportedError(
+            f"{msg}. This kernel has no kprobes (CONFIG_KPROBES is not set); use a tracepoint.",
+            feature="CONFIG_KPROBES",
+        )
+    if "Failed to attach" in msg:
+        detail = log.strip().splitlines()[-1] if log.strip() else ""
+        return AttachError(f"{msg}" + (f" ({detail})" if detail else ""))
+    return KernelscopeError(f"{msg}\n{log.strip()[-2000:]}")
+
+
+def prepare(source: str, pages: int | dict[str, int] | None = None,
+            globals_: Mapping[str, Any] | None = None) -> Instrumented:
+    """The cell with its output calls counted (see rewrite.instrument)."""
+    if globals_:
+        raise ValueError("globals= sets `const volatile` variables of CO-RE programs; "
+                         "for BCC programs use cflags=['-DNAME=VALUE']")
+    return instrument(source, pages)
+
+
+def open_program(prepared: Instrumented, source: str, cflags: tuple[str, ...],
+                 usdt: Sequence[tuple[str | int, str, str]] = (),
+                 globals_: Mapping[str, Any] | None = None) -> BCCProgram:
+    """Compile, load and attach: the `Program` Probe drives."""
+    return BCCProgram(load(prepared, source, cflags, list(usdt)), prepared, source)
+
+
+class BCCProgram:
+    """A loaded `bcc.BPF` behind the interface Probe uses for either backend (base.Program)."""
+
+    backend = "bcc"
+    counts_discards = True  # the rewrite wraps bpf_ringbuf_discard() on a named map
+    output_decl = "BPF_RINGBUF_OUTPUT or BPF_PERF_OUTPUT map"
+
+    def __init__(self, bpf: Any, instrumented: Instrumented, source: str) -> None:
+        self.bpf = bpf
+        self.instrumented = instrumented
+        self.source = source
+        self.notes: list[str] = []
+
+    def event_dtype(self, name: str) -> np.dtype:
+        return struct_dtype(bcc_event_fields(self.bpf, name), parse_structs(self.source), name)
+
+    def named_dtype(self, ctype: str, where: str) -> np.dtype:
+        structs = parse_structs(self.source)
+        if ctype not in structs:
+            raise SchemaError(f"{where}: no {ctype} defined in the program")
+        return struct_dtype(structs[ctype], structs, ctype)
+
+    def map_fd(self, name: str) -> int:
+        return int(self.bpf[name.encode()].get_fd())
+
+    def ring_size(self, name: str) -> int:
+        table = self.bpf[name.encode()]
+        om = self.instrumented.maps[name]
+        return int(table.max_entries) if hasattr(table, "max_entries") else (om.pages or 0) * PAGE
+
+    def perf_set_fd(self, name: str) -> Callable[[int, int], None]:
+        table = self.bpf[name.encode()]
+
+        def set_fd(cpu: int, fd: int) -> None:
+            table[ctypes.c_int(cpu)] = ctypes.c_int(fd)
+        return set_fd
+
+    def set_gate(self, value: int) -> None:
+        self.bpf[GATE_MAP.encode()][ctypes.c_int(0)] = ctypes.c_uint32(value)
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        return read_counters(self.bpf[ACCT_MAP.encode()], self.instrumented.maps)
+
+    def attach_points(self) -> list[str]:
+        bpf = self.bpf
+        out = [f"tracepoint:{_text(k)}" for k in bpf.tracepoint_fds]
+        out += [f"raw_tracepoint:{_text(k)}" for k in bpf.raw_tracepoint_fds]
+        out += [f"kprobe:{_text(k)}" for k in bpf.kprobe_fds]
+        out += [f"uprobe:{_text(k)}" for k in bpf.uprobe_fds]
+        return out
+
+    def attach_uprobe(self, name: str, sym: str = "", fn_name: str = "", **kw: Any) -> None:
+        with capture_fd2() as log:
+            try:
+                self.bpf.attach_uprobe(name=name, sym=sym, fn_name=fn_name, **kw)
+                return
+            except Exception as e:
+                err = e
+        raise AttachError(f"uprobe {name}:{sym} -> {fn_name}: {err} {''.join(log).strip()}") from None
+
+    def attach_tracepoint(self, tp: str, fn_name: str) -> None:
+        with capture_fd2() as log:
+            try:
+                self.bpf.attach_tracepoint(tp=tp, fn_name=fn_name)
+                return
+            except Exception as e:
+                err = e
+        raise AttachError(f"tracepoint {tp} -> {fn_name}: {err} {''.join(log).strip()}") from None
+
+    def _table(self, name: str) -> Any:
+        try:
+            return self.bpf[name.encode()]
+        except KeyError:
+            raise UnknownNameError(f"no map {name!r} in this program") from None
+
+    def map_update(self, name: str, key: Any, value: Any) -> None:
+        """`map[key] = value` (ints, bytes or numpy), as CoreProgram.map_update."""
+        t = self._table(name)
+        t[t.Key.from_buffer_copy(packed(key, ctypes.sizeof(t.Key), f"{name} key"))] = \
+            t.Leaf.from_buffer_copy(packed(value, ctypes.sizeof(t.Leaf), f"{name} value"))
+
+    def map_lookup(self, name: str, key: Any) -> bytes:
+        t = self._table(name)
+        return bytes(t[t.Key.from_buffer_copy(packed(key, ctypes.sizeof(t.Key), f"{name} key"))])
+
+    def map_update_batch(self, name: str, keys: Any, values: Any) -> int:
+        for k, v in zip(np.ascontiguousarray(keys), np.ascontiguousarray(values), strict=True):
+            self.map_update(name, k.tobytes(), v.tobytes())
+        return len(keys)
+
+    def close(self) -> None:
+        release_bpf(self.bpf)
+
+
+
+def _text(k: Any) -> str:
+    return k.decode() if isinstance(k, bytes) else str(k)
+
+
+
+def release_bpf(bpf: Any) -> None:
+    """Detach and free a (possibly half-built) bcc.BPF, and drop BCC's atexit hooks for it.
+
+    BCC registers `cleanup` when it builds the object and `donothing` when a load fails;
+    either hook would keep the object (and its maps) alive until the interpreter exits.
+    """
+    with contextlib.suppress(Exception):
+        bpf.cleanup()
+    atexit.unregister(bpf.cleanup)
+    atexit.unregister(bpf.donothing)
+
+
+
+def bcc_event_fields(bpf: Any, name: str) -> list[tuple[str, str]]:
+    """The (field, C type) list BCC recorded for what the program submits to map `name`."""
+    lib = bpf_lib()
+    n = lib.bpf_perf_event_fields(bpf.module, name.encode())
+    fields = []
+    for i in range(n):
+        raw = lib.bpf_perf_event_field(bpf.module, name.encode(), i).decode()
+        fname, _, ctype = raw.partition("#")
+        fields.append((fname, ctype))
+    if not fields:
+        raise SchemaError(
+            f"{name}: BCC found no struct submitted to this map (no {name}.ringbuf_output/"
+            "ringbuf_reserve/perf_submit call with a struct). Submit a struct, or pass "
+            "dtypes={...} to Probe."
+        )
+    return fields
+
+
+
+def bpf_lib() -> Any:
+    from ..host import import_bcc
+
+    import_bcc()
+    from bcc.libbcc import lib  # type: ignore[import-not-found,unused-ignore]
+
+    return lib

@@ -1,0 +1,134 @@
+"""The bench's C helpers: the getppid() producer and libbpf's reference consumers.
+
+Built at bench time with gcc from the sources in `c/`, cached per source version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from .. import host
+from ..errors import SetupError
+
+SRC_DIR = Path(__file__).parent / "c"
+CFLAGS = ("-O2", "-Wall")
+HELPERS = {
+    "producer": ("producer.c", ()),
+    "ringbuf_consumer": ("ringbuf_consumer.c", ("-lbpf",)),
+    "perfbuf_consumer": ("perfbuf_consumer.c", ("-lbpf",)),
+    "userring_producer": ("userring_producer.c", ("-lbpf",)),
+}
+LIBBPF_HEADER = Path("/usr/include/bpf/libbpf.h")
+
+
+
+class BenchSetupError(SetupError):
+    """The bench cannot build or run its C helpers (gcc or libbpf-dev missing, build failed)."""
+
+
+
+def cache_dir() -> Path:
+    return host.cache_dir("bench")
+
+
+
+def build_helpers(cache: Path | None = None) -> dict[str, Path]:
+    """Compile the producer and the libbpf consumers once per source version.
+
+    Binaries are cached as `<name>-<hash of source, shared header and flags>`, so editing a
+    .c file rebuilds it and nothing else; editing bench_common.h rebuilds them all.
+    """
+    gcc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if not gcc:
+        raise BenchSetupError(
+            "gcc is not installed: `kernelscope bench` builds its C producer and libbpf "
+            "consumers at run time. Install them with `apt-get install gcc libbpf-dev`."
+        )
+    cache = cache or cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    built: dict[str, Path] = {}
+    common = (SRC_DIR / "bench_common.h").read_bytes()
+    for name, (src_name, libs) in HELPERS.items():
+        src = SRC_DIR / src_name
+        text = src.read_bytes() + common
+        key = hashlib.sha256(text + " ".join((*CFLAGS, *libs)).encode()).hexdigest()[:16]
+        exe = cache / f"{name}-{key}"
+        if not exe.exists():
+            if libs and not LIBBPF_HEADER.exists():
+                raise BenchSetupError(
+                    f"libbpf's headers are missing ({LIBBPF_HEADER}): the bench's reference "
+                    "consumers link against libbpf. Install them with `apt-get install libbpf-dev`."
+                )
+            tmp = exe.with_name(f"{exe.name}.{os.getpid()}.tmp")
+            cmd = [gcc, *CFLAGS, "-o", str(tmp), str(src), *libs]
+            r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if r.returncode != 0:
+                hint = (
+                    " (is libbpf-dev installed? `apt-get install libbpf-dev`)"
+                    if "bpf" in r.stderr
+                    else ""
+                )
+                raise BenchSetupError(f"building {src_name} failed{hint}:\n{r.stderr.strip()}")
+            os.replace(tmp, exe)
+        built[name] = exe
+    return built
+
+
+
+def _send_go(proc: subprocess.Popen[bytes]) -> None:
+    """Release a helper waiting on its stdin (one byte, then EOF)."""
+    assert proc.stdin is not None
+    proc.stdin.write(b"g")
+    proc.stdin.close()
+    proc.stdin = None  # so communicate() does not flush the closed pipe
+
+
+
+class Producer:
+    """The C producer, started paused so a program can be loaded with its pid first."""
+
+    def __init__(self, exe: Path, calls: int, cpu: int | None) -> None:
+        self.calls = calls
+        self.proc = subprocess.Popen(
+            [str(exe), str(calls), "0", str(-1 if cpu is None else cpu)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def go(self) -> None:
+        _send_go(self.proc)
+
+    def exited(self) -> bool:
+        return self.proc.poll() is not None
+
+    def finish(self, timeout: float = 300.0) -> tuple[int, int, int]:
+        """Wait for the producer; returns (calls, t_start_ns, t_end_ns) on CLOCK_MONOTONIC."""
+        out, _ = self.proc.communicate(timeout=timeout)
+        if self.proc.returncode != 0:
+            raise RuntimeError(f"producer exited with status {self.proc.returncode}")
+        calls, t0, t1 = (int(x) for x in out.split())
+        return calls, t0, t1
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f is not None:
+                with contextlib.suppress(OSError):
+                    f.close()
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()

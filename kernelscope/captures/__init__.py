@@ -1,0 +1,1 @@
+"""Captures: probe events saved to one file, and replayed without BPF."""

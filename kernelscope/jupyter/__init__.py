@@ -1,0 +1,1 @@
+"""The Jupyter face: magics, display, widgets and plots."""
