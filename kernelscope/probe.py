@@ -37,13 +37,44 @@ from .drain import (
     open_map,
     user_ring_stats,
 )
-from .errors import ClosedError, KernelscopeError
+from .errors import ClosedError, KernelscopeError, SettingError
+from .readers.base import check_pages
 from .results import Results
 
 _live: weakref.WeakSet[Probe] = weakref.WeakSet()
 BACKENDS: dict[str, Backend] = {"bcc": bcc, "libbpf": core}  # the one place a backend is chosen
 __all__ = ["BACKENDS", "GRACE", "Probe", "close_all", "live_probes"]
 GRACE = 0.02  # seconds for BPF programs already running to finish after the gate closes
+WAKEUPS = ("adaptive", "epoll", "timer")
+
+
+def check_settings(
+    *,
+    pages: object = None,
+    wakeup: object = None,
+    wakeup_events: object = None,
+    watermark_bytes: object = None,
+    reorder_ns: object = None,
+    poll_interval: object = None,
+) -> None:
+    """A SettingError naming the first bad setting (None: not given); nothing is changed."""
+    if isinstance(pages, Mapping):
+        for name, n in pages.items():
+            check_pages(n, f"pages[{name!r}]")
+    elif pages is not None:
+        check_pages(pages)
+    if wakeup is not None and wakeup not in WAKEUPS:
+        raise SettingError(f"wakeup must be one of {', '.join(map(repr, WAKEUPS))}, not {wakeup!r}")
+    for name, value, least in (("wakeup_events", wakeup_events, 1), ("watermark_bytes", watermark_bytes, 0),
+                               ("reorder_ns", reorder_ns, 0)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise SettingError(f"{name} must be a whole number >= {least}, not {value!r}")
+    if poll_interval is not None and (isinstance(poll_interval, bool)
+                                      or not isinstance(poll_interval, (int, float))
+                                      or not 0 < poll_interval < 3600):
+        raise SettingError(f"poll_interval must be seconds between 0 and 3600, not {poll_interval!r}")
 
 
 def live_probes() -> list[Probe]:
@@ -55,6 +86,11 @@ def close_all() -> None:
     """Close every live probe (interpreter exit, %bpf_stop --all, unload_ipython_extension)."""
     for p in live_probes():
         p.close()
+
+
+def _shown(setting: str, value: object) -> object:
+    """A setting's value as a reload mark says it ("pages default -> 8")."""
+    return value if value is not None else "default" if setting == "pages" else "off"
 
 
 class _LiveOrReplay(type):
@@ -123,8 +159,8 @@ class Probe(Results, metaclass=_LiveOrReplay):
             raise ValueError(f"backend must be 'bcc' or 'libbpf', not {backend!r}")
         self.backend = backend
         self._backend = BACKENDS[backend]
-        if poll_interval <= 0:
-            raise ValueError("poll_interval must be positive")
+        check_settings(pages=pages, wakeup=wakeup, wakeup_events=wakeup_events,
+                       watermark_bytes=watermark_bytes, reorder_ns=reorder_ns, poll_interval=poll_interval)
         self.source = source
         self.name = name
         self.pages = dict(pages) if isinstance(pages, Mapping) else pages
@@ -140,6 +176,7 @@ class Probe(Results, metaclass=_LiveOrReplay):
         self.globals = dict(globals or {})
         self.maps: dict[str, MapState] = {}
         self.user_rings: dict[str, Any] = {}  # name -> userring.UserRing (CO-RE backend)
+        self._attached: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []  # attached by hand
         self._sent_before: dict[str, dict[str, int]] = {}  # user ring counts of replaced programs
         self.error: BaseException | None = None
         self.closed = False
@@ -185,8 +222,11 @@ class Probe(Results, metaclass=_LiveOrReplay):
         self._check_open()
         if self.loaded:
             return self
-        prog = self._backend.open_program(self.instrumented, self.source, self.cflags, self.usdt,
-                                          self.globals)
+        self._adopt(self._open_replacement(self.instrumented))
+        return self
+
+    def _adopt(self, prog: Program) -> None:
+        """Make the loaded `prog` this probe's: readers on its buffers, then its gate opens."""
         self._res.prog = prog
         try:
             self._open_buffers(prog)
@@ -197,7 +237,6 @@ class Probe(Results, metaclass=_LiveOrReplay):
             if note not in self.warnings:
                 self.warnings.append(note)
         self._set_gate(1)
-        return self
 
     def _dtype(self, prog: Program, name: str) -> np.dtype | None:
         want = self.dtypes.get(name)
@@ -325,20 +364,24 @@ class Probe(Results, metaclass=_LiveOrReplay):
     ) -> Probe:
         """Apply new buffer settings by reloading the program; rows and counts carry on.
 
-        Buffer sizes are fixed when maps are created, so a new size means a new program:
-        the old one is stopped (final drain, exact counts), its counters are carried over,
-        and the change is marked (`MapState.marks`, `stats[...]['reloads']`) for plots.
+        Buffer sizes are fixed when maps are created, so a new size means a new program. The
+        settings are checked and the new program is compiled, loaded and attached (its gate
+        still closed) while the old one runs, so a bad setting or a program the kernel refuses
+        raises and leaves the probe as it was. Then the old one is stopped (final drain, exact
+        counts), its counters are carried over, the new one takes its place, and the change is
+        marked (`MapState.marks`, `stats[...]['reloads']`) for plots. Functions attached by
+        hand (attach_uprobe, attach_tracepoint) are attached again.
         `reorder_ns=False` keeps the current window; None turns reordering off.
         """
         self._check_open()
-        was_running = self.running
-        changes = []
+        check_settings(pages=pages, wakeup=wakeup, wakeup_events=wakeup_events,
+                       watermark_bytes=watermark_bytes, poll_interval=poll_interval,
+                       reorder_ns=None if reorder_ns is False else reorder_ns)
+        new: dict[str, Any] = {}
         if pages is not None and pages != self.pages:
-            changes.append(f"pages {self.pages or 'default'} -> {pages}")
-            self.pages = dict(pages) if isinstance(pages, Mapping) else pages
+            new["pages"] = dict(pages) if isinstance(pages, Mapping) else pages
         if watermark_bytes == 0 and self.watermark_bytes is not None:
-            changes.append(f"watermark_bytes {self.watermark_bytes} -> off")
-            self.watermark_bytes = None  # 0 turns the watermark off: wake per wakeup_events
+            new["watermark_bytes"] = None  # 0 turns the watermark off: wake per wakeup_events
         for attr, value in (
             ("wakeup", wakeup),
             ("wakeup_events", wakeup_events),
@@ -346,26 +389,58 @@ class Probe(Results, metaclass=_LiveOrReplay):
             ("poll_interval", poll_interval),
         ):
             if value is not None and value != getattr(self, attr):
-                changes.append(f"{attr} {getattr(self, attr)} -> {value}")
-                setattr(self, attr, value)
+                new[attr] = value
         if reorder_ns is not False and reorder_ns != self.reorder_ns:
-            changes.append(f"reorder_ns {self.reorder_ns} -> {reorder_ns}")
-            self.reorder_ns = reorder_ns
-        if not changes:
+            new["reorder_ns"] = reorder_ns
+        if not new:
             return self
-        if self.loaded:
-            self.stop()
-            carry_over(self.maps, self.user_rings, self.counters(), self._sent_before)
+        changes = "; ".join(f"{k} {_shown(k, getattr(self, k))} -> {_shown(k, v)}" for k, v in new.items())
+        instrumented = self._backend.prepare(self.source, new.get("pages", self.pages), self.globals)
+        if not self.loaded:  # settings only: the next load() uses them
+            self.__dict__.update(new)
+            self.instrumented = instrumented
+            return self
+        prog = self._open_replacement(instrumented)
+        was_running = self.running
+        old = {k: getattr(self, k) for k in new}
+        old_instrumented = self.instrumented
+        self.stop()
+        carry_over(self.maps, self.user_rings, self.counters(), self._sent_before)
+        self._res.close()
+        self.__dict__.update(new)
+        self.instrumented = instrumented
+        try:
+            self._adopt(prog)
+        except BaseException as e:  # e.g. buffers the host cannot map: back to the old settings
             self._res.close()
-        self.instrumented = self._instrument()
+            self.__dict__.update(old)
+            self.instrumented = old_instrumented
+            self._adopt(self._open_replacement(old_instrumented))
+            if was_running:
+                self.start()
+            if isinstance(e, KernelscopeError):
+                e.add_note("the probe runs again with its previous settings")
+            raise
         now = time.monotonic()
         for ms in self.maps.values():
-            ms.marks.append({"t": now, "what": "; ".join(changes)})
+            ms.marks.append({"t": now, "what": changes})
         self._stopped_stats = None
-        self.load()
         if was_running:
             self.start()
         return self
+
+    def _open_replacement(self, instrumented: Any) -> Program:
+        """A new program for `instrumented`, attached where this one is, its gate closed; on any
+        failure nothing of it survives and the running program is untouched."""
+        prog = self._backend.open_program(instrumented, self.source, self.cflags, self.usdt,
+                                          self.globals)
+        try:
+            for kind, args, kw in self._attached:
+                getattr(prog, f"attach_{kind}")(*args, **kw)
+        except BaseException:
+            prog.close()
+            raise
+        return prog
 
     def close(self) -> None:
         """Detach programs and free maps, readers and fds. Idempotent; frames stay readable."""
@@ -478,6 +553,7 @@ class Probe(Results, metaclass=_LiveOrReplay):
         """Attach a function of the program to a user-space symbol (`name`: binary or library)."""
         self.load()
         self._prog().attach_uprobe(name, sym, fn_name, **kw)
+        self._attached.append(("uprobe", (name, sym, fn_name), kw))
         return self
 
     def attach_tracepoint(self, tp: str, fn_name: str) -> Probe:
@@ -487,6 +563,7 @@ class Probe(Results, metaclass=_LiveOrReplay):
         if len(cat_ev) == 2:
             tracepoints.check_tracepoint(cat_ev[0], cat_ev[1])
         self._prog().attach_tracepoint(tp, fn_name)
+        self._attached.append(("tracepoint", (tp, fn_name), {}))
         return self
 
     def state(self) -> str:

@@ -13,7 +13,15 @@ import pytest
 from producers import paused, perf_program, ring_program, run_to_completion
 from util import BPFCounts, bpf_object_counts, fd_count, refusal
 
-from kernelscope import AttachError, ClosedError, CompileError, Probe, UnsupportedError, VerifierError
+from kernelscope import (
+    AttachError,
+    ClosedError,
+    CompileError,
+    Probe,
+    SettingError,
+    UnsupportedError,
+    VerifierError,
+)
 from kernelscope.tracepoints import config_option
 
 pytestmark = pytest.mark.kernel
@@ -302,6 +310,75 @@ def test_reconfigure_reloads_with_new_size_and_keeps_rows_and_counts() -> None:
         assert st["stored"] == st["received"]
         assert set(p.df["pid"]) <= {first.pid, second.pid}
         assert list(p.df["ks_seq"]) == list(range(st["received"]))
+
+
+@pytest.mark.parametrize("bad", [3, 2**20, "16", 2.0, 0])
+def test_reconfigure_with_a_bad_size_leaves_the_probe_running_as_it_was(bad: object) -> None:
+    """Settings are checked before anything is torn down: the old program keeps running."""
+    prod = paused(2_000)
+    with Probe(ring_program(pages=64), cflags=prod.cflags) as p:
+        with pytest.raises(SettingError, match="pages"):
+            p.reconfigure(pages=bad)
+        assert p.running
+        assert p.pages is None
+        assert p.stats["events"]["reloads"] == 0
+        prod.go()
+        p.stop()
+        assert_accounted(p.stats["events"], 2_000)
+        assert p.stats["events"]["capacity_bytes"] == 64 * 4096
+        p.start()  # and it starts again, no other reconfigure needed
+        assert p.running
+
+
+def test_a_replacement_the_kernel_refuses_restores_the_previous_program() -> None:
+    """2^19 pages per CPU of perf buffer pass the checks, but the kernel cannot map them
+    (ENOMEM): the probe comes back with its old size, running, and counts on exactly."""
+    first, second = paused(1_000), paused(1_000)
+    src = perf_program().replace("!= TARGET", "!= TARGET && (id >> 32) != SECOND")
+    with Probe(src, pages=8, cflags=[*first.cflags, f"-DSECOND={second.pid}"]) as p:
+        first.go()
+        with pytest.raises(SettingError, match="cannot map a perf buffer this large") as e:
+            p.reconfigure(pages=2**19)
+        assert "previous settings" in "".join(getattr(e.value, "__notes__", []))
+        assert p.running
+        assert p.pages == 8
+        second.go()
+        p.stop()
+        st = p.stats["events"]
+        assert_accounted(st, 2_000)
+        assert st["pages"] == 8
+        assert st["reloads"] == 0
+        assert set(p.df["pid"]) == {first.pid, second.pid}
+
+
+def test_functions_attached_by_hand_are_attached_again_after_reconfigure() -> None:
+    src = r"""
+    struct event { u32 pid; };
+    BPF_RINGBUF_OUTPUT(events, 16);
+    int on_getppid(void *ctx) {
+      u32 pid = bpf_get_current_pid_tgid() >> 32;
+      if (pid != TARGET) return 0;
+      struct event e = {.pid = pid};
+      events.ringbuf_output(&e, sizeof(e), 0);
+      return 0;
+    }"""
+    prod = paused(300)
+    with Probe(src, cflags=prod.cflags) as p:
+        p.attach_tracepoint("syscalls:sys_enter_getppid", "on_getppid")
+        p.reconfigure(pages=32)
+        assert p.attach_points() == ["tracepoint:syscalls:sys_enter_getppid"]
+        prod.go()
+        p.stop()
+        assert_accounted(p.stats["events"], 300)
+        assert p.stats["events"]["capacity_bytes"] == 32 * 4096
+
+
+@pytest.mark.parametrize(("setting", "value"), [("pages", "16"), ("pages", 2.0), ("pages", {"events": 6}),
+                                                ("wakeup", "sometimes"), ("wakeup_events", 0),
+                                                ("poll_interval", 0), ("reorder_ns", -1)])
+def test_a_bad_setting_is_a_setting_error_naming_it(setting: str, value: object) -> None:
+    with pytest.raises(SettingError, match=setting.split("_", maxsplit=1)[0]):
+        Probe(ring_program(), **{setting: value})
 
 
 def test_raw_tracepoint_probe_attaches_and_delivers() -> None:

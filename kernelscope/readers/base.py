@@ -12,7 +12,36 @@ import os
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
+import numpy as np
+
+from ..errors import SettingError
 from .batch import Batch
+
+PAGE_SIZE = 4096
+# A ring's size is a u32 in the kernel (max_entries) and a power of two, so 2 GiB = 2^19 pages
+# is the largest ring; a perf buffer of that many pages per CPU is more than any host maps.
+MAX_PAGES = 2**19
+
+
+def check_pages(pages: object, where: str = "pages") -> int:
+    """`pages` as an int, or a SettingError saying what a buffer size must be.
+
+    A buffer holds a power of two of pages (1, 2, 4, ... MAX_PAGES): the kernel maps ring and
+    perf data areas of that size only.
+    """
+    if isinstance(pages, bool) or not isinstance(pages, (int, np.integer)):
+        raise SettingError(f"{where} must be a whole number of pages, a power of two such as 64, "
+                           f"not {pages!r} ({type(pages).__name__})")
+    n = int(pages)
+    if n < 1 or n & (n - 1):
+        lower = 1 << max(0, n.bit_length() - 1) if n > 0 else 1
+        nearest = f"{lower} or {lower * 2}" if n > 1 else "1"
+        raise SettingError(f"{where} must be a power of two (1, 2, 4, ...), got {n}: try {nearest}")
+    if n > MAX_PAGES:
+        raise SettingError(f"{where} = {n} pages ({n * PAGE_SIZE / 2**30:.0f} GiB) is more than a "
+                           f"buffer can hold: at most {MAX_PAGES} pages (2 GiB, the kernel's limit "
+                           "for a ring buffer)")
+    return n
 
 
 @runtime_checkable

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BPFPermissionError, ClosedError, CorruptBufferError, KernelscopeError
+from ..errors import BPFPermissionError, ClosedError, CorruptBufferError, KernelscopeError, SettingError
 from .base import Resources
 from .batch import Batch, concat_records, copy_records, opaque
 
@@ -373,6 +373,9 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 
 def _os_error(what: str, err: int) -> KernelscopeError:
     msg = f"{what}: {os.strerror(err)}"
+    if err == errno.ENOMEM:
+        return SettingError(f"{msg}: the kernel cannot map a perf buffer this large; choose fewer pages "
+                            "per CPU (each CPU gets its own buffer of that size)")
     if err in (errno.EPERM, errno.EACCES):
         return BPFPermissionError(
             f"{msg}. Per-CPU perf events need root or CAP_PERFMON (see "
