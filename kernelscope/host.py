@@ -322,7 +322,8 @@ def check_tracefs(tracefs: Path | None = None) -> Path:
         raise not_mounted_error(tracefs)
     events = tracefs / "events"
     try:
-        next(os.scandir(events), None)
+        with os.scandir(events) as entries:
+            next(entries, None)
     except PermissionError as e:
         raise TracefsAccessError(tracefs, e) from None
     except OSError as e:
