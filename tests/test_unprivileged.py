@@ -249,3 +249,35 @@ def test_a_visible_but_unreadable_tracepoint_is_a_tracefs_error() -> None:
         assert tracepoints.check_tracepoint("sched", "sched_switch", events=fmt.parents[2]) is None
     finally:
         subprocess.run(["rm", "-rf", str(base)], check=True)
+
+
+@needs_root
+@pytest.mark.kernel
+@pytest.mark.parametrize("backend", ["bcc", "libbpf"])
+@pytest.mark.usefixtures("imported", "nobody_cache")
+def test_the_magic_with_bpf_capabilities_but_no_tracefs_access_is_a_usage_error(backend: str) -> None:
+    """A %%bpf cell of either backend, run by an IPython shell as uid 65534 with the capabilities."""
+    from IPython.core.error import UsageError
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"
+    ip = InteractiveShell.instance(config=config)
+    ip.run_line_magic("load_ext", "kernelscope")
+    try:
+        cell = f"%%bpf unpriv -D TARGET={os.getpid()}\n{SOURCES[backend]}"
+
+        def run() -> str:
+            result = ip.run_cell(cell, silent=True)
+            error = result.error_in_exec
+            return f"{type(error).__name__}: {error}"
+
+        out = run_as_nobody(run, caps=CAPS, timeout=120)
+    finally:
+        ip.run_line_magic("unload_ext", "kernelscope")
+    assert out.error is None, out.traceback
+    kind, _, message = out.value.partition(": ")
+    assert kind == UsageError.__name__  # IPython shows a UsageError as its message alone
+    assert message.startswith(f"%%bpf unpriv: tracefs at {host.TRACEFS} is not readable by uid {NOBODY}")
+    assert TracefsAccessError.group_command(host.TRACEFS) in message
