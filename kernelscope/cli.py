@@ -21,9 +21,9 @@ EXIT_USAGE = 2
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
-    """One-time host preparation: mount tracefs/debugfs, link kernel headers, check BCC."""
-    host.require_privileges()
-    for note in (host.ensure_tracefs(), host.ensure_headers()):
+    """One-time host preparation (the only command that changes the host): mount tracefs,
+    link kernel headers for BCC, check BCC; prints what it changed and what it left alone."""
+    for note in host.prepare():
         print(f"kernelscope setup: {note}")
     bcc = host.import_bcc()
     print(f"kernelscope setup: BCC {getattr(bcc, '__version__', '?')} imports from "
@@ -73,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("setup", help="mount tracefs and make kernel headers visible to BCC "
-                                     "(needs root; safe to re-run)")
+    p = sub.add_parser("setup", help="mount tracefs and link kernel headers where BCC looks, "
+                                     "replacing nothing (needs root; safe to re-run)")
     p.set_defaults(func=cmd_setup)
 
     p = sub.add_parser("doctor", help="probe what this host can do with eBPF, and how to fix "

@@ -28,8 +28,11 @@ class BPFPermissionError(KernelscopeError, PermissionError):
 class TracefsAccessError(SetupError, PermissionError):
     """This process may not read tracefs, where the kernel lists tracepoints and their formats.
 
-    tracefs is mounted root-only (the top folder 0700, files 0440 or 0640), and reading it is
-    a file permission check, not a capability one: CAP_BPF and CAP_PERFMON do not open it.
+    tracefs is mounted root-only (the top folder 0700, files 0440 or 0640 root:root), and
+    reading it is a file permission check, not a capability one: CAP_BPF and CAP_PERFMON do
+    not open it. `group_command` is the remount that does (checked on Linux 6.18: with it, a
+    uid in that group with CAP_BPF and CAP_PERFMON loads and attaches tracepoint probes;
+    mode=755 alone is not enough, the files stay root:root 0440).
     """
 
     def __init__(self, tracefs: os.PathLike[str] | str, denied: OSError | None = None,
@@ -39,11 +42,16 @@ class TracefsAccessError(SetupError, PermissionError):
         where = f" ({denied.filename}: {denied.strerror})" if denied is not None and denied.filename else ""
         super().__init__(
             f"tracefs at {self.tracefs} is not readable by uid {self.uid}{where}: run as root, or give "
-            f"this user read access, as root: `mount -o remount,mode=755,gid=GID {self.tracefs}` with the "
-            "user in group GID (tracefs's files are group-readable, its top folder is 0700); "
-            "CAP_BPF and CAP_PERFMON alone do not open tracefs. "
+            f"this user read access, as root: `{self.group_command(self.tracefs)}` with the user in "
+            "group GID (tracefs's files are group-readable; mode=755 alone is not enough), until the "
+            "next reboot; CAP_BPF and CAP_PERFMON alone do not open tracefs. "
             "Without it, notebooks can still replay recorded captures (KERNELSCOPE_MODE=replay)."
         )
+
+    @staticmethod
+    def group_command(tracefs: os.PathLike[str] | str, gid: int | str = "GID") -> str:
+        """The remount that lets group `gid` read tracefs (its top folder 0750, files group `gid`)."""
+        return f"mount -o remount,mode=750,gid={gid} {tracefs}"
 
 
 class CompileError(KernelscopeError):

@@ -2,9 +2,14 @@
 
 Three things stand between a fresh Debian machine and a loaded BCC program: the `bcc`
 Python package (Debian only, not PyPI), kernel headers where BCC looks for them
-(/lib/modules/$(uname -r)/build and .../source), and a mounted tracefs. Each `ensure_*`
-function fixes what it can, returns a sentence saying what it did, and raises a
-`SetupError` subclass saying how to fix what it cannot.
+(/lib/modules/$(uname -r)/build and .../source), and a mounted tracefs.
+
+Only `prepare()` (what `kernelscope setup` runs, as root) changes the host: each `ensure_*`
+function fixes what it can, returns a sentence saying what it changed (or that nothing
+needed changing), never replaces a link or file it finds, and raises a `SetupError`
+subclass saying how to fix what it cannot. `check()` (what every `Probe.load()` runs) only
+looks, and raises the same errors naming the command that fixes them.
+The roots (MODULES, SRC, TRACEFS) are read at call time, so tests can point them elsewhere.
 """
 
 from __future__ import annotations
@@ -22,7 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from .errors import BCCMissingError, BPFPermissionError, HeadersMissingError, SetupError
+from .errors import (
+    BCCMissingError,
+    BPFPermissionError,
+    HeadersMissingError,
+    SetupError,
+    TracefsAccessError,
+)
 
 DEBIAN_BCC = Path("/usr/lib/python3/dist-packages/bcc")
 TRACEFS = Path("/sys/kernel/tracing")
@@ -146,8 +157,9 @@ def headers_version(build: Path) -> str | None:
     return None
 
 
-def installed_headers(src: Path = SRC) -> list[Headers]:
+def installed_headers(src: Path | None = None) -> list[Headers]:
     """Debian header packages under /usr/src, newest first (exact match to the kernel first)."""
+    src = SRC if src is None else src
     found = []
     for build in sorted(glob.glob(str(src / "linux-headers-*")), reverse=True):
         b = Path(build)
@@ -163,8 +175,9 @@ def installed_headers(src: Path = SRC) -> list[Headers]:
     return found
 
 
-def find_headers(modules: Path = MODULES) -> Headers | None:
+def find_headers(modules: Path | None = None) -> Headers | None:
     """The headers BCC will compile with: /lib/modules/$(uname -r)/build (and /source)."""
+    modules = MODULES if modules is None else modules
     build = modules / kernel_release() / "build"
     if not (build / "Makefile").exists():
         return None
@@ -173,34 +186,88 @@ def find_headers(modules: Path = MODULES) -> Headers | None:
     return Headers(build.resolve(), source.resolve() if source.exists() else build.resolve(), version)
 
 
-def ensure_headers(modules: Path = MODULES, src: Path = SRC) -> str:
-    """Make BCC find headers: link the best installed Debian headers under /lib/modules.
+def _no_headers(release: str) -> HeadersMissingError:
+    return HeadersMissingError(
+        f"no kernel headers for {release}: BCC needs them to compile. Run "
+        "`make setup`, or `apt-get install linux-headers-amd64` (or the exact "
+        f"linux-headers-{release} where the archive has it), then `kernelscope setup` as root."
+    )
 
-    Returns what was done. BCC looks only in /lib/modules/$(uname -r)/{build,source};
-    Debian installs 6.1 headers for a 6.1 kernel there, not for a custom kernel.
-    """
+
+def _differ_note(have: Headers) -> str:
+    return "" if have.matches_kernel else (
+        f"; running kernel {kernel_release()}: struct layouts may differ (`kernelscope doctor`)"
+    )
+
+
+def _describe(path: Path) -> str:
+    """What is at `path`, in words: `a link to X`, `a link to X, which does not exist`, `a folder`."""
+    if path.is_symlink():
+        dest = os.readlink(path)
+        return f"a link to {dest}" + ("" if path.exists() else ", which does not exist")
+    return "a folder" if path.is_dir() else "a file"
+
+
+def check_headers(modules: Path | None = None, src: Path | None = None) -> Headers:
+    """The headers BCC will find, or HeadersMissingError saying the command that provides them."""
     have = find_headers(modules)
     if have is not None:
-        differ = "" if have.matches_kernel else (
-            f"; running kernel {kernel_release()}: struct layouts may differ (`kernelscope doctor`)"
-        )
-        return f"kernel headers: {have.build} ({have.version}){differ}"
+        return have
+    modules = MODULES if modules is None else modules
+    build = modules / kernel_release() / "build"
+    installed = installed_headers(src)
+    if not installed:
+        raise _no_headers(kernel_release())
+    there = f" ({build} is {_describe(build)})" if build.is_symlink() or build.exists() else ""
+    raise HeadersMissingError(
+        f"BCC finds no kernel headers at {build}{there}; headers {installed[0].version} are "
+        f"installed under {installed[0].build.parent}: run `kernelscope setup` as root, which "
+        "links them there (kernelscope changes the host only in `kernelscope setup`)."
+    )
+
+
+def ensure_headers(modules: Path | None = None, src: Path | None = None) -> str:
+    """Make BCC find headers: link the best installed Debian headers under /lib/modules.
+
+    Returns what was changed. BCC looks only in /lib/modules/$(uname -r)/{build,source};
+    Debian installs 6.1 headers for a 6.1 kernel there, not for a custom kernel. A `build` or
+    `source` entry that is already there and is not the link this would make is never
+    replaced: it is someone else's (a module build, another kernel's package), so it is
+    left alone and reported with the command that would replace it.
+    """
+    modules = MODULES if modules is None else modules
+    have = find_headers(modules)
+    if have is not None:
+        return f"kernel headers: {have.build} ({have.version}), unchanged{_differ_note(have)}"
     candidates = installed_headers(src)
     if not candidates:
-        raise HeadersMissingError(
-            f"no kernel headers for {kernel_release()}: BCC needs them to compile. Run "
-            "`make setup`, or `apt-get install linux-headers-amd64` (or the exact "
-            f"linux-headers-{kernel_release()} where the archive has it)."
-        )
+        raise _no_headers(kernel_release())
     best = candidates[0]
     target = modules / kernel_release()
+    wanted = {"build": best.build, "source": best.source}
+    foreign = {
+        name: _describe(target / name) for name, dest in wanted.items()
+        if ((target / name).is_symlink() or (target / name).exists())
+        and not ((target / name).is_symlink() and Path(os.readlink(target / name)) == dest)
+    }
+    if foreign:
+        shown = "; ".join(f"{target / name} is {what}" for name, what in foreign.items())
+        replace = " && ".join(f"ln -sfn {wanted[n]} {target / n}" for n in foreign)
+        raise HeadersMissingError(
+            f"BCC finds no usable kernel headers at {target}/build and kernelscope left what is "
+            f"there alone (it replaces nothing it did not make): {shown}. To use the installed "
+            f"headers {best.version} instead, as root: {replace}"
+        )
+    done = []
     try:
-        target.mkdir(parents=True, exist_ok=True)
-        for name, dest in (("build", best.build), ("source", best.source)):
+        if not target.is_dir():
+            target.mkdir(parents=True)
+            done.append(f"created {target}")
+        for name, dest in wanted.items():
             link = target / name
-            if link.is_symlink():
-                link.unlink()
-            link.symlink_to(dest)
+            if not link.is_symlink():
+                link.symlink_to(dest)
+                done.append(f"linked {link} -> {dest}")
     except OSError as e:
         raise HeadersMissingError(
             f"headers {best.version} are installed but cannot be linked into {target} ({e}); "
@@ -210,7 +277,7 @@ def ensure_headers(modules: Path = MODULES, src: Path = SRC) -> str:
         f"; they are for {best.version}, not {kernel_release()}: programs that read kernel "
         "structs directly may get wrong values (see `kernelscope doctor`)"
     )
-    return f"linked {target}/build -> {best.build} and source -> {best.source}{note}"
+    return "; ".join(done) + note
 
 
 # --- tracefs ----------------------------------------------------------------------------
@@ -235,33 +302,60 @@ def is_mounted(path: Path, fstype: str) -> bool:
     return False
 
 
-def ensure_tracefs(tracefs: Path = TRACEFS, debugfs: Path = DEBUGFS) -> str:
-    """Mount tracefs (and debugfs, where BCC also looks) when they are not mounted."""
-    done = []
-    for fstype, path in (("tracefs", tracefs), ("debugfs", debugfs)):
-        if is_mounted(path, fstype):
-            continue
-        try:
-            _mount(fstype, path)
-        except OSError as e:
-            if fstype == "debugfs":
-                continue  # optional: BCC prefers tracefs
-            why = f"mounting it failed ({e.strerror})"
-            if e.errno in (errno.EPERM, errno.EACCES):
-                why += f": it needs CAP_SYS_ADMIN, which this process (uid {os.geteuid()}) lacks"
-            raise SetupError(
-                f"tracefs is not mounted at {path}: {why}; as root: `kernelscope setup` or "
-                f"`mount -t tracefs nodev {path}`. Without it, notebooks can still replay recorded "
-                "captures (KERNELSCOPE_MODE=replay)."
-            ) from e
-        done.append(f"mounted {fstype} at {path}")
-    return "; ".join(done) or f"tracefs mounted at {tracefs}"
+def not_mounted_error(path: Path, why: str = "") -> SetupError:
+    """The SetupError for tracefs not mounted at `path`, naming the command that mounts it."""
+    return SetupError(
+        f"tracefs is not mounted at {path}{why}; as root: `kernelscope setup` or "
+        f"`mount -t tracefs nodev {path}`. Without it, notebooks can still replay recorded "
+        "captures (KERNELSCOPE_MODE=replay)."
+    )
+
+
+def check_tracefs(tracefs: Path | None = None) -> Path:
+    """tracefs's events/ folder, or SetupError (not mounted) / TracefsAccessError (not readable).
+
+    Readable means this process may list events/; single tracepoints are checked where a
+    program names them (tracepoints.check_tracepoint), since their files are 0440.
+    """
+    tracefs = TRACEFS if tracefs is None else tracefs
+    if not is_mounted(tracefs, "tracefs"):
+        raise not_mounted_error(tracefs)
+    events = tracefs / "events"
+    try:
+        with os.scandir(events) as entries:
+            next(entries, None)
+    except PermissionError as e:
+        raise TracefsAccessError(tracefs, e) from None
+    except OSError as e:
+        raise not_mounted_error(tracefs, f" as expected ({events}: {e.strerror})") from None
+    return events
+
+
+def ensure_tracefs(tracefs: Path | None = None) -> str:
+    """Mount tracefs when it is not mounted; returns what was changed.
+
+    debugfs is not mounted: BCC (0.26, Python and libbcc) and libbpf look for tracing files
+    under /sys/kernel/debug/tracing first and use /sys/kernel/tracing when that is absent, so
+    tracefs alone is enough for both backends.
+    """
+    tracefs = TRACEFS if tracefs is None else tracefs
+    if is_mounted(tracefs, "tracefs"):
+        return f"tracefs already mounted at {tracefs}, unchanged"
+    try:
+        _mount("tracefs", tracefs)
+    except OSError as e:
+        why = f": mounting it failed ({e.strerror})"
+        if e.errno in (errno.EPERM, errno.EACCES):
+            why += f": it needs CAP_SYS_ADMIN, which this process (uid {os.geteuid()}) lacks"
+        raise not_mounted_error(tracefs, why) from e
+    return f"mounted tracefs at {tracefs}"
 
 
 def prepare(backend: str = "bcc") -> list[str]:
-    """Everything a probe needs before compiling: returns what was done, raises what cannot be.
+    """Change the host so probes can load (`kernelscope setup`); returns what was changed.
 
-    The CO-RE backend ("libbpf") needs neither BCC nor kernel headers, only tracefs.
+    Mounts tracefs and links kernel headers for BCC; the CO-RE backend ("libbpf") needs
+    neither BCC nor kernel headers, only tracefs. Nothing else in kernelscope changes the host.
     """
     require_privileges()
     if backend != "bcc":
@@ -269,6 +363,22 @@ def prepare(backend: str = "bcc") -> list[str]:
     notes = [ensure_tracefs(), ensure_headers()]
     import_bcc()
     return notes
+
+
+def check(backend: str = "bcc") -> None:
+    """What `Probe.load()` runs: raise what stops a probe loading, naming the fix; change nothing.
+
+    BPFPermissionError (no root, CAP_BPF or CAP_PERFMON), SetupError (tracefs not mounted),
+    HeadersMissingError (BCC finds no headers: `kernelscope setup` links them), BCCMissingError.
+    Whether this process may read a tracepoint's files is checked where the program names it.
+    """
+    require_privileges()
+    tracefs = TRACEFS
+    if not is_mounted(tracefs, "tracefs"):
+        raise not_mounted_error(tracefs)
+    if backend == "bcc":
+        check_headers()
+        import_bcc()
 
 
 # --- kernel configuration ---------------------------------------------------------------

@@ -97,8 +97,12 @@ def check_tracepoint(cat: str, ev: str, line: int | None = None, events: Path | 
     Returns the list of known tracepoints when it had to read it, for the next call.
     """
     events = events or tracefs_events()
+    fmt = events / cat / ev / "format"
     with reading_tracefs(events):
-        if (events / cat / ev / "format").exists():
+        if fmt.exists():
+            # found is not enough: the loader reads this file and `id`, both 0440, and a
+            # tracefs remounted mode=755 lets anyone see them but only root and its group read
+            fmt.open("rb").close()
             return known
     known = known if known is not None else list_tracepoints(events)
     close = difflib.get_close_matches(f"{cat}:{ev}", known, n=3, cutoff=0.6)
@@ -147,13 +151,12 @@ def events_dir() -> Path:
 
 
 def _ensure_tracefs() -> Path:
-    """The events folder of tracefs, mounted first if needed (as root)."""
+    """The events folder of tracefs, or the SetupError saying how to mount it (this mounts nothing:
+    only `kernelscope setup` changes the host)."""
     events = events_dir()
     with reading_tracefs(events):
         if not events.is_dir():
-            from . import host
-
-            host.ensure_tracefs()
+            raise host.not_mounted_error(events.parent)
     return events
 
 

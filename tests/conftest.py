@@ -20,19 +20,21 @@ from kernelscope.errors import KernelscopeError
 
 REQUIRE_BPF = os.environ.get("KERNELSCOPE_REQUIRE_BPF") == "1"
 
-_prepared: list[str] | None = None
-_unprepared: str | None = None
+_checked = False
+_unready: str | None = None
 
 
 def _kernel_ready() -> str | None:
-    """None when kernel tests can run; else why not. host.prepare() runs once per session."""
-    global _prepared, _unprepared
-    if _prepared is None and _unprepared is None:
+    """None when kernel tests can run; else why not. host.check() runs once per session: it
+    changes nothing (`make test` runs `kernelscope setup` first, which does)."""
+    global _checked, _unready
+    if not _checked:
+        _checked = True
         try:
-            _prepared = host.prepare()
+            host.check()
         except KernelscopeError as e:
-            _unprepared = f"{type(e).__name__}: {e}"
-    return _unprepared
+            _unready = f"{type(e).__name__}: {e}"
+    return _unready
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -44,7 +46,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if REQUIRE_BPF:
         pytest.fail(f"KERNELSCOPE_REQUIRE_BPF=1 but this real-kernel test cannot run: {why}",
                     pytrace=False)
-    pytest.skip(f"real-kernel test needs a prepared host: {why}")
+    pytest.skip(f"real-kernel test needs a prepared host (`kernelscope setup`): {why}")
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -55,11 +55,11 @@ def _keep_only(caps: tuple[int, ...]) -> None:
         raise OSError(err, f"capset: {os.strerror(err)}")
 
 
-def _child(fn: Callable[[], Any], caps: tuple[int, ...]) -> Outcome:
+def _child(fn: Callable[[], Any], caps: tuple[int, ...], groups: tuple[int, ...] = ()) -> Outcome:
     libc = ctypes.CDLL(None, use_errno=True)
     if caps and libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_KEEPCAPS)")
-    os.setgroups([])
+    os.setgroups(list(groups))
     os.setresgid(NOBODY, NOBODY, NOBODY)
     os.setresuid(NOBODY, NOBODY, NOBODY)
     if caps:
@@ -71,8 +71,9 @@ def _child(fn: Callable[[], Any], caps: tuple[int, ...]) -> Outcome:
                        message=str(e), traceback=traceback.format_exc())
 
 
-def run_as_nobody(fn: Callable[[], Any], caps: tuple[int, ...] = (), timeout: float = 60.0) -> Outcome:
-    """Call `fn` in a forked child running as uid/gid 65534 with no groups; its Outcome.
+def run_as_nobody(fn: Callable[[], Any], caps: tuple[int, ...] = (), timeout: float = 60.0,
+                  groups: tuple[int, ...] = ()) -> Outcome:
+    """Call `fn` in a forked child running as uid/gid 65534 with no groups (or `groups`); its Outcome.
 
     The value `fn` returns must pickle. Needs root in the parent (to change uid). A child
     that does not answer within `timeout` s (a lock another thread held at the fork) is killed.
@@ -84,7 +85,7 @@ def run_as_nobody(fn: Callable[[], Any], caps: tuple[int, ...] = (), timeout: fl
         try:
             os.close(r)
             try:
-                out = _child(fn, caps)
+                out = _child(fn, caps, groups)
             except BaseException as e:
                 out = Outcome(error="setup failed", message=repr(e), traceback=traceback.format_exc())
             data = pickle.dumps(out)

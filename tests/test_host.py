@@ -80,16 +80,107 @@ def test_installed_headers_get_linked_where_bcc_looks(tmp_path: Path) -> None:
     note = host.ensure_headers(modules=modules, src=src)
 
     target = modules / host.kernel_release()
+    common = src / "linux-headers-6.1.0-99-common"
     assert (target / "build").resolve() == build.resolve()
-    assert (target / "source").resolve() == (src / "linux-headers-6.1.0-99-common").resolve()
-    assert "linked" in note
+    assert (target / "source").resolve() == common.resolve()
+    # it says each change it made
+    assert note.startswith(f"created {target}; linked {target / 'build'} -> {build}; "
+                           f"linked {target / 'source'} -> {common}")
     if host.kernel_release() != "6.1.0-99-amd64":
         assert "not " + host.kernel_release() in note  # says the versions differ
     found = host.find_headers(modules)
     assert found is not None
     assert found.version == "6.1.0-99-amd64"
     # a second run finds them and changes nothing
-    assert "kernel headers:" in host.ensure_headers(modules=modules, src=src)
+    again = host.ensure_headers(modules=modules, src=src)
+    assert again.startswith(f"kernel headers: {build.resolve()} (6.1.0-99-amd64), unchanged")
+
+
+def test_a_missing_link_is_added_beside_the_one_setup_made(tmp_path: Path) -> None:
+    modules, src = tmp_path / "modules", tmp_path / "src"
+    src.mkdir()
+    build = fake_debian_headers(src, "6.1.0-99-amd64")
+    target = modules / host.kernel_release()
+    target.mkdir(parents=True)
+    (target / "source").symlink_to(src / "linux-headers-6.1.0-99-common")  # a half-finished setup
+    note = host.ensure_headers(modules=modules, src=src)
+    assert note.startswith(f"linked {target / 'build'} -> {build}")
+    assert "source" not in note.split(";")[0]
+
+
+@pytest.mark.parametrize("kind", ["dangling build link", "build link elsewhere", "build folder",
+                                  "source link elsewhere"])
+def test_a_link_setup_did_not_make_is_left_alone_and_reported(tmp_path: Path, kind: str) -> None:
+    modules, src, other = tmp_path / "modules", tmp_path / "src", tmp_path / "other"
+    src.mkdir()
+    other.mkdir()  # somebody's own kernel tree, without a Makefile BCC could use
+    fake_debian_headers(src, "6.1.0-99-amd64")
+    target = modules / host.kernel_release()
+    target.mkdir(parents=True)
+    name = "source" if kind.startswith("source") else "build"
+    entry = target / name
+    if kind == "dangling build link":
+        entry.symlink_to(tmp_path / "gone")
+    elif kind == "build folder":
+        entry.mkdir()
+    else:
+        entry.symlink_to(other)
+    before = {p.name: (os.readlink(p) if p.is_symlink() else "dir") for p in target.iterdir()}
+
+    with pytest.raises(HeadersMissingError) as e:
+        host.ensure_headers(modules=modules, src=src)
+
+    after = {p.name: (os.readlink(p) if p.is_symlink() else "dir") for p in target.iterdir()}
+    assert after == before  # nothing replaced, nothing added
+    msg = str(e.value)
+    assert "left what is there alone" in msg
+    assert f"{entry} is {'a folder' if kind == 'build folder' else 'a link to'}" in msg
+    if kind == "dangling build link":
+        assert "which does not exist" in msg
+    package = "linux-headers-6.1.0-99-" + ("common" if name == "source" else "amd64")
+    assert f"ln -sfn {src / package} {entry}" in msg
+
+
+def test_usable_headers_someone_else_linked_are_kept(tmp_path: Path) -> None:
+    modules, src = tmp_path / "modules", tmp_path / "src"
+    src.mkdir()
+    fake_debian_headers(src, "6.1.0-99-amd64")
+    (tmp_path / "theirs").mkdir()
+    theirs = fake_debian_headers(tmp_path / "theirs", "6.18.0-1-custom")
+    target = modules / host.kernel_release()
+    target.mkdir(parents=True)
+    (target / "build").symlink_to(theirs)
+    note = host.ensure_headers(modules=modules, src=src)
+    assert note.startswith(f"kernel headers: {theirs} (6.18.0-1-custom), unchanged")
+    assert os.readlink(target / "build") == str(theirs)
+    assert not (target / "source").exists()
+
+
+def test_check_changes_nothing_and_names_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What Probe.load() runs: installed but unlinked headers are an error saying `kernelscope setup`."""
+    modules, src = tmp_path / "modules", tmp_path / "src"
+    modules.mkdir()
+    src.mkdir()
+    fake_debian_headers(src, "6.1.0-99-amd64")
+    monkeypatch.setattr(host, "MODULES", modules)
+    monkeypatch.setattr(host, "SRC", src)
+    monkeypatch.setattr(host, "effective_caps", lambda: CAP["bpf"] | CAP["perfmon"])
+    monkeypatch.setattr(host, "is_mounted", lambda path, fstype: True)
+
+    def must_not(*args: object, **kwargs: object) -> None:
+        raise AssertionError("check() changed the host")
+
+    monkeypatch.setattr(host, "_mount", must_not)
+    monkeypatch.setattr(Path, "symlink_to", must_not)
+    monkeypatch.setattr(Path, "mkdir", must_not)
+    with pytest.raises(HeadersMissingError) as e:
+        host.check()
+    assert "run `kernelscope setup` as root" in str(e.value)
+    assert "6.1.0-99-amd64" in str(e.value)
+    assert list(modules.iterdir()) == []
+    monkeypatch.setattr(host, "is_mounted", lambda path, fstype: False)
+    with pytest.raises(SetupError, match=r"tracefs is not mounted at .*`kernelscope setup`"):
+        host.check("libbpf")
 
 
 def test_headers_that_cannot_be_linked_say_how_to_link_them(tmp_path: Path) -> None:
@@ -116,7 +207,7 @@ def test_unmountable_tracefs_message_names_the_mount_command(
     monkeypatch.setattr(host, "is_mounted", lambda path, fstype: False)
     tracefs = tmp_path / "tracing"
     with pytest.raises(SetupError) as e:
-        host.ensure_tracefs(tracefs=tracefs, debugfs=tmp_path / "debug")
+        host.ensure_tracefs(tracefs=tracefs)
     msg = str(e.value)
     assert f"mount -t tracefs nodev {tracefs}" in msg
     assert "Operation not permitted" in msg
@@ -128,7 +219,16 @@ def test_mounted_tracefs_is_left_alone(tmp_path: Path, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(host, "_mount", must_not_mount)
     monkeypatch.setattr(host, "is_mounted", lambda path, fstype: True)
-    assert "tracefs mounted" in host.ensure_tracefs(tmp_path / "t", tmp_path / "d")
+    assert host.ensure_tracefs(tmp_path / "t") == f"tracefs already mounted at {tmp_path / 't'}, unchanged"
+
+
+def test_setup_mounts_tracefs_alone_and_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """debugfs is not needed: BCC and libbpf use /sys/kernel/tracing when debug/tracing is absent."""
+    mounted: list[tuple[str, Path]] = []
+    monkeypatch.setattr(host, "_mount", lambda fstype, target: mounted.append((fstype, target)))
+    monkeypatch.setattr(host, "is_mounted", lambda path, fstype: False)
+    assert host.ensure_tracefs(tmp_path / "tracing") == f"mounted tracefs at {tmp_path / 'tracing'}"
+    assert mounted == [("tracefs", tmp_path / "tracing")]
 
 
 # --- BCC --------------------------------------------------------------------------------
@@ -209,12 +309,36 @@ def test_cli_setup_headers_missing(
 ) -> None:
     monkeypatch.setattr(host, "effective_caps", lambda: CAP["sys_admin"])
     monkeypatch.setattr(host, "ensure_tracefs", lambda: "tracefs mounted (faked)")
-    real = host.ensure_headers
-    monkeypatch.setattr(host, "ensure_headers", lambda: real(modules=tmp_path, src=tmp_path))
+    monkeypatch.setattr(host, "MODULES", tmp_path)
+    monkeypatch.setattr(host, "SRC", tmp_path)
     code, _, err = run_cli(["setup"], capsys)
     assert code != 0
     assert "linux-headers-amd64" in err
     assert "Traceback" not in err
+
+
+def test_cli_setup_prints_each_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    modules, src = tmp_path / "modules", tmp_path / "src"
+    src.mkdir()
+    build = fake_debian_headers(src, "6.1.0-99-amd64")
+    monkeypatch.setattr(host, "MODULES", modules)
+    monkeypatch.setattr(host, "SRC", src)
+    monkeypatch.setattr(host, "TRACEFS", tmp_path / "tracing")
+    monkeypatch.setattr(host, "effective_caps", lambda: CAP["sys_admin"])
+    mounted: list[str] = []
+    monkeypatch.setattr(host, "is_mounted", lambda path, fstype: fstype in mounted)
+    monkeypatch.setattr(host, "_mount", lambda fstype, target: mounted.append(fstype))
+    code, out, err = run_cli(["setup"], capsys)
+    assert code == 0, err
+    target = modules / host.kernel_release()
+    lines = out.splitlines()
+    assert lines[0] == f"kernelscope setup: mounted tracefs at {tmp_path / 'tracing'}"
+    assert lines[1].startswith(f"kernelscope setup: created {target}; linked {target / 'build'} -> {build}")
+    assert mounted == ["tracefs"]  # no debugfs
+    code, out, _ = run_cli(["setup"], capsys)  # again: nothing to change, and it says so
+    assert code == 0
+    assert out.splitlines()[0].endswith(f"tracefs already mounted at {tmp_path / 'tracing'}, unchanged")
+    assert ", unchanged" in out.splitlines()[1]
 
 
 @pytest.mark.usefixtures("no_bcc_on_path")
@@ -315,3 +439,83 @@ def test_kernel_tests_without_privileges(tmp_path: Path, require: str, outcome: 
     assert "CAP_BPF" in proc.stdout  # the reason names what is missing
     if require == "1":
         assert "KERNELSCOPE_REQUIRE_BPF=1 but" in proc.stdout
+
+
+# --- Probe.load() only checks: no mount, no link, for real --------------------------------
+
+LOAD_AND_COMPARE = r"""
+import json, os, subprocess, sys, time
+from pathlib import Path
+from kernelscope import Probe, host
+
+def mounts():
+    return sorted(" ".join(line.split()[3:]) for line in open("/proc/self/mountinfo"))
+
+def links():
+    target = host.MODULES / host.kernel_release()
+    return {p.name: os.readlink(p) if p.is_symlink() else "not a link" for p in sorted(target.iterdir())}
+
+for path in ("/sys/kernel/debug/tracing", "/sys/kernel/debug"):  # this namespace only
+    subprocess.run(["umount", path], check=False, capture_output=True)
+before = (mounts(), links())
+rows = {}
+for backend, source in (("bcc", sys.argv[1]), ("libbpf", sys.argv[2])):
+    p = Probe(source, backend=backend, cflags=[f"-DTARGET={os.getpid()}"]).start()
+    for _ in range(50):
+        os.getppid()
+    time.sleep(0.3)
+    p.stop()
+    rows[backend] = len(p.df)
+    p.close()
+after = (mounts(), links())
+print(json.dumps({"rows": rows, "same": before == after, "before": before, "after": after,
+                  "debugfs": host.is_mounted(host.DEBUGFS, "debugfs")}))
+"""
+
+BCC_GETPPID = """
+struct ev { u32 pid; };
+BPF_RINGBUF_OUTPUT(ks_host_ev, 16);
+TRACEPOINT_PROBE(syscalls, sys_enter_getppid) {
+    struct ev e = {.pid = bpf_get_current_pid_tgid() >> 32};
+    if (e.pid == TARGET) ks_host_ev.ringbuf_output(&e, sizeof(e), 0);
+    return 0;
+}
+"""
+
+CORE_GETPPID = r"""
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+struct { __uint(type, BPF_MAP_TYPE_RINGBUF); __uint(max_entries, 4096 * 4); } ks_host_core SEC(".maps");
+struct ev { u32 pid; };
+SEC("tp/syscalls/sys_enter_getppid")
+int ks_host_core_tp(void *ctx) {
+    u32 pid = bpf_get_current_pid_tgid() >> 32;
+    if (pid != TARGET) return 0;
+    struct ev *e = bpf_ringbuf_reserve(&ks_host_core, sizeof(*e), 0);
+    if (!e) return 0;
+    e->pid = pid;
+    bpf_ringbuf_submit(e, 0);
+    return 0;
+}
+char LICENSE[] SEC("license") = "GPL";
+"""
+
+
+@pytest.mark.kernel
+@pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0,
+                    reason="needs root and unshare (util-linux) for a private mount namespace")
+def test_load_mounts_nothing_and_links_nothing_and_needs_no_debugfs() -> None:
+    """Both backends load and deliver with debugfs unmounted (in a private mount namespace, so
+    the host's own mounts are untouched), and the mount table and header links are unchanged."""
+    import json
+
+    proc = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", LOAD_AND_COMPARE,
+         BCC_GETPPID, CORE_GETPPID],
+        capture_output=True, text=True, timeout=240, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out["rows"] == {"bcc": 50, "libbpf": 50}
+    assert out["debugfs"] is False  # nobody mounted it
+    assert out["same"], (out["before"], out["after"])

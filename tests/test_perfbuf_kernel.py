@@ -69,7 +69,7 @@ class Program:
             _unavailable("loading BPF programs and per-CPU perf events needs root, or "
                          "CAP_BPF and CAP_PERFMON")
         try:
-            host.prepare()
+            host.check()
             bcc = host.import_bcc()
         except SetupError as e:
             _unavailable(f"host not ready for BCC: {e}")

@@ -78,7 +78,7 @@ def load(
     usdt: list[tuple[str | int, str, str]] | None = None,
 ) -> Any:
     """Compile, load and auto-attach; returns the `bcc.BPF` object or raises a specific error."""
-    host.prepare()
+    host.check()
     check_attach_points(user_source)
     bcc = host.import_bcc()
     lines = user_source.splitlines()

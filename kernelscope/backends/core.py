@@ -521,7 +521,7 @@ def open_program(prepared: CoreSource, source: str, cflags: tuple[str, ...],
 def load(prepared: CoreSource, user_source: str, cflags: tuple[str, ...] = (),
          globals_: dict[str, Any] | None = None) -> CoreProgram:
     """Compile, open, size, set globals, load and attach; every failure a specific error."""
-    host.prepare("libbpf")
+    host.check("libbpf")
     check_sections(prepared)
     libbpf.lib()
     workdir = Path(tempfile.mkdtemp(prefix="kernelscope-core-"))

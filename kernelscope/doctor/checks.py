@@ -27,7 +27,7 @@ from typing import Any
 from .. import host
 from ..backends import btf
 from ..backends.bcc import capture_fd2, release_bpf
-from ..errors import BPFPermissionError, KernelscopeError, SetupError
+from ..errors import BPFPermissionError, KernelscopeError, SetupError, TracefsAccessError
 from .report import Check, DoctorReport
 from .verdicts import HITS, MAP_KINDS, ProbeResult, attach_checks, map_checks
 
@@ -154,8 +154,16 @@ def _check_headers() -> Check:
 
 
 def _check_tracefs() -> Check:
+    """Mounted, and readable by this process: CAP_BPF and CAP_PERFMON do not open tracefs."""
     for path in (host.TRACEFS, host.DEBUGFS / "tracing"):
         if host.is_mounted(path, "tracefs"):
+            try:
+                host.check_tracefs(path)
+            except TracefsAccessError as e:
+                return Check("tracefs", False, f"mounted at {path}, but uid {e.uid} may not read it "
+                             "(tracepoints cannot be checked or attached)", str(e), data={"uid": e.uid})
+            except SetupError as e:
+                return Check("tracefs", False, f"mounted at {path}, but unusable", str(e))
             return Check("tracefs", True, f"mounted at {path}")
     return Check(
         "tracefs", False, f"tracefs is not mounted at {host.TRACEFS}",
@@ -470,8 +478,11 @@ def _find_usdt_binary() -> Path | None:
     for candidate in (sys.executable, shutil.which("python3"), "/usr/bin/python3"):
         if not candidate:
             continue
-        path = Path(candidate).resolve()
-        if path in seen or not path.is_file():
+        try:  # an interpreter under a folder this user may not search (/root/.pyenv) is no candidate
+            path = Path(candidate).resolve()
+            if path in seen or not path.is_file():
+                continue
+        except OSError:
             continue
         seen.add(path)
         if _elf_has_section(path, b".note.stapsdt"):
@@ -574,6 +585,8 @@ def _check_core() -> Check:
             p.close()
     except KernelscopeError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, TracefsAccessError):  # the toolchain is not what is missing
+            return Check("co-re", None, f"not probed: uid {e.uid} may not read tracefs (see tracefs)")
         return Check("co-re", False, f"the CO-RE backend failed: {first}", fix)
     if len(df) != 3:
         return Check("co-re", False, f"a CO-RE program ran, but {len(df)} of 3 events arrived")

@@ -9,6 +9,7 @@ import errno
 from dataclasses import dataclass, field
 
 from .. import host
+from ..errors import SetupError, TracefsAccessError
 from .report import Check
 
 # Indexes into the program's `hits` array, one counter per attach kind.
@@ -69,11 +70,23 @@ def attach_checks(res: ProbeResult) -> list[Check]:
             why, fix = _fentry_reason(error, res.errnos.get(kind, 0))
         elif kind == "tracepoint" and not host.is_mounted(host.TRACEFS, "tracefs"):
             why, fix = (f"{error} (tracefs is not mounted)", "run `kernelscope setup`")
+        elif kind == "tracepoint" and (denied := _tracefs_denied()) is not None:
+            why, fix = (f"{error} (uid {denied.uid} may not read tracefs)", "see the tracefs row")
         else:
             why, fix = error, ""
         data["reason"] = why
         checks.append(Check(kind, False, f"{target}: {why}", fix, data=data))
     return checks
+
+
+def _tracefs_denied() -> TracefsAccessError | None:
+    try:
+        host.check_tracefs()
+    except TracefsAccessError as e:
+        return e
+    except SetupError:
+        pass
+    return None
 
 
 def _kprobe_reason(error: str) -> tuple[str, str]:
