@@ -64,12 +64,12 @@ def check_destination(path: str | os.PathLike[str], suffix: str = ".parquet") ->
     """Raise CaptureError saying why a capture could not be written at `path`, before any
     work is done that the failure would lose; else return it."""
     path = Path(path)
-    if path.suffix != suffix:
-        raise CaptureError(f"{path}: a capture file's name ends in {suffix} "
-                           f"(e.g. {path.with_suffix(suffix)})")
     if path.is_dir():
         raise CaptureError(f"{path} is a folder: give a file name inside it, "
                            f"e.g. {path / ('capture' + suffix)}")
+    if path.suffix != suffix:
+        raise CaptureError(f"{path}: a capture file's name ends in {suffix} "
+                           f"(e.g. {path.with_suffix(suffix)})")
     if path.exists() and not path.is_file():
         raise CaptureError(f"{path} exists and is not a regular file: choose another name")
     parent = path.parent
