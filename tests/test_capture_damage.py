@@ -247,7 +247,10 @@ METADATA_CASES = {
     "no version": (_drop("version"), "metadata key 'version' is missing"),
     "no checksums": (_drop("maps", "events", "sha256"), "metadata key 'maps.events.sha256' is missing"),
     "no row count": (_drop("maps", "events", "rows"), "metadata key 'maps.events.rows' is missing"),
-    "version a string": (_set("version", value="2"), "metadata key 'version' should be an integer, got str"),
+    "version a string": (_set("version", value="2"),
+                         "metadata key 'version' should be a 64-bit integer, got str"),
+    "start out of range": (_set("started_ns", value=10**30),
+                           "metadata key 'started_ns' should be a 64-bit integer, got int 1000000000"),
     "stats a list": (_set("maps", "events", "stats", value=[]),
                      "metadata key 'maps.events.stats' should be an object, got list"),
     "negative count": (_set("maps", "events", "stats", "attempted", value=-1),
@@ -266,6 +269,8 @@ METADATA_CASES = {
                        "metadata key 'maps.events.dtype' is not a numpy dtype description"),
     "dtype of objects": (_set("maps", "events", "dtype", value="|O"),
                          "metadata key 'maps.events.dtype' describes object, which no event record can have"),
+    "dtype of an array": (_set("maps", "events", "dtype", value={"base": "<f8", "shape": [7]}),
+                          "metadata key 'maps.events.dtype' describes ('<f8', (7,)), which no event"),
     "dtype of another size": (_set("maps", "events", "dtype", value="<u8"),
                               "map 'events': records of 56 bytes do not match its 8-byte dtype"),
     "map not an object": (_set("maps", "events", value=7),
@@ -294,6 +299,38 @@ def test_bad_metadata_is_a_capture_error_naming_the_key(tmp_path, case: str) -> 
     with pytest.raises(CaptureError) as info:
         replay(path, speed=None)
     assert str(info.value).startswith(f"{path}: {message}"), str(info.value)
+
+
+def _paths(obj: Any, at: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    """Every key of a JSON tree (the first two items of each list), checksums and dtypes aside."""
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj[:2]) if isinstance(obj, list) else ()
+    for k, v in items:
+        if k not in ("sha256", "dtype"):
+            yield (*at, k)
+            yield from _paths(v, (*at, k))
+
+
+def test_any_value_of_the_wrong_type_is_a_capture_error_or_harmless(tmp_path) -> None:
+    """Each metadata value in turn replaced by one of another type (checksum recomputed):
+    the replay fails with a CaptureError or shows frames, stats, history and HTML; no other
+    exception from anywhere inside."""
+    path = save(two_maps(60, 40), tmp_path / "c.parquet")
+    clean = path.read_bytes()
+    meta = json.loads(pq.ParquetFile(path).metadata.metadata[capture.META_KEY])
+    refused = 0
+    for at in _paths(meta):
+        for value in (None, "x", [], 10**30):
+            path.write_bytes(clean)
+            edit_meta(path, _set(*at, value=value))
+            try:
+                r = replay(path, speed=None).start()
+            except CaptureError:
+                refused += 1
+                continue
+            for name in r.maps:
+                r.frame(name), r.history(name)
+            r._repr_html_()
+    assert refused > 100
 
 
 def test_metadata_edited_without_its_checksum_is_damage(tmp_path) -> None:

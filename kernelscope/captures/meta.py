@@ -61,7 +61,7 @@ def record_dtype(obj: Any, key: str) -> np.dtype:
         dt = dtype_from_json(obj)
     except (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError) as e:
         raise CaptureError(f"metadata key '{key}' is not a numpy dtype description ({e})") from None
-    if dt.hasobject or dt.itemsize <= 0:
+    if dt.hasobject or dt.itemsize <= 0 or dt.subdtype is not None:  # an event is a struct or a scalar
         raise CaptureError(f"metadata key '{key}' describes {dt}, which no event record can have")
     return dt
 
@@ -72,7 +72,8 @@ def _show(value: Any) -> str:
 
 
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An integer a numpy int64 holds (times in ns and counters become int64 columns)."""
+    return isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v < 2**63
 
 
 def _is_number(v: Any) -> bool:
@@ -83,7 +84,7 @@ _KINDS: dict[str, tuple[Any, str]] = {
     "object": (lambda v: isinstance(v, dict), "an object"),
     "list": (lambda v: isinstance(v, list), "a list"),
     "str": (lambda v: isinstance(v, str), "a string"),
-    "int": (_is_int, "an integer"),
+    "int": (_is_int, "a 64-bit integer"),
     "count": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
     "number": (_is_number, "a finite number"),
     "str?": (lambda v: v is None or isinstance(v, str), "a string or null"),
