@@ -123,3 +123,11 @@ class InternalError(KernelscopeError):
 class CorruptBufferError(InternalError):
     """A ring or perf buffer holds what the kernel never writes (a bad record length, impossible
     positions); the reader skipped the damaged bytes so the next read starts clean."""
+
+
+class CaptureMissingError(CaptureError, FileNotFoundError):
+    """There is no capture file at the path given."""
+
+
+class CaptureDamagedError(CaptureError):
+    """A capture's bytes are not what was saved (a checksum fails, the file is cut short)."""

@@ -23,7 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import CaptureError, SettingError
+from .captures.atomic import write_text
+from .errors import CaptureError, CaptureMissingError, SettingError
 
 if TYPE_CHECKING:
     from .results import Results
@@ -64,7 +65,7 @@ def require_capture(name: str | None) -> Path:
         )
     path = capture_path(name)
     if not path.exists():
-        raise CaptureError(
+        raise CaptureMissingError(
             f"replay mode: no capture {path} for probe {name!r}; record it on a machine with BPF "
             "with KERNELSCOPE_MODE=record"
         )
@@ -104,7 +105,7 @@ def remember(name: str, compute: Callable[[], Any], what: str = "figure") -> Any
     m = mode()
     if m == "replay":
         if not path.exists():
-            raise CaptureError(
+            raise CaptureMissingError(
                 f"replay mode: no recorded {what}: {path} is missing; record it by running this "
                 "notebook with KERNELSCOPE_MODE=record on a machine with BPF (`make record-notebooks`)"
             )
@@ -112,7 +113,7 @@ def remember(name: str, compute: Callable[[], Any], what: str = "figure") -> Any
     value = compute()
     if m == "record":
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(value, indent=1, default=float))
+        write_text(path, json.dumps(value, indent=1, default=float))
     return value
 
 

@@ -237,3 +237,30 @@ def test_reload_marks_survive_the_capture_and_show_in_the_replays_plots(tmp_path
     assert r.stats["events"]["reloads"] == 1
     st = r.stats["events"]
     assert st["attempted"] == st["received"] + st["dropped"] == 4000  # a 32 KiB ring may drop some
+
+
+@pytest.mark.kernel
+def test_probe_save_is_atomic_when_interrupted(tmp_path, monkeypatch) -> None:
+    """Ctrl-C while Probe.save writes leaves the previous capture whole and no temporary file."""
+    import pyarrow.parquet as pq
+
+    prod = paused(1000)
+    with Probe(ring_program(), cflags=prod.cflags) as p:
+        prod.go()
+        p.stop()
+        path = p.save(tmp_path / "cap.parquet")
+        before = path.read_bytes()
+        real = pq.write_table
+
+        def interrupted(table, where, **kw) -> None:
+            real(table.slice(0, 10), where, **kw)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(pq, "write_table", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            p.save(path)
+        assert path.read_bytes() == before
+        assert [f.name for f in tmp_path.iterdir()] == ["cap.parquet"]
+        monkeypatch.setattr(pq, "write_table", real)
+        live = p.df
+    pd.testing.assert_frame_equal(replay(path, speed=None).start().df, live)

@@ -5,10 +5,16 @@ Rows are events of every output map, in arrival order: `map`, `ks_seq`, `ks_arri
 structs, padding, char arrays) and cost no more than the ring did. The file's key-value
 metadata (`kernelscope` key, JSON) describes the rest: each map's numpy dtype, final stats,
 the counters sampled over time, the program text, buffer settings, kernel and host facts.
+
+Integrity (format 2): the metadata holds each map's row count and a SHA-256 of each of its
+columns as decoded, and `kernelscope.sha256` holds the SHA-256 of the metadata itself, so a
+file damaged anywhere either replays exactly what was saved or fails to load with a
+CaptureError naming what is wrong. Format 1 files (no checksums) still load, with a warning.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -19,43 +25,24 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..errors import CaptureError
+from ..errors import CaptureDamagedError, CaptureError, CaptureMissingError
+from . import meta as _meta
+from .atomic import atomic_path
+from .meta import FORMAT, VERSION, dtype_from_json, dtype_to_json
 
-FORMAT = "kernelscope-capture"
-VERSION = 1
+__all__ = ["FORMAT", "VERSION", "Capture", "MapCapture", "dtype_from_json", "dtype_to_json", "load",
+           "save", "upgrade"]
+
 META_KEY = b"kernelscope"
-
-
-def dtype_to_json(dt: np.dtype) -> Any:
-    """A JSON form of a numpy dtype that keeps offsets, padding and nesting exactly."""
-    if dt.names is not None:
-        return {
-            "names": list(dt.names),
-            "formats": [dtype_to_json(dt.fields[n][0]) for n in dt.names],  # type: ignore[index]
-            "offsets": [int(dt.fields[n][1]) for n in dt.names],  # type: ignore[index]
-            "itemsize": dt.itemsize,
-        }
-    if dt.subdtype is not None:
-        base, shape = dt.subdtype
-        return {"base": dtype_to_json(base), "shape": list(shape)}
-    return dt.str
-
-
-def dtype_from_json(obj: Any) -> np.dtype:
-    if isinstance(obj, str):
-        return np.dtype(obj)
-    if "base" in obj:
-        return np.dtype((dtype_from_json(obj["base"]), tuple(obj["shape"])))
-    return np.dtype(
-        {
-            "names": obj["names"],
-            "formats": [dtype_from_json(f) for f in obj["formats"]],
-            "offsets": obj["offsets"],
-            "itemsize": obj["itemsize"],
-        }
-    )
+SUM_KEY = b"kernelscope.sha256"  # SHA-256 (hex) of the META_KEY value
+SCHEMA = pa.schema([("map", pa.string()), ("ks_seq", pa.int64()), ("ks_arrival_ns", pa.int64()),
+                    ("ks_cpu", pa.int16()), ("record", pa.binary())])
+# What pyarrow raises on a file it cannot parse: its own errors, and OSError/ValueError kinds
+# from the thrift and decompression layers.
+READ_ERRORS = (pa.ArrowException, OSError, ValueError, EOFError)
 
 
 def host_facts() -> dict[str, Any]:
@@ -93,11 +80,11 @@ class Capture:
     settings: dict[str, Any] = field(default_factory=dict)
     host: dict[str, Any] = field(default_factory=host_facts)
     started_ns: int = 0  # monotonic ns when draining began; the file stores arrival times relative to it
+    warnings: list[str] = field(default_factory=list)  # what loading found (e.g. no checksums to verify)
 
 
-def save(capture: Capture, path: str | os.PathLike[str]) -> Path:
-    """Write `capture` as one Parquet file (atomically: a partial file never has the name)."""
-    path = Path(path)
+def _table(capture: Capture) -> pa.Table:
+    """Every map's events as rows, in arrival order (stable: a map's own order is kept)."""
     names, seqs, arrivals, cpus, blobs = [], [], [], [], []
     for name, mc in capture.maps.items():
         n = len(mc.records)
@@ -112,7 +99,7 @@ def save(capture: Capture, path: str | os.PathLike[str]) -> Path:
             ).cast(pa.binary())
         )
     order = np.argsort(np.concatenate(arrivals), kind="stable") if arrivals else np.empty(0, int)
-    table = pa.table(
+    return pa.table(
         {
             "map": pa.array(np.concatenate(names) if names else [], type=pa.string()).take(order),
             "ks_seq": pa.array(np.concatenate(seqs) if seqs else [], type=pa.int64()).take(order),
@@ -121,8 +108,57 @@ def save(capture: Capture, path: str | os.PathLike[str]) -> Path:
             ),
             "ks_cpu": pa.array(np.concatenate(cpus) if cpus else [], type=pa.int16()).take(order),
             "record": (pa.concat_arrays(blobs) if blobs else pa.array([], type=pa.binary())).take(order),
-        }
+        },
+        schema=SCHEMA,
     )
+
+
+def _binary_parts(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """A binary column as (length of each value, all value bytes), without a Python object per row."""
+    arr = col.combine_chunks()
+    if not len(arr):
+        return np.empty(0, np.int32), np.empty(0, np.uint8)
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset : arr.offset + len(arr) + 1]
+    data = arr.buffers()[2]
+    values = np.frombuffer(data, dtype=np.uint8) if data is not None else np.empty(0, np.uint8)
+    return np.diff(offsets), values[offsets[0] : offsets[-1]]
+
+
+def _digests(rows: pa.Table) -> dict[str, str]:
+    """SHA-256 of each of one map's columns, over the values as decoded (so it checks what a
+    replay will see, whatever Parquet's encoding and compression did on the way)."""
+    lengths, data = _binary_parts(rows.column("record"))
+    record = hashlib.sha256(lengths.astype("<i4").tobytes())
+    record.update(data.tobytes())
+    out = {"record": record.hexdigest()}
+    for col, dt in (("ks_seq", "<i8"), ("ks_arrival_ns", "<i8"), ("ks_cpu", "<i2")):
+        values = np.ascontiguousarray(rows.column(col).to_numpy(), dt)
+        out[col] = hashlib.sha256(values.tobytes()).hexdigest()
+    return out
+
+
+def _rows_of(table: pa.Table, name: str) -> pa.Table:
+    return table.filter(pc.equal(table.column("map"), pa.scalar(name, pa.string())))
+
+
+def _write(table: pa.Table, meta: dict[str, Any], path: Path) -> Path:
+    """`table` with `meta` (given each map's row count and checksums here) as one file,
+    atomically: the name holds the old file or the whole new one, never a part."""
+    for name, m in meta["maps"].items():
+        rows = _rows_of(table, name)
+        m["rows"] = rows.num_rows
+        m["sha256"] = _digests(rows)
+    meta["version"] = VERSION
+    text = json.dumps(meta, default=_jsonable).encode()
+    digest = hashlib.sha256(text).hexdigest().encode()
+    table = table.replace_schema_metadata({META_KEY: text, SUM_KEY: digest})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    return path
+
+
+def save(capture: Capture, path: str | os.PathLike[str]) -> Path:
+    """Write `capture` as one Parquet file (atomically: a partial file never has the name)."""
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -143,26 +179,18 @@ def save(capture: Capture, path: str | os.PathLike[str]) -> Path:
             for name, mc in capture.maps.items()
         },
     }
-    table = table.replace_schema_metadata({META_KEY: json.dumps(meta, default=_jsonable).encode()})
-    tmp = path.with_name(path.name + ".part")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
-    return path
+    return _write(_table(capture), meta, Path(path))
 
 
-def _records(col: pa.ChunkedArray, dtype: np.dtype) -> np.ndarray:
-    """The binary column's bytes as records, without a Python object per row."""
-    arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
-    if not len(arr):
-        return np.empty(0, dtype)
-    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset : arr.offset + len(arr) + 1]
-    lengths = np.diff(offsets)
+def _records(col: pa.ChunkedArray, dtype: np.dtype, name: str) -> np.ndarray:
+    """The binary column's bytes as records of `dtype`."""
+    lengths, data = _binary_parts(col)
     if (lengths != dtype.itemsize).any():
+        sizes = ", ".join(str(n) for n in sorted(set(lengths.tolist()))[:5])
         raise CaptureError(
-            f"records of {set(lengths.tolist())} bytes do not match the {dtype.itemsize}-byte dtype"
+            f"map {name!r}: records of {sizes} bytes do not match its {dtype.itemsize}-byte dtype"
         )
-    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
-    return data.view(dtype).copy()
+    return data.view(dtype).copy() if len(data) else np.empty(0, dtype)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -174,36 +202,121 @@ def _jsonable(obj: Any) -> Any:
 
 
 def load(path: str | os.PathLike[str]) -> Capture:
+    """Read and verify a capture. CaptureMissingError when there is no file; CaptureError
+    (CaptureDamagedError for damage) saying what is wrong with one that is not a whole
+    kernelscope capture this version reads."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no capture at {path}")
+        raise CaptureMissingError(
+            f"no capture file at {path}: check the path (a capture is written by Probe.save, "
+            "`kernelscope record` or KERNELSCOPE_MODE=record)"
+        )
+    if path.is_dir():
+        raise CaptureError(f"{path} is a folder, not a capture file")
     try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise CaptureError(f"{path} is not a Parquet file: {e}") from e
-    raw_meta = (table.schema.metadata or {}).get(META_KEY)
-    if raw_meta is None:
+        return _load(path)
+    except CaptureError as e:
+        raise type(e)(f"{path}: {e}") from None
+
+
+def _open(path: Path) -> pq.ParquetFile:
+    size = path.stat().st_size
+    if size == 0:
+        raise CaptureError("the file is empty (0 bytes): not a capture")
+    with path.open("rb") as f:
+        head = f.read(4)
+    try:
+        return pq.ParquetFile(path)
+    except READ_ERRORS as e:
+        if head == b"PAR1":  # Parquet's leading magic: a Parquet file whose footer is gone or damaged
+            raise CaptureDamagedError(f"damaged or truncated Parquet file ({size:,} bytes): {e}") from None
+        raise CaptureError(f"not a Parquet file (a capture is one): {e}") from None
+
+
+def _metadata(pf: pq.ParquetFile) -> tuple[dict[str, Any], dict[str, np.dtype], list[str]]:
+    """The checked metadata, each map's dtype, and warnings."""
+    kv = pf.metadata.metadata or {}
+    raw = kv.get(META_KEY)
+    if raw is None:
         raise CaptureError(
-            f"{path} is Parquet but not a kernelscope capture (no '{META_KEY.decode()}' metadata)"
+            f"not a kernelscope capture (no kernelscope metadata): a Parquet file with columns "
+            f"{', '.join(pf.schema_arrow.names) or 'none'}, "
+            f"written by {pf.metadata.created_by or 'an unknown tool'}"
         )
-    meta = json.loads(raw_meta)
-    if meta.get("format") != FORMAT or meta.get("version", 0) > VERSION:
-        raise CaptureError(
-            f"{path}: capture version {meta.get('version')} is newer than this kernelscope reads"
+    digest = kv.get(SUM_KEY)
+    if digest is not None and hashlib.sha256(raw).hexdigest().encode() != digest:
+        raise CaptureDamagedError("the kernelscope metadata fails its checksum: the file is damaged")
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both
+        raise CaptureError(f"the kernelscope metadata is not valid JSON ({e})") from None
+    dtypes = _meta.check(meta)
+    warnings = []
+    if meta["version"] >= 2 and digest is None:
+        raise CaptureDamagedError(f"metadata key '{SUM_KEY.decode()}' (the metadata's checksum) is missing")
+    if meta["version"] < 2:
+        warnings.append(
+            f"capture format {meta['version']} has no checksums, so damage to its contents cannot be "
+            "detected; kernelscope.captures.capture.upgrade(path) adds them"
         )
-    map_col = table.column("map").to_numpy(zero_copy_only=False)
+    return meta, dtypes, warnings
+
+
+def _check_columns(table: pa.Table) -> None:
+    for f in SCHEMA:
+        if f.name not in table.column_names:
+            raise CaptureError(f"column {f.name!r} is missing (the file has {', '.join(table.column_names)})")
+        col = table.column(f.name)
+        if col.type != f.type:
+            raise CaptureError(f"column {f.name!r} holds {col.type}, a capture stores {f.type}")
+        if col.null_count:
+            raise CaptureDamagedError(f"column {f.name!r} has {col.null_count:,} missing values")
+
+
+def _check_maps(table: pa.Table, dtypes: dict[str, np.dtype]) -> None:
+    """Every row belongs to a map the metadata describes (a renamed map would replay nothing)."""
+    known = pc.is_in(table.column("map"), value_set=pa.array(list(dtypes), pa.string()))
+    unknown = table.num_rows - pc.sum(known.cast(pa.int64())).as_py() if table.num_rows else 0
+    if not unknown:
+        return
+    others = pc.unique(table.column("map").filter(pc.invert(known))).cast(pa.binary()).to_pylist()
+    held = ", ".join(repr(b.decode(errors="replace")) for b in others[:5])
+    described = ", ".join(repr(n) for n in dtypes) or "none"
+    raise CaptureError(
+        f"{unknown:,} rows belong to map {held}, which the metadata does not describe "
+        f"(it describes {described})"
+    )
+
+
+def _verify(name: str, rows: pa.Table, m: dict[str, Any]) -> None:
+    """One map's rows against the count and checksums saved with them (format 2)."""
+    if rows.num_rows != m["rows"]:
+        raise CaptureDamagedError(f"map {name!r} has {rows.num_rows:,} rows, its metadata says {m['rows']:,}")
+    for col, digest in _digests(rows).items():
+        if digest != m["sha256"][col]:
+            raise CaptureDamagedError(f"map {name!r}: column {col!r} fails its checksum: the file is damaged")
+
+
+def _load(path: Path) -> Capture:
+    pf = _open(path)
+    meta, dtypes, warnings = _metadata(pf)
+    try:
+        table = pf.read()
+    except READ_ERRORS as e:
+        raise CaptureDamagedError(f"the events cannot be read, the file is damaged: {e}") from None
+    _check_columns(table)
+    _check_maps(table, dtypes)
     maps = {}
     for name, m in meta["maps"].items():
-        dtype = dtype_from_json(m["dtype"])
-        rows = np.flatnonzero(map_col == name)
-        sub = table.take(pa.array(rows))
-        records = _records(sub.column("record"), dtype)
+        sub = _rows_of(table, name)
+        if meta["version"] >= 2:
+            _verify(name, sub, m)
         cpu = sub.column("ks_cpu").to_numpy().astype(np.int16)
         maps[name] = MapCapture(
             name=name,
             kind=m["kind"],
-            dtype=dtype,
-            records=records,
+            dtype=dtypes[name],
+            records=_records(sub.column("record"), dtypes[name], name),
             seq=sub.column("ks_seq").to_numpy().astype(np.int64),
             arrival_ns=sub.column("ks_arrival_ns").to_numpy().astype(np.int64),
             cpu=cpu if m["kind"] == "perf" else None,
@@ -213,10 +326,18 @@ def load(path: str | os.PathLike[str]) -> Capture:
             epoch_offset_ns=m.get("epoch_offset_ns", 0),
             marks=m.get("marks", []),
         )
-    return Capture(
-        maps,
-        meta.get("source", ""),
-        meta.get("settings", {}),
-        meta.get("host", {}),
-        int(meta.get("started_ns", 0)),
-    )
+    return Capture(maps, meta.get("source", ""), meta.get("settings", {}), meta.get("host", {}),
+                   int(meta.get("started_ns", 0)), warnings)
+
+
+def upgrade(path: str | os.PathLike[str]) -> Path:
+    """Rewrite a format-1 capture as the current format (checksums added), in place and
+    atomically; the events and metadata stay as they were. A no-op for a current one."""
+    path = Path(path)
+    load(path)  # what cannot be read is not rewritten
+    pf = pq.ParquetFile(path)
+    meta = json.loads(pf.metadata.metadata[META_KEY])
+    if meta["version"] >= VERSION:
+        return path
+    table = pf.read().select(SCHEMA.names).cast(SCHEMA).replace_schema_metadata(None)
+    return _write(table, meta, path)

@@ -2,17 +2,25 @@
 
 Shows a one-line progress bar on stderr (when it is a terminal, or every few seconds
 otherwise) and ends with received / dropped per output map. Ctrl-C stops early and still
-saves what arrived.
+saves what arrived. The output path and the options are checked before the program is
+loaded (exit code 2), and the capture is written atomically.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import re
 import sys
+import tempfile
 from pathlib import Path
 
-from ..errors import KernelscopeError
+from ..errors import CaptureError, KernelscopeError
 from ..probe import Probe
+from .atomic import check_destination
+
+DEFINE = re.compile(r"[A-Za-z_]\w*(=.*)?", re.S)
 
 
 def progress_line(
@@ -26,6 +34,37 @@ def progress_line(
         head = f"{elapsed:5.1f} s"
     rate = received / elapsed if elapsed > 0 else 0.0
     return f"{head}  {received:,} received  {dropped:,} dropped  {rate:,.0f}/s"
+
+
+def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse what would fail only after the recording (exit 2, a usage message): a bad
+    output path, sizes the kernel refuses, nothing to stop at."""
+    if args.duration is not None and not (math.isfinite(args.duration) and args.duration > 0):
+        ap.error(f"--duration must be a positive number of seconds, got {args.duration:g}")
+    if args.limit is not None and args.limit <= 0:
+        ap.error(f"--limit must be a positive number of events, got {args.limit}")
+    if args.pages is not None and (args.pages <= 0 or args.pages & (args.pages - 1)):
+        ap.error(f"--pages must be a power of two (1, 2, 4, ...), got {args.pages}")
+    if args.duration is None and args.limit is None and not sys.stdin.isatty():
+        ap.error("give --duration or --limit when not at a terminal (nothing could stop the capture)")
+    for d in args.defines:
+        if not DEFINE.fullmatch(d):
+            ap.error(f"-D expects NAME or NAME=VALUE with NAME a C identifier, got {d!r}")
+    try:
+        check_destination(args.output)
+    except CaptureError as e:
+        ap.error(f"-o {e}")
+
+
+def save_or_keep(probe: Probe, output: Path) -> tuple[Path, str | None]:
+    """Save to `output`; if the host refuses now (the folder went away, the disk filled up),
+    save to the temporary folder instead so the recording is not lost. Returns where it went
+    and, in the fallback case, why `output` failed."""
+    try:
+        return probe.save(output), None
+    except OSError as e:
+        spare = Path(tempfile.gettempdir()) / f"kernelscope-record-{output.stem}-{os.getpid()}.parquet"
+        return probe.save(spare), f"{type(e).__name__}: {e.strerror or e}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,8 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         help="preprocessor define passed to the compiler",
     )
     args = ap.parse_args(argv)
-    if args.duration is None and args.limit is None and not sys.stdin.isatty():
-        ap.error("give --duration or --limit when not at a terminal (nothing could stop the capture)")
+    check_args(ap, args)
     try:
         source = args.program.read_text()
     except OSError as e:
@@ -75,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\ninterrupted: saving what arrived", file=sys.stderr)
         if tty:
             print(file=sys.stderr)
-        path = probe.save(args.output)
+        path, refused = save_or_keep(probe, args.output)
         for name, st in probe.stats.items():
             print(
                 f"{name}: attempted {st['attempted']:,} = received {st['received']:,} "
@@ -84,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         print(f"saved {path} ({path.stat().st_size:,} bytes)")
         probe.close()
+        if refused:
+            print(f"kernelscope record: could not write {args.output} ({refused}); the capture "
+                  f"was saved to {path} instead", file=sys.stderr)
+            return 1
     except KernelscopeError as e:
         print(f"kernelscope record: {e}", file=sys.stderr)
         return 1

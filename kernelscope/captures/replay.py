@@ -41,7 +41,7 @@ class Replay(Results):
         self.name = name or capture.settings.get("name")
         self.source = capture.source
         self.backend = str(capture.settings.get("backend", "bcc"))
-        self.warnings: list[str] = []
+        self.warnings: list[str] = list(capture.warnings)
         self.error: BaseException | None = None
         self.closed = False
         self.maps: dict[str, MapState] = {}
