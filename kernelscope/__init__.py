@@ -25,6 +25,7 @@ from .errors import (
     VerifierError,
 )
 from .probe import Probe, close_all, live_probes
+from .spill import set_memory_budget
 
 __version__ = "0.1.0"
 
@@ -48,6 +49,7 @@ __all__ = [
     "close_all",
     "live_probes",
     "load_ipython_extension",
+    "set_memory_budget",
     "unload_ipython_extension",
 ]
 

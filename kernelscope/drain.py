@@ -303,6 +303,8 @@ class ReaderSettings(Protocol):
     wakeup_events: int
     watermark_bytes: int | None
     reorder_ns: int | None
+    max_bytes: int | None
+    warnings: list[str]
 
 
 def open_map(prog: Program, om: OutputMap, dtype: np.dtype, old: MapState | None,
@@ -318,7 +320,8 @@ def open_map(prog: Program, om: OutputMap, dtype: np.dtype, old: MapState | None
         ms.om = om
     else:
         schema = Schema(np.dtype(dtype), per_cpu=om.kind == "perf")
-        ms = MapState(om, schema, FrameStore(schema, s.max_rows))
+        ms = MapState(om, schema, FrameStore(schema, s.max_rows, s.max_bytes,
+                                             warn=lambda text: s.warnings.append(f"{name}: {text}")))
     schema = ms.schema
     if om.kind == "ringbuf":
         size = prog.ring_size(name)
@@ -344,21 +347,33 @@ def open_map(prog: Program, om: OutputMap, dtype: np.dtype, old: MapState | None
     return ms
 
 
-def map_stats(maps: dict[str, MapState], counters: dict[str, dict[str, int]],
+def map_stats(maps: dict[str, MapState], counters: Callable[[], dict[str, dict[str, int]]],
               counts_discards: bool) -> dict[str, dict[str, Any]]:
     """Per output map: attempted, received, dropped, in_flight, lost_records, ordering...
 
-    `counters`: the program's own; `counts_discards` False when the program cannot count
+    `counters` reads the program's own; `counts_discards` False when the program cannot count
     discarded records (CO-RE: bpf_ringbuf_discard() names no map), so the readers' count is used.
+
+    A live snapshot is consistent (in_flight >= 0) because of the order of reads: what arrived
+    first (store, then reorder window, so a record moving between them is not seen twice),
+    then the counters twice. The program bumps `attempted` before `failed`/`discarded` for the
+    same record, and counters only grow: `failed`/`discarded` come from the first read and
+    `attempted` from the second, which covers every record counted before it.
     """
+    got = {name: (ms.store.received + (len(ms.reorder) if ms.reorder else 0), ms.discarded_seen)
+           for name, ms in maps.items()}
+    first = counters()
+    later = counters()
     out = {}
     for name, ms in maps.items():
-        now = counters.get(name, {"attempted": 0, "failed": 0, "discarded": 0})
+        received, discarded_seen = got[name]
+        zero = {"attempted": 0, "failed": 0, "discarded": 0}
+        now = {**first.get(name, zero), "attempted": later.get(name, zero).get("attempted", 0)}
         c = {k: now.get(k, 0) + ms.carried.get(k, 0) for k in ("attempted", "failed", "discarded")}
         if not counts_discards:
-            c["discarded"] += ms.discarded_seen
+            c["discarded"] += discarded_seen
         attempted = c["attempted"] - c["discarded"]
-        received = ms.store.received + (len(ms.reorder) if ms.reorder else 0)
+        store = ms.store
         out[name] = {
             "kind": ms.om.kind,
             "attempted": attempted,
@@ -367,15 +382,17 @@ def map_stats(maps: dict[str, MapState], counters: dict[str, dict[str, int]],
             "in_flight": attempted - received - c["failed"],
             "discarded": c["discarded"],
             "lost_records": ms.lost_records,
-            "stored": len(ms.store),
-            "evicted": ms.store.evicted,
+            "stored": len(store),
+            "evicted": store.evicted,
+            "spilled": store.spilled_rows,
             "fill_bytes": fill_bytes(ms.reader),
             "capacity_bytes": ms.reader.capacity_bytes if ms.reader else 0,
             "pages": ms.pages,
             "inversions": ms.order.inversions if ms.order else None,
             "max_inversion_ns": ms.order.max_inversion_ns if ms.order else None,
             "batches": ms.batches,
-            "memory_bytes": ms.store.nbytes,
+            "memory_bytes": store.memory_bytes,
+            "spill_bytes": store.spill_bytes,
             "reloads": len(ms.marks),
         }
     return out

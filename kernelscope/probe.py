@@ -24,7 +24,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from . import mode, tracepoints
+from . import mode, spill, tracepoints
 from .backends import bcc, core
 from .backends.base import Backend, Program
 from .drain import (
@@ -128,6 +128,7 @@ class Probe(Results, metaclass=_LiveOrReplay):
         usdt: Sequence[tuple[str | int, str, str]] = (),
         backend: str | None = None,
         globals: Mapping[str, Any] | None = None,
+        max_bytes: int | None = None,
     ) -> None:
         """`pages`: ring buffer size in pages (whole ring) or perf buffer pages per CPU,
         one value for all output maps or a {map: pages} dict; None keeps the program's
@@ -153,6 +154,8 @@ class Probe(Results, metaclass=_LiveOrReplay):
         uses SEC(...). `dtypes` overrides a map's record type: a numpy dtype, or a C type name
         such as "struct event". `globals` (CO-RE): values for the program's `const volatile`
         variables, set before load as a libbpf skeleton does ({"targ_tgid": 1234}).
+        `max_bytes`: memory budget per output map for stored events (besides the process-wide
+        one, kernelscope.set_memory_budget()); beyond it the oldest rows spill to disk.
         """
         backend = backend or ("libbpf" if core.is_core(source) else "bcc")
         if backend not in BACKENDS:
@@ -166,6 +169,8 @@ class Probe(Results, metaclass=_LiveOrReplay):
         self.pages = dict(pages) if isinstance(pages, Mapping) else pages
         self.poll_interval = poll_interval
         self.max_rows = max_rows
+        spill.check_bytes("max_bytes", max_bytes)
+        self.max_bytes = max_bytes
         self.cflags = tuple(cflags)
         self.wakeup = wakeup
         self.wakeup_events = wakeup_events
@@ -492,7 +497,7 @@ class Probe(Results, metaclass=_LiveOrReplay):
         return self._compute_stats()
 
     def _compute_stats(self) -> dict[str, dict[str, Any]]:
-        return map_stats(self.maps, self.counters(), self._prog().counts_discards)
+        return map_stats(self.maps, self.counters, self._prog().counts_discards)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write everything received, the counters over time and the program to one Parquet file."""
