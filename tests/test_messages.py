@@ -97,7 +97,7 @@ def test_ring_pages_not_a_power_of_two_names_map_value_neighbours_and_line() -> 
         Probe(src).load()
     text = str(exc.value)
     assert text.startswith("line 2: events: ring buffer pages must be a power of two")
-    assert "got 3 in BPF_RINGBUF_OUTPUT(events, 3)" in text
+    assert "got 3 (in BPF_RINGBUF_OUTPUT(events, 3))" in text
     assert "Use 2 or 4" in text
     assert "2 | BPF_RINGBUF_OUTPUT(events, 3);" in shown(exc.value, src)
 

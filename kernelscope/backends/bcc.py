@@ -151,8 +151,8 @@ def _verifier_log(err: BaseException) -> str:
     (N insns), at most 4096 insns", naming the size of the code, not why; loading the same
     instructions once more with a log buffer gives the kernel's own words and line notes.
     """
-    if "Failed to load BPF program" not in str(err):
-        return ""
+    if "Failed to load BPF program" not in str(err) or "Argument list too long" not in str(err):
+        return ""  # other refusals: BCC printed the verifier's log itself
     obj, fn, prog_type = _half_built(err, host.import_bcc().BPF)
     if obj is None or fn is None or prog_type is None or not getattr(obj, "module", None):
         return ""
@@ -397,6 +397,11 @@ def release_bpf(bpf: Any) -> None:
         bpf.cleanup()
     atexit.unregister(bpf.cleanup)
     atexit.unregister(bpf.donothing)
+    # USDT contexts disable their probes when freed: do it now, not whenever the cyclic
+    # garbage collector reaches the BPF object. Freeing the context of a process that has
+    # exited makes libbcc 0.26 close an fd number it no longer owns, so it must not happen
+    # at a random moment (inside another load's fd-2 capture, say).
+    bpf.kernelscope_usdt = []
 
 
 

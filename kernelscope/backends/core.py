@@ -718,7 +718,7 @@ def _classify_load(err: OSError, log: str, prepared: CoreSource, user_source: st
     log of the failed program (from its own buffer), else taken from libbpf's print."""
     progs = re.findall(r"prog '(\w+)': BPF program load failed", log)
     name = progs[0] if progs else "the program"
-    relo = re.findall(r"failed to resolve CO-RE relocation (.*)", log)
+    relo = re.findall(r"failed to resolve CO-RE relocation (.*)", log + vlog)
     if relo:
         return VerifierError(
             f"CO-RE relocation failed for {name}: a field or type the program reads does not exist in "

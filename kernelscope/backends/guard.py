@@ -140,8 +140,8 @@ def check_ring_pages(name: str, pages: int, line: int | None, where: str) -> Non
     pages = int(pages)
     if pages < 1 or pages & (pages - 1):
         raise SettingError(
-            f"{at}{name}: ring buffer pages must be a power of two (1, 2, 4, ...), got {pages} in "
-            f"{where}: the kernel refuses other sizes. Use {_powers_around(pages)}.")
+            f"{at}{name}: ring buffer pages must be a power of two, got {pages} (in {where}): the "
+            f"kernel refuses other sizes. Use {_powers_around(pages)}.")
     if pages * PAGE > MAX_RING_BYTES:
         most = MAX_RING_BYTES // PAGE
         raise SettingError(
