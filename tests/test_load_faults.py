@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from kernelscope import Probe
-from kernelscope.backends import core
+from kernelscope.backends import workdir
 
 pytestmark = pytest.mark.kernel
 
@@ -146,7 +146,7 @@ def loaded_child() -> tuple[subprocess.Popen[str], Path]:
     child.stdin.write(CORE_SRC.replace("\n", "\\n") + "\n")
     child.stdin.flush()
     folder = Path(child.stdout.readline().strip())
-    assert folder.name.startswith(core.WORK_PREFIX)
+    assert folder.name.startswith(workdir.WORK_PREFIX)
     assert folder.is_dir()
     return child, folder
 
@@ -175,17 +175,17 @@ def test_folders_of_killed_probes_are_removed_at_the_next_start_and_live_ones_ke
 
 
 def test_remove_orphans_keeps_folders_it_cannot_attribute(tmp_path: Path) -> None:
-    mine = core.new_workdir()
+    mine = workdir.new_workdir()
     try:
-        foreign_ns = tmp_path / f"{core.WORK_PREFIX}1-{os.getpid()}-1-abc"  # another pid namespace
-        old_style = tmp_path / f"{core.WORK_PREFIX}k2j3h4g5"  # made before owners were recorded
-        dead = tmp_path / f"{core.WORK_PREFIX}{core._pid_namespace()}-{os.getpid()}-1-abc"  # pid reused
+        foreign_ns = tmp_path / f"{workdir.WORK_PREFIX}1-{os.getpid()}-1-abc"  # another pid namespace
+        old_style = tmp_path / f"{workdir.WORK_PREFIX}k2j3h4g5"  # made before owners were recorded
+        dead = tmp_path / f"{workdir.WORK_PREFIX}{workdir._pid_namespace()}-{os.getpid()}-1-abc"  # pid reused
         for d in (foreign_ns, old_style, dead):
             d.mkdir()
-        assert core.remove_orphans(tmp_path) == [dead]
+        assert workdir.remove_orphans(tmp_path) == [dead]
         assert foreign_ns.is_dir()
         assert old_style.is_dir()
         assert mine.is_dir()
-        assert mine not in core.remove_orphans()
+        assert mine not in workdir.remove_orphans()
     finally:
         mine.rmdir()

@@ -19,7 +19,6 @@ of that type anchors it in the BTF.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno as _errno
 import hashlib
@@ -27,7 +26,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -39,25 +37,18 @@ import numpy as np
 from .. import host, tracepoints
 from ..errors import (
     AttachError,
-    BPFPermissionError,
     CompileError,
     KernelscopeError,
     SchemaError,
-    SettingError,
     SetupError,
     UnknownNameError,
-    UnsupportedError,
-    VerifierError,
 )
 from . import btf, elf, libbpf
 from .base import (
     blank_comments_and_strings,
     format_diag,
     gave_up,
-    gave_up_text,
-    host_permission_hint,
     int_or_none,
-    last_cell_line,
     packed,
     parse_diagnostics,
     verifier_reason,
@@ -69,6 +60,7 @@ from .guard import (
     deferred_interrupts,
     slow_load_notice,
 )
+from .refusals import classify_load
 from .rewrite import (
     ACCT_MAP,
     CELL_FILE,
@@ -79,6 +71,7 @@ from .rewrite import (
     matching_close,
     wrap_output_call,
 )
+from .workdir import new_workdir
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 CACHE = host.cache_dir("vmlinux")
@@ -97,7 +90,6 @@ _INCLUDE = re.compile(r"^\s*#\s*include\s*[<\"]([^>\"]+)[>\"]", re.M)
 _SECTION = re.compile(r'\bSEC\s*\(\s*"([^"]+)"\s*\)')
 _LICENSE = re.compile(r'SEC\s*\(\s*"license"\s*\)')
 _KEYWORDS = {"return", "sizeof", "if", "while", "else", "case", "goto", "typeof", "const", "volatile"}
-TRACING_SECTIONS = ("fentry", "fexit", "fmod_ret", "lsm", "tp_btf", "iter", "freplace")
 KPROBE_SECTIONS = ("kprobe", "kretprobe", "ksyscall", "kretsyscall", "kprobe.multi", "kretprobe.multi")
 
 
@@ -533,63 +525,6 @@ def open_program(prepared: CoreSource, source: str, cflags: tuple[str, ...],
     return load(prepared, source, cflags, dict(globals_ or {}))
 
 
-# --- the object's folder -------------------------------------------------------------------
-
-WORK_PREFIX = "kernelscope-core-"
-_WORK_NAME = re.compile(re.escape(WORK_PREFIX) + r"(\d+)-(\d+)-(\d+)-\w+")
-
-
-def _pid_namespace() -> str:
-    try:
-        return re.sub(r"\D", "", os.readlink("/proc/self/ns/pid"))
-    except OSError:
-        return "0"
-
-
-def _start_time(pid: int | str) -> str | None:
-    """When process `pid` started (clock ticks after boot, /proc/PID/stat field 22); None if gone.
-    With the pid it names one process: a pid reused later has another start time."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def remove_orphans(folder: str | os.PathLike[str] | None = None) -> list[Path]:
-    """Remove the object folders of CO-RE probes whose process is gone (killed with -9 or by
-    SIGTERM, which skip every cleanup); returns those removed.
-
-    Each folder's name records its owner: pid namespace, pid and start time. A folder is
-    kept while that process runs (another test's, another user's, a notebook's), and when it
-    belongs to another pid namespace (a container sharing /tmp), where this one cannot look.
-    """
-    removed = []
-    ns = _pid_namespace()
-    for d in Path(folder or tempfile.gettempdir()).glob(WORK_PREFIX + "*"):
-        m = _WORK_NAME.fullmatch(d.name)
-        if not m or m.group(1) != ns or _start_time(m.group(2)) == m.group(3):
-            continue
-        with contextlib.suppress(OSError):
-            if d.is_dir() and d.stat().st_uid == os.geteuid():
-                shutil.rmtree(d)
-                removed.append(d)
-    return removed
-
-
-_swept: list[bool] = []
-
-
-def new_workdir() -> Path:
-    """A private folder for one program's object file, named for this process; the first one
-    also sweeps away folders their owners left behind."""
-    if not _swept:
-        _swept.append(True)
-        remove_orphans()
-    pid = os.getpid()
-    return Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{_pid_namespace()}-{pid}-{_start_time(pid) or 0}-"))
-
-
 def load(prepared: CoreSource, user_source: str, cflags: tuple[str, ...] = (),
          globals_: dict[str, Any] | None = None) -> CoreProgram:
     """Compile, open, size, set globals, load and attach; every failure a specific error.
@@ -667,14 +602,14 @@ def _load(obj: libbpf.Object, objfile: Path, prepared: CoreSource, globals_: dic
     short = _failed_log(text, logs)
     obj.close()
     if gave_up(verifier_reason(short)) or err.errno == _errno.EPERM:
-        raise _classify_load(err, text, prepared, user_source, vlog=short, seconds=took) from None
+        raise classify_load(err, text, prepared, user_source, vlog=short, seconds=took) from None
     obj = _open(objfile, prepared, globals_)
     logs = obj.set_logs(LOG_FULL, FULL_LOG_BYTES)
     err2, text2, _ = _try_load(obj, prepared)
     if err2 is None:
         return obj
     obj.close()
-    raise _classify_load(err2, text2, prepared, user_source, vlog=_failed_log(text2, logs),
+    raise classify_load(err2, text2, prepared, user_source, vlog=_failed_log(text2, logs),
                          seconds=took) from None
 
 
@@ -696,62 +631,6 @@ def _failed_log(libbpf_log: str, logs: dict[str, Any]) -> str:
     if buf is None:
         return ""
     return str(buf.value.decode("utf-8", "replace"))
-
-
-def _map_refused(log: str, prepared: CoreSource) -> KernelscopeError | None:
-    m = re.search(r"map '(\w+)': failed to create: ([^(\n]*)", log)
-    if not m:
-        return None
-    name, why = m.group(1), m.group(2).strip()
-    om = prepared.maps.get(name) or prepared.user_rings.get(name)
-    at = f"line {om.line}: " if om is not None and om.line else ""
-    if om is not None and om.kind != "perf" and om.pages:
-        size = f"a ring buffer of {om.pages:,} pages ({om.pages * PAGE:,} bytes)"
-        hint = " Use fewer pages." if "memory" in why else ""
-        return SettingError(f"{at}{name}: the kernel could not create {size}: {why}.{hint}")
-    return KernelscopeError(f"{at}the kernel refused to create map {name}: {why}")
-
-
-def _classify_load(err: OSError, log: str, prepared: CoreSource, user_source: str = "", *,
-                   vlog: str = "", seconds: float = 0.0) -> KernelscopeError:
-    """A specific error for a failed load. `log`: what libbpf printed; `vlog`: the verifier's
-    log of the failed program (from its own buffer), else taken from libbpf's print."""
-    progs = re.findall(r"prog '(\w+)': BPF program load failed", log)
-    name = progs[0] if progs else "the program"
-    relo = re.findall(r"failed to resolve CO-RE relocation (.*)", log + vlog)
-    if relo:
-        return VerifierError(
-            f"CO-RE relocation failed for {name}: a field or type the program reads does not exist in "
-            "the running kernel's BTF (guard optional fields with bpf_core_field_exists()):\n"
-            + "\n".join(dict.fromkeys(relo)), log=log)
-    refused = _map_refused(log, prepared)
-    if refused is not None:
-        return refused
-    if err.errno == _errno.EPERM:
-        if os.geteuid() != 0 and not host.has_bpf_privileges():
-            return BPFPermissionError(host_permission_hint())
-        tracing = [s for s, _ in prepared.sections if s.split("/")[0].split(".")[0] in TRACING_SECTIONS]
-        found = host.lockdown_mode()
-        lock = found[0] if found else None
-        if tracing:
-            return UnsupportedError(
-                f"the kernel refused to load {name} (EPERM) although we are root: "
-                f"{', '.join(tracing)} programs are BPF tracing programs (BTF-attached)"
-                + (f", which this kernel refuses (lockdown is '{lock}')" if lock and lock != "none" else "")
-                + ". Use a tracepoint (SEC(\"tp/...\")) or raw tracepoint instead.",
-                feature=f"lockdown={lock}" if lock else "BPF tracing programs")
-    if not vlog.strip():
-        vlog = log.split("-- BEGIN PROG LOAD LOG --", 1)[-1].split("-- END PROG LOAD LOG --", 1)[0]
-    log = f"{log}\n{vlog}"
-    tail = "\n".join(vlog.strip().splitlines()[-12:])
-    reason = verifier_reason(vlog)
-    if gave_up(reason):
-        text, line = gave_up_text(reason, vlog, user_source, seconds)
-        at = f"line {line}: " if line and last_cell_line(vlog, len(user_source.splitlines())) is None else ""
-        return VerifierError(f"{at}{name}: {text}\n{tail}", log=log)
-    # the errno (EACCES, "Permission denied", for most verdicts) says only that it refused
-    return VerifierError(f"the verifier rejected {name}: {reason or os.strerror(err.errno or 0)}\n{tail}",
-                         log=log)
 
 
 def attach_uprobe(prog: CoreProgram, binary: str, sym: str = "", fn_name: str = "", *, pid: int = -1,

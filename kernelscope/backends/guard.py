@@ -70,6 +70,8 @@ def deferred_interrupts() -> Iterator[None]:
 
 def _notify(text: str) -> None:
     stream = sys.stderr
+    if stream is None:  # no console (pythonw, some daemons)
+        return
     try:
         fd = stream.fileno()
     except (AttributeError, OSError, ValueError):
