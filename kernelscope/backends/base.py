@@ -33,6 +33,7 @@ class OutputMapLike(Protocol):
     kind: str
     index: int
     pages: int | None
+    line: int | None
 
 
 class Prepared(Protocol):
@@ -130,6 +131,9 @@ def packed(value: Any, size: int, what: str, pad: bool = False) -> bytes:
 # --- compiler diagnostics ----------------------------------------------------------------
 
 
+_saved_fd2: list[int] = []  # the real fd 2 while capture_fd2() redirects it (innermost last)
+
+
 @contextlib.contextmanager
 def capture_fd2() -> Iterator[list[str]]:
     """Collect what C++ code writes to fd 2 during the block (BCC's clang and verifier logs).
@@ -143,9 +147,11 @@ def capture_fd2() -> Iterator[list[str]]:
         saved = os.dup(2)
         try:
             os.dup2(tmp.fileno(), 2)
+            _saved_fd2.append(saved)
             yield out
         finally:
             sys.stderr.flush()
+            _saved_fd2.remove(saved)
             os.dup2(saved, 2)
             os.close(saved)
             tmp.seek(0)
@@ -208,3 +214,94 @@ def host_permission_hint() -> str:
     except BPFPermissionError as e:
         return str(e)
     return "the kernel refused the operation (EPERM)"
+
+
+# --- verifier logs -------------------------------------------------------------------------
+
+# lines of a verifier log that are not its verdict: instructions, line notes, register
+# states, call frames, statistics
+_NOT_REASON = re.compile(
+    r"^(\d+: |;|from \d+ to \d+|processed \d+ insns|verification time|stack depth|func#|frame\d|"
+    r"caller:|callee:|last_idx|regs=|parent |mark_precise|R\d+[_=]|bpf: |libbpf: |-- |"
+    r"arg#\d+ reference type)")
+_GAVE_UP = re.compile(r"too large|too complex|infinite loop|back-edge|loop is not bounded", re.I)
+_LOOP = re.compile(r"\b(?:while|for)\s*\(|\bdo\s*\{")
+_HELPER_DEFS = "/usr/include/bpf/bpf_helper_defs.h"  # libbpf-dev: one line per BPF helper
+
+
+def verifier_reason(log: str) -> str:
+    """The verifier's verdict: the last line before its `processed N insns` statistics that
+    is neither an instruction, a line note nor a register state."""
+    lines = log.splitlines()
+    end = next((i for i in range(len(lines) - 1, -1, -1) if lines[i].startswith("processed ")), len(lines))
+    for raw in reversed(lines[:end]):
+        text = raw.strip()
+        if text and not _NOT_REASON.match(text):
+            return text
+    return ""
+
+
+def processed_insns(log: str) -> int | None:
+    m = re.search(r"processed (\d+) insns", log)
+    return int(m.group(1)) if m else None
+
+
+def last_cell_line(log: str, nlines: int) -> int | None:
+    """The last `; @ cell:N` line note of a verifier log that is a line of the cell."""
+    found = [int(n) for n in re.findall(r"@ cell:(\d+)", log) if 1 <= int(n) <= nlines]
+    return found[-1] if found else None
+
+
+def gave_up(reason: str) -> bool:
+    """Whether the verifier stopped because the program was too long or too complex for it to
+    follow to the end (1,000,000 instructions), rather than because of a fault it found."""
+    return bool(_GAVE_UP.search(reason))
+
+
+def gave_up_text(reason: str, log: str, source: str, seconds: float) -> tuple[str, int | None]:
+    """Why the verifier gave up, in words a user can act on, and the cell line to point at:
+    the loop it was following (its last line note) or, when the log has none, the cell's loops."""
+    lines = source.splitlines()
+    n = processed_insns(log)
+    followed = f" after following {n:,} instructions" if n else ""
+    took = f"; the load took {seconds:.1f} s" if seconds >= 0.1 else ""
+    line = last_cell_line(log, len(lines))
+    loops = [i + 1 for i, s in enumerate(blank_comments_and_strings(source).splitlines()) if _LOOP.search(s)]
+    if line is None and loops:
+        line = loops[-1] if len(loops) == 1 else None
+        where = (f" (the loop at line {loops[0]})" if len(loops) == 1 else
+                 f" (loops at lines {', '.join(map(str, loops))})")
+    else:
+        where = f" (at line {line})" if line else ""
+    return (f"the verifier gave up{followed} (its limit is 1,000,000{took}): {reason}. This is what a loop "
+            f"does whose end the verifier cannot prove{where}: bound it by a constant "
+            "(`for (int i = 0; i < 64 && cond; i++)`) or use bpf_loop()", line)
+
+
+def helper_names() -> list[str]:
+    try:
+        with open(_HELPER_DEFS) as f:
+            return re.findall(r"\(\*(bpf_\w+)\)", f.read())
+    except OSError:
+        return []
+
+
+def undeclared_calls(diags: Sequence[Diagnostic]) -> tuple[str, int | None]:
+    """clang's "implicit declaration of function 'f'" warnings, as the cause of a failed load:
+    an undeclared function is not a BPF helper, so the program calls nothing the kernel knows
+    (BCC's verifier then sees a call into itself). Empty when there are none."""
+    import difflib
+
+    found = [d for d in diags if d.kind == "warning" and "implicit declaration" in d.message and d.line]
+    if not found:
+        return "", None
+    helpers = helper_names()
+    parts = []
+    for d in found:
+        m = re.search(r"function '(\w+)'", d.message)
+        name = m.group(1) if m else "a function"
+        close = difflib.get_close_matches(name, helpers, n=1)
+        hint = f"; did you mean {close[0]}()?" if close else ""
+        parts.append(f"line {d.line}: {name}() is neither a BPF helper nor a function of the program "
+                     f"(clang: {d.message}){hint}")
+    return "\n".join(parts), found[0].line

@@ -25,6 +25,7 @@ from ..errors import (
     CompileError,
     KernelscopeError,
     SchemaError,
+    SettingError,
     UnknownNameError,
     UnsupportedError,
     VerifierError,
@@ -36,10 +37,16 @@ from .base import (
     Diagnostic,
     capture_fd2,
     format_diag,
+    gave_up,
+    gave_up_text,
     host_permission_hint,
+    last_cell_line,
     packed,
     parse_diagnostics,
+    undeclared_calls,
+    verifier_reason,
 )
+from .guard import check_records_fit, deferred_interrupts, slow_load_notice
 from .rewrite import ACCT_MAP, GATE_MAP, Instrumented, instrument, read_counters
 
 __all__ = ["BCCProgram", "Diagnostic", "capture_fd2", "load", "open_program", "parse_diagnostics",
@@ -77,13 +84,18 @@ def load(
     cflags: tuple[str, ...] = (),
     usdt: list[tuple[str | int, str, str]] | None = None,
 ) -> Any:
-    """Compile, load and auto-attach; returns the `bcc.BPF` object or raises a specific error."""
+    """Compile, load and auto-attach; returns the `bcc.BPF` object or raises a specific error.
+
+    Call it with Ctrl-C deferred (guard.deferred_interrupts, as open_program does): BCC
+    creates maps while compiling, before the object holds its module handle.
+    """
     host.check()
     check_attach_points(user_source)
     bcc = host.import_bcc()
     lines = user_source.splitlines()
     contexts = usdt_contexts(bcc, usdt or [])
-    with capture_fd2() as log:
+    relog = ""
+    with capture_fd2() as log, slow_load_notice("the program") as took:
         try:
             bpf = bcc.BPF(text=instr.source.encode(), cflags=list(cflags), usdt_contexts=contexts)
             # a USDT context disables its probes (clears their semaphores) when collected
@@ -91,11 +103,29 @@ def load(
             return bpf
         except Exception as e:  # BCC raises bare Exception for every failure
             err = e
-        except BaseException as e:  # Ctrl-C during the compile: free what BCC made so far
+            relog = _verifier_log(e)
+        except BaseException as e:
             _release_half_built(e, bcc.BPF)
             raise
     _release_half_built(err, bcc.BPF)
-    raise _classify(str(err), log[0] if log else "", user_source, lines) from None
+    text = (log[0] if log else "") + (f"\n{relog}" if relog else "")
+    raise _classify(str(err), text, user_source, lines, instr=instr, seconds=took["seconds"]) from None
+
+
+def _half_built(err: BaseException, cls: Any) -> tuple[Any, Any, Any]:
+    """(the BPF object whose __init__ raised, and the function and program type its failed
+    load_func call was loading), from the traceback: the only place they are still reachable."""
+    obj = fn = prog_type = None
+    tb = err.__traceback__
+    while tb is not None:
+        f = tb.tb_frame
+        here: Any = f.f_locals.get("self")
+        if obj is None and isinstance(here, cls):
+            obj = here
+        if f.f_code.co_name == "load_func" and isinstance(here, cls):
+            fn, prog_type = f.f_locals.get("func_name"), f.f_locals.get("prog_type")
+        tb = tb.tb_next
+    return obj, fn, prog_type
 
 
 def _release_half_built(err: BaseException, cls: Any) -> None:
@@ -105,20 +135,65 @@ def _release_half_built(err: BaseException, cls: Any) -> None:
     through its own atexit hook, so a verifier or attach failure would otherwise leak
     them until the interpreter exits. The object is only reachable from the traceback.
     """
-    tb = err.__traceback__
-    while tb is not None:
-        obj: Any = tb.tb_frame.f_locals.get("self")
-        if isinstance(obj, cls):
-            with contextlib.suppress(Exception):
-                obj.cleanup()
-            atexit.unregister(obj.cleanup)
-            return
-        tb = tb.tb_next
+    obj = _half_built(err, cls)[0]
+    if obj is not None:
+        release_bpf(obj)
 
 
-def _classify(msg: str, log: str, user_source: str, lines: list[str]) -> KernelscopeError:
+VERIFIER_LOG_BYTES = 4 << 20  # the kernel keeps the end of a longer log (Linux 6.4+), where its verdict is
+
+
+def _verifier_log(err: BaseException) -> str:
+    """The verifier's log for a program BCC failed to load without printing one.
+
+    For E2BIG (the verifier's "program too large", which is also how it gives up on a loop
+    it cannot prove finite, or on a call stack too deep) BCC prints only "Program too large
+    (N insns), at most 4096 insns", naming the size of the code, not why; loading the same
+    instructions once more with a log buffer gives the kernel's own words and line notes.
+    """
+    if "Failed to load BPF program" not in str(err) or "Argument list too long" not in str(err):
+        return ""  # other refusals: BCC printed the verifier's log itself
+    obj, fn, prog_type = _half_built(err, host.import_bcc().BPF)
+    if obj is None or fn is None or prog_type is None or not getattr(obj, "module", None):
+        return ""
+    lib = bpf_lib()
+    buf = ctypes.create_string_buffer(VERIFIER_LOG_BYTES)
+    mod = obj.module
+    fd = lib.bcc_func_load(mod, prog_type, fn, lib.bpf_function_start(mod, fn),
+                           lib.bpf_function_size(mod, fn), lib.bpf_module_license(mod),
+                           lib.bpf_module_kern_version(mod), 1, buf, len(buf), None, -1)
+    if fd >= 0:
+        os.close(fd)
+    return buf.value.decode("utf-8", "replace")
+
+
+_MAP_FAILED = re.compile(r"could not open bpf map: (\w+), error: (.*)")
+
+
+def _map_failed(log: str, instr: Instrumented) -> KernelscopeError | None:
+    """What the kernel refused when BCC could not create a map (reported as a compile error)."""
+    m = _MAP_FAILED.search(log)
+    if not m:
+        return None
+    name, why = m.group(1), m.group(2).strip()
+    om = instr.maps.get(name)
+    at = f"line {om.line}: " if om is not None and om.line else ""
+    if om is not None and om.kind == "ringbuf" and om.pages:
+        size = f"a ring buffer of {om.pages:,} pages ({om.pages * PAGE:,} bytes)"
+        if "memory" in why:
+            return SettingError(f"{at}{name}: the kernel could not allocate {size}: {why}. Use fewer pages.")
+        return SettingError(f"{at}{name}: the kernel refused {size}: {why}. A ring buffer's pages must be "
+                            "a power of two, and its size at most 2 GiB.")
+    return KernelscopeError(f"{at}the kernel refused to create map {name}: {why}")
+
+
+def _classify(msg: str, log: str, user_source: str, lines: list[str], *, instr: Instrumented | None = None,
+              seconds: float = 0.0) -> KernelscopeError:
     diags = parse_diagnostics(log, user_source)
     errors = [d for d in diags if d.kind != "warning"]
+    refused = _map_failed(log, instr) if instr is not None else None
+    if refused is not None:
+        return refused
     if "Failed to compile" in msg or (errors and "Failed to load" not in msg):
         body = "\n".join(format_diag(d, lines) for d in errors) or log.strip()[-2000:]
         first = next((d.line for d in errors if d.line), None)
@@ -130,28 +205,7 @@ def _classify(msg: str, log: str, user_source: str, lines: list[str]) -> Kernels
             "or not traceable); `grep FUNCTION /proc/kallsyms` shows what exists"
         )
     if "Failed to load" in msg or "bpf: Failed to load program" in log:
-        vlog = log.split("bpf: Failed to load program", 1)[-1]
-        tail = "\n".join(vlog.strip().splitlines()[-12:])
-        prog = re.search(r"program b?'([^']+)'", msg)
-        name = prog.group(1) if prog else "the program"
-        if "Operation not permitted" in log or "Need super-user" in msg:
-            if os.geteuid() == 0:
-                found = host.lockdown_mode()
-                lock = found[0] if found else None
-                return UnsupportedError(
-                    f"the kernel refused to load {name} (EPERM) although we are root"
-                    + (f": kernel lockdown is '{lock}', the likely reason for refusing this program "
-                       "type (fentry/KFUNC_PROBE tracing programs)" if lock and lock != "none" else "")
-                    + ". Use a tracepoint or raw tracepoint instead.",
-                    feature=f"lockdown={lock}" if lock else "BPF program type",
-                )
-            return BPFPermissionError(str(host_permission_hint()))
-        # clang only warns about calls to undeclared functions; the load then fails with an
-        # obscure message, so the warning is the useful part.
-        hints = [format_diag(d, lines) for d in diags if d.kind == "warning" and d.line
-                 and "implicit declaration" in d.message]
-        hint = ("\n" + "\n".join(hints)) if hints else ""
-        return VerifierError(f"the verifier rejected {name}:\n{tail}{hint}", log=vlog)
+        return _rejected(msg, log, diags, user_source, seconds=seconds)
     if "Need super-user" in msg:
         return BPFPermissionError(str(host_permission_hint()))
     if "not traceable" in msg or "kprobe_events" in log:
@@ -163,6 +217,45 @@ def _classify(msg: str, log: str, user_source: str, lines: list[str]) -> Kernels
         detail = log.strip().splitlines()[-1] if log.strip() else ""
         return AttachError(f"{msg}" + (f" ({detail})" if detail else ""))
     return KernelscopeError(f"{msg}\n{log.strip()[-2000:]}")
+
+
+def _rejected(msg: str, log: str, diags: list[Diagnostic], user_source: str, *,
+              seconds: float) -> KernelscopeError:
+    """The kernel refused a program: the permission it lacks, or the verifier's verdict first."""
+    vlog = log.split("bpf: Failed to load program", 1)[-1]
+    prog = re.search(r"program b?'([^']+)'", msg)
+    name = prog.group(1) if prog else "the program"
+    if "Operation not permitted" in log or "Need super-user" in msg:
+        if os.geteuid() == 0:
+            found = host.lockdown_mode()
+            lock = found[0] if found else None
+            return UnsupportedError(
+                f"the kernel refused to load {name} (EPERM) although we are root"
+                + (f": kernel lockdown is '{lock}', the likely reason for refusing this program "
+                   "type (fentry/KFUNC_PROBE tracing programs)" if lock and lock != "none" else "")
+                + ". Use a tracepoint or raw tracepoint instead.",
+                feature=f"lockdown={lock}" if lock else "BPF program type",
+            )
+        return BPFPermissionError(str(host_permission_hint()))
+    reason = verifier_reason(vlog)
+    # clang only warns about calls to undeclared functions; the load then fails with an
+    # obscure verdict (a call into the program itself), so the warning is the cause
+    cause, _ = undeclared_calls(diags)
+    if cause:
+        said = f" (the verifier then refused {name}: {reason})" if reason else ""
+        return VerifierError(f"{cause}{said}", log="\n".join([d.message for d in diags] + [reason]))
+    tail = "\n".join(vlog.strip().splitlines()[-12:])
+    if gave_up(reason):
+        text, _ = gave_up_text(reason, vlog, user_source, seconds)
+        at = "" if last_cell_line(vlog, len(user_source.splitlines())) else _line_prefix(text)
+        return VerifierError(f"{at}{name}: {text}\n{tail}", log=vlog)
+    return VerifierError(f"the verifier rejected {name}" + (f": {reason}" if reason else "") + f"\n{tail}",
+                         log=vlog)
+
+
+def _line_prefix(text: str) -> str:
+    m = re.search(r"the loop at line (\d+)", text)
+    return f"line {m.group(1)}: " if m else ""
 
 
 def prepare(source: str, pages: int | dict[str, int] | None = None,
@@ -177,8 +270,21 @@ def prepare(source: str, pages: int | dict[str, int] | None = None,
 def open_program(prepared: Instrumented, source: str, cflags: tuple[str, ...],
                  usdt: Sequence[tuple[str | int, str, str]] = (),
                  globals_: Mapping[str, Any] | None = None) -> BCCProgram:
-    """Compile, load and attach: the `Program` Probe drives."""
-    return BCCProgram(load(prepared, source, cflags, list(usdt)), prepared, source)
+    """Compile, load and attach: the `Program` Probe drives.
+
+    Ctrl-C is deferred until the program is built (or has failed and been freed): it then
+    frees what was built and propagates, so an interrupt at any point leaves nothing behind.
+    """
+    prog = None
+    try:
+        with deferred_interrupts():
+            prog = BCCProgram(load(prepared, source, cflags, list(usdt)), prepared, source)
+            check_records_fit(prog, prepared.maps)
+    except BaseException:
+        if prog is not None:
+            prog.close()
+        raise
+    return prog
 
 
 class BCCProgram:
@@ -291,6 +397,11 @@ def release_bpf(bpf: Any) -> None:
         bpf.cleanup()
     atexit.unregister(bpf.cleanup)
     atexit.unregister(bpf.donothing)
+    # USDT contexts disable their probes when freed: do it now, not whenever the cyclic
+    # garbage collector reaches the BPF object. Freeing the context of a process that has
+    # exited makes libbcc 0.26 close an fd number it no longer owns, so it must not happen
+    # at a random moment (inside another load's fd-2 capture, say).
+    bpf.kernelscope_usdt = []
 
 
 

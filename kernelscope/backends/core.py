@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -38,25 +37,30 @@ import numpy as np
 from .. import host, tracepoints
 from ..errors import (
     AttachError,
-    BPFPermissionError,
     CompileError,
     KernelscopeError,
     SchemaError,
-    SettingError,
     SetupError,
     UnknownNameError,
-    UnsupportedError,
-    VerifierError,
 )
 from . import btf, elf, libbpf
 from .base import (
     blank_comments_and_strings,
     format_diag,
-    host_permission_hint,
+    gave_up,
     int_or_none,
     packed,
     parse_diagnostics,
+    verifier_reason,
 )
+from .guard import (
+    check_records_fit,
+    check_ring_bytes,
+    check_ring_pages,
+    deferred_interrupts,
+    slow_load_notice,
+)
+from .refusals import classify_load
 from .rewrite import (
     ACCT_MAP,
     CELL_FILE,
@@ -67,6 +71,7 @@ from .rewrite import (
     matching_close,
     wrap_output_call,
 )
+from .workdir import new_workdir
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 CACHE = host.cache_dir("vmlinux")
@@ -85,7 +90,6 @@ _INCLUDE = re.compile(r"^\s*#\s*include\s*[<\"]([^>\"]+)[>\"]", re.M)
 _SECTION = re.compile(r'\bSEC\s*\(\s*"([^"]+)"\s*\)')
 _LICENSE = re.compile(r'SEC\s*\(\s*"license"\s*\)')
 _KEYWORDS = {"return", "sizeof", "if", "while", "else", "case", "goto", "typeof", "const", "volatile"}
-TRACING_SECTIONS = ("fentry", "fexit", "fmod_ret", "lsm", "tp_btf", "iter", "freplace")
 KPROBE_SECTIONS = ("kprobe", "kretprobe", "ksyscall", "kretsyscall", "kprobe.multi", "kretprobe.multi")
 
 
@@ -230,12 +234,15 @@ def prepare(source: str, pages: int | dict[str, int] | None = None,
         index = len(maps) + len(user_rings)
         size = _MAX_ENTRIES.search(m.group("body"))
         nbytes = int_or_none(size.group(1)) if size else None
-        om = OutputMap(m.group("name"), kind, index, nbytes // PAGE if nbytes else None)
+        line = code.count("\n", 0, m.start()) + 1
+        om = OutputMap(m.group("name"), kind, index, nbytes // PAGE if nbytes else None, line=line)
         want = pages.get(om.name) if isinstance(pages, dict) else (pages if kind == "ringbuf" else None)
         if want is not None and kind != "perf":
-            if want <= 0 or want & (want - 1):
-                raise SettingError(f"{om.name}: ring buffer pages must be a power of two, got {want}")
+            check_ring_pages(om.name, want, None, f"pages={want}")
             om.pages = want
+        elif nbytes is not None and kind != "perf" and size is not None:
+            at = line + code.count("\n", m.start(), m.start("body") + size.start())
+            check_ring_bytes(om.name, nbytes, at, " ".join(size.group(0).split()))
         (user_rings if kind == "user_ringbuf" else maps)[om.name] = om
 
     edits: list[tuple[int, int, str]] = []
@@ -520,73 +527,110 @@ def open_program(prepared: CoreSource, source: str, cflags: tuple[str, ...],
 
 def load(prepared: CoreSource, user_source: str, cflags: tuple[str, ...] = (),
          globals_: dict[str, Any] | None = None) -> CoreProgram:
-    """Compile, open, size, set globals, load and attach; every failure a specific error."""
+    """Compile, open, size, set globals, load and attach; every failure a specific error.
+
+    Ctrl-C interrupts the compile; while kernel objects are made (load, attach) it is
+    deferred until the program is built or freed (guard.deferred_interrupts), so an
+    interrupt at any point leaves no fd, map, link or folder behind.
+    """
     host.check("libbpf")
     check_sections(prepared)
     libbpf.lib()
-    workdir = Path(tempfile.mkdtemp(prefix="kernelscope-core-"))
-    objfile = workdir / "cell.o"
+    workdir: Path | None = None
     obj: libbpf.Object | None = None
-    notes: list[str] = []
+    prog: CoreProgram | None = None
     try:
+        with deferred_interrupts():
+            workdir = new_workdir()
+        objfile = workdir / "cell.o"
         compile_object(prepared, user_source, cflags, objfile)
-        with libbpf.captured_log() as log:
-            try:
-                obj = libbpf.Object(objfile)
-            except OSError as e:
-                detail = "".join(log).strip()
-                raise KernelscopeError(f"libbpf could not open the object: {e}\n{detail}") from None
+        with deferred_interrupts():
+            obj = _open(objfile, prepared, globals_ or {})
+            obj = _load(obj, objfile, prepared, globals_ or {}, user_source)
+            notes: list[str] = []
+            _attach_all(obj, prepared, notes)
+            prog = CoreProgram(prepared, obj, objfile, notes)
+            check_records_fit(prog, prepared.maps)
+    except BaseException:
+        if prog is not None:
+            prog.close()
+        elif obj is not None:
+            obj.close()
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    return prog
+
+
+def _open(objfile: Path, prepared: CoreSource, globals_: dict[str, Any]) -> libbpf.Object:
+    """The object opened by libbpf, its rings sized and its globals set: ready to load."""
+    with libbpf.captured_log() as log:
+        try:
+            obj = libbpf.Object(objfile)
+        except OSError as e:
+            detail = "".join(log).strip()
+            raise KernelscopeError(f"libbpf could not open the object: {e}\n{detail}") from None
+    try:
         for m in obj.maps():
             om = prepared.maps.get(m.name) or prepared.user_rings.get(m.name)
             if om is not None and om.kind != "perf" and om.pages:
                 m.set_max_entries(om.pages * PAGE)
-        set_globals(obj, objfile, globals_ or {})
-        _load(obj, prepared)
-        _attach_all(obj, prepared, notes)
+        set_globals(obj, objfile, globals_)
     except BaseException:
-        if obj is not None:
-            obj.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+        obj.close()
         raise
-    return CoreProgram(prepared, obj, objfile, notes)
+    return obj
 
 
-def _load(obj: libbpf.Object, prepared: CoreSource) -> None:
-    with libbpf.captured_log() as log:
+LOG_STATS = 4  # log_level BPF_LOG_STATS: the verdict and statistics, no instruction trace
+LOG_FULL = 1  # BPF_LOG_LEVEL1: every instruction followed, with the cell's line notes
+FULL_LOG_BYTES = 4 << 20  # the kernel keeps the end of a longer log (Linux 6.4+), where its verdict is
+
+
+def _load(obj: libbpf.Object, objfile: Path, prepared: CoreSource, globals_: dict[str, Any],
+          user_source: str) -> libbpf.Object:
+    """Load with a short log (one verifier pass); on a failure that is not the verifier giving
+    up, load a fresh copy once more with the full log, for the instruction and line it names.
+
+    Returns the loaded object (the fresh copy if the second load succeeded); closes the
+    object on failure and raises a specific error.
+    """
+    logs = obj.set_logs(LOG_STATS, 1 << 16)
+    err, text, took = _try_load(obj, prepared)
+    if err is None:
+        return obj
+    short = _failed_log(text, logs)
+    obj.close()
+    if gave_up(verifier_reason(short)) or err.errno == _errno.EPERM:
+        raise classify_load(err, text, prepared, user_source, vlog=short, seconds=took) from None
+    obj = _open(objfile, prepared, globals_)
+    logs = obj.set_logs(LOG_FULL, FULL_LOG_BYTES)
+    err2, text2, _ = _try_load(obj, prepared)
+    if err2 is None:
+        return obj
+    obj.close()
+    raise classify_load(err2, text2, prepared, user_source, vlog=_failed_log(text2, logs),
+                         seconds=took) from None
+
+
+def _try_load(obj: libbpf.Object, prepared: CoreSource) -> tuple[OSError | None, str, float]:
+    what = ", ".join(p.name for p in obj.programs()) or "the program"
+    with libbpf.captured_log() as log, slow_load_notice(what) as took:
         try:
             obj.load()
-            return
+            err = None
         except OSError as e:
             err = e
-    text = "".join(log)
-    raise _classify_load(err, text, prepared) from None
+    return err, "".join(log), took["seconds"]
 
 
-def _classify_load(err: OSError, log: str, prepared: CoreSource) -> KernelscopeError:
-    progs = re.findall(r"prog '(\w+)': BPF program load failed", log)
-    name = progs[0] if progs else "the program"
-    relo = re.findall(r"failed to resolve CO-RE relocation (.*)", log)
-    if relo:
-        return VerifierError(
-            f"CO-RE relocation failed for {name}: a field or type the program reads does not exist in "
-            "the running kernel's BTF (guard optional fields with bpf_core_field_exists()):\n"
-            + "\n".join(dict.fromkeys(relo)), log=log)
-    if err.errno == _errno.EPERM:
-        if os.geteuid() != 0 and not host.has_bpf_privileges():
-            return BPFPermissionError(host_permission_hint())
-        tracing = [s for s, _ in prepared.sections if s.split("/")[0].split(".")[0] in TRACING_SECTIONS]
-        found = host.lockdown_mode()
-        lock = found[0] if found else None
-        if tracing:
-            return UnsupportedError(
-                f"the kernel refused to load {name} (EPERM) although we are root: "
-                f"{', '.join(tracing)} programs are BPF tracing programs (BTF-attached)"
-                + (f", which this kernel refuses (lockdown is '{lock}')" if lock and lock != "none" else "")
-                + ". Use a tracepoint (SEC(\"tp/...\")) or raw tracepoint instead.",
-                feature=f"lockdown={lock}" if lock else "BPF tracing programs")
-    vlog = log.split("-- BEGIN PROG LOAD LOG --", 1)[-1].split("-- END PROG LOAD LOG --", 1)[0]
-    tail = "\n".join(vlog.strip().splitlines()[-12:])
-    return VerifierError(f"the verifier rejected {name}: {os.strerror(err.errno or 0)}\n{tail}", log=log)
+def _failed_log(libbpf_log: str, logs: dict[str, Any]) -> str:
+    """The verifier log of the program libbpf says failed to load."""
+    progs = re.findall(r"prog '(\w+)': BPF program load failed", libbpf_log)
+    buf = logs.get(progs[0]) if progs else None
+    if buf is None:
+        return ""
+    return str(buf.value.decode("utf-8", "replace"))
 
 
 def attach_uprobe(prog: CoreProgram, binary: str, sym: str = "", fn_name: str = "", *, pid: int = -1,

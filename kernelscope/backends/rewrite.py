@@ -16,8 +16,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ..errors import SettingError
 from .base import CELL_FILE, COMMENT_OR_STRING, blank_comments_and_strings, int_or_none
+from .guard import check_ring_pages
 
 ACCT_MAP = "__ks_acct"
 GATE_MAP = "__ks_gate"  # one u32: 1 while the probe is started
@@ -38,6 +38,7 @@ class OutputMap:
     index: int  # its slot group in the accounting map
     pages: int | None = None  # ring buffer pages as declared (after any override)
     call_sites: list[int] = field(default_factory=list)  # 1-based lines in the user's source
+    line: int | None = None  # the line of its declaration in the user's source
 
 
 @dataclass
@@ -94,9 +95,10 @@ def find_output_maps(source: str) -> dict[str, OutputMap]:
     maps: dict[str, OutputMap] = {}
     for m in _RING_DECL.finditer(code):
         pages = int_or_none(m.group(2))
-        maps[m.group(1)] = OutputMap(m.group(1), "ringbuf", len(maps), pages)
+        maps[m.group(1)] = OutputMap(m.group(1), "ringbuf", len(maps), pages,
+                                     line=code.count("\n", 0, m.start()) + 1)
     for m in _PERF_DECL.finditer(code):
-        maps[m.group(1)] = OutputMap(m.group(1), "perf", len(maps))
+        maps[m.group(1)] = OutputMap(m.group(1), "perf", len(maps), line=code.count("\n", 0, m.start()) + 1)
     return maps
 
 
@@ -110,10 +112,11 @@ def instrument(source: str, pages: int | dict[str, int] | None = None) -> Instru
         om = maps[m.group(1)]
         want = pages.get(om.name) if isinstance(pages, dict) else pages
         if want is not None:
-            if want <= 0 or want & (want - 1):
-                raise SettingError(f"{om.name}: ring buffer pages must be a power of two, got {want}")
+            check_ring_pages(om.name, want, None, f"pages={want}")
             om.pages = want
             edits.append((m.start(2), m.end(2), str(want)))
+        elif om.pages is not None:  # as declared; a macro's value is the compiler's to check
+            check_ring_pages(om.name, om.pages, om.line, " ".join(source[m.start():m.end()].split()))
 
     for m in _CALL.finditer(code):
         target = maps.get(m.group(1))
