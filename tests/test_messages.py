@@ -87,7 +87,7 @@ def test_ring_of_two_to_the_twenty_pages_is_a_size_error_naming_the_limit() -> N
     assert "1,048,576 pages (4 GiB)" in text
     assert "at most 524,288 pages (2 GiB)" in text
     assert "could not open bpf map" not in text
-    with pytest.raises(SettingError, match=r"events: a ring buffer of 1,048,576 pages"):
+    with pytest.raises(SettingError, match=r"^pages: a buffer of 1,048,576 pages \(4 GiB\)"):
         Probe(bcc_ring("8"), pages=2**20)
 
 

@@ -6,7 +6,6 @@ kernel would otherwise fail obscurely (ring pages, records larger than their rin
 from __future__ import annotations
 
 import contextlib
-import numbers
 import os
 import signal
 import sys
@@ -16,12 +15,11 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ..errors import KernelscopeError, SettingError
+from ..readers.base import PAGE_SIZE as PAGE
+from ..readers.base import check_pages
 from . import base
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
 RING_HEADER = 8  # struct bpf_ringbuf_hdr: u32 len (BUSY, DISCARD bits), u32 pg_off
-# a ring's size goes to the kernel as the map's max_entries, a u32: the largest power of two is 2^31
-MAX_RING_BYTES = 1 << 31
 SLOW_LOAD_NOTICE_S = 3.0  # seconds before "the verifier is still checking ..." is shown
 SLOW_LOAD_EVERY_S = 5.0
 
@@ -115,41 +113,12 @@ def slow_load_notice(what: str) -> Iterator[dict[str, float]]:
 # --- sizes -----------------------------------------------------------------------------------
 
 
-def _powers_around(n: int) -> str:
-    if n < 1:
-        return "1"
-    low = 1 << (n.bit_length() - 1)
-    return f"{low} or {low * 2}"
-
-
-def _human(nbytes: int) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if nbytes >= size:
-            return f"{nbytes / size:g} {unit}"
-    return f"{nbytes} bytes"
-
-
 def check_ring_pages(name: str, pages: int, line: int | None, where: str) -> None:
-    """A SettingError unless `pages` makes a ring buffer the kernel can create.
-
-    The kernel wants a ring buffer's size to be a power of two and a multiple of the page
-    size (so its data pages can be mapped twice in a row), and takes it as a u32.
-    `where`: how the size was given, e.g. "BPF_RINGBUF_OUTPUT(events, 3)" or "pages=3".
-    """
+    """A SettingError unless `pages` makes a ring buffer the kernel can create (readers.base's
+    check, the message led by the cell line and the map). `where`: how the size was given,
+    e.g. "BPF_RINGBUF_OUTPUT(events, 3)" or "pages=3"."""
     at = f"line {line}: " if line else ""
-    if not isinstance(pages, numbers.Integral) or isinstance(pages, bool):
-        raise SettingError(f"{at}{name}: ring buffer pages must be a whole number, got {pages!r} in {where}")
-    pages = int(pages)
-    if pages < 1 or pages & (pages - 1):
-        raise SettingError(
-            f"{at}{name}: ring buffer pages must be a power of two, got {pages} (in {where}): the "
-            f"kernel refuses other sizes. Use {_powers_around(pages)}.")
-    if pages * PAGE > MAX_RING_BYTES:
-        most = MAX_RING_BYTES // PAGE
-        raise SettingError(
-            f"{at}{name}: a ring buffer of {pages:,} pages ({_human(pages * PAGE)}) in {where} is larger "
-            f"than the kernel allows: its size is a 32-bit byte count, so at most {most:,} pages "
-            f"({_human(MAX_RING_BYTES)}) of {PAGE} bytes, and it must fit in memory. Use fewer pages.")
+    check_pages(pages, f"{at}{name}: ring buffer pages", where)
 
 
 def check_ring_bytes(name: str, nbytes: int, line: int | None, where: str) -> None:

@@ -17,30 +17,49 @@ import numpy as np
 from ..errors import SettingError
 from .batch import Batch
 
-PAGE_SIZE = 4096
-# A ring's size is a u32 in the kernel (max_entries) and a power of two, so 2 GiB = 2^19 pages
-# is the largest ring; a perf buffer of that many pages per CPU is more than any host maps.
-MAX_PAGES = 2**19
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+# A ring's size goes to the kernel as the map's max_entries, a u32, and is a power of two: so
+# 2^31 bytes (2^19 pages of 4 KiB) is the largest ring; no host maps a perf buffer that large.
+MAX_BUFFER_BYTES = 1 << 31
+MAX_PAGES = MAX_BUFFER_BYTES // PAGE_SIZE
 
 
-def check_pages(pages: object, where: str = "pages") -> int:
+def powers_around(n: int) -> str:
+    """The powers of two either side of `n` ("2 or 4"), for a message."""
+    if n < 1:
+        return "1"
+    low = 1 << (n.bit_length() - 1)
+    return f"{low} or {low * 2}"
+
+
+def human_bytes(nbytes: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= size:
+            return f"{nbytes / size:g} {unit}"
+    return f"{nbytes} bytes"
+
+
+def check_pages(pages: object, what: str = "pages", where: str = "") -> int:
     """`pages` as an int, or a SettingError saying what a buffer size must be.
 
-    A buffer holds a power of two of pages (1, 2, 4, ... MAX_PAGES): the kernel maps ring and
-    perf data areas of that size only.
+    Ring and perf buffers hold a power of two of pages (the kernel maps no other size), at
+    most MAX_PAGES. `what` names the setting ("events: ring buffer pages"), `where` how it
+    was given ("BPF_RINGBUF_OUTPUT(events, 3)", "pages=3").
     """
+    given = f" (in {where})" if where else ""
     if isinstance(pages, bool) or not isinstance(pages, (int, np.integer)):
-        raise SettingError(f"{where} must be a whole number of pages, a power of two such as 64, "
-                           f"not {pages!r} ({type(pages).__name__})")
+        raise SettingError(f"{what} must be a whole number of pages, a power of two such as 64, "
+                           f"not {pages!r} ({type(pages).__name__}){given}")
     n = int(pages)
     if n < 1 or n & (n - 1):
-        lower = 1 << max(0, n.bit_length() - 1) if n > 0 else 1
-        nearest = f"{lower} or {lower * 2}" if n > 1 else "1"
-        raise SettingError(f"{where} must be a power of two (1, 2, 4, ...), got {n}: try {nearest}")
+        raise SettingError(f"{what} must be a power of two, got {n}{given}: the kernel refuses other "
+                           f"sizes. Use {powers_around(n)}.")
     if n > MAX_PAGES:
-        raise SettingError(f"{where} = {n} pages ({n * PAGE_SIZE / 2**30:.0f} GiB) is more than a "
-                           f"buffer can hold: at most {MAX_PAGES} pages (2 GiB, the kernel's limit "
-                           "for a ring buffer)")
+        raise SettingError(
+            f"{what}: a buffer of {n:,} pages ({human_bytes(n * PAGE_SIZE)}){given} is larger than the "
+            f"kernel allows: a ring's size is a 32-bit byte count, so at most {MAX_PAGES:,} pages "
+            f"({human_bytes(MAX_BUFFER_BYTES)}) of {PAGE_SIZE} bytes, and it must fit in memory. "
+            "Use fewer pages.")
     return n
 
 

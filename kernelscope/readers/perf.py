@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BPFPermissionError, ClosedError, CorruptBufferError, KernelscopeError, SettingError
-from .base import Resources
+from .base import Resources, check_pages
 from .batch import Batch, concat_records, copy_records, opaque
 
 __all__ = [
@@ -446,8 +446,7 @@ class PerfBufferReader:
         watermark_bytes: int | None = None,
         cpus: Iterable[int] | None = None,
     ) -> None:
-        if not isinstance(pages, int) or pages < 1 or pages & (pages - 1):
-            raise ValueError(f"pages must be a power of two (1, 2, 4, ...), not {pages!r}")
+        pages = check_pages(pages, "perf buffer pages per CPU")
         if wakeup_events < 1:
             raise ValueError(f"wakeup_events must be at least 1, not {wakeup_events}")
         if watermark_bytes is not None and not 0 < watermark_bytes <= pages * PAGE_SIZE:
