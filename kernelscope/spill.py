@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import shutil
 import weakref
 from dataclasses import dataclass
@@ -21,10 +20,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from . import host
+from . import folders, host
 
 SHARE_OF_RAM = 0.25  # default budget: what stored events may take of MemTotal, all stores together
 WARN_AT = 0.8  # a warning once a store's memory reaches this share of its budget
+SPILL_PREFIX = "spill-"  # a store's folder under host.cache_dir("spill"), named for its process
 SPILL_DISK_SHARE = 0.5  # default disk limit: this share of the free space where spills go
 _budget: int | None = None  # set_memory_budget(); None: SHARE_OF_RAM of MemTotal
 _disk_limit: int | None = None
@@ -102,37 +102,13 @@ class Segment:
         return self.rows - self.skip
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_orphans(root: Path) -> None:
-    """Spill folders of processes that no longer exist (killed before they could clean up)."""
-    with contextlib.suppress(OSError):
-        for d in root.iterdir():
-            pid = d.name.split("-", 1)[0]
-            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-                shutil.rmtree(d, ignore_errors=True)
-
-
-_counter = itertools.count()
-
-
 class SpillDir:
     """A store's own folder of segment files; removed when the store is freed or at exit."""
 
     def __init__(self, root: Path | None = None) -> None:
         root = root or host.cache_dir("spill")
         root.mkdir(parents=True, exist_ok=True)
-        _remove_orphans(root)
-        self.path = root / f"{os.getpid()}-{next(_counter)}"
-        self.path.mkdir()
+        self.path = folders.owned_dir(root, SPILL_PREFIX)
         self._names = itertools.count()
         self.limit = _disk_limit if _disk_limit is not None else int(
             shutil.disk_usage(self.path).free * SPILL_DISK_SHARE)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from kernelscope import Probe
-from kernelscope.backends import workdir
+from kernelscope import folders as workdir
 
 pytestmark = pytest.mark.kernel
 

@@ -3,14 +3,18 @@ never waits for a frame build, and stats read in an order that keeps in_flight >
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from kernelscope import spill
+from kernelscope import folders, spill
 from kernelscope.errors import SettingError
 from kernelscope.readers.batch import Batch
 from kernelscope.schema import Schema
@@ -123,3 +127,24 @@ def test_budget_settings_are_checked() -> None:
         assert spill.memory_budget() == 123 << 20
     finally:
         spill.set_memory_budget(None)
+
+
+def test_a_spill_folder_left_by_a_killed_process_goes_with_the_next_spill(spill_root) -> None:
+    """Spill folders are named for their process (folders.owned_dir): one whose owner was
+    killed before it could clean up is removed when a store next spills; a live one stays."""
+    spill_root.mkdir(parents=True)
+    made = subprocess.run(
+        [sys.executable, "-c", f"from kernelscope import folders; from pathlib import Path; "
+         f"print(folders.owned_dir(Path({str(spill_root)!r}), 'spill-'))"],
+        capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    dead = Path(made.stdout.strip())  # its process has exited without removing it
+    assert dead.is_dir()
+    mine = folders.owned_dir(spill_root, spill.SPILL_PREFIX)
+    folders._swept.clear()  # as in a new process, whose first spill sweeps
+    live = spill.SpillDir(spill_root)
+    try:
+        assert not dead.exists()
+        assert mine.is_dir()
+    finally:
+        live.close()
+        mine.rmdir()

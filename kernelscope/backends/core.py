@@ -43,6 +43,7 @@ from ..errors import (
     SetupError,
     UnknownNameError,
 )
+from ..folders import new_workdir
 from . import btf, elf, libbpf
 from .base import (
     blank_comments_and_strings,
@@ -71,7 +72,6 @@ from .rewrite import (
     matching_close,
     wrap_output_call,
 )
-from .workdir import new_workdir
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 CACHE = host.cache_dir("vmlinux")
