@@ -101,14 +101,19 @@ def is_core(source: str) -> bool:
 # --- vmlinux.h ---------------------------------------------------------------------------
 
 
-@cache
 def vmlinux_dir() -> Path:
-    """A folder holding vmlinux.h for the running kernel, generated from its BTF once, cached."""
+    """A folder holding vmlinux.h for the running kernel, generated from its BTF once, cached
+    (per user and cache folder: a process that changed uid must not reuse root's folder)."""
+    return _vmlinux_dir(os.geteuid(), CACHE)
+
+
+@cache
+def _vmlinux_dir(_euid: int, cache_root: Path) -> Path:
     if not btf.VMLINUX.is_file():
         raise SetupError(f"no {btf.VMLINUX}: this kernel has no BTF (CONFIG_DEBUG_INFO_BTF), "
                          "which CO-RE programs need; use the BCC backend (no SEC() sections)")
     digest = hashlib.sha256(btf.VMLINUX.read_bytes()).hexdigest()[:16]
-    folder = CACHE / f"{host.kernel_release()}-{digest}"
+    folder = cache_root / f"{host.kernel_release()}-{digest}"
     header = folder / "vmlinux.h"
     if header.is_file():
         return folder
