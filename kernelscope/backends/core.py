@@ -525,7 +525,7 @@ def set_globals(obj: libbpf.Object, objfile: Path, values: dict[str, Any]) -> No
 
 def _check_global(objfile: Path, name: str, value: Any, size: int) -> None:
     """A SettingError for a value the global cannot hold: text for a number, a number out of range."""
-    if isinstance(value, (str, bytes)):
+    if isinstance(value, str):  # bytes are raw: as many as the global has
         types = btf.Types.load(objfile)
         var = types.var(name)
         if var is None:

@@ -98,6 +98,17 @@ def _map_refused(log: str, prepared: Any, user_source: str = "",
     return MapCreateError(f"{at}the kernel refused to create map {name}, {what}: {why}{hint}")
 
 
+def _field_line(relo: list[str], prog: str, user_source: str) -> int | None:
+    """The cell line in program `prog` that reads the first field libbpf could not relocate."""
+    m = re.search(r"\b(?:struct|union) \w+\.([\w.]+)", relo[0])
+    start = program_lines(user_source).get(prog)
+    if not m or start is None:
+        return None
+    field = m.group(1).split(".")[-1]
+    lines = user_source.splitlines()
+    return next((i + 1 for i in range(start[1], len(lines)) if re.search(rf"\b{field}\b", lines[i])), None)
+
+
 def classify_load(err: OSError, log: str, prepared: Any, user_source: str = "", *,
                    vlog: str = "", seconds: float = 0.0, maps: dict[str, MapShape] | None = None,
                    nprogs: int = 1) -> KernelscopeError:
@@ -117,10 +128,14 @@ def classify_load(err: OSError, log: str, prepared: Any, user_source: str = "", 
         fields = dict.fromkeys(f"{m.group(1)} {m.group(2)} has no {m.group(3)}" for m in
                                (re.search(r"\b(struct|union) (\w+)\.([\w.\[\]]+)", r) for r in relo) if m)
         said = f" ({'; '.join(fields)})" if fields else ""
+        line = _field_line(relo, name, user_source)
+        full = f"{log}\n{vlog}"
+        if line:  # the verifier's last line note is the instruction before the poisoned read
+            full = re.sub(r"@ cell:(\d+)", r"@ cell line \1", full)
         return RelocationError(
-            f"CO-RE relocation failed for {name}{said}: a field or type the program reads does not exist "
-            "in the running kernel's BTF (guard optional fields with bpf_core_field_exists()):\n"
-            + "\n".join(dict.fromkeys(relo)), log=f"{log}\n{vlog}")
+            f"{f'line {line}: ' if line else ''}CO-RE relocation failed for {name}{said}: a field or type the "
+            "program reads does not exist in the running kernel's BTF (guard optional fields with "
+            "bpf_core_field_exists()):\n" + "\n".join(dict.fromkeys(relo)), log=full)
     if err.errno == _errno.EPERM:
         if os.geteuid() != 0 and not host.has_bpf_privileges():
             return BPFPermissionError(host_permission_hint())
