@@ -106,7 +106,8 @@ def _field_line(relo: list[str], prog: str, user_source: str) -> int | None:
         return None
     field = m.group(1).split(".")[-1]
     lines = user_source.splitlines()
-    return next((i + 1 for i in range(start[1], len(lines)) if re.search(rf"\b{field}\b", lines[i])), None)
+    hits = (i + 1 for i in range(start[1], len(lines)) if re.search(rf"\b{field}\b", lines[i]))
+    return next(hits, None)
 
 
 def classify_load(err: OSError, log: str, prepared: Any, user_source: str = "", *,
@@ -133,8 +134,8 @@ def classify_load(err: OSError, log: str, prepared: Any, user_source: str = "", 
         if line:  # the verifier's last line note is the instruction before the poisoned read
             full = re.sub(r"@ cell:(\d+)", r"@ cell line \1", full)
         return RelocationError(
-            f"{f'line {line}: ' if line else ''}CO-RE relocation failed for {name}{said}: a field or type the "
-            "program reads does not exist in the running kernel's BTF (guard optional fields with "
+            f"{f'line {line}: ' if line else ''}CO-RE relocation failed for {name}{said}: a field or type "
+            "the program reads does not exist in the running kernel's BTF (guard optional fields with "
             "bpf_core_field_exists()):\n" + "\n".join(dict.fromkeys(relo)), log=full)
     if err.errno == _errno.EPERM:
         if os.geteuid() != 0 and not host.has_bpf_privileges():
