@@ -99,17 +99,18 @@ def missing(opts: Opts) -> list[str]:
 
 
 def make_probe(path: Path, opts: Opts, degrade: bool) -> tuple[Any, list[str]]:
-    """Probe.from_file as the user writes it; with `degrade`, what main can do instead."""
+    """Probe.from_file as the user writes it; with `degrade`, without the options this
+    kernelscope lacks (and, lacking from_file too, the file read by hand, its folder on -I)."""
     from kernelscope import Probe
 
     kw = opts.probe_kwargs()
-    if not degrade:
+    params = dict(inspect.signature(Probe.__init__).parameters)
+    dropped = [k for k in kw if k not in params] if degrade else []
+    kw = {k: v for k, v in kw.items() if k not in dropped}
+    if hasattr(Probe, "from_file"):
         # getattr: the harness runs against kernelscope versions without it (a "needs:" row)
         from_file = getattr(Probe, "from_file")  # noqa: B009
-        return from_file(str(path), include=list(opts.include), **kw), []
-    params = inspect.signature(Probe.__init__).parameters
-    dropped = [k for k, v in kw.items() if v and k not in params]
-    kw = {k: v for k, v in kw.items() if k in params and v}
+        return from_file(str(path), include=list(opts.include), **kw), dropped
     cflags = [f"-I{d}" for d in (path.parent, *opts.include)]
     return Probe(path.read_text(), cflags=cflags, **kw), dropped
 
