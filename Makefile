@@ -26,7 +26,8 @@ DEBIAN_BCC := /usr/lib/python3/dist-packages/bcc
 SYSTEM_STAMP := $(VENV_ABS)/.stamp-system
 INSTALL_STAMP := $(VENV_ABS)/.stamp-install
 
-.PHONY: help setup system venv test test-notebooks test-binder record-notebooks lint demo lab clean
+.PHONY: help setup system venv test test-notebooks test-binder record-notebooks lint demo lab clean \
+	check-libbpf-tools
 
 help:
 	@echo "make setup  - Debian packages, $(VENV), tracefs and kernel headers (needs root)"
@@ -37,6 +38,7 @@ help:
 	@echo "make lab    - setup, then JupyterLab on http://127.0.0.1:8888 in notebooks/"
 	@echo "make lint   - ruff + mypy over kernelscope/"
 	@echo "make record-notebooks - re-run the notebooks live, saving their captures for replay"
+	@echo "make check-libbpf-tools [BCC=PATH] - run the real libbpf-tools through kernelscope, checked"
 	@echo "make clean  - remove $(VENV) and caches"
 
 setup: $(INSTALL_STAMP)
@@ -141,6 +143,13 @@ record-notebooks: setup
 		KERNELSCOPE_MODE=record $(BIN)/jupyter nbconvert --to notebook --execute --inplace "$$nb"; \
 		$(BIN)/python -c "$$STRIP_WIDGET_STATE" "$$nb"; \
 	done
+
+# The real libbpf-tools (iovisor/bcc), run through kernelscope and checked against ground truth
+# (README "Checking against libbpf-tools"). Not part of `test`: it needs the tools' sources,
+# from BCC=PATH (a bcc checkout) or the fetched mirror. Exits 1 unless every tool passes.
+BCC ?=
+check-libbpf-tools: setup
+	$(BIN)/python tools/libbpf_tools_check.py $(if $(BCC),--bcc $(BCC))
 
 demo: setup
 	$(BIN)/kernelscope demo
