@@ -169,6 +169,8 @@ def anchored_type(source: Path, ctype: str, cflags: tuple[str, ...],
                           "typedef the cell or its headers define")
     types = btf.Types.load(out)
     var = types.var("__ks_named_type")
-    if var is None:
-        raise SchemaError(f"{where}: clang kept no BTF for {name!r}")
-    return types, types.resolve(types.resolve(var["type_id"])["type_id"])
+    t = types.resolve(types.resolve(var["type_id"])["type_id"]) if var else None
+    if t is None or t["kind"] == "FWD":
+        raise SchemaError(f"{where}: no type {name!r} in the program (it is never defined); name a "
+                          "struct, union or typedef the cell or its headers define")
+    return types, t
