@@ -275,6 +275,39 @@ def test_dtypes_naming_a_type_the_program_lacks_says_so(tmp_path: Path) -> None:
         run(NAMED, lambda: None, rows=1, cflags=[f"-I{tmp_path}"], dtypes={"events": "struct nothing_here"})
 
 
+# compat.bpf.h's shape: the reservation comes back through a `void *` helper.
+RESERVED = """
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include "named.h"
+struct { __uint(type, BPF_MAP_TYPE_RINGBUF); __uint(max_entries, 1 << 16); } events SEC(".maps");
+static __always_inline void *reserve_buf(__u64 size) { return bpf_ringbuf_reserve(&events, size, 0); }
+SEC("tp/syscalls/sys_enter_kill")
+int on_kill(struct trace_event_raw_sys_enter *ctx)
+{
+""" + KILL_FILTER + """
+    struct event *e = reserve_buf(sizeof(*e));
+    if (!e) return 0;
+    e->target = target;
+    e->sig = sig;
+    bpf_get_current_comm(&e->comm, sizeof(e->comm));
+    bpf_ringbuf_submit(e, 0);
+    return 0;
+}
+"""
+
+
+@pytest.mark.kernel
+def test_a_ring_reserved_through_a_void_pointer_helper_takes_dtypes_by_name(tmp_path: Path) -> None:
+    (tmp_path / "named.h").write_text(HEADER)
+    pids: list[int] = []
+    df = run(RESERVED, lambda: pids.extend(kill_children(2)), rows=2, cflags=[f"-I{tmp_path}"],
+             dtypes={"events": "struct event"})
+    assert list(df.set_index("target").loc[pids, "sig"]) == [int(signal.SIGTERM)] * 2
+    with pytest.raises(SchemaError, match=r"could not tell which struct this map carries.*dtypes="):
+        run(RESERVED, lambda: None, rows=1, cflags=[f"-I{tmp_path}"])
+
+
 # --- strings with stale bytes after the NUL ------------------------------------------------------
 
 STRINGS = """

@@ -351,13 +351,13 @@ class CoreProgram:
         """The dtype of map `name`'s records, from the type anchored in the object's BTF."""
         types = self.types()
         var = types.var(f"{ANCHOR}{name}")
-        if var is None:
+        ptr = types.resolve(var["type_id"]) if var else None
+        if ptr is None or not ptr["type_id"]:  # none, or `void *data` passed on: no struct named
             raise SchemaError(
                 f"{name}: kernelscope could not tell which struct this map carries (it looks for "
                 f"`e = bpf_ringbuf_reserve(&{name}, ...)` with `struct T *e`, or `&e` passed to "
                 "bpf_ringbuf_output/bpf_perf_event_output). Pass dtypes={'" + name + "': 'struct T'} "
                 "or a numpy dtype to Probe.")
-        ptr = types.resolve(var["type_id"])
         return types.dtype(types.resolve(ptr["type_id"]), self.prepared.event_types.get(name, name))
 
     def named_dtype(self, ctype: str, where: str) -> np.dtype:
