@@ -320,8 +320,9 @@ def open_map(prog: Program, om: OutputMap, dtype: np.dtype, old: MapState | None
         ms.om = om
     else:
         schema = Schema(np.dtype(dtype), per_cpu=om.kind == "perf")
+        warnings = s.warnings  # the list, not the probe: a store must not keep its probe alive
         ms = MapState(om, schema, FrameStore(schema, s.max_rows, s.max_bytes,
-                                             warn=lambda text: s.warnings.append(f"{name}: {text}")))
+                                             warn=lambda text: warnings.append(f"{name}: {text}")))
     schema = ms.schema
     if om.kind == "ringbuf":
         size = prog.ring_size(name)

@@ -71,6 +71,18 @@ class VerifierError(KernelscopeError):
         self.log = log
 
 
+class RelocationError(VerifierError):
+    """libbpf could not relocate a CO-RE read: a field or type of the program is not in the kernel's BTF."""
+
+
+class MapCreateError(KernelscopeError):
+    """The kernel refused to create one of the program's maps; the message names it, its type and size."""
+
+
+class SectionError(KernelscopeError):
+    """libbpf cannot tell a program's type from its SEC("...") name; the message names the section."""
+
+
 class AttachError(KernelscopeError):
     """A probe could not be attached (unknown tracepoint, kernel lacks the attach kind, ...)."""
 

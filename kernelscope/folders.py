@@ -65,9 +65,13 @@ def owned_dir(folder: str | os.PathLike[str] | None = None, prefix: str = WORK_P
     if key not in _swept:
         _swept.add(key)
         remove_orphans(folder, prefix)
+    return Path(tempfile.mkdtemp(prefix=my_prefix(prefix), dir=folder))
+
+
+def my_prefix(prefix: str = WORK_PREFIX) -> str:
+    """The start of the names of this process's `prefix` folders (pid namespace, pid, start)."""
     pid = os.getpid()
-    return Path(tempfile.mkdtemp(prefix=f"{prefix}{_pid_namespace()}-{pid}-{_start_time(pid) or 0}-",
-                                 dir=folder))
+    return f"{prefix}{_pid_namespace()}-{pid}-{_start_time(pid) or 0}-"
 
 
 def new_workdir() -> Path:

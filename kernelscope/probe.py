@@ -27,6 +27,7 @@ import numpy as np
 from . import mode, spill, tracepoints
 from .backends import bcc, core
 from .backends.base import Backend, Program
+from .backends.selection import Selection
 from .drain import (
     Drain,
     MapState,
@@ -129,6 +130,10 @@ class Probe(Results, metaclass=_LiveOrReplay):
         backend: str | None = None,
         globals: Mapping[str, Any] | None = None,
         max_bytes: int | None = None,
+        programs: Sequence[str] | None = None,
+        skip: Sequence[str] = (),
+        map_sizes: Mapping[str, int] | None = None,
+        on_attach_error: str = "raise",
     ) -> None:
         """`pages`: ring buffer size in pages (whole ring) or perf buffer pages per CPU,
         one value for all output maps or a {map: pages} dict; None keeps the program's
@@ -156,6 +161,13 @@ class Probe(Results, metaclass=_LiveOrReplay):
         variables, set before load as a libbpf skeleton does ({"targ_tgid": 1234}).
         `max_bytes`: memory budget per output map for stored events (besides the process-wide
         one, kernelscope.set_memory_budget()); beyond it the oldest rows spill to disk.
+
+        Which programs load, as a tool's loader chooses (backends/selection.py): `programs`
+        (only these, by C function name; `SEC("?...")` ones load only when named here), `skip`
+        (not these: libbpf's set_autoload(false)); `map_sizes` (CO-RE): {map: max_entries} set
+        before load; `on_attach_error="warn"`: a program that fails to attach is named in
+        `warnings` and the others run. BCC: selection applies to its auto-attached functions
+        (TRACEPOINT_PROBE, kprobe__...); its maps are sized in their macros.
         """
         backend = backend or ("libbpf" if core.is_core(source) else "bcc")
         if backend not in BACKENDS:
@@ -179,6 +191,10 @@ class Probe(Results, metaclass=_LiveOrReplay):
         self.dtypes: dict[str, Any] = dict(dtypes or {})
         self.usdt = list(usdt)
         self.globals = dict(globals or {})
+        self.selection = Selection.of(programs, skip, map_sizes, on_attach_error)
+        if self.selection.map_sizes and backend == "bcc":
+            raise SettingError("map_sizes= sizes CO-RE maps before load; a BCC map is sized in its macro "
+                               "(BPF_HASH(name, key_t, value_t, N), BPF_STACK_TRACE(name, N))")
         self.maps: dict[str, MapState] = {}
         self.user_rings: dict[str, Any] = {}  # name -> userring.UserRing (CO-RE backend)
         self._attached: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []  # attached by hand
@@ -438,7 +454,7 @@ class Probe(Results, metaclass=_LiveOrReplay):
         """A new program for `instrumented`, attached where this one is, its gate closed; on any
         failure nothing of it survives and the running program is untouched."""
         prog = self._backend.open_program(instrumented, self.source, self.cflags, self.usdt,
-                                          self.globals)
+                                          self.globals, select=self.selection)
         try:
             for kind, args, kw in self._attached:
                 getattr(prog, f"attach_{kind}")(*args, **kw)

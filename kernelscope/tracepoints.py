@@ -136,12 +136,13 @@ def check_raw_tracepoint(name: str, line: int | None = None, events: Path | None
     raise UnknownTracepointError(f"{where}no raw tracepoint {name} on this kernel{hint}")
 
 
-def check_kprobes(line: int | None = None) -> None:
+def check_kprobes(line: int | None = None,
+                  instead: str = "a tracepoint (TRACEPOINT_PROBE) or raw tracepoint") -> None:
     if config_option("CONFIG_KPROBES") in (None, "n"):
         where = f"line {line}: " if line else ""
         raise UnsupportedError(
             f"{where}kprobes are not available: this kernel was built "
-            "without CONFIG_KPROBES. Use a tracepoint (TRACEPOINT_PROBE) or raw tracepoint instead.",
+            f"without CONFIG_KPROBES. Use {instead} instead.",
             feature="CONFIG_KPROBES",
         )
 

@@ -459,7 +459,10 @@ def test_compiled_objects_are_removed_with_the_probe_and_after_a_failed_compile(
     import glob
     import tempfile
 
-    pattern = os.path.join(tempfile.gettempdir(), "kernelscope-core-*")
+    from kernelscope import folders
+
+    # this process's folders only: other processes (a notebook, a second test run) make theirs
+    pattern = os.path.join(tempfile.gettempdir(), folders.my_prefix() + "*")
     before = set(glob.glob(pattern))
     p = Probe(sources.read("exit_task_core.c")).start()
     assert len(set(glob.glob(pattern)) - before) == 1  # the object lives while the program does

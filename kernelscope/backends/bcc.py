@@ -48,6 +48,7 @@ from .base import (
 )
 from .guard import check_records_fit, deferred_interrupts, slow_load_notice
 from .rewrite import ACCT_MAP, GATE_MAP, Instrumented, instrument, read_counters
+from .selection import NONE, Selection, bcc_loader
 
 __all__ = ["BCCProgram", "Diagnostic", "capture_fd2", "load", "open_program", "parse_diagnostics",
            "prepare", "release_bpf"]
@@ -83,6 +84,9 @@ def load(
     user_source: str,
     cflags: tuple[str, ...] = (),
     usdt: list[tuple[str | int, str, str]] | None = None,
+    *,
+    select: Selection = NONE,
+    notes: list[str] | None = None,
 ) -> Any:
     """Compile, load and auto-attach; returns the `bcc.BPF` object or raises a specific error.
 
@@ -97,7 +101,8 @@ def load(
     relog = ""
     with capture_fd2() as log, slow_load_notice("the program") as took:
         try:
-            bpf = bcc.BPF(text=instr.source.encode(), cflags=list(cflags), usdt_contexts=contexts)
+            cls = bcc.BPF if select == NONE else bcc_loader(bcc.BPF, select, [] if notes is None else notes)
+            bpf = cls(text=instr.source.encode(), cflags=list(cflags), usdt_contexts=contexts)
             # a USDT context disables its probes (clears their semaphores) when collected
             bpf.kernelscope_usdt = contexts
             return bpf
@@ -269,7 +274,7 @@ def prepare(source: str, pages: int | dict[str, int] | None = None,
 
 def open_program(prepared: Instrumented, source: str, cflags: tuple[str, ...],
                  usdt: Sequence[tuple[str | int, str, str]] = (),
-                 globals_: Mapping[str, Any] | None = None) -> BCCProgram:
+                 globals_: Mapping[str, Any] | None = None, *, select: Selection = NONE) -> BCCProgram:
     """Compile, load and attach: the `Program` Probe drives.
 
     Ctrl-C is deferred until the program is built (or has failed and been freed): it then
@@ -278,7 +283,10 @@ def open_program(prepared: Instrumented, source: str, cflags: tuple[str, ...],
     prog = None
     try:
         with deferred_interrupts():
-            prog = BCCProgram(load(prepared, source, cflags, list(usdt)), prepared, source)
+            notes: list[str] = []
+            bpf = load(prepared, source, cflags, list(usdt), select=select, notes=notes)
+            prog = BCCProgram(bpf, prepared, source)
+            prog.notes.extend(notes)
             check_records_fit(prog, prepared.maps)
     except BaseException:
         if prog is not None:

@@ -26,7 +26,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from ..errors import (
     CompileError,
     KernelscopeError,
     SchemaError,
+    SettingError,
     UnknownNameError,
 )
 from ..folders import new_workdir
@@ -58,7 +59,7 @@ from .guard import (
     deferred_interrupts,
     slow_load_notice,
 )
-from .refusals import classify_load
+from .refusals import before_verifier, classify_load, map_shapes
 from .rewrite import (
     ACCT_MAP,
     CELL_FILE,
@@ -69,6 +70,7 @@ from .rewrite import (
     matching_close,
     wrap_output_call,
 )
+from .selection import NONE, Selection, choose_programs, map_lines, program_lines, size_maps
 from .toolchain import anchored_type, clang, compile_flags
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -87,6 +89,8 @@ _INCLUDE = re.compile(r"^\s*#\s*include\s*[<\"]([^>\"]+)[>\"]", re.M)
 _SECTION = re.compile(r'\bSEC\s*\(\s*"([^"]+)"\s*\)')
 _LICENSE = re.compile(r'SEC\s*\(\s*"license"\s*\)')
 _KEYWORDS = {"return", "sizeof", "if", "while", "else", "case", "goto", "typeof", "const", "volatile"}
+CORE_INSTEAD = ('a tracepoint (SEC("tp/CATEGORY/EVENT") or SEC("tp_btf/EVENT")) or a raw tracepoint '
+                '(SEC("raw_tp/EVENT"))')
 KPROBE_SECTIONS = ("kprobe", "kretprobe", "ksyscall", "kretsyscall", "kprobe.multi", "kretprobe.multi")
 
 
@@ -320,7 +324,7 @@ def check_sections(prepared: CoreSource) -> None:
         elif kind in ("raw_tp", "raw_tracepoint") and rest:
             known = tracepoints.check_raw_tracepoint(rest, line, known=known)
         elif kind in KPROBE_SECTIONS:
-            tracepoints.check_kprobes(line)
+            tracepoints.check_kprobes(line, instead=CORE_INSTEAD)
 
 
 class CoreProgram:
@@ -478,19 +482,51 @@ def set_globals(obj: libbpf.Object, objfile: Path, values: dict[str, Any]) -> No
         addr, size = target.initial_value()
         if sym.offset + sym.size > size:
             raise KernelscopeError(f"{name}: outside {sym.section} ({size} bytes)")
+        _check_global(objfile, name, value, sym.size)
         data = packed(value, sym.size, f"global {name}", pad=True)
         ctypes.memmove(addr + sym.offset, data, sym.size)
 
 
+def _check_global(objfile: Path, name: str, value: Any, size: int) -> None:
+    """A SettingError for a value the global cannot hold: text for a number, a number out of range."""
+    if isinstance(value, str):  # bytes are raw: as many as the global has
+        types = btf.Types.load(objfile)
+        var = types.var(name)
+        if var is None:
+            return
+        t = types.resolve(var["type_id"])
+        if t["kind"] in ("INT", "ENUM", "ENUM64"):
+            raise SettingError(f"global {name} is a {size}-byte {t['kind'].lower()} ({t.get('name')}): "
+                               f"give it a number, not the text {value!r}")
+    elif (isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+          and not -(1 << (8 * size - 1)) <= int(value) < 1 << (8 * size)):
+        raise SettingError(f"global {name} has {size} bytes: {value} does not fit")
+
+
 def open_program(prepared: CoreSource, source: str, cflags: tuple[str, ...],
                  usdt: Sequence[tuple[str | int, str, str]] = (),
-                 globals_: Mapping[str, Any] | None = None) -> CoreProgram:
+                 globals_: Mapping[str, Any] | None = None, *, select: Selection = NONE) -> CoreProgram:
     """Compile, load and attach: the `Program` Probe drives (USDT probes are BCC's)."""
-    return load(prepared, source, cflags, dict(globals_ or {}))
+    return load(prepared, source, cflags, dict(globals_ or {}), select=select)
+
+
+def _checked_sections(prepared: CoreSource, user_source: str, select: Selection) -> CoreSource:
+    """`prepared` with only the sections of programs that will load, for check_sections: a
+    skipped program's tracepoint need not exist, a named `?` one must; under
+    on_attach_error="warn" a kprobe program is tried (and reported by name) rather than refused."""
+    lines = program_lines(user_source)
+    dropped = {line for name, (sec, line) in lines.items()
+               if not select.wanted(name, not sec.startswith("?"))}
+    kept = []
+    for sec, line in prepared.sections:
+        if line in dropped or (select.warn and sec.split("/")[0] in KPROBE_SECTIONS):
+            continue
+        kept.append((sec.removeprefix("?"), line))
+    return replace(prepared, sections=kept)
 
 
 def load(prepared: CoreSource, user_source: str, cflags: tuple[str, ...] = (),
-         globals_: dict[str, Any] | None = None) -> CoreProgram:
+         globals_: dict[str, Any] | None = None, *, select: Selection = NONE) -> CoreProgram:
     """Compile, open, size, set globals, load and attach; every failure a specific error.
 
     Ctrl-C interrupts the compile; while kernel objects are made (load, attach) it is
@@ -498,7 +534,7 @@ def load(prepared: CoreSource, user_source: str, cflags: tuple[str, ...] = (),
     interrupt at any point leaves no fd, map, link or folder behind.
     """
     host.check("libbpf")
-    check_sections(prepared)
+    check_sections(_checked_sections(prepared, user_source, select))
     libbpf.lib()
     workdir: Path | None = None
     obj: libbpf.Object | None = None
@@ -509,10 +545,11 @@ def load(prepared: CoreSource, user_source: str, cflags: tuple[str, ...] = (),
         objfile = workdir / "cell.o"
         compile_object(prepared, user_source, cflags, objfile)
         with deferred_interrupts():
-            obj = _open(objfile, prepared, globals_ or {})
-            obj = _load(obj, objfile, prepared, globals_ or {}, user_source)
             notes: list[str] = []
-            _attach_all(obj, prepared, notes)
+            obj = _open(objfile, prepared, globals_ or {}, select=select, user_source=user_source,
+                        notes=notes)
+            obj = _load(obj, objfile, prepared, globals_ or {}, user_source, select=select, notes=notes)
+            _attach_all(obj, prepared, notes, select=select, user_source=user_source)
             prog = CoreProgram(prepared, obj, objfile, notes, cflags)
             check_records_fit(prog, prepared.maps)
     except BaseException:
@@ -526,8 +563,10 @@ def load(prepared: CoreSource, user_source: str, cflags: tuple[str, ...] = (),
     return prog
 
 
-def _open(objfile: Path, prepared: CoreSource, globals_: dict[str, Any]) -> libbpf.Object:
-    """The object opened by libbpf, its rings sized and its globals set: ready to load."""
+def _open(objfile: Path, prepared: CoreSource, globals_: dict[str, Any], *, select: Selection = NONE,
+          user_source: str = "", notes: list[str] | None = None) -> libbpf.Object:
+    """The object opened by libbpf, its programs chosen, its maps sized and its globals set:
+    ready to load. `notes` gets what kernelscope chose for the program (replacing earlier ones)."""
     with libbpf.captured_log() as log:
         try:
             obj = libbpf.Object(objfile)
@@ -539,6 +578,11 @@ def _open(objfile: Path, prepared: CoreSource, globals_: dict[str, Any]) -> libb
             om = prepared.maps.get(m.name) or prepared.user_rings.get(m.name)
             if om is not None and om.kind != "perf" and om.pages:
                 m.set_max_entries(om.pages * PAGE)
+        chosen: list[str] = []
+        choose_programs(obj, select, chosen)
+        size_maps(obj, select, chosen, map_lines(user_source))
+        if notes is not None:
+            notes[:] = chosen
         set_globals(obj, objfile, globals_)
     except BaseException:
         obj.close()
@@ -552,7 +596,7 @@ FULL_LOG_BYTES = 4 << 20  # the kernel keeps the end of a longer log (Linux 6.4+
 
 
 def _load(obj: libbpf.Object, objfile: Path, prepared: CoreSource, globals_: dict[str, Any],
-          user_source: str) -> libbpf.Object:
+          user_source: str, *, select: Selection = NONE, notes: list[str] | None = None) -> libbpf.Object:
     """Load with a short log (one verifier pass); on a failure that is not the verifier giving
     up, load a fresh copy once more with the full log, for the instruction and line it names.
 
@@ -564,17 +608,20 @@ def _load(obj: libbpf.Object, objfile: Path, prepared: CoreSource, globals_: dic
     if err is None:
         return obj
     short = _failed_log(text, logs)
+    shapes = map_shapes(obj)
+    nprogs = sum(libbpf.autoload(p) for p in obj.programs())
     obj.close()
-    if gave_up(verifier_reason(short)) or err.errno == _errno.EPERM:
-        raise classify_load(err, text, prepared, user_source, vlog=short, seconds=took) from None
-    obj = _open(objfile, prepared, globals_)
+    if gave_up(verifier_reason(short)) or err.errno == _errno.EPERM or before_verifier(text):
+        raise classify_load(err, text, prepared, user_source, vlog=short, seconds=took, maps=shapes,
+                             nprogs=nprogs) from None
+    obj = _open(objfile, prepared, globals_, select=select, user_source=user_source, notes=notes)
     logs = obj.set_logs(LOG_FULL, FULL_LOG_BYTES)
     err2, text2, _ = _try_load(obj, prepared)
     if err2 is None:
         return obj
     obj.close()
     raise classify_load(err2, text2, prepared, user_source, vlog=_failed_log(text2, logs),
-                         seconds=took) from None
+                         seconds=took, maps=shapes, nprogs=nprogs) from None
 
 
 def _try_load(obj: libbpf.Object, prepared: CoreSource) -> tuple[OSError | None, str, float]:
@@ -621,10 +668,15 @@ def attach_point(section: str) -> str:
     return f"{kind}:{rest}" if rest else kind
 
 
-def _attach_all(obj: libbpf.Object, prepared: CoreSource, notes: list[str]) -> None:
-    """Attach every program libbpf can attach from its SEC() name alone; note the others."""
-    lines = dict(prepared.sections)
+def _attach_all(obj: libbpf.Object, prepared: CoreSource, notes: list[str], *, select: Selection = NONE,
+                user_source: str = "") -> None:
+    """Attach every loaded program libbpf can attach from its SEC() name alone; note the others.
+    A failure raises an AttachError at the program's own line, or with on_attach_error="warn"
+    is noted by name while the rest attach."""
+    lines = {name: line for name, (_, line) in program_lines(user_source).items()}
     for prog in obj.programs():
+        if not libbpf.autoload(prog):
+            continue
         point = attach_point(prog.section)
         with libbpf.captured_log() as log:
             try:
@@ -637,10 +689,14 @@ def _attach_all(obj: libbpf.Object, prepared: CoreSource, notes: list[str]) -> N
             notes.append(f"{prog.name} (SEC(\"{prog.section}\")) is not attached automatically: "
                          "attach it with probe.attach_uprobe()/attach_tracepoint()")
             continue
-        line = lines.get(prog.section)
+        line = lines.get(prog.name) or dict(prepared.sections).get(prog.section)
         where = f"line {line}: " if line else ""
-        kind = prog.section.split("/")[0]
-        if kind in KPROBE_SECTIONS:
-            tracepoints.check_kprobes(line)
-        raise AttachError(f"{where}could not attach {prog.name} (SEC(\"{prog.section}\")): "
-                          f"{os.strerror(err.errno or 0)}" + (f"\n{text}" if text else ""))
+        try:
+            if prog.section.split("/")[0] in KPROBE_SECTIONS:
+                tracepoints.check_kprobes(line, instead=CORE_INSTEAD)
+            raise AttachError(f"{where}could not attach {prog.name} (SEC(\"{prog.section}\")): "
+                              f"{os.strerror(err.errno or 0)}" + (f"\n{text}" if text else ""))
+        except AttachError as e:
+            if not select.warn:
+                raise
+            notes.append(f"{prog.name} was not attached (on_attach_error='warn'): {e}")

@@ -326,3 +326,26 @@ def map_update_batch(fd: int, keys: bytes, values: bytes, count: int, what: str 
     if ret < 0:
         raise _oserror(ctypes.get_errno() or -ret, f"{what} ({n.value} of {count} done)")
     return int(n.value)
+
+
+# --- program selection and map sizing (bpf_program__set_autoload, bpf_map__set_value_size) ----
+
+_SIGNATURES.update({
+    "bpf_program__autoload": (ctypes.c_bool, [c_void_p]),
+    "bpf_program__set_autoload": (c_int, [c_void_p, ctypes.c_bool]),
+    "bpf_map__set_value_size": (c_int, [c_void_p, ctypes.c_uint32]),
+})
+
+
+def autoload(prog: Program) -> bool:
+    """Whether libbpf will load `prog` (False for SEC("?...") and after set_autoload(False))."""
+    return bool(lib().bpf_program__autoload(prog.ptr))
+
+
+def set_autoload(prog: Program, on: bool) -> None:
+    """Load `prog` with the object or not (before load, as a tool's loader does)."""
+    check(lib().bpf_program__set_autoload(prog.ptr, on), f"{prog.name}: set autoload")
+
+
+def set_value_size(m: Map, n: int) -> None:
+    check(lib().bpf_map__set_value_size(m.ptr, n), f"{m.name}: set value_size {n}")

@@ -30,15 +30,20 @@ VMLINUX_FORMAT = 2  # bump when what vmlinux_dir() writes changes: 2 = with kfun
 _HELPER_NAME = re.compile(r"\(\s*\*\s*(?:const\s+)?(\w+)\s*\)\s*\(")
 
 
-@cache
 def vmlinux_dir() -> Path:
-    """A folder holding vmlinux.h for the running kernel, generated from its BTF once, cached,
+    """A folder holding vmlinux.h for the running kernel, generated from its BTF once, cached
+    (per user and cache folder: a process that changed uid must not reuse root's folder),
     with `extern __weak __ksym` prototypes of the kernel's kfuncs at its end."""
+    return _vmlinux_dir(os.geteuid(), CACHE)
+
+
+@cache
+def _vmlinux_dir(_euid: int, cache_root: Path) -> Path:
     if not btf.VMLINUX.is_file():
         raise SetupError(f"no {btf.VMLINUX}: this kernel has no BTF (CONFIG_DEBUG_INFO_BTF), "
                          "which CO-RE programs need; use the BCC backend (no SEC() sections)")
     digest = hashlib.sha256(btf.VMLINUX.read_bytes()).hexdigest()[:16]
-    folder = CACHE / f"{host.kernel_release()}-{digest}-v{VMLINUX_FORMAT}"
+    folder = cache_root / f"{host.kernel_release()}-{digest}-v{VMLINUX_FORMAT}"
     header = folder / "vmlinux.h"
     if header.is_file():
         return folder
@@ -94,6 +99,7 @@ _ISA_PROBES: dict[str, list[tuple[int, int, int, int]]] = {
     # v2: the "less than" conditional jumps (Linux 4.14)
     "v2": [(0xB7, 0, 0, 0), (0xB7, 1, 0, 0), (0xA5, 1, 0, 1), (0x95, 0, 0, 0)],
 }
+_V1_PROBE = [(0xB7, 0, 0, 0), (0x95, 0, 0, 0)]  # r0 = 0; exit: loads wherever loading is allowed
 
 
 class _Insn(ctypes.Structure):
@@ -116,9 +122,17 @@ def _loads(insns: list[tuple[int, int, int, int]]) -> bool:
     return True
 
 
-@cache
 def kernel_mcpu() -> str:
-    """The newest BPF ISA (clang's -mcpu) the running kernel's verifier accepts: probed once."""
+    """The newest BPF ISA (clang's -mcpu) the running kernel's verifier accepts: probed once
+    per process and user. Where this process may load nothing at all (no CAP_BPF, unprivileged
+    BPF off), the probe tells nothing, and v3 is kept: no program of this user loads anyway."""
+    return _kernel_mcpu(os.geteuid())
+
+
+@cache
+def _kernel_mcpu(_euid: int) -> str:
+    if not _loads(_V1_PROBE):
+        return "v3"
     return next((cpu for cpu, insns in _ISA_PROBES.items() if _loads(insns)), "v1")
 
 

@@ -69,6 +69,9 @@ class Options:
     replay: str | None = None
     backend: str | None = None  # None: CO-RE (libbpf) when the cell uses SEC(...), else BCC
     globals: dict[str, int | str] | None = None  # --set: `const volatile` values (CO-RE)
+    only: list[str] | None = None  # --only: load and attach only these programs
+    skip: list[str] | None = None  # --skip: do not load these programs
+    map_sizes: dict[str, int] | None = None  # --map-size NAME=N (CO-RE)
 
     @property
     def blocking(self) -> bool:
@@ -136,6 +139,12 @@ class BPFMagics(Magics):
     @argument("--bcc", action="store_true", help="BCC backend even if the cell uses SEC(...)")
     @argument("--set", dest="sets", action="append", default=[], metavar="NAME=VALUE",
               help="CO-RE: set the program's `const volatile` variable NAME before load; repeatable")
+    @argument("--only", metavar="NAME,...", action="append", default=[],
+              help="load and attach only these programs (C function names); SEC(\"?...\") ones too")
+    @argument("--skip", metavar="NAME,...", action="append", default=[],
+              help="do not load these programs (libbpf's set_autoload(false))")
+    @argument("--map-size", dest="map_sizes", action="append", default=[], metavar="NAME=N",
+              help="CO-RE: max_entries of map NAME, set before load; repeatable")
     @cell_magic
     def bpf(self, line: str, cell: str) -> None:
         """Compile a cell of BCC C (or libbpf-style CO-RE C), attach it, drain its output maps.
@@ -338,7 +347,31 @@ def options(args: Any) -> Options:
         reorder_ns=args.reorder, replay=args.replay,
         backend="libbpf" if args.libbpf or args.sets else "bcc" if args.bcc else None,
         globals=dict(global_value(s) for s in args.sets),
+        only=program_names(args.only, "--only") or None, skip=program_names(args.skip, "--skip"),
+        map_sizes=dict(map_size(s) for s in args.map_sizes),
     )
+
+
+def program_names(values: list[str], flag: str) -> list[str]:
+    """Program names from repeated, comma-separated --only/--skip values."""
+    names = [n.strip() for v in values for n in v.split(",") if n.strip()]
+    bad = [n for n in names if not n.isidentifier()]
+    if bad:
+        raise UsageError(f"%%bpf: {flag} takes C function names separated by commas, got {bad[0]!r}")
+    return names
+
+
+def map_size(setting: str) -> tuple[str, int]:
+    """`NAME=N` from --map-size."""
+    name, eq, value = setting.partition("=")
+    try:
+        n = int(value, 0) if eq and name.isidentifier() else 0
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise UsageError(f"%%bpf: --map-size expects NAME=N with N a positive number of entries, "
+                         f"got {setting!r}")
+    return name, n
 
 
 def global_value(setting: str) -> tuple[str, int | str]:
@@ -385,7 +418,8 @@ def build_probe(source: str, opts: Options) -> Probe:
             return replay(opts.replay, speed=mode.replay_speed(), name=opts.name)  # type: ignore[return-value]
         probe = Probe(source, pages=opts.pages, max_rows=opts.max_rows, cflags=opts.cflags,
                       wakeup_events=opts.perf_wakeup, reorder_ns=opts.reorder_ns, name=opts.name,
-                      backend=opts.backend, globals=opts.globals or None)
+                      backend=opts.backend, globals=opts.globals or None, programs=opts.only,
+                      skip=opts.skip or (), map_sizes=opts.map_sizes or None)
         try:
             probe.load()
         except BaseException:
