@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .addresses import ip_address
 from .errors import (
     AttachError,
     BPFPermissionError,
@@ -47,6 +48,7 @@ __all__ = [
     "UserRingFullError",
     "VerifierError",
     "close_all",
+    "ip_address",
     "live_probes",
     "load_ipython_extension",
     "set_memory_budget",

@@ -8,6 +8,7 @@ rules for natural alignment (x86_64 SysV), which is what clang uses for the BPF 
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 from collections.abc import Iterable, Mapping
@@ -74,9 +75,21 @@ _SCALARS: dict[str, str] = {
     "char *": "u8",
     "u8 *": "u8",
 }
-_WIDE = {"__int128": "i8", "unsigned __int128": "u8"}  # no 16-byte ints in numpy: 2 x 8, align 16
+# A 128-bit integer (`unsigned __int128`, e.g. tcpstates' IPv6 addresses; numpy has no 16-byte
+# ints): two little-endian u64 halves, columns `x.lo` and `x.hi`, aligned to 16 as in C.
+# kernelscope.addresses.ip_address() turns them (or a u8[16]/u32 column) into addresses.
+WIDE = np.dtype({"names": ["lo", "hi"], "formats": ["<u8", "<u8"], "offsets": [0, 8], "itemsize": 16})
+_WIDE = {"__int128", "unsigned __int128", "__u128", "__s128", "u128", "s128"}
 _ARRAY = re.compile(r"^(.*?)\s*\[(\d+)\]$")
-_TIME_NAMES = re.compile(r"^(ts|timestamp|time|ktime|.*_ns|ts_.*|.*_ts)$")
+# Time columns by unit: the suffix says it (`_ns`, `_us`, `_ms`), no suffix means ns, as
+# bpf_ktime_get_ns() gives. Only absolute timestamps get a ks_time datetime; a duration
+# (`delta_us`, `duration_ns`, `lat_ns`, `span_us`, `run_delta`) is a number, never a date.
+_UNITS = {"ns": 1, "us": 1_000, "ms": 1_000_000}
+_UNIT = re.compile(r"^(?P<stem>.*?)_?(?P<unit>ns|us|ms)$")
+_STAMPS = re.compile(r"^(ts|timestamp|time|ktime|ts_.*|.*_ts|start|end|now|t)$")
+_DURATION_WORDS = ("delta", "duration", "dur", "lat", "latency", "elapsed", "span", "wait", "total",
+                   "sum", "avg", "min", "max", "runtime", "period", "interval", "timeout", "age", "diff")
+_NAMESPACES = {"mnt", "pid", "net", "ipc", "uts", "user", "cgroup"}  # `mnt_ns`: a namespace id
 
 
 def _scalar(ctype: str) -> tuple[np.dtype, int] | None:
@@ -87,7 +100,7 @@ def _scalar(ctype: str) -> tuple[np.dtype, int] | None:
     if t.endswith("*"):
         return np.dtype("<u8"), 8
     if t in _WIDE:
-        return np.dtype((np.dtype("<" + _WIDE[t]), (2,))), 16
+        return WIDE, 16
     code = _SCALARS.get(t)
     if code is None:
         return None
@@ -121,9 +134,7 @@ def _field_type(ctype: str, structs: Mapping[str, list[tuple[str, str]]], where:
         return scalar
     key = ctype.strip()
     if key.startswith(("struct ", "union ")) and key in structs:
-        if key.startswith("union "):
-            raise SchemaError(f"{where}: unions are not supported in event structs ({key})")
-        return _layout(structs[key], structs, key)
+        return _layout(structs[key], structs, key, union=key.startswith("union "))
     raise SchemaError(
         f"{where}: cannot map C type {ctype!r} to a column. Use fixed-width integer types "
         "(u8..u64, s8..s64), char[N], arrays and structs defined in the program, or pass "
@@ -132,19 +143,21 @@ def _field_type(ctype: str, structs: Mapping[str, list[tuple[str, str]]], where:
 
 
 def _layout(
-    fields: list[tuple[str, str]], structs: Mapping[str, list[tuple[str, str]]], name: str
+    fields: list[tuple[str, str]], structs: Mapping[str, list[tuple[str, str]]], name: str,
+    union: bool = False,
 ) -> tuple[np.dtype, int]:
     names, formats, offsets = [], [], []
-    offset, max_align = 0, 1
+    offset, max_align, end = 0, 1, 0
     for fname, ctype in fields:
         dt, align = _field_type(ctype, structs, f"{name}.{fname}")
-        offset = -(-offset // align) * align
+        offset = 0 if union else -(-offset // align) * align  # a union's members overlap
         names.append(fname)
         formats.append(dt)
         offsets.append(offset)
         offset += dt.itemsize
+        end = max(end, offset)
         max_align = max(max_align, align)
-    size = -(-offset // max_align) * max_align
+    size = -(-end // max_align) * max_align
     if not names:
         raise SchemaError(f"{name}: the event struct has no fields")
     return np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": size}), max_align
@@ -185,12 +198,26 @@ def parse_structs(source: str) -> dict[str, list[tuple[str, str]]]:
     return out
 
 
+def time_unit(name: str) -> int | None:
+    """ns per unit of field `name` when it reads as an absolute timestamp (`ts`, `ts_us`,
+    `start_ns`, `exit_ts`), None for anything else, durations included (`delta_us`, `lat_ns`)."""
+    m = _UNIT.match(name)
+    stem, scale = (m.group("stem"), _UNITS[m.group("unit")]) if m and m.group("stem") else (name, 1)
+    words = name.lower().split("_")
+    if any(w.startswith(_DURATION_WORDS) for w in words) or (
+            m and m.group("unit") == "ns" and stem.lower() in _NAMESPACES):
+        return None
+    if (m and m.group("stem")) or _STAMPS.match(stem.lower()):
+        return scale
+    return None
+
+
 def time_fields(dtype: np.dtype) -> list[str]:
-    """u64 fields that look like nanosecond timestamps from bpf_ktime_get_ns()."""
+    """u64 fields that read as absolute timestamps of bpf_ktime_get_ns() (in ns, us or ms)."""
     out = []
     for name in dtype.names or ():
         sub = dtype.fields[name][0]  # type: ignore[index]
-        if sub == np.dtype("<u8") and _TIME_NAMES.match(name):
+        if sub == np.dtype("<u8") and time_unit(name) is not None:
             out.append(name)
     return out
 
@@ -223,13 +250,7 @@ class Schema:
 
     @property
     def columns(self) -> list[str]:
-        cols: list[str] = []
-        for name in self.dtype.names or ():
-            sub = self.dtype.fields[name][0]  # type: ignore[index]
-            if sub.names:
-                cols += [f"{name}.{n}" for n in sub.names]
-            else:
-                cols.append(name)
+        cols = _column_names(self.dtype, "")
         cols += [SEQ, ARRIVAL]
         if self.per_cpu:
             cols.append(CPU)
@@ -257,11 +278,30 @@ class Schema:
             data[CPU] = cpu if cpu is not None else np.full(len(records), -1, dtype=np.int16)
         tf = self.time_field
         if tf:
-            epoch_ns = records[tf].astype(np.int64) + self.epoch_offset_ns
+            epoch_ns = records[tf].astype(np.int64) * (time_unit(tf) or 1) + self.epoch_offset_ns
             data["ks_time"] = epoch_ns.view("datetime64[ns]")  # same values, no parsing pass
         # copy=False: one block per column, no consolidation copy (3-10x faster for big
         # frames); columns may view the stored records, which are never written in place.
         return pd.DataFrame(data, columns=self.columns, copy=False)
+
+
+def _column_names(dtype: np.dtype, prefix: str) -> list[str]:
+    """Flattened names, nested structs as `outer.inner`; a union also as its raw bytes."""
+    cols: list[str] = []
+    for name in dtype.names or ():
+        sub = dtype.fields[name][0]  # type: ignore[index]
+        if sub.names:
+            cols += [prefix + name] if _overlaps(sub) else []
+            cols += _column_names(sub, f"{prefix}{name}.")
+        else:
+            cols.append(prefix + name)
+    return cols
+
+
+def _overlaps(dtype: np.dtype) -> bool:
+    """True for a union's dtype: some of its fields share bytes."""
+    spans = sorted((off, off + sub.itemsize) for sub, off, *_ in dtype.fields.values())  # type: ignore[union-attr]
+    return any(b[0] < a[1] for a, b in itertools.pairwise(spans))
 
 
 def _columns(records: np.ndarray, prefix: str, out: dict[str, object]) -> None:
@@ -270,6 +310,9 @@ def _columns(records: np.ndarray, prefix: str, out: dict[str, object]) -> None:
         sub = records.dtype.fields[name][0]  # type: ignore[index]
         key = prefix + name
         if sub.names:
+            if _overlaps(sub):  # a union: its bytes, then each member as a view of them
+                raw = np.ascontiguousarray(col).view(f"V{sub.itemsize}")
+                out[key] = np.array([bytes(r) for r in raw], dtype=object)
             _columns(col, key + ".", out)
         elif sub.kind == "S":
             out[key] = _decode(col)
@@ -279,6 +322,22 @@ def _columns(records: np.ndarray, prefix: str, out: dict[str, object]) -> None:
             out[key] = col
 
 
+def c_strings(col: np.ndarray) -> np.ndarray:
+    """char[N] values cut at the first NUL, as C reads them (bytes, same S dtype).
+
+    numpy's S dtype only drops trailing NULs: a buffer reused for a shorter string keeps the
+    older string's bytes after the NUL (a ring record's unused tail, a per-CPU scratch
+    array), and those must not show up in the column.
+    """
+    size = col.dtype.itemsize
+    if size == 0 or len(col) == 0:
+        return col
+    raw = np.ascontiguousarray(col).view(np.uint8).reshape(len(col), size)
+    nul = raw == 0
+    first = np.where(nul.any(axis=1), nul.argmax(axis=1), size)
+    kept = np.where(np.arange(size) < first[:, None], raw, 0).astype(np.uint8)
+    return kept.view(col.dtype).reshape(col.shape)
+
+
 def _decode(col: np.ndarray) -> np.ndarray:
-    # numpy's S dtype already stops at the first NUL; decode bytes -> str in one pass.
-    return np.char.decode(col, "utf-8", "replace").astype(object)
+    return np.char.decode(c_strings(col), "utf-8", "replace").astype(object)

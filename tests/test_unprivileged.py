@@ -121,11 +121,11 @@ SOURCES = {"bcc": GETPPID_BCC, "libbpf": GETPPID_CORE}
 @pytest.fixture
 def nobody_cache(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A cache folder uid 65534 may write (the CO-RE backend keeps vmlinux.h there; $HOME is /root)."""
-    from kernelscope.backends import core
+    from kernelscope.backends import toolchain
 
     with tempfile.TemporaryDirectory(prefix="ks-unpriv-") as folder:
         os.chmod(folder, 0o777)
-        monkeypatch.setattr(core, "CACHE", Path(folder) / "vmlinux")
+        monkeypatch.setattr(toolchain, "CACHE", Path(folder) / "vmlinux")
         yield Path(folder)
 
 

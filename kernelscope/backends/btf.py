@@ -18,8 +18,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import SchemaError, SetupError
+from ..schema import WIDE
 
 VMLINUX = Path("/sys/kernel/btf/vmlinux")
+
 _QUALIFIERS = ("TYPEDEF", "CONST", "VOLATILE", "RESTRICT", "TYPE_TAG")
 
 
@@ -78,6 +80,8 @@ class Types:
             t = self.by_id[t["type_id"]]
         kind = t["kind"]
         if kind == "INT":
+            if t["size"] == 16:  # __int128: numpy has no 16-byte integers
+                return WIDE
             if t.get("nr_bits", t["size"] * 8) != t["size"] * 8:
                 raise SchemaError(f"{where}: {t['nr_bits']}-bit integers are not supported")
             signed = t.get("encoding") == "SIGNED" or (t.get("encoding") == "CHAR" and t["name"] == "char")
@@ -94,21 +98,106 @@ class Types:
                 return np.dtype(f"S{t['nr_elems']}")
             base = self.dtype(elem, where)
             return np.dtype((base, (t["nr_elems"],))) if t["nr_elems"] else np.dtype((base, (0,)))
-        if kind == "STRUCT":
-            names, formats, offsets = [], [], []
-            for m in t.get("members", []):
-                if m.get("bitfield_size"):
-                    raise SchemaError(f"{where}.{m['name']}: bitfields are not supported in event structs")
-                name = m["name"]
-                sub = self.resolve(m["type_id"])
-                if name == "(anon)":
-                    raise SchemaError(f"{where}: anonymous members are not supported in event structs")
-                names.append(name)
-                formats.append(self.dtype(sub, f"{where}.{name}"))
-                offsets.append(m["bits_offset"] // 8)
+        if kind in {"STRUCT", "UNION"}:
+            names, formats, offsets = self._members(t, where, 0)
             if not names:
                 raise SchemaError(f"{where}: the event struct has no fields")
             return np.dtype({"names": names, "formats": formats, "offsets": offsets,
                              "itemsize": t["size"]})
         raise SchemaError(f"{where}: a {kind.lower()} cannot be a column; use integers, char[N], "
                           "arrays and structs, or pass dtypes={map: numpy dtype}")
+
+    def _members(self, t: dict[str, Any], where: str,
+                 base: int) -> tuple[list[str], list[np.dtype], list[int]]:
+        """Fields of a struct or union at byte offset `base`; an anonymous struct or union
+        member is spliced in, as C makes its members the parent's (`e.flags` for
+        `struct { union { struct {...}; ... }; } e`). Union members overlap: each is a view."""
+        names: list[str] = []
+        formats: list[np.dtype] = []
+        offsets: list[int] = []
+        for m in t.get("members", []):
+            name = m["name"]
+            if m.get("bitfield_size"):
+                raise SchemaError(f"{where}.{name}: bitfields are not supported in event structs; "
+                                  "use whole integers, or pass dtypes={map: numpy dtype}")
+            sub = self.resolve(m["type_id"])
+            at = base + m["bits_offset"] // 8
+            if name == "(anon)" and sub["kind"] in {"STRUCT", "UNION"}:
+                inner = self._members(sub, where, at)
+                names += inner[0]
+                formats += inner[1]
+                offsets += inner[2]
+                continue
+            names.append(name)
+            formats.append(self.dtype(sub, f"{where}.{name}"))
+            offsets.append(at)
+        return names, formats, offsets
+
+
+# --- kfunc prototypes ----------------------------------------------------------------------
+
+KFUNC_TAG = "bpf_kfunc"  # the decl tag pahole puts on kernel functions BPF programs may call
+
+
+def kfunc_prototypes(types: Types, skip: frozenset[str] = frozenset()) -> str:
+    """`extern` declarations of the kernel's kfuncs (functions tagged "bpf_kfunc" in its BTF),
+    weak so that `bpf_ksym_exists(f)` is false where the kernel lacks one, for the end of a
+    vmlinux.h (bpftool 7.5 writes the same; Debian's 7.1 does not). `skip`: names declared
+    otherwise (libbpf's helper definitions); kfuncs whose types C cannot name are left out."""
+    lines = []
+    tagged = sorted({t["type_id"] for t in types.by_id.values() if t["kind"] == "DECL_TAG"
+                     and t["name"] == KFUNC_TAG and t.get("component_idx", -1) == -1})
+    for fid in tagged:
+        fn = types.by_id.get(fid)
+        if fn is None or fn["kind"] != "FUNC" or fn["name"] in skip:
+            continue
+        proto = types.by_id[fn["type_id"]]
+        params = _params(types, proto)
+        decl = None if params is None else _c_decl(types, proto["ret_type_id"], f"{fn['name']}({params})")
+        if decl is not None:
+            lines.append(f"extern {decl} __attribute__((weak)) __attribute__((section(\".ksyms\")));")
+    return "\n".join(lines) + "\n"
+
+
+def _params(types: Types, proto: dict[str, Any]) -> str | None:
+    out = []
+    for p in proto.get("params", []):
+        if p["type_id"] == 0:
+            out.append("...")
+            continue
+        decl = _c_decl(types, p["type_id"], "")
+        if decl is None:
+            return None
+        out.append(decl.strip())
+    return ", ".join(out) or "void"
+
+
+def _c_decl(types: Types, type_id: int, inner: str) -> str | None:
+    """The C declaration of `inner` (a name, `*name`, `f(int)`) with type `type_id`, or None."""
+    if type_id == 0:
+        return f"void {inner}"
+    t = types.by_id[type_id]
+    kind = t["kind"]
+    named = t.get("name") not in (None, "(anon)")
+    if kind in {"INT", "FLOAT", "TYPEDEF"} and named:
+        return f"{t['name']} {inner}"
+    if kind in {"STRUCT", "UNION", "ENUM", "ENUM64", "FWD"} and named:
+        tag = {"STRUCT": "struct", "UNION": "union", "FWD": "union" if t.get("fwd_kind") == "union"
+               else "struct"}.get(kind, "enum")
+        return f"{tag} {t['name']} {inner}"
+    if kind == "PTR":
+        target = types.by_id.get(t["type_id"]) if t["type_id"] else None
+        if target is not None and target["kind"] == "FUNC_PROTO":
+            params = _params(types, target)
+            return None if params is None else _c_decl(types, target["ret_type_id"], f"(*{inner})({params})")
+        return _c_decl(types, t["type_id"], f"*{inner}")
+    if kind in {"CONST", "VOLATILE"}:
+        word = kind.lower()
+        nxt = types.by_id.get(t["type_id"]) if t["type_id"] else None
+        if nxt is not None and nxt["kind"] == "PTR":
+            return _c_decl(types, t["type_id"], f"{word} {inner}")
+        decl = _c_decl(types, t["type_id"], inner)
+        return None if decl is None else f"{word} {decl}"
+    if kind in {"TYPE_TAG", "RESTRICT"}:
+        return _c_decl(types, t["type_id"], inner)
+    return None

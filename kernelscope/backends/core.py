@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import ctypes
 import errno as _errno
-import hashlib
 import os
 import re
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +39,6 @@ from ..errors import (
     KernelscopeError,
     SchemaError,
     SettingError,
-    SetupError,
     UnknownNameError,
 )
 from ..folders import new_workdir
@@ -74,9 +71,9 @@ from .rewrite import (
     wrap_output_call,
 )
 from .selection import NONE, Selection, choose_programs, map_lines, program_lines, size_maps
+from .toolchain import anchored_type, clang, compile_flags
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
-CACHE = host.cache_dir("vmlinux")
 ANCHOR = "__ks_type_"  # global `T *__ks_type_<map>` keeps the event struct in the object's BTF
 
 _SEC = re.compile(r"\bSEC\s*\(")
@@ -100,46 +97,6 @@ KPROBE_SECTIONS = ("kprobe", "kretprobe", "ksyscall", "kretsyscall", "kprobe.mul
 def is_core(source: str) -> bool:
     """True for libbpf-style programs: they put programs and maps in SEC("...") sections."""
     return bool(_SEC.search(blank_comments_and_strings(source)))
-
-
-# --- vmlinux.h ---------------------------------------------------------------------------
-
-
-def vmlinux_dir() -> Path:
-    """A folder holding vmlinux.h for the running kernel, generated from its BTF once, cached
-    (per user and cache folder: a process that changed uid must not reuse root's folder)."""
-    return _vmlinux_dir(os.geteuid(), CACHE)
-
-
-@cache
-def _vmlinux_dir(_euid: int, cache_root: Path) -> Path:
-    if not btf.VMLINUX.is_file():
-        raise SetupError(f"no {btf.VMLINUX}: this kernel has no BTF (CONFIG_DEBUG_INFO_BTF), "
-                         "which CO-RE programs need; use the BCC backend (no SEC() sections)")
-    digest = hashlib.sha256(btf.VMLINUX.read_bytes()).hexdigest()[:16]
-    folder = cache_root / f"{host.kernel_release()}-{digest}"
-    header = folder / "vmlinux.h"
-    if header.is_file():
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([btf.require_bpftool(), "btf", "dump", "file", str(btf.VMLINUX), "format", "c"],
-                          capture_output=True, check=False)
-    if proc.returncode != 0:
-        raise SetupError(f"bpftool could not dump the kernel's BTF as C: "
-                         f"{proc.stderr.decode(errors='replace').strip()}")
-    tmp = header.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_bytes(proc.stdout)
-    tmp.replace(header)
-    return folder
-
-
-@cache
-def clang() -> str:
-    for name in ("clang", "clang-16", "clang-15", "clang-14"):
-        for d in [*os.environ.get("PATH", "/usr/bin").split(os.pathsep), "/usr/bin"]:
-            if os.access(os.path.join(d, name), os.X_OK):
-                return os.path.join(d, name)
-    raise SetupError("clang is not installed: apt-get install clang (or run `make setup`)")
 
 
 # --- source analysis and rewriting ---------------------------------------------------------
@@ -331,11 +288,7 @@ def compile_object(prepared: CoreSource, user_source: str, cflags: tuple[str, ..
     """clang -target bpf; a CompileError with the cell's line numbers on failure."""
     src = out.with_suffix(".c")
     src.write_text(prepared.source)
-    # -mcpu=v3: atomics that return a value (__sync_fetch_and_add), 32-bit jumps; Linux >= 5.1
-    cmd = [clang(), "-g", "-O2", "-target", "bpf", "-mcpu=v3", "-D__TARGET_ARCH_x86",
-           "-I", str(vmlinux_dir()), f"-I/usr/include/{os.uname().machine}-linux-gnu",
-           "-Wno-compare-distinct-pointer-types", "-Wno-unused-value", "-Wno-gnu-statement-expression",
-           *cflags, "-c", str(src), "-o", str(out)]
+    cmd = [clang(), *compile_flags(cflags), "-c", str(src), "-o", str(out)]  # toolchain.py: -mcpu, -I
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=out.parent)
     if proc.returncode == 0:
         return
@@ -382,8 +335,10 @@ class CoreProgram:
     output_decl = "ring buffer or perf event array map (SEC(\".maps\"))"
     bpf = None
 
-    def __init__(self, prepared: CoreSource, obj: libbpf.Object, objfile: Path, notes: list[str]) -> None:
+    def __init__(self, prepared: CoreSource, obj: libbpf.Object, objfile: Path, notes: list[str],
+                 cflags: tuple[str, ...] = ()) -> None:
         self.prepared = prepared
+        self.cflags = cflags
         self.obj = obj
         self.objfile = objfile  # in a temporary folder of its own, removed by close()
         self.notes = notes
@@ -400,20 +355,24 @@ class CoreProgram:
         """The dtype of map `name`'s records, from the type anchored in the object's BTF."""
         types = self.types()
         var = types.var(f"{ANCHOR}{name}")
-        if var is None:
+        ptr = types.resolve(var["type_id"]) if var else None
+        if ptr is None or not ptr["type_id"]:  # none, or `void *data` passed on: no struct named
             raise SchemaError(
                 f"{name}: kernelscope could not tell which struct this map carries (it looks for "
                 f"`e = bpf_ringbuf_reserve(&{name}, ...)` with `struct T *e`, or `&e` passed to "
                 "bpf_ringbuf_output/bpf_perf_event_output). Pass dtypes={'" + name + "': 'struct T'} "
                 "or a numpy dtype to Probe.")
-        ptr = types.resolve(var["type_id"])
         return types.dtype(types.resolve(ptr["type_id"]), self.prepared.event_types.get(name, name))
 
     def named_dtype(self, ctype: str, where: str) -> np.dtype:
+        """The dtype of C type `ctype` (dtypes={map: "struct event"}): from the object's BTF, or,
+        for a type only local variables use (clang's BTF omits those), from the same cell
+        compiled again with a global pointer to it."""
         t = self.types().find(ctype)
-        if t is None:
-            raise SchemaError(f"{where}: no type {ctype!r} in the program's BTF (is it used in the code?)")
-        return self.types().dtype(t, ctype)
+        if t is not None:
+            return self.types().dtype(t, ctype)
+        types, t = anchored_type(self.objfile.with_suffix(".c"), ctype, self.cflags, where)
+        return types.dtype(t, ctype)
 
     def map_fd(self, name: str) -> int:
         return self.maps[name].fd
@@ -591,7 +550,7 @@ def load(prepared: CoreSource, user_source: str, cflags: tuple[str, ...] = (),
                         notes=notes)
             obj = _load(obj, objfile, prepared, globals_ or {}, user_source, select=select, notes=notes)
             _attach_all(obj, prepared, notes, select=select, user_source=user_source)
-            prog = CoreProgram(prepared, obj, objfile, notes)
+            prog = CoreProgram(prepared, obj, objfile, notes, cflags)
             check_records_fit(prog, prepared.maps)
     except BaseException:
         if prog is not None:
