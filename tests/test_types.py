@@ -56,6 +56,8 @@ def run(source: str, trigger, rows: int, **kw) -> pd.DataFrame:
 def kill_children(n: int) -> list[int]:
     """Start `n` sleeping children and send each SIGTERM; their pids, in order."""
     kids = [subprocess.Popen(["sleep", "30"]) for _ in range(n)]
+    for k in kids:  # Popen returns once exec closed its pipe, a moment before the kernel renames the task
+        wait_for(lambda k=k: Path(f"/proc/{k.pid}/comm").read_text().strip() == "sleep")
     for k in kids:
         os.kill(k.pid, signal.SIGTERM)
     for k in kids:
