@@ -45,7 +45,7 @@ from ..errors import (
     UnknownNameError,
 )
 from ..folders import new_workdir
-from . import btf, elf, libbpf
+from . import attach, btf, elf, libbpf
 from .base import (
     blank_comments_and_strings,
     format_diag,
@@ -390,6 +390,7 @@ class CoreProgram:
         self.maps = {m.name: m for m in obj.maps()}
         self.ncpus = libbpf.possible_cpus()
         self._types: btf.Types | None = None
+        self.attached = attach.Attachments()  # XDP and tc links made by hand
 
     def types(self) -> btf.Types:
         if self._types is None:
@@ -450,7 +451,7 @@ class CoreProgram:
         return out
 
     def attach_points(self) -> list[str]:
-        return [point for point, _ in self.obj.links]
+        return [point for point, _ in self.obj.links] + self.attached.points()
 
     def map_update(self, name: str, key: Any, value: Any) -> None:
         """`map[key] = value` with one bpf(BPF_MAP_UPDATE_ELEM) syscall (ints, bytes or numpy)."""
@@ -487,8 +488,40 @@ class CoreProgram:
             raise AttachError(f"no program {name!r} in this object; it has {', '.join(progs) or 'none'}")
         return progs[name]
 
+    # attach kinds a SEC() name alone cannot attach (kernelscope.backends.attach)
     def attach_uprobe(self, name: str, sym: str = "", fn_name: str = "", **kw: Any) -> None:
-        attach_uprobe(self, name, sym, fn_name, **kw)
+        attach.core_uprobe(self.obj, self.program(fn_name), name, sym, **kw)
+        attach.drop_note(self.notes, fn_name)
+
+    def attach_perf_event(self, fn_name: str, event: str | tuple[int, int] = "cpu-clock",
+                          freq: int | None = None, period: int | None = None,
+                          cpus: Sequence[int] | None = None) -> None:
+        attach.core_perf_event(self.obj, self.program(fn_name), event, freq=freq, period=period,
+                               cpus=cpus)
+        attach.drop_note(self.notes, fn_name)
+
+    def attach_usdt(self, target: str | int, probe: str, fn_name: str) -> None:
+        attach.core_usdt(self.obj, self.program(fn_name), target, probe)
+        attach.drop_note(self.notes, fn_name)
+
+    def attach_xdp(self, fn_name: str, ifname: str, mode: str = "skb") -> None:
+        attach.xdp(self.program_fd(fn_name), fn_name, ifname, mode, self.attached)
+        attach.drop_note(self.notes, fn_name)
+
+    def attach_tc(self, fn_name: str, ifname: str, direction: str = "ingress") -> None:
+        attach.tc(self.program_fd(fn_name), fn_name, ifname, direction, self.attached)
+        attach.drop_note(self.notes, fn_name)
+
+    def attach_prog_array(self, map_name: str, programs: Mapping[int, str] | Sequence[str]) -> None:
+        for index, name in attach.prog_array_items(programs):
+            self.map_update(map_name, index, self.program_fd(name))
+            attach.drop_note(self.notes, name)
+
+    def iter_read(self, fn_name: str) -> bytes:
+        return attach.core_iter(self.program(fn_name))
+
+    def program_fd(self, fn_name: str) -> int:
+        return attach.program_fd(self.program(fn_name))
 
     def attach_tracepoint(self, tp: str, fn_name: str) -> None:
         cat_ev = tp.replace(":", " ").split()
@@ -500,6 +533,7 @@ class CoreProgram:
             raise AttachError(f"tracepoint {tp} -> {fn_name}: {e}") from None
 
     def close(self) -> None:
+        self.attached.close()
         self.obj.close()
         shutil.rmtree(self.objfile.parent, ignore_errors=True)
 
@@ -547,8 +581,16 @@ def _check_global(objfile: Path, name: str, value: Any, size: int) -> None:
 def open_program(prepared: CoreSource, source: str, cflags: tuple[str, ...],
                  usdt: Sequence[tuple[str | int, str, str]] = (),
                  globals_: Mapping[str, Any] | None = None, *, select: Selection = NONE) -> CoreProgram:
-    """Compile, load and attach: the `Program` Probe drives (USDT probes are BCC's)."""
-    return load(prepared, source, cflags, dict(globals_ or {}), select=select)
+    """Compile, load and attach: the `Program` Probe drives; `usdt` triples (binary path or
+    pid, "provider:name", program) attach the SEC("usdt") programs that name no target."""
+    prog = load(prepared, source, cflags, dict(globals_ or {}), select=select)
+    try:
+        for target, probe, fn_name in usdt:
+            prog.attach_usdt(target, probe, fn_name)
+    except BaseException:
+        prog.close()
+        raise
+    return prog
 
 
 def _checked_sections(prepared: CoreSource, user_source: str, select: Selection) -> CoreSource:
@@ -685,20 +727,6 @@ def _failed_log(libbpf_log: str, logs: dict[str, Any]) -> str:
     return str(buf.value.decode("utf-8", "replace"))
 
 
-def attach_uprobe(prog: CoreProgram, binary: str, sym: str = "", fn_name: str = "", *, pid: int = -1,
-                  addr: int = 0, retprobe: bool = False) -> None:
-    """Attach program `fn_name` to `sym` (or `addr`) in `binary`, as Probe.attach_uprobe does for BCC."""
-    path = binary if "/" in binary else (shutil.which(binary) or binary)
-    with libbpf.captured_log() as log:
-        try:
-            prog.obj.attach_uprobe(prog.program(fn_name), path, sym, addr, pid=pid, retprobe=retprobe)
-            return
-        except OSError as e:
-            err = e
-    detail = "".join(log).strip()
-    raise AttachError(f"uprobe {binary}:{sym or hex(addr)} -> {fn_name}: {err}\n{detail}") from None
-
-
 def attach_point(section: str) -> str:
     """`tracepoint:sched:sched_process_exit` for SEC("tp/sched/sched_process_exit"), as BCC names it."""
     kind, _, rest = section.partition("/")
@@ -726,9 +754,8 @@ def _attach_all(obj: libbpf.Object, prepared: CoreSource, notes: list[str], *, s
             except OSError as e:
                 err = e
         text = "".join(log).strip()
-        if err.errno == _errno.EOPNOTSUPP:
-            notes.append(f"{prog.name} (SEC(\"{prog.section}\")) is not attached automatically: "
-                         "attach it with probe.attach_uprobe()/attach_tracepoint()")
+        if err.errno == _errno.EOPNOTSUPP or (err.errno == _errno.EINVAL and "missing ':function" in text):
+            notes.append(attach.unattached_note(prog.name, prog.section))  # which call attaches it
             continue
         line = lines.get(prog.name) or dict(prepared.sections).get(prog.section)
         where = f"line {line}: " if line else ""

@@ -1,0 +1,351 @@
+"""Attach kinds beyond what a SEC() name or a BCC macro attaches: perf events (sampling), XDP
+and tc on a named interface, CO-RE USDT and uprobes by name, iterators, tail-call arrays.
+
+Both backends share what the kernel sees: a sampling perf event opened per CPU, a BPF link
+(`bpf_link_create`) for XDP and tcx, read through `bpf_iter_create` for iterators. What each
+backend adds is how it gets a program's fd (libbpf's `bpf_program__fd`, BCC's `load_func`).
+Whatever is attached here is owned by an `Attachments` and detached when it closes (a link
+or a perf event detaches its program when its last fd is closed).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as _errno
+import fcntl
+import os
+import re
+import shutil
+import socket
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from ..errors import AttachError, KernelscopeError, SettingError, UnknownNameError
+from ..readers.perf import PerfEventAttr, online_cpus, perf_event_open
+from . import libbpf
+
+PERF_TYPE_HARDWARE, PERF_TYPE_SOFTWARE = 0, 1
+EVENTS = {  # name (as perf(1) spells it) -> (perf_event_attr.type, .config)
+    "cpu-clock": (PERF_TYPE_SOFTWARE, 0), "task-clock": (PERF_TYPE_SOFTWARE, 1),
+    "page-faults": (PERF_TYPE_SOFTWARE, 2), "context-switches": (PERF_TYPE_SOFTWARE, 3),
+    "cpu-migrations": (PERF_TYPE_SOFTWARE, 4),
+    "cycles": (PERF_TYPE_HARDWARE, 0), "instructions": (PERF_TYPE_HARDWARE, 1),
+    "cache-references": (PERF_TYPE_HARDWARE, 2), "cache-misses": (PERF_TYPE_HARDWARE, 3),
+    "branch-instructions": (PERF_TYPE_HARDWARE, 4), "branch-misses": (PERF_TYPE_HARDWARE, 5),
+}
+PERF_EVENT_IOC_ENABLE = 0x2400  # _IO('$', 0)
+PERF_EVENT_IOC_SET_BPF = 0x40042408  # _IOW('$', 8, __u32)
+CPU_PMU = Path("/sys/bus/event_source/devices/cpu")
+
+# enum bpf_attach_type (include/uapi/linux/bpf.h)
+BPF_XDP, BPF_TCX_INGRESS, BPF_TCX_EGRESS = 37, 46, 47
+ENOTSUPP = 524  # the kernel's internal "operation not supported" that bpf() may return
+XDP_MODES = {"skb": 1 << 1, "native": 1 << 2, "hw": 1 << 3}  # XDP_FLAGS_{SKB,DRV,HW}_MODE
+
+
+class Attachments:
+    """The fds of what was attached by hand (links, perf events): closing one detaches it."""
+
+    def __init__(self) -> None:
+        self.fds: list[tuple[str, int]] = []  # (attach point, fd)
+
+    def add(self, point: str, fd: int) -> None:
+        self.fds.append((point, fd))
+
+    def points(self) -> list[str]:
+        return [point for point, _ in self.fds]
+
+    def close(self) -> None:
+        for _, fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+
+
+# --- perf events ------------------------------------------------------------------------
+
+
+def sampling_attr(event: str | tuple[int, int], freq: int | None, period: int | None) -> PerfEventAttr:
+    """A sampling event: every `period` events, or `freq` samples a second (99 if neither)."""
+    if freq is not None and period is not None:
+        raise SettingError("attach_perf_event: give freq= (samples per second) or period= (events "
+                           "per sample), not both")
+    if isinstance(event, str):
+        if event not in EVENTS:
+            raise UnknownNameError(f"unknown perf event {event!r}; known: {', '.join(EVENTS)} "
+                                   "(or a (type, config) pair of perf_event_attr)")
+        kind, config = EVENTS[event]
+    else:
+        kind, config = event
+    attr = PerfEventAttr()
+    attr.type, attr.size, attr.config = kind, ctypes.sizeof(PerfEventAttr), config
+    if period is not None:
+        if period < 1:
+            raise SettingError(f"attach_perf_event: period={period}: must be at least 1")
+        attr.sample_period = period
+    else:
+        freq = 99 if freq is None else freq
+        if freq < 1:
+            raise SettingError(f"attach_perf_event: freq={freq}: must be at least 1 (samples a second)")
+        attr.sample_period = freq  # the same u64 as sample_freq
+        attr.set_flag("freq")
+    return attr
+
+
+def open_sampling(event: str | tuple[int, int], freq: int | None, period: int | None,
+                  cpus: Sequence[int] | None, pid: int = -1) -> list[tuple[int, int]]:
+    """(cpu, perf event fd) for each CPU (all online ones by default), opened enabled."""
+    attr = sampling_attr(event, freq, period)
+    chosen = list(online_cpus() if cpus is None else cpus)
+    out: list[tuple[int, int]] = []
+    try:
+        for cpu in chosen:
+            try:
+                out.append((cpu, perf_event_open(attr, cpu, pid, what=f"perf event {event}")))
+            except KernelscopeError as e:
+                if attr.type == PERF_TYPE_HARDWARE and not CPU_PMU.exists():
+                    raise AttachError(f"perf event {event!r}: this machine has no hardware PMU (no "
+                                      f"{CPU_PMU}; usual in a VM): use a software event such as "
+                                      "event='cpu-clock'") from None
+                raise AttachError(f"perf event {event!r} on CPU {cpu}: {e}") from None
+    except BaseException:
+        for _, fd in out:
+            os.close(fd)
+        raise
+    return out
+
+
+def perf_label(event: str | tuple[int, int], freq: int | None, period: int | None, cpu: int) -> str:
+    rate = f"period={period}" if period is not None else f"freq={99 if freq is None else freq}"
+    return f"perf_event:{event}:{rate}:cpu{cpu}"
+
+
+def attach_perf_fds(prog_fd: int, fds: list[tuple[int, int]], labels: list[str], into: Attachments) -> None:
+    """Run `prog_fd` on each perf event (PERF_EVENT_IOC_SET_BPF), as libbcc does; `into` owns
+    the fds from here, so a failure part way leaves nothing attached that is not closed."""
+    for (_, fd), label in zip(fds, labels, strict=True):
+        into.add(label, fd)
+    for _, fd in fds:
+        try:
+            fcntl.ioctl(fd, PERF_EVENT_IOC_SET_BPF, prog_fd)
+            fcntl.ioctl(fd, PERF_EVENT_IOC_ENABLE, 0)
+        except OSError as e:
+            raise AttachError(f"could not attach the program to a perf event: {os.strerror(e.errno or 0)} "
+                              "(is it a perf_event program?)") from None
+
+
+# --- XDP and tc -------------------------------------------------------------------------
+
+
+def ifindex(ifname: str) -> int:
+    try:
+        return socket.if_nametoindex(ifname)
+    except OSError:
+        have = sorted(os.listdir("/sys/class/net")) if os.path.isdir("/sys/class/net") else []
+        raise UnknownNameError(f"no network interface {ifname!r} in this network namespace (it has "
+                               f"{', '.join(have) or 'none'}; `ip link` lists them)") from None
+
+
+def link_create(prog_fd: int, target: int, attach_type: int, flags: int, what: str) -> int:
+    opts = libbpf.LinkCreateOpts(sz=ctypes.sizeof(libbpf.LinkCreateOpts), flags=flags)
+    fd = libbpf.lib().bpf_link_create(prog_fd, target, attach_type, ctypes.byref(opts))
+    if fd < 0:
+        err = ctypes.get_errno() or -fd
+        raise AttachError(f"{what}: {os.strerror(err)}" + _link_hint(attach_type, err))
+    return int(fd)
+
+
+def _link_hint(attach_type: int, err: int) -> str:
+    if err == _errno.EBUSY and attach_type == BPF_XDP:
+        return " (the interface already has an XDP program in another mode; `ip link set DEV xdp off`)"
+    if err in (_errno.EINVAL, ENOTSUPP) and attach_type != BPF_XDP:
+        return " (tcx links need Linux 6.6 or later; is the program SEC(\"tc\")/SCHED_CLS?)"
+    if err == _errno.EOPNOTSUPP and attach_type == BPF_XDP:
+        return " (the driver has no native XDP: use mode='skb')"
+    return ""
+
+
+def xdp(prog_fd: int, name: str, ifname: str, mode: str, into: Attachments) -> None:
+    if mode not in XDP_MODES:
+        raise SettingError(f"attach_xdp: mode={mode!r}; use one of {', '.join(XDP_MODES)}")
+    index = ifindex(ifname)
+    fd = link_create(prog_fd, index, BPF_XDP, XDP_MODES[mode], f"XDP {name} on {ifname} ({mode})")
+    into.add(f"xdp:{ifname}:{mode}", fd)
+
+
+def tc(prog_fd: int, name: str, ifname: str, direction: str, into: Attachments) -> None:
+    types = {"ingress": BPF_TCX_INGRESS, "egress": BPF_TCX_EGRESS}
+    if direction not in types:
+        raise SettingError(f"attach_tc: direction={direction!r}; use 'ingress' or 'egress'")
+    index = ifindex(ifname)
+    fd = link_create(prog_fd, index, types[direction], 0, f"tc {name} on {ifname} {direction}")
+    into.add(f"tc:{ifname}:{direction}", fd)
+
+
+# --- iterators --------------------------------------------------------------------------
+
+
+def read_iter(link_fd: int, what: str) -> bytes:
+    """Everything one pass of the iterator writes (bpf_iter_create, then read to EOF)."""
+    fd = libbpf.lib().bpf_iter_create(link_fd)
+    if fd < 0:
+        raise AttachError(f"{what}: bpf_iter_create: {os.strerror(ctypes.get_errno() or -fd)}")
+    chunks = []
+    try:
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+# --- CO-RE (libbpf) ---------------------------------------------------------------------
+
+
+def core_perf_event(obj: libbpf.Object, prog: libbpf.Program, event: str | tuple[int, int], *,
+                    freq: int | None, period: int | None, cpus: Sequence[int] | None) -> None:
+    """bpf_program__attach_perf_event on one sampling event per CPU; the links own the fds."""
+    fds = open_sampling(event, freq, period, cpus)
+    try:
+        while fds:
+            cpu, fd = fds[0]
+            link = libbpf.lib().bpf_program__attach_perf_event(prog.ptr, fd)
+            if not link:
+                raise AttachError(f"perf event {event} -> {prog.name} on CPU {cpu}: "
+                                  f"{os.strerror(ctypes.get_errno())} (is it SEC(\"perf_event\")?)")
+            obj.links.append((perf_label(event, freq, period, cpu), link))
+            fds.pop(0)
+    finally:
+        for _, fd in fds:
+            os.close(fd)
+
+
+def core_usdt(obj: libbpf.Object, prog: libbpf.Program, target: str | int, probe: str) -> None:
+    """bpf_program__attach_usdt for a BCC-style (binary path or pid, "provider:name") pair."""
+    provider, _, name = probe.rpartition(":")
+    if not provider:
+        raise SettingError(f"USDT probe {probe!r}: the CO-RE backend needs 'provider:name' "
+                           "(`readelf -n BINARY` lists them under stapsdt)")
+    pid, binary = (target, f"/proc/{target}/exe") if isinstance(target, int) else (-1, str(target))
+    if isinstance(target, str) and "/" not in target:
+        binary = shutil.which(target) or target
+    with libbpf.captured_log() as log:
+        link = libbpf.lib().bpf_program__attach_usdt(prog.ptr, pid, binary.encode(), provider.encode(),
+                                                     name.encode(), None)
+        err = ctypes.get_errno()
+    if not link:
+        detail = "".join(log).strip()
+        raise AttachError(f"USDT probe {probe} in {target} -> {prog.name}: {os.strerror(err)}"
+                          + (f"\n{detail}" if detail else ""))
+    obj.links.append((f"usdt:{target}:{probe}", link))
+
+
+def core_uprobe(obj: libbpf.Object, prog: libbpf.Program, binary: str, sym: str, *, pid: int = -1,
+                addr: int = 0, retprobe: bool | None = None) -> None:
+    """A uprobe by symbol (or address); `sym` and `retprobe` default to what the SEC() name says
+    (SEC("uretprobe/readline"): readline, a return probe)."""
+    kind, _, rest = prog.section.partition("/")
+    if not sym and not addr:
+        sym = rest.rpartition(":")[2].split("+")[0]
+        if not sym:
+            raise SettingError(f"{prog.name} (SEC(\"{prog.section}\")): name the function: "
+                               f"attach_uprobe({binary!r}, 'FUNCTION', {prog.name!r})")
+    if retprobe is None:
+        retprobe = kind.startswith("uretprobe")
+    path = binary if "/" in binary else (shutil.which(binary) or binary)
+    with libbpf.captured_log() as log:
+        try:
+            obj.attach_uprobe(prog, path, sym, addr, pid=pid, retprobe=retprobe)
+            return
+        except OSError as e:
+            err = e
+    detail = "".join(log).strip()
+    raise AttachError(f"uprobe {binary}:{sym or hex(addr)} -> {prog.name}: {err}\n{detail}") from None
+
+
+def core_iter(prog: libbpf.Program) -> bytes:
+    link = libbpf.lib().bpf_program__attach_iter(prog.ptr, None)
+    if not link:
+        raise AttachError(f"{prog.name} (SEC(\"{prog.section}\")): could not attach the iterator: "
+                          f"{os.strerror(ctypes.get_errno())} (is it SEC(\"iter/...\")?)")
+    try:
+        return read_iter(libbpf.lib().bpf_link__fd(link), prog.name)
+    finally:
+        libbpf.lib().bpf_link__destroy(link)
+
+
+def prog_type(fd: int) -> int:
+    """The program type of a loaded program's fd (the first u32 of struct bpf_prog_info)."""
+    info, size = ctypes.c_uint32(0), ctypes.c_uint32(4)
+    libbpf.check(libbpf.lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)),
+                 "program info")
+    return int(info.value)
+
+
+def program_fd(prog: libbpf.Program) -> int:
+    fd = int(libbpf.lib().bpf_program__fd(prog.ptr))
+    if fd < 0:
+        raise AttachError(f"{prog.name} is not loaded (a `?` section or one deselected has no fd)")
+    return fd
+
+
+# --- what an unattached program needs -----------------------------------------------------
+
+
+def unattached_note(name: str, section: str, label: str | None = None) -> str:
+    """Which call attaches program `name` of SEC(`section`), when its SEC() name alone cannot
+    (`label` says what the program is, SEC("...") by default)."""
+    kind, _, rest = section.partition("/")
+    kind = kind.lstrip("?")
+    label = label or 'SEC("' + section + '")'
+    head = f"{name} ({label}) is not attached:"
+    if kind == "perf_event":
+        return f"{head} attach it with probe.attach_perf_event({name!r}, event='cpu-clock', freq=99)"
+    if kind.startswith("xdp"):
+        return f"{head} attach it with probe.attach_xdp({name!r}, 'IFNAME', mode='skb')"
+    if kind in ("tc", "tcx", "classifier", "action") or kind.startswith("tcx"):
+        direction = "egress" if "egress" in section else "ingress"
+        return f"{head} attach it with probe.attach_tc({name!r}, 'IFNAME', direction={direction!r})"
+    if kind in ("uprobe", "uretprobe", "uprobe.s", "uretprobe.s"):
+        sym = rest.rpartition(":")[2] or "FUNCTION"
+        ret = ", retprobe=True" if kind.startswith("uretprobe") else ""
+        why = " (libbpf 1.1 needs BINARY:FUNCTION in the section)" if rest else ""
+        return (f"{head}{why} attach it with probe.attach_uprobe('/path/to/binary', {sym!r}, "
+                f"{name!r}{ret})")
+    if kind == "usdt":
+        return (f"{head} attach it with usdt=[(BINARY or PID, 'provider:name', {name!r})] in "
+                f"Probe(...), or probe.attach_usdt(BINARY or PID, 'provider:name', {name!r})")
+    if kind in ("tp", "tracepoint", "raw_tp", "raw_tracepoint"):
+        return (f"{head} attach it with probe.attach_tracepoint('CATEGORY:EVENT', {name!r}), or put "
+                f"it in a tail-call array with probe.attach_prog_array('MAP', {{0: {name!r}}})")
+    if kind == "iter":
+        return f"{head} read it with probe.iter_read({name!r})"
+    return (f"{head} kernelscope has no attach call for this kind; its fd is "
+            f"probe.program.program_fd({name!r}) for your own")
+
+
+_BCC_CTX = {
+    r"struct\s+bpf_perf_event_data\s*\*": "perf_event", r"struct\s+xdp_md\s*\*": "xdp",
+    r"struct\s+__sk_buff\s*\*": "tc",
+}
+
+
+def bcc_unattached_notes(code: str) -> list[str]:
+    """Notes for BCC functions whose context says a kind BCC never attaches by itself (`code`:
+    the source with comments and strings blanked)."""
+    notes = []
+    for pattern, kind in _BCC_CTX.items():
+        for m in re.finditer(r"\bint\s+(\w+)\s*\(\s*" + pattern, code):
+            ctx = " ".join(m.group(0).split("(", 1)[1].split()).rstrip("*").strip()
+            notes.append(unattached_note(m.group(1), kind, f"a function of {ctx} *"))
+    return notes
+
+
+def drop_note(notes: list[str], name: str) -> None:
+    """Forget the unattached-program note of `name` (it is attached now)."""
+    notes[:] = [n for n in notes if not (n.startswith(f"{name} (") and " is not attached:" in n)]
+
+
+def prog_array_items(programs: Mapping[int, str] | Sequence[str]) -> list[tuple[int, str]]:
+    if isinstance(programs, Mapping):
+        return sorted((int(k), str(v)) for k, v in programs.items())
+    return list(enumerate(programs))
