@@ -53,7 +53,11 @@ int on_sample(struct bpf_perf_event_data *ctx) {
 }
 """
 
-SPIN = "import time\nend = time.monotonic() + float(__import__('sys').argv[1])\nwhile time.monotonic() < end: pass\n"
+SPIN = """import sys, time
+end = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:
+    pass
+"""
 
 
 def spin(seconds: float) -> tuple[int, float]:
@@ -73,7 +77,8 @@ def test_perf_event_program_samples_at_the_asked_rate(source: str, rate: dict[st
     p = Probe(source)
     p.load()
     note = [w for w in p.warnings if w.startswith("on_sample (")]
-    assert note and "probe.attach_perf_event('on_sample', event='cpu-clock', freq=99)" in note[0]
+    assert note
+    assert "probe.attach_perf_event('on_sample', event='cpu-clock', freq=99)" in note[0]
     p.attach_perf_event("on_sample", event="cpu-clock", **rate)
     assert not [w for w in p.warnings if w.startswith("on_sample (")]  # attached now: no advice
     ncpus = len(os.sched_getaffinity(0))
@@ -101,7 +106,7 @@ def test_perf_event_program_samples_at_the_asked_rate(source: str, rate: dict[st
 def test_perf_event_settings_are_checked_and_hardware_events_need_a_pmu() -> None:
     p = Probe(PERF_CORE)
     p.load()
-    with pytest.raises(SettingError, match="freq= .* or period= .*not both"):
+    with pytest.raises(SettingError, match=r"freq= .* or period= .*not both"):
         p.attach_perf_event("on_sample", freq=99, period=1000)
     with pytest.raises(UnknownNameError, match="unknown perf event 'cpu-cycles'; known: cpu-clock"):
         p.attach_perf_event("on_sample", event="cpu-cycles")
@@ -109,7 +114,7 @@ def test_perf_event_settings_are_checked_and_hardware_events_need_a_pmu() -> Non
         p.attach_perf_event("on_sample", event="cycles", freq=99)
         assert any(a.startswith("perf_event:cycles") for a in p.attach_points())
     else:
-        with pytest.raises(AttachError, match="no hardware PMU .* event='cpu-clock'"):
+        with pytest.raises(AttachError, match=r"no hardware PMU .* event='cpu-clock'"):
             p.attach_perf_event("on_sample", event="cycles", freq=99)
         assert not any(a.startswith("perf_event:cycles") for a in p.attach_points())
     p.close()
@@ -162,12 +167,14 @@ def test_core_usdt_attaches_to_a_pid_by_call_and_says_how_when_left_unattached()
     child = subprocess.Popen([str(binary), "-c", GC_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              text=True)
     try:
-        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout is not None
+        assert child.stdin is not None
         assert child.stdout.readline().strip() == "ready"
         p = Probe(USDT_CORE)
         p.load()
         note = next(w for w in p.warnings if w.startswith("on_gc ("))
-        assert "usdt=[(BINARY or PID, 'provider:name', 'on_gc')]" in note and "attach_usdt" in note
+        assert "usdt=[(BINARY or PID, 'provider:name', 'on_gc')]" in note
+        assert "attach_usdt" in note
         with pytest.raises(SettingError, match="needs 'provider:name'"):
             p.attach_usdt(child.pid, "gc__start", "on_gc")
         p.attach_usdt(child.pid, "python:gc__start", "on_gc").start()
@@ -175,7 +182,8 @@ def test_core_usdt_attaches_to_a_pid_by_call_and_says_how_when_left_unattached()
         child.stdin.flush()
         assert child.wait(30) == 0
         p.stop()
-        assert list(p.df["gen"])[:2] == [0, 2] and set(p.df["pid"]) == {child.pid}  # then exit's own
+        assert list(p.df["gen"])[:2] == [0, 2]
+        assert set(p.df["pid"]) == {child.pid}
         p.close()
     finally:
         if child.poll() is None:
@@ -230,7 +238,7 @@ def test_uretprobe_by_name_with_the_same_call_on_both_backends(source: str) -> N
     prod = paused(CALLS)
     p = Probe(source, cflags=prod.cflags)
     p.attach_uprobe(libc_of(prod.pid), "getppid", "on_ret", retprobe=True)
-    assert any(a.startswith("uretprobe:") or a.startswith("uprobe:") for a in p.attach_points())
+    assert any(a.startswith(("uretprobe:", "uprobe:")) for a in p.attach_points())
     p.start()
     prod.go()
     p.stop()
@@ -252,7 +260,8 @@ def test_core_uretprobe_section_without_binary_says_so_and_attaches_by_binary_al
     p.start()
     prod.go()
     p.stop()
-    assert len(p.df) == CALLS and (p.df["rc"] == os.getpid()).all()
+    assert len(p.df) == CALLS
+    assert (p.df["rc"] == os.getpid()).all()
     p.close()
 
 
@@ -390,7 +399,8 @@ def test_xdp_counts_the_packets_sent_to_the_interface(veth: Veth, source: str, m
     p = Probe(source)
     p.load()
     note = next(w for w in p.warnings if w.startswith("count_xdp ("))
-    assert "probe.attach_xdp('count_xdp', 'IFNAME', mode='skb')" in note and "attach_uprobe" not in note
+    assert "probe.attach_xdp('count_xdp', 'IFNAME', mode='skb')" in note
+    assert "attach_uprobe" not in note
     with pytest.raises(UnknownNameError, match=f"no network interface 'nope0' .*{veth.host}"):
         p.attach_xdp("count_xdp", "nope0")
     p.attach_xdp("count_xdp", veth.host, mode=mode).start()
@@ -399,7 +409,8 @@ def test_xdp_counts_the_packets_sent_to_the_interface(veth: Veth, source: str, m
     veth.send_from_peer(7, PORT + 1)  # another port: not counted
     p.wait(10, limit=PACKETS)
     p.stop()
-    assert len(p.df) == PACKETS and (p.df["len"] == FRAME).all()
+    assert len(p.df) == PACKETS
+    assert (p.df["len"] == FRAME).all()
     p.close()
     assert (bpf_object_counts() - before).links <= 0  # the XDP link went with the probe
 
@@ -463,7 +474,8 @@ def test_task_iterator_finds_this_process_as_text_and_as_rows() -> None:
     rows = p.iter_read("task_rows", dtype="struct row")
     assert list(rows.columns) == ["tgid", "pid", "comm"]
     main = rows[(rows["tgid"] == me) & (rows["pid"] == me)]
-    assert len(main) == 1 and main["comm"].iloc[0] == Path("/proc/self/comm").read_text().strip()
+    assert len(main) == 1
+    assert main["comm"].iloc[0] == Path("/proc/self/comm").read_text().strip()
     assert len(rows) == len(text.splitlines())  # the same tasks, one pass each
     p.close()
 
@@ -505,7 +517,9 @@ def test_tail_call_array_filled_by_program_name() -> None:
     p.start()
     prod.go()
     p.stop()
-    assert len(p.df) == CALLS and (p.df["pid"] == prod.pid).all() and (p.df["stage"] == 2).all()
+    assert len(p.df) == CALLS
+    assert (p.df["pid"] == prod.pid).all()
+    assert (p.df["stage"] == 2).all()
     with pytest.raises(AttachError, match="no program 'third'"):
         p.attach_prog_array("stages", ["third"])
     p.close()
