@@ -18,6 +18,7 @@ from producers import paused
 from util import bpf_object_counts
 
 from kernelscope import AttachError, Probe
+from kernelscope.backends import attach
 from kernelscope.errors import SettingError, UnknownNameError
 
 pytestmark = pytest.mark.kernel
@@ -417,7 +418,10 @@ def test_xdp_counts_the_packets_sent_to_the_interface(veth: Veth, source: str, m
 
 @pytest.mark.parametrize("source", [NET_CORE, NET_BCC], ids=["core", "bcc"])
 @pytest.mark.parametrize("direction", ["ingress", "egress"])
-def test_tc_counts_packets_in_the_asked_direction(veth: Veth, source: str, direction: str) -> None:
+@pytest.mark.parametrize("api", ["tcx", "netlink"])
+def test_tc_counts_packets_in_the_asked_direction(veth: Veth, source: str, direction: str, api: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attach, "TCX", api == "tcx")  # netlink: the way of kernels before 6.6
     before = bpf_object_counts()
     p = Probe(source)
     p.load()
@@ -425,6 +429,9 @@ def test_tc_counts_packets_in_the_asked_direction(veth: Veth, source: str, direc
     assert "probe.attach_tc('count_tc', 'IFNAME', direction='ingress')" in note
     p.attach_tc("count_tc", veth.host, direction=direction).start()
     assert f"tc:{veth.host}:{direction}" in p.attach_points()
+    shown = subprocess.run(["tc", "filter", "show", "dev", veth.host, direction], capture_output=True,
+                           text=True, check=True).stdout
+    assert ("count_tc" in shown) == (api == "netlink")  # a tcx link is no tc filter
     inbound, outbound = (PACKETS, 5) if direction == "ingress" else (5, PACKETS)
     veth.send_from_peer(inbound, PORT)  # arrives on veth.host: ingress
     veth.send_from_host(outbound, PORT)  # leaves through veth.host: egress
@@ -435,6 +442,9 @@ def test_tc_counts_packets_in_the_asked_direction(veth: Veth, source: str, direc
     assert (p.df["len"] == FRAME).all()  # skb->len at tc: the whole frame with its Ethernet header
     p.close()
     assert (bpf_object_counts() - before).links <= 0  # the tcx link went with the probe
+    filters = subprocess.run(["tc", "filter", "show", "dev", veth.host, direction], capture_output=True,
+                             text=True, check=True).stdout
+    assert "count_tc" not in filters  # and the netlink filter
 
 
 # --- iterators and tail calls ---------------------------------------------------------------

@@ -10,6 +10,7 @@ or a perf event detaches its program when its last fd is closed).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno as _errno
 import fcntl
@@ -17,7 +18,7 @@ import os
 import re
 import shutil
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from ..errors import AttachError, KernelscopeError, SettingError, UnknownNameError
@@ -44,21 +45,26 @@ XDP_MODES = {"skb": 1 << 1, "native": 1 << 2, "hw": 1 << 3}  # XDP_FLAGS_{SKB,DR
 
 
 class Attachments:
-    """The fds of what was attached by hand (links, perf events): closing one detaches it."""
+    """What was attached by hand: fds (links, perf events: closing one detaches it) and, for
+    netlink tc filters, the call that removes one."""
 
     def __init__(self) -> None:
-        self.fds: list[tuple[str, int]] = []  # (attach point, fd)
+        self.undo: list[tuple[str, Callable[[], object]]] = []  # (attach point, detach)
 
     def add(self, point: str, fd: int) -> None:
-        self.fds.append((point, fd))
+        self.undo.append((point, lambda: os.close(fd)))
+
+    def add_undo(self, point: str, detach: Callable[[], object]) -> None:
+        self.undo.append((point, detach))
 
     def points(self) -> list[str]:
-        return [point for point, _ in self.fds]
+        return [point for point, _ in self.undo]
 
     def close(self) -> None:
-        for _, fd in self.fds:
-            os.close(fd)
-        self.fds.clear()
+        for _, detach in reversed(self.undo):
+            with contextlib.suppress(OSError):
+                detach()
+        self.undo.clear()
 
 
 # --- perf events ------------------------------------------------------------------------
@@ -172,13 +178,38 @@ def xdp(prog_fd: int, name: str, ifname: str, mode: str, into: Attachments) -> N
     into.add(f"xdp:{ifname}:{mode}", fd)
 
 
+TCX = True  # try a tcx link first; False: only the netlink filter older kernels have
+
+
 def tc(prog_fd: int, name: str, ifname: str, direction: str, into: Attachments) -> None:
+    """A tcx link (Linux 6.6+); where the kernel has none, a direct-action filter on the clsact
+    qdisc through netlink (bpf_tc_hook_create + bpf_tc_attach), removed on close."""
     types = {"ingress": BPF_TCX_INGRESS, "egress": BPF_TCX_EGRESS}
     if direction not in types:
         raise SettingError(f"attach_tc: direction={direction!r}; use 'ingress' or 'egress'")
     index = ifindex(ifname)
-    fd = link_create(prog_fd, index, types[direction], 0, f"tc {name} on {ifname} {direction}")
-    into.add(f"tc:{ifname}:{direction}", fd)
+    what = f"tc {name} on {ifname} {direction}"
+    if TCX:
+        link_opts = libbpf.LinkCreateOpts(sz=ctypes.sizeof(libbpf.LinkCreateOpts))
+        fd = libbpf.lib().bpf_link_create(prog_fd, index, types[direction], ctypes.byref(link_opts))
+        if fd >= 0:
+            into.add(f"tc:{ifname}:{direction}", fd)
+            return
+        if (ctypes.get_errno() or -fd) not in (_errno.EINVAL, ENOTSUPP):
+            raise AttachError(f"{what}: {os.strerror(ctypes.get_errno() or -fd)}")
+    so = libbpf.lib()
+    point = libbpf.BPF_TC_INGRESS if direction == "ingress" else libbpf.BPF_TC_EGRESS
+    hook = libbpf.TcHook(sz=ctypes.sizeof(libbpf.TcHook), ifindex=index, attach_point=point)
+    ret = so.bpf_tc_hook_create(ctypes.byref(hook))
+    if ret < 0 and -ret != _errno.EEXIST:  # EEXIST: the interface has its clsact qdisc already
+        raise AttachError(f"{what}: could not add the clsact qdisc: {os.strerror(-ret)}")
+    opts = libbpf.TcOpts(sz=ctypes.sizeof(libbpf.TcOpts), prog_fd=prog_fd)
+    ret = so.bpf_tc_attach(ctypes.byref(hook), ctypes.byref(opts))
+    if ret < 0:
+        raise AttachError(f"{what}: {os.strerror(-ret)} (is the program SEC(\"tc\")/SCHED_CLS?)")
+    gone = libbpf.TcOpts(sz=ctypes.sizeof(libbpf.TcOpts), handle=opts.handle, priority=opts.priority)
+    into.add_undo(f"tc:{ifname}:{direction}",
+                  lambda: so.bpf_tc_detach(ctypes.byref(hook), ctypes.byref(gone)))
 
 
 # --- iterators --------------------------------------------------------------------------

@@ -361,6 +361,22 @@ class LinkCreateOpts(ctypes.Structure):
                 ("_union", ctypes.c_uint64 * 4)]
 
 
+BPF_TC_INGRESS, BPF_TC_EGRESS = 1, 2  # enum bpf_tc_attach_point
+
+
+class TcHook(ctypes.Structure):
+    """struct bpf_tc_hook (libbpf.h): the clsact qdisc of one interface."""
+
+    _fields_ = [("sz", c_size_t), ("ifindex", c_int), ("attach_point", c_int), ("parent", ctypes.c_uint32)]
+
+
+class TcOpts(ctypes.Structure):
+    """struct bpf_tc_opts (libbpf.h): one filter; bpf_tc_attach fills handle and priority."""
+
+    _fields_ = [("sz", c_size_t), ("prog_fd", c_int), ("flags", ctypes.c_uint32),
+                ("prog_id", ctypes.c_uint32), ("handle", ctypes.c_uint32), ("priority", ctypes.c_uint32)]
+
+
 _ATTACH_SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "bpf_program__fd": (c_int, [c_void_p]),
     "bpf_program__attach_perf_event": (c_void_p, [c_void_p, c_int]),
@@ -370,5 +386,8 @@ _ATTACH_SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "bpf_link_create": (c_int, [c_int, c_int, c_int, c_void_p]),
     "bpf_iter_create": (c_int, [c_int]),
     "bpf_obj_get_info_by_fd": (c_int, [c_int, c_void_p, ctypes.POINTER(ctypes.c_uint32)]),
+    "bpf_tc_hook_create": (c_int, [c_void_p]),
+    "bpf_tc_attach": (c_int, [c_void_p, c_void_p]),
+    "bpf_tc_detach": (c_int, [c_void_p, c_void_p]),
 }
 _SIGNATURES.update(_ATTACH_SIGNATURES)
