@@ -533,3 +533,20 @@ def test_tail_call_array_filled_by_program_name() -> None:
     with pytest.raises(AttachError, match="no program 'third'"):
         p.attach_prog_array("stages", ["third"])
     p.close()
+
+
+def test_reconfigure_attaches_the_new_program_the_same_way(veth: Veth) -> None:
+    p = Probe(NET_CORE)
+    p.attach_xdp("count_xdp", veth.host).attach_tc("count_tc", veth.host, direction="egress").start()
+    veth.send_from_peer(10, PORT)  # XDP
+    veth.send_from_host(10, PORT)  # tc egress
+    p.wait(10, limit=20)
+    p.reconfigure(pages=32)  # a new program, attached where the old one was
+    assert sorted(p.attach_points()) == [f"tc:{veth.host}:egress", f"xdp:{veth.host}:skb"]
+    assert not [w for w in p.warnings if " is not attached:" in w]
+    veth.send_from_peer(5, PORT)
+    veth.send_from_host(5, PORT)
+    p.wait(10, limit=30)
+    p.stop()
+    assert len(p.df) == 30
+    p.close()

@@ -19,7 +19,9 @@ import re
 import shutil
 import socket
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import AttachError, KernelscopeError, SettingError, UnknownNameError
 from ..readers.perf import PerfEventAttr, online_cpus, perf_event_open
@@ -50,17 +52,24 @@ class Attachments:
 
     def __init__(self) -> None:
         self.undo: list[tuple[str, Callable[[], object]]] = []  # (attach point, detach)
+        self.closed = False
 
     def add(self, point: str, fd: int) -> None:
         self.undo.append((point, lambda: os.close(fd)))
 
-    def add_undo(self, point: str, detach: Callable[[], object]) -> None:
+    def add_undo(self, point: str, detach: Callable[[], object]) -> Callable[[], object]:
         self.undo.append((point, detach))
+        return detach
+
+    def give_up(self, detach: Callable[[], object]) -> None:
+        """Stop owning an attachment (handed over to another program)."""
+        self.undo = [(p, d) for p, d in self.undo if d is not detach]
 
     def points(self) -> list[str]:
         return [point for point, _ in self.undo]
 
     def close(self) -> None:
+        self.closed = True
         for _, detach in reversed(self.undo):
             with contextlib.suppress(OSError):
                 detach()
@@ -170,12 +179,49 @@ def _link_hint(attach_type: int, err: int) -> str:
     return ""
 
 
+@dataclass
+class _XdpLink:
+    fd: int
+    prog_fd: int  # the program it runs
+    owner: Attachments
+    detach: Callable[[], object]
+
+
+_XDP: dict[int, _XdpLink] = {}  # ifindex -> this process's XDP link there (one per interface)
+
+
 def xdp(prog_fd: int, name: str, ifname: str, mode: str, into: Attachments) -> None:
+    """An XDP link. An interface runs one XDP program, so where this process's own link is
+    there already (a reloaded probe's old program, or another probe's), the link is switched
+    to the new program (bpf_link_update) and handed back if it closes while the old one runs."""
     if mode not in XDP_MODES:
         raise SettingError(f"attach_xdp: mode={mode!r}; use one of {', '.join(XDP_MODES)}")
     index = ifindex(ifname)
+    point = f"xdp:{ifname}:{mode}"
+    old = _XDP.get(index)
+    if old is not None and not old.owner.closed:
+        libbpf.check(libbpf.lib().bpf_link_update(old.fd, prog_fd, None), f"XDP {name} on {ifname}: update")
+        old.owner.give_up(old.detach)
+        _own_xdp(index, old.fd, prog_fd, point, into, back=old)
+        return
     fd = link_create(prog_fd, index, BPF_XDP, XDP_MODES[mode], f"XDP {name} on {ifname} ({mode})")
-    into.add(f"xdp:{ifname}:{mode}", fd)
+    _own_xdp(index, fd, prog_fd, point, into, back=None)
+
+
+def _own_xdp(index: int, fd: int, prog_fd: int, point: str, into: Attachments, *,
+             back: _XdpLink | None) -> None:
+    def detach() -> None:
+        if _XDP.get(index) is link:
+            del _XDP[index]
+        if back is not None and not back.owner.closed:  # the previous program still runs: its link again
+            libbpf.lib().bpf_link_update(fd, back.prog_fd, None)
+            _own_xdp(index, fd, back.prog_fd, point, back.owner, back=None)
+        else:
+            os.close(fd)
+
+    link = _XdpLink(fd, prog_fd, into, detach)
+    _XDP[index] = link
+    into.add_undo(point, detach)
 
 
 TCX = True  # try a tcx link first; False: only the netlink filter older kernels have
@@ -317,6 +363,54 @@ def program_fd(prog: libbpf.Program) -> int:
     if fd < 0:
         raise AttachError(f"{prog.name} is not loaded (a `?` section or one deselected has no fd)")
     return fd
+
+
+class CoreAttach:
+    """The attach calls of core.CoreProgram, over its libbpf object (`obj`), its `notes` and
+    the `attached` links it made by hand; `program()` and `map_update()` are CoreProgram's."""
+
+    obj: libbpf.Object
+    notes: list[str]
+    attached: Attachments
+
+    def program(self, name: str) -> libbpf.Program:
+        raise NotImplementedError
+
+    def map_update(self, name: str, key: Any, value: Any) -> None:
+        raise NotImplementedError
+
+    def attach_uprobe(self, name: str, sym: str = "", fn_name: str = "", **kw: Any) -> None:
+        core_uprobe(self.obj, self.program(fn_name), name, sym, **kw)
+        drop_note(self.notes, fn_name)
+
+    def attach_perf_event(self, fn_name: str, event: str | tuple[int, int] = "cpu-clock",
+                          freq: int | None = None, period: int | None = None,
+                          cpus: Sequence[int] | None = None) -> None:
+        core_perf_event(self.obj, self.program(fn_name), event, freq=freq, period=period, cpus=cpus)
+        drop_note(self.notes, fn_name)
+
+    def attach_usdt(self, target: str | int, probe: str, fn_name: str) -> None:
+        core_usdt(self.obj, self.program(fn_name), target, probe)
+        drop_note(self.notes, fn_name)
+
+    def attach_xdp(self, fn_name: str, ifname: str, mode: str = "skb") -> None:
+        xdp(self.program_fd(fn_name), fn_name, ifname, mode, self.attached)
+        drop_note(self.notes, fn_name)
+
+    def attach_tc(self, fn_name: str, ifname: str, direction: str = "ingress") -> None:
+        tc(self.program_fd(fn_name), fn_name, ifname, direction, self.attached)
+        drop_note(self.notes, fn_name)
+
+    def attach_prog_array(self, map_name: str, programs: Mapping[int, str] | Sequence[str]) -> None:
+        for index, name in prog_array_items(programs):
+            self.map_update(map_name, index, self.program_fd(name))
+            drop_note(self.notes, name)
+
+    def iter_read(self, fn_name: str) -> bytes:
+        return core_iter(self.program(fn_name))
+
+    def program_fd(self, fn_name: str) -> int:
+        return program_fd(self.program(fn_name))
 
 
 # --- what an unattached program needs -----------------------------------------------------

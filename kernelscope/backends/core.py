@@ -374,7 +374,7 @@ def check_sections(prepared: CoreSource) -> None:
             tracepoints.check_kprobes(line, instead=CORE_INSTEAD)
 
 
-class CoreProgram:
+class CoreProgram(attach.CoreAttach):
     """A loaded and attached CO-RE object, with the interface Probe uses for any backend."""
 
     backend = "libbpf"
@@ -487,41 +487,6 @@ class CoreProgram:
         if name not in progs:
             raise AttachError(f"no program {name!r} in this object; it has {', '.join(progs) or 'none'}")
         return progs[name]
-
-    # attach kinds a SEC() name alone cannot attach (kernelscope.backends.attach)
-    def attach_uprobe(self, name: str, sym: str = "", fn_name: str = "", **kw: Any) -> None:
-        attach.core_uprobe(self.obj, self.program(fn_name), name, sym, **kw)
-        attach.drop_note(self.notes, fn_name)
-
-    def attach_perf_event(self, fn_name: str, event: str | tuple[int, int] = "cpu-clock",
-                          freq: int | None = None, period: int | None = None,
-                          cpus: Sequence[int] | None = None) -> None:
-        attach.core_perf_event(self.obj, self.program(fn_name), event, freq=freq, period=period,
-                               cpus=cpus)
-        attach.drop_note(self.notes, fn_name)
-
-    def attach_usdt(self, target: str | int, probe: str, fn_name: str) -> None:
-        attach.core_usdt(self.obj, self.program(fn_name), target, probe)
-        attach.drop_note(self.notes, fn_name)
-
-    def attach_xdp(self, fn_name: str, ifname: str, mode: str = "skb") -> None:
-        attach.xdp(self.program_fd(fn_name), fn_name, ifname, mode, self.attached)
-        attach.drop_note(self.notes, fn_name)
-
-    def attach_tc(self, fn_name: str, ifname: str, direction: str = "ingress") -> None:
-        attach.tc(self.program_fd(fn_name), fn_name, ifname, direction, self.attached)
-        attach.drop_note(self.notes, fn_name)
-
-    def attach_prog_array(self, map_name: str, programs: Mapping[int, str] | Sequence[str]) -> None:
-        for index, name in attach.prog_array_items(programs):
-            self.map_update(map_name, index, self.program_fd(name))
-            attach.drop_note(self.notes, name)
-
-    def iter_read(self, fn_name: str) -> bytes:
-        return attach.core_iter(self.program(fn_name))
-
-    def program_fd(self, fn_name: str) -> int:
-        return attach.program_fd(self.program(fn_name))
 
     def attach_tracepoint(self, tp: str, fn_name: str) -> None:
         cat_ev = tp.replace(":", " ").split()

@@ -386,6 +386,7 @@ _ATTACH_SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "bpf_link_create": (c_int, [c_int, c_int, c_int, c_void_p]),
     "bpf_iter_create": (c_int, [c_int]),
     "bpf_obj_get_info_by_fd": (c_int, [c_int, c_void_p, ctypes.POINTER(ctypes.c_uint32)]),
+    "bpf_link_update": (c_int, [c_int, c_int, c_void_p]),
     "bpf_tc_hook_create": (c_int, [c_void_p]),
     "bpf_tc_attach": (c_int, [c_void_p, c_void_p]),
     "bpf_tc_detach": (c_int, [c_void_p, c_void_p]),
