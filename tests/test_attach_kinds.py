@@ -111,6 +111,9 @@ def test_perf_event_settings_are_checked_and_hardware_events_need_a_pmu() -> Non
         p.attach_perf_event("on_sample", freq=99, period=1000)
     with pytest.raises(UnknownNameError, match="unknown perf event 'cpu-cycles'; known: cpu-clock"):
         p.attach_perf_event("on_sample", event="cpu-cycles")
+    with pytest.raises(AttachError, match="on CPU 4095"):
+        p.attach_perf_event("on_sample", cpus=[0, 4095])  # all or none: CPU 0 is not left attached
+    assert not [a for a in p.attach_points() if a.startswith("perf_event:")]
     if Path("/sys/bus/event_source/devices/cpu").exists():
         p.attach_perf_event("on_sample", event="cycles", freq=99)
         assert any(a.startswith("perf_event:cycles") for a in p.attach_points())

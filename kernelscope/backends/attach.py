@@ -135,17 +135,19 @@ def perf_label(event: str | tuple[int, int], freq: int | None, period: int | Non
 
 
 def attach_perf_fds(prog_fd: int, fds: list[tuple[int, int]], labels: list[str], into: Attachments) -> None:
-    """Run `prog_fd` on each perf event (PERF_EVENT_IOC_SET_BPF), as libbcc does; `into` owns
-    the fds from here, so a failure part way leaves nothing attached that is not closed."""
-    for (_, fd), label in zip(fds, labels, strict=True):
-        into.add(label, fd)
-    for _, fd in fds:
-        try:
+    """Run `prog_fd` on each perf event (PERF_EVENT_IOC_SET_BPF), as libbcc does; all or none:
+    on a failure every fd is closed, which detaches the CPUs done so far."""
+    try:
+        for _, fd in fds:
             fcntl.ioctl(fd, PERF_EVENT_IOC_SET_BPF, prog_fd)
             fcntl.ioctl(fd, PERF_EVENT_IOC_ENABLE, 0)
-        except OSError as e:
-            raise AttachError(f"could not attach the program to a perf event: {os.strerror(e.errno or 0)} "
-                              "(is it a perf_event program?)") from None
+    except OSError as e:
+        for _, fd in fds:
+            os.close(fd)
+        raise AttachError(f"could not attach the program to a perf event: {os.strerror(e.errno or 0)} "
+                          "(is it a perf_event program?)") from None
+    for (_, fd), label in zip(fds, labels, strict=True):
+        into.add(label, fd)
 
 
 # --- XDP and tc -------------------------------------------------------------------------
@@ -280,20 +282,24 @@ def read_iter(link_fd: int, what: str) -> bytes:
 
 def core_perf_event(obj: libbpf.Object, prog: libbpf.Program, event: str | tuple[int, int], *,
                     freq: int | None, period: int | None, cpus: Sequence[int] | None) -> None:
-    """bpf_program__attach_perf_event on one sampling event per CPU; the links own the fds."""
+    """bpf_program__attach_perf_event on one sampling event per CPU, all or none; each link
+    owns its perf event fd (destroying the link closes it)."""
     fds = open_sampling(event, freq, period, cpus)
+    made: list[tuple[str, int]] = []
     try:
-        while fds:
-            cpu, fd = fds[0]
+        for cpu, fd in fds:
             link = libbpf.lib().bpf_program__attach_perf_event(prog.ptr, fd)
             if not link:
                 raise AttachError(f"perf event {event} -> {prog.name} on CPU {cpu}: "
                                   f"{os.strerror(ctypes.get_errno())} (is it SEC(\"perf_event\")?)")
-            obj.links.append((perf_label(event, freq, period, cpu), link))
-            fds.pop(0)
-    finally:
-        for _, fd in fds:
+            made.append((perf_label(event, freq, period, cpu), link))
+    except BaseException:
+        for _, link in made:
+            libbpf.lib().bpf_link__destroy(link)
+        for _, fd in fds[len(made):]:
             os.close(fd)
+        raise
+    obj.links.extend(made)
 
 
 def core_usdt(obj: libbpf.Object, prog: libbpf.Program, target: str | int, probe: str) -> None:
