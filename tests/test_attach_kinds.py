@@ -193,6 +193,9 @@ def test_core_usdt_attaches_to_a_pid_by_call_and_says_how_when_left_unattached()
         if child.poll() is None:
             child.kill()
             child.wait()
+        for pipe in (child.stdin, child.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
 # --- uprobes and uretprobes by name --------------------------------------------------------

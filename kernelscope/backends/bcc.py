@@ -411,7 +411,7 @@ class BCCProgram:
     def attach_tracepoint(self, tp: str, fn_name: str) -> None:
         with capture_fd2() as log:
             try:
-                self.bpf.attach_tracepoint(tp=tp, fn_name=fn_name)
+                self.bpf.attach_tracepoint(tp=tp.encode(), fn_name=fn_name.encode())
                 return
             except Exception as e:
                 err = e
