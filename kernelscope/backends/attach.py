@@ -467,7 +467,11 @@ def bcc_unattached_notes(code: str) -> list[str]:
     for pattern, kind in _BCC_CTX.items():
         for m in re.finditer(r"\bint\s+(\w+)\s*\(\s*" + pattern, code):
             ctx = " ".join(m.group(0).split("(", 1)[1].split()).rstrip("*").strip()
-            notes.append(unattached_note(m.group(1), kind, f"a function of {ctx} *"))
+            note = unattached_note(m.group(1), kind, f"a function of {ctx} *")
+            if kind == "tc":  # __sk_buff is also a socket filter's context
+                note += (" if it is a tc classifier; a socket filter attaches with BCC's "
+                         "BPF.attach_raw_socket(probe.bpf.load_func(...), 'IFNAME')")
+            notes.append(note)
     return notes
 
 
