@@ -248,6 +248,7 @@ def test_uretprobe_by_name_with_the_same_call_on_both_backends(source: str) -> N
     assert any(a.startswith(("uretprobe:", "uprobe:")) for a in p.attach_points())
     p.start()
     prod.go()
+    prod.proc.stdin.close()  # type: ignore[union-attr]  # no pipe left for the GC of a later test
     p.stop()
     df = p.df
     assert len(df) == CALLS  # one return per call the child made
@@ -266,6 +267,7 @@ def test_core_uretprobe_section_without_binary_says_so_and_attaches_by_binary_al
     assert not [w for w in p.warnings if w.startswith("on_ret (")]
     p.start()
     prod.go()
+    prod.proc.stdin.close()  # type: ignore[union-attr]  # no pipe left for the GC of a later test
     p.stop()
     assert len(p.df) == CALLS
     assert (p.df["rc"] == os.getpid()).all()
@@ -532,6 +534,7 @@ def test_tail_call_array_filled_by_program_name() -> None:
     assert not [w for w in p.warnings if w.startswith("second (")]
     p.start()
     prod.go()
+    prod.proc.stdin.close()  # type: ignore[union-attr]  # no pipe left for the GC of a later test
     p.stop()
     assert len(p.df) == CALLS
     assert (p.df["pid"] == prod.pid).all()
