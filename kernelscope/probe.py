@@ -41,6 +41,7 @@ from .drain import (
 from .errors import ClosedError, KernelscopeError, SettingError
 from .readers.base import check_pages
 from .results import Results
+from .schema import Schema
 
 _live: weakref.WeakSet[Probe] = weakref.WeakSet()
 BACKENDS: dict[str, Backend] = {"bcc": bcc, "libbpf": core}  # the one place a backend is chosen
@@ -571,11 +572,11 @@ class Probe(Results, metaclass=_LiveOrReplay):
         return self
 
     def attach_uprobe(self, name: str, sym: str = "", fn_name: str = "", **kw: Any) -> Probe:
-        """Attach a function of the program to a user-space symbol (`name`: binary or library)."""
-        self.load()
-        self._prog().attach_uprobe(name, sym, fn_name, **kw)
-        self._attached.append(("uprobe", (name, sym, fn_name), kw))
-        return self
+        """Attach a function of the program to a user-space symbol (`name`: binary or library),
+        the same on both backends: `retprobe=True` on return, `pid=` one process, `addr=` an
+        address instead of a symbol. CO-RE: `sym` and `retprobe` default to what the SEC()
+        name says (SEC("uretprobe/readline"): attach_uprobe("/bin/bash", fn_name="f"))."""
+        return self._attach("uprobe", [fn_name], name, sym, fn_name, **kw)
 
     def attach_tracepoint(self, tp: str, fn_name: str) -> Probe:
         """Attach a program function to `category:event` (for functions not named by macros)."""
@@ -583,9 +584,74 @@ class Probe(Results, metaclass=_LiveOrReplay):
         cat_ev = tp.replace(":", " ").split()
         if len(cat_ev) == 2:
             tracepoints.check_tracepoint(cat_ev[0], cat_ev[1])
-        self._prog().attach_tracepoint(tp, fn_name)
-        self._attached.append(("tracepoint", (tp, fn_name), {}))
+        return self._attach("tracepoint", [fn_name], tp, fn_name)
+
+    # --- attach kinds beyond tracepoints (kernelscope.backends.attach) ---------------------
+
+    def _attach(self, kind: str, fn_names: list[str], *args: Any, **kw: Any) -> Probe:
+        """Attach with the program's `attach_<kind>`, remember it for reconfigure(), and drop
+        the "is not attached" warnings of the programs it attached."""
+        self.load()
+        getattr(self._prog(), f"attach_{kind}")(*args, **kw)
+        self._attached.append((kind, args, kw))
+        for name in fn_names:
+            self.warnings[:] = [w for w in self.warnings
+                                if not (w.startswith(f"{name} (") and " is not attached:" in w)]
         return self
+
+    def attach_perf_event(self, fn_name: str, event: str | tuple[int, int] = "cpu-clock",
+                          freq: int | None = None, period: int | None = None,
+                          cpus: Sequence[int] | None = None) -> Probe:
+        """Run program `fn_name` (SEC("perf_event"), or a BCC function of `struct
+        bpf_perf_event_data *`) on a sampling perf event on each CPU (`cpus`: all online):
+        `freq` samples a second (99 by default) or one every `period` events. `event`:
+        "cpu-clock", "task-clock", ... (software), "cycles", "instructions", ... (hardware,
+        where the machine has a PMU), or a (type, config) pair of perf_event_attr."""
+        return self._attach("perf_event", [fn_name], fn_name, event, freq=freq, period=period, cpus=cpus)
+
+    def attach_usdt(self, target: str | int, probe: str, fn_name: str) -> Probe:
+        """Attach a SEC("usdt") program to USDT probe "provider:name" of a binary (path) or a
+        process (pid), as usdt=[...] does at load (CO-RE; BCC needs usdt= at load)."""
+        return self._attach("usdt", [fn_name], target, probe, fn_name)
+
+    def attach_xdp(self, fn_name: str, ifname: str, mode: str = "skb") -> Probe:
+        """Attach an XDP program to interface `ifname` ("skb": generic, any driver; "native":
+        in the driver), with a BPF link: detached when the probe closes."""
+        return self._attach("xdp", [fn_name], fn_name, ifname, mode=mode)
+
+    def attach_tc(self, fn_name: str, ifname: str, direction: str = "ingress") -> Probe:
+        """Attach a tc (SCHED_CLS) program to `ifname`'s "ingress" or "egress" (a tcx link,
+        Linux 6.6+): detached when the probe closes."""
+        return self._attach("tc", [fn_name], fn_name, ifname, direction=direction)
+
+    def attach_prog_array(self, map_name: str, programs: Mapping[int, str] | Sequence[str]) -> Probe:
+        """Fill tail-call array `map_name` (BPF_MAP_TYPE_PROG_ARRAY) with programs by name:
+        {index: name}, or a list (index = position)."""
+        names = list(programs.values()) if isinstance(programs, Mapping) else list(programs)
+        return self._attach("prog_array", names, map_name, programs)
+
+    def program_fd(self, fn_name: str) -> int:
+        """The fd of program `fn_name` (for your own bpf() calls; owned by the probe)."""
+        self.load()
+        return self._prog().program_fd(fn_name)
+
+    def iter_read(self, fn_name: str, dtype: Any = None) -> Any:
+        """One pass of iterator program `fn_name` (SEC("iter/task"), ...): the text it printed
+        (BPF_SEQ_PRINTF), or with `dtype` (numpy dtype or "struct row") the records it wrote
+        (bpf_seq_write) as a DataFrame."""
+        self.load()
+        prog = self._prog()
+        data = prog.iter_read(fn_name)
+        if dtype is None:
+            return data.decode("utf-8", "replace")
+        dt = np.dtype(prog.named_dtype(dtype, fn_name) if isinstance(dtype, str) else dtype)
+        if len(data) % dt.itemsize:
+            raise KernelscopeError(f"{fn_name}: wrote {len(data)} bytes, not a whole number of "
+                                   f"{dt.itemsize}-byte records of {dtype}")
+        records = np.frombuffer(data, dt)
+        n = len(records)
+        frame = Schema(dt).frame(records, np.arange(n), np.zeros(n, np.int64))
+        return frame[[c for c in frame.columns if not c.startswith("ks_")]]
 
     def state(self) -> str:
         return "closed" if self.closed else "running" if self.running else "loaded" if self.loaded else "new"

@@ -33,8 +33,10 @@ from ..errors import (
 from ..readers.ring import PAGE
 from ..schema import parse_structs, struct_dtype
 from ..tracepoints import check_attach_points
+from . import attach
 from .base import (
     Diagnostic,
+    blank_comments_and_strings,
     capture_fd2,
     format_diag,
     gave_up,
@@ -306,7 +308,8 @@ class BCCProgram:
         self.bpf = bpf
         self.instrumented = instrumented
         self.source = source
-        self.notes: list[str] = []
+        self.notes: list[str] = attach.bcc_unattached_notes(blank_comments_and_strings(source))
+        self.attached = attach.Attachments()  # perf events, XDP and tc links made by hand
 
     def event_dtype(self, name: str) -> np.dtype:
         return struct_dtype(bcc_event_fields(self.bpf, name), parse_structs(self.source), name)
@@ -344,21 +347,71 @@ class BCCProgram:
         out += [f"raw_tracepoint:{_text(k)}" for k in bpf.raw_tracepoint_fds]
         out += [f"kprobe:{_text(k)}" for k in bpf.kprobe_fds]
         out += [f"uprobe:{_text(k)}" for k in bpf.uprobe_fds]
-        return out
+        return out + self.attached.points()
 
-    def attach_uprobe(self, name: str, sym: str = "", fn_name: str = "", **kw: Any) -> None:
+    # attach kinds BCC's macros do not attach (the shared parts: kernelscope.backends.attach)
+    def attach_uprobe(self, name: str, sym: str = "", fn_name: str = "", *, retprobe: bool | None = False,
+                      **kw: Any) -> None:
+        call = self.bpf.attach_uretprobe if retprobe else self.bpf.attach_uprobe
         with capture_fd2() as log:
             try:
-                self.bpf.attach_uprobe(name=name, sym=sym, fn_name=fn_name, **kw)
+                call(name=name.encode(), sym=sym.encode(), fn_name=fn_name.encode(), **kw)
                 return
             except Exception as e:
                 err = e
-        raise AttachError(f"uprobe {name}:{sym} -> {fn_name}: {err} {''.join(log).strip()}") from None
+        kind = "uretprobe" if retprobe else "uprobe"
+        raise AttachError(f"{kind} {name}:{sym} -> {fn_name}: {err} {''.join(log).strip()}") from None
+
+    def _fd(self, fn_name: str, prog_type: int) -> int:
+        """The fd of function `fn_name` loaded as `prog_type` (BCC loads it on first use)."""
+        with capture_fd2() as log:
+            try:
+                return int(self.bpf.load_func(fn_name.encode(), prog_type).fd)
+            except Exception as e:
+                err = e
+        text = "".join(log).strip()
+        raise _classify(str(err), text, self.source, self.source.splitlines()) from None
+
+    def attach_perf_event(self, fn_name: str, event: str | tuple[int, int] = "cpu-clock",
+                          freq: int | None = None, period: int | None = None,
+                          cpus: Sequence[int] | None = None) -> None:
+        prog_fd = self._fd(fn_name, host.import_bcc().BPF.PERF_EVENT)
+        fds = attach.open_sampling(event, freq, period, cpus)
+        labels = [attach.perf_label(event, freq, period, cpu) for cpu, _ in fds]
+        attach.attach_perf_fds(prog_fd, fds, labels, self.attached)
+        attach.drop_note(self.notes, fn_name)
+
+    def attach_usdt(self, target: str | int, probe: str, fn_name: str) -> None:
+        raise AttachError(f"USDT probe {probe} -> {fn_name}: BCC attaches USDT probes while it compiles; "
+                          f"pass usdt=[({target!r}, {probe!r}, {fn_name!r})] to Probe(...)")
+
+    def attach_xdp(self, fn_name: str, ifname: str, mode: str = "skb") -> None:
+        attach.xdp(self._fd(fn_name, host.import_bcc().BPF.XDP), fn_name, ifname, mode, self.attached)
+        attach.drop_note(self.notes, fn_name)
+
+    def attach_tc(self, fn_name: str, ifname: str, direction: str = "ingress") -> None:
+        fd = self._fd(fn_name, host.import_bcc().BPF.SCHED_CLS)
+        attach.tc(fd, fn_name, ifname, direction, self.attached)
+        attach.drop_note(self.notes, fn_name)
+
+    def attach_prog_array(self, map_name: str, programs: Mapping[int, str] | Sequence[str]) -> None:
+        for index, name in attach.prog_array_items(programs):
+            self.map_update(map_name, index, self.program_fd(name))
+
+    def program_fd(self, fn_name: str) -> int:
+        """The fd of `fn_name`, loaded as the type of the programs BCC attached (what a tail call
+        from them needs)."""
+        loaded = [attach.prog_type(f.fd) for f in self.bpf.funcs.values()]
+        return self._fd(fn_name, loaded[0] if loaded else host.import_bcc().BPF.TRACEPOINT)
+
+    def iter_read(self, fn_name: str) -> bytes:
+        raise AttachError(f"{fn_name}: iterators need the CO-RE backend (SEC(\"iter/task\") and "
+                          "vmlinux.h); BCC cannot load them")
 
     def attach_tracepoint(self, tp: str, fn_name: str) -> None:
         with capture_fd2() as log:
             try:
-                self.bpf.attach_tracepoint(tp=tp, fn_name=fn_name)
+                self.bpf.attach_tracepoint(tp=tp.encode(), fn_name=fn_name.encode())
                 return
             except Exception as e:
                 err = e
@@ -386,6 +439,7 @@ class BCCProgram:
         return len(keys)
 
     def close(self) -> None:
+        self.attached.close()
         release_bpf(self.bpf)
 
 

@@ -42,7 +42,7 @@ from ..errors import (
     UnknownNameError,
 )
 from ..folders import new_workdir
-from . import btf, elf, libbpf
+from . import attach, btf, elf, libbpf
 from .base import (
     blank_comments_and_strings,
     format_diag,
@@ -327,7 +327,7 @@ def check_sections(prepared: CoreSource) -> None:
             tracepoints.check_kprobes(line, instead=CORE_INSTEAD)
 
 
-class CoreProgram:
+class CoreProgram(attach.CoreAttach):
     """A loaded and attached CO-RE object, with the interface Probe uses for any backend."""
 
     backend = "libbpf"
@@ -345,6 +345,7 @@ class CoreProgram:
         self.maps = {m.name: m for m in obj.maps()}
         self.ncpus = libbpf.possible_cpus()
         self._types: btf.Types | None = None
+        self.attached = attach.Attachments()  # XDP and tc links made by hand
 
     def types(self) -> btf.Types:
         if self._types is None:
@@ -409,7 +410,7 @@ class CoreProgram:
         return out
 
     def attach_points(self) -> list[str]:
-        return [point for point, _ in self.obj.links]
+        return [point for point, _ in self.obj.links] + self.attached.points()
 
     def map_update(self, name: str, key: Any, value: Any) -> None:
         """`map[key] = value` with one bpf(BPF_MAP_UPDATE_ELEM) syscall (ints, bytes or numpy)."""
@@ -446,9 +447,6 @@ class CoreProgram:
             raise AttachError(f"no program {name!r} in this object; it has {', '.join(progs) or 'none'}")
         return progs[name]
 
-    def attach_uprobe(self, name: str, sym: str = "", fn_name: str = "", **kw: Any) -> None:
-        attach_uprobe(self, name, sym, fn_name, **kw)
-
     def attach_tracepoint(self, tp: str, fn_name: str) -> None:
         cat_ev = tp.replace(":", " ").split()
         if len(cat_ev) != 2:
@@ -459,6 +457,7 @@ class CoreProgram:
             raise AttachError(f"tracepoint {tp} -> {fn_name}: {e}") from None
 
     def close(self) -> None:
+        self.attached.close()
         self.obj.close()
         shutil.rmtree(self.objfile.parent, ignore_errors=True)
 
@@ -506,8 +505,16 @@ def _check_global(objfile: Path, name: str, value: Any, size: int) -> None:
 def open_program(prepared: CoreSource, source: str, cflags: tuple[str, ...],
                  usdt: Sequence[tuple[str | int, str, str]] = (),
                  globals_: Mapping[str, Any] | None = None, *, select: Selection = NONE) -> CoreProgram:
-    """Compile, load and attach: the `Program` Probe drives (USDT probes are BCC's)."""
-    return load(prepared, source, cflags, dict(globals_ or {}), select=select)
+    """Compile, load and attach: the `Program` Probe drives; `usdt` triples (binary path or
+    pid, "provider:name", program) attach the SEC("usdt") programs that name no target."""
+    prog = load(prepared, source, cflags, dict(globals_ or {}), select=select)
+    try:
+        for target, probe, fn_name in usdt:
+            prog.attach_usdt(target, probe, fn_name)
+    except BaseException:
+        prog.close()
+        raise
+    return prog
 
 
 def _checked_sections(prepared: CoreSource, user_source: str, select: Selection) -> CoreSource:
@@ -644,20 +651,6 @@ def _failed_log(libbpf_log: str, logs: dict[str, Any]) -> str:
     return str(buf.value.decode("utf-8", "replace"))
 
 
-def attach_uprobe(prog: CoreProgram, binary: str, sym: str = "", fn_name: str = "", *, pid: int = -1,
-                  addr: int = 0, retprobe: bool = False) -> None:
-    """Attach program `fn_name` to `sym` (or `addr`) in `binary`, as Probe.attach_uprobe does for BCC."""
-    path = binary if "/" in binary else (shutil.which(binary) or binary)
-    with libbpf.captured_log() as log:
-        try:
-            prog.obj.attach_uprobe(prog.program(fn_name), path, sym, addr, pid=pid, retprobe=retprobe)
-            return
-        except OSError as e:
-            err = e
-    detail = "".join(log).strip()
-    raise AttachError(f"uprobe {binary}:{sym or hex(addr)} -> {fn_name}: {err}\n{detail}") from None
-
-
 def attach_point(section: str) -> str:
     """`tracepoint:sched:sched_process_exit` for SEC("tp/sched/sched_process_exit"), as BCC names it."""
     kind, _, rest = section.partition("/")
@@ -685,9 +678,8 @@ def _attach_all(obj: libbpf.Object, prepared: CoreSource, notes: list[str], *, s
             except OSError as e:
                 err = e
         text = "".join(log).strip()
-        if err.errno == _errno.EOPNOTSUPP:
-            notes.append(f"{prog.name} (SEC(\"{prog.section}\")) is not attached automatically: "
-                         "attach it with probe.attach_uprobe()/attach_tracepoint()")
+        if err.errno == _errno.EOPNOTSUPP or (err.errno == _errno.EINVAL and "missing ':function" in text):
+            notes.append(attach.unattached_note(prog.name, prog.section))  # which call attaches it
             continue
         line = lines.get(prog.name) or dict(prepared.sections).get(prog.section)
         where = f"line {line}: " if line else ""

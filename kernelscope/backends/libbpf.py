@@ -349,3 +349,46 @@ def set_autoload(prog: Program, on: bool) -> None:
 
 def set_value_size(m: Map, n: int) -> None:
     check(lib().bpf_map__set_value_size(m.ptr, n), f"{m.name}: set value_size {n}")
+
+
+# --- attach kinds (kernelscope.backends.attach): perf events, USDT, iterators, links -------
+
+class LinkCreateOpts(ctypes.Structure):
+    """struct bpf_link_create_opts (bpf.h, libbpf 1.1): sz, flags, then fields left zero."""
+
+    _fields_ = [("sz", c_size_t), ("flags", ctypes.c_uint32), ("iter_info", c_void_p),
+                ("iter_info_len", ctypes.c_uint32), ("target_btf_id", ctypes.c_uint32),
+                ("_union", ctypes.c_uint64 * 4)]
+
+
+BPF_TC_INGRESS, BPF_TC_EGRESS = 1, 2  # enum bpf_tc_attach_point
+
+
+class TcHook(ctypes.Structure):
+    """struct bpf_tc_hook (libbpf.h): the clsact qdisc of one interface."""
+
+    _fields_ = [("sz", c_size_t), ("ifindex", c_int), ("attach_point", c_int), ("parent", ctypes.c_uint32)]
+
+
+class TcOpts(ctypes.Structure):
+    """struct bpf_tc_opts (libbpf.h): one filter; bpf_tc_attach fills handle and priority."""
+
+    _fields_ = [("sz", c_size_t), ("prog_fd", c_int), ("flags", ctypes.c_uint32),
+                ("prog_id", ctypes.c_uint32), ("handle", ctypes.c_uint32), ("priority", ctypes.c_uint32)]
+
+
+_ATTACH_SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
+    "bpf_program__fd": (c_int, [c_void_p]),
+    "bpf_program__attach_perf_event": (c_void_p, [c_void_p, c_int]),
+    "bpf_program__attach_usdt": (c_void_p, [c_void_p, c_int, c_char_p, c_char_p, c_char_p, c_void_p]),
+    "bpf_program__attach_iter": (c_void_p, [c_void_p, c_void_p]),
+    "bpf_link__fd": (c_int, [c_void_p]),
+    "bpf_link_create": (c_int, [c_int, c_int, c_int, c_void_p]),
+    "bpf_iter_create": (c_int, [c_int]),
+    "bpf_obj_get_info_by_fd": (c_int, [c_int, c_void_p, ctypes.POINTER(ctypes.c_uint32)]),
+    "bpf_link_update": (c_int, [c_int, c_int, c_void_p]),
+    "bpf_tc_hook_create": (c_int, [c_void_p]),
+    "bpf_tc_attach": (c_int, [c_void_p, c_void_p]),
+    "bpf_tc_detach": (c_int, [c_void_p, c_void_p]),
+}
+_SIGNATURES.update(_ATTACH_SIGNATURES)

@@ -385,8 +385,10 @@ def _os_error(what: str, err: int) -> KernelscopeError:
     return KernelscopeError(msg)
 
 
-def perf_event_open(attr: PerfEventAttr, cpu: int, pid: int = -1, group_fd: int = -1) -> int:
-    """perf_event_open(2) with PERF_FLAG_FD_CLOEXEC; raises BPFPermissionError on EPERM/EACCES."""
+def perf_event_open(attr: PerfEventAttr, cpu: int, pid: int = -1, group_fd: int = -1,
+                    what: str = "BPF output") -> int:
+    """perf_event_open(2) with PERF_FLAG_FD_CLOEXEC; raises BPFPermissionError on EPERM/EACCES.
+    `what` names the event in errors (a BPF output buffer, or a sampling event)."""
     nr = _NR_PERF_EVENT_OPEN.get(platform.machine())
     if nr is None:
         raise KernelscopeError(f"perf_event_open syscall number unknown on {platform.machine()}")
@@ -394,7 +396,7 @@ def perf_event_open(attr: PerfEventAttr, cpu: int, pid: int = -1, group_fd: int 
                        ctypes.c_long(cpu), ctypes.c_long(group_fd),
                        ctypes.c_ulong(PERF_FLAG_FD_CLOEXEC))
     if fd < 0:
-        raise _os_error(f"perf_event_open(BPF output, cpu {cpu})", ctypes.get_errno())
+        raise _os_error(f"perf_event_open({what}, cpu {cpu})", ctypes.get_errno())
     return int(fd)
 
 
