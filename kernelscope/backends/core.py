@@ -26,7 +26,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,243 +42,39 @@ from ..errors import (
     UnknownNameError,
 )
 from ..folders import new_workdir
-from . import attach, btf, elf, libbpf
-from .base import (
-    blank_comments_and_strings,
-    format_diag,
-    gave_up,
-    int_or_none,
-    packed,
-    parse_diagnostics,
-    verifier_reason,
-)
-from .guard import (
-    check_records_fit,
-    check_ring_bytes,
-    check_ring_pages,
-    deferred_interrupts,
-    slow_load_notice,
-)
+from . import attach, btf, coresource, elf, libbpf, preprocess
+from .base import format_diag, gave_up, packed, parse_diagnostics, verifier_reason
+from .coresource import ANCHOR, CoreSource, is_core
+from .guard import check_records_fit, deferred_interrupts, slow_load_notice
 from .refusals import before_verifier, classify_load, map_shapes
-from .rewrite import (
-    ACCT_MAP,
-    CELL_FILE,
-    GATE_MAP,
-    SLOTS,
-    OutputMap,
-    apply_edits,
-    matching_close,
-    wrap_output_call,
-)
+from .rewrite import ACCT_MAP, GATE_MAP, SLOTS
 from .selection import NONE, Selection, choose_programs, map_lines, program_lines, size_maps
 from .toolchain import anchored_type, clang, compile_flags
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
-ANCHOR = "__ks_type_"  # global `T *__ks_type_<map>` keeps the event struct in the object's BTF
-
-_SEC = re.compile(r"\bSEC\s*\(")
-_MAP_DECL = re.compile(r"\bstruct\s*\{(?P<body>[^{}]*)\}\s*(?P<name>\w+)\s+SEC\s*\(", re.S)
-_MAP_TYPE = re.compile(r"__uint\s*\(\s*type\s*,\s*BPF_MAP_TYPE_(\w+)\s*\)")
-_MAX_ENTRIES = re.compile(r"__uint\s*\(\s*max_entries\s*,\s*([^)]*?)\s*\)")
-_KINDS = {"RINGBUF": "ringbuf", "PERF_EVENT_ARRAY": "perf", "USER_RINGBUF": "user_ringbuf"}
-# helper -> index of the map argument
-_CALLS = {"bpf_ringbuf_reserve": 0, "bpf_ringbuf_output": 0, "bpf_perf_event_output": 1,
-          "bpf_user_ringbuf_drain": 0}
-_CALL = re.compile(r"\b(" + "|".join(_CALLS) + r")\s*\(")
-_INCLUDE = re.compile(r"^\s*#\s*include\s*[<\"]([^>\"]+)[>\"]", re.M)
-_SECTION = re.compile(r'\bSEC\s*\(\s*"([^"]+)"\s*\)')
-_LICENSE = re.compile(r'SEC\s*\(\s*"license"\s*\)')
-_KEYWORDS = {"return", "sizeof", "if", "while", "else", "case", "goto", "typeof", "const", "volatile"}
+__all__ = ["ANCHOR", "CoreProgram", "CoreSource", "compile_object", "is_core", "load", "open_program",
+           "prepare"]
 CORE_INSTEAD = ('a tracepoint (SEC("tp/CATEGORY/EVENT") or SEC("tp_btf/EVENT")) or a raw tracepoint '
                 '(SEC("raw_tp/EVENT"))')
 KPROBE_SECTIONS = ("kprobe", "kretprobe", "ksyscall", "kretsyscall", "kprobe.multi", "kretprobe.multi")
 
 
-def is_core(source: str) -> bool:
-    """True for libbpf-style programs: they put programs and maps in SEC("...") sections."""
-    return bool(_SEC.search(blank_comments_and_strings(source)))
-
-
-# --- source analysis and rewriting ---------------------------------------------------------
-
-
-@dataclass
-class CoreSource:
-    """A CO-RE cell prepared for clang: the rewritten text, its maps and event types."""
-
-    source: str
-    maps: dict[str, OutputMap]  # output maps (ringbuf, perf), as for BCC programs
-    user_rings: dict[str, OutputMap]  # BPF_MAP_TYPE_USER_RINGBUF maps, slot group: drained, errors
-    event_types: dict[str, str]  # map -> C type of its records ("struct event"), when found
-    sections: list[tuple[str, int]] = field(default_factory=list)  # (SEC name, line)
-
-
-def _split_args(text: str) -> list[str]:
-    args: list[str] = []
-    cur: list[str] = []
-    depth = 0
-    for ch in text:
-        if ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        if ch == "," and depth == 0:
-            args.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    args.append("".join(cur))
-    return [a.strip() for a in args]
-
-
-def _var_type(code: str, var: str, before: int) -> tuple[str, bool] | None:
-    """(C type, is pointer) of the last declaration of `var` before position `before`."""
-    decl = re.compile(
-        r"((?:struct|union)\s+\w+|\w+)\s*(\*?)\s*\b" + re.escape(var) + r"\b\s*(?=[=;,)\[])")
-    found = None
-    for m in decl.finditer(code, 0, before):
-        if m.group(1) not in _KEYWORDS:
-            found = (" ".join(m.group(1).split()), bool(m.group(2)))
-    return found
-
-
-def _event_type(code: str, helper: str, args: list[str], start: int) -> str | None:
-    """The C type a call site sends: from a reservation's target or an output call's data."""
-    if helper == "bpf_ringbuf_reserve":
-        size_arg = args[1] if len(args) > 1 else ""
-        size = re.fullmatch(r"sizeof\s*\(\s*((?:struct|union)\s+\w+|\w+)\s*\)", size_arg)
-        if size and not _var_type(code, size.group(1), start):
-            return " ".join(size.group(1).split())
-        lhs = re.search(r"(\w+)\s*=\s*(?:\(\s*((?:struct|union)\s+\w+|\w+)\s*\*\s*\)\s*)?$", code[:start])
-        if lhs:
-            if lhs.group(2):
-                return " ".join(lhs.group(2).split())
-            t = _var_type(code, lhs.group(1), start)
-            if t and t[1]:
-                return t[0]
-        return None
-    data = args[3] if helper == "bpf_perf_event_output" and len(args) > 3 else (
-        args[1] if len(args) > 1 else "")
-    m = re.fullmatch(r"(&?)\s*(\w+)", data)
-    if not m:
-        return None
-    t = _var_type(code, m.group(2), start)
-    if t is None or (bool(m.group(1)) == t[1]):
-        return None  # `&ptr` or a plain struct by value: not a struct pointer we understand
-    return t[0]
-
-
-def _sample_type(code: str, callback: str) -> str | None:
-    """The struct a user ring buffer callback reads from its dynptr (bpf_dynptr_read/data)."""
-    fn = re.search(r"\b" + re.escape(callback) + r"\s*\([^)]*\)\s*\{", code)
-    if not fn:
-        return None
-    end = matching_close(code, fn.end() - 1)
-    end = len(code) if end < 0 else end
-    body_start = fn.end()
-    m = re.search(r"bpf_dynptr_read\s*\(\s*&?\s*(\w+)", code[body_start:end]) or re.search(
-        r"(\w+)\s*=\s*(?:\([^()]*\)\s*)?bpf_dynptr_data\s*\(", code[body_start:end])
-    if not m:
-        return None
-    t = _var_type(code, m.group(1), body_start + m.start())
-    return t[0] if t else None
+# --- source analysis and rewriting (backends.coresource) -----------------------------------
 
 
 def prepare(source: str, pages: int | dict[str, int] | None = None,
-            globals_: Mapping[str, Any] | None = None) -> CoreSource:
-    """Find maps, wrap output call sites, add the accounting prelude and type anchors."""
-    code = blank_comments_and_strings(source)
-    maps: dict[str, OutputMap] = {}
-    user_rings: dict[str, OutputMap] = {}
-    for m in _MAP_DECL.finditer(code):
-        if not source[m.end():].lstrip().startswith('".maps"'):
-            continue
-        t = _MAP_TYPE.search(m.group("body"))
-        kind = _KINDS.get(t.group(1)) if t else None
-        if kind is None:
-            continue
-        index = len(maps) + len(user_rings)
-        size = _MAX_ENTRIES.search(m.group("body"))
-        nbytes = int_or_none(size.group(1)) if size else None
-        line = code.count("\n", 0, m.start()) + 1
-        om = OutputMap(m.group("name"), kind, index, nbytes // PAGE if nbytes else None, line=line)
-        want = pages.get(om.name) if isinstance(pages, dict) else (pages if kind == "ringbuf" else None)
-        if want is not None and kind != "perf":
-            check_ring_pages(om.name, want, None, f"pages={want}")
-            om.pages = want
-        elif nbytes is not None and kind != "perf" and size is not None:
-            at = line + code.count("\n", m.start(), m.start("body") + size.start())
-            check_ring_bytes(om.name, nbytes, at, " ".join(size.group(0).split()))
-        (user_rings if kind == "user_ringbuf" else maps)[om.name] = om
+            globals_: Mapping[str, Any] | None = None, cflags: Sequence[str] = ()) -> CoreSource:
+    """The program read on its preprocessed text (with `cflags`' include path and defines, as
+    the compile will see it), its output calls wrapped, the prelude and type anchors added."""
+    def cpp(text: str, prefix: str) -> preprocess.Preprocessed | None:
+        try:
+            flags = compile_flags(tuple(cflags))
+            compiler = clang()
+        except KernelscopeError:  # no clang or no BTF: the compile says so
+            return None
+        return preprocess.run(text, compiler, flags, prefix)
 
-    edits: list[tuple[int, int, str]] = []
-    types: dict[str, str] = {}
-    for m in _CALL.finditer(code):
-        helper = m.group(1)
-        close = matching_close(code, m.end() - 1)
-        if close < 0:
-            continue
-        args = _split_args(code[m.end():close])
-        target = args[_CALLS[helper]].lstrip("&").strip() if len(args) > _CALLS[helper] else ""
-        called = maps.get(target) or user_rings.get(target)
-        if called is None:
-            continue
-        call = source[m.start(): close + 1]
-        base = called.index * SLOTS
-        drain = helper == "bpf_user_ringbuf_drain"
-        if drain:
-            wrapped = (f"({{ long __ks_r = 0; if (__ks_open()) {{ __ks_r = {call}; "
-                       f"__ks_drained({base}, __ks_r); }} __ks_r; }})")
-        else:
-            wrapped = wrap_output_call(call, base, reserve=helper == "bpf_ringbuf_reserve")
-        if target not in types:
-            found = ((_sample_type(code, args[1]) if len(args) > 1 else None) if drain
-                     else _event_type(code, helper, args, m.start()))
-            if found:
-                types[target] = found
-        called.call_sites.append(source.count("\n", 0, m.start()) + 1)
-        edits.append((m.start(), close + 1, wrapped))
-
-    out = apply_edits(source, edits)
-    prelude = _prelude(source, len(maps) + len(user_rings))
-    epilogue = "\n#line 1 \"<kernelscope>\"\n"
-    epilogue += "".join(f"{t} *{ANCHOR}{name} __attribute__((used));\n" for name, t in types.items())
-    if not _LICENSE.search(source):
-        epilogue += 'char __ks_license[] SEC("license") = "Dual BSD/GPL";\n'
-    sections = [(m.group(1), source.count("\n", 0, m.start()) + 1) for m in _SECTION.finditer(source)]
-    return CoreSource(prelude + f'#line 1 "{CELL_FILE}"\n' + out + epilogue, maps, user_rings, types,
-                      sections)
-
-
-def _prelude(source: str, nmaps: int) -> str:
-    """Base headers the cell itself uses (vmlinux.h by default) and the accounting maps."""
-    includes = set(_INCLUDE.findall(source))
-    if "vmlinux.h" in includes or not includes:
-        head = '#include "vmlinux.h"\n'
-    else:
-        head = "#include <linux/bpf.h>\n#include <linux/types.h>\n"
-    head += "#include <bpf/bpf_helpers.h>\n"
-    if not includes:  # a bare cell: what libbpf-tools programs include
-        head += "#include <bpf/bpf_tracing.h>\n#include <bpf/bpf_core_read.h>\n"
-    n = max(1, nmaps) * SLOTS
-    return head + (
-        "struct { __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY); __uint(max_entries, "
-        f"{n}); __type(key, __u32); __type(value, __u64); }} {ACCT_MAP} SEC(\".maps\");\n"
-        "struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 1); "
-        f"__type(key, __u32); __type(value, __u32); }} {GATE_MAP} SEC(\".maps\");\n"
-        "static __always_inline int __ks_open(void) {\n"
-        f"  __u32 k = 0; __u32 *g = bpf_map_lookup_elem(&{GATE_MAP}, &k); return g && *g;\n"
-        "}\n"
-        "static __always_inline void __ks_add(__u32 k, __u64 n) {\n"
-        f"  __u64 *v = bpf_map_lookup_elem(&{ACCT_MAP}, &k); if (v) *v += n;\n"
-        "}\n"
-        "static __always_inline void __ks_count(__u32 base, int failed) {\n"
-        "  __ks_add(base, 1); if (failed) __ks_add(base + 1, 1);\n"
-        "}\n"
-        "static __always_inline void __ks_drained(__u32 base, long r) {\n"
-        "  if (r > 0) __ks_add(base, r); else if (r < 0) __ks_add(base + 1, 1);\n"
-        "}\n"
-    )
+    return coresource.prepare(source, pages, cpp, preprocess.include_dirs(cflags))
 
 
 # --- compile, load, attach -----------------------------------------------------------------
@@ -286,9 +82,10 @@ def _prelude(source: str, nmaps: int) -> str:
 
 def compile_object(prepared: CoreSource, user_source: str, cflags: tuple[str, ...], out: Path) -> None:
     """clang -target bpf; a CompileError with the cell's line numbers on failure."""
-    src = out.with_suffix(".c")
+    src = out.with_suffix(".i" if prepared.preprocessed else ".c")  # .i: clang -E output, compiled as is
     src.write_text(prepared.source)
-    cmd = [clang(), *compile_flags(cflags), "-c", str(src), "-o", str(out)]  # toolchain.py: -mcpu, -I
+    cmd = [clang(), *compile_flags(cflags), "-Wno-unused-command-line-argument",  # toolchain.py: -mcpu, -I
+           "-c", str(src), "-o", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=out.parent)
     if proc.returncode == 0:
         return

@@ -1,0 +1,157 @@
+"""What the compiler sees after `#include` and `#if`: `clang -E`, its lines traced back to their files.
+
+A program's maps, output calls and SEC() names may sit in headers, or in `#if 0` blocks
+that are not compiled at all; only the preprocessed text says which. clang -E keeps line
+markers (`# 12 "exitsnoop.h" 2`: the next line is line 12 of exitsnoop.h), so every line of
+its output knows the file and line it came from, and what is found there can be reported at
+the user's line. The program's own text is named `cell` (base.CELL_FILE), as in compiles.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .base import CELL_FILE
+
+_MARKER = re.compile(r'^#\s*(?:line\s+)?(\d+)\s+"((?:\\.|[^"\\])*)"')
+_INCLUDE_LINE = re.compile(r'^\s*#\s*include\s*([<"])([^>"]+)[>"]')
+_DIR_FLAG = re.compile(r"^-(I|iquote|isystem)(.*)$")
+
+
+@dataclass
+class Preprocessed:
+    """clang -E output and, for each of its lines, the (file, line) it came from."""
+
+    text: str
+    files: list[str]  # file names as the markers give them
+    origins: list[tuple[int, int]]  # per output line: (index into files, 1-based line); -1: a marker
+    starts: list[int]  # offset of each output line in text
+    main: str = ""  # the file clang was given (holding the program's `#line 1 "cell"` text)
+
+    def origin(self, pos: int) -> tuple[str, int]:
+        """(file, line) of the character at offset `pos` of the output."""
+        i = bisect.bisect_right(self.starts, pos) - 1
+        f, line = self.origins[i]
+        return (self.files[f] if f >= 0 else "", line)
+
+    def cell_line(self, pos: int) -> int | None:
+        """The program's own line for offset `pos`, or None when it lies in a header."""
+        f, line = self.origin(pos)
+        return line if f == CELL_FILE else None
+
+    def where(self, pos: int) -> str:
+        """`line 12` in the program, `exitsnoop.h:40` in a header."""
+        f, line = self.origin(pos)
+        return f"line {line}" if f == CELL_FILE else f"{os.path.basename(f)}:{line}"
+
+    def included(self) -> set[str]:
+        """Every file the program pulled in (the program itself and clang's built-ins excluded)."""
+        return {f for f in self.files if f not in (CELL_FILE, self.main) and not f.startswith("<")}
+
+    def only(self, keep: Callable[[str], bool]) -> str:
+        """The output with every line not from a kept file, and every directive line (markers,
+        `#pragma`), blanked: same length and offsets, so what is found maps back to the text."""
+        lines = self.text.split("\n")
+        out = []
+        for text, (f, _) in zip(lines, self.origins, strict=False):
+            if f < 0 or text.lstrip().startswith("#") or not keep(self.files[f]):
+                out.append(" " * len(text))
+            else:
+                out.append(text)
+        return "\n".join(out)
+
+    def cell_view(self, nlines: int) -> str:
+        """The program's own lines as compiled, each at its line number: lines in inactive
+        `#if` blocks, directives and headers become empty; macros are expanded."""
+        view = [""] * nlines
+        for text, (f, line) in zip(self.text.split("\n"), self.origins, strict=False):
+            ours = f >= 0 and self.files[f] == CELL_FILE and 1 <= line <= nlines
+            if ours and not text.lstrip().startswith("#"):
+                view[line - 1] = f"{view[line - 1]} {text}" if view[line - 1] else text
+        return "\n".join(view)
+
+
+def parse(text: str, main: str = "") -> Preprocessed:
+    """Trace each line of clang -E output back to its file and line through the markers."""
+    files: list[str] = []
+    index: dict[str, int] = {}
+    origins: list[tuple[int, int]] = []
+    starts: list[int] = []
+    cur, line, pos = -1, 0, 0
+    for raw in text.split("\n"):
+        starts.append(pos)
+        pos += len(raw) + 1
+        m = _MARKER.match(raw)
+        if m:
+            name = m.group(2).encode().decode("unicode_escape") if "\\" in m.group(2) else m.group(2)
+            if name not in index:
+                index[name] = len(files)
+                files.append(name)
+            cur, line = index[name], int(m.group(1))
+            origins.append((-1, 0))
+            continue
+        origins.append((cur, line))
+        line += 1
+    return Preprocessed(text, files, origins, starts, main)
+
+
+def run(source: str, compiler: str, flags: Sequence[str], prefix: str = "") -> Preprocessed | None:
+    """`prefix`, then `source` (as file `cell`), through `compiler -E flags`; None when the
+    preprocessor fails (a missing header, a bad #if): the real compile reports that in its words."""
+    with tempfile.TemporaryDirectory(prefix="kernelscope-cpp-") as d:
+        path = Path(d) / "cell.c"
+        path.write_text(f'{prefix}#line 1 "{CELL_FILE}"\n{source}')
+        try:
+            proc = subprocess.run([compiler, "-E", *flags, str(path)], capture_output=True, text=True,
+                                  check=False, cwd=d)
+        except OSError:
+            return None
+    return parse(proc.stdout, str(path)) if proc.returncode == 0 else None
+
+
+def include_dirs(flags: Sequence[str]) -> list[Path]:
+    """The folders `-I DIR`, `-IDIR`, `-iquote DIR` and `-isystem DIR` name, resolved."""
+    dirs: list[Path] = []
+    it = iter(flags)
+    for flag in it:
+        m = _DIR_FLAG.match(flag)
+        if m:
+            value = m.group(2) or next(it, "")
+            if value:
+                dirs.append(Path(value).resolve())
+    return dirs
+
+
+def user_file(dirs: Sequence[Path]) -> Callable[[str], bool]:
+    """Whether a file is the program's own: the program itself or a header from one of `dirs`
+    (the user's include path), a vmlinux.h excepted (the kernel's types, no program code)."""
+    def keep(name: str) -> bool:
+        if name == CELL_FILE:
+            return True
+        p = Path(name)
+        if p.name == "vmlinux.h":
+            return False
+        p = p.resolve()
+        return any(p.is_relative_to(d) for d in dirs)
+    return keep
+
+
+def cpp_only_local(source: str, flags: Sequence[str]) -> str:
+    """`source` with each `#include` that is not found in the folders of `flags` blanked, for a
+    preprocessor pass without the headers another compiler (BCC's) provides."""
+    dirs = include_dirs(flags)
+    out = []
+    for line in source.split("\n"):
+        m = _INCLUDE_LINE.match(line)
+        if m and not (m.group(1) == '"' and any((d / m.group(2)).is_file() for d in dirs)):
+            out.append("")
+        else:
+            out.append(line)
+    return "\n".join(out)
