@@ -79,6 +79,36 @@ def check_settings(
         raise SettingError(f"poll_interval must be seconds between 0 and 3600, not {poll_interval!r}")
 
 
+def include_flags(include: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """`-I/abs/dir` per folder of `include=`; a SettingError for one that is not a folder."""
+    if isinstance(include, (str, os.PathLike)):
+        include = [include]
+    flags = []
+    for d in include:
+        folder = Path(d).expanduser().resolve()
+        if not folder.is_dir():
+            raise SettingError(f"include: {d} is not a folder (give the folders that hold the program's "
+                               "headers)")
+        flags.append(f"-I{folder}")
+    return flags
+
+
+def read_program(path: str | os.PathLike[str]) -> tuple[str, Path]:
+    """The text of a program file and its folder; a SettingError saying why it cannot be read."""
+    p = Path(path).expanduser()
+    try:
+        return p.read_text(), p.resolve().parent
+    except FileNotFoundError:
+        raise SettingError(f"no program file {p} (from {Path.cwd()})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SettingError(f"cannot read the program file {p}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def program_name(path: str | os.PathLike[str]) -> str:
+    """`opensnoop` for opensnoop.bpf.c: the file name up to its first dot."""
+    return Path(path).name.split(".", 1)[0] or Path(path).name
+
+
 def live_probes() -> list[Probe]:
     return [p for p in list(_live) if not p.closed]
 
@@ -135,6 +165,7 @@ class Probe(Results, metaclass=_LiveOrReplay):
         skip: Sequence[str] = (),
         map_sizes: Mapping[str, int] | None = None,
         on_attach_error: str = "raise",
+        include: Sequence[str | os.PathLike[str]] = (),
     ) -> None:
         """`pages`: ring buffer size in pages (whole ring) or perf buffer pages per CPU,
         one value for all output maps or a {map: pages} dict; None keeps the program's
@@ -169,6 +200,7 @@ class Probe(Results, metaclass=_LiveOrReplay):
         before load; `on_attach_error="warn"`: a program that fails to attach is named in
         `warnings` and the others run. BCC: selection applies to its auto-attached functions
         (TRACEPOINT_PROBE, kprobe__...); its maps are sized in their macros.
+        `include`: folders searched for the program's `#include`s (`-I DIR`, either backend).
         """
         backend = backend or ("libbpf" if core.is_core(source) else "bcc")
         if backend not in BACKENDS:
@@ -184,7 +216,7 @@ class Probe(Results, metaclass=_LiveOrReplay):
         self.max_rows = max_rows
         spill.check_bytes("max_bytes", max_bytes)
         self.max_bytes = max_bytes
-        self.cflags = tuple(cflags)
+        self.cflags = (*include_flags(include), *cflags)
         self.wakeup = wakeup
         self.wakeup_events = wakeup_events
         self.watermark_bytes = watermark_bytes
@@ -215,10 +247,21 @@ class Probe(Results, metaclass=_LiveOrReplay):
         self.warnings: list[str] = []
         _live.add(self)
 
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], **probe_args: Any) -> Probe:
+        """A Probe of the program in file `path` (a libbpf-style `.bpf.c` or a BCC text), its
+        folder first on the include path (then `include=`), named after the file
+        (`opensnoop` for opensnoop.bpf.c) unless `name=` says otherwise."""
+        source, folder = read_program(path)
+        more = probe_args.get("include", ())
+        probe_args["include"] = [folder, *([more] if isinstance(more, (str, os.PathLike)) else more)]
+        probe_args.setdefault("name", program_name(path))
+        return cls(source, **probe_args)
+
     # --- lifecycle -------------------------------------------------------------------
 
     def _instrument(self) -> Any:
-        return self._backend.prepare(self.source, self.pages, self.globals)
+        return self._backend.prepare(self.source, self.pages, self.globals, self.cflags)
 
     @property
     def bpf(self) -> Any:
@@ -417,7 +460,8 @@ class Probe(Results, metaclass=_LiveOrReplay):
         if not new:
             return self
         changes = "; ".join(f"{k} {_shown(k, getattr(self, k))} -> {_shown(k, v)}" for k, v in new.items())
-        instrumented = self._backend.prepare(self.source, new.get("pages", self.pages), self.globals)
+        instrumented = self._backend.prepare(self.source, new.get("pages", self.pages), self.globals,
+                                             self.cflags)
         if not self.loaded:  # settings only: the next load() uses them
             self.__dict__.update(new)
             self.instrumented = instrumented

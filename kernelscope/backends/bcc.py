@@ -33,7 +33,7 @@ from ..errors import (
 from ..readers.ring import PAGE
 from ..schema import parse_structs, struct_dtype
 from ..tracepoints import check_attach_points
-from . import attach
+from . import attach, preprocess
 from .base import (
     Diagnostic,
     blank_comments_and_strings,
@@ -48,12 +48,29 @@ from .base import (
     undeclared_calls,
     verifier_reason,
 )
+from .core import clang
 from .guard import check_records_fit, deferred_interrupts, slow_load_notice
 from .rewrite import ACCT_MAP, GATE_MAP, Instrumented, instrument, read_counters
 from .selection import NONE, Selection, bcc_loader
 
 __all__ = ["BCCProgram", "Diagnostic", "capture_fd2", "load", "open_program", "parse_diagnostics",
            "prepare", "release_bpf"]
+
+def active_text(source: str, cflags: Sequence[str]) -> str:
+    """The cell as BCC will compile it, each line at its own number: `#if` blocks decided by
+    clang's preprocessor with the cell's defines and its local headers (those found in the
+    cflags' -I folders). BCC's own headers (kernel headers, helpers.h) are left out, so their
+    macros are undefined here: approximate, but never worse than the raw text, which it
+    falls back to when that pass fails (a `#if` using a kernel macro)."""
+    try:
+        compiler = clang()
+    except KernelscopeError:
+        return source
+    flags = ["-D__KERNEL__", "-D__BPF_TRACING__", *(f for f in cflags if f.startswith(("-D", "-U"))),
+             *(f"-I{d}" for d in preprocess.include_dirs(cflags))]
+    pre = preprocess.run(preprocess.cpp_only_local(source, cflags), compiler, flags)
+    return source if pre is None else pre.cell_view(len(source.split("\n")))
+
 
 _KFUNC = re.compile(r"\b(KFUNC_PROBE|KRETFUNC_PROBE|KMOD_RET)\s*\(\s*(\w+)")
 
@@ -96,7 +113,7 @@ def load(
     creates maps while compiling, before the object holds its module handle.
     """
     host.check()
-    check_attach_points(user_source)
+    check_attach_points(active_text(user_source, cflags))
     bcc = host.import_bcc()
     lines = user_source.splitlines()
     contexts = usdt_contexts(bcc, usdt or [])
@@ -266,8 +283,8 @@ def _line_prefix(text: str) -> str:
 
 
 def prepare(source: str, pages: int | dict[str, int] | None = None,
-            globals_: Mapping[str, Any] | None = None) -> Instrumented:
-    """The cell with its output calls counted (see rewrite.instrument)."""
+            globals_: Mapping[str, Any] | None = None, cflags: Sequence[str] = ()) -> Instrumented:
+    """The cell with its output calls counted (see rewrite.instrument); `cflags` are BCC's at load."""
     if globals_:
         raise ValueError("globals= sets `const volatile` variables of CO-RE programs; "
                          "for BCC programs use cflags=['-DNAME=VALUE']")

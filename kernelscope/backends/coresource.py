@@ -148,9 +148,11 @@ def prepare(source: str, pages: int | dict[str, int] | None = None, cpp: Cpp | N
     first = cpp(source, "") if cpp else None  # the program alone: what it includes, what is active
     keep = user_file(user_dirs)
     head = _head(source, first)
-    sections: list[tuple[str, int | None]] = ([(m.group(1), first.cell_line(m.start())) for m in _SECTION.finditer(first.only(keep))]
-                if first is not None else
-                [(m.group(1), source.count("\n", 0, m.start()) + 1) for m in _SECTION.finditer(source)])
+    sections: list[tuple[str, int | None]]
+    if first is not None:
+        sections = [(m.group(1), first.cell_line(m.start())) for m in _SECTION.finditer(first.only(keep))]
+    else:
+        sections = [(m.group(1), source.count("\n", 0, m.start()) + 1) for m in _SECTION.finditer(source)]
     full = cpp(source, head) if first is not None and cpp and _headers_output(first, keep) else None
     if full is None:
         text, code = source, blank_comments_and_strings(source)
@@ -218,7 +220,7 @@ def _analyse(text: str, code: str, pages: int | dict[str, int] | None,
             continue
         args = _split_args(code[m.end():close])
         target = args[_CALLS[helper]].lstrip("&").strip() if len(args) > _CALLS[helper] else ""
-        called = maps.get(target) or user_rings.get(target)
+        called = maps.get(target) or user_rings.get(target) or _only_map(helper, maps, user_rings)
         if called is None:
             continue
         call = text[m.start(): close + 1]
@@ -229,16 +231,28 @@ def _analyse(text: str, code: str, pages: int | dict[str, int] | None,
                        f"__ks_drained({base}, __ks_r); }} __ks_r; }})")
         else:
             wrapped = wrap_output_call(call, base, reserve=helper == "bpf_ringbuf_reserve")
-        if target not in types:
+        if called.name not in types:
             found = ((_sample_type(code, args[1]) if len(args) > 1 else None) if drain
                      else _event_type(code, helper, args, m.start()))
             if found:
-                types[target] = found
+                types[called.name] = found
         line = line_of(m.start())
         if line is not None:
             called.call_sites.append(line)
         edits.append((m.start(), close + 1, wrapped))
     return maps, user_rings, types, edits
+
+
+_HELPER_KIND = {"bpf_ringbuf_reserve": "ringbuf", "bpf_ringbuf_output": "ringbuf",
+                "bpf_perf_event_output": "perf", "bpf_user_ringbuf_drain": "user_ringbuf"}
+
+
+def _only_map(helper: str, maps: dict[str, OutputMap], user_rings: dict[str, OutputMap]) -> OutputMap | None:
+    """For a call on a map passed in as a parameter (`emit(void *rb, ...)` in a header): the
+    program's only map of the helper's kind, which the call can only be on; else None."""
+    kind = _HELPER_KIND[helper]
+    found = [om for om in (*maps.values(), *user_rings.values()) if om.kind == kind]
+    return found[0] if len(found) == 1 else None
 
 
 def _head(source: str, pre: Preprocessed | None) -> str:

@@ -1,5 +1,8 @@
 """`kernelscope record PROGRAM.c --duration 10 -o capture.parquet`: headless capture.
 
+PROGRAM is a file (BCC C, or a libbpf-style FILE.bpf.c), compiled with its folder on the
+include path (and any `-I DIR`), so its own headers are found as its Makefile would find them.
+
 Shows a one-line progress bar on stderr (when it is a terminal, or every few seconds
 otherwise) and ends with received / dropped per output map. Ctrl-C stops early and still
 saves what arrived. The output path and the options are checked before the program is
@@ -17,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import CaptureError, KernelscopeError
-from ..probe import Probe
+from ..probe import Probe, program_name, read_program
 from .atomic import check_destination
 
 DEFINE = re.compile(r"[A-Za-z_]\w*(=.*)?", re.S)
@@ -50,6 +53,11 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for d in args.defines:
         if not DEFINE.fullmatch(d):
             ap.error(f"-D expects NAME or NAME=VALUE with NAME a C identifier, got {d!r}")
+    for folder in args.include:
+        if not Path(folder).is_dir():
+            ap.error(f"-I {folder}: not a folder (give the folders that hold the program's headers)")
+    if not args.program.is_file():
+        ap.error(f"{args.program}: no such program file")
     try:
         check_destination(args.output)
     except CaptureError as e:
@@ -71,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="kernelscope record", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("program", type=Path, help="BCC C source with BPF_RINGBUF_OUTPUT/BPF_PERF_OUTPUT maps")
+    ap.add_argument("program", type=Path,
+                    help="program file: BCC C or a libbpf-style FILE.bpf.c with ring or perf buffer maps")
     ap.add_argument("-o", "--output", type=Path, required=True, help="capture file (.parquet)")
     ap.add_argument("--duration", type=float, default=None, help="seconds to record (default: until Ctrl-C)")
     ap.add_argument("--limit", type=int, default=None, help="stop after this many events")
@@ -84,12 +93,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=VALUE",
         help="preprocessor define passed to the compiler",
     )
+    ap.add_argument("-I", "--include", dest="include", action="append", default=[], metavar="DIR",
+                    help="a folder searched for the program's #include files (its own folder always is)")
     args = ap.parse_args(argv)
     check_args(ap, args)
     try:
-        source = args.program.read_text()
-    except OSError as e:
-        print(f"kernelscope record: cannot read {args.program}: {e.strerror}", file=sys.stderr)
+        source, folder = read_program(args.program)
+    except KernelscopeError as e:
+        print(f"kernelscope record: {e}", file=sys.stderr)
         return 2
     tty = sys.stderr.isatty()
     last = [0.0]
@@ -103,9 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
 
     try:
-        probe = Probe(
-            source, pages=args.pages, cflags=[f"-D{d}" for d in args.defines], name=args.program.stem
-        )
+        probe = Probe(source, pages=args.pages, cflags=[f"-D{d}" for d in args.defines],
+                      name=program_name(args.program), include=[folder, *args.include])
         try:
             probe.wait(duration=args.duration, limit=args.limit, progress=show)
         except KeyboardInterrupt:

@@ -17,6 +17,7 @@ import contextlib
 import keyword
 import os
 import re
+import shlex
 import time
 import weakref
 from collections.abc import Iterator
@@ -33,7 +34,7 @@ from .. import host, mode, tracepoints
 from ..backends import bcc
 from ..captures.replay import replay
 from ..errors import CompileError, InternalError, KernelscopeError, VerifierError
-from ..probe import Probe, close_all, live_probes
+from ..probe import Probe, close_all, live_probes, read_program
 from ..results import Results
 from .display import Progress, StatusLine, live_output, show_warning
 
@@ -49,7 +50,7 @@ SAFE_ALTERNATIVES = (
 _VERIFIER_LINE = re.compile(r"@ cell:(\d+)")
 _LINE_PREFIX = re.compile(r"^line (\d+):")
 _UNEXPANDED = re.compile(r"\{[^{}]*\}|\$\w+")
-_LINE_MAGICS = ("bpf_stop", "bpf_list", "bpf_doctor", "bpf_tracepoints", "bpf_format")
+_LINE_MAGICS = ("bpf_stop", "bpf_list", "bpf_doctor", "bpf_tracepoints", "bpf_format", "bpf_run")
 
 
 @dataclass
@@ -72,6 +73,8 @@ class Options:
     only: list[str] | None = None  # --only: load and attach only these programs
     skip: list[str] | None = None  # --skip: do not load these programs
     map_sizes: dict[str, int] | None = None  # --map-size NAME=N (CO-RE)
+    file: str | None = None  # --file: the program is this file, its folder on the include path
+    include: list[str] | None = None  # --include/-I folders
 
     @property
     def blocking(self) -> bool:
@@ -145,6 +148,10 @@ class BPFMagics(Magics):
               help="do not load these programs (libbpf's set_autoload(false))")
     @argument("--map-size", dest="map_sizes", action="append", default=[], metavar="NAME=N",
               help="CO-RE: max_entries of map NAME, set before load; repeatable")
+    @argument("--file", metavar="PATH",
+              help="run the program in this file (the cell stays empty); its folder is on the include path")
+    @argument("--include", "-I", dest="include", action="append", default=[], metavar="DIR",
+              help="a folder searched for the program's #include files; repeatable")
     @cell_magic
     def bpf(self, line: str, cell: str) -> None:
         """Compile a cell of BCC C (or libbpf-style CO-RE C), attach it, drain its output maps.
@@ -156,7 +163,7 @@ class BPFMagics(Magics):
         probe NAME held before. Errors name the line of the cell, counting this line as 1.
         """
         opts = options(parse_argstring(self.bpf, line))
-        source = "\n" + cell  # line numbers as the notebook shows them, %%bpf being line 1
+        source = program_source(opts, cell)
         self.close_probe(opts.name)
         probe = build_probe(source, opts)
         self.probes[opts.name] = self.user_ns[opts.name] = probe
@@ -168,6 +175,20 @@ class BPFMagics(Magics):
             probe.start()
         if not opts.quiet:
             self._show_status(probe, opts.name)
+
+    @line_magic
+    def bpf_run(self, line: str) -> None:
+        """`%bpf_run PATH [NAME] [options]`: run the program in file PATH, as `%%bpf --file PATH`
+        with the same options (see `%%bpf?`); the file's folder is on the include path."""
+        try:
+            words = shlex.split(line)
+        except ValueError as e:
+            raise UsageError(f"%bpf_run: {e}") from None
+        if not words or words[0].startswith("-"):
+            raise UsageError("usage: %bpf_run PATH [NAME] [%%bpf options], "
+                             "e.g. %bpf_run opensnoop.bpf.c --limit 5")
+        path, *rest = words
+        self.bpf(shlex.join([*rest, "--file", path]), "")
 
     def _show_status(self, probe: Probe, name: str) -> None:
         """A status line under the cell, refreshed in place while the probe runs (Jupyter only)."""
@@ -349,6 +370,7 @@ def options(args: Any) -> Options:
         globals=dict(global_value(s) for s in args.sets),
         only=program_names(args.only, "--only") or None, skip=program_names(args.skip, "--skip"),
         map_sizes=dict(map_size(s) for s in args.map_sizes),
+        file=args.file, include=list(args.include),
     )
 
 
@@ -372,6 +394,21 @@ def map_size(setting: str) -> tuple[str, int]:
         raise UsageError(f"%%bpf: --map-size expects NAME=N with N a positive number of entries, "
                          f"got {setting!r}")
     return name, n
+
+
+def program_source(opts: Options, cell: str) -> str:
+    """The program: the cell (line numbers as the notebook shows them, %%bpf being line 1), or
+    the text of --file, whose lines are the file's."""
+    if opts.file is None:
+        return "\n" + cell
+    if cell.strip():
+        raise UsageError(f"%%bpf: the program is either the cell or --file {opts.file}, not both: "
+                         "empty the cell or drop --file")
+    try:
+        source, _ = read_program(opts.file)
+    except KernelscopeError as e:
+        raise UsageError(f"%%bpf: --file: {e}") from None
+    return source
 
 
 def global_value(setting: str) -> tuple[str, int | str]:
@@ -416,10 +453,12 @@ def build_probe(source: str, opts: Options) -> Probe:
             show_warning(note)
         if opts.replay:
             return replay(opts.replay, speed=mode.replay_speed(), name=opts.name)  # type: ignore[return-value]
+        folder = [os.path.dirname(os.path.abspath(opts.file))] if opts.file else []
         probe = Probe(source, pages=opts.pages, max_rows=opts.max_rows, cflags=opts.cflags,
                       wakeup_events=opts.perf_wakeup, reorder_ns=opts.reorder_ns, name=opts.name,
                       backend=opts.backend, globals=opts.globals or None, programs=opts.only,
-                      skip=opts.skip or (), map_sizes=opts.map_sizes or None)
+                      skip=opts.skip or (), map_sizes=opts.map_sizes or None,
+                      include=[*folder, *(opts.include or [])])
         try:
             probe.load()
         except BaseException:
