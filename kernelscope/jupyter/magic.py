@@ -398,12 +398,12 @@ def map_size(setting: str) -> tuple[str, int]:
 
 def program_source(opts: Options, cell: str) -> str:
     """The program: the cell (line numbers as the notebook shows them, %%bpf being line 1), or
-    the text of --file, whose lines are the file's."""
+    the text of --file, whose lines are the file's (the cell then holds at most comments)."""
     if opts.file is None:
         return "\n" + cell
-    if cell.strip():
+    if _compile_blank(cell).strip():  # IPython wants a cell body: comments are fine
         raise UsageError(f"%%bpf: the program is either the cell or --file {opts.file}, not both: "
-                         "empty the cell or drop --file")
+                         "leave only comments in the cell, or drop --file")
     try:
         source, _ = read_program(opts.file)
     except KernelscopeError as e:
