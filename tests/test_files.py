@@ -99,6 +99,7 @@ static __always_inline void submit_to(void *rb, struct event *e)
 """
 
 EMIT_BPF_C = """\
+#include "vmlinux.h"
 #include "emit.h"
 
 SEC("tp/syscalls/sys_enter_getppid")
