@@ -386,3 +386,28 @@ def test_record_checks_its_include_folders_before_attaching(tmp_path: Path) -> N
         record.main([str(path), "-o", str(tmp_path / "x.parquet"), "--limit", "1",
                      "-I", str(tmp_path / "no")])
     assert info.value.code == 2
+
+
+COMPAT_H = """\
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+struct { __uint(type, BPF_MAP_TYPE_RINGBUF); __uint(max_entries, 64 * 4096); } events SEC(".maps");
+static __always_inline void *reserve_buf(__u64 size) { return bpf_ringbuf_reserve(&events, size, 0); }
+static __always_inline long submit_buf(void *ctx, void *buf, __u64 size)
+{
+\treturn bpf_perf_event_output(ctx, &events, BPF_F_CURRENT_CPU, buf, size);
+}
+"""
+
+
+def test_a_reservation_returned_by_a_header_function_takes_the_callers_type(tmp_path: Path) -> None:
+    """compat.bpf.h's reserve_buf()/submit_buf(void *buf): the type is the caller's variable's,
+    never the helper's `void *`."""
+    (tmp_path / "compat.h").write_text(COMPAT_H)
+    src = ('#include "compat.h"\nstruct event { __u32 pid; };\nSEC("tp/sched/sched_process_exec")\n'
+           "int f(void *ctx) {\n\tstruct event *eventp = reserve_buf(sizeof(*eventp));\n"
+           "\tif (!eventp) return 0;\n\tsubmit_buf(ctx, eventp, sizeof(*eventp));\n\treturn 0;\n}\n")
+    prep = core.prepare(src, cflags=[f"-I{tmp_path}"])
+    assert prep.preprocessed
+    assert prep.event_types == {"events": "struct event"}
+    assert prep.source.count("__ks_count(0,") == 2  # both header calls counted on the one map

@@ -44,6 +44,7 @@ _CALL = re.compile(r"\b(" + "|".join(_CALLS) + r")\s*\(")
 _INCLUDE = re.compile(r"^\s*#\s*include\s*[<\"]([^>\"]+)[>\"]", re.M)
 _SECTION = re.compile(_SEC_OR_ATTR + r'\s*"([^"]+)"\s*\)')
 _LICENSE = re.compile(_SEC_OR_ATTR + r'\s*"license"')
+_FN_HEAD = re.compile(r"(\w+)\s*\([^()]*\)\s*\{")
 _KEYWORDS = {"return", "sizeof", "if", "while", "else", "case", "goto", "typeof", "const", "volatile"}
 
 Cpp = Callable[[str, str], "Preprocessed | None"]  # (program, text before it) -> clang -E output
@@ -96,6 +97,26 @@ def _var_type(code: str, var: str, before: int) -> tuple[str, bool] | None:
 
 
 def _event_type(code: str, helper: str, args: list[str], start: int) -> str | None:
+    """The C type a call site sends (never `void`: a helper's `void *buf` says nothing)."""
+    found = _sent_type(code, helper, args, start)
+    return None if found in (None, "void") else found
+
+
+def _returned_type(code: str, start: int) -> str | None:
+    """For `return bpf_ringbuf_reserve(...)` in a function F (compat.bpf.h's reserve_buf): the
+    pointer type of a variable assigned from F (`struct event *e = F(...)`)."""
+    fns = [m.group(1) for m in _FN_HEAD.finditer(code, max(0, start - 20000), start)
+           if m.group(1) not in ("if", "while", "for", "switch")]
+    if not fns:
+        return None
+    for call in re.finditer(r"(\w+)\s*=\s*(?:\([^()]*\)\s*)?" + re.escape(fns[-1]) + r"\s*\(", code):
+        t = _var_type(code, call.group(1), call.end())
+        if t and t[1] and t[0] != "void":
+            return t[0]
+    return None
+
+
+def _sent_type(code: str, helper: str, args: list[str], start: int) -> str | None:
     """The C type a call site sends: from a reservation's target or an output call's data."""
     if helper == "bpf_ringbuf_reserve":
         size_arg = args[1] if len(args) > 1 else ""
@@ -109,6 +130,8 @@ def _event_type(code: str, helper: str, args: list[str], start: int) -> str | No
             t = _var_type(code, lhs.group(1), start)
             if t and t[1]:
                 return t[0]
+        if re.search(r"\breturn\s*$", code[:start]):
+            return _returned_type(code, start)
         return None
     data = args[3] if helper == "bpf_perf_event_output" and len(args) > 3 else (
         args[1] if len(args) > 1 else "")
