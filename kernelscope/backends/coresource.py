@@ -123,14 +123,15 @@ def _sent_type(code: str, helper: str, args: list[str], start: int) -> str | Non
         size = re.fullmatch(r"sizeof\s*\(\s*((?:struct|union)\s+\w+|\w+)\s*\)", size_arg)
         if size and not _var_type(code, size.group(1), start):
             return " ".join(size.group(1).split())
-        lhs = re.search(r"(\w+)\s*=\s*(?:\(\s*((?:struct|union)\s+\w+|\w+)\s*\*\s*\)\s*)?$", code[:start])
+        before = code[max(0, start - 400):start]  # the statement the call is in
+        lhs = re.search(r"(\w+)\s*=\s*(?:\(\s*((?:struct|union)\s+\w+|\w+)\s*\*\s*\)\s*)?$", before)
         if lhs:
             if lhs.group(2):
                 return " ".join(lhs.group(2).split())
             t = _var_type(code, lhs.group(1), start)
             if t and t[1]:
                 return t[0]
-        if re.search(r"\breturn\s*$", code[:start]):
+        if re.search(r"\breturn\s*$", before):
             return _returned_type(code, start)
         return None
     data = args[3] if helper == "bpf_perf_event_output" and len(args) > 3 else (

@@ -20,26 +20,30 @@ from pathlib import Path
 
 from .base import CELL_FILE
 
-_MARKER = re.compile(r'^#\s*(?:line\s+)?(\d+)\s+"((?:\\.|[^"\\])*)"')
+_MARKER = re.compile(r'^#\s*(?:line\s+)?(\d+)\s+"((?:\\.|[^"\\])*)".*$', re.M)
 _INCLUDE_LINE = re.compile(r'^\s*#\s*include\s*([<"])([^>"]+)[>"]')
 _DIR_FLAG = re.compile(r"^-(I|iquote|isystem)(.*)$")
 
 
 @dataclass
 class Preprocessed:
-    """clang -E output and, for each of its lines, the (file, line) it came from."""
+    """clang -E output cut into runs of lines, each from one file from a given line on."""
 
     text: str
     files: list[str]  # file names as the markers give them
-    origins: list[tuple[int, int]]  # per output line: (index into files, 1-based line); -1: a marker
-    starts: list[int]  # offset of each output line in text
+    runs: list[tuple[int, int, int, int]]  # (start, end offset in text, index into files, first line)
     main: str = ""  # the file clang was given (holding the program's `#line 1 "cell"` text)
+
+    def _run(self, pos: int) -> tuple[int, int, int, int]:
+        i = bisect.bisect_right(self.runs, (pos, 1 << 62)) - 1
+        return self.runs[max(i, 0)]
 
     def origin(self, pos: int) -> tuple[str, int]:
         """(file, line) of the character at offset `pos` of the output."""
-        i = bisect.bisect_right(self.starts, pos) - 1
-        f, line = self.origins[i]
-        return (self.files[f] if f >= 0 else "", line)
+        start, end, f, first = self._run(pos)
+        if not start <= pos <= end:
+            return ("", 0)  # a marker line
+        return (self.files[f], first + self.text.count("\n", start, pos))
 
     def cell_line(self, pos: int) -> int | None:
         """The program's own line for offset `pos`, or None when it lies in a header."""
@@ -58,48 +62,54 @@ class Preprocessed:
     def only(self, keep: Callable[[str], bool]) -> str:
         """The output with every line not from a kept file, and every directive line (markers,
         `#pragma`), blanked: same length and offsets, so what is found maps back to the text."""
-        lines = self.text.split("\n")
-        out = []
-        for text, (f, _) in zip(lines, self.origins, strict=False):
-            if f < 0 or text.lstrip().startswith("#") or not keep(self.files[f]):
-                out.append(" " * len(text))
-            else:
-                out.append(text)
-        return "\n".join(out)
+        kept = [keep(f) for f in self.files]  # decided once per file
+        parts: list[str] = []
+        at = 0
+        for start, end, f, _ in self.runs:
+            parts.append(_blank(self.text[at:start]))  # the marker line before the run
+            chunk = self.text[start:end]
+            parts.append(_DIRECTIVE.sub(lambda m: " " * len(m.group(0)), chunk) if kept[f] else _blank(chunk))
+            at = end
+        parts.append(_blank(self.text[at:]))
+        return "".join(parts)
 
     def cell_view(self, nlines: int) -> str:
         """The program's own lines as compiled, each at its line number: lines in inactive
         `#if` blocks, directives and headers become empty; macros are expanded."""
         view = [""] * nlines
-        for text, (f, line) in zip(self.text.split("\n"), self.origins, strict=False):
-            ours = f >= 0 and self.files[f] == CELL_FILE and 1 <= line <= nlines
-            if ours and not text.lstrip().startswith("#"):
-                view[line - 1] = f"{view[line - 1]} {text}" if view[line - 1] else text
+        for start, end, f, first in self.runs:
+            if self.files[f] != CELL_FILE:
+                continue
+            for n, text in enumerate(self.text[start:end].split("\n"), first):
+                if 1 <= n <= nlines and text.strip() and not text.lstrip().startswith("#"):
+                    view[n - 1] = f"{view[n - 1]} {text}" if view[n - 1] else text
         return "\n".join(view)
 
 
+_DIRECTIVE = re.compile(r"^[ \t]*#.*$", re.M)
+
+
+def _blank(text: str) -> str:
+    return "\n".join(" " * len(line) for line in text.split("\n"))
+
+
 def parse(text: str, main: str = "") -> Preprocessed:
-    """Trace each line of clang -E output back to its file and line through the markers."""
+    """Cut clang -E output at its line markers into runs of lines, each from one file."""
     files: list[str] = []
     index: dict[str, int] = {}
-    origins: list[tuple[int, int]] = []
-    starts: list[int] = []
-    cur, line, pos = -1, 0, 0
-    for raw in text.split("\n"):
-        starts.append(pos)
-        pos += len(raw) + 1
-        m = _MARKER.match(raw)
-        if m:
-            name = m.group(2).encode().decode("unicode_escape") if "\\" in m.group(2) else m.group(2)
-            if name not in index:
-                index[name] = len(files)
-                files.append(name)
-            cur, line = index[name], int(m.group(1))
-            origins.append((-1, 0))
-            continue
-        origins.append((cur, line))
-        line += 1
-    return Preprocessed(text, files, origins, starts, main)
+    runs: list[tuple[int, int, int, int]] = []
+    markers = list(_MARKER.finditer(text))
+    for i, m in enumerate(markers):
+        name = m.group(2).encode().decode("unicode_escape") if "\\" in m.group(2) else m.group(2)
+        if name not in index:
+            index[name] = len(files)
+            files.append(name)
+        nl = text.find("\n", m.end())
+        start = len(text) if nl < 0 else nl + 1
+        end = markers[i + 1].start() if i + 1 < len(markers) else len(text)
+        if start <= end:
+            runs.append((start, end, index[name], int(m.group(1))))
+    return Preprocessed(text, files, runs, main)
 
 
 def run(source: str, compiler: str, flags: Sequence[str], prefix: str = "") -> Preprocessed | None:
