@@ -48,10 +48,10 @@ from .base import (
     undeclared_calls,
     verifier_reason,
 )
-from .core import clang
 from .guard import check_records_fit, deferred_interrupts, slow_load_notice
 from .rewrite import ACCT_MAP, GATE_MAP, Instrumented, instrument, read_counters
 from .selection import NONE, Selection, bcc_loader
+from .toolchain import clang
 
 __all__ = ["BCCProgram", "Diagnostic", "capture_fd2", "load", "open_program", "parse_diagnostics",
            "prepare", "release_bpf"]
