@@ -174,7 +174,8 @@ def prepare(source: str, pages: int | dict[str, int] | None = None, cpp: Cpp | N
     head = _head(source, first)
     sections: list[tuple[str, int | None]]
     if first is not None:
-        sections = [(m.group(1), first.cell_line(m.start())) for m in _SECTION.finditer(first.only(keep))]
+        sections = [(m.group(1), first.cell_line(at + m.start()))
+                    for at, chunk in first.chunks(keep) for m in _SECTION.finditer(chunk)]
     else:
         sections = [(m.group(1), source.count("\n", 0, m.start()) + 1) for m in _SECTION.finditer(source)]
     full = cpp(source, head) if first is not None and cpp and _headers_output(first, keep) else None
@@ -201,8 +202,8 @@ def prepare(source: str, pages: int | dict[str, int] | None = None, cpp: Cpp | N
 
 def _headers_output(pre: Preprocessed, keep: Callable[[str], bool]) -> bool:
     """Whether the program's own headers declare an output map or call an output helper."""
-    code = pre.only(lambda f: f != CELL_FILE and keep(f))
-    return bool(_OUTPUT_MAP.search(code) or _CALL.search(code))
+    return any(_OUTPUT_MAP.search(chunk) or _CALL.search(chunk)
+               for _, chunk in pre.chunks(lambda f: f != CELL_FILE and keep(f)))
 
 
 Found = tuple[dict[str, OutputMap], dict[str, OutputMap], dict[str, str], list[tuple[int, int, str]]]

@@ -59,6 +59,12 @@ class Preprocessed:
         """Every file the program pulled in (the program itself and clang's built-ins excluded)."""
         return {f for f in self.files if f not in (CELL_FILE, self.main) and not f.startswith("<")}
 
+    def chunks(self, keep: Callable[[str], bool]) -> list[tuple[int, str]]:
+        """(offset, text) of each run of lines from a kept file: cheap to search (vmlinux.h's
+        100,000 lines are not copied), offsets still those of the whole text."""
+        kept = [keep(f) for f in self.files]
+        return [(start, self.text[start:end]) for start, end, f, _ in self.runs if kept[f]]
+
     def only(self, keep: Callable[[str], bool]) -> str:
         """The output with every line not from a kept file, and every directive line (markers,
         `#pragma`), blanked: same length and offsets, so what is found maps back to the text."""
