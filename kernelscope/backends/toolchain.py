@@ -16,6 +16,7 @@ import hashlib
 import os
 import re
 import subprocess
+import tempfile
 from functools import cache
 from pathlib import Path
 
@@ -34,7 +35,16 @@ def vmlinux_dir() -> Path:
     """A folder holding vmlinux.h for the running kernel, generated from its BTF once, cached
     (per user and cache folder: a process that changed uid must not reuse root's folder),
     with `extern __weak __ksym` prototypes of the kernel's kfuncs at its end."""
-    return _vmlinux_dir(os.geteuid(), CACHE)
+    euid = os.geteuid()
+    try:
+        return _vmlinux_dir(euid, CACHE)
+    except PermissionError:  # a cache folder this user may not use (another user's $HOME)
+        spare = Path(tempfile.gettempdir()) / f"kernelscope-vmlinux-{euid}"
+        spare.mkdir(mode=0o700, exist_ok=True)
+        if spare.stat().st_uid != euid:
+            raise SetupError(f"cannot use {CACHE} for vmlinux.h (permission denied), and {spare} belongs "
+                             "to another user: set XDG_CACHE_HOME to a folder of yours") from None
+        return _vmlinux_dir(euid, spare)
 
 
 @cache
