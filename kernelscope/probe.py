@@ -39,76 +39,14 @@ from .drain import (
     user_ring_stats,
 )
 from .errors import ClosedError, KernelscopeError, SettingError
-from .readers.base import check_pages
 from .results import Results
 from .schema import Schema
+from .settings import check_settings, include_flags, program_name, read_program, shown_setting
 
 _live: weakref.WeakSet[Probe] = weakref.WeakSet()
 BACKENDS: dict[str, Backend] = {"bcc": bcc, "libbpf": core}  # the one place a backend is chosen
 __all__ = ["BACKENDS", "GRACE", "Probe", "close_all", "live_probes"]
 GRACE = 0.02  # seconds for BPF programs already running to finish after the gate closes
-WAKEUPS = ("adaptive", "epoll", "timer")
-
-
-def check_settings(
-    *,
-    pages: object = None,
-    wakeup: object = None,
-    wakeup_events: object = None,
-    watermark_bytes: object = None,
-    reorder_ns: object = None,
-    poll_interval: object = None,
-) -> None:
-    """A SettingError naming the first bad setting (None: not given); nothing is changed."""
-    if isinstance(pages, Mapping):
-        for name, n in pages.items():
-            check_pages(n, f"pages[{name!r}]")
-    elif pages is not None:
-        check_pages(pages)
-    if wakeup is not None and wakeup not in WAKEUPS:
-        raise SettingError(f"wakeup must be one of {', '.join(map(repr, WAKEUPS))}, not {wakeup!r}")
-    for name, value, least in (("wakeup_events", wakeup_events, 1), ("watermark_bytes", watermark_bytes, 0),
-                               ("reorder_ns", reorder_ns, 0)):
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
-            raise SettingError(f"{name} must be a whole number >= {least}, not {value!r}")
-    if poll_interval is not None and (isinstance(poll_interval, bool)
-                                      or not isinstance(poll_interval, (int, float))
-                                      or not 0 < poll_interval < 3600):
-        raise SettingError(f"poll_interval must be seconds between 0 and 3600, not {poll_interval!r}")
-
-
-def include_flags(include: Sequence[str | os.PathLike[str]]) -> list[str]:
-    """`-I/abs/dir` per folder of `include=`; a SettingError for one that is not a folder."""
-    if isinstance(include, (str, os.PathLike)):
-        include = [include]
-    flags = []
-    for d in include:
-        folder = Path(d).expanduser().resolve()
-        if not folder.is_dir():
-            raise SettingError(f"include: {d} is not a folder (give the folders that hold the program's "
-                               "headers)")
-        flags.append(f"-I{folder}")
-    return flags
-
-
-def read_program(path: str | os.PathLike[str]) -> tuple[str, Path]:
-    """The text of a program file and its folder; a SettingError saying why it cannot be read."""
-    p = Path(path).expanduser()
-    try:
-        return p.read_text(), p.resolve().parent
-    except FileNotFoundError:
-        raise SettingError(f"no program file {p} (from {Path.cwd()})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SettingError(f"cannot read the program file {p}: {getattr(e, 'strerror', None) or e}") from None
-
-
-def program_name(path: str | os.PathLike[str]) -> str:
-    """`opensnoop` for opensnoop.bpf.c: the file name up to its first dot."""
-    return Path(path).name.split(".", 1)[0] or Path(path).name
-
-
 def live_probes() -> list[Probe]:
     return [p for p in list(_live) if not p.closed]
 
@@ -118,11 +56,6 @@ def close_all() -> None:
     """Close every live probe (interpreter exit, %bpf_stop --all, unload_ipython_extension)."""
     for p in live_probes():
         p.close()
-
-
-def _shown(setting: str, value: object) -> object:
-    """A setting's value as a reload mark says it ("pages default -> 8")."""
-    return value if value is not None else "default" if setting == "pages" else "off"
 
 
 class _LiveOrReplay(type):
@@ -459,7 +392,8 @@ class Probe(Results, metaclass=_LiveOrReplay):
             new["reorder_ns"] = reorder_ns
         if not new:
             return self
-        changes = "; ".join(f"{k} {_shown(k, getattr(self, k))} -> {_shown(k, v)}" for k, v in new.items())
+        changes = "; ".join(f"{k} {shown_setting(k, getattr(self, k))} -> {shown_setting(k, v)}"
+                            for k, v in new.items())
         instrumented = self._backend.prepare(self.source, new.get("pages", self.pages), self.globals,
                                              self.cflags)
         if not self.loaded:  # settings only: the next load() uses them

@@ -34,8 +34,9 @@ from .. import host, mode, tracepoints
 from ..backends import bcc
 from ..captures.replay import replay
 from ..errors import CompileError, InternalError, KernelscopeError, VerifierError
-from ..probe import Probe, close_all, live_probes, read_program
+from ..probe import Probe, close_all, live_probes
 from ..results import Results
+from ..settings import read_program
 from .display import Progress, StatusLine, live_output, show_warning
 
 DEFAULT_NAME = "probe"
