@@ -21,6 +21,7 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 from producers import paused
+from shell import Shell
 from traitlets.config import Config
 
 from kernelscope import Probe
@@ -298,21 +299,6 @@ def test_a_tracepoint_in_an_inactive_block_is_not_checked(source: str) -> None:
 
 
 # --- the magic and the CLI ------------------------------------------------------------------
-
-
-class Shell:
-    """An IPython shell whose `run_cell` raises the cell's error instead of printing it."""
-
-    def __init__(self, ip: InteractiveShell) -> None:
-        self.ip = ip
-
-    def run_cell(self, source: str) -> Any:
-        result = self.ip.run_cell(source)
-        if result.error_before_exec is not None:
-            raise result.error_before_exec
-        if result.error_in_exec is not None:
-            raise result.error_in_exec
-        return result.result
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ import pytest
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
+from shell import Shell
 from traitlets.config import Config
 from util import fd_count, wait_for
 
@@ -67,29 +68,6 @@ TRACEPOINT_PROBE(syscalls, sys_enter_getppid) {
     return 0;
 }
 """
-
-
-class Shell:
-    """An IPython shell whose `run_cell` raises the cell's error instead of printing it."""
-
-    def __init__(self, ip: InteractiveShell) -> None:
-        self.ip = ip
-
-    @property
-    def user_ns(self) -> dict[str, Any]:
-        return self.ip.user_ns
-
-    @property
-    def magics(self) -> magic.BPFMagics:
-        return self.ip.magics_manager.registry["BPFMagics"]
-
-    def run_cell(self, source: str) -> Any:
-        result = self.ip.run_cell(source)
-        if result.error_before_exec is not None:
-            raise result.error_before_exec
-        if result.error_in_exec is not None:
-            raise result.error_in_exec
-        return result.result
 
 
 @pytest.fixture(scope="module")
