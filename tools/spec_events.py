@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -198,8 +199,9 @@ def tcppktlat_opts(run: Run) -> Opts:
 
 def tcppktlat_run(run: Run) -> tuple[bool, str]:
     port = ground.tcp_exchange(1000)
-    rows = run.rows(lambda d: (d["sport"] == port) | (d["dport"] == port), 1)
-    return len(rows) >= 1, f"{len(rows)} packet-latency rows on port {port}"
+    be = socket.htons(port)  # sport/dport are the socket's __be16 fields; tcppktlat.c prints ntohs()
+    rows = run.rows(lambda d: (d["sport"] == be) | (d["dport"] == be), 1)
+    return len(rows) >= 1, f"{len(rows)} packet-latency rows on port {port} (network order {be})"
 
 
 def bashreadline_opts(run: Run) -> Opts:

@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -261,24 +263,37 @@ def futexctn_opts(run: Run) -> Opts:
                 map_sizes={"stackmap": 1024}, note=stack_note())
 
 
+# futexctn counts FUTEX_WAIT only (futexctn.bpf.c masks the op with FUTEX_CMD_MASK); Python's
+# own locks wait with FUTEX_WAIT_BITSET, so the trigger makes its waits with the syscall itself:
+# the main thread waits on a word that a second thread sets and wakes 5 ms later, 20 times.
 FUTEX = """
-import threading, time
-lock = threading.Lock()
-def work():
-    for _ in range(200):
-        with lock:
-            time.sleep(0.0005)
-ts = [threading.Thread(target=work) for _ in range(4)]
-[t.start() for t in ts]; [t.join() for t in ts]
+import ctypes, threading, time
+libc = ctypes.CDLL(None, use_errno=True)
+SYS_futex, WAIT, WAKE = 202, 0 | 128, 1 | 128  # x86_64; FUTEX_PRIVATE_FLAG
+word = ctypes.c_int(0)
+def wake():
+    time.sleep(0.005)
+    word.value = 1
+    libc.syscall(SYS_futex, ctypes.byref(word), WAKE, 1, None)
+print(ctypes.addressof(word), flush=True)
+for _ in range(20):
+    word.value = 0
+    t = threading.Thread(target=wake); t.start()
+    while word.value == 0:
+        libc.syscall(SYS_futex, ctypes.byref(word), WAIT, 0, None)
+    t.join()
 """
 
 
 def futexctn_run(run: Run) -> tuple[bool, str]:
-    pid, _ = ground.run(FUTEX, "ks-futex")
+    pid, out = ground.run(FUTEX, "ks-futex")
+    word = int(out.split()[0])  # the futex word's address: the interpreter's own waits use others
     time.sleep(0.2)
-    mine = [e for e in ground.dump("hists") if int(e["key"]["pid_tgid"]) >> 32 == pid]
+    mine = [e for e in ground.dump("hists")
+            if int(e["key"]["pid_tgid"]) >> 32 == pid and int(e["key"]["uaddr"]) == word]
     n = ground.total(mine, "contended")
-    return n > 0, f"{n} contended futex waits for tgid {pid} (4 threads on one lock), in {len(mine)} keys"
+    return 1 <= n <= 20, (f"{n} contended waits on the word for tgid {pid} (20 FUTEX_WAITs, each "
+                          f"woken by a thread unless the wake came first; want 1-20)")
 
 
 def profile_opts(run: Run) -> Opts:
@@ -312,11 +327,21 @@ def runqlen_opts(run: Run) -> Opts:
 
 
 def runqlen_run(run: Run) -> tuple[bool, str]:
+    # a spinner on each CPU: on this VM an idle vCPU's cpu-clock timer does not fire (every
+    # sample of an idle run lands on the one busy CPU), so a CPU counts only while it runs
+    spinners = [subprocess.Popen(["taskset", "-c", str(cpu), sys.executable, "-c", BUSY.format(s=3.0)])
+                for cpu in range(os.cpu_count() or 1)]
+    time.sleep(0.3)
+    a = time.monotonic()
     m0 = ground.total(ground.dump(".bss"), "slots")
-    t0 = time.monotonic()
+    t0 = (a + time.monotonic()) / 2  # a dump (bpftool) takes a while: time its middle
     time.sleep(2.0)
+    b = time.monotonic()
     m1 = ground.total(ground.dump(".bss"), "slots")
-    want = 99 * (time.monotonic() - t0) * os.cpu_count()  # type: ignore[operator]
+    t1 = (b + time.monotonic()) / 2
+    for sp in spinners:
+        sp.wait()
+    want = 99 * (t1 - t0) * os.cpu_count()  # type: ignore[operator]
     return near(m1 - m0, want, "run-queue samples vs 99 Hz x seconds x CPUs", 0.7, 1.2)
 
 
