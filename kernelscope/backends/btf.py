@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import numpy as np
 
 from ..errors import SchemaError, SetupError
 from ..schema import WIDE
+from .guard import run_tool
 
 VMLINUX = Path("/sys/kernel/btf/vmlinux")
 
@@ -50,8 +50,7 @@ class Types:
 
     @classmethod
     def load(cls, path: str | Path) -> Types:
-        proc = subprocess.run([require_bpftool(), "-j", "btf", "dump", "file", str(path)],
-                              capture_output=True, check=False)
+        proc = run_tool([require_bpftool(), "-j", "btf", "dump", "file", str(path)], text=False)
         if proc.returncode != 0:
             raise SchemaError(f"bpftool could not read the BTF of {path}: "
                               f"{proc.stderr.decode(errors='replace').strip()}")

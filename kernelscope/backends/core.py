@@ -24,7 +24,6 @@ import errno as _errno
 import os
 import re
 import shutil
-import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -45,7 +44,7 @@ from ..folders import new_workdir
 from . import attach, btf, coresource, elf, libbpf, preprocess
 from .base import format_diag, gave_up, packed, parse_diagnostics, verifier_reason
 from .coresource import ANCHOR, CoreSource, is_core
-from .guard import check_records_fit, deferred_interrupts, slow_load_notice
+from .guard import check_records_fit, deferred_interrupts, run_tool, slow_load_notice
 from .refusals import before_verifier, classify_load, map_shapes
 from .rewrite import ACCT_MAP, GATE_MAP, SLOTS
 from .selection import NONE, Selection, choose_programs, map_lines, program_lines, size_maps
@@ -86,7 +85,7 @@ def compile_object(prepared: CoreSource, user_source: str, cflags: tuple[str, ..
     src.write_text(prepared.source)
     cmd = [clang(), *compile_flags(cflags), "-Wno-unused-command-line-argument",  # toolchain.py: -mcpu, -I
            "-c", str(src), "-o", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=out.parent)
+    proc = run_tool(cmd, cwd=out.parent)
     if proc.returncode == 0:
         return
     log = proc.stderr

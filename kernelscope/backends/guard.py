@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -27,6 +28,24 @@ SLOW_LOAD_EVERY_S = 5.0
 # --- Ctrl-C --------------------------------------------------------------------------------
 
 _deferring = threading.local()
+
+
+def run_tool(cmd: list[str], *, text: bool = True, cwd: str | os.PathLike[str] | None = None
+             ) -> subprocess.CompletedProcess[Any]:
+    """subprocess.run(cmd, capture_output=True) that Ctrl-C cannot make leak: the child is
+    started with SIGINT deferred (Popen makes its pipes before it can store them, and an
+    interrupt in between loses their fds), then waited for interruptibly; an interrupt kills
+    the child, closes its pipes and propagates."""
+    with deferred_interrupts():
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=text, cwd=cwd)
+    with proc:
+        try:
+            out, err = proc.communicate()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @contextlib.contextmanager

@@ -12,13 +12,13 @@ from __future__ import annotations
 import bisect
 import os
 import re
-import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .base import CELL_FILE
+from .guard import run_tool
 
 _MARKER = re.compile(r'^#\s*(?:line\s+)?(\d+)\s+"((?:\\.|[^"\\])*)".*$', re.M)
 _INCLUDE_LINE = re.compile(r'^\s*#\s*include\s*([<"])([^>"]+)[>"]')
@@ -125,8 +125,7 @@ def run(source: str, compiler: str, flags: Sequence[str], prefix: str = "") -> P
         path = Path(d) / "cell.c"
         path.write_text(f'{prefix}#line 1 "{CELL_FILE}"\n{source}')
         try:
-            proc = subprocess.run([compiler, "-E", *flags, str(path)], capture_output=True, text=True,
-                                  check=False, cwd=d)
+            proc = run_tool([compiler, "-E", *flags, str(path)], cwd=d)
         except OSError:
             return None
     return parse(proc.stdout, str(path)) if proc.returncode == 0 else None

@@ -15,7 +15,6 @@ import ctypes
 import hashlib
 import os
 import re
-import subprocess
 import tempfile
 from functools import cache
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 from .. import host
 from ..errors import SchemaError, SetupError
 from . import btf
+from .guard import run_tool
 
 CACHE = host.cache_dir("vmlinux")
 INCLUDE = Path(__file__).parent / "include"  # bpf/bpf_helpers.h, bpf/bpf_tracing.h shadows
@@ -58,8 +58,8 @@ def _vmlinux_dir(_euid: int, cache_root: Path) -> Path:
     if header.is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([btf.require_bpftool(), "btf", "dump", "file", str(btf.VMLINUX), "format", "c"],
-                          capture_output=True, check=False)
+    proc = run_tool([btf.require_bpftool(), "btf", "dump", "file", str(btf.VMLINUX), "format", "c"],
+                    text=False)
     if proc.returncode != 0:
         raise SetupError(f"bpftool could not dump the kernel's BTF as C: "
                          f"{proc.stderr.decode(errors='replace').strip()}")
@@ -184,8 +184,7 @@ def anchored_type(source: Path, ctype: str, cflags: tuple[str, ...],
     probe.write_text(f'#include "{source.name}"\n#line 1 "<kernelscope dtypes>"\n'
                      f"{name} *__ks_named_type __attribute__((used));\n")
     out = probe.with_suffix(".o")
-    proc = subprocess.run([clang(), *compile_flags(cflags), "-c", str(probe), "-o", str(out)],
-                          capture_output=True, text=True, check=False, cwd=source.parent)
+    proc = run_tool([clang(), *compile_flags(cflags), "-c", str(probe), "-o", str(out)], cwd=source.parent)
     if proc.returncode != 0:
         said = next((ln.split("error:", 1)[1].strip() for ln in proc.stderr.splitlines() if "error:" in ln),
                     proc.stderr.strip())
