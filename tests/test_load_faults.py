@@ -61,7 +61,7 @@ SWEEP_SECONDS = 20.0  # per backend: the sweep is bounded in time, not in steps
 
 def kernel_fds() -> Counter[str]:
     """This process's fds by kind: each BPF kind (anon_inode:bpf-map, bpf-prog, btf, bpf_link,
-    [perf_event]) and "all"."""
+    [perf_event]), pipes, sockets and "all"."""
     kinds: Counter[str] = Counter()
     for fd in os.listdir("/proc/self/fd"):
         try:
@@ -71,6 +71,8 @@ def kernel_fds() -> Counter[str]:
         kinds["all"] += 1
         if target.startswith("anon_inode:"):
             kinds[target] += 1
+        elif target.startswith(("pipe:", "socket:")):  # a tool's pipes, named in a failure
+            kinds[target.split(":")[0]] += 1
     return kinds
 
 

@@ -151,19 +151,23 @@ def capture_fd2() -> Iterator[list[str]]:
     libbcc and clang write to the descriptor, bypassing sys.stderr; Python's buffered stderr
     is flushed on both sides so its own text lands where it was written.
     """
+    from .guard import deferred_interrupts  # guard imports this module
+
     out: list[str] = []
     with tempfile.TemporaryFile(mode="w+b") as tmp:
         sys.stderr.flush()
-        saved = os.dup(2)
-        try:
+        with deferred_interrupts():  # a Ctrl-C between dup and the try would lose `saved`
+            saved = os.dup(2)
             os.dup2(tmp.fileno(), 2)
             _saved_fd2.append(saved)
+        try:
             yield out
         finally:
             sys.stderr.flush()
-            _saved_fd2.remove(saved)
-            os.dup2(saved, 2)
-            os.close(saved)
+            with deferred_interrupts():
+                _saved_fd2.remove(saved)
+                os.dup2(saved, 2)
+                os.close(saved)
             tmp.seek(0)
             out.append(tmp.read().decode("utf-8", "replace"))
 

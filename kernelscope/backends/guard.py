@@ -34,17 +34,22 @@ def run_tool(cmd: list[str], *, text: bool = True, cwd: str | os.PathLike[str] |
              ) -> subprocess.CompletedProcess[Any]:
     """subprocess.run(cmd, capture_output=True) that Ctrl-C cannot make leak: the child is
     started with SIGINT deferred (Popen makes its pipes before it can store them, and an
-    interrupt in between loses their fds), then waited for interruptibly; an interrupt kills
-    the child, closes its pipes and propagates."""
-    with deferred_interrupts():
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=text, cwd=cwd)
-    with proc:
-        try:
-            out, err = proc.communicate()
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
+    interrupt in between loses their fds), then waited for interruptibly. An interrupt,
+    including one held back while the child started, kills and reaps the child and closes
+    its pipes before it propagates (a Popen dropped with its child running is kept alive in
+    subprocess._active, pipes open, until a later Popen reaps it)."""
+    proc: subprocess.Popen[Any] | None = None
+    try:
+        with deferred_interrupts():
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=text, cwd=cwd)
+        out, err = proc.communicate()
+    except BaseException:
+        if proc is not None:
+            with deferred_interrupts():
+                proc.kill()
+                with proc:  # closes the pipes and waits for the child
+                    pass
+        raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
