@@ -25,6 +25,9 @@ class OrderTracker:
         if not len(records):
             return
         ts = np.ascontiguousarray(records[self.ts_field], dtype=np.uint64)
+        if int(ts[0]) >= self.max_seen and not (ts[1:] < ts[:-1]).any():
+            self.max_seen = int(ts[-1])  # in order (the usual ring batch): no running max needed
+            return
         # running max of everything seen so far, this batch included
         running = np.maximum.accumulate(ts)
         np.maximum(running, np.uint64(self.max_seen), out=running)

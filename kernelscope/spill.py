@@ -11,6 +11,7 @@ process is gone (killed) are removed the next time a store spills.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import shutil
 import weakref
@@ -30,6 +31,7 @@ _budget: int | None = None  # set_memory_budget(); None: SHARE_OF_RAM of MemTota
 _disk_limit: int | None = None
 
 
+@functools.cache  # read once: every stored batch checks the budget
 def mem_total(meminfo: str = "/proc/meminfo") -> int:
     """Bytes of RAM (MemTotal), or 8 GiB when /proc/meminfo cannot be read."""
     with contextlib.suppress(OSError, ValueError, IndexError), open(meminfo) as f:

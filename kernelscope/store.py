@@ -28,6 +28,7 @@ from .schema import Schema
 
 CHUNK_ROWS = 4096  # small batches are gathered into chunks of about this many rows
 CONVERT_ROWS = 16384  # rows converted per step: other threads get the GIL between steps
+FIRST_CONVERT_ROWS = 1 << 22  # rows of the first step (~40 ms of GIL for numeric rows)
 SPILL_FILE_BYTES = 32 << 20  # raw bytes per segment file
 MERGE_ROWS = 1 << 20  # Arrow column pieces are merged up to this many rows
 SPILL_AT, SPILL_DOWN_TO = 0.9, 0.7  # shares of the budget: start spilling, stop spilling
@@ -100,6 +101,11 @@ class _View:
                 continue
             arr = np.asarray(values)
             buf = self.bufs.get(col)
+            if first and k >= CHUNK_ROWS:  # a whole run converted at once: its columns are the buffers
+                self.bufs[col] = arr
+                if arr.dtype == object:
+                    self.obj_row_bytes += sys.getsizeof(arr[0])
+                continue
             if buf is None or len(buf) < self.n + k:
                 grown = np.empty(max(2 * (len(buf) if buf is not None else 0), self.n + k, CHUNK_ROWS),
                                  arr.dtype)
@@ -424,14 +430,18 @@ class FrameStore:
                 view = _View(first_mem)
             parts: list[_Chunk] = []
             pending = 0  # rows in parts
+            # the first conversion takes up to FIRST_CONVERT_ROWS in one step, its columns
+            # kept as the buffers (no copy); later ones, as a drain extends the frame, go in
+            # steps of CONVERT_ROWS
+            step = CONVERT_ROWS if view.n else FIRST_CONVERT_ROWS
             for c in mem:
                 a, c_end = max(view.end + pending, c.seq0), c.seq0 + len(c.records)
                 while a < c_end:
-                    b = min(c_end, a + CONVERT_ROWS - pending)
+                    b = min(c_end, a + step - pending)
                     parts.append(_slice(c, a, b))
                     pending += b - a
                     a = b
-                    if pending >= CONVERT_ROWS:
+                    if pending >= step:
                         self._convert(view, parts)
                         parts, pending = [], 0
             if parts:
