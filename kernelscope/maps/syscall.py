@@ -72,7 +72,8 @@ def info(fd: int) -> Info:
     """BPF_OBJ_GET_INFO_BY_FD for a map."""
     buf = MapInfo()
     size = c_uint32(ctypes.sizeof(buf))
-    _check(libbpf.lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(buf), ctypes.byref(size)), f"map fd {fd}: info")
+    ret = libbpf.lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(buf), ctypes.byref(size))
+    _check(ret, f"map fd {fd}: info")
     return Info(MAP_KINDS.get(buf.type, f"type {buf.type}"), buf.id, buf.key_size, buf.value_size,
                 buf.max_entries, buf.map_flags, buf.name.decode(errors="replace"), buf.btf_id,
                 buf.btf_key_type_id, buf.btf_value_type_id)
@@ -161,7 +162,7 @@ def read_all(fd: int, key_size: int, vsize: int, max_entries: int, *, delete: bo
     (or LOOKUP_AND_DELETE_BATCH) `count` at a time where the kernel has it for the map,
     else key by key. `vsize`: value_bytes() for the map."""
     if batch:
-        got = _read_batched(fd, key_size, vsize, max_entries, delete, count)
+        got = _read_batched(fd, key_size, vsize, max_entries, delete=delete, count=count)
         if got is not None:
             return got
     ks, vs, calls = [], [], 1
@@ -189,12 +190,15 @@ def read_all(fd: int, key_size: int, vsize: int, max_entries: int, *, delete: bo
                 continue
             vs.append(v)
         ks.append(key)
-    kb = np.frombuffer(b"".join(ks), np.uint8).reshape(len(ks), key_size) if ks else np.empty((0, key_size), np.uint8)
-    vb = np.frombuffer(b"".join(vs), np.uint8).reshape(len(vs), vsize) if vs else np.empty((0, vsize), np.uint8)
-    return Elements(kb, vb, calls, False)
+    return Elements(_rows(ks, key_size), _rows(vs, vsize), calls, False)
 
 
-def _read_batched(fd: int, key_size: int, vsize: int, max_entries: int, delete: bool,
+def _rows(items: list[bytes], size: int) -> np.ndarray:
+    """Equal-sized byte strings as an (n, size) uint8 array."""
+    return np.frombuffer(b"".join(items), np.uint8).reshape(len(items), size)
+
+
+def _read_batched(fd: int, key_size: int, vsize: int, max_entries: int, *, delete: bool,
                   count: int) -> Elements | None:
     """None when the kernel has no batch lookup for this map (the caller iterates)."""
     so = libbpf.lib()
