@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from producers import paused
-from util import bpf_object_counts
+from util import bpf_object_counts, usdt_gc_program
 
 from kernelscope import AttachError, Probe
 from kernelscope.backends import attach
@@ -136,22 +136,7 @@ def test_perf_event_settings_are_checked_and_hardware_events_need_a_pmu() -> Non
 
 # --- USDT (CO-RE) ---------------------------------------------------------------------------
 
-USDT_CORE = r"""
-#include "vmlinux.h"
-#include <bpf/bpf_helpers.h>
-#include <bpf/usdt.bpf.h>
-struct ev { u32 pid; s32 gen; };
-struct { __uint(type, BPF_MAP_TYPE_RINGBUF); __uint(max_entries, 4096 * 4); } gcs SEC(".maps");
-SEC("usdt")
-int BPF_USDT(on_gc, int generation) {
-    struct ev *e = bpf_ringbuf_reserve(&gcs, sizeof(*e), 0);
-    if (!e) return 0;
-    e->pid = bpf_get_current_pid_tgid() >> 32;
-    e->gen = generation;
-    bpf_ringbuf_submit(e, 0);
-    return 0;
-}
-"""
+USDT_CORE = usdt_gc_program()
 
 GC_CHILD = "import sys, gc; print('ready', flush=True); sys.stdin.readline(); gc.collect(0); gc.collect(2)"
 

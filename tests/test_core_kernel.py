@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from producers import paused
-from util import bpf_object_counts, fd_count, refusal
+from util import bpf_object_counts, fd_count, refusal, usdt_gc_program
 
 from kernelscope import (
     AttachError,
@@ -429,22 +429,7 @@ def test_usdt_section_attaches_and_reads_the_probe_arguments() -> None:
     binary = _find_usdt_binary()
     if binary is None:
         pytest.skip("no binary with the python:gc__start USDT probe on this machine")
-    src = r"""
-    #include "vmlinux.h"
-    #include <bpf/bpf_helpers.h>
-    #include <bpf/usdt.bpf.h>
-    struct ev { u32 pid; s32 gen; };
-    struct { __uint(type, BPF_MAP_TYPE_RINGBUF); __uint(max_entries, 4096 * 4); } gcs SEC(".maps");
-    SEC("usdt/BINARY:python:gc__start")
-    int BPF_USDT(on_gc, int generation) {
-        struct ev *e = bpf_ringbuf_reserve(&gcs, sizeof(*e), 0);
-        if (!e) return 0;
-        e->pid = bpf_get_current_pid_tgid() >> 32;
-        e->gen = generation;
-        bpf_ringbuf_submit(e, 0);
-        return 0;
-    }
-    """.replace("BINARY", str(binary))
+    src = usdt_gc_program(f"usdt/{binary}:python:gc__start")
     p = Probe(src).start()
     assert p.attach_points() == [f"usdt:{binary}:python:gc__start"]
     child = subprocess.Popen([str(binary), "-c", "import gc; gc.collect(0); gc.collect(1); gc.collect(2)"])

@@ -18,11 +18,9 @@ from typing import Any
 import pandas as pd
 import pytest
 from IPython.core.error import UsageError
-from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 from producers import paused
-from shell import Shell
-from traitlets.config import Config
+from shell import Shell, ipython_shell
 
 from kernelscope import Probe
 from kernelscope.backends import core, preprocess
@@ -303,14 +301,7 @@ def test_a_tracepoint_in_an_inactive_block_is_not_checked(source: str) -> None:
 
 @pytest.fixture(scope="module")
 def shell() -> Iterator[Shell]:
-    config = Config()
-    config.HistoryManager.hist_file = ":memory:"
-    ip = InteractiveShell.instance(config=config)
-    ip.run_line_magic("load_ext", "kernelscope")
-    yield Shell(ip)
-    with capture_output():
-        ip.run_cell("%bpf_stop --all")
-    ip.run_line_magic("unload_ext", "kernelscope")
+    yield from ipython_shell()
 
 
 @pytest.mark.kernel

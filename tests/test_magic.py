@@ -26,10 +26,8 @@ from typing import Any
 import pandas as pd
 import pytest
 from IPython.core.error import UsageError
-from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
-from shell import Shell
-from traitlets.config import Config
+from shell import Shell, ipython_shell
 from util import fd_count, wait_for
 
 from kernelscope import Probe, host, mode
@@ -72,13 +70,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_getppid) {
 
 @pytest.fixture(scope="module")
 def shell() -> Iterator[Shell]:
-    config = Config()
-    config.HistoryManager.hist_file = ":memory:"
-    ip = InteractiveShell.instance(config=config)
-    ip.run_line_magic("load_ext", "kernelscope")
-    ip.run_cell("import os")
-    yield Shell(ip)
-    ip.run_line_magic("unload_ext", "kernelscope")
+    yield from ipython_shell("import os")
 
 
 @pytest.fixture(autouse=True)

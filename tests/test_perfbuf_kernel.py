@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -247,34 +246,6 @@ def test_garbage_collected_reader_frees_its_fds(prog, fd_count):
     gc.collect()
     assert fd_count() == fds
     assert perf_mappings() == maps
-
-
-def _in_epoll_wait(tid: int) -> bool:
-    # /proc/<tid>/syscall starts with the number of the syscall the thread is blocked in.
-    nr = Path(f"/proc/self/task/{tid}/syscall").read_text().split()[0]
-    return nr in {"232", "281", "441"}  # epoll_wait, epoll_pwait, epoll_pwait2 (x86_64)
-
-
-def test_close_wakes_a_blocked_poll(reader, wait_for):
-    r = reader()
-    outcome: list[BaseException | bool] = []
-    tid: list[int] = []
-
-    def wait() -> None:
-        tid.append(threading.get_native_id())
-        try:
-            outcome.append(r.poll(None))
-        except BaseException as e:
-            outcome.append(e)
-
-    t = threading.Thread(target=wait, daemon=True)
-    t.start()
-    wait_for(lambda: bool(tid) and _in_epoll_wait(tid[0]), what="poll blocked in epoll_wait")
-    r.close()
-    t.join(5.0)
-    assert not t.is_alive()
-    assert len(outcome) == 1
-    assert isinstance(outcome[0], ClosedError)
 
 
 def test_context_manager_closes(prog, fd_count):

@@ -100,3 +100,24 @@ def refusal(source: str, **probe_kwargs: object) -> UnsupportedError | None:
     except UnsupportedError as e:
         return e
     return None
+
+
+def usdt_gc_program(section: str = "usdt") -> str:
+    """A CO-RE program reading python:gc__start's generation argument into ring `gcs`;
+    SEC("usdt") is attached by hand, SEC("usdt/BINARY:python:gc__start") by libbpf."""
+    return r"""
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/usdt.bpf.h>
+struct ev { u32 pid; s32 gen; };
+struct { __uint(type, BPF_MAP_TYPE_RINGBUF); __uint(max_entries, 4096 * 4); } gcs SEC(".maps");
+SEC("SECTION")
+int BPF_USDT(on_gc, int generation) {
+    struct ev *e = bpf_ringbuf_reserve(&gcs, sizeof(*e), 0);
+    if (!e) return 0;
+    e->pid = bpf_get_current_pid_tgid() >> 32;
+    e->gen = generation;
+    bpf_ringbuf_submit(e, 0);
+    return 0;
+}
+""".replace("SECTION", section)
