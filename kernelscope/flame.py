@@ -335,7 +335,7 @@ def figure(tree: Tree, *, kind: str = "flame", title: str = "", unit: str = "") 
     trace = go.Icicle(
         ids=ids, labels=tree.name, parents=parents, values=tree.value, branchvalues="total", sort=False,
         customdata=share, marker={"colors": [colour(n) for n in tree.name]},
-        tiling={"orientation": "v", "flip": "y" if kind == "flame" else ""},
+        tiling={"orientation": "v", **({"flip": "y"} if kind == "flame" else {})},
         hovertemplate=(f"<b>%{{label}}</b><br>%{{value:,}}{u}<br>%{{customdata[0]:.2%}} of total<br>"
                        "%{customdata[1]:.2%} of parent<extra></extra>"))
     fig = go.Figure(trace)
