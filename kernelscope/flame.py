@@ -22,7 +22,7 @@ import itertools
 import json
 import math
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,8 +80,13 @@ def _as_stack(s: Any) -> tuple[str, ...]:
     return parts or (EMPTY,)
 
 
-def stacks(df: pd.DataFrame, stack: str = "stack", value: str | None = "count") -> dict[tuple[str, ...], Any]:
-    """Identical stacks summed: {root-first tuple: value}, in first-seen order, zero values dropped."""
+def stacks(df: pd.DataFrame, stack: str = "stack", value: str | None = "count", *,
+           by: str | Sequence[str] | None = None) -> dict[tuple[str, ...], Any]:
+    """Identical stacks summed: {root-first tuple: value}, in first-seen order, zero values dropped.
+
+    `by`: columns (e.g. "comm", or ["pid", "comm"]) whose values become the outermost frames,
+    so each process gets its own tower, as `profile -f` and stackcollapse output begin.
+    """
     if not isinstance(df, pd.DataFrame):
         raise FlameError(f"a flame graph is drawn from a DataFrame, not {type(df).__name__}")
     if stack not in df.columns:
@@ -102,6 +107,13 @@ def stacks(df: pd.DataFrame, stack: str = "stack", value: str | None = "count") 
     col = df[stack].tolist()
     if not _all_clean(col):
         col = [_as_stack(s) for s in col]
+    if by is not None:
+        names = [by] if isinstance(by, str) else list(by)
+        missing = [c for c in names if c not in df.columns]
+        if missing:
+            raise FlameError(f"by= columns {missing} are not in the frame; it has {list(df.columns)}")
+        outer = zip(*(map(_frame_name, df[c].tolist()) for c in names), strict=True)
+        col = [o + s for o, s in zip(outer, col, strict=True)]
     out: dict[tuple[str, ...], Any] = {}
     for s, w in zip(col, weights.tolist(), strict=True):
         if w:
@@ -127,12 +139,13 @@ def _fmt(v: Any) -> str:
     return str(v) if isinstance(v, (int, np.integer)) else f"{v:.15g}"
 
 
-def folded(df: pd.DataFrame, stack: str = "stack", value: str | None = "count") -> str:
+def folded(df: pd.DataFrame, stack: str = "stack", value: str | None = "count", *,
+           by: str | Sequence[str] | None = None) -> str:
     """Brendan Gregg's folded format: one "root;...;leaf value" line per distinct stack, sorted.
 
     ';' inside a frame name becomes ':' (the format has no escape).
     """
-    lines = sorted(f"{';'.join(s)} {_fmt(v)}" for s, v in stacks(df, stack, value).items())
+    lines = sorted(f"{';'.join(s)} {_fmt(v)}" for s, v in stacks(df, stack, value, by=by).items())
     return "\n".join(lines) + ("\n" if lines else "")
 
 
@@ -140,13 +153,14 @@ def _unit(value: str | None, unit: str | None) -> str:
     return unit if unit is not None else guess_unit(value)
 
 
-def speedscope(df: pd.DataFrame, stack: str = "stack", value: str | None = "count", name: str = "kernelscope",
-               unit: str | None = None) -> dict[str, Any]:
+def speedscope(df: pd.DataFrame, stack: str = "stack", value: str | None = "count", *,
+               name: str = "kernelscope", unit: str | None = None,
+               by: str | Sequence[str] | None = None) -> dict[str, Any]:
     """A speedscope file (https://www.speedscope.app/file-format-schema.json): shared frames and one
     "sampled" profile, each distinct stack a sample (frame indexes root first) with its value as weight."""
     from . import __version__
 
-    agg = stacks(df, stack, value)
+    agg = stacks(df, stack, value, by=by)
     index: dict[str, int] = {}
     samples = [[index.setdefault(f, len(index)) for f in s] for s in agg]
     weights = list(agg.values())
@@ -352,10 +366,10 @@ class FlameGraph:
 
     def __init__(self, df: pd.DataFrame, stack: str = "stack", value: str | None = "count", *,
                  kind: str = "flame", min_share: float = MIN_SHARE, title: str = "",
-                 unit: str | None = None) -> None:
+                 unit: str | None = None, by: str | Sequence[str] | None = None) -> None:
         if kind not in KINDS:
             raise FlameError(f"kind must be one of {KINDS}, not {kind!r}")
-        self.stacks = stacks(df, stack, value)
+        self.stacks = stacks(df, stack, value, by=by)
         self.kind = kind
         self.unit = _unit(value, unit)
         self.value_name = value
@@ -384,7 +398,7 @@ class FlameGraph:
     def speedscope(self, name: str = "kernelscope") -> dict[str, Any]:
         frame = pd.DataFrame({"stack": list(self.stacks), "v": list(self.stacks.values())})
         unit = self.unit if self.unit else None
-        return speedscope(frame, "stack", "v", name or self.title or "kernelscope", unit=unit)
+        return speedscope(frame, "stack", "v", name=name or self.title or "kernelscope", unit=unit)
 
     def html(self, plotlyjs: bool | str = True) -> str:
         """A whole page: the interactive graph (plotly.js inlined: opens offline), the SVG without scripts."""
@@ -425,11 +439,12 @@ class FlameGraph:
 
 
 def flamegraph(df: pd.DataFrame, stack: str = "stack", value: str | None = "count", *, kind: str = "flame",
-               min_share: float = MIN_SHARE, title: str = "", unit: str | None = None) -> FlameGraph:
+               min_share: float = MIN_SHARE, title: str = "", unit: str | None = None,
+               by: str | Sequence[str] | None = None) -> FlameGraph:
     """A flame graph (`kind="flame"`, root at the bottom) or icicle (`"icicle"`, root on top) of a frame
     with a column of root-first stacks and a value column; siblings below `min_share` of the total
-    merge into "[other]" (0 keeps every frame)."""
-    return FlameGraph(df, stack, value, kind=kind, min_share=min_share, title=title, unit=unit)
+    merge into "[other]" (0 keeps every frame); `by` columns become the outermost frames."""
+    return FlameGraph(df, stack, value, kind=kind, min_share=min_share, title=title, unit=unit, by=by)
 
 
 __all__ = ["FlameError", "FlameGraph", "Tree", "build_tree", "flamegraph", "folded", "speedscope", "stacks"]

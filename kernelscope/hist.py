@@ -419,9 +419,9 @@ class Histogram:
         for lab, c in zip(labels, row[span], strict=True):
             width = 100.0 * int(c) / top
             lines.append(
-                f"<tr><td style='text-align:right;white-space:nowrap'>{html.escape(lab)}</td>"
-                f"<td style='text-align:right'>{int(c):,}</td>"
-                f"<td style='text-align:right;color:#6b7280'>{100.0 * int(c) / total:.1f}%</td>"
+                f"<tr><td style='text-align:right;white-space:nowrap;padding:0 8px'>{html.escape(lab)}</td>"
+                f"<td style='text-align:right;padding:0 8px'>{int(c):,}</td>"
+                f"<td style='text-align:right;padding:0 8px;color:#6b7280'>{100.0 * int(c) / total:.1f}%</td>"
                 f"<td style='width:16em'><div style='background:{BAR_COLOUR};height:0.8em;"
                 f"width:{width:.1f}%'></div></td></tr>")
         return ("<table style='border-collapse:collapse;font-size:12px'><tr><th>bucket</th><th>count</th>"

@@ -59,6 +59,10 @@ def test_folded_text_is_exact() -> None:
     assert folded(as_text, stack="s", value="n") == "x 1\nx;y 3.5\n"
     rows = pd.DataFrame({"stack": [("a", "b"), ("a", "b"), (), ("a",)]})
     assert folded(rows, value=None) == "[no stack] 1\na 1\na;b 2\n"  # each row once; empty kept
+    procs = pd.DataFrame({"stack": [("main", "f"), ("main", "f"), ("main",)], "comm": ["dd", "cat", "dd"],
+                          "count": [1, 2, 3]})
+    assert folded(procs, by="comm") == "cat;main;f 2\ndd;main 3\ndd;main;f 1\n"
+    assert flamegraph(procs, by=["comm"]).tree.name[:3] == [ROOT, "cat", "dd"]
 
 
 def test_speedscope_file_validates_and_holds_the_same_stacks() -> None:
