@@ -11,7 +11,8 @@ outermost caller first, leaf last; a "a;b;c" string also works) and a value colu
 Width is a frame's share of the total. For large inputs, sibling frames below `min_share`
 of the total (default 0.1 %, about one pixel of a 1200-pixel graph) are merged into one
 "[other]" frame under their parent, and what lies above them is not drawn: the kept frames'
-widths stay exact, and 100k distinct stacks still draw in well under a second.
+widths stay exact, and 100k distinct stacks of ~25 frames build in about a second (the tree is
+merged level by level with numpy over all stacks at once) and draw a few hundred frames.
 `folded()` and `speedscope()` are never pruned.
 """
 
