@@ -406,7 +406,8 @@ class Histogram:
                 marker={"color": COLOURS[i % len(COLOURS)]},
                 hovertemplate="%{x}: %{y:,} (%{customdata:.1%})<extra>%{fullData.name}</extra>"))
         fig.update_layout(
-            template="none", title=title or repr(self).strip("<>"), bargap=0.05, barmode="group",
+            template="none", title={"text": title or repr(self).strip("<>"), "x": 0.01, "xanchor": "left"},
+            bargap=0.05, barmode="group",
             showlegend=self.keys is not None, height=360, margin={"l": 60, "r": 20, "t": 40, "b": 90},
             xaxis={"title": self.unit or "value", "type": "category", "tickangle": -45},
             yaxis={"title": "count", "gridcolor": "#e5e7eb"})
