@@ -25,6 +25,7 @@ from .errors import (
     UserRingFullError,
     VerifierError,
 )
+from .flame import flamegraph
 from .probe import Probe, close_all, live_probes
 from .spill import set_memory_budget
 
@@ -48,6 +49,7 @@ __all__ = [
     "UserRingFullError",
     "VerifierError",
     "close_all",
+    "flamegraph",
     "ip_address",
     "live_probes",
     "load_ipython_extension",
