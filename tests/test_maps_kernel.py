@@ -1,0 +1,420 @@
+"""probe.maps and probe.globals on real programs, both backends (issue 15, the maps layer).
+
+Ground truth is made on purpose: a child process that makes exactly N getppid() calls (the
+programs filter on its pid), /proc/softirqs read around the same interval, keys written
+from Python. Nothing asserts one machine's timing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from nobody import run_as_nobody
+from producers import paused
+
+from kernelscope import Probe
+from kernelscope.backends import libbpf
+from kernelscope.captures.replay import replay
+from kernelscope.errors import KernelscopeError
+from kernelscope.maps import syscall
+
+GETPPID = 110  # x86_64 syscall number (the suite's machines are x86_64)
+pytestmark = pytest.mark.kernel
+
+SYSCOUNT = {
+    "bcc": r"""
+BPF_HASH(counts, u32, u64, 1024);
+TRACEPOINT_PROBE(raw_syscalls, sys_enter) {
+    if ((bpf_get_current_pid_tgid() >> 32) != TARGET) return 0;
+    u32 id = args->id;
+    counts.increment(id);
+    return 0;
+}
+""",
+    "libbpf": r"""
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+struct { __uint(type, BPF_MAP_TYPE_HASH); __uint(max_entries, 1024); __type(key, u32); __type(value, u64); }
+    counts SEC(".maps");
+SEC("tp/raw_syscalls/sys_enter")
+int ks_syscount(struct trace_event_raw_sys_enter *ctx) {
+    if ((bpf_get_current_pid_tgid() >> 32) != TARGET) return 0;
+    u32 id = ctx->id;
+    u64 one = 1, *v = bpf_map_lookup_elem(&counts, &id);
+    if (v) __sync_fetch_and_add(v, 1);
+    else bpf_map_update_elem(&counts, &id, &one, BPF_NOEXIST);
+    return 0;
+}
+char LICENSE[] SEC("license") = "GPL";
+""",
+}
+
+SOFTIRQS = {
+    "bcc": r"""
+BPF_PERCPU_ARRAY(counts, u64, 10);
+TRACEPOINT_PROBE(irq, softirq_entry) {
+    u32 vec = args->vec;
+    u64 *v = counts.lookup(&vec);
+    if (v) (*v)++;
+    return 0;
+}
+""",
+    "libbpf": r"""
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+struct { __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY); __uint(max_entries, 10); __type(key, u32); __type(value, u64); }
+    counts SEC(".maps");
+SEC("tp/irq/softirq_entry")
+int ks_softirqs(struct trace_event_raw_softirq *ctx) {
+    u32 vec = ctx->vec;
+    u64 *v = bpf_map_lookup_elem(&counts, &vec);
+    if (v) (*v)++;
+    return 0;
+}
+char LICENSE[] SEC("license") = "GPL";
+""",
+}
+
+# a struct key and value the test writes from Python; the program only declares the map
+STRUCTS = {
+    "bcc": r"""
+struct key_t { u32 pid; char comm[16]; };
+struct val_t { u64 count; u32 slots[4]; };
+BPF_HASH(tally, struct key_t, struct val_t, 64);
+BPF_ARRAY(cells, u64, 8);
+TRACEPOINT_PROBE(syscalls, sys_enter_getppid) {
+    u32 k = 0;
+    u64 *c = cells.lookup(&k);
+    if (c) (*c)++;
+    struct key_t key = {};
+    if (key.pid == 1) tally.delete(&key);
+    return 0;
+}
+""",
+    "libbpf": r"""
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+struct key_t { u32 pid; char comm[16]; };
+struct val_t { u64 count; u32 slots[4]; };
+struct { __uint(type, BPF_MAP_TYPE_HASH); __uint(max_entries, 64); __type(key, struct key_t);
+         __type(value, struct val_t); } tally SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 8); __type(key, u32); __type(value, u64); }
+    cells SEC(".maps");
+SEC("tp/syscalls/sys_enter_getppid")
+int ks_structs(void *ctx) {
+    u32 k = 0;
+    u64 *c = bpf_map_lookup_elem(&cells, &k);
+    if (c) __sync_fetch_and_add(c, 1);
+    struct key_t key = {};
+    if (key.pid == 1) bpf_map_delete_elem(&tally, &key);
+    return 0;
+}
+char LICENSE[] SEC("license") = "GPL";
+""",
+}
+
+GLOBALS = r"""
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+u32 targ_pid = 0;
+u64 hits = 0;
+char label[16] = "maps";
+const volatile u32 ro_limit = 7;
+SEC("tp/syscalls/sys_enter_getppid")
+int ks_globals(void *ctx) {
+    if ((bpf_get_current_pid_tgid() >> 32) != targ_pid || hits >= ro_limit * 1000000) return 0;
+    __sync_fetch_and_add(&hits, 1);
+    return 0;
+}
+char LICENSE[] SEC("license") = "GPL";
+"""
+
+BIG = {
+    "bcc": "BPF_HASH(big, u32, u64, 16384);\nTRACEPOINT_PROBE(syscalls, sys_enter_getppid) "
+           "{ u32 k = 1; u64 *v = big.lookup(&k); if (v) (*v)++; return 0; }\n",
+    "libbpf": r"""
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+struct { __uint(type, BPF_MAP_TYPE_HASH); __uint(max_entries, 16384); __type(key, u32); __type(value, u64); }
+    big SEC(".maps");
+SEC("tp/syscalls/sys_enter_getppid")
+int ks_big(void *ctx) { u32 k = 1; u64 *v = bpf_map_lookup_elem(&big, &k); if (v) __sync_fetch_and_add(v, 1);
+                        return 0; }
+char LICENSE[] SEC("license") = "GPL";
+""",
+}
+
+BACKENDS = ["bcc", "libbpf"]
+
+
+def _getppid_count(frame: pd.DataFrame) -> int:
+    hit = frame.loc[frame["key"] == GETPPID, "value"]
+    return int(hit.iloc[0]) if len(hit) else 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_syscount_counts_exactly_the_getppid_calls_made(backend: str, tmp_path) -> None:
+    n = 3_000
+    child = paused(n)
+    p = Probe(SYSCOUNT[backend], backend=backend, cflags=child.cflags).start()
+    try:
+        assert "nothing to drain" not in " ".join(p.warnings)  # maps to read: no complaint
+        counts = p.maps["counts"]
+        assert (counts.kind, counts.key_size, counts.value_size, counts.per_cpu) == ("hash", 4, 8, False)
+        assert list(p.maps) == ["counts"]  # kernelscope's gate and accounting maps are hidden
+        child.go()
+        frame = counts.frame()
+        assert list(frame.columns) == ["key", "value"]
+        assert _getppid_count(frame) == n
+        assert counts.lookup(GETPPID) == n
+        assert dict(counts.items())[GETPPID] == n
+        assert "counts" in repr(p.maps) and "hash" in p.maps._repr_html_()
+
+        p.stop()
+        frozen = counts.frame()
+        counts.update(12345, 1)  # a write while stopped: the snapshot is taken again, and shows it
+        assert counts.lookup(12345) == 1
+        assert _getppid_count(counts.frame()) == n
+        assert not frozen.equals(counts.frame())
+
+        path = p.save(tmp_path / "syscount.parquet")
+        r = replay(path, speed=None)
+        pd.testing.assert_frame_equal(r.maps["counts"].frame(), counts.frame())
+        assert r.maps["counts"].lookup(GETPPID) == n
+        with pytest.raises(KernelscopeError, match="replay"):
+            r.maps["counts"].update(1, 1)
+    finally:
+        p.close()
+    pd.testing.assert_frame_equal(p.maps["counts"].frame(), counts.frame())  # readable after close
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stop_freezes_the_frame_while_the_kernel_map_moves_on(backend: str) -> None:
+    # the program counts this process's own syscalls, so the kernel map moves after stop()
+    p = Probe(SYSCOUNT[backend], backend=backend, cflags=[f"-DTARGET={os.getpid()}"]).start()
+    try:
+        for _ in range(100):
+            os.getppid()
+        p.stop()
+        frozen = p.maps["counts"].frame()
+        before = _getppid_count(frozen)
+        assert before >= 100
+        for _ in range(250):
+            os.getppid()
+        time.sleep(1.0)
+        after = p.maps["counts"].frame()
+        pd.testing.assert_frame_equal(after, frozen)  # identical 1 s later
+        live = _getppid_count(p.maps["counts"].frame(live=True))
+        assert live >= before + 250  # the map-update helpers are not gated: the kernel map moved on
+        p.start()
+        assert _getppid_count(p.maps["counts"].frame()) >= live  # start() reads live again
+    finally:
+        p.close()
+
+
+def _proc_softirqs() -> dict[str, int]:
+    """/proc/softirqs: vector name -> count summed over CPUs."""
+    with open("/proc/softirqs") as f:
+        lines = f.read().splitlines()[1:]
+    return {ln.split(":")[0].strip(): sum(int(x) for x in ln.split(":")[1].split()) for ln in lines}
+
+
+VECTORS = ["HI", "TIMER", "NET_TX", "NET_RX", "BLOCK", "IRQ_POLL", "TASKLET", "SCHED", "HRTIMER", "RCU"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softirqs_per_cpu_array_matches_proc_softirqs(backend: str) -> None:
+    """Tolerance: the kernel bumps /proc/softirqs (kstat_incr_softirqs_this_cpu) and fires
+    irq:softirq_entry one after the other for every softirq it runs, so over one interval the
+    two agree exactly but for the softirqs that ran in the gaps between the reads. The reads
+    are ordered proc, map, ..., map, proc, so the map's interval lies inside /proc's: map <= proc
+    (plus one per CPU and boundary, for a softirq counted just before a read and traced just
+    after it), and proc - map is what ran in the two gaps, checked against the rate seen."""
+    ncpus = libbpf.possible_cpus()
+    p = Probe(SOFTIRQS[backend], backend=backend).start()
+    try:
+        m = p.maps["counts"]
+        assert m.per_cpu and m.kind == "percpu_array"
+        t0 = time.monotonic()
+        a = _proc_softirqs()
+        m0 = m.frame()
+        g0 = time.monotonic() - t0
+        time.sleep(1.0)
+        t1 = time.monotonic()
+        m1 = m.frame()
+        by_cpu = m.frame(per_cpu=True)
+        b = _proc_softirqs()
+        g1 = time.monotonic() - t1
+        span = time.monotonic() - t0
+    finally:
+        p.close()
+    assert list(by_cpu.columns) == ["key", "cpu", "value"]
+    assert len(by_cpu) == 10 * ncpus
+    summed = by_cpu.groupby("key")["value"].sum()
+    np.testing.assert_array_equal(summed.to_numpy(), m1["value"].to_numpy())  # per-CPU rows sum to the frame
+    got = dict(zip(m1["key"], m1["value"] - m0["value"], strict=True))
+    for i, name in enumerate(VECTORS):
+        proc = b[name] - a[name]
+        rate = proc / span
+        gaps = rate * (g0 + g1) * 4 + 4  # what ran while the two pairs of reads were made, with room
+        assert got[i] <= proc + 2 * ncpus, (name, got[i], proc)
+        assert proc - got[i] <= gaps, (name, got[i], proc, gaps)
+    assert got[VECTORS.index("TIMER")] + got[VECTORS.index("RCU")] + got[VECTORS.index("SCHED")] > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_element_access_with_struct_keys_and_values(backend: str) -> None:
+    p = Probe(STRUCTS[backend], backend=backend).load()
+    try:
+        tally = p.maps["tally"]
+        assert tally.key_dtype.names == ("pid", "comm") and tally.value_dtype.names == ("count", "slots")
+        tally.update({"pid": 7, "comm": "seven"}, {"count": 70, "slots": [1, 2, 3, 4]})
+        tally.update({"pid": 8, "comm": "eight"}, {"count": 80, "slots": [5, 6, 7, 8]})
+        frame = tally.frame()
+        assert list(frame.columns) == ["pid", "comm", "count", "slots"]
+        rows = frame.sort_values("pid").reset_index(drop=True)
+        assert rows["comm"].tolist() == ["seven", "eight"]
+        assert rows["count"].tolist() == [70, 80]
+        assert rows["slots"][1].tolist() == [5, 6, 7, 8]
+        got = tally.lookup({"pid": 7, "comm": "seven"})
+        assert got["count"] == 70 and got["slots"].tolist() == [1, 2, 3, 4]
+        assert tally.lookup({"pid": 9, "comm": "x"}) is None
+        assert tally.delete({"pid": 8, "comm": "eight"}) is True
+        assert tally.delete({"pid": 8, "comm": "eight"}) is False
+        tally.zero()
+        assert tally.frame()["count"].tolist() == [0]
+        tally.update({"pid": 9, "comm": "nine"}, {"count": 9})
+        drained = tally.drain()
+        assert sorted(drained["pid"].tolist()) == [7, 9] and len(tally.frame()) == 0
+        tally.update({"pid": 1, "comm": "one"}, {"count": 1})
+        tally.clear()
+        assert len(tally.frame()) == 0
+        with pytest.raises(KernelscopeError, match="no field 'cnt'"):
+            tally.update({"pid": 1, "comm": "x"}, {"cnt": 1})
+
+        cells = p.maps["cells"]  # an array: every index exists; delete and clear zero
+        cells.update(3, 33)
+        assert cells.frame()["value"].tolist() == [0, 0, 0, 33, 0, 0, 0, 0]
+        assert cells.drain()["value"].tolist()[3] == 33
+        assert cells.frame()["value"].sum() == 0
+        cells.update(2, 5)
+        cells.delete(2)
+        assert cells.lookup(2) == 0
+        with pytest.raises(KernelscopeError, match="does not fit"):
+            cells.update(1, 1 << 70)
+    finally:
+        p.close()
+
+
+def test_globals_read_write_change_what_is_counted() -> None:
+    p = Probe(GLOBALS, backend="libbpf").start()
+    try:
+        g = p.globals
+        assert {"targ_pid", "hits", "label", "ro_limit"} <= set(g)
+        assert not any(name.startswith("__ks_") for name in g)
+        assert (g["targ_pid"], g["hits"], g["label"], g["ro_limit"]) == (0, 0, "maps", 7)
+        first = paused(400)
+        g["targ_pid"] = first.pid
+        first.go()
+        assert g["hits"] == 400
+        ignored = paused(300)  # not the target: not counted
+        ignored.go()
+        second = paused(250)
+        g["targ_pid"] = second.pid
+        second.go()
+        assert g["hits"] == 650
+        assert p.maps[".bss"].frame()["hits"].tolist() == [650]
+        g["label"] = "renamed"
+        assert g["label"] == "renamed"
+        with pytest.raises(KernelscopeError, match="const volatile"):
+            g["ro_limit"] = 1
+        p.stop()
+        assert p.globals["hits"] == 650  # the stop-time snapshot
+    finally:
+        p.close()
+
+
+def test_bcc_has_no_globals_and_says_what_to_use() -> None:
+    p = Probe(SYSCOUNT["bcc"], backend="bcc", cflags=["-DTARGET=1"]).load()
+    try:
+        with pytest.raises(KernelscopeError, match="BPF_ARRAY"):
+            p.globals["x"]  # noqa: B018
+    finally:
+        p.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_output_maps_are_listed_but_point_at_the_frame(backend: str) -> None:
+    from test_unprivileged import SOURCES
+
+    p = Probe(SOURCES[backend], backend=backend, cflags=["-DTARGET=1"]).load()
+    try:
+        name = "ks_unpriv_ev" if backend == "bcc" else "ks_unpriv_core"
+        assert p.maps[name].kind == "ringbuf"
+        with pytest.raises(KernelscopeError, match=r"probe.df / probe.frame\(name\)"):
+            p.maps[name].frame()
+    finally:
+        p.close()
+
+
+def _replayed_frames(path: str) -> dict[str, pd.DataFrame]:
+    r = replay(path, speed=None)
+    return {name: r.maps[name].frame() for name in r.maps}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_save_and_replay_give_identical_map_frames_also_unprivileged(backend: str) -> None:
+    import kernelscope.captures.replay  # noqa: F401 (imported before the fork)
+
+    child = paused(1_000)
+    p = Probe(SYSCOUNT[backend], backend=backend, cflags=child.cflags).start()
+    try:
+        child.go()
+        p.stop()
+        expected = p.maps["counts"].frame()
+        folder = Path(tempfile.mkdtemp(prefix="ks-maps-"))  # /tmp: a folder uid 65534 may enter
+        path = p.save(folder / "c.parquet")
+    finally:
+        p.close()
+    try:
+        os.chmod(folder, 0o755)
+        os.chmod(path, 0o644)
+        out = run_as_nobody(lambda: _replayed_frames(str(path)))
+    finally:
+        shutil.rmtree(folder)
+    assert out.error is None, out.traceback
+    pd.testing.assert_frame_equal(out.value["counts"], expected)
+    assert _getppid_count(out.value["counts"]) == 1_000
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_reads_use_far_fewer_syscalls_than_key_by_key(backend: str) -> None:
+    n = 10_000
+    p = Probe(BIG[backend], backend=backend).load()
+    try:
+        big = p.maps["big"]
+        keys = np.arange(1, n + 1, dtype="<u4")
+        values = keys.astype("<u8") * 3
+        libbpf.map_update_batch(big.fd, keys.tobytes(), values.tobytes(), n)
+        t0 = time.perf_counter()
+        batched = syscall.read_all(big.fd, 4, 8, big.max_entries, batch=True)
+        t1 = time.perf_counter()
+        single = syscall.read_all(big.fd, 4, 8, big.max_entries, batch=False)
+        t2 = time.perf_counter()
+        frame = big.frame()
+    finally:
+        p.close()
+    print(f"\n{backend}: {n} keys, batch: {batched.syscalls} syscalls, {n / (t1 - t0):,.0f} keys/s; "
+          f"key by key: {single.syscalls} syscalls, {n / (t2 - t1):,.0f} keys/s")
+    assert batched.batched and not single.batched
+    assert len(batched.keys) == len(single.keys) == n
+    assert batched.syscalls * 100 < single.syscalls
+    assert frame["key"].tolist() == keys.tolist() and frame["value"].tolist() == values.tolist()
+
