@@ -69,8 +69,8 @@ TRACEPOINT_PROBE(irq, softirq_entry) {
     "libbpf": r"""
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
-struct { __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY); __uint(max_entries, 10); __type(key, u32); __type(value, u64); }
-    counts SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY); __uint(max_entries, 10); __type(key, u32);
+         __type(value, u64); } counts SEC(".maps");
 SEC("tp/irq/softirq_entry")
 int ks_softirqs(struct trace_event_raw_softirq *ctx) {
     u32 vec = ctx->vec;
@@ -175,7 +175,8 @@ def test_syscount_counts_exactly_the_getppid_calls_made(backend: str, tmp_path) 
         assert _getppid_count(frame) == n
         assert counts.lookup(GETPPID) == n
         assert dict(counts.items())[GETPPID] == n
-        assert "counts" in repr(p.maps) and "hash" in p.maps._repr_html_()
+        assert "counts" in repr(p.maps)
+        assert "hash" in p.maps._repr_html_()
 
         p.stop()
         frozen = counts.frame()
@@ -241,7 +242,7 @@ def test_softirqs_per_cpu_array_matches_proc_softirqs(backend: str) -> None:
     p = Probe(SOFTIRQS[backend], backend=backend).start()
     try:
         m = p.maps["counts"]
-        assert m.per_cpu and m.kind == "percpu_array"
+        assert (m.per_cpu, m.kind) == (True, "percpu_array")
         t0 = time.monotonic()
         a = _proc_softirqs()
         m0 = m.frame()
@@ -274,7 +275,7 @@ def test_element_access_with_struct_keys_and_values(backend: str) -> None:
     p = Probe(STRUCTS[backend], backend=backend).load()
     try:
         tally = p.maps["tally"]
-        assert tally.key_dtype.names == ("pid", "comm") and tally.value_dtype.names == ("count", "slots")
+        assert (tally.key_dtype.names, tally.value_dtype.names) == (("pid", "comm"), ("count", "slots"))
         tally.update({"pid": 7, "comm": "seven"}, {"count": 70, "slots": [1, 2, 3, 4]})
         tally.update({"pid": 8, "comm": "eight"}, {"count": 80, "slots": [5, 6, 7, 8]})
         frame = tally.frame()
@@ -284,7 +285,7 @@ def test_element_access_with_struct_keys_and_values(backend: str) -> None:
         assert rows["count"].tolist() == [70, 80]
         assert rows["slots"][1].tolist() == [5, 6, 7, 8]
         got = tally.lookup({"pid": 7, "comm": "seven"})
-        assert got["count"] == 70 and got["slots"].tolist() == [1, 2, 3, 4]
+        assert (got["count"], got["slots"].tolist()) == (70, [1, 2, 3, 4])
         assert tally.lookup({"pid": 9, "comm": "x"}) is None
         assert tally.delete({"pid": 8, "comm": "eight"}) is True
         assert tally.delete({"pid": 8, "comm": "eight"}) is False
@@ -292,7 +293,8 @@ def test_element_access_with_struct_keys_and_values(backend: str) -> None:
         assert tally.frame()["count"].tolist() == [0]
         tally.update({"pid": 9, "comm": "nine"}, {"count": 9})
         drained = tally.drain()
-        assert sorted(drained["pid"].tolist()) == [7, 9] and len(tally.frame()) == 0
+        assert sorted(drained["pid"].tolist()) == [7, 9]
+        assert len(tally.frame()) == 0
         tally.update({"pid": 1, "comm": "one"}, {"count": 1})
         tally.clear()
         assert len(tally.frame()) == 0
@@ -345,7 +347,7 @@ def test_bcc_has_no_globals_and_says_what_to_use() -> None:
     p = Probe(SYSCOUNT["bcc"], backend="bcc", cflags=["-DTARGET=1"]).load()
     try:
         with pytest.raises(KernelscopeError, match="BPF_ARRAY"):
-            p.globals["x"]  # noqa: B018
+            p.globals["x"]
     finally:
         p.close()
 
@@ -413,8 +415,9 @@ def test_batch_reads_use_far_fewer_syscalls_than_key_by_key(backend: str) -> Non
         p.close()
     print(f"\n{backend}: {n} keys, batch: {batched.syscalls} syscalls, {n / (t1 - t0):,.0f} keys/s; "
           f"key by key: {single.syscalls} syscalls, {n / (t2 - t1):,.0f} keys/s")
-    assert batched.batched and not single.batched
+    assert (batched.batched, single.batched) == (True, False)
     assert len(batched.keys) == len(single.keys) == n
     assert batched.syscalls * 100 < single.syscalls
-    assert frame["key"].tolist() == keys.tolist() and frame["value"].tolist() == values.tolist()
+    assert frame["key"].tolist() == keys.tolist()
+    assert frame["value"].tolist() == values.tolist()
 
