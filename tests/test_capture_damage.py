@@ -287,7 +287,7 @@ METADATA_CASES = {
                        "not a kernelscope capture (its metadata says format 'other-tool', "
                        "not 'kernelscope-capture')"),
     "newer version": (_set("version", value=99),
-                      "a capture of newer format 99 than this kernelscope reads (2)"),
+                      f"a capture of newer format 99 than this kernelscope reads ({capture.VERSION})"),
     "version zero": (_set("version", value=0), "metadata key 'version' is 0"),
 }
 
