@@ -212,8 +212,11 @@ class Results:
                 + "</tr>" for n, st in send_stats.items())
             sends = ("<table><thead><tr><th>user ring</th>" + "".join(f"<th>{k}</th>" for k in keys)
                      + f"</tr></thead><tbody>{srows}</tbody></table>")
+        tables = ""
+        if not self.outputs and self.loaded:  # a counting program: its maps are what it shows
+            tables = self._maps._repr_html_()
         return (
             f"<div><b>{type(self).__name__} {label}</b> ({self.state()}, {backend} backend); attached to "
             f"{html.escape(attach)}{warn}{err}<table><thead><tr>{head}</tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table>{sends}</div>"
+            f"<tbody>{''.join(rows)}</tbody></table>{sends}{tables}</div>"
         )

@@ -315,7 +315,7 @@ def test_element_access_with_struct_keys_and_values(backend: str) -> None:
         p.close()
 
 
-def test_globals_read_write_change_what_is_counted() -> None:
+def test_globals_read_write_change_what_is_counted(tmp_path) -> None:
     p = Probe(GLOBALS, backend="libbpf").start()
     try:
         g = p.globals
@@ -339,8 +339,14 @@ def test_globals_read_write_change_what_is_counted() -> None:
             g["ro_limit"] = 1
         p.stop()
         assert p.globals["hits"] == 650  # the stop-time snapshot
+        assert "hits" in p._repr_html_()  # no output map: the probe shows its maps
+        path = p.save(tmp_path / "g.parquet")
     finally:
         p.close()
+    r = replay(path, speed=None)
+    assert (r.globals["hits"], r.globals["label"], r.globals["ro_limit"]) == (650, "renamed", 7)
+    with pytest.raises(KernelscopeError, match="replay"):
+        r.globals["targ_pid"] = 1
 
 
 def test_bcc_has_no_globals_and_says_what_to_use() -> None:
