@@ -197,16 +197,28 @@ def test_syscount_counts_exactly_the_getppid_calls_made(backend: str, tmp_path) 
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_stop_freezes_the_frame_while_the_kernel_map_moves_on(backend: str) -> None:
+def test_stop_freezes_the_frame_while_the_kernel_map_moves_on(backend: str, wait_for) -> None:
     # the program counts this process's own syscalls, so the kernel map moves after stop()
     p = Probe(SYSCOUNT[backend], backend=backend, cflags=[f"-DTARGET={os.getpid()}"]).start()
     try:
-        for _ in range(100):
-            os.getppid()
+        counts = p.maps["counts"].watch(every=0.05)
+        for _ in range(3):
+            before_sample = counts.history()["time"].nunique()
+            for _ in range(100):
+                os.getppid()
+            wait_for(lambda n=before_sample: counts.history()["time"].nunique() > n + 1, timeout=10,
+                     what="two more watch samples")
         p.stop()
+        history = counts.history()
+        assert list(history.columns) == ["time", "key", "value"]
+        seen = history[history["key"] == GETPPID]["value"]
+        assert (seen.diff().dropna() >= 0).all()
+        assert seen.nunique() >= 3  # each round of calls shows as a step
+        assert seen.max() >= 300
+        assert len(counts.history()) == len(history)  # the watch stopped with the probe
         frozen = p.maps["counts"].frame()
         before = _getppid_count(frozen)
-        assert before >= 100
+        assert before >= 300
         for _ in range(250):
             os.getppid()
         time.sleep(1.0)

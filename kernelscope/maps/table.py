@@ -286,8 +286,10 @@ class Map:
     def hist(self, layout: str | None = None, **kw: Any) -> Any:
         """The map as a histogram (kernelscope.hist.from_map_frame): BPF_HISTOGRAM maps
         (log2 by default) or libbpf-tools `struct hist { __u32 slots[N]; }` values."""
-        from .. import hist as _hist  # type: ignore[attr-defined,unused-ignore]
-
+        try:
+            from .. import hist as _hist  # type: ignore[attr-defined,unused-ignore]
+        except ImportError:
+            raise KernelscopeError("histograms need kernelscope.hist, which this install lacks") from None
         return _hist.from_map_frame(self.frame(), layout=layout or "log2", **kw)
 
 
