@@ -709,7 +709,7 @@ def test_status_line_refreshes_in_a_thread_until_the_probe_stops() -> None:
 
 def test_progress_bar_text_and_throttling() -> None:
     class Fake:
-        maps: dict[str, Any] = {}  # noqa: RUF012
+        outputs: dict[str, Any] = {}  # noqa: RUF012
         closed, running, loaded, started_at, error = False, True, True, 1.0, None
 
     fake = Fake()

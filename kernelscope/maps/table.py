@@ -142,11 +142,10 @@ class Map:
 
     def _records(self, got: syscall.Elements) -> tuple[np.ndarray, np.ndarray]:
         s = self.spec
-        keys = np.ascontiguousarray(got.keys).view(s.key_dtype).reshape(len(got.keys))
+        keys = types.records(got.keys, s.key_dtype)
         if s.per_cpu:
             return keys, types.summed(types.per_cpu_values(got.values, s.value_dtype, s.ncpus))
-        vals = np.ascontiguousarray(got.values[:, : s.value_size]).view(s.value_dtype)
-        return keys, vals.reshape(len(got.values))
+        return keys, types.records(got.values, s.value_dtype)
 
     def items(self, live: bool = False) -> list[tuple[Any, Any]]:
         """(key, value) pairs as Python values (ints, str, dicts of fields, arrays)."""
@@ -334,6 +333,8 @@ class Maps(Mapping[str, Map]):
             info = syscall.info(mt.fd)
             key = mt.key if mt.key is not None else types.untyped(info.key_size)
             value = mt.value if mt.value is not None else types.untyped(info.value_size)
+            if info.kind == "stack_trace" and mt.value is None:  # value_size = depth * 8: addresses
+                value = np.dtype(("<u8", (info.value_size // 8,)))
             specs[mt.name] = Spec(mt.name, info.kind, key, value, info.max_entries, info.per_cpu, ncpus,
                                   mt.key is not None and mt.value is not None)
             fds[mt.name] = mt.fd

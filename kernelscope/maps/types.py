@@ -39,12 +39,21 @@ def show(dt: np.dtype) -> str:
     return f"{'s' if dt.kind == 'i' else 'u'}{dt.itemsize * 8}" if dt.kind in "ui" else dt.name
 
 
+def records(raw: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """(n, >= itemsize) bytes -> n items of `dtype` (an array dtype gives shape (n, *shape))."""
+    n = len(raw)
+    cells = np.ascontiguousarray(raw[:, : dtype.itemsize])
+    if dtype.subdtype is not None:  # numpy views bytes as a struct, not as a sub-array type
+        return cells.view(np.dtype([("v", dtype)])).reshape(n)["v"]
+    return cells.view(dtype).reshape(n)
+
+
 def per_cpu_values(raw: np.ndarray, dtype: np.dtype, ncpus: int) -> np.ndarray:
     """(n, ncpus * stride) bytes -> (n, ncpus) records of `dtype`."""
     n = len(raw)
     stride = -(-dtype.itemsize // 8) * 8
-    cells = np.ascontiguousarray(raw.reshape(n, ncpus, stride)[:, :, : dtype.itemsize])
-    return cells.view(dtype).reshape(n, ncpus)
+    flat = records(raw.reshape(n * ncpus, stride), dtype)
+    return flat.reshape(n, ncpus, *flat.shape[1:])
 
 
 def summed(values: np.ndarray) -> np.ndarray:
@@ -91,16 +100,16 @@ def frame(keys: np.ndarray, values: np.ndarray, cpu: np.ndarray | None = None) -
 def decode(raw_keys: np.ndarray, raw_values: np.ndarray, key: np.dtype, value: np.dtype, *,
            per_cpu: bool, ncpus: int, by_cpu: bool = False) -> pd.DataFrame:
     """A map frame from the bytes syscall.read_all gives; rows in key order for integer keys."""
-    keys = np.ascontiguousarray(raw_keys).view(key).reshape(len(raw_keys))
+    keys = records(raw_keys, key)
     if per_cpu:
         vals = per_cpu_values(raw_values, value, ncpus)
         if by_cpu:
             n = len(keys)
-            return frame(np.repeat(keys, ncpus), vals.reshape(n * ncpus),
+            return frame(np.repeat(keys, ncpus, axis=0), vals.reshape(n * ncpus, *vals.shape[2:]),
                          np.tile(np.arange(ncpus, dtype=np.int32), n))
         values = summed(vals)
     else:
-        values = np.ascontiguousarray(raw_values[:, : value.itemsize]).view(value).reshape(len(raw_values))
+        values = records(raw_values, value)
     if key.names is None and key.kind in "ui" and len(keys) > 1:
         order = np.argsort(keys, kind="stable")
         keys, values = keys[order], values[order]
