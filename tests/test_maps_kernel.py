@@ -536,3 +536,54 @@ def test_stack_trace_maps_read_key_by_key_as_address_arrays(backend: str) -> Non
         assert not got.batched  # the kernel has no batch lookup for stack-trace maps
     finally:
         p.close()
+
+
+HISTOGRAMS = {
+    "bcc": r"""
+BPF_HISTOGRAM(dist_usecs);
+TRACEPOINT_PROBE(syscalls, sys_enter_getppid) {
+    if ((bpf_get_current_pid_tgid() >> 32) != TARGET) return 0;
+    dist_usecs.increment(bpf_log2l(bpf_get_prandom_u32() % 1000));
+    return 0;
+}
+""",
+    "libbpf": r"""
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+struct hist { __u32 slots[26]; };
+struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 1); __type(key, u32); __type(value, struct hist); }
+    dist_usecs SEC(".maps");
+static __always_inline u64 log2l(u64 v) {  /* floor(log2(v)), 0 for 0 and 1 */
+    u64 r = 0;
+    for (int i = 32; i > 0; i >>= 1) if (v >> i) { v >>= i; r += i; }
+    return r;
+}
+SEC("tp/syscalls/sys_enter_getppid")
+int ks_hist(void *ctx) {
+    if ((bpf_get_current_pid_tgid() >> 32) != TARGET) return 0;
+    u32 zero = 0;
+    struct hist *h = bpf_map_lookup_elem(&dist_usecs, &zero);
+    if (!h) return 0;
+    u64 slot = log2l(bpf_get_prandom_u32() % 1000);
+    if (slot < 26) __sync_fetch_and_add(&h->slots[slot], 1);
+    return 0;
+}
+char LICENSE[] SEC("license") = "GPL";
+""",
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_histogram_map_becomes_a_histogram_with_every_sample(backend: str) -> None:
+    hist = pytest.importorskip("kernelscope.hist", reason="kernelscope.hist comes with branch hist (issue 15)")
+    child = paused(700)
+    p = Probe(HISTOGRAMS[backend], backend=backend, cflags=child.cflags).start()
+    try:
+        child.go()
+        p.stop()
+        h = p.maps["dist_usecs"].hist()
+    finally:
+        p.close()
+    assert isinstance(h, hist.Histogram)
+    assert h.total == 700  # one sample per getppid() of the child
+    assert h.unit == "us"  # from the map's name

@@ -289,6 +289,7 @@ class Map:
             from .. import hist as _hist  # type: ignore[attr-defined,unused-ignore]
         except ImportError:
             raise KernelscopeError("histograms need kernelscope.hist, which this install lacks") from None
+        kw.setdefault("name", self.name)  # the map's name hints at the unit (e.g. "dist_usecs")
         return _hist.from_map_frame(self.frame(), layout=layout or "log2", **kw)
 
 
