@@ -551,8 +551,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_getppid) {
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 struct hist { __u32 slots[26]; };
-struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 1); __type(key, u32); __type(value, struct hist); }
-    dist_usecs SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 1); __type(key, u32);
+         __type(value, struct hist); } dist_usecs SEC(".maps");
 static __always_inline u64 log2l(u64 v) {  /* floor(log2(v)), 0 for 0 and 1 */
     u64 r = 0;
     for (int i = 32; i > 0; i >>= 1) if (v >> i) { v >>= i; r += i; }
@@ -575,7 +575,7 @@ char LICENSE[] SEC("license") = "GPL";
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_histogram_map_becomes_a_histogram_with_every_sample(backend: str) -> None:
-    hist = pytest.importorskip("kernelscope.hist", reason="kernelscope.hist comes with branch hist (issue 15)")
+    hist = pytest.importorskip("kernelscope.hist", reason="kernelscope.hist comes with branch hist")
     child = paused(700)
     p = Probe(HISTOGRAMS[backend], backend=backend, cflags=child.cflags).start()
     try:
