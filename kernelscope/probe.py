@@ -39,6 +39,7 @@ from .drain import (
     user_ring_stats,
 )
 from .errors import ClosedError, KernelscopeError, SettingError
+from .maps.table import Maps
 from .results import Results
 from .schema import Schema
 from .settings import check_settings, include_flags, program_name, read_program, shown_setting
@@ -156,12 +157,12 @@ class Probe(Results, metaclass=_LiveOrReplay):
         self.reorder_ns = reorder_ns
         self.dtypes: dict[str, Any] = dict(dtypes or {})
         self.usdt = list(usdt)
-        self.globals = dict(globals or {})
+        self.initial_globals = dict(globals or {})
         self.selection = Selection.of(programs, skip, map_sizes, on_attach_error)
         if self.selection.map_sizes and backend == "bcc":
             raise SettingError("map_sizes= sizes CO-RE maps before load; a BCC map is sized in its macro "
                                "(BPF_HASH(name, key_t, value_t, N), BPF_STACK_TRACE(name, N))")
-        self.maps: dict[str, MapState] = {}
+        self.outputs: dict[str, MapState] = {}
         self.user_rings: dict[str, Any] = {}  # name -> userring.UserRing (CO-RE backend)
         self._attached: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []  # attached by hand
         self._sent_before: dict[str, dict[str, int]] = {}  # user ring counts of replaced programs
@@ -169,11 +170,13 @@ class Probe(Results, metaclass=_LiveOrReplay):
         self.closed = False
         self.started_at: float | None = None
         self._res = Resources()
+        res = self._res
+        self._maps = Maps(lambda: res.prog)  # holds no self: the probe stays collectable
         self._finalizer = weakref.finalize(self, self._res.close)
         # the drain sees this probe through a weak proxy: no cycle, so a forgotten probe is
         # freed as soon as the drain thread lets go of it (and its finalizer closes it)
         me = cast(Probe, weakref.proxy(self))
-        self._drain = Drain(self.maps, self._res.stop, me, lambda: me._compute_stats())  # noqa: PLW0108 (a bound method would hold self)
+        self._drain = Drain(self.outputs, self._res.stop, me, lambda: me._compute_stats())  # noqa: PLW0108 (a bound method would hold self)
         self._stopped_stats: dict[str, dict[str, Any]] | None = None
         self._stopped_send_stats: dict[str, dict[str, Any]] | None = None
         self.instrumented: Any = self._instrument()
@@ -194,7 +197,7 @@ class Probe(Results, metaclass=_LiveOrReplay):
     # --- lifecycle -------------------------------------------------------------------
 
     def _instrument(self) -> Any:
-        return self._backend.prepare(self.source, self.pages, self.globals, self.cflags)
+        return self._backend.prepare(self.source, self.pages, self.initial_globals, self.cflags)
 
     @property
     def bpf(self) -> Any:
@@ -250,16 +253,16 @@ class Probe(Results, metaclass=_LiveOrReplay):
         for name, om in self.instrumented.maps.items():
             dtype = self._dtype(prog, name)
             dtype = prog.event_dtype(name) if dtype is None else dtype
-            ms = open_map(prog, om, dtype, self.maps.get(name), self)
+            ms = open_map(prog, om, dtype, self.outputs.get(name), self)
             self._res.readers.append(ms.reader)
-            self.maps[name] = ms
+            self.outputs[name] = ms
         for name in self.instrumented.user_rings:
             dtype = self._dtype(prog, name)
             if dtype is None and name in self.instrumented.event_types:
                 dtype = prog.event_dtype(name)
             self.user_rings[name] = UserRing(name, prog.map_fd(name), prog.ring_size(name), dtype)
             self._res.readers.append(self.user_rings[name])
-        if not self.maps and not self.user_rings:
+        if not self.outputs and not self.user_rings and not self._maps.aggregations():
             self.warnings.append(f"the program declares no {prog.output_decl}: nothing to drain")
 
     def _prog(self) -> Program:
@@ -303,6 +306,7 @@ class Probe(Results, metaclass=_LiveOrReplay):
         if self.running:
             return self
         self._set_gate(1)
+        self._maps.thaw()
         self._stopped_stats = None
         self._stopped_send_stats = None
         self._res.stop.clear()
@@ -340,6 +344,7 @@ class Probe(Results, metaclass=_LiveOrReplay):
         self._drain.sample(force=True)
         self._stopped_stats = self._compute_stats()
         self._stopped_send_stats = self._compute_send_stats() if self.user_rings else None
+        self._maps.freeze()  # what the user reads of the maps from now on: their state at stop()
         self._record()
         return self
 
@@ -394,7 +399,7 @@ class Probe(Results, metaclass=_LiveOrReplay):
             return self
         changes = "; ".join(f"{k} {shown_setting(k, getattr(self, k))} -> {shown_setting(k, v)}"
                             for k, v in new.items())
-        instrumented = self._backend.prepare(self.source, new.get("pages", self.pages), self.globals,
+        instrumented = self._backend.prepare(self.source, new.get("pages", self.pages), self.initial_globals,
                                              self.cflags)
         if not self.loaded:  # settings only: the next load() uses them
             self.__dict__.update(new)
@@ -405,7 +410,7 @@ class Probe(Results, metaclass=_LiveOrReplay):
         old = {k: getattr(self, k) for k in new}
         old_instrumented = self.instrumented
         self.stop()
-        carry_over(self.maps, self.user_rings, self.counters(), self._sent_before)
+        carry_over(self.outputs, self.user_rings, self.counters(), self._sent_before)
         self._res.close()
         self.__dict__.update(new)
         self.instrumented = instrumented
@@ -422,7 +427,7 @@ class Probe(Results, metaclass=_LiveOrReplay):
                 e.add_note("the probe runs again with its previous settings")
             raise
         now = time.monotonic()
-        for ms in self.maps.values():
+        for ms in self.outputs.values():
             ms.marks.append({"t": now, "what": changes})
         self._stopped_stats = None
         if was_running:
@@ -433,7 +438,7 @@ class Probe(Results, metaclass=_LiveOrReplay):
         """A new program for `instrumented`, attached where this one is, its gate closed; on any
         failure nothing of it survives and the running program is untouched."""
         prog = self._backend.open_program(instrumented, self.source, self.cflags, self.usdt,
-                                          self.globals, select=self.selection)
+                                          self.initial_globals, select=self.selection)
         try:
             for kind, args, kw in self._attached:
                 getattr(prog, f"attach_{kind}")(*args, **kw)
@@ -492,7 +497,7 @@ class Probe(Results, metaclass=_LiveOrReplay):
         return self._compute_stats()
 
     def _compute_stats(self) -> dict[str, dict[str, Any]]:
-        return map_stats(self.maps, self.counters, self._prog().counts_discards)
+        return map_stats(self.outputs, self.counters, self._prog().counts_discards)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write everything received, the counters over time and the program to one Parquet file."""
@@ -500,7 +505,8 @@ class Probe(Results, metaclass=_LiveOrReplay):
 
         started = int((self.started_at or 0) * 1e9)
         stats = self.stats
-        maps = {name: ms.capture(stats.get(name, {}), self.started_at or 0) for name, ms in self.maps.items()}
+        maps = {name: ms.capture(stats.get(name, {}), self.started_at or 0)
+                for name, ms in self.outputs.items()}
         settings = {
             "pages": self.pages,
             "poll_interval": self.poll_interval,
@@ -516,7 +522,7 @@ class Probe(Results, metaclass=_LiveOrReplay):
             "user_ring_dtypes": {n: capture.dtype_to_json(r.dtype) for n, r in self.user_rings.items()
                                  if r.dtype is not None},
         }
-        cap = capture.Capture(maps, self.source, settings, started_ns=started)
+        cap = capture.Capture(maps, self.source, settings, started_ns=started, tables=self._maps.captured())
         return capture.save(cap, path)
 
     # --- waiting, attaching, display ---------------------------------------------------
@@ -532,7 +538,7 @@ class Probe(Results, metaclass=_LiveOrReplay):
         t0 = time.monotonic()
         try:
             while True:
-                received = sum(ms.store.received for ms in self.maps.values())
+                received = sum(ms.store.received for ms in self.outputs.values())
                 elapsed = time.monotonic() - t0
                 if progress:
                     progress(received, elapsed)

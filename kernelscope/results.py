@@ -12,6 +12,8 @@ import pandas as pd
 
 from .captures.capture import Capture
 from .drain import MapState
+from .maps.globals import Globals
+from .maps.table import Maps
 
 
 class Results:
@@ -23,8 +25,10 @@ class Results:
 
     live: ClassVar[bool] = False
     """A live probe, whose settings can change (True on Probe); False for a replayed capture."""
-    maps: dict[str, MapState]
+    outputs: dict[str, MapState]
     """Output map name -> its drain state (reader, store, counters, history)."""
+    _maps: Maps
+    """Every map of the program (kernelscope.maps): live, or the snapshots a capture holds."""
     name: str | None = None
     """The label it shows (the %%bpf variable name), or None."""
     closed: bool = False
@@ -52,19 +56,30 @@ class Results:
     user_rings: Mapping[str, Any] = MappingProxyType({})
     """User ring buffers (user space -> program) by name; each has a `sent` count."""
 
+    @property
+    def maps(self) -> Maps:
+        """Every map of the program by name, each readable as a frame (`maps["counts"].frame()`);
+        after stop() and in a replay, as they were at stop()."""
+        return self._maps
+
+    @property
+    def globals(self) -> Globals:
+        """The program's global variables by name (CO-RE): read, and written (`.bss`/`.data`)."""
+        return Globals(self._maps, self.backend)
+
     def _map(self, name: str | None) -> MapState:
         if name is None:
-            if len(self.maps) != 1:
+            if len(self.outputs) != 1:
                 raise KeyError(
-                    f"this probe has {len(self.maps)} output maps ({', '.join(self.maps) or 'none'}): "
+                    f"this probe has {len(self.outputs)} output maps ({', '.join(self.outputs) or 'none'}): "
                     "name one, e.g. probe.frame('events')"
                 )
-            return next(iter(self.maps.values()))
+            return next(iter(self.outputs.values()))
         try:
-            return self.maps[name]
+            return self.outputs[name]
         except KeyError:
             raise KeyError(
-                f"no output map {name!r}; this probe has {', '.join(self.maps) or 'none'}"
+                f"no output map {name!r}; this probe has {', '.join(self.outputs) or 'none'}"
             ) from None
 
     def frame(self, name: str | None = None) -> pd.DataFrame:
@@ -119,7 +134,7 @@ class Results:
 
     def clear(self, name: str | None = None) -> None:
         """Forget stored rows (all maps, or one); counted in `evicted`, accounting unchanged."""
-        for ms in [self._map(name)] if name else list(self.maps.values()):
+        for ms in [self._map(name)] if name else list(self.outputs.values()):
             ms.store.clear()
 
     def wait(
@@ -148,7 +163,7 @@ class Results:
     def _repr_html_(self) -> str:
         rows = []
         stats = self.stats
-        for name, ms in self.maps.items():
+        for name, ms in self.outputs.items():
             st = stats.get(name, {})
             rows.append(
                 "<tr>"
@@ -197,8 +212,11 @@ class Results:
                 + "</tr>" for n, st in send_stats.items())
             sends = ("<table><thead><tr><th>user ring</th>" + "".join(f"<th>{k}</th>" for k in keys)
                      + f"</tr></thead><tbody>{srows}</tbody></table>")
+        tables = ""
+        if not self.outputs and self.loaded:  # a counting program: its maps are what it shows
+            tables = self._maps._repr_html_()
         return (
             f"<div><b>{type(self).__name__} {label}</b> ({self.state()}, {backend} backend); attached to "
             f"{html.escape(attach)}{warn}{err}<table><thead><tr>{head}</tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table>{sends}</div>"
+            f"<tbody>{''.join(rows)}</tbody></table>{sends}{tables}</div>"
         )

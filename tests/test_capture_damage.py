@@ -78,10 +78,10 @@ def seen(path: Path) -> dict[str, Any]:
     """Everything a replay shows: frames, stats and history of each map, marks, settings."""
     r = replay(path, speed=None).start()
     return {
-        "frames": {n: r.frame(n) for n in r.maps},
-        "history": {n: r.history(n) for n in r.maps},
+        "frames": {n: r.frame(n) for n in r.outputs},
+        "history": {n: r.history(n) for n in r.outputs},
         "stats": r.stats,
-        "marks": {n: list(ms.marks) for n, ms in r.maps.items()},
+        "marks": {n: list(ms.marks) for n, ms in r.outputs.items()},
         "source": r.source,
         "settings": r.capture.settings,
         "started_ns": r.capture.started_ns,
@@ -287,7 +287,7 @@ METADATA_CASES = {
                        "not a kernelscope capture (its metadata says format 'other-tool', "
                        "not 'kernelscope-capture')"),
     "newer version": (_set("version", value=99),
-                      "a capture of newer format 99 than this kernelscope reads (2)"),
+                      f"a capture of newer format 99 than this kernelscope reads ({capture.VERSION})"),
     "version zero": (_set("version", value=0), "metadata key 'version' is 0"),
 }
 
@@ -327,7 +327,7 @@ def test_any_value_of_the_wrong_type_is_a_capture_error_or_harmless(tmp_path) ->
             except CaptureError:
                 refused += 1
                 continue
-            for name in r.maps:
+            for name in r.outputs:
                 r.frame(name), r.history(name)
             r._repr_html_()
     assert refused > 100
@@ -337,7 +337,8 @@ def test_metadata_edited_without_its_checksum_is_damage(tmp_path) -> None:
     path = edit_meta(save(two_maps(), tmp_path / "c.parquet"), _rename, checksum=False)
     with pytest.raises(CaptureDamagedError, match="the kernelscope metadata fails its checksum"):
         load(path)
-    path = edit_meta(save(two_maps(), tmp_path / "d.parquet"), _set("version", value=2), checksum=False)
+    path = edit_meta(save(two_maps(), tmp_path / "d.parquet"), _set("version", value=capture.VERSION),
+                     checksum=False)
     load(path)  # the same JSON, re-serialized identically: nothing changed, nothing to refuse
 
 

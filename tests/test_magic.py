@@ -258,7 +258,8 @@ def test_ctrl_c_during_duration_stops_cleanly_and_keeps_rows(shell: Shell) -> No
     def interrupt_when_rows_arrive() -> None:
         def receiving() -> bool:
             p = shell.user_ns.get("intr")
-            return isinstance(p, Probe) and p.running and sum(ms.store.received for ms in p.maps.values()) > 0
+            return (isinstance(p, Probe) and p.running
+                    and sum(ms.store.received for ms in p.outputs.values()) > 0)
 
         wait_for(receiving, timeout=20, what="the --duration cell to receive rows")
         os.kill(os.getpid(), signal.SIGINT)  # what Jupyter's interrupt button sends the kernel
@@ -700,7 +701,7 @@ def test_status_line_refreshes_in_a_thread_until_the_probe_stops() -> None:
 
 def test_progress_bar_text_and_throttling() -> None:
     class Fake:
-        maps: dict[str, Any] = {}  # noqa: RUF012
+        outputs: dict[str, Any] = {}  # noqa: RUF012
         closed, running, loaded, started_at, error = False, True, True, 1.0, None
 
     fake = Fake()

@@ -75,7 +75,7 @@ def test_full_speed_for_60s_stays_under_the_budget(tmp_path, monkeypatch) -> Non
         prod.proc.wait()
         p.stop()
         st = p.stats["events"]
-        store = p.maps["events"].store
+        store = p.outputs["events"].store
         assert st["attempted"] == st["received"] + st["dropped"]
         assert st["stored"] + st["evicted"] == st["received"]
         assert st["evicted"] == 0

@@ -302,7 +302,7 @@ def test_reconfigure_reloads_with_new_size_and_keeps_rows_and_counts() -> None:
         assert st["capacity_bytes"] == 8 * 4096
         assert st["pages"] == 8
         assert st["reloads"] == 1
-        assert p.maps["events"].marks[0]["what"] == "pages default -> 8"
+        assert p.outputs["events"].marks[0]["what"] == "pages default -> 8"
         second.go()
         p.stop()
         st = p.stats["events"]

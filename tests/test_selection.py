@@ -72,7 +72,7 @@ def rows_for(n: int, **kw: object) -> tuple[list[str], list[int]]:
     try:
         child.go()
         expected = n * (2 if not kw else 1)
-        wait_for(lambda: sum(ms.store.received for ms in p.maps.values()) >= expected, timeout=10)
+        wait_for(lambda: sum(ms.store.received for ms in p.outputs.values()) >= expected, timeout=10)
         p.stop()
         assert all(not w.startswith(("handle", "line")) for w in p.warnings)
         return p.attach_points(), sorted(p.df["which"].tolist())

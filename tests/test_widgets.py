@@ -83,7 +83,7 @@ def test_tail_takes_the_last_chunks_without_merging_the_store() -> None:
         rec["ts"] = np.arange(i * 10, i * 10 + 10)
         store.append(Batch(rec), arrival_ns=1000 + i)
     r = replayed(capture([1], [1]))
-    r.maps["events"].store = store
+    r.outputs["events"].store = store
     t = plots.tail(r, "events", 25)
     assert list(t["seq"]) == list(range(475, 500))
     assert t["ts"] is not None
@@ -120,7 +120,7 @@ def test_fill_uses_the_buffer_size_each_sample_had() -> None:
     history = [{"t": float(i), "fill_bytes": 2048, "attempted": 0, "received": 0, "dropped": 0,
                 "lost_records": 0} for i in range(6)]
     r = replayed(capture([1], [1], history=history))
-    ms = r.maps["events"]
+    ms = r.outputs["events"]
     ms.pages = 1  # a 4 KiB ring now; 8 pages until t=2, 2 pages until t=4
     ms.marks = [{"t": 2.0, "what": "pages {'events': 8} -> {'events': 2}"},
                 {"t": 3.0, "what": "reorder_ns None -> 1000000"},
@@ -281,7 +281,7 @@ def test_perf_controls_set_pages_and_wakeups() -> None:
     p = Probe(perf_program(), cflags=prod.cflags, pages=4).start()
     pn = widgets.panel(p, interval=0.05, static="none")
     try:
-        cpus = len(p.maps["events"].reader.fill_by_cpu())
+        cpus = len(p.outputs["events"].reader.fill_by_cpu())
         pn.pages["events"].value = 16
         assert p.stats["events"]["capacity_bytes"] == 16 * 4096 * cpus
         pn.perf_wakeup.value = ("fraction", 2)  # wake up when a CPU's buffer is half full
@@ -349,7 +349,7 @@ def test_buttons_pause_resume_clear_and_stop() -> None:
     pn = widgets.panel(p, interval=0.05, static="none")
     try:
         prod.go()
-        wait_for(lambda: len(p.maps["events"].store) == 2_000, what="every event stored")
+        wait_for(lambda: len(p.outputs["events"].store) == 2_000, what="every event stored")
         pn.buttons["pause"].click()
         assert not p.running
         assert pn.buttons["resume"].disabled is False
@@ -357,7 +357,7 @@ def test_buttons_pause_resume_clear_and_stop() -> None:
         assert p.running
         assert pn.buttons["pause"].disabled is False
         pn.buttons["clear"].click()
-        assert len(p.maps["events"].store) == 0
+        assert len(p.outputs["events"].store) == 0
         assert p.stats["events"]["received"] == 2_000  # clearing rows keeps the counts
         pn.buttons["stop"].click()
         assert p.closed

@@ -49,6 +49,7 @@ from .base import (
     verifier_reason,
 )
 from .guard import check_records_fit, deferred_interrupts, slow_load_notice
+from .maptypes import MapType, bcc_map_types
 from .rewrite import ACCT_MAP, GATE_MAP, Instrumented, instrument, read_counters
 from .selection import NONE, Selection, bcc_loader
 from .toolchain import clang
@@ -454,6 +455,9 @@ class BCCProgram:
         for k, v in zip(np.ascontiguousarray(keys), np.ascontiguousarray(values), strict=True):
             self.map_update(name, k.tobytes(), v.tobytes())
         return len(keys)
+
+    def map_types(self) -> list[MapType]:
+        return bcc_map_types(self.bpf, bpf_lib())
 
     def close(self) -> None:
         self.attached.close()

@@ -45,6 +45,7 @@ from . import attach, btf, coresource, elf, libbpf, preprocess
 from .base import format_diag, gave_up, packed, parse_diagnostics, verifier_reason
 from .coresource import ANCHOR, CoreSource, is_core
 from .guard import check_records_fit, deferred_interrupts, run_tool, slow_load_notice
+from .maptypes import MapType, core_map_types
 from .refusals import before_verifier, classify_load, map_shapes
 from .rewrite import ACCT_MAP, GATE_MAP, SLOTS
 from .selection import NONE, Selection, choose_programs, map_lines, program_lines, size_maps
@@ -231,6 +232,9 @@ class CoreProgram(attach.CoreAttach):
             raise ValueError(f"{name}: need equal-length key/value arrays of {m.key_size}- and "
                              f"{m.value_size}-byte items")
         return libbpf.map_update_batch(m.fd, k.tobytes(), v.tobytes(), len(k), f"batch update {name}")
+
+    def map_types(self) -> list[MapType]:
+        return core_map_types(list(self.maps.values()), self.types(), self.objfile)
 
     def _map(self, name: str) -> libbpf.Map:
         if name not in self.maps:

@@ -56,6 +56,8 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "bpf_map__set_max_entries": (c_int, [c_void_p, c_uint]),
     "bpf_map__value_size": (c_uint, [c_void_p]),
     "bpf_map__key_size": (c_uint, [c_void_p]),
+    "bpf_map__btf_key_type_id": (ctypes.c_uint32, [c_void_p]),
+    "bpf_map__btf_value_type_id": (ctypes.c_uint32, [c_void_p]),
     "bpf_map__initial_value": (c_void_p, [c_void_p, ctypes.POINTER(c_size_t)]),
     "bpf_map_update_batch": (c_int, [c_int, c_void_p, c_void_p, ctypes.POINTER(ctypes.c_uint32), c_void_p]),
     "bpf_program__name": (c_char_p, [c_void_p]),
@@ -217,6 +219,14 @@ class Map:
     @property
     def max_entries(self) -> int:
         return int(lib().bpf_map__max_entries(self.ptr))
+
+    @property
+    def btf_key_type_id(self) -> int:
+        return int(lib().bpf_map__btf_key_type_id(self.ptr))
+
+    @property
+    def btf_value_type_id(self) -> int:
+        return int(lib().bpf_map__btf_value_type_id(self.ptr))
 
     def initial_value(self) -> tuple[int, int]:
         """(address, size) of a global-data map's contents before load (what skeletons write to)."""

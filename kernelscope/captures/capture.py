@@ -32,8 +32,11 @@ from ..errors import CaptureDamagedError, CaptureError, CaptureMissingError
 from . import meta as _meta
 from .atomic import atomic_path
 from .meta import FORMAT, VERSION, dtype_from_json, dtype_to_json
+from .tables import TableCapture, from_rows, to_meta
+from .tables import check as check_table
 
-__all__ = ["FORMAT", "VERSION", "Capture", "MapCapture", "dtype_from_json", "dtype_to_json", "load",
+__all__ = ["FORMAT", "VERSION", "Capture", "MapCapture", "TableCapture",
+           "dtype_from_json", "dtype_to_json", "load",
            "save", "upgrade"]
 
 META_KEY = b"kernelscope"
@@ -81,6 +84,7 @@ class Capture:
     host: dict[str, Any] = field(default_factory=host_facts)
     started_ns: int = 0  # monotonic ns when draining began; the file stores arrival times relative to it
     warnings: list[str] = field(default_factory=list)  # what loading found (e.g. no checksums to verify)
+    tables: dict[str, TableCapture] = field(default_factory=dict)  # map snapshots at stop() (format 3)
 
 
 def _table(capture: Capture) -> pa.Table:
@@ -93,11 +97,15 @@ def _table(capture: Capture) -> pa.Table:
         arrivals.append(mc.arrival_ns.astype(np.int64) - capture.started_ns)
         cpus.append(mc.cpu.astype(np.int16) if mc.cpu is not None else np.full(n, -1, np.int16))
         raw = np.ascontiguousarray(mc.records).view(np.uint8).reshape(n, mc.dtype.itemsize)
-        blobs.append(
-            pa.FixedSizeBinaryArray.from_buffers(
-                pa.binary(mc.dtype.itemsize), n, [None, pa.py_buffer(raw.tobytes())]
-            ).cast(pa.binary())
-        )
+        blobs.append(_binary(raw, mc.dtype.itemsize))
+    for name, tc in capture.tables.items():
+        raw = np.ascontiguousarray(tc.records)
+        n = len(raw)
+        names.append(np.full(n, name, dtype=object))
+        seqs.append(np.arange(n, dtype=np.int64))
+        arrivals.append(np.zeros(n, np.int64))
+        cpus.append(np.full(n, -1, np.int16))
+        blobs.append(_binary(raw, raw.shape[1]))
     order = np.argsort(np.concatenate(arrivals), kind="stable") if arrivals else np.empty(0, int)
     return pa.table(
         {
@@ -111,6 +119,13 @@ def _table(capture: Capture) -> pa.Table:
         },
         schema=SCHEMA,
     )
+
+
+def _binary(raw: np.ndarray, size: int) -> pa.Array:
+    """(n, size) uint8 rows as a binary column."""
+    n = len(raw)
+    return pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(size), n, [None, pa.py_buffer(np.ascontiguousarray(raw).tobytes())]).cast(pa.binary())
 
 
 def _binary_parts(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
@@ -144,7 +159,7 @@ def _rows_of(table: pa.Table, name: str) -> pa.Table:
 def _write(table: pa.Table, meta: dict[str, Any], path: Path) -> Path:
     """`table` with `meta` (given each map's row count and checksums here) as one file,
     atomically: the name holds the old file or the whole new one, never a part."""
-    for name, m in meta["maps"].items():
+    for name, m in [*meta["maps"].items(), *meta.get("tables", {}).items()]:
         rows = _rows_of(table, name)
         m["rows"] = rows.num_rows
         m["sha256"] = _digests(rows)
@@ -178,7 +193,11 @@ def save(capture: Capture, path: str | os.PathLike[str]) -> Path:
             }
             for name, mc in capture.maps.items()
         },
+        "tables": {name: to_meta(tc) for name, tc in capture.tables.items()},
     }
+    clash = set(capture.maps) & set(capture.tables)
+    if clash:
+        raise CaptureError(f"map {sorted(clash)[0]!r} is both an output map and a snapshot")
     return _write(_table(capture), meta, Path(path))
 
 
@@ -234,7 +253,8 @@ def _open(path: Path) -> pq.ParquetFile:
 
 
 def _metadata(pf: pq.ParquetFile) -> tuple[dict[str, Any], dict[str, np.dtype], list[str]]:
-    """The checked metadata, each map's dtype, and warnings."""
+    """The checked metadata, each map's dtype, and warnings (map snapshots: `meta["tables"]`,
+    checked, their dtypes in `meta["_table_dtypes"]`)."""
     kv = pf.metadata.metadata or {}
     raw = kv.get(META_KEY)
     if raw is None:
@@ -251,6 +271,14 @@ def _metadata(pf: pq.ParquetFile) -> tuple[dict[str, Any], dict[str, np.dtype], 
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both
         raise CaptureError(f"the kernelscope metadata is not valid JSON ({e})") from None
     dtypes = _meta.check(meta)
+    tables = _meta.need(meta, "tables", "", "object", required=False) or {}
+    if tables and meta["version"] < 3:
+        raise CaptureError(f"metadata key 'tables' is in a format {meta['version']} capture (map snapshots "
+                           "came with format 3)")
+    meta["_table_dtypes"] = {name: check_table(m, f"tables.{name}") for name, m in tables.items()}
+    if set(tables) & set(dtypes):
+        both = sorted(set(tables) & set(dtypes))[0]
+        raise CaptureError(f"map {both!r} is both an output map and a snapshot")
     warnings = []
     if meta["version"] >= 2 and digest is None:
         raise CaptureDamagedError(f"metadata key '{SUM_KEY.decode()}' (the metadata's checksum) is missing")
@@ -305,7 +333,7 @@ def _load(path: Path) -> Capture:
     except READ_ERRORS as e:
         raise CaptureDamagedError(f"the events cannot be read, the file is damaged: {e}") from None
     _check_columns(table)
-    _check_maps(table, dtypes)
+    _check_maps(table, {**dtypes, **meta["_table_dtypes"]})
     maps = {}
     for name, m in meta["maps"].items():
         sub = _rows_of(table, name)
@@ -326,8 +354,15 @@ def _load(path: Path) -> Capture:
             epoch_offset_ns=m.get("epoch_offset_ns", 0),
             marks=m.get("marks", []),
         )
+    tables = {}
+    for name, m in meta.get("tables", {}).items():
+        sub = _rows_of(table, name)
+        _verify(name, sub, m)
+        lengths, data = _binary_parts(sub.column("record"))
+        key, value = meta["_table_dtypes"][name]
+        tables[name] = from_rows(name, m, key, value, lengths=lengths, data=data)
     return Capture(maps, meta.get("source", ""), meta.get("settings", {}), meta.get("host", {}),
-                   int(meta.get("started_ns", 0)), warnings)
+                   int(meta.get("started_ns", 0)), warnings, tables)
 
 
 def upgrade(path: str | os.PathLike[str]) -> Path:

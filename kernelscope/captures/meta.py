@@ -16,8 +16,9 @@ import numpy as np
 from ..errors import CaptureError
 
 FORMAT = "kernelscope-capture"
-# 1: no checksums (captures up to 2026-12); 2: a SHA-256 of the metadata and of each map's columns
-VERSION = 2
+# 1: no checksums (captures up to 2026-12); 2: a SHA-256 of the metadata and of each map's columns;
+# 3: map snapshots (`tables`: aggregation maps at stop(), captures/tables.py)
+VERSION = 3
 KINDS = ("ringbuf", "perf")
 COLUMNS = ("record", "ks_seq", "ks_arrival_ns", "ks_cpu")  # checksummed per map
 COUNTS = ("attempted", "received", "dropped", "lost_records")  # in_flight, read live, may be < 0

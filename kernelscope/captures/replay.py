@@ -20,6 +20,7 @@ import numpy as np
 from ..backends.rewrite import OutputMap
 from ..drain import MapState
 from ..errors import ClosedError, KernelscopeError
+from ..maps.table import Maps
 from ..readers.batch import Batch
 from ..results import Results
 from ..schema import Schema
@@ -44,13 +45,14 @@ class Replay(Results):
         self.warnings: list[str] = list(capture.warnings)
         self.error: BaseException | None = None
         self.closed = False
-        self.maps: dict[str, MapState] = {}
+        self.outputs: dict[str, MapState] = {}
+        self._maps = Maps(tables=capture.tables)
         self._pos: dict[str, int] = {}
         for i, (mname, mc) in enumerate(capture.maps.items()):
             schema = Schema(mc.dtype, per_cpu=mc.kind == "perf", epoch_offset_ns=mc.epoch_offset_ns)
             ms = MapState(OutputMap(mname, mc.kind, i, mc.pages or None), schema, FrameStore(schema))
             ms.pages = mc.pages
-            self.maps[mname] = ms
+            self.outputs[mname] = ms
             self._pos[mname] = 0
         self.started_at = None  # monotonic seconds of start(), as on a Probe
         self._stop = threading.Event()
@@ -112,7 +114,7 @@ class Replay(Results):
         horizon = self.elapsed()
         total = 0
         for name, mc in self.capture.maps.items():
-            ms = self.maps[name]
+            ms = self.outputs[name]
             if len(ms.marks) < len(mc.marks):  # reloads, shown in the plots as the recording reaches them
                 ms.marks[:] = [m for m in mc.marks if m["t"] <= horizon]
             start = self._pos[name]
@@ -169,7 +171,7 @@ class Replay(Results):
             self.start()
             t0 = time.monotonic()
             while self.running:
-                received = sum(ms.store.received for ms in self.maps.values())
+                received = sum(ms.store.received for ms in self.outputs.values())
                 if progress:
                     progress(received, time.monotonic() - t0)
                 if (duration is not None and self.elapsed() >= duration) or (
@@ -188,7 +190,7 @@ class Replay(Results):
         out = {}
         horizon = self.elapsed()
         for name, mc in self.capture.maps.items():
-            ms = self.maps[name]
+            ms = self.outputs[name]
             if self.done:
                 st = dict(mc.stats)
             else:

@@ -60,12 +60,12 @@ class Counts:
 
 def dropped(probe: Results) -> int:
     """Events dropped so far over all output maps, as of the drain loop's last sample."""
-    return sum(int(ms.history[-1]["dropped"]) for ms in list(probe.maps.values()) if ms.history)
+    return sum(int(ms.history[-1]["dropped"]) for ms in list(probe.outputs.values()) if ms.history)
 
 
 def counts(probe: Results) -> Counts:
     received = lost = rows = 0
-    for ms in list(probe.maps.values()):
+    for ms in list(probe.outputs.values()):
         received += ms.store.received
         rows += len(ms.store)
         if ms.history:

@@ -300,7 +300,7 @@ class BPFMagics(Magics):
         if self.probes.get(name) is probe:
             self.close_probe(name)  # also ends its status line
         probe.close()
-        rows = sum(len(ms.store) for ms in probe.maps.values())
+        rows = sum(len(ms.store) for ms in probe.outputs.values())
         print(f"{name}: {'was already stopped' if was_closed else 'stopped'}; "
               f"{rows:,} rows kept in {name}.df")
 
@@ -486,7 +486,7 @@ def run_blocking(probe: Probe, opts: Options, live: bool) -> None:
         failure = e
     finally:
         probe.close()
-    rows = sum(len(ms.store) for ms in probe.maps.values())
+    rows = sum(len(ms.store) for ms in probe.outputs.values())
     took = time.monotonic() - t0
     if interrupted:
         end = f"interrupted after {took:.1f} s; {rows:,} rows kept in {opts.name}.df"
@@ -506,10 +506,10 @@ def run_blocking(probe: Probe, opts: Options, live: bool) -> None:
 
 
 def show_rows(probe: Probe, name: str, n: int = HEAD_ROWS) -> None:
-    if len(probe.maps) == 1:
+    if len(probe.outputs) == 1:
         display(probe.df.head(n))
         return
-    for map_name in probe.maps:
+    for map_name in probe.outputs:
         display(HTML(f"<b>{name}.frame({map_name!r})</b>"))
         display(probe.frame(map_name).head(n))
 
@@ -646,7 +646,7 @@ def probes_frame(probes: list[Probe]) -> pd.DataFrame:
             "name": p.name or f"<unnamed {id(p):x}>",
             "state": "running" if p.running else "loaded" if p.loaded else "closed" if p.closed else "new",
             "attached": ", ".join(p.attach_points()),
-            "maps": ", ".join(f"{n} ({ms.om.kind})" for n, ms in p.maps.items()),
+            "maps": ", ".join(f"{n} ({ms.om.kind})" for n, ms in p.outputs.items()),
             "received": received,
             "dropped": sum(s["dropped"] for s in stats.values()),
             "lost_records": sum(s["lost_records"] for s in stats.values()),

@@ -60,7 +60,7 @@ STYLE = {"template": "none", "paper_bgcolor": "white", "plot_bgcolor": "white",
 # --- what the drain loop kept --------------------------------------------------------------
 
 def map_names(results: Results) -> list[str]:
-    return list(results.maps)
+    return list(results.outputs)
 
 
 def is_live(results: Results) -> bool:
@@ -78,7 +78,7 @@ def origin_s(results: Results) -> float:
         started = results.started_at
         if started:
             return float(started)
-        for ms in results.maps.values():
+        for ms in results.outputs.values():
             if ms.history:
                 return float(ms.history[0]["t"])
         return 0.0
@@ -95,7 +95,7 @@ def origin_ns(results: Results) -> int:
 
 def history(results: Results, name: str) -> list[dict[str, float]]:
     """The counter samples of map `name`, oldest first, as plain dicts."""
-    ms = results.maps[name]
+    ms = results.outputs[name]
     if ms.history:
         for _ in range(5):
             try:
@@ -129,7 +129,7 @@ def summary(results: Results) -> dict[str, dict[str, Any]]:
     """
     out: dict[str, dict[str, Any]] = {}
     stats = {} if is_live(results) else results.stats
-    for name, ms in list(results.maps.items()):
+    for name, ms in list(results.outputs.items()):
         if not is_live(results):
             st = dict(stats.get(name, {}))
             st.setdefault("pages", ms.pages)
@@ -161,7 +161,7 @@ def tail(results: Results, name: str, n: int) -> dict[str, np.ndarray | None]:
     Only the last chunks of the store are touched (FrameStore merges all its chunks when a
     whole frame is asked for, which costs O(rows) under the GIL).
     """
-    ms = results.maps[name]
+    ms = results.outputs[name]
     store = ms.store
     tf = ms.schema.time_field
     picked = store.tail_chunks(n)
@@ -225,7 +225,7 @@ def capacity_at(results: Results, name: str, times: np.ndarray) -> np.ndarray:
     Each "pages A -> B" mark says what the size was before it; NaN where that is unknown
     (a ring buffer's size as first declared, when pages were not given).
     """
-    ms = results.maps[name]
+    ms = results.outputs[name]
     now = capacity_bytes(ms) if is_live(results) else int(
         summary(results).get(name, {}).get("capacity_bytes") or ms.pages * PAGE or 0)
     per_page = now / ms.pages if ms.pages else np.nan
@@ -311,7 +311,7 @@ def latency(results: Results, name: str, sample: int = LATENCY_SAMPLE) -> dict[s
 def marks(results: Results) -> list[tuple[float, str]]:
     """(seconds since start, what changed) for every reload, once per change (not per map)."""
     seen: dict[float, str] = {}
-    for ms in results.maps.values():
+    for ms in results.outputs.values():
         for m in list(ms.marks):
             seen.setdefault(float(m["t"]), str(m["what"]))
     t0 = origin_s(results)
@@ -399,7 +399,7 @@ def ordering_traces(results: Results, name: str, sample: int = ORDER_SAMPLE) -> 
     i = map_names(results).index(name)
     seq, secs, cpu = o["seq"], o["s"], o["cpu"]
     out: list[Trace] = []
-    if cpu is not None and results.maps[name].om.kind == "perf":
+    if cpu is not None and results.outputs[name].om.kind == "perf":
         for c in sorted(int(x) for x in np.unique(cpu)):
             sel = cpu == c
             colour = CPU_COLOURS[c % len(CPU_COLOURS)]
@@ -416,7 +416,7 @@ def ordering_traces(results: Results, name: str, sample: int = ORDER_SAMPLE) -> 
 
 def ordering_title(results: Results, name: str, sample: int = ORDER_SAMPLE) -> str:
     o = ordering(results, name, sample)
-    kind = results.maps[name].om.kind
+    kind = results.outputs[name].om.kind
     if o is None:
         return f"{name} ({kind}): no timestamp field"
     return f"{name} ({kind}): {o['inversions']:,} of the latest {o['rows']:,} out of order"

@@ -167,7 +167,7 @@ class Panel(w.VBox):
         r = self.results
         style = {"description_width": "initial"}
         self.pages: dict[str, w.Dropdown] = {}
-        for name, ms in r.maps.items():
+        for name, ms in r.outputs.items():
             dd = w.Dropdown(options=page_choices(ms.pages, ms.om.kind), value=ms.pages or None,
                             description=f"{name} pages", style=style,
                             tooltip="buffer size; a change reloads the program (rows and counts carry on)",
@@ -175,7 +175,7 @@ class Panel(w.VBox):
             dd.add_class(f"ks-pages-{name}")
             dd.observe(self._on_pages, names="value")
             self.pages[name] = dd
-        kinds = {ms.om.kind for ms in r.maps.values()}
+        kinds = {ms.om.kind for ms in r.outputs.values()}
         poll = r.poll_interval
         self.poll = w.Dropdown(options=_with_current(POLL_CHOICES, poll, f"{poll * 1000:g} ms"), value=poll,
                                description="poll", style=style, layout=w.Layout(width="auto"),
@@ -212,7 +212,7 @@ class Panel(w.VBox):
             rows.append(self.ring_wakeup)
         if "perf" in kinds:
             rows.append(self.perf_wakeup)
-        if any(ms.schema.time_field for ms in r.maps.values()):
+        if any(ms.schema.time_field for ms in r.outputs.values()):
             rows.append(self.reorder)
         box = w.VBox([w.HBox(rows, layout=w.Layout(flex_flow="row wrap")),
                       w.HBox(list(self.buttons.values()))])
@@ -226,7 +226,7 @@ class Panel(w.VBox):
         self._syncing = True
         try:
             for name, dd in self.pages.items():
-                ms = r.maps[name]
+                ms = r.outputs[name]
                 if ms.pages and ms.pages not in dd.options:
                     dd.options = page_choices(ms.pages, ms.om.kind)
                 if ms.pages:
@@ -266,7 +266,7 @@ class Panel(w.VBox):
     def _perf_buffer_bytes(self, pages: dict[str, int] | None = None) -> int:
         """Bytes of the smallest per-CPU perf buffer: a watermark must fit in every one."""
         sizes = [(pages or {}).get(n, ms.pages) * plots.PAGE
-                 for n, ms in self.results.maps.items() if ms.om.kind == "perf"]
+                 for n, ms in self.results.outputs.items() if ms.om.kind == "perf"]
         return min(sizes) if sizes else 0
 
     def _on_pages(self, change: dict[str, Any]) -> None:
@@ -343,7 +343,7 @@ class Panel(w.VBox):
                 if hasattr(r, "clear"):
                     r.clear()
                 else:
-                    for ms in r.maps.values():
+                    for ms in r.outputs.values():
                         ms.store.clear()
             self._say(f"{name}: done")
         except Exception as e:
@@ -492,7 +492,7 @@ class Panel(w.VBox):
         if self._handle is None or self.static == "none":
             return
         with self._static_lock:
-            key = tuple((ms.store.received, len(ms.marks)) for ms in self.results.maps.values())
+            key = tuple((ms.store.received, len(ms.marks)) for ms in self.results.outputs.values())
             if self._static_for == key:
                 return
             self._static_html = self.static_snapshot()
