@@ -51,7 +51,7 @@ from typing import Any
 import pandas as pd
 
 from . import folders
-from .errors import PrintkAccessError, SettingError
+from .errors import PrintkAccessError, SettingError, TracefsAccessError
 from .host import TRACEFS
 from .schema import monotonic_to_epoch_ns
 
@@ -63,13 +63,22 @@ _LITERALS = re.compile(r'\s*((?:"(?:[^"\\\n]|\\.)*"\s*)+)[,)]')
 _STRING = re.compile(r'"((?:[^"\\\n]|\\.)*)"')
 _COMMENTS = re.compile(r'//[^\n]*|/\*.*?\*/|("(?:[^"\\\n]|\\.)*")', re.S)
 # printf conversions bpf_bprintf_prepare accepts, with the kernel's %p extensions (%pI4, %pks...)
-_CONVERSION = re.compile(r"%(%|[-+ #0]*(?:\d+|\*)?(?:\.\d+)?(?:hh|h|ll|l|z|j|t)?"
-                         r"(?:p(?:[iI][46]|ks|us|[KxsSB])?|[diouxXcs]))")
+_CONVERSION = re.compile(r"%(?:(?P<pct>%)|[-+ #0]*(?:\d+|\*)?(?:\.\d+)?(?:hh|h|ll|l|z|j|t)?"
+                         r"(?:(?P<p>p(?:[iI][46]|ks|us|[KxsSB])?)|(?P<c>[diouxXcs])))")
 # one trace line, record-tgid on: "  comm-tid  (  tgid) [cpu] flags  sec.usec: bpf_trace_printk: msg"
 _LINE = re.compile(r" *(?P<comm>.*?)-(?P<tid>\d+) +\( *(?P<tgid>\d+|-+)\) +\[(?P<cpu>\d+)\] +"
                    r"(?P<flags>\S+) +(?P<sec>\d+)\.(?P<usec>\d{6}): bpf_trace_printk: (?P<msg>.*)")
 _LOST = re.compile(r"CPU:(\d+) \[LOST (\d+) EVENTS\]")
 _counter = itertools.count()
+
+
+def check_kb(buffer_kb: int | None) -> int | None:
+    """`Probe(printk_kb=)`: None (tracefs's default size) or KiB per CPU >= 1."""
+    whole = isinstance(buffer_kb, int) and not isinstance(buffer_kb, bool)
+    if buffer_kb is not None and (not whole or buffer_kb < 1):
+        raise SettingError(f"printk_kb is the per-CPU buffer for bpf_printk lines in KiB, a number >= 1 "
+                           f"(or None for tracefs's default), not {buffer_kb!r}")
+    return buffer_kb
 
 
 def uses_printk(source: str) -> bool:
@@ -120,11 +129,21 @@ def matcher(fmts: list[str]) -> re.Pattern[str]:
         parts, pos = [], 0
         for m in _CONVERSION.finditer(_body(fmt)):
             parts.append(re.escape(fmt[pos:m.start()]))
-            parts.append("%" if m.group(1) == "%" else ".*?")
+            parts.append(_value(m))
             pos = m.end()
         parts.append(re.escape(_body(fmt)[pos:]))
         alts.append("".join(parts))
     return re.compile("|".join(f"(?:{a})" for a in alts) or "(?!)", re.S)
+
+
+_VALUES = {"d": r" *[-+ ]?\d+ *", "i": r" *[-+ ]?\d+ *", "u": r" *\+?\d+ *", "o": r" *0?[0-7]+ *",
+           "x": r" *(?:0[xX])?[0-9a-fA-F]+ *", "X": r" *(?:0[xX])?[0-9a-fA-F]+ *", "c": r" *.", "%": "%"}
+
+
+def _value(m: re.Match[str]) -> str:
+    """What conversion `m` prints, as a regex: digits for integers (padded to a width with spaces
+    or zeros), anything for strings and the %p family."""
+    return "%" if m["pct"] else _VALUES.get(m["c"] or "", ".*?")
 
 
 def kernel_filter(fmts: list[str]) -> str:
@@ -136,7 +155,7 @@ def kernel_filter(fmts: list[str]) -> str:
         parts, pos = [], 0
         body = _body(fmt)
         for m in _CONVERSION.finditer(body):
-            parts += [_glob_text(body[pos:m.start()]), "%" if m.group(1) == "%" else "*"]
+            parts += [_glob_text(body[pos:m.start()]), "%" if m["pct"] else "*"]
             pos = m.end()
         parts.append(_glob_text(body[pos:]) + "*")
         globs.append(re.sub(r"\*+", "*", "".join(parts)))
@@ -204,9 +223,13 @@ class Instance:
         try:
             self.path.mkdir()
         except OSError as e:
-            if e.errno in (errno.EACCES, errno.EPERM):
-                raise PrintkAccessError(self.path, e) from None
-            raise
+            if e.errno not in (errno.EACCES, errno.EPERM):
+                raise
+            try:  # tracefs unreadable (root-only, as mounted by default) says more than instances/
+                os.scandir(self.path.parent).close()
+            except PermissionError as denied:
+                raise TracefsAccessError(self.tracefs, denied) from None
+            raise PrintkAccessError(self.path, e) from None
         self.fd = -1
         try:
             if buffer_kb is not None:
@@ -298,8 +321,6 @@ class Printk:
 
     def __init__(self, fmts: list[str] | None, buffer_kb: int | None = None, tracefs: Path = TRACEFS,
                  interval: float = 0.05) -> None:
-        if buffer_kb is not None and (not isinstance(buffer_kb, int) or buffer_kb < 1):
-            raise SettingError(f"printk_kb must be a whole number of KiB per CPU >= 1, not {buffer_kb!r}")
         self.formats = fmts
         self.match = matcher(fmts) if fmts is not None else None
         self.filter = kernel_filter(fmts) if fmts else ""
@@ -436,7 +457,7 @@ def gate(probe: Any, value: int) -> None:
         return
     try:
         ch.open()
-    except (PrintkAccessError, OSError) as e:  # the events still drain; probe.printk raises it
+    except OSError as e:  # PrintkAccessError, TracefsAccessError: events still drain, probe.printk raises
         ch.error = e
         note = f"bpf_printk output is not read: {e}"
         if note not in probe.warnings:

@@ -159,7 +159,7 @@ class Probe(Results, metaclass=_LiveOrReplay):
         self.dtypes: dict[str, Any] = dict(dtypes or {})
         self.usdt = list(usdt)
         self.globals = dict(globals or {})
-        self.printk_kb = printk_kb
+        self.printk_kb = printk.check_kb(printk_kb)
         self.selection = Selection.of(programs, skip, map_sizes, on_attach_error)
         if self.selection.map_sizes and backend == "bcc":
             raise SettingError("map_sizes= sizes CO-RE maps before load; a BCC map is sized in its macro "
