@@ -71,7 +71,8 @@ def counters(df: object, word: str) -> list[int]:
 
 
 def my_instances() -> list[str]:
-    return [d for d in os.listdir(host.TRACEFS / "instances") if d.startswith(printk.folders.my_prefix(printk.PREFIX))]
+    mine = printk.folders.my_prefix(printk.PREFIX)
+    return [d for d in os.listdir(host.TRACEFS / "instances") if d.startswith(mine)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -87,13 +88,18 @@ def test_each_printk_is_one_row_with_the_printing_process(backend: str) -> None:
     df = p.printk
     assert len(df) == n
     assert list(df.message) == [f"ks-tick {i} of {prod.pid}" for i in range(n)]  # in the order printed
-    assert (df.pid == prod.pid).all() and (df.tid == prod.pid).all()
+    assert (df.pid == prod.pid).all()
+    assert (df.tid == prod.pid).all()
     assert (df.comm == comm).all()
-    assert df.ts_ns.is_monotonic_increasing and df.time.is_monotonic_increasing
+    assert df.ts_ns.is_monotonic_increasing
+    assert df.time.is_monotonic_increasing
     stamps = df.time.astype("int64")
-    assert stamps.min() >= before - 1000 and stamps.max() <= after  # text stamps are whole us
-    assert df.attrs["lost"] == 0 and df.attrs["other"] == 0
-    assert p.stats["printk"]["received"] == n and p.stats["printk"]["dropped"] == 0
+    assert stamps.min() >= before - 1000
+    assert stamps.max() <= after
+    assert df.attrs["lost"] == 0
+    assert df.attrs["other"] == 0
+    assert p.stats["printk"]["received"] == n
+    assert p.stats["printk"]["dropped"] == 0
     assert not any("nothing to drain" in w for w in p.warnings)  # printk alone is output enough
     p.close()
 
@@ -123,7 +129,8 @@ def test_the_same_format_from_another_program_cannot_be_told_apart() -> None:
     twin = Probe(program("libbpf", "ks-same"), cflags=other.cflags).start()
     by_name = Probe(program("libbpf", "ks-byname").replace(
         'bpf_printk("ks-byname %llu of %d", *n, (int)(id >> 32));',
-        'static const char fmt[] = "ks-byname %llu of %d"; bpf_trace_printk(fmt, sizeof(fmt), *n, (int)(id >> 32));'),
+        'static const char fmt[] = "ks-byname %llu of %d";'
+        ' bpf_trace_printk(fmt, sizeof(fmt), *n, (int)(id >> 32));'),
         cflags=prod.cflags).start()
     prod.go()
     other.go()
@@ -158,7 +165,9 @@ def test_a_flood_into_a_tiny_buffer_counts_every_line_lost(backend: str) -> None
     assert df.attrs["taken"] == n
     assert p.stats["printk"]["dropped"] == lost
     got = counters(df, "ks-flood")
-    assert len(got) == len(df) and len(set(got)) == len(got) and got == sorted(got)
+    assert len(got) == len(df)
+    assert len(set(got)) == len(got)
+    assert got == sorted(got)
     assert max(got) < n
     p.close()
 
@@ -166,15 +175,18 @@ def test_a_flood_into_a_tiny_buffer_counts_every_line_lost(backend: str) -> None
 def test_the_instance_lives_from_start_to_stop_and_close_removes_it() -> None:
     prod = producers.paused(10)
     p = Probe(program("bcc"), cflags=prod.cflags)
-    assert "printk" not in p.stats and my_instances() == []
+    assert "printk" not in p.stats
+    assert my_instances() == []
     p.start()
     first = Path(p.stats["printk"]["instance"])
-    assert first.is_dir() and (first / printk.EVENT / "enable").read_text().strip() == "1"
+    assert first.is_dir()
+    assert (first / printk.EVENT / "enable").read_text().strip() == "1"
     p.stop()
     assert not first.exists()
     p.start()
     second = Path(p.stats["printk"]["instance"])
-    assert second.is_dir() and second != first
+    assert second.is_dir()
+    assert second != first
     prod.go()
     p.close()
     assert my_instances() == []
@@ -185,7 +197,8 @@ def test_a_program_that_prints_nothing_makes_no_instance() -> None:
     p = Probe(producers.ring_program(), cflags=["-DTARGET=1"]).start()
     assert my_instances() == []
     assert "printk" not in p.stats
-    assert len(p.printk) == 0 and list(p.printk.columns) == printk.COLUMNS
+    assert len(p.printk) == 0
+    assert list(p.printk.columns) == printk.COLUMNS
     p.close()
 
 
@@ -228,7 +241,8 @@ def test_unprivileged_users_get_a_clear_error() -> None:
         out = run_as_nobody(lambda: printk.Instance(fake))
         assert out.error == "PrintkAccessError", out.traceback
         assert {"SetupError", "PermissionError"} <= set(out.classes)
-        assert "making instances needs root" in out.message and f"uid {NOBODY}" in out.message
+        assert "making instances needs root" in out.message
+        assert f"uid {NOBODY}" in out.message
     finally:
         (fake / "instances").rmdir()
         fake.rmdir()
