@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import producers
@@ -19,6 +19,8 @@ from nobody import NOBODY, can_drop_privileges, run_as_nobody
 
 from kernelscope import Probe, host, printk
 from kernelscope.errors import SettingError
+from kernelscope.jupyter import display
+from kernelscope.jupyter.display import StatusLine
 from kernelscope.probe import close_all
 
 pytestmark = pytest.mark.kernel
@@ -172,7 +174,7 @@ def test_a_flood_into_a_tiny_buffer_counts_every_line_lost(backend: str) -> None
     p.close()
 
 
-def test_the_instance_lives_from_start_to_stop_and_close_removes_it() -> None:
+def test_the_instance_lives_from_start_to_stop_and_close_removes_it(wait_for: Callable[..., object]) -> None:
     prod = producers.paused(10)
     p = Probe(program("bcc"), cflags=prod.cflags)
     assert "printk" not in p.stats
@@ -188,6 +190,9 @@ def test_the_instance_lives_from_start_to_stop_and_close_removes_it() -> None:
     assert second.is_dir()
     assert second != first
     prod.go()
+    wait_for(lambda: len(p.printk) == 10)
+    status = StatusLine(p, "p")
+    assert "| 10 printk lines" in status.text(display.counts(p))  # the %%bpf status line says so
     p.close()
     assert my_instances() == []
     assert len(p.printk) == 10  # frames stay readable after close
