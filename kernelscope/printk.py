@@ -330,7 +330,9 @@ class Printk:
         self.epoch_offset_ns = monotonic_to_epoch_ns()
         self.instance: Instance | None = None
         self.opened_kb: int | None = None  # the instance's buffer size, as tracefs reports it
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # the instance could not be made: probe.printk raises it
+        self.read_error = ""  # reading stopped on this (the instance removed by hand...): in stats
+        self.message_bytes = 0
         self._rest = ""
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -355,8 +357,8 @@ class Printk:
             while not self._stop.is_set():
                 if not self.poll_once():
                     self._stop.wait(self.interval)
-        except Exception as e:  # a tracefs read failing (the instance removed by hand)
-            self.error = e
+        except OSError as e:
+            self.read_error = f"{type(e).__name__}: {e}"
 
     def poll_once(self) -> int:
         """Read what the instance holds now; returns the lines read (the probe's and others')."""
@@ -371,6 +373,7 @@ class Printk:
             self.other += keep.count(False)
             for col, values in got.rows.items():
                 self.rows[col].extend(itertools.compress(values, keep))
+            self.message_bytes += sum(len(m) for m in itertools.compress(got.rows["message"], keep))
             return len(keep)
 
     def pause(self) -> None:
@@ -432,7 +435,7 @@ class Printk:
         return {"kind": "printk", "attempted": received + c["lost"], "received": received,
                 "dropped": c["lost"], "lost": c["lost"], "lost_records": c["lost"], "other": self.other,
                 "taken": c["taken"], "lost_reported": self.lost_reported, "stored": received,
-                "memory_bytes": sum(map(len, self.rows["message"])) + 96 * received,
+                "memory_bytes": self.message_bytes + 96 * received, "error": self.read_error,
                 "buffer_kb": self.opened_kb,
                 "instance": str(self.instance.path) if self.instance is not None else None,
                 "filter": self.describe_filter()}
