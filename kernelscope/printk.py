@@ -22,7 +22,13 @@ does show up: filter such a frame by `pid`.
 Reading: the consuming `trace_pipe`, opened non-blocking and read by a daemon thread until empty
 every `interval` s (the kernel returns whole lines per read, up to a page), loses nothing while
 it keeps up; the non-consuming `trace` file would be formatted whole on every read and still be
-overwritten. What it does lose is visible: `per_cpu/cpuN/stats` "overrun" (lines overwritten
+overwritten. Measured 2026-12-02 on the 2-core VM: the thread takes about 0.1 M lines/s (the
+kernel formats trace_pipe text at about 0.2 M/s; per-CPU trace_pipes read 2x faster but lose
+the kernel's merge of CPUs by exact timestamp, which the microsecond text cannot redo;
+parsing takes 0.15-0.35 M/s), a program printing on every getppid() makes 0.4-0.8 M/s. An
+instance gets tracefs's default size (1410 KiB per CPU here) while the top-level buffer
+stays at 7 KiB until something expands it, and costs 35-125 ms to make or remove. What it
+does lose is visible: `per_cpu/cpuN/stats` "overrun" (lines overwritten
 unread) plus "dropped events", summed, is `attrs["lost"]` and `probe.stats["printk"]["dropped"]`;
 the kernel counts every line its buffer took, so lines taken = received + other + lost exactly.
 A line the helper itself could not write (-EBUSY when nested past 3 per CPU) is counted nowhere.

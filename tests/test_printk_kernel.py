@@ -4,6 +4,7 @@ instance removed on stop/close and when its process died, and what an unprivileg
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -120,6 +121,29 @@ def test_another_programs_printk_stays_out_when_its_format_differs() -> None:
     assert len(theirs.printk) == n
     mine.close()
     theirs.close()
+
+
+def test_a_tool_draining_the_shared_trace_pipe_takes_nothing_from_the_probe(
+        wait_for: Callable[..., object]) -> None:
+    """The kernel also writes the lines to the top-level buffer (it enables the event there when
+    a printing program loads); `cat trace_pipe` consumes those, not the probe's instance."""
+    n = 300
+    prod = producers.paused(n)
+    p = Probe(program("bcc", "ks-shared"), cflags=prod.cflags).start()
+    shared = os.open(host.TRACEFS / "trace_pipe", os.O_RDONLY | os.O_NONBLOCK)
+    seen = []
+    try:
+        prod.go()
+        wait_for(lambda: len(p.printk) == n)
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(shared, 1 << 16):
+                seen.append(chunk.decode("utf-8", "replace"))
+    finally:
+        os.close(shared)
+    p.stop()
+    assert sum(c.count("ks-shared ") for c in seen) > 0  # the tool read (some of) the shared copies
+    assert counters(p.printk, "ks-shared") == list(range(n))
+    p.close()
 
 
 def test_the_same_format_from_another_program_cannot_be_told_apart() -> None:
