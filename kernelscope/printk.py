@@ -191,7 +191,7 @@ def parse(text: str, rest: str = "") -> Parsed:
     out = Parsed()
     text = rest + text
     end = text.rfind("\n")
-    out.rest, text = text[end + 1:], text[:end]
+    out.rest, text = text[end + 1:], text[:max(end, 0)]
     rows = out.rows
     messages: list[str] = rows["message"]
     for line in text.split("\n") if text else ():

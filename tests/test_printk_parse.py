@@ -41,6 +41,8 @@ def test_an_unfinished_line_waits_for_the_next_read() -> None:
     first = printk.parse(text[:cut])
     second = printk.parse(text[cut:], first.rest)
     assert first.rows["message"] + second.rows["message"] == ["one", "two"]
+    assert printk.parse(text[:20]).rows["message"] == []  # not one whole line yet
+    assert printk.parse(text[20:], printk.parse(text[:20]).rest).rows["message"] == ["one", "two"]
 
 
 def test_formats_are_read_from_both_styles_of_source() -> None:
