@@ -4,6 +4,8 @@ read from program sources, the exact-match regex and the instance's kernel glob 
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kernelscope import printk
 from kernelscope.errors import SettingError
@@ -100,3 +102,29 @@ def test_a_probe_that_prints_nothing_has_an_empty_frame_with_the_columns() -> No
     assert list(frame.columns) == printk.COLUMNS
     assert len(frame) == 0
     assert frame.attrs["received"] == 0
+
+
+_comms = st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=15)
+_messages = st.text(st.characters(min_codepoint=32, max_codepoint=126).filter(lambda c: c != "\n")
+                    | st.just("\n"), max_size=40).filter(lambda m: "bpf_trace_printk:" not in m)
+
+
+@given(st.lists(st.tuples(_comms, st.integers(1, 4_194_304), st.integers(0, 511), _messages), max_size=20),
+       st.integers(0, 20), st.integers(0, 200))
+@settings(max_examples=200, deadline=None)
+def test_any_lines_parse_back_to_what_was_printed_across_two_reads(
+        printed: list[tuple[str, int, int, str]], entry: int, into: int) -> None:
+    """Lines the way the kernel writes them (the message, then a newline), the first read ending
+    anywhere before an entry's message (a read returns whole entries; a cut header waits in
+    `rest`): the rows are the messages, one trailing newline each stripped."""
+    entries = [line(msg, comm=comm, tid=tid, tgid=tid, cpu=cpu) for comm, tid, cpu, msg in printed]
+    text = "".join(entries)
+    entry = min(entry, len(entries))
+    head = len(entries[entry]) - len(printed[entry][3]) - 1 if entry < len(entries) else 0
+    cut = sum(map(len, entries[:entry])) + min(into, head)
+    first = printk.parse(text[:cut])
+    second = printk.parse(text[cut:], first.rest)
+    assert first.rows["message"] + second.rows["message"] == \
+        [m[:-1] if m.endswith("\n") else m for *_, m in printed]
+    assert first.rows["comm"] + second.rows["comm"] == [c for c, *_ in printed]
+    assert first.rows["tid"] + second.rows["tid"] == [t for _, t, *_ in printed]
