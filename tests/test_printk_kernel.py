@@ -275,3 +275,25 @@ def test_unprivileged_users_get_a_clear_error() -> None:
     finally:
         (fake / "instances").rmdir()
         fake.rmdir()
+
+
+def test_lines_carry_over_a_reload(wait_for: Callable[..., object]) -> None:
+    """reconfigure() stops the old program (its instance removed) and starts the new one with a
+    new instance; the frame keeps growing, beside the events of the same program."""
+    first, second = producers.paused(100), producers.paused(50)
+    src = producers.ring_program().replace(
+        "events.ringbuf_output(&e, sizeof(e), 0);",
+        'events.ringbuf_output(&e, sizeof(e), 0); bpf_trace_printk("ks-reload %d\\n", e.pid);').replace(
+        "if ((id >> 32) != TARGET)", f"if ((id >> 32) != TARGET && (id >> 32) != {second.pid})")
+    p = Probe(src, cflags=first.cflags).start()
+    before = p.stats["printk"]["instance"]
+    first.go()
+    wait_for(lambda: len(p.printk) == 100)
+    p.reconfigure(pages=128)
+    assert p.stats["printk"]["instance"] != before
+    assert not Path(before).exists()
+    second.go()
+    p.stop()
+    assert p.printk.pid.value_counts().to_dict() == {first.pid: 100, second.pid: 50}
+    assert p.df.pid.value_counts().to_dict() == {first.pid: 100, second.pid: 50}
+    p.close()
