@@ -143,3 +143,16 @@ class CaptureMissingError(CaptureError, FileNotFoundError):
 
 class CaptureDamagedError(CaptureError):
     """A capture's bytes are not what was saved (a checksum fails, the file is cut short)."""
+
+
+class PrintkAccessError(SetupError, PermissionError):
+    """bpf_printk output is read from a private tracefs instance, which needs root to make."""
+
+    def __init__(self, path: os.PathLike[str] | str, denied: OSError) -> None:
+        self.path = str(path)
+        super().__init__(
+            f"cannot make the tracefs instance {self.path} that bpf_printk output is read from "
+            f"({denied.strerror}, uid {os.geteuid()}): making instances needs root (tracefs's instances/ "
+            "folder is root's, whatever its mount mode); run as root, or send the values through a ring "
+            "buffer (BPF_RINGBUF_OUTPUT / BPF_MAP_TYPE_RINGBUF) instead of bpf_printk"
+        )

@@ -24,7 +24,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from . import mode, spill, tracepoints
+from . import mode, printk, spill, tracepoints
 from .backends import bcc, core
 from .backends.base import Backend, Program
 from .backends.selection import Selection
@@ -100,6 +100,7 @@ class Probe(Results, metaclass=_LiveOrReplay):
         map_sizes: Mapping[str, int] | None = None,
         on_attach_error: str = "raise",
         include: Sequence[str | os.PathLike[str]] = (),
+        printk_kb: int | None = None,
     ) -> None:
         """`pages`: ring buffer size in pages (whole ring) or perf buffer pages per CPU,
         one value for all output maps or a {map: pages} dict; None keeps the program's
@@ -135,6 +136,7 @@ class Probe(Results, metaclass=_LiveOrReplay):
         `warnings` and the others run. BCC: selection applies to its auto-attached functions
         (TRACEPOINT_PROBE, kprobe__...); its maps are sized in their macros.
         `include`: folders searched for the program's `#include`s (`-I DIR`, either backend).
+        `printk_kb`: per-CPU buffer (KiB) for bpf_printk lines (kernelscope.printk; None: tracefs's).
         """
         backend = backend or ("libbpf" if core.is_core(source) else "bcc")
         if backend not in BACKENDS:
@@ -158,6 +160,7 @@ class Probe(Results, metaclass=_LiveOrReplay):
         self.dtypes: dict[str, Any] = dict(dtypes or {})
         self.usdt = list(usdt)
         self.initial_globals = dict(globals or {})
+        self.printk_kb = printk.check_kb(printk_kb)
         self.selection = Selection.of(programs, skip, map_sizes, on_attach_error)
         if self.selection.map_sizes and backend == "bcc":
             raise SettingError("map_sizes= sizes CO-RE maps before load; a BCC map is sized in its macro "
@@ -262,7 +265,8 @@ class Probe(Results, metaclass=_LiveOrReplay):
                 dtype = prog.event_dtype(name)
             self.user_rings[name] = UserRing(name, prog.map_fd(name), prog.ring_size(name), dtype)
             self._res.readers.append(self.user_rings[name])
-        if not self.outputs and not self.user_rings and not self._maps.aggregations():
+        if (not self.outputs and not self.user_rings and not self._maps.aggregations()
+                and not printk.uses_printk(self.source)):
             self.warnings.append(f"the program declares no {prog.output_decl}: nothing to drain")
 
     def _prog(self) -> Program:
@@ -272,6 +276,7 @@ class Probe(Results, metaclass=_LiveOrReplay):
 
     def _set_gate(self, value: int) -> None:
         self._prog().set_gate(value)
+        printk.gate(self, value)
 
     def send(self, name: str | None = None, records: Any = None, timeout: float = 0.0) -> int:
         """Write records into a BPF_MAP_TYPE_USER_RINGBUF map, in order; returns how many.
@@ -493,11 +498,16 @@ class Probe(Results, metaclass=_LiveOrReplay):
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per output map: attempted, received, dropped, in_flight, lost_records, ordering..."""
         if self._stopped_stats is not None or not self.loaded:
-            return self._stopped_stats or {}
-        return self._compute_stats()
+            return printk.with_stats(self, self._stopped_stats or {})
+        return printk.with_stats(self, self._compute_stats())
 
     def _compute_stats(self) -> dict[str, dict[str, Any]]:
         return map_stats(self.outputs, self.counters, self._prog().counts_discards)
+
+    @property
+    def printk(self) -> Any:
+        """What the programs printed with bpf_printk/bpf_trace_printk, a DataFrame (kernelscope.printk)."""
+        return printk.frame_of(self)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write everything received, the counters over time and the program to one Parquet file."""

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from IPython.display import display
 
+from .. import printk
 from ..results import Results
 
 Bundle = dict[str, str]
@@ -56,6 +57,7 @@ class Counts:
     elapsed: float
     error: str = ""
     sent: int = 0  # records written into user ring buffers (CO-RE probes)
+    printk: tuple[int, int] = (0, 0)  # bpf_printk lines received, lost (kernelscope.printk)
 
 
 def dropped(probe: Results) -> int:
@@ -82,7 +84,9 @@ def counts(probe: Results) -> Counts:
     elapsed = time.monotonic() - started if started and probe.running else 0.0
     err = f"{type(probe.error).__name__}: {probe.error}" if probe.error is not None else ""
     sent = sum(r.sent for r in probe.user_rings.values())
-    return Counts(state, received, dropped(probe), lost, rows, elapsed, err, sent)
+    ch = printk.channel(probe)
+    pk = (ch.received, ch.counts()["lost"]) if ch is not None else (0, 0)
+    return Counts(state, received, dropped(probe), lost, rows, elapsed, err, sent, pk)
 
 
 def _n(x: float) -> str:
@@ -137,6 +141,9 @@ class StatusLine:
             parts.append(f"{_n(c.rows)} rows kept")
         if c.sent:
             parts.append(f"{_n(c.sent)} sent (user ring)")
+        if any(c.printk):
+            lost = f" ({_n(c.printk[1])} lost)" if c.printk[1] else ""
+            parts.append(f"{_n(c.printk[0])} printk lines{lost}")
         line = " | ".join(parts)
         if c.state in ("running", "loaded, not started"):
             line += f"  ({self.name}.df grows; %bpf_stop {self.name})"
