@@ -20,7 +20,7 @@ import pytest
 from nobody import run_as_nobody
 from producers import paused
 
-from kernelscope import Probe
+from kernelscope import Probe, hist
 from kernelscope.backends import libbpf
 from kernelscope.captures.replay import replay
 from kernelscope.errors import KernelscopeError
@@ -575,7 +575,6 @@ char LICENSE[] SEC("license") = "GPL";
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_histogram_map_becomes_a_histogram_with_every_sample(backend: str) -> None:
-    hist = pytest.importorskip("kernelscope.hist", reason="kernelscope.hist comes with branch hist")
     child = paused(700)
     p = Probe(HISTOGRAMS[backend], backend=backend, cflags=child.cflags).start()
     try:
