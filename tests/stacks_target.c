@@ -4,7 +4,8 @@
 //
 //   stdout: "burn=0x.. nap=0x.. main=0x.. pid=N"  (its own functions' addresses)
 //   stdin "go\n": a thread named "burner" spins in burn() while the main thread calls nap()
-//   NAPS times, each a nanosleep of NAP_MS; then "burner=TID slept_ns=N" (the sleep it measured)
+//   NAPS times, each a nanosleep of NAP_MS; then "burner=TID slept_ns=N burner_cpu_ns=N" (the sleep it measured, the
+//   burner thread's CPU time)
 //   stdin closed: exit.
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -18,6 +19,7 @@
 static volatile int stop;
 static volatile uint64_t sink;
 static volatile pid_t burner_tid;
+static int64_t burner_cpu_ns;
 
 __attribute__((noinline)) void burn(void)
 {
@@ -33,6 +35,9 @@ static void *burner(void *arg)
 	burner_tid = (pid_t)syscall(SYS_gettid);
 	pthread_setname_np(pthread_self(), "burner");
 	burn();
+	struct timespec cpu;
+	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &cpu);
+	burner_cpu_ns = cpu.tv_sec * 1000000000LL + cpu.tv_nsec;
 	return NULL;
 }
 
@@ -68,7 +73,8 @@ int main(int argc, char **argv)
 		slept += nap(nap_ms);
 	stop = 1;
 	pthread_join(t, NULL);
-	printf("burner=%d slept_ns=%lld\n", burner_tid, (long long)slept);
+	printf("burner=%d slept_ns=%lld burner_cpu_ns=%lld\n", burner_tid, (long long)slept,
+	       (long long)burner_cpu_ns);
 	fflush(stdout);
 	while (fgets(line, sizeof(line), stdin))
 		;
