@@ -199,7 +199,7 @@ def remember(probe: Probe, counts: str | None = None, stacks: str | None = None)
     for c, s in pairs:
         try:
             raw = read_raw(probe, c, s)
-        except (KernelscopeError, OSError):
+        except (KernelscopeError, OSError, ValueError):  # not a (pid, stack ids) key after all
             continue
         mem.raw[(c, s)] = raw
         mem.snapshot.take(_pids(raw))

@@ -4,6 +4,8 @@ addresses it prints of its own functions, also after it exited or its binary was
 
 from __future__ import annotations
 
+import ctypes
+import os
 from pathlib import Path
 
 import numpy as np
@@ -133,3 +135,18 @@ def test_maps_lines_are_parsed_and_non_executable_ones_dropped(tmp_path: Path) -
     fake.write_text("0000000000000000 T _stext\n0000000000000000 t x\n")
     with pytest.raises(KallsymsError, match="every address as 0"):
         KernelSymbols.load(fake)
+
+
+def test_the_vdso_is_read_from_the_process_memory() -> None:
+    """The vDSO has no file: its ELF image is read from /proc/PID/mem; an address in its
+    clock_gettime (at AT_SYSINFO_EHDR + the symbol's address) resolves to it."""
+    getauxval = ctypes.CDLL(None).getauxval
+    getauxval.restype = ctypes.c_ulong
+    base = getauxval(33)  # AT_SYSINFO_EHDR: where the kernel mapped the vDSO's ELF header
+    snap = symbols.snapshot([os.getpid()])
+    vdso = snap.processes[os.getpid()].objects["[vdso]"]
+    assert vdso is not None
+    at = vdso.address_of("clock_gettime")
+    assert at is not None
+    hit = snap.resolve(os.getpid(), base + at + 2)  # the vDSO is linked at 0, mapped at base
+    assert (hit.symbol, hit.offset, hit.module) == ("clock_gettime", 2, "vdso")

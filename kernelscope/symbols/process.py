@@ -64,10 +64,24 @@ class ProcessSymbols:
             comm = f.read().strip()
         me = cls(pid, comm, maps)
         for m in maps:
-            if m.path in me.objects or not m.path.startswith("/"):
+            if m.path in me.objects:
                 continue
-            me.objects[m.path] = me._open(m)
+            if m.path.startswith("/"):
+                me.objects[m.path] = me._open(m)
+            elif m.path == "[vdso]":
+                me.objects[m.path] = me._vdso(m)
         return me
+
+    def _vdso(self, m: Mapping) -> elf.ElfSymbols | None:
+        """The vDSO (clock_gettime, gettimeofday ...): an ELF image the kernel maps into every
+        process, read from its memory."""
+        try:
+            with open(f"/proc/{self.pid}/mem", "rb") as f:
+                f.seek(m.start)
+                return elf.read(f.read(m.end - m.start), "[vdso]")
+        except (OSError, elf.ElfSymbolError) as e:
+            self.errors[m.path] = str(e)
+            return None
 
     def _open(self, m: Mapping) -> elf.ElfSymbols | None:
         name = m.path.removesuffix(" (deleted)")
@@ -89,7 +103,7 @@ class ProcessSymbols:
         for m in self.mappings:
             if m.start <= address < m.end:
                 file_off = address - m.start + m.offset
-                module = os.path.basename(m.path.removesuffix(" (deleted)"))
+                module = os.path.basename(m.path.removesuffix(" (deleted)")).strip("[]")
                 syms = self.objects.get(m.path)
                 if syms is not None:
                     vaddr = syms.vaddr(file_off)
