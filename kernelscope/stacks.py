@@ -233,12 +233,12 @@ def _pairs(probe: Probe) -> list[tuple[str, str]]:
 class _Namer:
     """Names addresses, caching each: kernel ones by kallsyms, user ones by the snapshot."""
 
-    def __init__(self, snapshot: symbols.Snapshot) -> None:
+    def __init__(self, snapshot: symbols.Snapshot, since: float | None) -> None:
         self.snapshot = snapshot
         self.kernel: symbols.KernelSymbols | None = None
         self.warnings: list[str] = []
         try:
-            self.kernel = symbols.kernel()
+            self.kernel = symbols.kernel(since=since)
         except symbols.KallsymsError as e:
             self.warnings.append(str(e))
         self.memo: dict[tuple[int, int], symbols.Resolved] = {}
@@ -297,10 +297,11 @@ def stack_frame(probe: Probe, counts: str = "counts", stacks: str = "stacks",
     kernel frames), `user_stack`, `kernel_stack` (tuples of names, root first) and the value
     columns (all, or those named by `value`; a scalar value is column `count`, or `value` when
     that is one name). Works on a running or stopped probe, and after close() on what stop()
-    kept. `df.attrs["stack_errors"]`: {"user EFAULT": rows, ...}; `["warnings"]`."""
+    kept. Rows are sorted by the first numeric value column, largest first.
+    `df.attrs["stack_errors"]`: {"user EFAULT": rows, ...}; `["warnings"]`."""
     raw = _raw(probe, counts, stacks)
     snap = _snapshot_for(probe, raw)
-    namer = _Namer(snap)
+    namer = _Namer(snap, probe.started_at)
     data: dict[str, object] = {}
     _columns(raw.keys, "", data)
     data = {k: v for k, v in data.items() if not k.startswith("__pad")}
@@ -328,8 +329,12 @@ def stack_frame(probe: Probe, counts: str = "counts", stacks: str = "stacks",
     data["stack"] = [u + k for u, k in zip(user_col, kern_col, strict=True)]
     data["user_stack"] = user_col
     data["kernel_stack"] = kern_col
-    data.update(_value_columns(raw, value))
+    values = _value_columns(raw, value)
+    data.update(values)
     df = pd.DataFrame(data)
+    weight = next((c for c, v in values.items() if np.asarray(v).dtype.kind in "iuf"), None)
+    if weight is not None:  # the heaviest stacks first, as a profile is read
+        df = df.sort_values(weight, ascending=False, kind="stable", ignore_index=True)
     df.attrs["stack_errors"] = errors
     df.attrs["warnings"] = namer.warnings + [f"pid {p}: {why}" for p, why in snap.missed.items()
                                              if p in set(pids)]
@@ -358,7 +363,7 @@ def frames(probe: Probe, counts: str = "counts", stacks: str = "stacks") -> pd.D
     ('user' | 'kernel'), `inline` (always False: inlined frames from DWARF are not read).
     `pid` is the process a user stack was named for (-1 for kernel stacks)."""
     raw = _raw(probe, counts, stacks)
-    namer = _Namer(_snapshot_for(probe, raw))
+    namer = _Namer(_snapshot_for(probe, raw), probe.started_at)
     rows: list[tuple[Any, ...]] = []
     seen: set[tuple[str, int, int]] = set()
     n = len(raw.keys)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from .elf import ElfSymbolError, ElfSymbols
 from .kallsyms import KallsymsError, KernelSymbols, Resolved
@@ -19,14 +20,17 @@ __all__ = ["ElfSymbolError", "ElfSymbols", "KallsymsError", "KernelSymbols", "Ma
            "Resolved", "Snapshot", "kernel", "parse_maps", "snapshot"]
 
 _kernel: KernelSymbols | None = None
+_read_at = 0.0
 _lock = threading.Lock()
 
 
-def kernel(refresh: bool = False) -> KernelSymbols:
-    """The kernel's text symbols, read once (refresh=True re-reads: BPF programs and modules
-    loaded since appear)."""
-    global _kernel
+def kernel(refresh: bool = False, since: float | None = None) -> KernelSymbols:
+    """The kernel's text symbols, read once; again with refresh=True, or when the table was
+    read before `since` (time.monotonic(): a probe's start, so its own BPF programs, which
+    kallsyms lists as bpf_prog_<tag>_<name>, are in it)."""
+    global _kernel, _read_at
     with _lock:
-        if _kernel is None or refresh:
+        if _kernel is None or refresh or (since is not None and _read_at < since):
+            _read_at = time.monotonic()
             _kernel = KernelSymbols.load()
         return _kernel

@@ -17,6 +17,10 @@ from ..errors import KernelscopeError
 
 KALLSYMS = Path("/proc/kallsyms")
 TEXT_TYPES = frozenset("tTwW")
+# kallsyms has no sizes: a symbol runs to the next one. An address this far past the symbol
+# before it is in no function kallsyms knows (a BPF program loaded since the table was read,
+# the end of a text area), and naming it after that symbol would be wrong.
+MAX_OFFSET = 1 << 20
 
 
 class KallsymsError(KernelscopeError):
@@ -87,7 +91,7 @@ class KernelSymbols:
         idx = np.searchsorted(self.addresses, addrs, side="right") - 1
         out = []
         for a, i in zip(addrs.tolist(), idx.tolist(), strict=True):
-            if i < 0:
+            if i < 0 or a - int(self.addresses[i]) >= MAX_OFFSET:
                 out.append(Resolved(a, None, "", 0))
             else:
                 out.append(Resolved(a, self.names[i], self.modules[i] or "kernel",
