@@ -165,7 +165,8 @@ def test_off_cpu_time_through_nap_is_the_sleep_the_program_measured(run: Run) ->
     napping = df[df["stack"].map(contains("nap"))]
     slept = run.target.result["slept_ns"]
     off = int(napping["ns"].sum())
-    assert abs(off - slept) <= 0.05 * slept, (off, slept, df.attrs, df[["stack", "ns", "switches"]].to_string())
+    shown = df[["stack", "ns", "switches"]].to_string()
+    assert abs(off - slept) <= 0.05 * slept, (off, slept, df.attrs, shown)
     # each nanosleep left the CPU once, in the kernel's nanosleep path, from nap
     asleep = napping[napping["kernel_stack"].map(contains("do_nanosleep"))]
     assert int(asleep["switches"].sum()) >= NAPS  # more when preempted on the way in (a busy host)
