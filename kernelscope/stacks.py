@@ -323,7 +323,7 @@ def stack_frame(probe: Probe, counts: str = "counts", stacks: str = "stacks",
                 if hit is None:
                     addrs = raw.stacks[sid][::-1]  # root first
                     names = namer.user(pid, addrs) if kind == "user" else namer.kern(addrs)
-                    hit = tuple(r.name for r in names)
+                    hit = tuple(n for r in names for n in r.names)
                 cache[(sid, pid if kind == "user" else 0)] = hit
             out.append(hit)
     data["stack"] = [u + k for u, k in zip(user_col, kern_col, strict=True)]
@@ -360,7 +360,8 @@ def _value_columns(raw: Raw, value: str | Sequence[str] | None) -> dict[str, obj
 def frames(probe: Probe, counts: str = "counts", stacks: str = "stacks") -> pd.DataFrame:
     """The long form: one row per frame of each stack the counting map refers to, columns
     `stack_id, pid, depth` (0 = outermost caller), `address, symbol, module, offset, kind`
-    ('user' | 'kernel'), `inline` (always False: inlined frames from DWARF are not read).
+    ('user' | 'kernel'), `inline` (True for a function the compiler inlined at that address, read
+    from the object's DWARF when it has some; its `offset` is 0).
     `pid` is the process a user stack was named for (-1 for kernel stacks)."""
     raw = _raw(probe, counts, stacks)
     namer = _Namer(_snapshot_for(probe, raw), probe.started_at)
@@ -378,8 +379,13 @@ def frames(probe: Probe, counts: str = "counts", stacks: str = "stacks") -> pd.D
             seen.add((kind, sid, who))
             addrs = raw.stacks[sid][::-1]
             named = namer.user(pid, addrs) if kind == "user" else namer.kern(addrs)
-            rows += [(sid, who, d, r.address, r.symbol, r.module, r.offset, kind, False)
-                     for d, r in enumerate(named)]
+            depth = 0
+            for r in named:
+                rows.append((sid, who, depth, r.address, r.symbol, r.module, r.offset, kind, False))
+                for fn in r.inlined:  # inlined at that address: one more frame each, same address
+                    depth += 1
+                    rows.append((sid, who, depth, r.address, fn, r.module, 0, kind, True))
+                depth += 1
     cols = ["stack_id", "pid", "depth", "address", "symbol", "module", "offset", "kind", "inline"]
     df = pd.DataFrame(rows, columns=cols)
     return df.astype({"stack_id": "int64", "pid": "int64", "depth": "int64", "address": "uint64",

@@ -150,3 +150,28 @@ def test_the_vdso_is_read_from_the_process_memory() -> None:
     assert at is not None
     hit = snap.resolve(os.getpid(), base + at + 2)  # the vDSO is linked at 0, mapped at base
     assert (hit.symbol, hit.offset, hit.module) == ("clock_gettime", 2, "vdso")
+
+
+def test_functions_inlined_into_burn_come_from_dwarf(binary: Path) -> None:
+    """mix() is always_inline in burn(): its DW_TAG_inlined_subroutine range lies inside burn's
+    .symtab extent, and an address there names burn with mix inlined (libc, without DWARF: none)."""
+    t = Target.start(binary)
+    try:
+        snap = symbols.snapshot([t.pid])
+        syms = snap.processes[t.pid].objects[str(binary)]
+        assert syms is not None
+        assert syms.inline is not None
+        assert set(syms.inline.names) == {"mix"}
+        start = syms.address_of("burn")
+        assert start is not None
+        size = int(syms.sizes[syms.names.index("burn")])
+        lo, hi = int(syms.inline.lo[0]), int(syms.inline.hi[0])
+        assert start <= lo < hi <= start + size
+        hit = snap.resolve(t.pid, t.addresses["burn"] + (lo - start))
+        assert (hit.symbol, hit.inlined, hit.names) == ("burn", ("mix",), ("burn", "mix"))
+        assert snap.resolve(t.pid, t.addresses["burn"]).inlined == ()  # burn's own first bytes
+        libc = next(o for p, o in snap.processes[t.pid].objects.items() if "libc.so" in p)
+        assert libc is not None
+        assert libc.inline is None
+    finally:
+        t.exit()

@@ -23,6 +23,7 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import NoteSection, SymbolTableSection
 
 from ..errors import KernelscopeError
+from . import inline
 
 ELF64_SYM = np.dtype([("st_name", "<u4"), ("st_info", "u1"), ("st_other", "u1"), ("st_shndx", "<u2"),
                       ("st_value", "<u8"), ("st_size", "<u8")])
@@ -53,6 +54,11 @@ class ElfSymbols:
     sizes: np.ndarray
     names: list[str]
     pie: bool  # ET_DYN: a shared library or a position-independent executable
+    inline: inline.InlineRanges | None = None  # inlined calls, from DWARF when it is there
+
+    def inlined(self, vaddr: int) -> tuple[str, ...]:
+        """Functions inlined at `vaddr`, outermost first (() without DWARF)."""
+        return () if self.inline is None else self.inline.at(vaddr)
 
     def vaddr(self, file_offset: int) -> int | None:
         """The ELF virtual address file byte `file_offset` is loaded as (None: in no PT_LOAD)."""
@@ -91,7 +97,7 @@ def read(data: bytes, path: str) -> ElfSymbols:
         pie = elf["e_type"] == "ET_DYN"
     except (ELFError, ValueError, KeyError) as e:
         raise ElfSymbolError(f"{path}: not an ELF object kernelscope can read ({e})") from e
-    return ElfSymbols(path, build_id, segments, starts, sizes, names, pie)
+    return ElfSymbols(path, build_id, segments, starts, sizes, names, pie, inline.read(elf))
 
 
 def _build_id(elf: ELFFile) -> str | None:

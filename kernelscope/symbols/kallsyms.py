@@ -29,12 +29,14 @@ class KallsymsError(KernelscopeError):
 
 @dataclass(frozen=True)
 class Resolved:
-    """One address resolved: `symbol` (None when unknown), `module`, `offset` from the symbol."""
+    """One address resolved: `symbol` (None when unknown), `module`, `offset` from the symbol,
+    `inlined`: the functions inlined there (from DWARF), outermost first."""
 
     address: int
     symbol: str | None
     module: str
     offset: int
+    inlined: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -44,6 +46,11 @@ class Resolved:
         if self.module:
             return f"[{self.module}+{self.offset:#x}]"
         return f"{self.address:#x}"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The frame's names in a stack: its function, then those inlined into it."""
+        return (self.name, *self.inlined)
 
 
 class KernelSymbols:

@@ -105,14 +105,13 @@ class ProcessSymbols:
                 file_off = address - m.start + m.offset
                 module = os.path.basename(m.path.removesuffix(" (deleted)")).strip("[]")
                 syms = self.objects.get(m.path)
-                if syms is not None:
-                    vaddr = syms.vaddr(file_off)
-                    hit = syms.lookup(vaddr) if vaddr is not None else None
-                    if hit is not None:
-                        return Resolved(address, hit[0], module, hit[1])
-                    if vaddr is not None:
-                        return Resolved(address, None, module, vaddr)
-                return Resolved(address, None, module, file_off)
+                vaddr = None if syms is None else syms.vaddr(file_off)
+                if syms is None or vaddr is None:
+                    return Resolved(address, None, module, file_off)
+                hit = syms.lookup(vaddr)
+                if hit is None:
+                    return Resolved(address, None, module, vaddr)
+                return Resolved(address, hit[0], module, hit[1], syms.inlined(vaddr))
         return Resolved(address, None, "", 0)
 
 
