@@ -109,7 +109,8 @@ def _dtypes(probe: Probe, name: str, info: syscall.Info) -> tuple[np.dtype, np.d
     assert prog is not None
     if prog.backend == "bcc":
         table = prog.bpf[name.encode()]
-        return ctypes_dtype(table.Key), ctypes_dtype(table.Leaf)
+        # a per-CPU table's Leaf is BCC's array of every CPU's value; sLeaf is one value
+        return ctypes_dtype(table.Key), ctypes_dtype(table.sLeaf if info.per_cpu else table.Leaf)
     types = prog.types()  # type: ignore[attr-defined]
     out = []
     for tid, size in ((info.btf_key_type_id, info.key_size), (info.btf_value_type_id, info.value_size)):
@@ -210,7 +211,7 @@ def _map_names(probe: Probe) -> list[str]:
     if prog is None:
         return []
     if prog.backend != "bcc":
-        return list(getattr(prog, "maps", {}))
+        return list(prog.maps)  # type: ignore[attr-defined]  # core.CoreProgram: name -> map
     return re.findall(r"\bBPF_(?:HASH|LRU_HASH|PERCPU_HASH|LRU_PERCPU_HASH|STACK_TRACE|TABLE)\s*\(\s*"
                       r"(?:\"\w+\"\s*,\s*[^,]+,\s*[^,]+,\s*)?(\w+)", probe.source)
 

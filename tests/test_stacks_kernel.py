@@ -34,7 +34,7 @@ PROFILE_BCC = r"""
 #include <uapi/linux/bpf_perf_event.h>
 struct key_t { u32 pid; u32 tid; int user_stack_id; int kern_stack_id; char comm[16]; };
 BPF_STACK_TRACE(stacks, STACKS);
-BPF_HASH(counts, struct key_t, u64, 16384);
+COUNTS(counts, struct key_t, u64, 16384);
 int do_sample(struct bpf_perf_event_data *ctx) {
     u64 id = bpf_get_current_pid_tgid();
     struct key_t key = {};
@@ -45,7 +45,12 @@ int do_sample(struct bpf_perf_event_data *ctx) {
     bpf_get_current_comm(&key.comm, sizeof(key.comm));
     key.user_stack_id = stacks.get_stackid(ctx, BPF_F_USER_STACK);
     key.kern_stack_id = stacks.get_stackid(ctx, 0);
-    counts.increment(key);
+    /* BCC's increment() inserts a missing key only into a BPF_MAP_TYPE_HASH, not a per-CPU one */
+    u64 one = 1, *n = counts.lookup(&key);
+    if (n)
+        __sync_fetch_and_add(n, 1);
+    else
+        counts.update(&key, &one);
     return 0;
 }
 """
@@ -87,9 +92,10 @@ TRACEPOINT_PROBE(sched, sched_switch) {
 """
 
 
-def profile_probe(backend: str, pid: int, stack_slots: int = 16384) -> Probe:
+def profile_probe(backend: str, pid: int, stack_slots: int = 16384, counts: str = "BPF_HASH") -> Probe:
     if backend == "bcc":
-        src = PROFILE_BCC.replace("TARG_TGID", str(pid)).replace("STACKS", str(stack_slots))
+        src = (PROFILE_BCC.replace("TARG_TGID", str(pid)).replace("STACKS", str(stack_slots))
+               .replace("COUNTS", counts))
         p = Probe(src)
     else:
         p = Probe.from_file(BPF / "profile.bpf.c", globals={"targ_tgid": pid},
@@ -213,6 +219,24 @@ def test_a_closed_probe_still_shows_the_stacks_stop_kept(binary: Path) -> None:
     after = p.stacks()
     pd.testing.assert_frame_equal(before, after)
     assert after["stack"].map(contains("burn")).any()
+
+
+def test_per_cpu_counts_are_summed_over_cpus(binary: Path) -> None:
+    """A BCC BPF_PERCPU_HASH counting map: one value per CPU, summed, the same samples."""
+    t = Target.start(binary, 3, 100)
+    p = profile_probe("bcc", t.pid, counts="BPF_PERCPU_HASH").start()
+    try:
+        result = t.go()
+        p.stop()
+    finally:
+        t.exit()
+    df = p.stacks()
+    p.close()
+    burner = df[df["tid"] == result["burner"]]
+    samples = int(burner["count"].sum())
+    cpu_s = result["burner_cpu_ns"] / 1e9
+    assert 10 <= samples <= 1.3 * HZ * cpu_s + 5, (samples, cpu_s)
+    assert int(burner.loc[burner["stack"].map(contains("burn")), "count"].sum()) > 0.8 * samples
 
 
 def test_stack_ids_the_map_could_not_store_are_named_and_counted(binary: Path) -> None:
