@@ -277,15 +277,20 @@ def _error_name(stack_id: int, stacks: dict[int, np.ndarray]) -> str | None:
 
 def _snapshot_for(probe: Probe, raw: Raw) -> symbols.Snapshot:
     snap = _mem(probe).snapshot
-    if probe.loaded:
-        snap.take(_pids(raw))  # the ones still running: refreshed; the gone ones: kept
+    pids = _pids(raw)
+    # running: refresh every live pid (new mappings); stopped: only pids never seen (a pid
+    # seen before may since belong to another process)
+    snap.take(pids if probe.running else (p for p in pids if p not in snap))
     return snap
 
 
 def _raw(probe: Probe, counts: str, stacks: str) -> Raw:
-    if probe.loaded:
+    """The maps now while the probe runs; as stop() found them once it stopped (its programs
+    stay attached until close(), still counting, as a stopped probe's counters do not)."""
+    kept = _mem(probe).raw.get((counts, stacks))
+    if probe.running or (kept is None and probe.loaded):
         return read_raw(probe, counts, stacks)
-    raw = _mem(probe).raw.get((counts, stacks))
+    raw = kept
     if raw is None:
         raise KernelscopeError(f"no stacks kept for maps {counts!r} and {stacks!r}: the probe was "
                                "never started, or has other map names (pass counts= and stacks=)")
@@ -297,8 +302,8 @@ def stack_frame(probe: Probe, counts: str = "counts", stacks: str = "stacks",
     """One row per key of map `counts`: its key columns, `stack` (root first: user frames then
     kernel frames), `user_stack`, `kernel_stack` (tuples of names, root first) and the value
     columns (all, or those named by `value`; a scalar value is column `count`, or `value` when
-    that is one name). Works on a running or stopped probe, and after close() on what stop()
-    kept. Rows are sorted by the first numeric value column, largest first.
+    that is one name). On a running probe: the maps now; once stopped (also after close()):
+    as stop() found them. Rows are sorted by the first numeric value column, largest first.
     `df.attrs["stack_errors"]`: {"user EFAULT": rows, ...}; `["warnings"]`."""
     raw = _raw(probe, counts, stacks)
     snap = _snapshot_for(probe, raw)

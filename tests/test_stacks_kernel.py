@@ -183,6 +183,10 @@ def test_off_cpu_time_through_nap_is_the_sleep_the_program_measured(run: Run) ->
     # the stack is the user frames, then the kernel's
     row = asleep.iloc[0]
     assert row["stack"] == row["user_stack"] + row["kernel_stack"]
+    # the program kept counting after stop() (the main thread's wait for stdin ended when the
+    # target exited): the frame shows the maps as stop() found them
+    live = stacks.read_raw(run.offcpu, "counts", "stacks")
+    assert int(live.values["ns"].sum()) > int(df["ns"].sum())
 
 
 def test_frames_long_form_puts_the_printed_address_of_burn_at_the_innermost_user_frame(run: Run) -> None:
