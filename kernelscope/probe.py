@@ -25,6 +25,7 @@ from typing import Any, cast
 import numpy as np
 
 from . import mode, printk, spill, tracepoints
+from . import stacks as stacks_
 from .backends import bcc, core
 from .backends.base import Backend, Program
 from .backends.selection import Selection
@@ -347,6 +348,7 @@ class Probe(Results, metaclass=_LiveOrReplay):
                 break
         self._drain.flush_reorder()
         self._drain.sample(force=True)
+        stacks_.remember(self)  # stack maps and the symbols of their processes, while they live
         self._stopped_stats = self._compute_stats()
         self._stopped_send_stats = self._compute_send_stats() if self.user_rings else None
         self._maps.freeze()  # what the user reads of the maps from now on: their state at stop()
@@ -646,6 +648,14 @@ class Probe(Results, metaclass=_LiveOrReplay):
         n = len(records)
         frame = Schema(dt).frame(records, np.arange(n), np.zeros(n, np.int64))
         return frame[[c for c in frame.columns if not c.startswith("ks_")]]
+
+    def stacks(self, counts: str = "counts", stacks: str = "stacks", value: Any = None) -> Any:
+        """Stack traces with symbols, one row per key of counting map `counts` (kernelscope.stacks)."""
+        return stacks_.stack_frame(self, counts, stacks, value)
+
+    def flamegraph(self, counts: str = "counts", stacks: str = "stacks", value: str | None = None) -> Any:
+        """An interactive flame graph of those stacks, weighted by `value` (kernelscope.flame)."""
+        return stacks_.flamegraph(self, counts, stacks, value)
 
     def state(self) -> str:
         return "closed" if self.closed else "running" if self.running else "loaded" if self.loaded else "new"
