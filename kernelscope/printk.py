@@ -478,7 +478,11 @@ def channel(probe: Any) -> Printk | None:
 
 
 def frame_of(probe: Any) -> pd.DataFrame:
-    """`probe.printk`: the probe's printk lines so far (an empty frame when it prints none)."""
+    """`probe.printk`: the probe's printk lines so far (an empty frame when it prints none); a
+    replay's: the lines its capture kept."""
+    cap = getattr(probe, "capture", None)
+    if cap is not None:
+        return cap.frames["printk"].copy() if "printk" in cap.frames else Printk([]).frame()
     ch = _channels.get(probe)
     if ch is None:
         ch = Printk(formats(probe.source) if uses_printk(probe.source) else [])

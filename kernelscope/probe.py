@@ -506,11 +506,6 @@ class Probe(Results, metaclass=_LiveOrReplay):
     def _compute_stats(self) -> dict[str, dict[str, Any]]:
         return map_stats(self.outputs, self.counters, self._prog().counts_discards)
 
-    @property
-    def printk(self) -> Any:
-        """What the programs printed with bpf_printk/bpf_trace_printk, a DataFrame (kernelscope.printk)."""
-        return printk.frame_of(self)
-
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write everything received, the counters over time and the program to one Parquet file."""
         from .captures import capture
@@ -534,7 +529,11 @@ class Probe(Results, metaclass=_LiveOrReplay):
             "user_ring_dtypes": {n: capture.dtype_to_json(r.dtype) for n, r in self.user_rings.items()
                                  if r.dtype is not None},
         }
-        cap = capture.Capture(maps, self.source, settings, started_ns=started, tables=self._maps.captured())
+        derived = stacks_.captured(self)  # stacks with their symbols, named while the processes live
+        if printk.uses_printk(self.source):
+            derived["printk"] = printk.frame_of(self)
+        cap = capture.Capture(maps, self.source, settings, started_ns=started, tables=self._maps.captured(),
+                              frames=derived)
         return capture.save(cap, path)
 
     # --- waiting, attaching, display ---------------------------------------------------
@@ -648,14 +647,6 @@ class Probe(Results, metaclass=_LiveOrReplay):
         n = len(records)
         frame = Schema(dt).frame(records, np.arange(n), np.zeros(n, np.int64))
         return frame[[c for c in frame.columns if not c.startswith("ks_")]]
-
-    def stacks(self, counts: str = "counts", stacks: str = "stacks", value: Any = None) -> Any:
-        """Stack traces with symbols, one row per key of counting map `counts` (kernelscope.stacks)."""
-        return stacks_.stack_frame(self, counts, stacks, value)
-
-    def flamegraph(self, counts: str = "counts", stacks: str = "stacks", value: str | None = None) -> Any:
-        """An interactive flame graph of those stacks, weighted by `value` (kernelscope.flame)."""
-        return stacks_.flamegraph(self, counts, stacks, value)
 
     def state(self) -> str:
         return "closed" if self.closed else "running" if self.running else "loaded" if self.loaded else "new"

@@ -10,6 +10,8 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
+from . import printk
+from . import stacks as stacks_
 from .captures.capture import Capture
 from .drain import MapState
 from .maps.globals import Globals
@@ -66,6 +68,21 @@ class Results:
     def globals(self) -> Globals:
         """The program's global variables by name (CO-RE): read, and written (`.bss`/`.data`)."""
         return Globals(self._maps, self.backend)
+
+    @property
+    def printk(self) -> pd.DataFrame:
+        """What the programs printed with bpf_printk/bpf_trace_printk (kernelscope.printk); a
+        replay: the lines its capture kept."""
+        return printk.frame_of(self)
+
+    def stacks(self, counts: str = "counts", stacks: str = "stacks", value: Any = None) -> pd.DataFrame:
+        """Stack traces with symbols, one row per key of counting map `counts` (kernelscope.stacks)."""
+        return stacks_.stack_frame(self, counts, stacks, value)
+
+    def flamegraph(self, counts: str = "counts", stacks: str = "stacks", value: str | None = None,
+                   **kw: Any) -> Any:
+        """An interactive flame graph of those stacks, weighted by `value` (kernelscope.flame)."""
+        return stacks_.flamegraph(self, counts, stacks, value, **kw)
 
     def _map(self, name: str | None) -> MapState:
         if name is None:

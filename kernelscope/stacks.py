@@ -20,10 +20,8 @@ counting map, so stacks of a process that exited later still resolve.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import importlib
-import re
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,15 +31,13 @@ import numpy as np
 import pandas as pd
 
 from . import symbols
-from .backends.libbpf import possible_cpus
-from .errors import KernelscopeError, SchemaError
-from .maps import syscall
+from .errors import KernelscopeError, SchemaError, UnknownNameError
 from .schema import _columns
 
 if TYPE_CHECKING:
-    from .probe import Probe
+    from .results import Results as Probe  # a live probe or a replayed capture
 
-__all__ = ["Raw", "ctypes_dtype", "flamegraph", "frames", "read_raw", "remember", "stack_frame"]
+__all__ = ["Raw", "captured", "flamegraph", "frames", "read_raw", "remember", "stack_frame"]
 
 USER_FIELDS = ("user_stack_id", "user_stack", "ustack_id", "ustack")
 KERNEL_FIELDS = ("kern_stack_id", "kernel_stack_id", "kstack_id", "kern_stack", "kernel_stack", "kstack")
@@ -66,10 +62,9 @@ class Raw:
 
 @dataclass
 class _Memory:
-    """What stop() kept of a probe: symbol snapshot and, per (counts, stacks), the raw maps."""
+    """What stop() kept of a probe: the symbols of the processes in its stacks."""
 
     snapshot: symbols.Snapshot = field(default_factory=symbols.Snapshot)
-    raw: dict[tuple[str, str], Raw] = field(default_factory=dict)
 
 
 _memory: weakref.WeakKeyDictionary[Any, _Memory] = weakref.WeakKeyDictionary()
@@ -84,102 +79,37 @@ def _mem(probe: Probe) -> _Memory:
 # --- reading the maps ------------------------------------------------------------------------
 
 
-def ctypes_dtype(ctype: Any) -> np.dtype:
-    """The numpy dtype of a BCC table's ctypes Key/Leaf: char[N] as S{N}, BCC's __pad fields kept
-    as bytes (dropped from columns later)."""
-    if isinstance(ctype, type) and issubclass(ctype, ctypes.Structure | ctypes.Union):
-        names, formats, offsets = [], [], []
-        for fname, ftype, *_ in ctype._fields_:
-            names.append(fname)
-            formats.append(ctypes_dtype(ftype))
-            offsets.append(getattr(ctype, fname).offset)
-        return np.dtype({"names": names, "formats": formats, "offsets": offsets,
-                         "itemsize": ctypes.sizeof(ctype)})
-    if isinstance(ctype, type) and issubclass(ctype, ctypes.Array):
-        if ctype._type_ is ctypes.c_char:
-            return np.dtype(f"S{ctype._length_}")
-        return np.dtype((ctypes_dtype(ctype._type_), (ctype._length_,)))
-    return np.dtype(ctype)
-
-
-def _dtypes(probe: Probe, name: str, info: syscall.Info) -> tuple[np.dtype, np.dtype]:
-    """Key and value dtypes of map `name`: BCC's ctypes, or the CO-RE object's BTF by the type
-    ids the kernel keeps for the map."""
-    prog = probe.program
-    assert prog is not None
-    if prog.backend == "bcc":
-        table = prog.bpf[name.encode()]
-        # a per-CPU table's Leaf is BCC's array of every CPU's value; sLeaf is one value
-        return ctypes_dtype(table.Key), ctypes_dtype(table.sLeaf if info.per_cpu else table.Leaf)
-    types = prog.types()  # type: ignore[attr-defined]
-    out = []
-    for tid, size in ((info.btf_key_type_id, info.key_size), (info.btf_value_type_id, info.value_size)):
-        if tid:
-            out.append(types.dtype(types.by_id[tid], name))
-        else:
-            out.append(np.dtype({4: "<u4", 8: "<u8"}.get(size, f"V{size}")))
-    return out[0], out[1]
-
-
 def _field(names: Sequence[str], wanted: Sequence[str]) -> str | None:
     return next((w for w in wanted if w in names), None)
 
 
-def read_raw(probe: Probe, counts: str = "counts", stacks: str = "stacks") -> Raw:
-    """Read counting map `counts` and stack-trace map `stacks` of a loaded probe."""
-    prog = probe.program
-    if prog is None:
-        raise KernelscopeError("probe is not loaded: start() it (or load()) before reading its stacks")
-    fds = {}
-    for name in (counts, stacks):
-        try:
-            fds[name] = prog.map_fd(name)
-        except (KeyError, LookupError) as e:
-            raise KernelscopeError(f"the program has no map {name!r}: pass counts= and stacks= "
-                                   "with the names of its counting map and its stack-trace map") from e
-    sinfo, cinfo = syscall.info(fds[stacks]), syscall.info(fds[counts])
-    if sinfo.kind != "stack_trace":
-        raise KernelscopeError(f"map {stacks!r} is a {sinfo.kind} map, not BPF_MAP_TYPE_STACK_TRACE: "
+def read_raw(probe: Probe, counts: str = "counts", stacks: str = "stacks", live: bool = False) -> Raw:
+    """Counting map `counts` and stack-trace map `stacks`, read through `probe.maps`: the
+    kernel's maps while the probe runs (or with `live`), as stop() found them once stopped (the
+    programs stay attached until close(), still counting)."""
+    try:
+        cm, sm = probe.maps[counts], probe.maps[stacks]
+    except UnknownNameError as e:
+        raise KernelscopeError(f"{e}: pass counts= and stacks= with the names of its counting map "
+                               "and its stack-trace map") from None
+    if sm.kind != "stack_trace":
+        raise KernelscopeError(f"map {stacks!r} is a {sm.kind} map, not BPF_MAP_TYPE_STACK_TRACE: "
                                "pass stacks= the name of the program's stack-trace map")
-    if cinfo.kind not in COUNT_KINDS:
-        raise KernelscopeError(f"map {counts!r} is a {cinfo.kind} map: pass counts= the hash map keyed "
+    if cm.kind not in COUNT_KINDS:
+        raise KernelscopeError(f"map {counts!r} is a {cm.kind} map: pass counts= the hash map keyed "
                                "by (pid, ..., user_stack_id, kern_stack_id)")
-    kdt, vdt = _dtypes(probe, counts, cinfo)
-    names = kdt.names or ()
+    names = cm.key_dtype.names or ()
     user, kern = _field(names, USER_FIELDS), _field(names, KERNEL_FIELDS)
     if user is None and kern is None:
         raise SchemaError(f"map {counts!r}: its key ({', '.join(names) or 'a scalar'}) has no stack id "
                           f"field; name one {USER_FIELDS[0]} or {KERNEL_FIELDS[0]} (an int from "
                           "bpf_get_stackid)")
-    ncpus = possible_cpus() if cinfo.per_cpu else 1
-    vsize = syscall.value_bytes(cinfo.value_size, cinfo.per_cpu, ncpus)
-    got = syscall.read_all(fds[counts], cinfo.key_size, vsize, cinfo.max_entries)
-    keys = np.ascontiguousarray(got.keys).view(kdt).reshape(-1)
-    values = _values(got.values, vdt, cinfo.per_cpu, ncpus)
-    st = syscall.read_all(fds[stacks], 4, sinfo.value_size, sinfo.max_entries)
+    keys, values = cm.records(cm.read(live=live))  # per-CPU values summed over CPUs
+    st = sm.read(live=live)
     ids = np.ascontiguousarray(st.keys).view("<u4").reshape(-1)
     addrs = np.ascontiguousarray(st.values).view("<u8").reshape(len(ids), -1)
     table = {int(i): row[row != 0] for i, row in zip(ids.tolist(), addrs, strict=True)}
-    return Raw(keys, values, table, user, kern, _field(names, PID_FIELDS), vdt.names is None)
-
-
-def _values(raw: np.ndarray, vdt: np.dtype, per_cpu: bool, ncpus: int) -> np.ndarray:
-    """Values as records of `vdt`; per-CPU values summed over CPUs (numeric fields)."""
-    if not per_cpu:
-        return np.ascontiguousarray(raw).view(vdt).reshape(-1)
-    stride = -(-vdt.itemsize // 8) * 8
-    cells = np.ascontiguousarray(raw).reshape(len(raw), ncpus, stride)[:, :, : vdt.itemsize]
-    per = np.ascontiguousarray(cells).view(vdt).reshape(len(raw), ncpus)
-    out = per[:, 0].copy()
-    for name in vdt.names or ((None,)):
-        col = per if name is None else per[name]
-        if col.dtype.kind in "iuf":
-            summed = col.sum(axis=1).astype(col.dtype)
-            if name is None:
-                out = summed
-            else:
-                out[name] = summed
-    return out
+    return Raw(keys, values, table, user, kern, _field(names, PID_FIELDS), cm.value_dtype.names is None)
 
 
 # --- symbols -------------------------------------------------------------------------------
@@ -190,45 +120,54 @@ def _pids(raw: Raw) -> set[int]:
 
 
 def remember(probe: Probe, counts: str | None = None, stacks: str | None = None) -> None:
-    """Keep what is needed to name a probe's stacks later: the maps as they are now and the
-    symbols of every process in them. stop() calls it with no names: then every pair of a
-    counting map and a stack-trace map the program declares is kept."""
-    if probe.program is None:
+    """Keep the symbols of every process in a probe's stacks while they live (stop() calls it
+    with no names: every pair of a counting map and a stack-trace map the program declares)."""
+    if not probe.live or probe.closed or not probe.loaded:
         return
     pairs = [(counts, stacks)] if counts and stacks else _pairs(probe)
     mem = _mem(probe)
     for c, s in pairs:
         try:
-            raw = read_raw(probe, c, s)
+            raw = read_raw(probe, c, s, live=True)
         except (KernelscopeError, OSError, ValueError):  # not a (pid, stack ids) key after all
             continue
-        mem.raw[(c, s)] = raw
         mem.snapshot.take(_pids(raw))
-
-
-def _map_names(probe: Probe) -> list[str]:
-    prog = probe.program
-    if prog is None:
-        return []
-    if prog.backend != "bcc":
-        return list(prog.maps)  # type: ignore[attr-defined]  # core.CoreProgram: name -> map
-    return re.findall(r"\bBPF_(?:HASH|LRU_HASH|PERCPU_HASH|LRU_PERCPU_HASH|STACK_TRACE|TABLE)\s*\(\s*"
-                      r"(?:\"\w+\"\s*,\s*[^,]+,\s*[^,]+,\s*)?(\w+)", probe.source)
 
 
 def _pairs(probe: Probe) -> list[tuple[str, str]]:
     """(counting map, stack-trace map) pairs: every hash map with a stack id in its key, each
     with the program's stack-trace maps."""
-    prog = probe.program
-    assert prog is not None
-    kinds: dict[str, str] = {}
-    for name in _map_names(probe):
-        try:
-            kinds[name] = syscall.info(prog.map_fd(name)).kind
-        except (KeyError, LookupError, OSError):
-            continue
+    kinds = {name: probe.maps[name].kind for name in probe.maps}
     stack_maps = [n for n, k in kinds.items() if k == "stack_trace"]
-    return [(c, s) for c, k in kinds.items() if k in COUNT_KINDS for s in stack_maps]
+    return [(c, s) for c, k in kinds.items() if k in COUNT_KINDS
+            and _field(probe.maps[c].key_dtype.names or (), USER_FIELDS + KERNEL_FIELDS)
+            for s in stack_maps]
+
+
+def captured(probe: Probe) -> dict[str, pd.DataFrame]:
+    """The stacks frames a capture keeps (Probe.save): per pair, the frame and its long form,
+    symbols already named (a replay elsewhere has neither the processes nor their files)."""
+    out: dict[str, pd.DataFrame] = {}
+    for c, s in _pairs(probe):
+        try:
+            out[f"stacks:{c}:{s}"] = stack_frame(probe, c, s)
+            out[f"stack_frames:{c}:{s}"] = frames(probe, c, s)
+        except (KernelscopeError, OSError, ValueError):
+            continue
+    return out
+
+
+def _saved(probe: Probe, kind: str, counts: str, stacks: str) -> pd.DataFrame | None:
+    """In a replay, the frame its capture kept (None on a live probe)."""
+    cap = probe.capture
+    if cap is None:
+        return None
+    df = cap.frames.get(f"{kind}:{counts}:{stacks}")
+    if df is None:
+        kept = sorted({k.split(":", 1)[1] for k in cap.frames if k.startswith("stacks:")})
+        raise KernelscopeError(f"this capture keeps no stacks of maps {counts!r} and {stacks!r} "
+                               f"(it keeps {', '.join(kept) or 'none'}; stacks are saved by Probe.save)")
+    return df.copy()
 
 
 class _Namer:
@@ -284,19 +223,6 @@ def _snapshot_for(probe: Probe, raw: Raw) -> symbols.Snapshot:
     return snap
 
 
-def _raw(probe: Probe, counts: str, stacks: str) -> Raw:
-    """The maps now while the probe runs; as stop() found them once it stopped (its programs
-    stay attached until close(), still counting, as a stopped probe's counters do not)."""
-    kept = _mem(probe).raw.get((counts, stacks))
-    if probe.running or (kept is None and probe.loaded):
-        return read_raw(probe, counts, stacks)
-    raw = kept
-    if raw is None:
-        raise KernelscopeError(f"no stacks kept for maps {counts!r} and {stacks!r}: the probe was "
-                               "never started, or has other map names (pass counts= and stacks=)")
-    return raw
-
-
 def stack_frame(probe: Probe, counts: str = "counts", stacks: str = "stacks",
                 value: str | Sequence[str] | None = None) -> pd.DataFrame:
     """One row per key of map `counts`: its key columns, `stack` (root first: user frames then
@@ -305,7 +231,10 @@ def stack_frame(probe: Probe, counts: str = "counts", stacks: str = "stacks",
     that is one name). On a running probe: the maps now; once stopped (also after close()):
     as stop() found them. Rows are sorted by the first numeric value column, largest first.
     `df.attrs["stack_errors"]`: {"user EFAULT": rows, ...}; `["warnings"]`."""
-    raw = _raw(probe, counts, stacks)
+    saved = _saved(probe, "stacks", counts, stacks)
+    if saved is not None:
+        return _pick_values(saved, value)
+    raw = read_raw(probe, counts, stacks)
     snap = _snapshot_for(probe, raw)
     namer = _Namer(snap, probe.started_at)
     data: dict[str, object] = {}
@@ -342,6 +271,7 @@ def stack_frame(probe: Probe, counts: str = "counts", stacks: str = "stacks",
     if weight is not None:  # the heaviest stacks first, as a profile is read
         df = df.sort_values(weight, ascending=False, kind="stable", ignore_index=True)
     df.attrs["stack_errors"] = errors
+    df.attrs["value_columns"] = list(values)
     df.attrs["warnings"] = namer.warnings + [f"pid {p}: {why}" for p, why in snap.missed.items()
                                              if p in set(pids)]
     return df
@@ -363,13 +293,30 @@ def _value_columns(raw: Raw, value: str | Sequence[str] | None) -> dict[str, obj
     return {w: cols[w] for w in wanted}
 
 
+def _pick_values(df: pd.DataFrame, value: str | Sequence[str] | None) -> pd.DataFrame:
+    """A saved stacks frame with only the value columns `value` names (all for None)."""
+    have = list(df.attrs.get("value_columns", []))
+    if value is None or not have:
+        return df
+    wanted = [value] if isinstance(value, str) else list(value)
+    if len(have) == 1 and isinstance(value, str) and value not in df.columns:
+        return df.rename(columns={have[0]: value})  # a scalar value, named by the caller
+    unknown = [w for w in wanted if w not in have]
+    if unknown:
+        raise SchemaError(f"value={unknown}: the counting map's value has columns {have}")
+    return df.drop(columns=[c for c in have if c not in wanted])
+
+
 def frames(probe: Probe, counts: str = "counts", stacks: str = "stacks") -> pd.DataFrame:
     """The long form: one row per frame of each stack the counting map refers to, columns
     `stack_id, pid, depth` (0 = outermost caller), `address, symbol, module, offset, kind`
     ('user' | 'kernel'), `inline` (True for a function the compiler inlined at that address, read
     from the object's DWARF when it has some; its `offset` is 0).
     `pid` is the process a user stack was named for (-1 for kernel stacks)."""
-    raw = _raw(probe, counts, stacks)
+    saved = _saved(probe, "stack_frames", counts, stacks)
+    if saved is not None:
+        return saved
+    raw = read_raw(probe, counts, stacks)
     namer = _Namer(_snapshot_for(probe, raw), probe.started_at)
     rows: list[tuple[Any, ...]] = []
     seen: set[tuple[str, int, int]] = set()

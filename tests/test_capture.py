@@ -16,6 +16,7 @@ import pytest
 from producers import paused, perf_program, ring_program
 
 from kernelscope import Probe
+from kernelscope.captures import capture
 from kernelscope.captures.capture import (
     Capture,
     CaptureError,
@@ -264,3 +265,19 @@ def test_probe_save_is_atomic_when_interrupted(tmp_path, monkeypatch) -> None:
         monkeypatch.setattr(pq, "write_table", real)
         live = p.df
     pd.testing.assert_frame_equal(replay(path, speed=None).start().df, live)
+
+
+def test_derived_frames_round_trip_with_their_types_and_attrs(tmp_path: Path) -> None:
+    """Frames kernelscope derives at stop() (printk lines, named stacks) are kept whole: tuples of
+    names stay tuples, times stay times, attrs come back; a bad `frames` entry is named."""
+    df = pd.DataFrame({"stack": [("main", "burn"), ("main",)], "count": np.array([7, 1], np.uint64),
+                       "time": pd.to_datetime([1, 2], unit="s"), "comm": ["a", "b"]})
+    df.attrs["stack_errors"] = {"user EEXIST": 1}
+    path = capture.save(capture.Capture({}, frames={"stacks:counts:stacks": df}), tmp_path / "f.parquet")
+    got = capture.load(path).frames["stacks:counts:stacks"]
+    assert got["stack"].tolist() == [("main", "burn"), ("main",)]
+    assert got["count"].dtype == np.uint64
+    assert got["count"].tolist() == [7, 1]
+    assert got["time"].tolist() == df["time"].tolist()
+    assert got.attrs["stack_errors"] == {"user EEXIST": 1}
+    assert capture.load(path).maps == {}

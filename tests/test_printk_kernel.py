@@ -19,6 +19,7 @@ import pytest
 from nobody import NOBODY, can_drop_privileges, run_as_nobody
 
 from kernelscope import Probe, host, printk
+from kernelscope.captures.replay import replay
 from kernelscope.errors import SettingError
 from kernelscope.jupyter import display
 from kernelscope.jupyter.display import StatusLine
@@ -104,6 +105,11 @@ def test_each_printk_is_one_row_with_the_printing_process(backend: str) -> None:
     assert p.stats["printk"]["received"] == n
     assert p.stats["printk"]["dropped"] == 0
     assert not any("nothing to drain" in w for w in p.warnings)  # printk alone is output enough
+    with tempfile.TemporaryDirectory() as d:  # a capture keeps the lines: a replay shows them
+        again = replay(p.save(Path(d) / "printk.parquet"), speed=None)
+        assert again.printk["message"].tolist() == df["message"].tolist()
+        assert again.printk["time"].tolist() == df["time"].tolist()
+        assert again.printk.attrs["lost"] == 0
     p.close()
 
 

@@ -10,8 +10,6 @@ what stop() captured."""
 from __future__ import annotations
 
 import errno
-import sys
-import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ import pytest
 from stacks_target import Target, build
 
 from kernelscope import Probe, sources, stacks
+from kernelscope.captures.replay import replay
 from kernelscope.errors import KernelscopeError
 
 pytestmark = pytest.mark.kernel
@@ -185,7 +184,7 @@ def test_off_cpu_time_through_nap_is_the_sleep_the_program_measured(run: Run) ->
     assert row["stack"] == row["user_stack"] + row["kernel_stack"]
     # the program kept counting after stop() (the main thread's wait for stdin ended when the
     # target exited): the frame shows the maps as stop() found them
-    live = stacks.read_raw(run.offcpu, "counts", "stacks")
+    live = stacks.read_raw(run.offcpu, "counts", "stacks", live=True)
     assert int(live.values["ns"].sum()) > int(df["ns"].sum())
 
 
@@ -278,24 +277,30 @@ def test_bad_map_names_say_what_to_pass(binary: Path) -> None:
         p.close()
         t.exit()
     never = Probe.from_file(BPF / "offcpu.bpf.c")
-    with pytest.raises(KernelscopeError, match="never started"):
+    with pytest.raises(KernelscopeError, match="probe is not loaded"):
         stacks.stack_frame(never)
 
 
-def test_flamegraph_hands_the_stacks_frame_to_kernelscope_flame(run: Run,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """Probe.flamegraph delegates: kernelscope.flame (another part of the issue) gets the frame
-    with its root-first `stack` column and the value column; here a stand-in records the call."""
-    calls: list[tuple[pd.DataFrame, dict[str, Any]]] = []
-    stand_in = types.ModuleType("kernelscope.flame")
-    stand_in.flamegraph = lambda df, **kw: calls.append((df, kw)) or "drawn"  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "kernelscope.flame", stand_in)
-    assert run.offcpu.flamegraph("counts", "stacks", value="ns") == "drawn"
-    df, kw = calls[-1]
-    assert kw == {"stack": "stack", "value": "ns"}
-    # folded by hand: the nap stacks carry the program's sleep
-    folded = df.groupby(df["stack"].map(";".join))["ns"].sum()
-    nap_lines = folded[folded.index.str.contains(";nap;")]
-    assert abs(int(nap_lines.sum()) - run.target.result["slept_ns"]) <= 0.05 * run.target.result["slept_ns"]
-    run.profile.flamegraph()
-    assert calls[-1][1] == {"stack": "stack", "value": "count"}
+def test_the_flame_graph_carries_the_sleep_and_a_capture_replays_the_named_stacks(run: Run,
+                                                                                   tmp_path: Path) -> None:
+    """Probe.flamegraph draws the stacks frame (kernelscope.flame): the folded nap stacks carry
+    the program's sleep. A capture keeps the stacks with their names, so a replay (no kernel, no
+    target process, no ELF files) gives the same frame and the same flame graph."""
+    fg = run.offcpu.flamegraph("counts", "stacks", value="ns")
+    lines = [line.rsplit(" ", 1) for line in fg.folded().splitlines()]
+    nap = sum(int(v) for stack, v in lines if ";nap;" in f";{stack};")
+    slept = run.target.result["slept_ns"]
+    assert abs(nap - slept) <= 0.05 * slept
+    burn = run.profile.flamegraph().folded()
+    assert ";burn" in burn
+    path = run.offcpu.save(tmp_path / "offcpu.parquet")
+    again = replay(path, speed=None)
+    live, saved = run.offcpu.stacks("counts", "stacks"), again.stacks("counts", "stacks")
+    assert saved["stack"].tolist() == live["stack"].tolist()
+    assert saved["ns"].tolist() == live["ns"].tolist()
+    assert saved.attrs["stack_errors"] == live.attrs["stack_errors"]
+    assert again.flamegraph("counts", "stacks", value="ns").folded() == fg.folded()
+    assert again.stacks("counts", "stacks", value="switches").columns[-1] == "switches"
+    long = again.stacks("counts", "stacks")  # the long form too
+    assert len(stacks.frames(again, "counts", "stacks")) == len(stacks.frames(run.offcpu, "counts", "stacks"))
+    assert len(long) == len(live)

@@ -24,11 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import CaptureDamagedError, CaptureError, CaptureMissingError
+from . import frames as _frames
 from . import meta as _meta
 from .atomic import atomic_path
 from .meta import FORMAT, VERSION, dtype_from_json, dtype_to_json
@@ -85,6 +87,7 @@ class Capture:
     started_ns: int = 0  # monotonic ns when draining began; the file stores arrival times relative to it
     warnings: list[str] = field(default_factory=list)  # what loading found (e.g. no checksums to verify)
     tables: dict[str, TableCapture] = field(default_factory=dict)  # map snapshots at stop() (format 3)
+    frames: dict[str, pd.DataFrame] = field(default_factory=dict)  # derived frames (captures/frames.py)
 
 
 def _table(capture: Capture) -> pa.Table:
@@ -106,6 +109,13 @@ def _table(capture: Capture) -> pa.Table:
         arrivals.append(np.zeros(n, np.int64))
         cpus.append(np.full(n, -1, np.int16))
         blobs.append(_binary(raw, raw.shape[1]))
+    for name, df in capture.frames.items():
+        data = _frames.encode(df)
+        names.append(np.full(1, _frames.PREFIX + name, dtype=object))
+        seqs.append(np.zeros(1, np.int64))
+        arrivals.append(np.zeros(1, np.int64))
+        cpus.append(np.full(1, -1, np.int16))
+        blobs.append(pa.array([data], type=pa.binary()))
     order = np.argsort(np.concatenate(arrivals), kind="stable") if arrivals else np.empty(0, int)
     return pa.table(
         {
@@ -159,7 +169,8 @@ def _rows_of(table: pa.Table, name: str) -> pa.Table:
 def _write(table: pa.Table, meta: dict[str, Any], path: Path) -> Path:
     """`table` with `meta` (given each map's row count and checksums here) as one file,
     atomically: the name holds the old file or the whole new one, never a part."""
-    for name, m in [*meta["maps"].items(), *meta.get("tables", {}).items()]:
+    for name, m in [*meta["maps"].items(), *meta.get("tables", {}).items(),
+                    *((_frames.PREFIX + n, f) for n, f in meta.get("frames", {}).items())]:
         rows = _rows_of(table, name)
         m["rows"] = rows.num_rows
         m["sha256"] = _digests(rows)
@@ -194,6 +205,7 @@ def save(capture: Capture, path: str | os.PathLike[str]) -> Path:
             for name, mc in capture.maps.items()
         },
         "tables": {name: to_meta(tc) for name, tc in capture.tables.items()},
+        "frames": {name: _frames.meta_of(df) for name, df in capture.frames.items()},
     }
     clash = set(capture.maps) & set(capture.tables)
     if clash:
@@ -276,6 +288,8 @@ def _metadata(pf: pq.ParquetFile) -> tuple[dict[str, Any], dict[str, np.dtype], 
         raise CaptureError(f"metadata key 'tables' is in a format {meta['version']} capture (map snapshots "
                            "came with format 3)")
     meta["_table_dtypes"] = {name: check_table(m, f"tables.{name}") for name, m in tables.items()}
+    for name, m in (_meta.need(meta, "frames", "", "object", required=False) or {}).items():
+        _frames.check(m, f"frames.{name}")
     if set(tables) & set(dtypes):
         both = sorted(set(tables) & set(dtypes))[0]
         raise CaptureError(f"map {both!r} is both an output map and a snapshot")
@@ -301,7 +315,7 @@ def _check_columns(table: pa.Table) -> None:
             raise CaptureDamagedError(f"column {f.name!r} has {col.null_count:,} missing values")
 
 
-def _check_maps(table: pa.Table, dtypes: dict[str, np.dtype]) -> None:
+def _check_maps(table: pa.Table, dtypes: dict[str, Any]) -> None:
     """Every row belongs to a map the metadata describes (a renamed map would replay nothing)."""
     known = pc.is_in(table.column("map"), value_set=pa.array(list(dtypes), pa.string()))
     unknown = table.num_rows - pc.sum(known.cast(pa.int64())).as_py() if table.num_rows else 0
@@ -333,7 +347,8 @@ def _load(path: Path) -> Capture:
     except READ_ERRORS as e:
         raise CaptureDamagedError(f"the events cannot be read, the file is damaged: {e}") from None
     _check_columns(table)
-    _check_maps(table, {**dtypes, **meta["_table_dtypes"]})
+    _check_maps(table, {**dtypes, **meta["_table_dtypes"],
+                        **{_frames.PREFIX + n: None for n in meta.get("frames", {})}})
     maps = {}
     for name, m in meta["maps"].items():
         sub = _rows_of(table, name)
@@ -361,8 +376,13 @@ def _load(path: Path) -> Capture:
         lengths, data = _binary_parts(sub.column("record"))
         key, value = meta["_table_dtypes"][name]
         tables[name] = from_rows(name, m, key, value, lengths=lengths, data=data)
+    frames = {}
+    for name, m in meta.get("frames", {}).items():
+        sub = _rows_of(table, _frames.PREFIX + name)
+        _verify(name, sub, m)
+        frames[name] = _frames.decode(name, sub.column("record")[0].as_py(), m.get("attrs", {}))
     return Capture(maps, meta.get("source", ""), meta.get("settings", {}), meta.get("host", {}),
-                   int(meta.get("started_ns", 0)), warnings, tables)
+                   int(meta.get("started_ns", 0)), warnings, tables, frames)
 
 
 def upgrade(path: str | os.PathLike[str]) -> Path:

@@ -140,7 +140,8 @@ class Map:
     def df(self) -> pd.DataFrame:
         return self.frame()
 
-    def _records(self, got: syscall.Elements) -> tuple[np.ndarray, np.ndarray]:
+    def records(self, got: syscall.Elements) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and values of `got` as records of the map's dtypes (per-CPU values summed)."""
         s = self.spec
         keys = types.records(got.keys, s.key_dtype)
         if s.per_cpu:
@@ -149,11 +150,11 @@ class Map:
 
     def items(self, live: bool = False) -> list[tuple[Any, Any]]:
         """(key, value) pairs as Python values (ints, str, dicts of fields, arrays)."""
-        keys, vals = self._records(self.read(live=live))
+        keys, vals = self.records(self.read(live=live))
         return [(types.python(k), types.python(v)) for k, v in zip(keys, vals, strict=True)]
 
     def keys(self, live: bool = False) -> list[Any]:
-        keys, _ = self._records(self.read(live=live))
+        keys, _ = self.records(self.read(live=live))
         return [types.python(k) for k in keys]
 
     def __len__(self) -> int:
@@ -173,7 +174,7 @@ class Map:
             return None
         got = syscall.Elements(np.frombuffer(kb, np.uint8)[None], np.frombuffer(raw, np.uint8)[None],
                                1, False)
-        return types.python(self._records(got)[1][0])
+        return types.python(self.records(got)[1][0])
 
     # --- writing (the kernel's map; after stop() the snapshot is taken again) ----------------
 
