@@ -5,6 +5,9 @@
     made = burst.go()          # {"calls", "seconds", "rate"}: the producer's own figures
     p.stop(); p.stats["events"]
 
+    work = lab.Workload("flame", naps=10, nap_ms=100)         # paused: burn() and nap()
+    made = work.go()           # {"burner": tid, "slept_ns", "burner_cpu_ns"}: its own figures
+
 Under KERNELSCOPE_MODE=replay nothing is spawned: `go()` returns the figures recorded
 with the probe's capture (kernelscope.mode.remember), so notebooks run unchanged.
 """
@@ -12,11 +15,13 @@ with the probe's capture (kernelscope.mode.remember), so notebooks run unchanged
 from __future__ import annotations
 
 import functools
+import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
 from . import mode
-from .bench.producer import Producer, build_helpers
+from .bench.producer import SRC_DIR, Producer, build_helpers
 
 EVENT_SIZE = 32  # bytes: u64 ts, u32 pid, u32 cpu, u64 seq, u64 pad
 
@@ -116,3 +121,72 @@ class Burst:
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
+
+
+WORKLOAD_SOURCE = SRC_DIR / "stacks_target.c"
+
+
+class Workload:
+    """A C program with a known hot function and a known sleep (bench/c/stacks_target.c,
+    frame pointers and DWARF), started paused. It prints the addresses of its own `burn`,
+    `nap` and `main`; `go()` starts a thread named "burner" spinning in burn() (which inlines
+    mix()) while the main thread calls nap() `naps` times, each a nanosleep of `nap_ms`, and
+    returns what the program measured: the burner's tid, the sleep (`slept_ns`) and the
+    burner's CPU time (`burner_cpu_ns`). `exit()` ends it.
+
+    With a `name`, replay mode spawns nothing and `go()` returns the recorded figures.
+    """
+
+    def __init__(self, name: str | None = None, naps: int = 10, nap_ms: int = 100,
+                 binary: str | Path | None = None) -> None:
+        self.name = name
+        self.proc: subprocess.Popen[str] | None = None
+        self.addresses: dict[str, int] = {}
+        self.result: dict[str, int] = {}
+        self.pid = 0
+        if name is not None and mode.mode() == "replay":
+            return
+        exe = str(binary or build_helpers()["stacks_target"])
+        self.proc = subprocess.Popen([exe, str(naps), str(nap_ms)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        fields = dict(re.findall(r"(\w+)=(\S+)", self.proc.stdout.readline()))
+        self.pid = int(fields.pop("pid"))
+        self.addresses = {k: int(v, 16) for k, v in fields.items()}
+
+    @classmethod
+    def start(cls, binary: str | Path, naps: int = 10, nap_ms: int = 100) -> Workload:
+        """A workload from a binary built elsewhere (tests build PIE and fixed-address ones)."""
+        return cls(None, naps, nap_ms, binary)
+
+    def go(self) -> dict[str, int]:
+        """Burn and nap; returns {"burner": tid, "slept_ns": ns, "burner_cpu_ns": ns} once done."""
+
+        def run() -> dict[str, int]:
+            proc = self.proc
+            if proc is None or proc.stdin is None or proc.stdout is None:
+                raise RuntimeError("the workload has exited")
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", proc.stdout.readline())}
+
+        self.result = mode.remember(f"{self.name}.workload", run) if self.name else run()
+        return self.result
+
+    def exit(self) -> None:
+        """End the program (it waits on stdin) and reap it."""
+        if self.proc is None:
+            return
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                stream.close()
+        code = self.proc.wait(timeout=10)
+        self.proc = None
+        if code != 0:
+            raise RuntimeError(f"the workload exited with status {code}")
+
+    def __enter__(self) -> Workload:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.exit()

@@ -17,11 +17,13 @@ from ..errors import SetupError
 
 SRC_DIR = Path(__file__).parent / "c"
 CFLAGS = ("-O2", "-Wall")
-HELPERS = {
-    "producer": ("producer.c", ()),
-    "ringbuf_consumer": ("ringbuf_consumer.c", ("-lbpf",)),
-    "perfbuf_consumer": ("perfbuf_consumer.c", ("-lbpf",)),
-    "userring_producer": ("userring_producer.c", ("-lbpf",)),
+HELPERS = {  # name: (source, link flags, compile flags after CFLAGS)
+    "producer": ("producer.c", (), ()),
+    "ringbuf_consumer": ("ringbuf_consumer.c", ("-lbpf",), ()),
+    "perfbuf_consumer": ("perfbuf_consumer.c", ("-lbpf",), ()),
+    "userring_producer": ("userring_producer.c", ("-lbpf",), ()),
+    # frame pointers and DWARF, no optimisation: its stacks are walked and named
+    "stacks_target": ("stacks_target.c", ("-pthread",), ("-O0", "-fno-omit-frame-pointer", "-g")),
 }
 LIBBPF_HEADER = Path("/usr/include/bpf/libbpf.h")
 
@@ -53,19 +55,19 @@ def build_helpers(cache: Path | None = None) -> dict[str, Path]:
     cache.mkdir(parents=True, exist_ok=True)
     built: dict[str, Path] = {}
     common = (SRC_DIR / "bench_common.h").read_bytes()
-    for name, (src_name, libs) in HELPERS.items():
+    for name, (src_name, libs, flags) in HELPERS.items():
         src = SRC_DIR / src_name
         text = src.read_bytes() + common
-        key = hashlib.sha256(text + " ".join((*CFLAGS, *libs)).encode()).hexdigest()[:16]
+        key = hashlib.sha256(text + " ".join((*CFLAGS, *flags, *libs)).encode()).hexdigest()[:16]
         exe = cache / f"{name}-{key}"
         if not exe.exists():
-            if libs and not LIBBPF_HEADER.exists():
+            if "-lbpf" in libs and not LIBBPF_HEADER.exists():
                 raise BenchSetupError(
                     f"libbpf's headers are missing ({LIBBPF_HEADER}): the bench's reference "
                     "consumers link against libbpf. Install them with `apt-get install libbpf-dev`."
                 )
             tmp = exe.with_name(f"{exe.name}.{os.getpid()}.tmp")
-            cmd = [gcc, *CFLAGS, "-o", str(tmp), str(src), *libs]
+            cmd = [gcc, *CFLAGS, *flags, "-o", str(tmp), str(src), *libs]
             r = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if r.returncode != 0:
                 hint = (

@@ -1,6 +1,6 @@
-// A process with a known hot function and a known sleeping one, for the stack tests
-// (tests/test_stacks_kernel.py, tests/test_symbols.py). Built by the tests with
-// cc -O0 -fno-omit-frame-pointer -g (PIE or not).
+// A process with a known hot function and a known sleeping one, for stacks and flame graphs
+// (kernelscope.lab.Workload, notebook 07, tests/test_stacks_kernel.py, tests/test_symbols.py).
+// Built with cc -O0 -fno-omit-frame-pointer -g (PIE or not).
 //
 //   stdout: "burn=0x.. nap=0x.. main=0x.. pid=N"  (its own functions' addresses)
 //   stdin "go\n": a thread named "burner" spins in burn() while the main thread calls nap()
