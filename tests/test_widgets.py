@@ -530,7 +530,7 @@ def test_maps_area_shows_top_calls_and_the_histogram_and_a_replay_the_same(backe
         pn._handle = Recorder()
         pn._after_cell()  # the saved notebook's copy: the top-N table is in it
         saved = pn._handle.bundles[-1]["text/html"]
-        assert f"<tr><td>{many.pid:,}</td><td>4,000</td></tr>" in saved
+        assert f"<tr><td>{many.pid}</td><td>4,000</td></tr>" in saved
         path = p.save(tmp_path / "calls.parquet")
         shown = top_rows(pn)
         pn.stop()  # no updater from here: only this test's refreshes

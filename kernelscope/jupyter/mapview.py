@@ -71,23 +71,25 @@ def top(df: pd.DataFrame, n: int, by: str | None) -> pd.DataFrame:
     return df.sort_values(by, ascending=False, kind="stable").head(n)
 
 
-def _cell(v: Any) -> str:
+def _cell(v: Any, grouped: bool) -> str:
     if isinstance(v, np.ndarray | list | tuple):
         a = np.asarray(v)
         text = f"[{', '.join(str(x) for x in a.ravel()[:8])}{', ...' if a.size > 8 else ''}]"
-    elif isinstance(v, (int, np.integer)):
+    elif grouped and isinstance(v, (int, np.integer)):  # counts, not keys (a pid reads 4242)
         text = f"{int(v):,}"
     else:
         text = str(v)
     return html.escape(text)
 
 
-def table_html(name: str, df: pd.DataFrame, rows: pd.DataFrame, by: str | None, source: str) -> str:
-    """The top-N rows as an HTML table (no script: saved notebooks show it)."""
+def table_html(name: str, df: pd.DataFrame, rows: pd.DataFrame, by: str | None, *, source: str,
+               keys: list[str]) -> str:
+    """The top-N rows as an HTML table (no script: saved notebooks show it); `keys`: key columns."""
+    grouped = [c not in keys for c in rows.columns]
     order = f"by {html.escape(by)}" if by else "in key order"
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in rows.columns)
-    body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in r) + "</tr>"
-                   for r in rows.itertuples(index=False))
+    body = "".join("<tr>" + "".join(f"<td>{_cell(v, g)}</td>" for v, g in zip(r, grouped, strict=True))
+                   + "</tr>" for r in rows.itertuples(index=False))
     return (f"<div class='ks-maps-table'><b>{html.escape(name)}</b>: top {len(rows):,} of {len(df):,} keys "
             f"{order} <span style='color:#6b7280'>({source})</span>"
             f"<table class='ks-maps-top'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")
@@ -149,7 +151,8 @@ class MapView(w.VBox):
             except KernelscopeError:  # e.g. BCC's rule finds counts in slot 0: not a log2l histogram
                 h = None
         self.frame, self.rows, self.hist = df, rows, h
-        return table_html(name, df, rows, by, self._source()), h
+        keys = types.key_columns(m.spec.key_dtype)
+        return table_html(name, df, rows, by, source=self._source(), keys=keys), h
 
     def refresh(self) -> None:
         """Read the chosen map and update the table and the bar chart."""
