@@ -24,6 +24,7 @@ from util import wait_for
 from kernelscope import Probe
 from kernelscope.captures.capture import Capture, MapCapture
 from kernelscope.captures.replay import Replay
+from kernelscope.captures.tables import TableCapture
 from kernelscope.jupyter import plots, widgets
 from kernelscope.readers.batch import Batch
 from kernelscope.schema import Schema
@@ -194,6 +195,40 @@ class Recorder:
 
     def update(self, obj: Any, **kwargs: Any) -> None:
         self.bundles.append(obj)
+
+
+def table(name: str, kind: str, keys: np.ndarray, values: np.ndarray) -> TableCapture:
+    """A map snapshot as a capture holds it (one CPU, 64 entries): the records' own dtypes."""
+    raw_keys, raw_values = (a.view(np.uint8).reshape(len(a), -1) for a in (keys, values))
+    return TableCapture(name, kind, keys.dtype, values.dtype, 64, 1, False, raw_keys, raw_values, 0)
+
+
+def test_maps_area_ranks_by_the_first_numeric_value_and_reads_slots_as_histograms() -> None:
+    key = np.dtype([("pid", "<u4"), ("comm", "S8")])
+    value = np.dtype([("count", "<u8"), ("slots", "<u4", (4,))])
+    keys = np.array([(4242, b"a"), (7, b"b"), (99, b"c")], key)
+    values = np.array([(5, [1, 2, 2, 0]), (30, [0, 0, 10, 20]), (12, [12, 0, 0, 0])], value)
+    # a BPF_ARRAY of counters whose slot 0 is used: BCC's bpf_log2l never fills it, so no histogram
+    counters = table("counters", "array", np.arange(3, dtype="<i4"), np.array([9, 1, 2], "<u8"))
+    cap = capture([1], [1])
+    cap.tables = {"tally": table("tally", "hash", keys, values), "counters": counters}
+    pn = widgets.panel(replayed(cap), static="none")
+    try:
+        view = pn.mapview
+        assert view is not None
+        view.top.value = 2
+        assert view.rows is not None
+        assert view.rows["pid"].tolist() == [7, 99]  # by count, the slots array left aside
+        assert "<tr><td>7</td><td>b</td><td>30</td><td>[0, 0, 10, 20]</td></tr>" in view.table.value
+        assert "captured snapshot" in view.table.value
+        assert sum(sum(b) for b in view.bars().values()) == values["count"].sum()  # each count is its slots
+        view.choose.value = "counters"
+        assert view.rows is not None
+        assert view.rows["value"].tolist() == [9, 2]
+        assert view.bars() == {}
+        assert "counters" in pn.static_snapshot()
+    finally:
+        pn.close()
 
 
 def test_page_choices_are_powers_of_two_with_sizes() -> None:
