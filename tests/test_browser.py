@@ -6,7 +6,8 @@ what a user would see: the live plots' data (plotly's `gd.data`, read from the p
 shrinking the ring buffer from the panel's page-size control reloads the probe (the stats
 table shows the new size and a reload) and makes drops rise, growing it again stops them,
 perf-buffer events arrive out of timestamp order while ring-buffer events do not, and the
-reorder window sorts both. Screenshots go to test-artifacts/.
+reorder window sorts both; the maps area lists the program's `calls` map, one row per load
+generator, and its counts go on rising. Screenshots go to test-artifacts/.
 
 Needs: Debian's `chromium` (never a downloaded browser) and PyPI's `playwright`.
 """
@@ -155,6 +156,11 @@ TITLES_JS = """() => {
 }""".replace("__PLOTS__", PLOTS)
 
 
+# the maps area: the chosen map's top-N table, one list of cell texts per row
+MAPS_JS = """() => [...document.querySelectorAll('.kernelscope-panel .ks-maps .ks-maps-top tbody tr')]
+  .map(tr => [...tr.children].map(td => td.innerText.trim()))"""
+
+
 def _int(text: str) -> int:
     digits = re.sub(r"[^0-9]", "", text)
     return int(digits) if digits else 0
@@ -259,6 +265,19 @@ def _drive(page: Any, lab: Lab) -> None:
     assert lengths.get("perf:cpu0", 0) + lengths.get("perf:cpu1", 0) > 0, lengths
 
     step("plots move")
+    # the maps area: the program's `calls` map, one row per load generator, counting on
+    assert page.eval_on_selector(".kernelscope-panel .ks-maps-choose select", "e => e.value") == "calls"
+
+    def top_calls() -> list[int] | None:
+        rows = page.evaluate(MAPS_JS)
+        return [_int(r[1]) for r in rows] if len(rows) == 2 and all(_int(r[1]) for r in rows) else None
+
+    calls = wait_for(top_calls, timeout=20, interval=0.25, what="two load generators in the maps table")
+    assert calls == sorted(calls, reverse=True)  # ranked by the count
+    wait_for(lambda: sum(top_calls() or [0]) > sum(calls), timeout=20, interval=0.25,
+             what="the maps table to follow the counts")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.locator(".kernelscope-panel .ks-maps").screenshot(path=str(ARTIFACTS / "panel-maps.png"))
     # perf buffers: CPUs interleave out of timestamp order; the ring keeps reservation order
     def perf_out_of_order() -> dict[str, int] | None:
         o = out_of_order(page)

@@ -24,6 +24,7 @@ from util import wait_for
 from kernelscope import Probe
 from kernelscope.captures.capture import Capture, MapCapture
 from kernelscope.captures.replay import Replay
+from kernelscope.captures.tables import TableCapture
 from kernelscope.jupyter import plots, widgets
 from kernelscope.readers.batch import Batch
 from kernelscope.schema import Schema
@@ -194,6 +195,40 @@ class Recorder:
 
     def update(self, obj: Any, **kwargs: Any) -> None:
         self.bundles.append(obj)
+
+
+def table(name: str, kind: str, keys: np.ndarray, values: np.ndarray) -> TableCapture:
+    """A map snapshot as a capture holds it (one CPU, 64 entries): the records' own dtypes."""
+    raw_keys, raw_values = (a.view(np.uint8).reshape(len(a), -1) for a in (keys, values))
+    return TableCapture(name, kind, keys.dtype, values.dtype, 64, 1, False, raw_keys, raw_values, 0)
+
+
+def test_maps_area_ranks_by_the_first_numeric_value_and_reads_slots_as_histograms() -> None:
+    key = np.dtype([("pid", "<u4"), ("comm", "S8")])
+    value = np.dtype([("count", "<u8"), ("slots", "<u4", (4,))])
+    keys = np.array([(4242, b"a"), (7, b"b"), (99, b"c")], key)
+    values = np.array([(5, [1, 2, 2, 0]), (30, [0, 0, 10, 20]), (12, [12, 0, 0, 0])], value)
+    # a BPF_ARRAY of counters whose slot 0 is used: BCC's bpf_log2l never fills it, so no histogram
+    counters = table("counters", "array", np.arange(3, dtype="<i4"), np.array([9, 1, 2], "<u8"))
+    cap = capture([1], [1])
+    cap.tables = {"tally": table("tally", "hash", keys, values), "counters": counters}
+    pn = widgets.panel(replayed(cap), static="none")
+    try:
+        view = pn.mapview
+        assert view is not None
+        view.top.value = 2
+        assert view.rows is not None
+        assert view.rows["pid"].tolist() == [7, 99]  # by count, the slots array left aside
+        assert "<tr><td>7</td><td>b</td><td>30</td><td>[0, 0, 10, 20]</td></tr>" in view.table.value
+        assert "captured snapshot" in view.table.value
+        assert sum(sum(b) for b in view.bars().values()) == values["count"].sum()  # each count is its slots
+        view.choose.value = "counters"
+        assert view.rows is not None
+        assert view.rows["value"].tolist() == [9, 2]
+        assert view.bars() == {}
+        assert "counters" in pn.static_snapshot()
+    finally:
+        pn.close()
 
 
 def test_page_choices_are_powers_of_two_with_sizes() -> None:
@@ -434,3 +469,137 @@ def test_a_headless_notebook_run_keeps_the_plots_in_its_output(monkeypatch: pyte
     html = out["data"]["text/html"]  # everything else shows this
     assert "Plotly.newPlot" in html
     assert "<td>3,000</td>" in html
+
+
+# --- real kernel: the maps area --------------------------------------------------------------------
+
+# getppid() calls per pid of two children, and a log2 histogram of each call's running count
+# (call k of a pid adds k: the buckets are known). Each child is one thread, so its calls run
+# one after another and `*v += 1` needs no atomic add.
+COUNTING = {
+    "bcc": r"""
+BPF_HASH(calls, u32, u64, 64);
+BPF_HISTOGRAM(dist, int, 32);
+TRACEPOINT_PROBE(syscalls, sys_enter_getppid) {
+    u32 pid = bpf_get_current_pid_tgid() >> 32;
+    if (pid != TARGET && pid != SECOND) return 0;
+    u64 zero = 0, *v = calls.lookup_or_try_init(&pid, &zero);
+    if (!v) return 0;
+    *v += 1;
+    dist.increment(bpf_log2l(*v));
+    return 0;
+}
+""",
+    "libbpf": r"""
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+struct hist { __u32 slots[32]; };
+struct { __uint(type, BPF_MAP_TYPE_HASH); __uint(max_entries, 64); __type(key, u32); __type(value, u64); }
+    calls SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 1); __type(key, u32);
+         __type(value, struct hist); } dist SEC(".maps");
+static __always_inline u64 log2l(u64 v) {  /* floor(log2(v)), 0 for 0 and 1 */
+    u64 r = 0;
+    for (int i = 32; i > 0; i >>= 1) if (v >> i) { v >>= i; r += i; }
+    return r;
+}
+SEC("tp/syscalls/sys_enter_getppid")
+int ks_calls(void *ctx) {
+    u32 pid = bpf_get_current_pid_tgid() >> 32, zero = 0;
+    if (pid != TARGET && pid != SECOND) return 0;
+    u64 one = 1, n = 1, *v = bpf_map_lookup_elem(&calls, &pid);
+    if (v) n = *v += 1;
+    else bpf_map_update_elem(&calls, &pid, &one, BPF_NOEXIST);
+    struct hist *h = bpf_map_lookup_elem(&dist, &zero);
+    u64 slot = log2l(n);
+    if (h && slot < 32) h->slots[slot] += 1;
+    return 0;
+}
+char LICENSE[] SEC("license") = "GPL";
+""",
+}
+BACKENDS = ["bcc", "libbpf"]
+
+
+def top_rows(pn: widgets.Panel) -> list[tuple[int, int]]:
+    """The (pid, calls) rows of the maps area's top-N table, as the page is sent them."""
+    assert pn.mapview is not None
+    cells = re.findall(r"<tr><td>([\d,]+)</td><td>([\d,]+)</td></tr>", pn.mapview.table.value)
+    return [(int(a.replace(",", "")), int(b.replace(",", ""))) for a, b in cells]
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_maps_area_shows_top_calls_and_the_histogram_and_a_replay_the_same(backend: str, tmp_path) -> None:
+    from kernelscope.hist import Histogram
+
+    few, many = paused(1_500), paused(4_000)
+    p = Probe(COUNTING[backend], backend=backend, cflags=[*few.cflags, f"-DSECOND={many.pid}"]).start()
+    pn = widgets.panel(p, interval=0.05, static="html")
+    try:
+        view = pn.mapview
+        assert view is not None
+        assert list(view.choose.options) == ["calls", "dist"]
+        assert view.top.value == 10
+        few.go()
+        wait_for(lambda: top_rows(pn) == [(few.pid, 1_500)], timeout=10, what="the live table to follow")
+        assert "(live)" in view.table.value  # read from the kernel by the updater, before any stop
+        many.go()
+        p.stop()
+        pn.refresh()
+        assert top_rows(pn) == [(many.pid, 4_000), (few.pid, 1_500)]  # ranked by the count
+        assert "stop-time snapshot" in view.table.value
+        view.top.value = 1
+        assert top_rows(pn) == [(many.pid, 4_000)]
+        view.top.value = 10
+        assert view.bars() == {}  # a hash of counts is no histogram
+        view.choose.value = "dist"
+        bars = view.bars()
+        assert list(bars) == ["all"]
+        assert sum(bars["all"]) == 5_500  # one count per call
+        # call k adds its running count k: the buckets of 1..1500 and 1..4000
+        want = Histogram.of(np.r_[1:1_501, 1:4_001]).counts[0]
+        assert bars["all"] == want[: len(bars["all"])].tolist()
+        assert sum(want) == 5_500
+        view.choose.value = "calls"
+        pn._handle = Recorder()
+        pn._after_cell()  # the saved notebook's copy: the top-N table is in it
+        saved = pn._handle.bundles[-1]["text/html"]
+        assert f"<tr><td>{many.pid}</td><td>4,000</td></tr>" in saved
+        path = p.save(tmp_path / "calls.parquet")
+        shown = top_rows(pn)
+        pn.stop()  # no updater from here: only this test's refreshes
+        pn.echo.seq, pn.echo.ack, pn._sent_at = 5, 4, time.monotonic()  # a page still drawing
+        reads, skipped = view.reads, pn.skipped
+        pn.refresh(wait_for_browser=True)
+        assert (view.reads, pn.skipped) == (reads, skipped + 1)  # the map is not read then
+    finally:
+        p.close()
+        pn.close()
+    from kernelscope.captures.replay import replay
+
+    r = replay(path, speed=None)
+    rp = widgets.panel(r, static="none")
+    try:
+        assert rp.mapview is not None
+        assert top_rows(rp) == shown
+        assert "captured snapshot" in rp.mapview.table.value
+        rp.mapview.choose.value = "dist"
+        assert sum(rp.mapview.bars()["all"]) == 5_500
+    finally:
+        rp.close()
+
+
+@pytest.mark.kernel
+def test_a_program_without_aggregation_maps_has_no_maps_area() -> None:
+    prod = paused(10)
+    p = Probe(ring_program(8), cflags=prod.cflags).start()
+    pn = widgets.panel(p, interval=0.05, static="none")
+    try:
+        prod.go()
+        assert pn.mapview is None
+        assert not any("ks-maps" in c._dom_classes for c in pn.children)
+        assert p.maps.aggregations() == []
+    finally:
+        p.close()
+        pn.close()

@@ -6,6 +6,8 @@ Controls: pages per output map (powers of two), poll interval, wake-up strategy 
 buffer: kernel notification or timer; perf buffer: every N events or a watermark),
 reorder window, and pause / resume / stop / clear. A change calls `probe.reconfigure()`,
 which reloads the program keeping rows and exact counts and marks the change in the plots.
+A program with aggregation maps also gets a maps area (`kernelscope.jupyter.mapview`): a
+chosen map's top-N keys and its histogram, read at each refresh.
 
 The plots are one plotly FigureWidget (a grid of subplots) fed by `Panel.refresh()`, which
 a daemon thread calls every `interval` seconds while the probe runs, and once more after it
@@ -38,7 +40,7 @@ from plotly.graph_objects import FigureWidget
 
 from ..probe import Probe
 from ..results import Results
-from . import plots
+from . import mapview, plots
 
 REFRESH_INTERVAL = 0.4  # seconds between plot refreshes while the probe runs
 STOP_SETTLE = 1.0  # seconds a probe must stay stopped before the panel's final refresh
@@ -154,11 +156,16 @@ class Panel(w.VBox):
         self.figure.add_class("ks-plots")
         self._sent = (layout["annotations"], layout["shapes"])
         controls = self._build_controls()
-        super().__init__([self.header, controls, self.message, self.stats, self.figure, self.echo],
+        # the maps area: only for programs with aggregation maps (counts, histograms)
+        self.mapview = mapview.MapView(results) if mapview.names(results) else None
+        areas = [self.mapview] if self.mapview is not None else []
+        super().__init__([self.header, controls, self.message, self.stats, self.figure, *areas, self.echo],
                          layout=w.Layout(width="100%"))
         self.add_class("kernelscope-panel")
         self._sync_controls()
         self._refresh_text()
+        if self.mapview is not None:
+            self.mapview.refresh()
         self.start()
 
     # --- controls ------------------------------------------------------------------------------
@@ -396,6 +403,8 @@ class Panel(w.VBox):
                 if sent != self._sent:  # titles carry counts; marks add lines
                     fig.layout.annotations, fig.layout.shapes = sent
                     self._sent = sent
+            if self.mapview is not None:  # one batch read of the chosen map
+                self.mapview.refresh()
             self._sent_at = time.monotonic()
             self.echo.seq += 1  # sent after the plot data: echoed once the page has drawn it
             self._refresh_text()
@@ -468,6 +477,8 @@ class Panel(w.VBox):
         self._unhook()
         self.stop()
         self.figure.close()
+        if self.mapview is not None:
+            self.mapview.close()
         self.echo.close()
         super().close()
 
@@ -477,22 +488,26 @@ class Panel(w.VBox):
         """The plots as HTML that needs no widget front end (PNG via kaleido, or plotly HTML)."""
         r = self.results
         mode = self.static
+        maps = self.mapview.static_html() if self.mapview is not None else ""
         if mode == "none":
-            return plots.stats_table(r)
+            return plots.stats_table(r) + maps
         if mode in ("auto", "png"):
             png = plots.static_png(r)
             if png is not None:
-                return plots.stats_table(r) + plots.png_html(png)
+                return plots.stats_table(r) + plots.png_html(png) + maps
             if mode == "png":
-                return plots.stats_table(r) + "<p>(no PNG: kaleido or a Chromium for it is missing)</p>"
-        return plots.static_html(r)
+                return f"{plots.stats_table(r)}<p>(no PNG: kaleido or a Chromium for it is missing)</p>{maps}"
+        return plots.static_html(r) + maps
 
     def _update_static(self) -> None:
         """Replace the fallback HTML of the displayed output with the plots, once per new state."""
         if self._handle is None or self.static == "none":
             return
         with self._static_lock:
-            key = tuple((ms.store.received, len(ms.marks)) for ms in self.results.outputs.values())
+            key: tuple[Any, ...] = tuple((ms.store.received, len(ms.marks))
+                                         for ms in self.results.outputs.values())
+            if self.mapview is not None:  # another map or N chosen: a new copy
+                key += ((self.mapview.name, self.mapview.top.value),)
             if self._static_for == key:
                 return
             self._static_html = self.static_snapshot()

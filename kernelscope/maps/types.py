@@ -87,6 +87,11 @@ def _frame_of(records: np.ndarray, scalar_name: str) -> dict[str, Any]:
     return out
 
 
+def key_columns(key: np.dtype) -> list[str]:
+    """The columns a map frame gives its keys (the value columns follow them)."""
+    return list(_frame_of(np.zeros(0, key), "key"))
+
+
 def frame(keys: np.ndarray, values: np.ndarray, cpu: np.ndarray | None = None) -> pd.DataFrame:
     """Decoded keys and values (records) as a map frame; `cpu`: a column after the keys."""
     cols = _frame_of(keys, "key")
