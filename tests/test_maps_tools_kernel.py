@@ -83,7 +83,11 @@ def test_runqlat_histogram_matches_schedstat(backend: str, wait_for) -> None:
     while the child is blocked in read(), so no wait is open at either. They differ only for
     a target preempted when its state was no longer TASK_RUNNING (kept on the runqueue, not
     marked queued): at most one sample each, counted by the program (CO-RE `odd`; BCC cannot
-    read the state and bounds it by all the target's preemptions).
+    read the state and bounds it by all the target's preemptions); and switch-ins the program
+    was not run for, which it counts as switch-outs minus switch-ins of the target (equal when
+    every switch is seen, the target being blocked at both ends). On this 6.18 VM the CO-RE
+    program was now and then one switch-in short (outs = ins + 1, schedstat one ahead) while
+    recursion_misses stayed 0: not explained yet, so it is measured, not assumed away.
     Sum: each sample is ktime at the switch tracepoint minus ktime at the wakeup (or switch-out)
     tracepoint, schedstat's is rq_clock at sched_info_arrive minus rq_clock at enqueue. Both
     ends are read under the runqueue lock with interrupts off, a few microseconds of code after
@@ -104,9 +108,10 @@ def test_runqlat_histogram_matches_schedstat(backend: str, wait_for) -> None:
         try:
             if backend == "libbpf":
                 p.globals["targ_tgid"] = pid
-            progs = ([p.program_fd(f"tracepoint__sched__{n}") for n in ("sched_wakeup", "sched_wakeup_new",
-                                                                          "sched_switch")]
-                     if backend == "bcc" else [p.program_fd(n) for n in ("ks_wakeup", "ks_wakeup_new", "ks_switch")])
+            names = (["tracepoint__sched__sched_wakeup", "tracepoint__sched__sched_wakeup_new",
+                      "tracepoint__sched__sched_switch"] if backend == "bcc"
+                     else ["ks_wakeup", "ks_wakeup_new", "ks_switch"])
+            progs = [p.program_fd(n) for n in names]
             misses0 = [_recursion_misses(fd) for fd in progs]
             before = _schedstat(pid)
             child.send("go")
@@ -118,10 +123,11 @@ def test_runqlat_histogram_matches_schedstat(backend: str, wait_for) -> None:
             h = p.maps["runq_usecs"].hist()
             frame = p.maps["runq_usecs"].frame()
             if backend == "libbpf":
-                total_ns, slack_events = p.globals["total_ns"], p.globals["odd"]
+                g = p.globals
+                total_ns, slack_events, outs, ins = g["total_ns"], g["odd"], g["outs"], g["ins"]
             else:
                 totals = p.maps["totals"].frame()["value"].tolist()
-                total_ns, slack_events = totals[0], totals[1]
+                total_ns, slack_events, outs, ins = totals
         finally:
             p.close()
         child.send("exit")
@@ -139,13 +145,16 @@ def test_runqlat_histogram_matches_schedstat(backend: str, wait_for) -> None:
     assert h.layout == "log2"
     col = "id" if backend == "bcc" else "key"
     assert set(frame[col]) == {pid}  # per task: the child's one thread, nothing else got through
-    count_tol = slack_events
+    unseen = outs - ins  # switch-ins the program was not run for (every switch-out follows one)
+    assert unseen >= 0
+    count_tol = slack_events + unseen
     widest_us = int(h.high[np.flatnonzero(h.counts.sum(axis=0))[-1]]) + 1
     sum_tol = 20_000 * h.total + 500e-6 * run_delay + count_tol * widest_us * 1000
     print(f"\n{backend} runqlat: K={k} sleeps, histogram count {h.total}, schedstat pcount delta {pcount} "
           f"(tolerance {count_tol}); summed wait {total_ns / 1e6:.3f} ms, run_delay delta "
           f"{run_delay / 1e6:.3f} ms, diff {(total_ns - run_delay) / 1e3:+.1f} us "
-          f"(tolerance {sum_tol / 1e3:.1f} us); recursion misses {misses}")
+          f"(tolerance {sum_tol / 1e3:.1f} us); preempted-not-running {slack_events}, switch-outs {outs}, "
+          f"switch-ins {ins}, recursion misses {misses}")
     assert h.total >= k  # every sleep ends in a wakeup and a switch-in
     assert abs(h.total - pcount) <= count_tol, (h.total, pcount, count_tol)
     assert run_delay > 0  # the hog made the child wait

@@ -26,6 +26,7 @@ struct hist { __u32 slots[MAX_SLOTS]; };
 u32 targ_tgid = 0;
 u64 total_ns = 0;
 u64 odd = 0;
+u64 outs = 0, ins = 0;  /* the target's switch-outs and switch-ins seen */
 
 struct { __uint(type, BPF_MAP_TYPE_HASH); __uint(max_entries, 10240); __type(key, u32); __type(value, u64); }
     start SEC(".maps");
@@ -75,6 +76,10 @@ int BPF_PROG(ks_wakeup_new, struct task_struct *p)
 SEC("tp_btf/sched_switch")
 int BPF_PROG(ks_switch, bool preempt, struct task_struct *prev, struct task_struct *next)
 {
+    if (prev->tgid == targ_tgid)
+        __sync_fetch_and_add(&outs, 1);
+    if (next->tgid == targ_tgid)
+        __sync_fetch_and_add(&ins, 1);
     if (prev->__state == TASK_RUNNING)
         trace_enqueue(prev->tgid, prev->pid);
     else if (preempt && prev->tgid == targ_tgid)
@@ -114,7 +119,8 @@ char LICENSE[] SEC("license") = "GPL";
 # target's (single) thread, TARGET; sched_switch's prev_state is TASK_REPORT_MAX for every
 # preemption (__trace_sched_switch_state) and 0 for a task that switched out runnable.
 # `preempted` counts the target's preemptions: the BCC program cannot tell which of them
-# found the task already leaving (CO-RE's `odd`), so it is the bound it can give.
+# found the task already leaving (CO-RE's `odd`), so it is the bound it can give. totals[2]
+# and [3] count switch-outs and switch-ins as CO-RE's `outs` and `ins`.
 BCC = r"""
 #define TASK_REPORT_MAX 0x100
 
@@ -122,7 +128,7 @@ typedef struct pid_key { u32 id; u32 pad; u64 slot; } pid_key_t;
 
 BPF_HASH(start, u32, u64, 10240);
 BPF_HISTOGRAM(runq_usecs, pid_key_t, 1024);
-BPF_ARRAY(totals, u64, 2);  /* [0] total wait ns, [1] preemptions of the target */
+BPF_ARRAY(totals, u64, 4);  /* wait ns, target preemptions, its switch-outs, its switch-ins */
 
 static __always_inline int trace_enqueue(u32 pid)
 {
@@ -138,7 +144,11 @@ TRACEPOINT_PROBE(sched, sched_wakeup_new) { return trace_enqueue(args->pid); }
 
 TRACEPOINT_PROBE(sched, sched_switch)
 {
-    u32 prev = args->prev_pid, next = args->next_pid;
+    u32 prev = args->prev_pid, next = args->next_pid, out = 2, in = 3;
+    if (prev == TARGET)
+        totals.atomic_increment(out);
+    if (next == TARGET)
+        totals.atomic_increment(in);
     if (args->prev_state == 0 || (args->prev_state & TASK_REPORT_MAX)) {
         trace_enqueue(prev);
         if (prev == TARGET && args->prev_state) {
