@@ -433,6 +433,35 @@ def test_globals_read_write_change_what_is_counted(tmp_path) -> None:
         r.globals["targ_pid"] = 1
 
 
+BSS_ONLY = r"""
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+u32 targ_pid = 0;
+u64 hits = 0;
+SEC("tp/syscalls/sys_enter_getppid")
+int ks_bss(void *ctx) {
+    if ((bpf_get_current_pid_tgid() >> 32) == targ_pid) __sync_fetch_and_add(&hits, 1);
+    return 0;
+}
+char LICENSE[] SEC("license") = "GPL";
+"""
+
+
+def test_globals_of_a_program_with_only_a_bss_section() -> None:
+    # zero-initialised globals only: no .data or .rodata map, and `name in probe.maps` says so
+    p = Probe(BSS_ONLY, backend="libbpf").start()
+    try:
+        assert ".bss" in p.maps
+        assert ".data" not in p.maps
+        assert ".rodata" not in p.maps
+        child = paused(123)
+        p.globals["targ_pid"] = child.pid
+        child.go()
+        assert p.globals["hits"] == 123
+    finally:
+        p.close()
+
+
 def test_bcc_has_no_globals_and_says_what_to_use() -> None:
     p = Probe(SYSCOUNT["bcc"], backend="bcc", cflags=["-DTARGET=1"]).load()
     try:

@@ -355,6 +355,11 @@ class Maps(Mapping[str, Map]):
             self._maps[name] = Map(self, self._specs[name])
         return self._maps[name]
 
+    def __contains__(self, name: object) -> bool:
+        # Mapping's own __contains__ catches only KeyError, and UnknownNameError is a LookupError
+        self._sync()
+        return name in self._specs
+
     def __iter__(self) -> Iterator[str]:
         self._sync()
         return iter(list(self._specs))
