@@ -607,6 +607,7 @@ def test_a_histogram_map_becomes_a_histogram_with_every_sample(backend: str) -> 
     child = paused(700)
     p = Probe(HISTOGRAMS[backend], backend=backend, cflags=child.cflags).start()
     try:
+        empty = p.maps["dist_usecs"].hist()  # nothing counted yet: an empty histogram, not an error
         child.go()
         p.stop()
         h = p.maps["dist_usecs"].hist()
@@ -614,4 +615,6 @@ def test_a_histogram_map_becomes_a_histogram_with_every_sample(backend: str) -> 
         p.close()
     assert isinstance(h, hist.Histogram)
     assert h.total == 700  # one sample per getppid() of the child
+    assert empty.total == 0
+    assert empty.unit == "us"
     assert h.unit == "us"  # from the map's name

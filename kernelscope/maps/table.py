@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .. import hist as _hist
 from ..backends import libbpf
 from ..captures.tables import TableCapture
 from ..errors import ClosedError, KernelscopeError, UnknownNameError
@@ -286,12 +287,16 @@ class Map:
     def hist(self, layout: str | None = None, **kw: Any) -> Any:
         """The map as a histogram (kernelscope.hist.from_map_frame): BPF_HISTOGRAM maps
         (log2 by default) or libbpf-tools `struct hist { __u32 slots[N]; }` values."""
-        try:
-            from .. import hist as _hist  # type: ignore[attr-defined,unused-ignore]
-        except ImportError:
-            raise KernelscopeError("histograms need kernelscope.hist, which this install lacks") from None
         kw.setdefault("name", self.name)  # the map's name hints at the unit (e.g. "dist_usecs")
-        return _hist.from_map_frame(self.frame(), layout=layout or "log2", **kw)
+        df = self.frame()
+        vdt = self.value_dtype
+        if not len(df) and vdt.names and "slots" in vdt.names and (layout or "log2") == "log2":
+            # nothing counted yet: an empty histogram of the value's slots (its frame has no
+            # arrays to recognise the layout by)
+            n = vdt["slots"].shape[0] if vdt["slots"].shape else 1
+            unit = kw.get("unit") or _hist.guess_unit(self.name)
+            return _hist.Histogram.log2(np.zeros(n, np.int64), unit, rule=kw.get("rule", "libbpf-tools"))
+        return _hist.from_map_frame(df, layout=layout or "log2", **kw)
 
 
 class Maps(Mapping[str, Map]):
