@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from programs import LOG2L
 
 from kernelscope import Probe
 from kernelscope.hist import Histogram, HistogramError, from_map_frame, guess_unit, log2_bounds, log2_slot
@@ -258,15 +259,7 @@ struct {
 
 static struct hist zero;
 
-// floor(log2 v), 0 for 0: the rule of libbpf-tools' log2l, written as a bounded loop
-static __always_inline u64 slot_of(u64 v) {
-    u64 r = 0;
-    for (int i = 0; i < 63 && (v >> 1); i++) {
-        v >>= 1;
-        r++;
-    }
-    return r;
-}
+LOG2L
 
 SEC("tracepoint/syscalls/sys_enter_read")
 int on_read(struct trace_event_raw_sys_enter *ctx) {
@@ -283,7 +276,7 @@ int on_read(struct trace_event_raw_sys_enter *ctx) {
             return 0;
         bpf_get_current_comm(h->comm, sizeof(h->comm));
     }
-    u64 slot = slot_of(ctx->args[2]);
+    u64 slot = log2l(ctx->args[2]);
     if (slot >= MAX_SLOTS)
         slot = MAX_SLOTS - 1;
     __sync_fetch_and_add(&h->slots[slot], 1);
@@ -291,7 +284,7 @@ int on_read(struct trace_event_raw_sys_enter *ctx) {
 }
 
 char LICENSE[] SEC("license") = "GPL";
-"""
+""".replace("LOG2L", LOG2L)
 
 
 def run_plan(source: str) -> tuple[Probe, subprocess.Popen[bytes]]:

@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 from nobody import run_as_nobody
 from producers import paused
+from programs import LOG2L
 
 from kernelscope import Probe, hist
 from kernelscope.backends import libbpf
@@ -582,11 +583,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_getppid) {
 struct hist { __u32 slots[26]; };
 struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 1); __type(key, u32);
          __type(value, struct hist); } dist_usecs SEC(".maps");
-static __always_inline u64 log2l(u64 v) {  /* floor(log2(v)), 0 for 0 and 1 */
-    u64 r = 0;
-    for (int i = 32; i > 0; i >>= 1) if (v >> i) { v >>= i; r += i; }
-    return r;
-}
+LOG2L
 SEC("tp/syscalls/sys_enter_getppid")
 int ks_hist(void *ctx) {
     if ((bpf_get_current_pid_tgid() >> 32) != TARGET) return 0;
@@ -598,7 +595,7 @@ int ks_hist(void *ctx) {
     return 0;
 }
 char LICENSE[] SEC("license") = "GPL";
-""",
+""".replace("LOG2L", LOG2L),
 }
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 from producers import Producer, paused, perf_program, ring_program
+from programs import LOG2L
 from util import wait_for
 
 from kernelscope import Probe
@@ -498,11 +499,7 @@ struct { __uint(type, BPF_MAP_TYPE_HASH); __uint(max_entries, 64); __type(key, u
     calls SEC(".maps");
 struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 1); __type(key, u32);
          __type(value, struct hist); } dist SEC(".maps");
-static __always_inline u64 log2l(u64 v) {  /* floor(log2(v)), 0 for 0 and 1 */
-    u64 r = 0;
-    for (int i = 32; i > 0; i >>= 1) if (v >> i) { v >>= i; r += i; }
-    return r;
-}
+LOG2L
 SEC("tp/syscalls/sys_enter_getppid")
 int ks_calls(void *ctx) {
     u32 pid = bpf_get_current_pid_tgid() >> 32, zero = 0;
@@ -516,7 +513,7 @@ int ks_calls(void *ctx) {
     return 0;
 }
 char LICENSE[] SEC("license") = "GPL";
-""",
+""".replace("LOG2L", LOG2L),
 }
 BACKENDS = ["bcc", "libbpf"]
 

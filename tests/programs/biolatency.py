@@ -9,6 +9,8 @@ MKDEV(major, minor) = major << 20 | minor, as the tracepoints' `dev` field.
 
 from __future__ import annotations
 
+from . import LOG2L
+
 # CO-RE: keyed by the request pointer; the op from rq->cmd_flags mirrors op_stat_group:
 # READ (0) is a read; an odd op (op_is_write) other than DISCARD (3) is a write (WRITE 1,
 # SECURE_ERASE 5, WRITE_ZEROES 9); passthrough ops (34, 35) are not accounted at all.
@@ -31,22 +33,7 @@ struct { __uint(type, BPF_MAP_TYPE_HASH); __uint(max_entries, 64); __type(key, u
 
 static struct hist zero;
 
-static __always_inline u64 log2(u32 v)  /* floor(log2(v)), as libbpf-tools bits.bpf.h */
-{
-    u32 shift, r;
-    r = (v > 0xFFFF) << 4; v >>= r;
-    shift = (v > 0xFF) << 3; v >>= shift; r |= shift;
-    shift = (v > 0xF) << 2; v >>= shift; r |= shift;
-    shift = (v > 0x3) << 1; v >>= shift; r |= shift;
-    r |= (v >> 1);
-    return r;
-}
-
-static __always_inline u64 log2l(u64 v)
-{
-    u32 hi = v >> 32;
-    return hi ? log2(hi) + 32 : log2(v);
-}
+LOG2L
 
 SEC("tp_btf/block_rq_issue")
 int BPF_PROG(ks_issue, struct request *rq)
@@ -87,7 +74,7 @@ int BPF_PROG(ks_complete, struct request *rq, int error, unsigned int nr_bytes)
 }
 
 char LICENSE[] SEC("license") = "GPL";
-"""
+""".replace("LOG2L", LOG2L)
 
 # BCC: tracepoint args only, so a request is known by (dev, sector) at issue and at its first
 # completion (blk_update_request traces before it advances the sector); the op is rwbs[0]

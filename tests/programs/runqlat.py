@@ -7,6 +7,8 @@ CPU, and add that wait to a per-task log2 histogram of microseconds and to a tot
 
 from __future__ import annotations
 
+from . import LOG2L
+
 MAX_SLOTS = 26
 
 # CO-RE: BTF tracepoints hand over the task_struct pointers, so the filter is the real tgid
@@ -35,22 +37,7 @@ struct { __uint(type, BPF_MAP_TYPE_HASH); __uint(max_entries, 1024); __type(key,
 
 static struct hist zero;
 
-static __always_inline u64 log2(u32 v)  /* floor(log2(v)), as libbpf-tools bits.bpf.h */
-{
-    u32 shift, r;
-    r = (v > 0xFFFF) << 4; v >>= r;
-    shift = (v > 0xFF) << 3; v >>= shift; r |= shift;
-    shift = (v > 0xF) << 2; v >>= shift; r |= shift;
-    shift = (v > 0x3) << 1; v >>= shift; r |= shift;
-    r |= (v >> 1);
-    return r;
-}
-
-static __always_inline u64 log2l(u64 v)
-{
-    u32 hi = v >> 32;
-    return hi ? log2(hi) + 32 : log2(v);
-}
+LOG2L
 
 static __always_inline int trace_enqueue(u32 tgid, u32 pid)
 {
@@ -112,7 +99,7 @@ int BPF_PROG(ks_switch, bool preempt, struct task_struct *prev, struct task_stru
 }
 
 char LICENSE[] SEC("license") = "GPL";
-"""
+""".replace("LOG2L", LOG2L)
 
 # BCC: tracepoint `args` only (struct reads are wrong here: 6.1 headers on a 6.18 kernel, see
 # PLATFORM.md). sched_wakeup's args carry the thread id, not the tgid, so the filter is the
