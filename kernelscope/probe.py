@@ -331,8 +331,10 @@ class Probe(Results, metaclass=_LiveOrReplay):
         """Close the gate, let running programs finish, drain what is left. Data stays.
 
         After stop() the counters are frozen, so `attempted == received + dropped` exactly.
+        Stopping a stopped probe (again, or by close()) changes nothing: the maps, stacks and
+        stats stay as the first stop() found them, and record mode saves once.
         """
-        if self.closed or not self.loaded:
+        if self.closed or not self.loaded or (self._stopped_stats is not None and not self.running):
             return self
         self._set_gate(0)
         self._res.stop.set()

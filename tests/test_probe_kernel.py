@@ -602,3 +602,37 @@ def test_default_pacing_delivers_sparse_events_at_once() -> None:
         assert latency.quantile(0.9) < poll / 20, latency.describe()
     finally:
         p.close()
+
+
+def test_stopping_a_stopped_probe_keeps_what_the_first_stop_found(tmp_path, monkeypatch) -> None:
+    """The programs stay attached after stop() and go on counting in their maps; a second
+    stop(), or close() after stop(), must not read them again (the maps, stacks and stats are
+    the first stop's), nor save a record-mode capture again."""
+    child = paused(300)
+    src = """
+    BPF_HASH(calls, u32, u64);
+    TRACEPOINT_PROBE(syscalls, sys_enter_getppid) {
+        u32 pid = bpf_get_current_pid_tgid() >> 32;
+        calls.increment(pid);
+        return 0;
+    }
+    """
+    monkeypatch.setenv("KERNELSCOPE_MODE", "record")
+    monkeypatch.setenv("KERNELSCOPE_CAPTURES", str(tmp_path))
+    p = Probe(src, name="twice").start()
+    try:
+        child.go()
+        p.stop()
+        first = p.maps["calls"].frame().sort_values("key", ignore_index=True)
+        saved = (tmp_path / "twice.parquet").stat().st_mtime_ns
+        for _ in range(50):
+            os.getppid()  # this process's calls: the attached program counts them
+        assert int(p.maps["calls"].frame(live=True)["value"].sum()) > int(first["value"].sum())
+        time.sleep(0.01)
+        p.stop()
+        p.close()
+        after = p.maps["calls"].frame().sort_values("key", ignore_index=True)
+        assert after.equals(first)
+        assert (tmp_path / "twice.parquet").stat().st_mtime_ns == saved
+    finally:
+        p.close()

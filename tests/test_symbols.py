@@ -175,3 +175,19 @@ def test_functions_inlined_into_burn_come_from_dwarf(binary: Path) -> None:
         assert libc.inline is None
     finally:
         t.exit()
+
+
+def test_the_object_caches_keep_the_most_recently_used_within_their_bound(monkeypatch) -> None:
+    from kernelscope.symbols import elf
+
+    monkeypatch.setattr(elf, "CACHE_OBJECTS", 2)
+    monkeypatch.setattr(elf, "_cache", type(elf._cache)())
+    monkeypatch.setattr(elf, "_by_file", type(elf._by_file)())
+    paths = [p for p in ("/usr/bin/true", "/usr/bin/cat", "/usr/bin/ls", "/usr/bin/env") if Path(p).exists()]
+    loaded = [elf.load(p) for p in paths]
+    assert len(paths) >= 3
+    assert len(elf._cache) <= 2
+    assert len(elf._by_file) <= 2
+    assert elf.cached(loaded[-1].build_id) is loaded[-1]  # the newest is kept ...
+    assert elf.cached(loaded[0].build_id) is None  # ... the oldest was dropped
+    assert elf.load(paths[-1]) is loaded[-1]  # a hit: not parsed again

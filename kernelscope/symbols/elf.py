@@ -15,7 +15,9 @@ import hashlib
 import io
 import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from elftools.common.exceptions import ELFError
@@ -161,9 +163,19 @@ def _shndx(sym: object) -> int:
 
 # --- the per-build-id cache ---------------------------------------------------------------
 
-_cache: dict[str, ElfSymbols] = {}
-_by_file: dict[tuple[int, int, int, int], ElfSymbols] = {}
+CACHE_OBJECTS = 256  # objects kept (least recently used dropped): a snapshot keeps its own
+_cache: OrderedDict[str, ElfSymbols] = OrderedDict()
+_by_file: OrderedDict[tuple[int, int, int, int], ElfSymbols] = OrderedDict()
 _lock = threading.Lock()
+
+
+def _keep(table: OrderedDict[Any, ElfSymbols], key: Any, syms: ElfSymbols) -> ElfSymbols:
+    """`table[key]` (the existing entry if there is one), most recently used, within the bound."""
+    syms = table.setdefault(key, syms)
+    table.move_to_end(key)
+    while len(table) > CACHE_OBJECTS:
+        table.popitem(last=False)
+    return syms
 
 
 def load_fd(fd: int, path: str) -> ElfSymbols:
@@ -173,14 +185,13 @@ def load_fd(fd: int, path: str) -> ElfSymbols:
     ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     with _lock:
         if ident in _by_file:
-            return _by_file[ident]
+            return _keep(_by_file, ident, _by_file[ident])
     with os.fdopen(os.dup(fd), "rb") as f:
         data = f.read()
     syms = read(data, path)
     with _lock:
-        syms = _cache.setdefault(syms.build_id, syms)
-        _by_file[ident] = syms
-    return syms
+        syms = _keep(_cache, syms.build_id, syms)
+        return _keep(_by_file, ident, syms)
 
 
 def load(path: str) -> ElfSymbols:
