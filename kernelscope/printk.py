@@ -19,10 +19,16 @@ exactly (`frame.attrs["other"]` counts those that did not). A program printing t
 or any format when the source's formats are not string literals (`attrs["filter"]` says so),
 does show up: filter such a frame by `pid`.
 
-Reading: the consuming `trace_pipe`, opened non-blocking and read by a daemon thread until empty
-every `interval` s (the kernel returns whole lines per read, up to a page), loses nothing while
-it keeps up; the non-consuming `trace` file would be formatted whole on every read and still be
-overwritten. Measured 2026-12-02 on the 2-core VM: the thread takes about 0.1 M lines/s (the
+Reading: the consuming `trace_pipe`, opened non-blocking and read by a daemon thread (the kernel
+returns whole lines per read, up to a page) at most READ_LIMIT bytes per poll, parsed outside
+the lock that `frame()`/`stats()` take, then appended; the thread waits `interval` s once it
+finds the pipe empty. It loses nothing while it keeps up, and a program printing faster than
+it reads only makes polls follow each other: stop turns the event off before joining the
+thread, so its last poll ends and the drain after it is at most a buffer's worth. Lines are
+kept as one DataFrame per poll (merged past MERGE_AT, and when a frame is made), the newest
+`max_rows` of the probe or DEFAULT_MAX_LINES, the older counted in `evicted`. The
+non-consuming `trace` file would be formatted whole on every read and still be overwritten.
+Measured 2026-12-02 on the 2-core VM: the thread takes about 0.1 M lines/s (the
 kernel formats trace_pipe text at about 0.2 M/s; per-CPU trace_pipes read 2x faster but lose
 the kernel's merge of CPUs by exact timestamp, which the microsecond text cannot redo;
 parsing takes 0.15-0.35 M/s), a program printing on every getppid() makes 0.4-0.8 M/s. An
@@ -75,7 +81,7 @@ _CONVERSION = re.compile(r"%(?:(?P<pct>%)|[-+ #0]*(?:\d+|\*)?(?:\.\d+)?(?:hh|h|l
 _LINE = re.compile(r" *(?P<comm>.*?)-(?P<tid>\d+) +\( *(?P<tgid>\d+|-+)\) +\[(?P<cpu>\d+)\] +"
                    r"(?P<flags>\S+) +(?P<sec>\d+)\.(?P<usec>\d{6}): bpf_trace_printk: (?P<msg>.*)")
 _LOST = re.compile(r"CPU:(\d+) \[LOST (\d+) EVENTS\]")
-READ_LIMIT = 1 << 20  # bytes of trace_pipe text one poll reads at most, then parses (~8,000 lines)
+READ_LIMIT = 1 << 20  # bytes of trace_pipe text one poll reads at most, then parses (~10,000 lines)
 DEFAULT_MAX_LINES = 1_000_000  # lines kept when the probe sets no max_rows: the oldest go first
 MERGE_AT = 64  # stored chunks (one per poll) merged into one past this many
 _DTYPES = {"ts_ns": "int64", "cpu": "int32", "pid": "int64", "tid": "int64"}

@@ -335,27 +335,31 @@ def ticks(p: Probe) -> int:
     return int(p.maps["ticks"].lookup(0, live=True))
 
 
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stop_and_printk_return_while_the_program_prints_faster_than_it_is_read(backend: str) -> None:
     """The reader used to read until trace_pipe was empty while holding its lock: under this
-    flood it never was, so p.printk and stop() waited for ever and nothing was parsed.
+    flood it seldom was, so p.printk waited seconds (measured 4.7-11.6 s), stop() 1.7 s, and
+    nothing was parsed meanwhile; a faster printer would make both wait for ever.
 
-    Bounds, from quantities of the same run: stop() of the flooded probe takes at most what
-    stop() of the same probe with an idle target takes (its instance removal and the probe's
-    own work included) + one poll interval + three of the longest polls (one in flight when
-    the event goes off, at most two to drain a buffer of < 64 KiB per CPU), doubled: both
-    cores are busy with the child and the reader during the flooded stop, not the idle one.
-    p.printk while flooded: at most 4x (the longest poll, its wait for the lock, + the time
-    p.printk takes at rest on as many rows): it shares the GIL with the reader parsing."""
+    Bounds, from quantities of the same run (tracefs's default buffer, as a user gets):
+    stop() of the flooded probe takes at most stop() of the same probe with an idle target
+    (its instance removal and the probe's own work included) + one poll interval + the
+    longest poll times (1 in flight when the event goes off + the polls that drain the
+    buffer: its bytes on every CPU x 4, the text being at most 4x the binary entry (~110
+    against ~44 bytes here), over the 1 MiB one poll reads), doubled: during the flooded stop
+    both cores are busy with the child and the reader, not during the idle one. p.printk
+    while flooded: at most 4x (the longest poll, as long as it may wait for the lock, + the
+    time p.printk takes at rest on as many rows): it shares the GIL with the reader parsing."""
     idle = producers.paused(1)
-    base = Probe(program(backend, "ks-idle"), cflags=idle.cflags, backend=backend, printk_kb=4).start()
+    base = Probe(program(backend, "ks-idle"), cflags=idle.cflags, backend=backend, printk_kb=None).start()
     base_stop = timed(base.stop, 60)
     base.close()
     idle.go()
     with busy_child() as child:
         p = Probe(program(backend, "ks-busy"), cflags=[f"-DTARGET={child.pid}"], backend=backend,
-                  printk_kb=4).start()
-        assert p.stats["printk"]["buffer_kb"] < 64
+                  printk_kb=None).start()
         opened = ticks(p)  # start() returned: the instance is enabled (the program ran since load)
         time.sleep(1.0)
         frames: list[object] = []
@@ -367,8 +371,10 @@ def test_stop_and_printk_return_while_the_program_prints_faster_than_it_is_read(
     st = p.stats["printk"]
     rest_read = timed(lambda: p.printk, 30)
     interval = printk.channel(p).interval  # type: ignore[union-attr]
-    assert stop <= 2 * (base_stop + interval + 3 * st["poll_max_s"]), (stop, base_stop, st["poll_max_s"])
-    assert busy_read <= 4 * (st["poll_max_s"] + rest_read), (busy_read, rest_read, st["poll_max_s"])
+    poll = st.get("poll_max_s", 0.0)  # (.get: the old reader, which has no such figure, fails on the times)
+    drain_polls = -(-st["buffer_kb"] * 1024 * (os.cpu_count() or 1) * 4 // (1 << 20))
+    assert stop <= 2 * (base_stop + interval + (1 + drain_polls) * poll), (stop, base_stop, poll, drain_polls)
+    assert busy_read <= 4 * (poll + rest_read), (busy_read, rest_read, poll)
     # every line the instance took until the event went off is read or counted lost; it took
     # at least what was printed from start() returning to stop() called, at most all printed
     assert st["received"] + st["other"] + st["lost"] == st["taken"]
