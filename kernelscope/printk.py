@@ -19,10 +19,16 @@ exactly (`frame.attrs["other"]` counts those that did not). A program printing t
 or any format when the source's formats are not string literals (`attrs["filter"]` says so),
 does show up: filter such a frame by `pid`.
 
-Reading: the consuming `trace_pipe`, opened non-blocking and read by a daemon thread until empty
-every `interval` s (the kernel returns whole lines per read, up to a page), loses nothing while
-it keeps up; the non-consuming `trace` file would be formatted whole on every read and still be
-overwritten. Measured 2026-12-02 on the 2-core VM: the thread takes about 0.1 M lines/s (the
+Reading: the consuming `trace_pipe`, opened non-blocking and read by a daemon thread (the kernel
+returns whole lines per read, up to a page) at most READ_LIMIT bytes per poll, parsed outside
+the lock that `frame()`/`stats()` take, then appended; the thread waits `interval` s once it
+finds the pipe empty. It loses nothing while it keeps up, and a program printing faster than
+it reads only makes polls follow each other: stop turns the event off before joining the
+thread, so its last poll ends and the drain after it is at most a buffer's worth. Lines are
+kept as one DataFrame per poll (merged past MERGE_AT, and when a frame is made), the newest
+`max_rows` of the probe or DEFAULT_MAX_LINES, the older counted in `evicted`. The
+non-consuming `trace` file would be formatted whole on every read and still be overwritten.
+Measured 2026-12-02 on the 2-core VM: the thread takes about 0.1 M lines/s (the
 kernel formats trace_pipe text at about 0.2 M/s; per-CPU trace_pipes read 2x faster but lose
 the kernel's merge of CPUs by exact timestamp, which the microsecond text cannot redo;
 parsing takes 0.15-0.35 M/s), a program printing on every getppid() makes 0.4-0.8 M/s. An
@@ -75,6 +81,10 @@ _CONVERSION = re.compile(r"%(?:(?P<pct>%)|[-+ #0]*(?:\d+|\*)?(?:\.\d+)?(?:hh|h|l
 _LINE = re.compile(r" *(?P<comm>.*?)-(?P<tid>\d+) +\( *(?P<tgid>\d+|-+)\) +\[(?P<cpu>\d+)\] +"
                    r"(?P<flags>\S+) +(?P<sec>\d+)\.(?P<usec>\d{6}): bpf_trace_printk: (?P<msg>.*)")
 _LOST = re.compile(r"CPU:(\d+) \[LOST (\d+) EVENTS\]")
+READ_LIMIT = 1 << 20  # bytes of trace_pipe text one poll reads at most, then parses (~10,000 lines)
+DEFAULT_MAX_LINES = 1_000_000  # lines kept when the probe sets no max_rows: the oldest go first
+MERGE_AT = 64  # stored chunks (one per poll) merged into one past this many
+_DTYPES = {"ts_ns": "int64", "cpu": "int32", "pid": "int64", "tid": "int64"}
 _counter = itertools.count()
 
 
@@ -260,11 +270,13 @@ class Instance:
     def buffer_kb(self) -> int:
         return int((self.path / "buffer_size_kb").read_text().split()[0])
 
-    def read(self, size: int = 1 << 16) -> str:
-        """What trace_pipe has now ("" when empty). Each read returns whole lines (at most a
-        page of them: the kernel stops before a line that would not fit)."""
-        chunks = []
-        while True:
+    def read(self, limit: int = READ_LIMIT, size: int = 1 << 16) -> str:
+        """What trace_pipe has now, up to about `limit` bytes ("" when empty). Each read returns
+        whole lines (at most a page of them: the kernel stops before a line that would not
+        fit). The limit bounds one poll: a program printing faster than this is read would
+        otherwise keep the loop going for ever."""
+        chunks, total = [], 0
+        while total < limit:
             try:
                 data = os.read(self.fd, size)
             except BlockingIOError:
@@ -272,6 +284,7 @@ class Instance:
             if not data:
                 break
             chunks.append(data)
+            total += len(data)
         return b"".join(chunks).decode("utf-8", "replace")
 
     def counts(self) -> dict[str, int]:
@@ -322,37 +335,48 @@ def remove_orphans(tracefs: Path = TRACEFS) -> list[Path]:
 
 
 class Printk:
-    """A probe's printk lines: what was read so far (kept over stop/start and reloads), and while
-    open an `Instance` read by a daemon thread every `interval` s until empty."""
+    """A probe's printk lines: what was read so far (kept over stop/start and reloads, the newest
+    `max_lines`), and while open an `Instance` read by a daemon thread every `interval` s.
+
+    Two locks: `_read_lock` lets one reader at a time take text from trace_pipe and parse it
+    (the thread, or pause()'s last reads); `_lock` guards what others read (the rows, the
+    counts, `instance`) and is held only to append a parsed chunk or to take a snapshot, so
+    `frame()` and `stats()` never wait for a read."""
 
     def __init__(self, fmts: list[str] | None, buffer_kb: int | None = None, tracefs: Path = TRACEFS,
-                 interval: float = 0.05) -> None:
+                 interval: float = 0.05, max_lines: int | None = None) -> None:
         self.formats = fmts
         self.match = matcher(fmts) if fmts is not None else None
         self.filter = kernel_filter(fmts) if fmts else ""
         self.buffer_kb, self.tracefs, self.interval = buffer_kb, Path(tracefs), interval
-        self.rows: dict[str, list[Any]] = {c: [] for c in COLUMNS[1:]}
+        self.max_lines = DEFAULT_MAX_LINES if max_lines is None else max_lines
+        self._chunks: list[pd.DataFrame] = []  # one per poll that kept lines, merged past MERGE_AT
+        self.stored = 0  # rows in _chunks
+        self.received = 0  # every line of the probe's read, evicted ones included
+        self.evicted = 0
+        self.message_bytes = 0  # of the lines received
         self.other = self.lost = self.taken = self.lost_reported = 0
         self.epoch_offset_ns = monotonic_to_epoch_ns()
         self.instance: Instance | None = None
         self.opened_kb: int | None = None  # the instance's buffer size, as tracefs reports it
         self.error: BaseException | None = None  # the instance could not be made: probe.printk raises it
         self.read_error = ""  # reading stopped on this (the instance removed by hand...): in stats
-        self.message_bytes = 0
+        self.poll_max_s = 0.0  # the longest one poll took (read, parse, append)
+        self.last_pause: dict[str, float] = {}  # seconds pause() spent: join, drain, remove
         self._rest = ""
         self._lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._merge_lock = threading.Lock()
+        self._appended = 0  # chunks ever appended
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-
-    @property
-    def received(self) -> int:
-        return len(self.rows["ts_ns"])
 
     def open(self) -> None:
         """Make the instance and start reading. Idempotent."""
         if self.instance is None:
-            self.instance = Instance(self.tracefs, self.buffer_kb, self.filter)
-            self.opened_kb = self.instance.buffer_kb
+            inst = Instance(self.tracefs, self.buffer_kb, self.filter)
+            with self._lock:
+                self.instance, self.opened_kb = inst, inst.buffer_kb
         if self._thread is None or not self._thread.is_alive():
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="kernelscope-printk", daemon=True)
@@ -361,54 +385,124 @@ class Printk:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                if not self.poll_once():
+                if not self._poll()[1]:
                     self._stop.wait(self.interval)
         except OSError as e:
             self.read_error = f"{type(e).__name__}: {e}"
 
     def poll_once(self) -> int:
-        """Read what the instance holds now; returns the lines read (the probe's and others')."""
-        with self._lock:
-            if self.instance is None:
-                return 0
-            got = parse(self.instance.read(), self._rest)
+        """Read what the instance holds now, up to READ_LIMIT bytes; returns the lines read (the
+        probe's and others')."""
+        return self._poll()[0]
+
+    def _poll(self) -> tuple[int, int]:
+        """(lines, bytes) read: the text is read and parsed outside `_lock`, taken only to append."""
+        with self._read_lock:
+            inst = self.instance
+            if inst is None or inst.fd < 0:
+                return 0, 0
+            t0 = time.monotonic()
+            text = inst.read()
+            got = parse(text, self._rest)
             self._rest = got.rest
-            self.lost_reported += got.lost_reported
-            keep = [True] * len(got.rows["message"]) if self.match is None else \
-                [self.match.fullmatch(m) is not None for m in got.rows["message"]]
-            self.other += keep.count(False)
-            for col, values in got.rows.items():
-                self.rows[col].extend(itertools.compress(values, keep))
-            self.message_bytes += sum(len(m) for m in itertools.compress(got.rows["message"], keep))
-            return len(keep)
+            messages = got.rows["message"]
+            keep = [True] * len(messages) if self.match is None else \
+                [self.match.fullmatch(m) is not None for m in messages]
+            kept = keep.count(True)
+            chunk = None
+            if kept:
+                chunk = pd.DataFrame({c: list(itertools.compress(v, keep)) if kept < len(keep) else v
+                                      for c, v in got.rows.items()}, columns=COLUMNS[1:]).astype(_DTYPES)
+            size = sum(len(m) for m in itertools.compress(messages, keep))
+            with self._lock:
+                self.lost_reported += got.lost_reported
+                self.other += len(keep) - kept
+                if chunk is not None:
+                    self._append(chunk, size)
+                many = len(self._chunks) > MERGE_AT
+            if many:
+                self._merge()
+            self.poll_max_s = max(self.poll_max_s, time.monotonic() - t0)
+            return len(keep), len(text)
+
+    def _append(self, chunk: pd.DataFrame, message_bytes: int) -> None:
+        """Under `_lock`: store a chunk, evicting the oldest rows past max_lines."""
+        self._chunks.append(chunk)
+        self._appended += 1
+        self.stored += len(chunk)
+        self.received += len(chunk)
+        self.message_bytes += message_bytes
+        over = self.stored - self.max_lines
+        while over > 0:
+            first = self._chunks[0]
+            gone = min(over, len(first))
+            if gone == len(first):
+                self._chunks.pop(0)
+            else:
+                self._chunks[0] = first.iloc[gone:]
+            self.stored -= gone
+            self.evicted += gone
+            over -= gone
+
+    def _merge(self) -> pd.DataFrame:
+        """The stored rows as one frame, which then replaces the chunks it was made from. The
+        concatenation runs outside `_lock`: meanwhile rows are only appended (new chunks at the
+        end) or evicted (from the front), so the merged frame less the rows evicted since stands
+        for the chunks before the new ones."""
+        with self._merge_lock:
+            with self._lock:
+                snap, evicted, appended = list(self._chunks), self.evicted, self._appended
+            if not snap:
+                return pd.DataFrame({c: [] for c in COLUMNS[1:]}, columns=COLUMNS[1:]).astype(_DTYPES)
+            if len(snap) == 1:
+                return snap[0]
+            merged = pd.concat(snap, ignore_index=True)
+            with self._lock:
+                gone = self.evicted - evicted
+                k = len(self._chunks) - (self._appended - appended)  # chunks left of the snapshot
+                if k >= 0 and sum(len(c) for c in self._chunks[:k]) == len(merged) - gone:
+                    self._chunks[:k] = [merged.iloc[gone:]] if gone < len(merged) else []
+            return merged
 
     def pause(self) -> None:
-        """Stop reading: the event off, a last read, the counts kept, the instance removed.
-        Idempotent; open() starts again with a new instance."""
+        """Stop reading: the event off (first, so the reader's last poll ends however fast the
+        program prints), the reader joined, the buffer drained, the counts kept, the instance
+        removed. Idempotent; open() starts again with a new instance."""
+        inst = self.instance
+        t0 = time.monotonic()
+        if inst is not None:
+            with contextlib.suppress(OSError):
+                inst._write(f"{EVENT}/enable", "0")
         self._stop.set()
         t = self._thread
         if t is not None and t is not threading.current_thread():
             t.join()
         self._thread = None
-        inst = self.instance
+        t1 = time.monotonic()
         if inst is None:
             return
-        with contextlib.suppress(OSError):
-            inst._write(f"{EVENT}/enable", "0")
         time.sleep(0.02)  # a program already past the enabled check still commits its line
         with contextlib.suppress(OSError):
-            self.poll_once()
-        with self._lock, contextlib.suppress(OSError):
-            counts = inst.counts()
-            self.lost += counts["lost"]
-            self.taken += counts["taken"]
+            while self._poll()[1]:  # the event is off: at most a buffer's worth is left
+                pass
+        t2 = time.monotonic()
+        with self._lock:
+            with contextlib.suppress(OSError):
+                counts = inst.counts()
+                self.lost += counts["lost"]
+                self.taken += counts["taken"]
+            self.instance = None
         inst.remove()
-        self.instance = None
+        self.last_pause = {"join_s": t1 - t0, "drain_s": t2 - t1, "remove_s": time.monotonic() - t2}
 
     close = pause
 
     def counts(self) -> dict[str, int]:
         """Lost and taken so far, the open instance's included."""
+        with self._lock:
+            return self._counts()
+
+    def _counts(self) -> dict[str, int]:
         lost, taken = self.lost, self.taken
         if self.instance is not None:
             with contextlib.suppress(OSError):
@@ -416,35 +510,36 @@ class Printk:
                 lost, taken = lost + now["lost"], taken + now["taken"]
         return {"lost": lost, "taken": taken}
 
-    def describe_filter(self) -> str:
+    def describe_filter(self, inst: Instance | None = None) -> str:
         if self.formats is None:
             return "none: a printk format is not a string literal, so every program's lines are kept"
-        where = "kernel glob + exact format match" if self.instance is None or self.instance.filtered \
+        where = "kernel glob + exact format match" if inst is None or inst.filtered \
             else "exact format match (the kernel refused the glob filter)"
         return f"{where}: {', '.join(repr(f) for f in self.formats)}"
 
     def frame(self) -> pd.DataFrame:
-        with self._lock:
-            rows = {c: list(v) for c, v in self.rows.items()}
-        df = pd.DataFrame(rows, columns=COLUMNS[1:]).astype(
-            {"ts_ns": "int64", "cpu": "int32", "pid": "int64", "tid": "int64"})
+        df = self._merge().reset_index(drop=True)  # a new frame: the stored one is not changed
         df.insert(0, "time", pd.to_datetime(df["ts_ns"] + self.epoch_offset_ns, unit="ns"))
         df.attrs.update(self.stats())
         return df
 
     def stats(self) -> dict[str, Any]:
-        """As a `probe.stats` entry: received (the probe's lines), dropped = lost_records = lines
-        overwritten unread (every program's: the buffer cannot tell), other (lines read that no
-        format of the program made), taken (every line the buffer took)."""
-        c = self.counts()
-        received = self.received
+        """As a `probe.stats` entry: received (the probe's lines, evicted ones included), stored
+        (kept: the newest max_lines), evicted, dropped = lost_records = lines overwritten unread
+        (every program's: the buffer cannot tell), other (lines read that no format of the
+        program made), taken (every line the buffer took). One snapshot under the lock."""
+        with self._lock:
+            c = self._counts()
+            inst, received, stored, evicted = self.instance, self.received, self.stored, self.evicted
+            other, reported, message_bytes = self.other, self.lost_reported, self.message_bytes
+        per_line = message_bytes / received if received else 0
         return {"kind": "printk", "attempted": received + c["lost"], "received": received,
-                "dropped": c["lost"], "lost": c["lost"], "lost_records": c["lost"], "other": self.other,
-                "taken": c["taken"], "lost_reported": self.lost_reported, "stored": received,
-                "memory_bytes": self.message_bytes + 96 * received, "error": self.read_error,
-                "buffer_kb": self.opened_kb,
-                "instance": str(self.instance.path) if self.instance is not None else None,
-                "filter": self.describe_filter()}
+                "dropped": c["lost"], "lost": c["lost"], "lost_records": c["lost"], "other": other,
+                "taken": c["taken"], "lost_reported": reported, "stored": stored, "evicted": evicted,
+                "max_rows": self.max_lines, "memory_bytes": int(stored * (96 + per_line)),
+                "error": self.read_error, "buffer_kb": self.opened_kb, "poll_max_s": self.poll_max_s,
+                "instance": str(inst.path) if inst is not None else None,
+                "filter": self.describe_filter(inst)}
 
 
 # --- Probe's hooks (probe.py keeps only these calls) -------------------------------------------
@@ -461,6 +556,7 @@ def gate(probe: Any, value: int) -> None:
             return
         ch = _channels[probe] = Printk(formats(probe.source), probe.printk_kb)
         weakref.finalize(probe, ch.close)
+    ch.max_lines = probe.max_rows or DEFAULT_MAX_LINES  # applies from the next line stored
     if not value:
         ch.pause()
         return
@@ -487,8 +583,29 @@ def frame_of(probe: Any) -> pd.DataFrame:
     if ch is None:
         ch = Printk(formats(probe.source) if uses_printk(probe.source) else [])
     if ch.error is not None:
-        raise ch.error
+        raise _fresh(ch.error)
     return ch.frame()
+
+
+def _fresh(e: BaseException) -> BaseException:
+    """A new exception of `e`'s type, message and attributes, with no traceback yet: raising the
+    stored one on every `probe.printk` would chain each raise's frames onto its traceback."""
+    new = type(e).__new__(type(e), *e.args)
+    new.args = e.args
+    new.__dict__.update(e.__dict__)
+    return new
+
+
+def saved_frame(probe: Any) -> pd.DataFrame:
+    """What `probe.save()` keeps: `probe.printk`, or when the lines could not be read (no
+    instance: not root) an empty frame whose attrs["error"] says why, so the capture is
+    still written."""
+    try:
+        return frame_of(probe)
+    except OSError as e:
+        df = Printk([]).frame()
+        df.attrs["error"] = f"{type(e).__name__}: {e}"
+        return df
 
 
 def with_stats(probe: Any, stats: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -533,7 +533,7 @@ class Probe(Results, metaclass=_LiveOrReplay):
         }
         derived = stacks_.captured(self)  # stacks with their symbols, named while the processes live
         if printk.uses_printk(self.source):
-            derived["printk"] = printk.frame_of(self)
+            derived["printk"] = printk.saved_frame(self)
         cap = capture.Capture(maps, self.source, settings, started_ns=started, tables=self._maps.captured(),
                               frames=derived)
         return capture.save(cap, path)

@@ -128,3 +128,47 @@ def test_any_lines_parse_back_to_what_was_printed_across_two_reads(
         [m[:-1] if m.endswith("\n") else m for *_, m in printed]
     assert first.rows["comm"] + second.rows["comm"] == [c for c, *_ in printed]
     assert first.rows["tid"] + second.rows["tid"] == [t for _, t, *_ in printed]
+
+
+class _Text:
+    """Stands in for an Instance on the text side: each read() hands out the next piece."""
+
+    fd, filtered, path = 0, True, "text"
+
+    def __init__(self, pieces: list[str]) -> None:
+        self.pieces = pieces
+
+    def read(self) -> str:
+        return self.pieces.pop(0) if self.pieces else ""
+
+    def counts(self) -> dict[str, int]:
+        return {"lost": 0, "taken": 0}
+
+
+@given(st.lists(st.integers(0, 40), max_size=150), st.integers(1, 120), st.sets(st.integers(0, 150)))
+@settings(max_examples=100, deadline=None)
+def test_stored_lines_are_the_newest_max_lines_however_polls_and_frames_interleave(
+        sizes: list[int], max_lines: int, frames_after: set[int]) -> None:
+    """Each poll's lines become one chunk, chunks are merged past MERGE_AT and when a frame is
+    made, the oldest rows are evicted past max_lines: the frame is always the newest
+    max_lines lines in order, and received = stored + evicted."""
+    ch = printk.Printk(["n=%d\n"], max_lines=max_lines)
+    numbers = iter(range(10**6))
+    pieces = ["".join(line(f"n={next(numbers)}\n") for _ in range(k)) for k in sizes]
+    ch.instance = _Text(list(pieces))  # type: ignore[assignment]
+    printed: list[str] = []
+    for i, k in enumerate(sizes):
+        ch.poll_once()
+        printed += [f"n={len(printed) + j}" for j in range(k)]
+        assert len(ch._chunks) <= printk.MERGE_AT + 1
+        if i in frames_after:
+            df = ch.frame()
+            assert df.message.tolist() == printed[-max_lines:]
+            assert df.attrs["stored"] + df.attrs["evicted"] == df.attrs["received"] == len(printed)
+    ch.instance = None
+    df = ch.frame()
+    assert df.message.tolist() == printed[-max_lines:]
+    assert df.attrs["evicted"] == max(0, len(printed) - max_lines)
+    assert df.ts_ns.dtype == "int64"
+    assert list(df.index) == list(range(len(df)))
+    assert printk.Printk([]).max_lines == printk.DEFAULT_MAX_LINES
