@@ -316,3 +316,41 @@ def test_no_numeric_value_to_weigh_by_is_a_clear_error_and_bcc_padding_is_no_col
         assert p.maps["padded"].items() == [(child.pid, {"kind": 7, "total": 3})]
     finally:
         p.close()
+
+
+SIZED = "BPF_HASH(counts, u32, u64, SIZE);\nTRACEPOINT_PROBE(syscalls, sys_enter_getppid) { return 0; }\n"
+
+
+class _Loaded:
+    """A loaded program as Maps sees it, in an object CPython recycles at once: the address of
+    a freed one is what id() compared (the programs behind are real, their maps the kernel's)."""
+
+    def __init__(self, prog: object) -> None:
+        self.prog = prog
+
+    def map_types(self) -> list:
+        return self.prog.map_types()  # type: ignore[attr-defined]
+
+
+def test_maps_tell_a_new_program_from_a_freed_one_at_the_same_address() -> None:
+    from kernelscope.maps.table import Maps
+
+    small = Probe(SIZED, backend="bcc", cflags=["-DSIZE=16"]).load()
+    large = Probe(SIZED, backend="bcc", cflags=["-DSIZE=32"]).load()
+    try:
+        progs = [small.maps._prog(), large.maps._prog()]
+        cur: list[_Loaded | None] = [_Loaded(progs[0])]
+        maps = Maps(lambda: cur[0])
+        reused = 0
+        for i in range(20):
+            want = 16 if i % 2 == 0 else 32
+            assert maps["counts"].max_entries == want, i
+            assert maps["counts"].fd == progs[i % 2].map_types()[0].fd
+            old = id(cur[0])
+            cur[0] = None  # freed: the next _Loaded may get its address
+            cur[0] = _Loaded(progs[(i + 1) % 2])
+            reused += id(cur[0]) == old
+        assert reused > 0  # the case id() got wrong did happen in this run
+    finally:
+        small.close()
+        large.close()
