@@ -542,6 +542,22 @@ def _from_arrays(df: pd.DataFrame, col: str, key: Sequence[str] | str | bool | N
     return _build(counts, keys, guessed, o)
 
 
+INT64_MAX = np.iinfo(np.int64).max
+
+
+def _exact(values: np.ndarray) -> np.ndarray:
+    """Counts as int64 for summing exactly: whole floats rounded, integers as they are; a
+    count (or a sum of counts) beyond int64 is an error rather than a wrapped number."""
+    if values.dtype.kind == "f":
+        values = np.rint(values)
+    if values.size and values.dtype.kind in "uf":
+        top = int(values.max())
+        if top > INT64_MAX // len(values) and sum(int(v) for v in values.tolist()) > INT64_MAX:
+            raise HistogramError("the counts add up to more than 2**63 - 1, which a histogram "
+                                 "(int64 counts) cannot hold")
+    return values.astype(np.int64)
+
+
 def _from_slots(df: pd.DataFrame, key: Sequence[str] | str | bool | None, unit: str | None,
                 name: str | None, o: _Options) -> Histogram:
     slot_col = "slot" if "slot" in df.columns else "key" if "key" in df.columns else None
@@ -570,8 +586,10 @@ def _from_slots(df: pd.DataFrame, key: Sequence[str] | str | bool | None, unit: 
         if len(keys) <= 1 and key is None:
             groups = []
     if not groups:
-        counts = np.bincount(slot.astype(np.int64), weights=values, minlength=width)[None, :]
-        return _build(np.rint(counts).astype(np.int64), None, guessed, o)
+        # np.add.at in integers, not bincount(weights=), which sums in float64 (inexact above 2**53)
+        counts = np.zeros((1, width), np.int64)
+        np.add.at(counts[0], slot.astype(np.int64), _exact(values))
+        return _build(counts, None, guessed, o)
     counts = np.zeros((len(keys), width), np.int64)
-    np.add.at(counts, (g, slot.astype(np.int64)), values.astype(np.int64))
+    np.add.at(counts, (g, slot.astype(np.int64)), _exact(values))
     return _build(counts, keys, guessed, o)

@@ -32,7 +32,7 @@ import pandas as pd
 
 from . import symbols
 from .errors import KernelscopeError, SchemaError, UnknownNameError
-from .schema import _columns
+from .maps import types as _types
 
 if TYPE_CHECKING:
     from .results import Results as Probe  # a live probe or a replayed capture
@@ -107,12 +107,22 @@ def read_raw(probe: Probe, counts: str = "counts", stacks: str = "stacks", live:
     keys, values = cm.records(cm.read(live=live))  # per-CPU values summed over CPUs
     st = sm.read(live=live)
     ids = np.ascontiguousarray(st.keys).view("<u4").reshape(-1)
-    addrs = np.ascontiguousarray(st.values).view("<u8").reshape(len(ids), -1)
+    # explicit width: before the first sample the map is empty and reshape(0, -1) fails
+    addrs = np.ascontiguousarray(st.values).view("<u8").reshape(len(ids), sm.value_size // 8)
     table = {int(i): row[row != 0] for i, row in zip(ids.tolist(), addrs, strict=True)}
     return Raw(keys, values, table, user, kern, _field(names, PID_FIELDS), cm.value_dtype.names is None)
 
 
 # --- symbols -------------------------------------------------------------------------------
+
+
+def stack_ids(raw: Raw, fname: str) -> list[int]:
+    """A key's stack-id column as bpf_get_stackid() returned it: a signed int (a key that
+    declares `u32 user_stack_id` stores -EFAULT as 4294967282), so signed of its own width."""
+    col = np.ascontiguousarray(raw.keys[fname])
+    if col.dtype.kind == "u":
+        col = col.view(np.dtype(f"<i{col.dtype.itemsize}"))
+    return col.tolist()
 
 
 def _pids(raw: Raw) -> set[int]:
@@ -237,16 +247,14 @@ def stack_frame(probe: Probe, counts: str = "counts", stacks: str = "stacks",
     raw = read_raw(probe, counts, stacks)
     snap = _snapshot_for(probe, raw)
     namer = _Namer(snap, probe.started_at)
-    data: dict[str, object] = {}
-    _columns(raw.keys, "", data)
-    data = {k: v for k, v in data.items() if not k.startswith("__pad")}
+    data: dict[str, object] = dict(_types.columns(raw.keys, "key"))
     n = len(raw.keys)
     user_col: list[tuple[str, ...]] = []
     kern_col: list[tuple[str, ...]] = []
     errors: dict[str, int] = {}
     pids = raw.keys[raw.pid_field].tolist() if raw.pid_field else [0] * n
     for kind, fname, out in (("user", raw.user_field, user_col), ("kernel", raw.kernel_field, kern_col)):
-        ids = raw.keys[fname].tolist() if fname else [-errno.EFAULT] * n
+        ids = stack_ids(raw, fname) if fname else [-errno.EFAULT] * n
         cache: dict[tuple[int, int], tuple[str, ...]] = {}
         for sid, pid in zip(ids, pids, strict=True):
             err = _error_name(sid, raw.stacks) if fname else None
@@ -281,9 +289,7 @@ def _value_columns(raw: Raw, value: str | Sequence[str] | None) -> dict[str, obj
     if raw.value_scalar:
         name = value if isinstance(value, str) else "count"
         return {name: raw.values}
-    cols: dict[str, object] = {}
-    _columns(raw.values, "", cols)
-    cols = {k: v for k, v in cols.items() if not k.startswith("__pad")}
+    cols: dict[str, object] = dict(_types.columns(raw.values))
     if value is None:
         return cols
     wanted = [value] if isinstance(value, str) else list(value)
@@ -325,7 +331,7 @@ def frames(probe: Probe, counts: str = "counts", stacks: str = "stacks") -> pd.D
     for kind, fname in (("user", raw.user_field), ("kernel", raw.kernel_field)):
         if fname is None:
             continue
-        for sid, pid in zip(raw.keys[fname].tolist(), pids, strict=True):
+        for sid, pid in zip(stack_ids(raw, fname), pids, strict=True):
             who = pid if kind == "user" else -1
             if sid not in raw.stacks or (kind, sid, who) in seen:
                 continue
@@ -353,6 +359,14 @@ def flamegraph(probe: Probe, counts: str = "counts", stacks: str = "stacks", val
 
     df = stack_frame(probe, counts, stacks)
     if value is None:
-        value = "count" if "count" in df.columns else next(
-            c for c in df.columns[::-1] if df[c].dtype.kind in "iuf")
+        have = df.attrs.get("value_columns", list(df.columns))
+        numeric = [c for c in have if c in df.columns and df[c].dtype.kind in "iuf"]
+        if "count" in df.columns:
+            value = "count"
+        elif numeric:
+            value = numeric[-1]
+        else:
+            raise SchemaError(f"flamegraph: the counting map {counts!r} has no numeric value column to "
+                              f"weigh stacks by (its value columns: {have}); "
+                              "pass value= one of the frame's numeric columns")
     return flame.flamegraph(df, stack="stack", value=value, **kw)

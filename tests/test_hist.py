@@ -378,3 +378,16 @@ def test_core_struct_hist_counts_exactly_the_reads_made() -> None:
         assert nonzero(merged.frame()) == expected()
     finally:
         p.close()
+
+
+def test_slot_counts_are_summed_exactly_in_integers() -> None:
+    """Counts above 2**53 add exactly (bincount(weights=) summed in float64: 2**53 + 1 became
+    2**53), and a total beyond int64 is an error, not a wrapped number."""
+    big = 2**53 + 1
+    df = pd.DataFrame({"key": np.array([3, 3, 4], np.uint64), "value": np.array([big, big, 1], np.uint64)})
+    h = from_map_frame(df, rule="libbpf-tools")
+    assert int(h.counts[0][3]) == 2 * big
+    assert int(h.counts[0][4]) == 1
+    huge = pd.DataFrame({"key": np.array([1, 2], np.uint64), "value": np.array([2**63, 2**63], np.uint64)})
+    with pytest.raises(HistogramError, match="2\\*\\*63"):
+        from_map_frame(huge, rule="libbpf-tools")

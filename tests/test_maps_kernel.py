@@ -238,14 +238,14 @@ def test_stop_freezes_the_frame_while_the_kernel_map_moves_on(backend: str, wait
     try:
         counts = p.maps["counts"].watch(every=0.05)
         for _ in range(3):
-            before_sample = counts.history()["time"].nunique()
+            before_sample = counts.history()["snapshot_time"].nunique()
             for _ in range(100):
                 os.getppid()
-            wait_for(lambda n=before_sample: counts.history()["time"].nunique() > n + 1, timeout=10,
+            wait_for(lambda n=before_sample: counts.history()["snapshot_time"].nunique() > n + 1, timeout=10,
                      what="two more watch samples")
         p.stop()
         history = counts.history()
-        assert list(history.columns) == ["time", "key", "value"]
+        assert list(history.columns) == ["snapshot_time", "key", "value"]
         seen = history[history["key"] == GETPPID]["value"]
         assert (seen.diff().dropna() >= 0).all()
         assert seen.nunique() >= 3  # each round of calls shows as a step

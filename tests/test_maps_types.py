@@ -18,7 +18,7 @@ from kernelscope.captures.replay import Replay
 from kernelscope.captures.tables import TableCapture
 from kernelscope.errors import CaptureDamagedError, CaptureError, KernelscopeError
 from kernelscope.maps import types
-from kernelscope.maps.watch import Watch
+from kernelscope.maps.watch import Watch, WatchError
 
 
 class Inner(ctypes.Structure):
@@ -180,7 +180,7 @@ def test_a_format_2_capture_without_snapshots_replays_with_no_maps(tmp_path) -> 
     assert list(r.maps) == []
 
 
-def test_watch_history_is_tidy_with_a_time_column() -> None:
+def test_watch_history_is_tidy_with_a_snapshot_time_column() -> None:
     n = iter(range(1, 10))
 
     def read() -> pd.DataFrame:
@@ -191,7 +191,55 @@ def test_watch_history_is_tidy_with_a_time_column() -> None:
     w.sample()
     w.sample()
     h = w.history()
-    assert list(h.columns) == ["time", "key", "value"]
+    assert list(h.columns) == ["snapshot_time", "key", "value"]
     assert h.groupby("key")["value"].diff().dropna().tolist() == [1, 2]
     with pytest.raises(KernelscopeError, match="positive interval"):
         Watch(read, 0)
+
+
+def test_watch_keeps_a_value_field_named_time_and_only_the_last_max_samples() -> None:
+    """A value struct with a `time` field (struct { u64 time; u64 n; }) keeps it; snapshots
+    beyond max_samples drop the oldest (was: `assign(time=)` overwrote it, samples grew forever)."""
+    n = iter(range(1, 100))
+
+    def read() -> pd.DataFrame:
+        k = next(n)
+        return pd.DataFrame({"key": [1], "time": [1000 + k], "n": [k]})
+
+    w = Watch(read, 1.0, "last", max_samples=3)
+    for _ in range(5):
+        w.sample()
+    h = w.history()
+    assert list(h.columns) == ["snapshot_time", "key", "time", "n"]
+    assert h["time"].tolist() == [1003, 1004, 1005]
+    assert h["n"].tolist() == [3, 4, 5]
+    with pytest.raises(KernelscopeError, match="max_samples"):
+        Watch(read, 1.0, max_samples=0)
+
+
+def test_a_failed_read_ends_the_watch_and_history_says_why() -> None:
+    calls = iter(range(3))
+
+    def read() -> pd.DataFrame:
+        if next(calls) == 1:
+            raise OSError(9, "Bad file descriptor")
+        return pd.DataFrame({"key": [1], "value": [1]})
+
+    w = Watch(read, 0.01, "counts")
+    w.start()
+    w._thread.join(timeout=10)  # type: ignore[union-attr]  # ends by itself on the error
+    assert not w.running
+    with pytest.warns(WatchError, match="Bad file descriptor"):
+        h = w.history()
+    assert len(h) == 1  # what was seen before the error is kept
+
+
+def test_a_declared_type_of_the_wrong_size_is_dropped_with_a_warning() -> None:
+    """Reads hand the kernel buffers of the dtype's size: a type smaller than the kernel's
+    key/value would be written past, so it is replaced by raw bytes and a warning says so."""
+    from kernelscope.maps.table import MapTypeWarning, _checked
+
+    assert _checked("m", "value", np.dtype("<u8"), 8) == np.dtype("<u8")
+    assert _checked("m", "value", None, 12) is None
+    with pytest.warns(MapTypeWarning, match="value type u32 has 4 bytes, the kernel's value 12"):
+        assert _checked("m", "value", np.dtype("<u4"), 12) is None

@@ -600,3 +600,36 @@ def test_a_program_without_aggregation_maps_has_no_maps_area() -> None:
     finally:
         p.close()
         pn.close()
+
+
+@pytest.mark.kernel
+def test_maps_area_picks_up_the_maps_once_loaded_and_shows_any_read_error() -> None:
+    """A view made before load has no maps; refresh() after start() lists them (the options are
+    synced on every refresh, as after reconfigure()). An error of any kind in a read is shown in
+    the table rather than escaping into the updater thread."""
+    from kernelscope.jupyter.mapview import MapView
+
+    child = paused(300)
+    p = Probe(COUNTING["bcc"], backend="bcc", cflags=[*child.cflags, "-DSECOND=1"])
+    view = MapView(p)
+    try:
+        assert list(view.choose.options) == []
+        p.start()
+        child.go()
+        view.refresh()
+        assert list(view.choose.options) == ["calls", "dist"]
+        assert view.choose.value == "calls"
+        assert f"<td>{child.pid}</td><td>300</td>" in view.table.value
+        assert view.reads == 1  # the dropdown's own change during the sync is not another read
+
+        def broken() -> Any:  # the one pretend part: no real map makes read() raise a TypeError
+            raise TypeError("decoder broke")
+
+        view.read = broken  # type: ignore[method-assign]
+        view.refresh()
+        assert isinstance(view.error, TypeError)
+        assert "TypeError: decoder broke" in view.table.value
+        assert "TypeError: decoder broke" in view.static_html()
+    finally:
+        view.close()
+        p.close()

@@ -29,12 +29,18 @@ from ..errors import SetupError
 c_void_p, c_char_p, c_int, c_uint, c_size_t = (
     ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_size_t)
 
-# enum bpf_map_type (include/uapi/linux/bpf.h)
-PERCPU_MAP_TYPES = {5, 6, 10, 21}  # percpu hash, percpu array, lru percpu hash, percpu cgroup storage
+# enum bpf_map_type (include/uapi/linux/bpf.h): the one table of map kinds (kernelscope.maps too)
 MAP_TYPES = {
-    1: "hash", 2: "array", 4: "perf_event_array", 6: "percpu_array", 27: "ringbuf",
-    31: "user_ringbuf",
+    1: "hash", 2: "array", 3: "prog_array", 4: "perf_event_array", 5: "percpu_hash",
+    6: "percpu_array", 7: "stack_trace", 8: "cgroup_array", 9: "lru_hash", 10: "lru_percpu_hash",
+    11: "lpm_trie", 12: "array_of_maps", 13: "hash_of_maps", 14: "devmap", 15: "sockmap",
+    16: "cpumap", 17: "xskmap", 18: "sockhash", 19: "cgroup_storage", 20: "reuseport_sockarray",
+    21: "percpu_cgroup_storage", 22: "queue", 23: "stack", 24: "sk_storage", 25: "devmap_hash",
+    26: "struct_ops", 27: "ringbuf", 28: "inode_storage", 29: "task_storage", 30: "bloom_filter",
+    31: "user_ringbuf", 32: "cgrp_storage",
 }
+PERCPU_MAP_TYPES = {5, 6, 10, 21}  # percpu hash, percpu array, lru percpu hash, percpu cgroup storage
+PERCPU_KINDS = {MAP_TYPES[t] for t in PERCPU_MAP_TYPES}
 BPF_MAP_TYPE_PERF_EVENT_ARRAY = 4
 BPF_MAP_TYPE_RINGBUF = 27
 BPF_MAP_TYPE_USER_RINGBUF = 31

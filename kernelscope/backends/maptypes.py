@@ -66,13 +66,22 @@ def bcc_map_types(bpf: Any, lib: Any) -> list[MapType]:
     lib.bpf_num_tables.restype, lib.bpf_num_tables.argtypes = ctypes.c_size_t, [ctypes.c_void_p]
     lib.bpf_table_name.restype = ctypes.c_char_p
     lib.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    lib.bpf_table_fd.restype, lib.bpf_table_fd.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_char_p]
     out = []
     for i in range(int(lib.bpf_num_tables(bpf.module))):
         raw = lib.bpf_table_name(bpf.module, i)
         name = raw.decode() if raw else ""
         if not name or name in HIDDEN:
             continue
-        table = bpf[name.encode()]
+        try:
+            table = bpf[name.encode()]
+        except Exception:
+            # types it cannot wrap (a per-CPU value not 8-byte aligned, a map type it lacks); the
+            # map is there all the same: its fd from libbcc, its types untyped
+            fd = int(lib.bpf_table_fd(bpf.module, name.encode()))
+            if fd >= 0:
+                out.append(MapType(name, fd, None, None))
+            continue
         key = getattr(table, "Key", None)
         leaf = getattr(table, "sLeaf", None) or getattr(table, "Leaf", None)  # per-CPU: one CPU's
         out.append(MapType(name, int(table.get_fd()),

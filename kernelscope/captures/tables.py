@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CaptureError
+from ..maps.syscall import value_bytes
 from .meta import dtype_from_json, dtype_to_json, need
 
 
@@ -38,8 +39,10 @@ class TableCapture:
     @property
     def records(self) -> np.ndarray:
         """Each element as one byte string: key bytes, then value bytes."""
-        n = len(self.keys)
-        return np.concatenate([self.keys.reshape(n, -1), self.values.reshape(n, -1)], axis=1)
+        n = len(self.keys)  # explicit widths: an empty map has n = 0, where reshape(0, -1) fails
+        width = value_bytes(self.value_dtype.itemsize, self.per_cpu, self.ncpus)
+        return np.concatenate([self.keys.reshape(n, self.key_dtype.itemsize), self.values.reshape(n, width)],
+                              axis=1)
 
 
 def to_meta(tc: TableCapture) -> dict[str, Any]:
@@ -78,8 +81,7 @@ def check(m: Any, where: str) -> tuple[np.dtype, np.dtype]:
     if m["key_size"] != key.itemsize:
         raise CaptureError(f"metadata key '{where}.key_size' is {m['key_size']}, its key dtype has "
                            f"{key.itemsize}")
-    stride = -(-value.itemsize // 8) * 8
-    want = stride * m["ncpus"] if m["per_cpu"] else value.itemsize
+    want = value_bytes(value.itemsize, m["per_cpu"], m["ncpus"])
     if m["value_bytes"] != want:
         raise CaptureError(f"metadata key '{where}.value_bytes' is {m['value_bytes']}, its value dtype "
                            f"needs {want}")

@@ -101,7 +101,8 @@ class MapView(w.VBox):
     def __init__(self, results: Results, n: int = TOP_N) -> None:
         self.results = results
         self.reads = 0
-        self._lock = threading.Lock()  # the updater thread and the controls' handlers
+        self._lock = threading.RLock()  # the updater thread, the controls' handlers, static_html
+        self._resyncing = False  # options being replaced: the dropdown's own change is not a refresh
         self.error: BaseException | None = None
         self.frame: pd.DataFrame | None = None  # the last read, as maps[name].frame() gave it
         self.rows: pd.DataFrame | None = None  # the top-N rows shown
@@ -117,7 +118,7 @@ class MapView(w.VBox):
         self.table = w.HTML(layout=w.Layout(width="100%"))
         self.table.add_class("ks-maps-area")
         self.figure: Any = None  # a FigureWidget, made when a histogram map is first shown
-        self.choose.observe(lambda _c: self.refresh(), names="value")
+        self.choose.observe(lambda _c: None if self._resyncing else self.refresh(), names="value")
         self.top.observe(lambda _c: self.refresh(), names="value")
         self.showing_hist = False  # the bar chart is among the children
         self._head = w.HBox([self.choose, self.top])
@@ -154,12 +155,29 @@ class MapView(w.VBox):
         keys = types.key_columns(m.spec.key_dtype)
         return table_html(name, df, rows, by, source=self._source(), keys=keys), h
 
+    def _resync(self) -> None:
+        """The dropdown's maps again: reconfigure() loads a new program, whose maps may differ."""
+        try:
+            choices = names(self.results)
+        except Exception:
+            return
+        if list(self.choose.options) != choices:
+            keep = self.choose.value if self.choose.value in choices else (choices[0] if choices else None)
+            self._resyncing = True
+            try:
+                self.choose.options = choices
+                self.choose.value = keep
+            finally:
+                self._resyncing = False
+
     def refresh(self) -> None:
-        """Read the chosen map and update the table and the bar chart."""
+        """Read the chosen map and update the table and the bar chart; any error is shown in
+        the table (the updater thread must not die of one)."""
         with self._lock:
+            self._resync()
             try:
                 text, h = self.read()
-            except (KernelscopeError, OSError) as e:  # e.g. closed before any snapshot was taken
+            except Exception as e:
                 self.error = e
                 self.table.value = f"<p style='color:#b91c1c'>{html.escape(f'{type(e).__name__}: {e}')}</p>"
                 return
@@ -204,10 +222,11 @@ class MapView(w.VBox):
 
     def static_html(self) -> str:
         """The chosen map's top-N table and histogram (CSS bars), read now, for the static output."""
-        try:
-            text, h = self.read()
-        except (KernelscopeError, OSError) as e:
-            return f"<p>{html.escape(f'{type(e).__name__}: {e}')}</p>"
+        with self._lock:
+            try:
+                text, h = self.read()
+            except Exception as e:
+                return f"<p>{html.escape(f'{type(e).__name__}: {e}')}</p>"
         return f"<div class='ks-maps-static'>{text}{h._repr_html_() if h is not None else ''}</div>"
 
     def close(self) -> None:

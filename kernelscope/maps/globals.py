@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import KernelscopeError, UnknownNameError
+from ..errors import ClosedError, KernelscopeError, UnknownNameError
 from . import syscall, types
 from .table import Maps
 
@@ -78,7 +78,8 @@ class Globals(MutableMapping[str, Any]):
             if not len(value):
                 raise KernelscopeError(f"{section} holds no value")
             data = value[0, offset: offset + dt.itemsize].tobytes()
-        return value_of(np.frombuffer(data, dt)[0] if dt.names else np.frombuffer(data, dt).reshape(()))
+        # through a one-field struct: numpy cannot view bytes as an array type (int arr[4]) itself
+        return value_of(np.frombuffer(data, np.dtype([("v", dt)]))[0]["v"])
 
     def __setitem__(self, name: str, value: Any) -> None:
         section, offset, dt = self._find(name)
@@ -89,7 +90,7 @@ class Globals(MutableMapping[str, Any]):
         m = self._maps[section]
         fd = m.fd
         if fd is None:
-            raise KernelscopeError(f"{name}: writing a global needs the loaded program "
+            raise ClosedError(f"{name}: writing a global needs the loaded program "
                                    + ("(this is a replay)" if self._maps.replay else "(the probe is closed)"))
         data = types.encode(value, dt, f"global {name}")
         if self._mappable(fd):
@@ -125,6 +126,6 @@ class Globals(MutableMapping[str, Any]):
     def __repr__(self) -> str:
         try:
             return "Globals(" + ", ".join(f"{n}={self[n]!r}" for n in self) + ")"
-        except KernelscopeError as e:
+        except (KernelscopeError, OSError) as e:
             return f"<Globals: {e}>"
 

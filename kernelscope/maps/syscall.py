@@ -21,17 +21,6 @@ from ..backends import libbpf
 c_uint32 = ctypes.c_uint32
 
 
-# enum bpf_map_type (include/uapi/linux/bpf.h)
-MAP_KINDS = {
-    1: "hash", 2: "array", 3: "prog_array", 4: "perf_event_array", 5: "percpu_hash",
-    6: "percpu_array", 7: "stack_trace", 8: "cgroup_array", 9: "lru_hash", 10: "lru_percpu_hash",
-    11: "lpm_trie", 12: "array_of_maps", 13: "hash_of_maps", 14: "devmap", 15: "sockmap",
-    16: "cpumap", 17: "xskmap", 18: "sockhash", 19: "cgroup_storage", 20: "reuseport_sockarray",
-    21: "percpu_cgroup_storage", 22: "queue", 23: "stack", 24: "sk_storage", 25: "devmap_hash",
-    26: "struct_ops", 27: "ringbuf", 28: "inode_storage", 29: "task_storage", 30: "bloom_filter",
-    31: "user_ringbuf", 32: "cgrp_storage",
-}
-PERCPU_KINDS = {"percpu_hash", "percpu_array", "lru_percpu_hash", "percpu_cgroup_storage"}
 ENOTSUPP = 524  # the kernel's internal "operation not supported", seen by user space as-is
 
 
@@ -65,7 +54,7 @@ class Info:
 
     @property
     def per_cpu(self) -> bool:
-        return self.kind in PERCPU_KINDS
+        return self.kind in libbpf.PERCPU_KINDS
 
 
 def info(fd: int) -> Info:
@@ -74,15 +63,21 @@ def info(fd: int) -> Info:
     size = c_uint32(ctypes.sizeof(buf))
     ret = libbpf.lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(buf), ctypes.byref(size))
     _check(ret, f"map fd {fd}: info")
-    return Info(MAP_KINDS.get(buf.type, f"type {buf.type}"), buf.id, buf.key_size, buf.value_size,
+    return Info(libbpf.MAP_TYPES.get(buf.type, f"type {buf.type}"), buf.id, buf.key_size, buf.value_size,
                 buf.max_entries, buf.map_flags, buf.name.decode(errors="replace"), buf.btf_id,
                 buf.btf_key_type_id, buf.btf_value_type_id)
+
+
+def percpu_stride(value_size: int) -> int:
+    """Bytes of one CPU's value in a per-CPU map's lookup buffer: the value rounded up to 8
+    (the kernel copies each CPU's value with bpf_long_memcpy at round_up(value_size, 8))."""
+    return -(-value_size // 8) * 8
 
 
 def value_bytes(value_size: int, per_cpu: bool, ncpus: int) -> int:
     """Bytes the kernel writes for one value: per-CPU maps give every possible CPU's value,
     each rounded up to 8 bytes."""
-    return -(-value_size // 8) * 8 * ncpus if per_cpu else value_size
+    return percpu_stride(value_size) * ncpus if per_cpu else value_size
 
 
 def _check(ret: int, what: str) -> int:

@@ -15,8 +15,11 @@ snapshots.
 from __future__ import annotations
 
 import html
+import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+import warnings
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +31,7 @@ from ..backends import libbpf
 from ..captures.tables import TableCapture
 from ..errors import ClosedError, KernelscopeError, UnknownNameError
 from . import syscall, types
-from .watch import Watch
+from .watch import MAX_SAMPLES, Watch
 
 OUTPUT_KINDS = {"ringbuf": "probe.df / probe.frame(name)", "perf_event_array": "probe.df / probe.frame(name)",
                 "user_ringbuf": "probe.send(name, records)"}
@@ -68,6 +71,22 @@ class Snapshot:
     keys: np.ndarray  # (n, key_size) uint8
     values: np.ndarray  # (n, value_bytes) uint8
     taken_ns: int
+
+
+def _checked(name: str, what: str, dt: np.dtype | None, size: int) -> np.dtype | None:
+    """The program's type for a map's key or value if it has the kernel's size, else None (a
+    warning): reads hand the kernel buffers of the dtype's size, so a smaller one would be
+    written past."""
+    if dt is not None and dt.itemsize != size:
+        warnings.warn(f"map {name}: the program's {what} type {types.show(dt)} has {dt.itemsize} bytes, "
+                      f"the kernel's {what} {size}; showing it as {types.show(types.untyped(size))}",
+                      MapTypeWarning, stacklevel=3)
+        return None
+    return dt
+
+
+class MapTypeWarning(UserWarning):
+    """The program's declared type of a map disagrees with the kernel's size for it."""
 
 
 class Map:
@@ -179,12 +198,21 @@ class Map:
 
     # --- writing (the kernel's map; after stop() the snapshot is taken again) ----------------
 
-    def _value_bytes(self, value: Any) -> bytes:
+    def _value_bytes(self, value: Any, per_cpu: Sequence[Any] | None = None) -> bytes:
         s = self.spec
+        if per_cpu is not None and not s.per_cpu:
+            raise KernelscopeError(f"{self.name} is a {s.kind} map, not a per-CPU one: give one value, "
+                                   "not per_cpu=")
         if not s.per_cpu:
             return types.encode(value, s.value_dtype, f"{self.name} value")
-        stride = -(-s.value_size // 8) * 8
-        per = list(value) if isinstance(value, list | tuple) and len(value) == s.ncpus else [value]
+        stride = syscall.percpu_stride(s.value_size)
+        if per_cpu is not None:
+            per = list(per_cpu)
+            if len(per) != s.ncpus:
+                raise KernelscopeError(f"{self.name}: per_cpu= gives {len(per)} values; this host has "
+                                       f"{s.ncpus} possible CPUs (one value each)")
+        else:  # a list is the value itself (an array value), never one value per CPU
+            per = [value]
         out = bytearray(stride * s.ncpus)  # one value: CPU 0 holds it, so the summed frame shows it
         for cpu, v in enumerate(per):
             at = cpu * stride
@@ -194,12 +222,15 @@ class Map:
     def _changed(self) -> None:
         self._owner.refresh(self.name)
 
-    def update(self, key: Any, value: Any) -> None:
-        """Set `key` to `value` (an int, a dict of fields, a numpy record; per-CPU maps: one value,
-        put on CPU 0, or a list of one per CPU)."""
+    def update(self, key: Any, value: Any = None, *, per_cpu: Sequence[Any] | None = None) -> None:
+        """Set `key` to `value` (an int, a dict of fields, a numpy record, a list for an array
+        value). Per-CPU maps: `value` is put on CPU 0 (the others zeroed), or give
+        `per_cpu=[one value per possible CPU]` instead."""
+        if (value is None) == (per_cpu is None):
+            raise KernelscopeError(f"{self.name}.update: give either a value or per_cpu=[...], one of them")
         self._check_readable()
         syscall.update(self._live_fd("update"), types.encode(key, self.key_dtype, f"{self.name} key"),
-                       self._value_bytes(value))
+                       self._value_bytes(value, per_cpu))
         self._changed()
 
     def __setitem__(self, key: Any, value: Any) -> None:
@@ -262,12 +293,12 @@ class Map:
 
     # --- watching, histograms --------------------------------------------------------
 
-    def watch(self, every: float = 1.0) -> Map:
+    def watch(self, every: float = 1.0, max_samples: int = MAX_SAMPLES) -> Map:
         """Snapshot the map every `every` s in a background thread until the probe stops (or
-        unwatch()); history() gives them as one tidy frame."""
+        unwatch()); history() gives the last `max_samples` of them as one tidy frame."""
         if self._watch is None or not self._watch.running:
             self._live_fd("watching")
-            self._watch = Watch(lambda: self.frame(live=True), every, self.name)
+            self._watch = Watch(lambda: self.frame(live=True), every, self.name, max_samples)
             self._owner.watching(self._watch)
             self._watch.start()
         return self
@@ -278,7 +309,8 @@ class Map:
         return self
 
     def history(self) -> pd.DataFrame:
-        """Every watched snapshot: a `time` column, then the map frame's columns."""
+        """The watched snapshots: a `snapshot_time` column, then the map frame's columns (a
+        WatchError warning when a failed read ended the watch)."""
         if self._watch is None:
             raise KernelscopeError(f"{self.name} is not watched: call "
                                    f"probe.maps[{self.name!r}].watch(every=1.0)")
@@ -305,7 +337,8 @@ class Maps(Mapping[str, Map]):
     def __init__(self, program: Callable[[], Any] | None = None,
                  tables: Mapping[str, TableCapture] | None = None) -> None:
         self._program = program  # () -> the loaded Program or None; None for a replay
-        self._prog_id: int | None = None
+        self._prog_ref: weakref.ref[Any] | None = None  # the program the specs are of
+        self._lock = threading.RLock()
         self._specs: dict[str, Spec] = {}
         self._fds: dict[str, int] = {}
         self._maps: dict[str, Map] = {}
@@ -325,40 +358,54 @@ class Maps(Mapping[str, Map]):
         return self._program() if self._program is not None else None
 
     def _sync(self) -> None:
-        """Specs and fds of the loaded program (again after a reload by reconfigure())."""
-        prog = self._prog()
-        if prog is None:
-            self._fds = {}
-            if self._program is not None and not self._specs:
-                raise KernelscopeError("probe is not loaded: call start() or load() first")
-            return
-        if id(prog) == self._prog_id:
-            return
+        """Specs and fds of the loaded program (again after a reload by reconfigure()). The
+        program is recognised by a weak reference, not id(): a reloaded program can get the
+        freed one's address. Locked: the watch thread, the panel updater and the user call it."""
+        with self._lock:
+            prog = self._prog()
+            if prog is None:
+                self._fds = {}
+                if self._program is not None and not self._specs:
+                    raise KernelscopeError("probe is not loaded: call start() or load() first")
+                return
+            if self._prog_ref is not None and self._prog_ref() is prog:
+                return
+            self._load_specs(prog)
+
+    def _load_specs(self, prog: Any) -> None:
         ncpus = libbpf.possible_cpus()
         specs, fds = {}, {}
         for mt in prog.map_types():
             info = syscall.info(mt.fd)
-            key = mt.key if mt.key is not None else types.untyped(info.key_size)
-            value = mt.value if mt.value is not None else types.untyped(info.value_size)
-            if info.kind == "stack_trace" and mt.value is None:  # value_size = depth * 8: addresses
+            key, value = mt.key, mt.value
+            if info.kind in READABLE:  # the maps kernelscope reads into buffers of these sizes
+                key = _checked(mt.name, "key", key, info.key_size)
+                value = _checked(mt.name, "value", value, info.value_size)
+            typed = key is not None and value is not None
+            if info.kind == "stack_trace" and value is None:  # value_size = depth * 8: addresses
                 value = np.dtype(("<u8", (info.value_size // 8,)))
+            key = key if key is not None else types.untyped(info.key_size)
+            value = value if value is not None else types.untyped(info.value_size)
             specs[mt.name] = Spec(mt.name, info.kind, key, value, info.max_entries, info.per_cpu, ncpus,
-                                  mt.key is not None and mt.value is not None)
+                                  typed)
             fds[mt.name] = mt.fd
-        self._specs, self._fds, self._prog_id = specs, fds, id(prog)
+        self._specs, self._fds, self._prog_ref = specs, fds, weakref.ref(prog)
         self._maps = {n: m for n, m in self._maps.items() if n in specs and m.spec == specs[n]}
 
     def fd(self, name: str) -> int | None:
-        self._sync()
-        return self._fds.get(name)
+        with self._lock:
+            self._sync()
+            return self._fds.get(name)
 
     def __getitem__(self, name: str) -> Map:
-        self._sync()
-        if name not in self._specs:
-            raise UnknownNameError(f"no map {name!r}; this program has {', '.join(self._specs) or 'none'}")
-        if name not in self._maps:
-            self._maps[name] = Map(self, self._specs[name])
-        return self._maps[name]
+        with self._lock:
+            self._sync()
+            if name not in self._specs:
+                have = ", ".join(self._specs) or "none"
+                raise UnknownNameError(f"no map {name!r}; this program has {have}")
+            if name not in self._maps:
+                self._maps[name] = Map(self, self._specs[name])
+            return self._maps[name]
 
     def __contains__(self, name: object) -> bool:
         # Mapping's own __contains__ catches only KeyError, and UnknownNameError is a LookupError

@@ -16,6 +16,7 @@ import pandas as pd
 
 from ..errors import KernelscopeError
 from ..schema import _columns, _decode
+from .syscall import percpu_stride
 
 UINTS = {1: "<u1", 2: "<u2", 4: "<u4", 8: "<u8"}
 
@@ -51,31 +52,54 @@ def records(raw: np.ndarray, dtype: np.dtype) -> np.ndarray:
 def per_cpu_values(raw: np.ndarray, dtype: np.dtype, ncpus: int) -> np.ndarray:
     """(n, ncpus * stride) bytes -> (n, ncpus) records of `dtype`."""
     n = len(raw)
-    stride = -(-dtype.itemsize // 8) * 8
-    flat = records(raw.reshape(n * ncpus, stride), dtype)
+    flat = records(raw.reshape(n * ncpus, percpu_stride(dtype.itemsize)), dtype)
     return flat.reshape(n, ncpus, *flat.shape[1:])
 
 
+WIDE = {"u": np.dtype("<u8"), "i": np.dtype("<i8"), "f": np.dtype("<f8")}
+
+
+def summed_dtype(dt: np.dtype) -> np.dtype:
+    """The dtype of a per-CPU value summed over CPUs: numbers widened to 64 bits (two CPUs at
+    3e9 do not fit a u32), char arrays and bytes as they are."""
+    if dt.names is None:
+        base, shape = dt.subdtype if dt.subdtype is not None else (dt, ())
+        wide = WIDE.get(base.kind, base) if base.kind in "uif" else base
+        return np.dtype((wide, shape)) if shape else wide
+    return np.dtype([(n, summed_dtype(dt.fields[n][0])) for n in dt.names])  # type: ignore[index]
+
+
 def summed(values: np.ndarray) -> np.ndarray:
-    """(n, ncpus) records summed over CPUs: numbers add (modulo their width, as in the
-    kernel); char arrays and bytes are the first CPU's."""
+    """(n, ncpus) records summed over CPUs into 64-bit numbers; char arrays and bytes are the
+    first CPU's copy that is not all zero (a CPU that never ran the program leaves zeros)."""
     dt = values.dtype
     if dt.names is None:
-        if dt.subdtype is not None and dt.subdtype[0].kind in "uif":
-            return values.sum(axis=1, dtype=dt.subdtype[0])
-        if dt.kind in "uif":
-            return values.sum(axis=1, dtype=dt)
-        return values[:, 0]
-    out = np.zeros(len(values), dt)
+        base = dt.subdtype[0] if dt.subdtype is not None else dt
+        if base.kind in "uif":
+            return values.sum(axis=1, dtype=WIDE[base.kind])
+        if not len(values):
+            return values[:, 0]
+        n, ncpus = values.shape[:2]
+        raw = np.ascontiguousarray(values).view(np.uint8).reshape(n, ncpus, -1)
+        filled: np.ndarray = np.asarray(raw.any(axis=2))  # which CPUs' copies hold any byte
+        first = np.where(filled.any(axis=1), filled.argmax(axis=1), 0)
+        return values[np.arange(len(values)), first]
+    out = np.zeros(len(values), summed_dtype(dt))
     for name in dt.names:
         out[name] = summed(values[name])
     return out
 
 
+PAD = "__pad"  # BCC's names for the padding it makes explicit in a Key/Leaf struct
+
+
 def _frame_of(records: np.ndarray, scalar_name: str) -> dict[str, Any]:
+    """The columns of decoded records (a struct's fields, BCC's `__pad_N` left out; a scalar
+    as one column `scalar_name`)."""
     out: dict[str, Any] = {}
     if records.dtype.names:
         _columns(records, "", out)
+        out = {k: v for k, v in out.items() if not k.startswith(PAD)}
     elif records.dtype.kind == "S":
         out[scalar_name] = _decode(records)
     elif records.dtype.kind == "V":
@@ -85,6 +109,11 @@ def _frame_of(records: np.ndarray, scalar_name: str) -> dict[str, Any]:
     else:
         out[scalar_name] = records
     return out
+
+
+def columns(records: np.ndarray, scalar_name: str = "value") -> dict[str, Any]:
+    """A struct's columns as map frames give them (stacks frames use it too)."""
+    return _frame_of(records, scalar_name)
 
 
 def key_columns(key: np.dtype) -> list[str]:
@@ -126,7 +155,7 @@ def python(record: Any) -> Any:
     arr = np.asarray(record)
     dt = arr.dtype
     if dt.names:
-        return {n: python(arr[n]) for n in dt.names}
+        return {n: python(arr[n]) for n in dt.names if not n.startswith(PAD)}
     if dt.kind == "S":
         return bytes(arr.item()).split(b"\0", 1)[0].decode("utf-8", "replace")
     if dt.kind == "V":
