@@ -61,7 +61,7 @@ SWEEP_SECONDS = 20.0  # per backend: the sweep is bounded in time, not in steps
 
 def kernel_fds() -> Counter[str]:
     """This process's fds by kind: each BPF kind (anon_inode:bpf-map, bpf-prog, btf, bpf_link,
-    [perf_event]), pipes, sockets and "all"."""
+    [perf_event]), pipes, sockets, paths and "all"."""
     kinds: Counter[str] = Counter()
     for fd in os.listdir("/proc/self/fd"):
         try:
@@ -73,6 +73,8 @@ def kernel_fds() -> Counter[str]:
             kinds[target] += 1
         elif target.startswith(("pipe:", "socket:")):  # a tool's pipes, named in a failure
             kinds[target.split(":")[0]] += 1
+        elif target.startswith("/"):  # files and folders (rmtree opens each folder it removes)
+            kinds["path"] += 1
     return kinds
 
 

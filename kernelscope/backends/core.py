@@ -23,7 +23,6 @@ import ctypes
 import errno as _errno
 import os
 import re
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -44,7 +43,7 @@ from ..folders import new_workdir
 from . import attach, btf, coresource, elf, libbpf, preprocess
 from .base import format_diag, gave_up, packed, parse_diagnostics, verifier_reason
 from .coresource import ANCHOR, CoreSource, is_core
-from .guard import check_records_fit, deferred_interrupts, run_tool, slow_load_notice
+from .guard import check_records_fit, deferred_interrupts, remove_tree, run_tool, slow_load_notice
 from .maptypes import MapType, core_map_types
 from .refusals import before_verifier, classify_load, map_shapes
 from .rewrite import ACCT_MAP, GATE_MAP, SLOTS
@@ -259,7 +258,7 @@ class CoreProgram(attach.CoreAttach):
     def close(self) -> None:
         self.attached.close()
         self.obj.close()
-        shutil.rmtree(self.objfile.parent, ignore_errors=True)
+        remove_tree(self.objfile.parent)
 
 
 def set_globals(obj: libbpf.Object, objfile: Path, values: dict[str, Any]) -> None:
@@ -365,7 +364,7 @@ def load(prepared: CoreSource, user_source: str, cflags: tuple[str, ...] = (),
         elif obj is not None:
             obj.close()
         if workdir is not None:
-            shutil.rmtree(workdir, ignore_errors=True)
+            remove_tree(workdir)
         raise
     return prog
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -85,6 +87,25 @@ def deferred_interrupts() -> Iterator[None]:
         if pending:
             # the handler the caller had (KeyboardInterrupt by default) runs here, in this frame
             signal.raise_signal(signal.SIGINT)
+
+
+def remove_tree(path: str | os.PathLike[str]) -> None:
+    """shutil.rmtree(path, ignore_errors=True) with Ctrl-C deferred: rmtree opens each folder
+    as an fd before its try block, and an interrupt in between loses that fd for the life of
+    the process."""
+    with deferred_interrupts():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def temp_folder(prefix: str) -> Iterator[str]:
+    """tempfile.TemporaryDirectory, removed with Ctrl-C deferred (remove_tree)."""
+    with deferred_interrupts():
+        d = tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield d
+    finally:
+        remove_tree(d)
 
 
 # --- slow verifier runs ----------------------------------------------------------------------

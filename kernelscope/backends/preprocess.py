@@ -12,13 +12,12 @@ from __future__ import annotations
 import bisect
 import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .base import CELL_FILE
-from .guard import run_tool
+from .guard import run_tool, temp_folder
 
 _MARKER = re.compile(r'^#\s*(?:line\s+)?(\d+)\s+"((?:\\.|[^"\\])*)".*$', re.M)
 _INCLUDE_LINE = re.compile(r'^\s*#\s*include\s*([<"])([^>"]+)[>"]')
@@ -121,7 +120,7 @@ def parse(text: str, main: str = "") -> Preprocessed:
 def run(source: str, compiler: str, flags: Sequence[str], prefix: str = "") -> Preprocessed | None:
     """`prefix`, then `source` (as file `cell`), through `compiler -E flags`; None when the
     preprocessor fails (a missing header, a bad #if): the real compile reports that in its words."""
-    with tempfile.TemporaryDirectory(prefix="kernelscope-cpp-") as d:
+    with temp_folder("kernelscope-cpp-") as d:
         path = Path(d) / "cell.c"
         path.write_text(f'{prefix}#line 1 "{CELL_FILE}"\n{source}')
         try:
