@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--consumers", type=_csv(CONSUMERS), help="bcc,libbpf,kernelscope")
     ap.add_argument("--send", type=int, metavar="N",
                     help="samples for the user ring buffer SEND comparison (1,000,000; 0 skips it)")
+    ap.add_argument("--send-only", action="store_true",
+                    help="run only the user ring buffer SEND comparison")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run each drain N times and keep the fastest (on a busy machine)")
     ap.add_argument("--no-pin", action="store_true",
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kernelscope bench: {e}", file=sys.stderr)
         return 2
     env = Env(cfg, helpers, bcc)
-    runs = plan(cfg)
+    runs = [] if args.send_only else plan(cfg)
     machine = machine_info(bcc)
     _progress(f"{len(runs)} runs; C helpers in {cache_dir()}")
     if machine["busy_before"] > BUSY:
