@@ -120,3 +120,37 @@ def test_everything_written_is_read_back_in_order_and_never_overfills(
             got += r.kernel.read().records["seq"].tolist()
     got += r.kernel.read().records["seq"].tolist()
     assert got == sent
+
+
+def test_a_batch_written_in_several_steps_wraps_mid_step_and_reads_back_whole() -> None:
+    r = Ring(256, start=256 - 64)
+    r.writer.STEP_BYTES = 48  # two samples a step: five steps, the second one (240..288) across the end
+    assert r.write(samples(0, 9)) == 9
+    got = r.kernel.read()
+    assert got.records["seq"].tolist() == list(range(9))
+    assert got.records["value"].tolist() == [-3 * i for i in range(9)]
+
+
+def test_headers_are_the_length_then_zero_over_whatever_the_area_held() -> None:
+    r = Ring(256)
+    r.producer[8:] = b"\xff" * (2 * 256)  # stale bytes of earlier laps
+    assert r.write(samples(0, 3)) == 3
+    words = np.frombuffer(r.producer, "<u4", offset=8)
+    assert [int(w) for w in words[: 3 * 6 : 6]] == [16, 16, 16]  # u32 len, BUSY/DISCARD clear
+    assert [int(w) for w in words[1: 3 * 6 : 6]] == [0, 0, 0]  # the u32 after it, as libbpf writes
+    assert r.kernel.read().records["seq"].tolist() == [0, 1, 2]
+
+
+def test_payloads_not_a_multiple_of_eight_and_strided_records_are_written_whole() -> None:
+    odd = np.dtype([("seq", "<u4"), ("tag", "S7")])  # 11 bytes: span 24, 5 bytes of padding
+    size = 128
+    consumer, producer = bytearray(8), bytearray(8 + 2 * size)
+    writer = RingWriter(consumer, producer, size, data_offset=8)
+    kernel = RingParser(consumer, producer, size, odd, data_offset=8)
+    a = np.zeros(10, odd)
+    a["seq"] = np.arange(10)
+    a["tag"] = [f"t{i}".encode() for i in range(10)]
+    assert writer.write(a[::2]) == 5  # every other record: a view with a stride of 22 bytes
+    got = kernel.read().records
+    assert got["seq"].tolist() == [0, 2, 4, 6, 8]
+    assert got["tag"].tolist() == [b"t0", b"t2", b"t4", b"t6", b"t8"]
