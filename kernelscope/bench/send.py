@@ -6,6 +6,13 @@ libbpf's C producer (c/userring_producer.c: user_ring_buffer__reserve/__submit p
 sample, given the map fd by inheritance), once for kernelscope's `Probe.send()` of one numpy
 array. Each writer is timed on its own; then kill() calls drain the ring, and the program's
 count and checksum say whether every sample arrived intact.
+
+The two timed windows cover the same work: the ring is mapped before either starts (libbpf's
+user_ring_buffer__new, kernelscope's Probe.start), both write into a fresh ring whose pages the
+kernel populated at mmap, and both stop once the last sample is published. The C loop builds
+each sample in place (memset, then seq); kernelscope copies them from a numpy array built
+before the window, which reads 32 bytes a sample more. The writers run in interleaved rounds
+and each keeps its fastest round; a round that lost or damaged a sample is reported instead.
 """
 
 from __future__ import annotations
@@ -66,6 +73,7 @@ class SendResult:
     drained: int = 0
     checksum_ok: bool = False
     error: str | None = None
+    rounds: int = 1  # rounds run; `seconds` is the fastest
 
     @property
     def rate(self) -> float:
@@ -136,21 +144,35 @@ def send_kernelscope(samples: int) -> SendResult:
     return res
 
 
-def run(exe: Path, samples: int) -> list[SendResult]:
+ROUNDS = 3  # on a shared 2-CPU machine one round of ~15 ms is often disturbed
+
+
+def run(exe: Path, samples: int, rounds: int = ROUNDS) -> list[SendResult]:
+    """One row per writer, libbpf C first: its fastest round, or the first that failed."""
+    writers = (("libbpf C", lambda: send_libbpf(exe, samples)),
+               ("kernelscope", lambda: send_kernelscope(samples)))
+    seen: dict[str, list[SendResult]] = {w: [] for w, _ in writers}
+    for _ in range(rounds):
+        for writer, fn in writers:
+            try:
+                seen[writer].append(fn())
+            except Exception as e:  # a bench reports a failed run as a row, not a traceback
+                seen[writer].append(SendResult(writer, samples, error=f"{type(e).__name__}: {e}"))
     out = []
-    for writer, fn in (("libbpf C", lambda: send_libbpf(exe, samples)),
-                       ("kernelscope", lambda: send_kernelscope(samples))):
-        try:
-            out.append(fn())
-        except Exception as e:  # a bench reports a failed run as a row, not a traceback
-            out.append(SendResult(writer, samples, error=f"{type(e).__name__}: {e}"))
+    for results in seen.values():
+        bad = [r for r in results if r.error or not r.checksum_ok]
+        best = bad[0] if bad else max(results, key=lambda r: r.rate)
+        best.rounds = len(results)
+        out.append(best)
     return out
 
 
 def report(results: list[SendResult]) -> list[str]:
     n = results[0].samples if results else 0
+    rounds = max((r.rounds for r in results), default=1)
     lines = ["", f"SEND: {n:,} samples of 32 bytes written into a user ring buffer, nothing draining; "
-             "then the program drains them and checks count and checksum"]
+             "then the program drains them and checks count and checksum"
+             + (f" (fastest of {rounds} interleaved rounds)" if rounds > 1 else "")]
     head = f"  {'writer':<12} {'sent':>11} {'M samples/s':>12} {'ns/sample':>10} {'drained':>11}  intact"
     lines.append(head)
     for r in results:
@@ -163,7 +185,7 @@ def report(results: list[SendResult]) -> list[str]:
     by = {r.writer: r for r in results if not r.error}
     if "kernelscope" in by and "libbpf C" in by and by["libbpf C"].rate:
         lines.append(f"  ratio kernelscope / libbpf C: {by['kernelscope'].rate / by['libbpf C'].rate:.2f}x "
-                     "(one numpy batch from Python vs a reserve/submit loop in C)")
+                     "(one numpy array sent from Python vs a reserve/fill/submit loop in C)")
     return lines
 
 

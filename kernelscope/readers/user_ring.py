@@ -56,51 +56,38 @@ class RingWriter:
     def __init__(self, consumer: Any, producer: Any, size: int, data_offset: int = PAGE) -> None:
         self._cons, self._prod, self._data = ring_views(consumer, producer, size, data_offset)
         self.size = size
-        self._layouts: dict[int, tuple[np.dtype, int]] = {}
+        self._layouts: dict[int, _Slots] = {}
 
     def pending_bytes(self) -> int:
         return int(self._prod[0]) - int(self._cons[0])
 
-    def _layout(self, size: int) -> tuple[np.dtype, int]:
-        """The slot dtype of `size`-byte samples ({u64 header; payload} at the span) and its step."""
-        got = self._layouts.get(size)
-        if got is None:
-            span = sample_span(size)
-            names, formats, offsets = ["hdr"], ["<u8"], [0]
-            if size:
-                names.append("payload")
-                formats.append(f"V{size}")
-                offsets.append(HDR)
-            slot = np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": span})
-            got = self._layouts[size] = (slot, max(1, self.STEP_BYTES // span))
-        return got
-
     def write(self, records: np.ndarray) -> int:
         """Write as many of `records` as fit, in order; returns how many."""
         n, size = len(records), records.dtype.itemsize
-        span = sample_span(size)
-        if span > self.size:
-            raise ValueError(f"a {size}-byte sample does not fit the ring ({self.size} bytes)")
-        prod = int(self._prod[0])
-        free = self.size - (prod - int(self._cons[0]))
-        k = min(n, free // span)
+        lay = self._layouts.get(size)
+        if lay is None:
+            span = sample_span(size)
+            if span > self.size:
+                raise ValueError(f"a {size}-byte sample does not fit the ring ({self.size} bytes)")
+            lay = self._layouts[size] = _Slots(self._data, size, max(1, self.STEP_BYTES // span))
+        span = lay.span
+        prod = self._prod.item(0)
+        k = min(n, (self.size - prod + self._cons.item(0)) // span)
         if k <= 0:
             return 0
-        slot, step = self._layout(size)
-        # k samples from the producer's offset as one strided array: contiguous even when the
+        # The k slots from the producer's offset are one strided run: contiguous even when the
         # batch runs past the end of the area, which is mapped twice in a row (start < size and
-        # k * span <= size). The kernel reads only the header's u32 len (BUSY and DISCARD
-        # clear here) and the payload; the u32 after len is written 0, as libbpf does, and a
-        # payload's padding to 8 bytes is left as it was.
-        slots = np.ndarray((k,), slot, buffer=self._data, offset=prod & (self.size - 1))
-        hdr = slots["hdr"]
-        if size:
-            payload, src = slots["payload"], records[:k].view(slot.fields["payload"][0])  # type: ignore[index]
-            for i in range(0, k, step):
-                payload[i:i + step] = src[i:i + step]
-                hdr[i:i + step] = size
+        # k * span <= size).
+        first, rem = divmod(prod & (self.size - 1), span)
+        hdr, payload = lay.views(rem)
+        if payload is None:  # zero-byte samples: headers alone
+            hdr[first:first + k] = 0
         else:
-            hdr[...] = 0
+            step, src = lay.step, (records if k == n else records[:k]).view(payload.dtype)
+            for i in range(0, k, step):  # one step for up to 256 KiB
+                a, b = first + i, first + min(i + step, k)
+                payload[a:b] = src[i:i + step] if k > step else src
+                hdr[a:b] = size
         # Publish: one store, after every byte of the batch. x86-64 (TSO) makes stores visible
         # in program order (a weakly ordered CPU would need a release store here), and numpy's
         # strided copies are plain stores (glibc's non-temporal memcpy path ends in sfence), so
@@ -108,6 +95,34 @@ class RingWriter:
         # never sees a sample before its bytes.
         self._prod[0] = prod + k * span
         return k
+
+
+class _Slots:
+    """Strided views of the data area as slots of one sample size: {u64 header; payload}.
+
+    The kernel reads only the header's u32 len (BUSY and DISCARD clear here) and the payload;
+    the u32 after len is written 0, as libbpf does, and a payload's padding to 8 bytes keeps
+    what it held. A slot starts at a multiple of 8, so the views of a size are span / 8
+    phases (offset within the first slot), each made when first needed, not per call.
+    """
+
+    def __init__(self, data: np.ndarray, size: int, step: int) -> None:
+        self.span, self.step, self._data = sample_span(size), step, data
+        names, formats, offsets = ["hdr"], ["<u8"], [0]
+        if size:  # a zero-byte sample is a header alone
+            names, formats, offsets = [*names, "payload"], [*formats, f"V{size}"], [*offsets, HDR]
+        self._slot = np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": self.span})
+        self._phases: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+
+    def views(self, phase: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(headers as u64, payloads or None) of the slots that start `phase` bytes into a span."""
+        got = self._phases.get(phase)
+        if got is None:
+            count = (len(self._data) - phase) // self.span
+            slots = np.ndarray((count,), self._slot, buffer=self._data, offset=phase)
+            payload = slots["payload"] if "payload" in (self._slot.names or ()) else None
+            got = self._phases[phase] = (slots["hdr"], payload)
+        return got
 
 
 def choose_ring(name: Any, records: Any, rings: Iterable[str], program: str) -> tuple[str, Any]:
