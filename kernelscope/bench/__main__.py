@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             from . import send as bench_send
 
             _progress(f"send: {cfg.send_samples:,} samples into a user ring, libbpf C then kernelscope")
-            sends = bench_send.run(helpers["userring_producer"], cfg.send_samples)
+            sends = bench_send.run(helpers["userring_producer"], cfg.send_samples,
+                                   rounds=1 if args.quick else bench_send.ROUNDS)
     machine["seconds"] = round(time.perf_counter() - started, 1)
     machine["busy_during"] = round(meter.share(), 2)
     machine["repeat"] = args.repeat

@@ -144,7 +144,7 @@ def send_kernelscope(samples: int) -> SendResult:
     return res
 
 
-ROUNDS = 3  # on a shared 2-CPU machine one round of ~15 ms is often disturbed
+ROUNDS = 3  # on a shared 2-CPU machine one round of ~15 ms is often disturbed; a round costs ~1.5 s
 
 
 def run(exe: Path, samples: int, rounds: int = ROUNDS) -> list[SendResult]:
