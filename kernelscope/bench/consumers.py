@@ -366,6 +366,8 @@ def live_kernelscope(env: Env, res: Result) -> None:
             p.close()
     _produced(res, calls, t0, t1)
     res.received = len(df)
+    # which CPUs the program ran on (its `cpu` field): MPSC runs must show every producer's
+    res.extra["event_cpus"] = {str(k): int(v) for k, v in df["cpu"].value_counts().items()}
     # ks_arrival_ns: CLOCK_MONOTONIC when the read that brought each record began
     t_last = int(df["ks_arrival_ns"].max()) if len(df) else 0
     res.seconds = (t_last - t0) / 1e9 if t_last else 0.0
