@@ -152,7 +152,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _compare(old: Path, new: dict[str, Any], new_label: str) -> None:
     from . import compare
 
-    print("\n".join(compare.report(compare.compare(_read_json(old), new), str(old), new_label)))
+    before = _read_json(old)
+    changes = compare.compare(before, new)
+    print("\n".join(compare.report(changes, str(old), new_label, compare.busy_note(before, new))))
 
 
 def main(argv: list[str] | None = None) -> int:
