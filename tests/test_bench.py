@@ -148,6 +148,23 @@ def test_compare_offline_reads_two_json_files(tmp_path: Path, capsys: pytest.Cap
     assert "WORSE" in line
 
 
+def test_df_section_scales_a_store_that_would_not_fit_down_and_says_so(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from kernelscope.bench import dfbench
+
+    monkeypatch.setattr(dfbench, "mem_available", lambda: 200 * MIB)
+    small, big = dfbench.run([100_000, 50_000_000], 10_000, lambda _msg: None)
+    assert (small.rows, small.note, small.error) == (100_000, "", None)
+    assert small.bytes_per_event >= dfbench.EVENT_DTYPE.itemsize  # the record at least
+    assert big.error is None
+    assert big.rows < 50_000_000
+    assert "50,000,000 rows would need" in big.note
+    assert "MemAvailable" in big.note
+    # the rows it kept fit the share of memory it may use
+    assert big.rows * big.bytes_per_event <= dfbench.MEM_SHARE * 200 * MIB
+    assert "the store alone" in "\n".join(dfbench.report([small, big]))
+
+
 def test_paced_producer_makes_about_the_rate_asked() -> None:
     exe = build_helpers()["producer"]
 

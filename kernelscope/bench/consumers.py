@@ -138,7 +138,9 @@ def undisturbed(env: Env, res: Result) -> None:
     event, nobody reading, no wake-ups. A ring: the kernel queues one wake-up in all, for the
     first record (bpf_ringbuf_commit() wakes only when the record is the first unread one).
     Perf: per-CPU buffers opened with the wake-up watermark at their size, which no pending
-    data reaches, so the kernel never wakes anyone."""
+    data reaches, so the kernel never wakes anyone. Each CPU's buffer holds every event (the
+    producer is pinned, so one CPU gets them all): 64 MiB/CPU for 1 M events, which
+    perf_event_mlock_kb (516 KiB per user by default) does not cap for root (CAP_IPC_LOCK)."""
     import numpy as np
 
     from ..readers.perf import PerfBufferReader
