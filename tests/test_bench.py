@@ -222,9 +222,9 @@ def test_quick_bench_measures_every_consumer(tmp_path: Path) -> None:
         assert doc["undisturbed_rates"][key] == x["producer_events_per_s"]
         if x["kind"] == "ring" and x["producers"] == 1:
             assert doc["undisturbed_events_per_s"][str(x["per_call"])] == x["producer_events_per_s"]
-        if x["kind"] == "perf" and "irq_work" in x["extra"]:
-            # nobody is woken: no per-event wake-up interrupts on the producer's CPU
-            assert x["extra"]["irq_work"] < x["made"] / 100, x
+        if x["kind"] == "perf":
+            # nobody was woken (IRQ-work counts are the whole CPU's: other work adds to them)
+            assert x["extra"]["woken"] is False, x
     # MPSC: one producer per CPU, ring and perf, each CPU's events received live
     ncpu = os.cpu_count() or 1
     if ncpu > 1:

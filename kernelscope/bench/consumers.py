@@ -168,6 +168,9 @@ def undisturbed(env: Env, res: Result) -> None:
                 prod.go()
                 calls, t0, t1 = prod.finish()
                 res.received = perf.fill_bytes() // PERF_RECORD
+                # epoll reports a perf fd readable only once the kernel has woken it
+                # (perf_output_wakeup sets rb->poll): False proves no wake-up happened
+                res.extra["woken"] = perf.poll(0)
             finally:
                 perf.close()
     _produced(res, calls, t0, t1)
