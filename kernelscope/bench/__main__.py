@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..errors import SetupError
+from . import dfbench
 from .config import BUSY, CONSUMERS, KINDS, Config, parse_size, quick_config
 from .consumers import Env
 from .producer import build_helpers, cache_dir
@@ -83,6 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run each drain N times and keep the fastest (on a busy machine)")
     ap.add_argument("--no-pin", action="store_true",
                     help="do not pin the producer and the consumers to separate CPUs")
+    ap.add_argument("--no-mpsc", action="store_true",
+                    help="skip the MPSC runs (one producer on each CPU)")
+    ap.add_argument("--df", action="store_true",
+                    help="the DF section (the store alone) also at 100 M rows (~30 s, several GB; "
+                    "scaled down to what MemAvailable holds); the default run does 1 M and 10 M")
+    ap.add_argument("--df-rows", type=_ints_arg, metavar="N,N",
+                    help="stored rows the DF section measures (default 1000000,10000000; "
+                    "--quick 1000000)")
+    ap.add_argument("--compare", type=Path, nargs="+", metavar="JSON",
+                    help="OLD.json: after the run, each figure's ratio new/old, flagging those worse "
+                    "beyond the noise; OLD.json NEW.json: compare two earlier runs only (no kernel)")
     return ap
 
 
@@ -100,7 +114,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if not args.no_pin and ncpu > 1:
         kw["producer_cpu"] = ncpu - 1
         kw["consumer_cpu"] = 0
-    return quick_config(**kw) if args.quick else Config(**kw)
+    if not args.no_mpsc and ncpu > 1:
+        kw["mpsc_cpus"] = (None,) * ncpu if args.no_pin else tuple(range(ncpu))
+    if args.df_rows:
+        kw["df_rows"] = args.df_rows
+    cfg = quick_config(**kw) if args.quick else Config(**kw)
+    if args.df:
+        cfg = replace(cfg, df_rows=(*cfg.df_rows, DF_FULL))
+    return cfg
 
 
 
@@ -119,11 +140,35 @@ def _pinned(cpu: int | None) -> Iterator[None]:
 
 
 
+DF_FULL = 100_000_000  # `--df`: the largest store
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        doc: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"kernelscope bench --compare: cannot read {path}: {e}") from None
+    return doc
+
+
+def _compare(old: Path, new: dict[str, Any], new_label: str) -> None:
+    from . import compare
+
+    before = _read_json(old)
+    changes = compare.compare(before, new)
+    print("\n".join(compare.report(changes, str(old), new_label, compare.busy_note(before, new))))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    if args.compare and len(args.compare) > 2:
+        parser.error("--compare takes OLD.json, or OLD.json NEW.json")
+    if args.compare and len(args.compare) == 2:  # offline: two earlier runs, no kernel
+        _compare(args.compare[0], _read_json(args.compare[1]), str(args.compare[1]))
+        return 0
     cfg = config_from_args(args)
     from ..host import import_bcc, prepare
 
@@ -153,16 +198,20 @@ def main(argv: list[str] | None = None) -> int:
             _progress(f"send: {cfg.send_samples:,} samples into a user ring, libbpf C then kernelscope")
             sends = bench_send.run(helpers["userring_producer"], cfg.send_samples,
                                    rounds=1 if args.quick else bench_send.ROUNDS)
+        dfs = (dfbench.run(cfg.df_rows, cfg.df_new_rows, _progress)
+               if cfg.df_rows and not args.send_only else [])
     machine["seconds"] = round(time.perf_counter() - started, 1)
     machine["busy_during"] = round(meter.share(), 2)
     machine["repeat"] = args.repeat
-    print(report(runs, cfg, machine))
-    if sends:
-        print("\n".join(bench_send.report(sends)))
+    extra = dfbench.report(dfs) + (bench_send.report(sends) if sends else [])
+    print(report(runs, cfg, machine, sends, extra))
     path = args.json or cache_dir() / "bench.json"
-    write_json(path, runs, cfg, machine, sends)
+    doc = write_json(path, runs, cfg, machine, sends, dfs=dfs)
     print(f"\nfigures written to {path} ({machine['seconds']} s)")
-    return 0 if all(r.ok for r in runs) else 1
+    if args.compare:
+        _compare(args.compare[0], doc, str(path))
+    failed = any(not r.ok for r in runs) or any(d.error for d in dfs)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

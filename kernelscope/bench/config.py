@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -18,7 +19,7 @@ PERF_RECORD = 48  # perf_event_header (8) + u32 raw size + 32 bytes, padded to 8
 KINDS = ("ring", "perf")
 CONSUMERS = ("bcc", "libbpf", "kernelscope")
 NOBODY = "nobody"  # the undisturbed scenario's consumer: none
-SCENARIOS = ("undisturbed", "live", "drain", "overflow")
+SCENARIOS = ("undisturbed", "live", "drain", "overflow", "latency")
 # "kernelscope-wm": the Probe with a perf wakeup watermark instead of a wakeup per event
 KS_VARIANTS = ("kernelscope", "kernelscope-wm")
 LABELS = {"bcc": "BCC Python", "libbpf": "libbpf C", "kernelscope": "kernelscope",
@@ -27,14 +28,23 @@ LABELS = {"bcc": "BCC Python", "libbpf": "libbpf C", "kernelscope": "kernelscope
 BUSY = 0.15  # share of the CPUs used by other work that makes a figure worth a warning
 
 
-def program(kind: str, target: int, pages: int, per_call: int = 1) -> str:
+def program(kind: str, target: int | Sequence[int], pages: int, per_call: int = 1) -> str:
     """The bench's BPF C source for a ring (`pages` for the whole ring) or perf buffer: the
-    notebooks' getppid program with the producer's pid as a literal, so every consumer
-    (BCC, libbpf, kernelscope) compiles the same text with no extra flags."""
+    notebooks' getppid program with the producers' pids as literals, so every consumer
+    (BCC, libbpf, kernelscope) compiles the same text with no extra flags. One or two pids
+    fill lab's TARGET/TARGET2; more replace its filter with one test per pid."""
     from ..lab import getppid_program
 
+    targets = [target] if isinstance(target, int) else list(target)
     source = getppid_program("ring" if kind == "ring" else "perf", pages, per_call)
-    return f"#define TARGET {target}\n{source}"
+    if len(targets) > 2:
+        needle = "(id >> 32) != TARGET && (id >> 32) != TARGET2"
+        if needle not in source:
+            raise RuntimeError("lab.getppid_program's pid filter changed: update bench.config.program")
+        source = source.replace(needle, " && ".join(f"(id >> 32) != {t}" for t in targets))
+    defines = [f"#define TARGET {targets[0]}"]
+    defines += [f"#define TARGET2 {targets[1]}"] if len(targets) == 2 else []
+    return "\n".join(defines) + "\n" + source
 
 
 # --- configuration and results ------------------------------------------------------------
@@ -75,11 +85,24 @@ class Config:
     consumer_cpu: int | None = None
     poll_interval: float = 0.01
     send_samples: int = 1_000_000  # user ring buffer writes (SEND section); 0 skips it
+    # MPSC: one producer on each of these CPUs (None: unpinned), live and undisturbed, ring and
+    # perf, at each live_per_calls value, in the target rounds; () skips MPSC
+    mpsc_cpus: tuple[int | None, ...] = ()
+    mpsc_per_calls: tuple[int, ...] | None = None  # None: live_per_calls
+    # LATENCY: a producer paced at each rate (events/s, one per call) for latency_seconds,
+    # kernelscope with Probe defaults; arrival - event ts per event
+    latency_rates: tuple[int, ...] = (1_000, 100_000, 1_000_000)
+    latency_seconds: float = 1.0
+    # DF: FrameStore alone, fed synthetic batches: frame() after df_new_rows new rows with
+    # each of df_rows stored (`--df` adds 100 M); () skips it
+    df_rows: tuple[int, ...] = (1_000_000, 10_000_000)
+    df_new_rows: int = 100_000
     quick: bool = False
 
 
 def quick_config(**kw: Any) -> Config:
-    """About 12 s on an idle machine: 4 MiB live runs, small drains, kernelscope's overflow."""
+    """About 20 s on an idle machine: 4 MiB live runs, small drains, kernelscope's overflow,
+    short latency runs, the store at 1 M rows."""
     base: dict[str, Any] = {
         "live_events": 400_000,
         "live_perf_events": 100_000,
@@ -91,6 +114,10 @@ def quick_config(**kw: Any) -> Config:
         "perf_watermark": None,
         "target_rounds": 1,
         "send_samples": 100_000,
+        "latency_seconds": 0.25,
+        "latency_rates": (1_000, 1_000_000),
+        "mpsc_per_calls": (1,),
+        "df_rows": (1_000_000,),
         "quick": True,
     }
     base.update(kw)
@@ -111,6 +138,8 @@ class Result:
     seconds: float = 0.0
     producer_seconds: float = 0.0
     lost_reported: int | None = None  # what the consumer itself says it lost, if it can
+    producers: int = 1  # > 1: MPSC, one producer per CPU, `events` split between them
+    pace: float = 0.0  # > 0: the producer is paced at this many calls per second (latency)
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -155,7 +184,10 @@ def fmt_size(n: int) -> str:
 def _describe(res: Result) -> str:
     per_cpu = "/CPU" if res.kind == "perf" else ""
     per_call = f", {res.per_call} per call" if res.scenario in ("undisturbed", "live") else ""
-    return f"{res.scenario} {res.kind} {fmt_size(res.size)}{per_cpu} {LABELS[res.consumer]}{per_call}"
+    mpsc = f" MPSC x{res.producers}" if res.producers > 1 else ""
+    pace = f" paced at {res.pace:,.0f}/s" if res.pace else ""
+    return (f"{res.scenario}{mpsc} {res.kind} {fmt_size(res.size)}{per_cpu} {LABELS[res.consumer]}"
+            f"{per_call}{pace}")
 
 
 def parse_size(text: str) -> int:

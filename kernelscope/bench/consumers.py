@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from typing import Any
 
 from ..backends.bcc import release_bpf
 from .config import EVENT_FIELDS, EVENT_SIZE, NOBODY, PAGE, PERF_RECORD, RING_RECORD, Config, Result, program
-from .producer import Producer, _send_go
+from .producer import Producers, _send_go
 
 
 def _cleanup_bcc(b: Any) -> None:
@@ -98,13 +99,21 @@ def _open_bcc(b: Any, kind: str, pages: int, cb: Any, lost_cb: Any) -> tuple[Any
     return b.perf_buffer_poll, b.perf_buffer_consume
 
 
+def _producers(env: Env, res: Result) -> Producers:
+    """The run's paused producer(s): one on the producer CPU, or one per MPSC CPU, each
+    making its share of `res.events`."""
+    cpus = [env.cfg.producer_cpu] if res.producers == 1 else list(env.cfg.mpsc_cpus)
+    if len(cpus) != res.producers:
+        raise RuntimeError(f"{res.producers} producers planned, {len(cpus)} MPSC CPUs configured")
+    return Producers(env.helpers["producer"], res.events // res.per_call // res.producers, cpus)
+
+
 @contextlib.contextmanager
-def _bcc_program(env: Env, res: Result) -> Iterator[tuple[Producer, Any, int]]:
-    """A paused producer and the bench program loaded by BCC for it (pages too); unloaded on exit."""
+def _bcc_program(env: Env, res: Result) -> Iterator[tuple[Producers, Any, int]]:
+    """Paused producer(s) and the bench program loaded by BCC for them (pages too); unloaded on exit."""
     pages = _pages(res.size)
-    with Producer(env.helpers["producer"], res.events // res.per_call,
-                  env.cfg.producer_cpu) as prod:
-        b = env.bcc.BPF(text=program(res.kind, prod.pid, pages, res.per_call))
+    with _producers(env, res) as prod:
+        b = env.bcc.BPF(text=program(res.kind, prod.pids, pages, res.per_call))
         try:
             yield prod, b, pages
         finally:
@@ -117,31 +126,54 @@ def _produced(res: Result, calls: int, t0: int, t1: int) -> None:
     res.producer_seconds = (t1 - t0) / 1e9
 
 
-def undisturbed_size(events: int) -> int:
-    """The smallest ring (a power-of-two number of pages) that holds `events` records."""
-    pages = -(-events * RING_RECORD // PAGE)
+def undisturbed_size(kind: str, events: int) -> int:
+    """The smallest buffer (a power-of-two number of pages) that holds `events` records: the
+    whole ring, or each CPU's perf buffer (any one producer's CPU may get them all)."""
+    pages = -(-events * (RING_RECORD if kind == "ring" else PERF_RECORD) // PAGE)
     return PAGE << (pages - 1).bit_length()
 
 
 def undisturbed(env: Env, res: Result) -> None:
-    """The producer's own rate: the program loaded by BCC into a ring that holds every event,
-    nobody reading. Every output succeeds, and the kernel queues one wake-up in all, for the
-    first record (bpf_ringbuf_commit() wakes only when the record is the first unread one)."""
+    """The producer's own rate: the program loaded by BCC into a buffer that holds every
+    event, nobody reading, no wake-ups. A ring: the kernel queues one wake-up in all, for the
+    first record (bpf_ringbuf_commit() wakes only when the record is the first unread one).
+    Perf: per-CPU buffers opened with the wake-up watermark at their size, which no pending
+    data reaches, so the kernel never wakes anyone. Each CPU's buffer holds every event (the
+    producer is pinned, so one CPU gets them all): 64 MiB/CPU for 1 M events, which
+    perf_event_mlock_kb (516 KiB per user by default) does not cap for root (CAP_IPC_LOCK)."""
     import numpy as np
 
+    from ..readers.perf import PerfBufferReader
     from ..readers.ring import RingBufferReader
 
-    with _bcc_program(env, res) as (prod, b, _):
-        prod.go()
-        calls, t0, t1 = prod.finish()
-        ring = RingBufferReader(b["events"].map_fd, res.size, np.dtype((np.void, EVENT_SIZE)),
-                                wakeup="timer")
-        try:
-            pending = ring.fill_bytes()
-        finally:
-            ring.close()
+    dtype = np.dtype((np.void, EVENT_SIZE))
+    with _bcc_program(env, res) as (prod, b, pages):
+        if res.kind == "ring":
+            prod.go()
+            calls, t0, t1 = prod.finish()
+            ring = RingBufferReader(b["events"].map_fd, res.size, dtype, wakeup="timer")
+            try:
+                pending = ring.fill_bytes()
+            finally:
+                ring.close()
+            res.received = pending // RING_RECORD
+        else:
+            table = b["events"]
+
+            def set_cpu_fd(cpu: int, fd: int) -> None:
+                table[ctypes.c_int(cpu)] = ctypes.c_int(fd)
+
+            perf = PerfBufferReader(set_cpu_fd, dtype, pages, watermark_bytes=pages * PAGE)
+            try:
+                prod.go()
+                calls, t0, t1 = prod.finish()
+                res.received = perf.fill_bytes() // PERF_RECORD
+                # epoll reports a perf fd readable only once the kernel has woken it
+                # (perf_output_wakeup sets rb->poll): False proves no wake-up happened
+                res.extra["woken"] = perf.poll(0)
+            finally:
+                perf.close()
     _produced(res, calls, t0, t1)
-    res.received = pending // RING_RECORD
     res.seconds = res.producer_seconds
 
 
@@ -321,9 +353,8 @@ def live_kernelscope(env: Env, res: Result) -> None:
     if res.consumer == "kernelscope-wm" and env.cfg.perf_watermark is not None:
         kw["watermark_bytes"] = max(8, int(res.size * env.cfg.perf_watermark))
         res.extra["watermark_bytes"] = kw["watermark_bytes"]
-    with Producer(env.helpers["producer"], res.events // res.per_call,
-                  env.cfg.producer_cpu) as prod:
-        p = probe_cls(program(res.kind, prod.pid, pages, res.per_call), pages=pages,
+    with _producers(env, res) as prod:
+        p = probe_cls(program(res.kind, prod.pids, pages, res.per_call), pages=pages,
                       poll_interval=env.cfg.poll_interval, **kw)
         try:
             p.start()
@@ -340,6 +371,8 @@ def live_kernelscope(env: Env, res: Result) -> None:
             p.close()
     _produced(res, calls, t0, t1)
     res.received = len(df)
+    # which CPUs the program ran on (its `cpu` field): MPSC runs must show every producer's
+    res.extra["event_cpus"] = {str(k): int(v) for k, v in df["cpu"].value_counts().items()}
     # ks_arrival_ns: CLOCK_MONOTONIC when the read that brought each record began
     t_last = int(df["ks_arrival_ns"].max()) if len(df) else 0
     res.seconds = (t_last - t0) / 1e9 if t_last else 0.0
@@ -354,9 +387,8 @@ def drain_kernelscope(env: Env, res: Result) -> None:
     """
     probe_cls = _probe_class()
     pages = _pages(res.size)
-    with Producer(env.helpers["producer"], res.events // res.per_call,
-                  env.cfg.producer_cpu) as prod:
-        p = probe_cls(program(res.kind, prod.pid, pages, res.per_call), pages=pages,
+    with _producers(env, res) as prod:
+        p = probe_cls(program(res.kind, prod.pids, pages, res.per_call), pages=pages,
                       poll_interval=env.cfg.poll_interval)
         try:
             p.load()
@@ -378,6 +410,42 @@ def drain_kernelscope(env: Env, res: Result) -> None:
     _ks_accounting(res, stats, len(df))
 
 
+def latency_kernelscope(env: Env, res: Result) -> None:
+    """A producer paced at `res.pace` calls/s into a Probe with every default (its poll
+    interval and wake-up policy, the program's ring size, 64 pages per CPU for perf).
+    Latency per event: ks_arrival_ns (CLOCK_MONOTONIC when the read that brought it began)
+    - ts (bpf_ktime_get_ns(), the same clock, taken in the tracepoint)."""
+    import numpy as np
+
+    probe_cls = _probe_class()
+    calls = res.events // res.per_call
+    with Producers(env.helpers["producer"], calls, [env.cfg.producer_cpu], res.pace) as prod:
+        p = probe_cls(program(res.kind, prod.pids, _pages(res.size), res.per_call))
+        try:
+            p.start()
+            prod.go()
+            calls, t0, t1 = prod.finish()
+            _wait_accounted(p, calls * res.per_call)
+            p.stop()
+            if p.error is not None:
+                raise p.error
+            stats = dict(p.stats["events"])
+            df = p.frame("events")
+        finally:
+            p.close()
+    _produced(res, calls, t0, t1)
+    res.received = len(df)
+    lat = df["ks_arrival_ns"].to_numpy(np.int64) - df["ts"].to_numpy(np.int64)
+    t_last = int(df["ks_arrival_ns"].max()) if len(df) else 0
+    res.seconds = (t_last - t0) / 1e9 if t_last else 0.0
+    if len(lat):
+        med, p99 = np.percentile(lat, [50, 99])
+        res.extra["latency_us"] = {"median": round(float(med) / 1e3, 1),
+                                   "p99": round(float(p99) / 1e3, 1),
+                                   "max": round(float(lat.max()) / 1e3, 1)}
+    _ks_accounting(res, stats, len(df))
+
+
 RUNNERS: dict[tuple[str, str], Callable[[Env, Result], None]] = {
     ("undisturbed", NOBODY): undisturbed,
     ("live", "bcc"): live_bcc,
@@ -391,6 +459,7 @@ RUNNERS: dict[tuple[str, str], Callable[[Env, Result], None]] = {
     ("overflow", "kernelscope"): live_kernelscope,
     ("live", "kernelscope-wm"): live_kernelscope,
     ("overflow", "kernelscope-wm"): live_kernelscope,
+    ("latency", "kernelscope"): latency_kernelscope,
 }
 
 

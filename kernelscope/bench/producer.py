@@ -92,12 +92,16 @@ def _send_go(proc: subprocess.Popen[bytes]) -> None:
 
 
 class Producer:
-    """The C producer, started paused so a program can be loaded with its pid first."""
+    """The C producer, started paused so a program can be loaded with its pid first.
 
-    def __init__(self, exe: Path, calls: int, cpu: int | None) -> None:
+    `rate` > 0 paces it: `calls` calls evenly spaced at that many per second (spinning on
+    CLOCK_MONOTONIC between calls), for latency at a known event rate.
+    """
+
+    def __init__(self, exe: Path, calls: int, cpu: int | None, rate: float = 0.0) -> None:
         self.calls = calls
         self.proc = subprocess.Popen(
-            [str(exe), str(calls), "0", str(-1 if cpu is None else cpu)],
+            [str(exe), str(calls), "0", str(-1 if cpu is None else cpu), repr(float(rate))],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
@@ -130,6 +134,51 @@ class Producer:
                     f.close()
 
     def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+
+class Producers:
+    """Several paused producers, one per CPU in `cpus` (MPSC runs), each making `calls` calls.
+
+    The program filters on every pid (config.program's `targets`); `finish` adds their calls
+    and spans from the first start to the last end, the group's own rate.
+    """
+
+    def __init__(self, exe: Path, calls: int, cpus: list[int | None], rate: float = 0.0) -> None:
+        self.members: list[Producer] = []
+        try:
+            for cpu in cpus:
+                self.members.append(Producer(exe, calls, cpu, rate))
+        except BaseException:
+            self.kill()
+            raise
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.members]
+
+    def go(self) -> None:
+        for p in self.members:
+            p.go()
+
+    def exited(self) -> bool:
+        return all(p.exited() for p in self.members)
+
+    def finish(self, timeout: float = 300.0) -> tuple[int, int, int]:
+        """(calls of all, first t_start_ns, last t_end_ns) on CLOCK_MONOTONIC."""
+        done = [p.finish(timeout) for p in self.members]
+        return (sum(c for c, _, _ in done), min(t0 for _, t0, _ in done),
+                max(t1 for _, _, t1 in done))
+
+    def kill(self) -> None:
+        for p in self.members:
+            p.kill()
+
+    def __enter__(self) -> Producers:
         return self
 
     def __exit__(self, *exc: object) -> None:

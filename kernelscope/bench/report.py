@@ -48,19 +48,28 @@ def _find(runs: Sequence[Result], scenario: str, kind: str, consumer: str,
 
 
 
-def undisturbed_rates(runs: Sequence[Result]) -> dict[int, float]:
-    """The producer's undisturbed rate (events/s) by events per call, as measured in `runs`."""
-    return {r.per_call: r.producer_rate for r in runs if r.scenario == "undisturbed" and r.ok}
+def undisturbed_rates(runs: Sequence[Result], kind: str = "ring", producers: int = 1) -> dict[int, float]:
+    """The undisturbed producer rate (events/s) by events per call, for one buffer kind and
+    number of producers, as measured in `runs`."""
+    return {r.per_call: r.producer_rate for r in runs
+            if r.scenario == "undisturbed" and r.ok and (r.kind, r.producers) == (kind, producers)}
 
 
+Rates = dict[tuple[str, int, int], float]  # (kind, producers, per call): undisturbed events/s
 
-def _vs_undisturbed(r: Result, rates: dict[int, float]) -> float | None:
-    """A live ring run's received rate over the undisturbed producer's at its events per call."""
-    base = rates.get(r.per_call)
-    if r.kind != "ring" or r.scenario != "live" or not base or not r.ok:
+
+def all_undisturbed(runs: Sequence[Result]) -> Rates:
+    return {(r.kind, r.producers, r.per_call): r.producer_rate for r in runs
+            if r.scenario == "undisturbed" and r.ok}
+
+
+def _vs_undisturbed(r: Result, rates: Rates) -> float | None:
+    """A live run's received rate over the undisturbed producer's (same buffer kind, producers
+    and events per call)."""
+    base = rates.get((r.kind, r.producers, r.per_call))
+    if r.scenario != "live" or not base or not r.ok:
         return None
     return r.rate / base
-
 
 
 def _ratio(a: Result | None, b: Result | None) -> float | None:
@@ -69,32 +78,30 @@ def _ratio(a: Result | None, b: Result | None) -> float | None:
     return a.rate / b.rate
 
 
-
 def _ratio_key(r: Result) -> str:
     per_call = f"{r.per_call}pc/" if r.scenario == "live" and r.per_call != 1 else ""
-    return f"{r.scenario}/{r.kind}/{fmt_size(r.size).replace(' ', '')}/{per_call}"
-
+    mpsc = f"/mpsc{r.producers}" if r.producers > 1 else ""
+    return f"{r.scenario}{mpsc}/{r.kind}/{fmt_size(r.size).replace(' ', '')}/{per_call}"
 
 
 def ratios(runs: Sequence[Result]) -> dict[str, float | None]:
     """kernelscope's rate over each other consumer's, per scenario, buffer, size and events
-    per call; and, for live rings, over the producer's undisturbed rate."""
+    per call; and, live, over the producer's undisturbed rate."""
     out: dict[str, float | None] = {}
-    rates = undisturbed_rates(runs)
+    rates = all_undisturbed(runs)
     for ks in runs:
-        if ks.consumer not in KS_VARIANTS:
+        if ks.consumer not in KS_VARIANTS or ks.scenario == "latency":
             continue
         for r in runs:
-            if r.consumer in (*KS_VARIANTS, NOBODY) or (r.scenario, r.kind, r.size, r.per_call) != (
-                ks.scenario, ks.kind, ks.size, ks.per_call
-            ):
+            if r.consumer in (*KS_VARIANTS, NOBODY) or (
+                    r.scenario, r.kind, r.size, r.per_call, r.producers) != (
+                    ks.scenario, ks.kind, ks.size, ks.per_call, ks.producers):
                 continue
             out[f"{_ratio_key(r)}{ks.consumer}_vs_{r.consumer}"] = _ratio(
                 ks if ks.ok else None, r if r.ok else None)
-        if ks.scenario == "live" and ks.kind == "ring":
+        if ks.scenario == "live" and (ks.kind, ks.producers, ks.per_call) in rates:
             out[f"{_ratio_key(ks)}{ks.consumer}_vs_undisturbed"] = _vs_undisturbed(ks, rates)
     return out
-
 
 
 def _ratio_target(name: str, ks: Result | None, other: Result | None, at_least: float) -> Target:
@@ -102,11 +109,12 @@ def _ratio_target(name: str, ks: Result | None, other: Result | None, at_least: 
     if ks is None or other is None or x is None:
         return Target(name, None, "missing runs")
     return Target(name, x >= at_least,
-                  f"{x:.2f}x ({_m(ks.rate)} vs {_m(other.rate)} M rec/s)")
+                  f"{x:.2f}x ({_m(ks.rate)} vs {_m(other.rate)} M rec/s; {ks.seconds * 1e3:.0f} vs "
+                  f"{other.seconds * 1e3:.0f} ms for {ks.received:,} vs {other.received:,} records)")
 
 
 LIVE_SHARE = 0.9  # of the producer's undisturbed rate that kernelscope must receive live
-
+DRAIN_RING, DRAIN_PERF, SEND = 1.2, 1.0, 0.8  # kernelscope / libbpf, the issue's targets
 
 
 def _drops_detail(attempts: list[dict[str, Any]], lossy: list[dict[str, Any]], reads: int | None) -> str:
@@ -119,16 +127,19 @@ def _drops_detail(attempts: list[dict[str, Any]], lossy: list[dict[str, Any]], r
     return out + ("" if reads is None else f", {reads:,} reads")
 
 
-
-def _live_target(runs: Sequence[Result], live_size: int) -> Target:
+def _live_target(runs: Sequence[Result], live_size: int, kind: str = "ring", producers: int = 1) -> Target:
     """kernelscope live at every events-per-call value the undisturbed producer was measured at."""
-    rates = undisturbed_rates(runs)
-    per_calls = sorted(rates) or [1, 16]
-    name = (f"live {fmt_size(live_size)} ring: kernelscope receives >= {LIVE_SHARE}x the producer's "
-            f"undisturbed rate with 0 drops, at {' and at '.join(map(str, per_calls))} events per call")
+    rates = all_undisturbed(runs)
+    per_calls = sorted(k for (kd, n, k) in rates if (kd, n) == (kind, producers)) or [1, 16]
+    per_cpu = "/CPU" if kind == "perf" else ""
+    mpsc = f"MPSC ({producers} producers, one per CPU) " if producers > 1 else ""
+    name = (f"live {mpsc}{fmt_size(live_size)}{per_cpu} {kind}: kernelscope receives >= {LIVE_SHARE}x "
+            f"the producer's undisturbed rate with 0 drops, at {' and at '.join(map(str, per_calls))} "
+            "events per call")
     parts, verdicts = [], []
     for per_call in per_calls:
-        ks = _find(runs, "live", "ring", "kernelscope", live_size, per_call=per_call)
+        ks = next((r for r in runs if (r.scenario, r.kind, r.consumer, r.size, r.per_call, r.producers)
+                   == ("live", kind, "kernelscope", live_size, per_call, producers) and r.ok), None)
         share = None if ks is None else _vs_undisturbed(ks, rates)
         if ks is None or share is None:
             return Target(name, None, f"missing runs at {per_call} per call")
@@ -137,51 +148,45 @@ def _live_target(runs: Sequence[Result], live_size: int) -> Target:
             {"made": ks.made, "received": ks.received, "steal_ms": ks.extra.get("steal_ms", 0)}]
         lossy = [a for a in attempts if a["made"] > a["received"]]
         verdicts.append(share >= LIVE_SHARE and not lossy)
-        parts.append(f"{per_call}/call: {_m(ks.rate)} of {_m(rates[per_call])} M ev/s ({share:.2f}x), "
+        parts.append(f"{per_call}/call: {_m(ks.rate)} of {_m(rates[kind, producers, per_call])} M ev/s "
+                     f"({share:.2f}x), "
                      + _drops_detail(attempts, lossy, ks.extra.get("stats", {}).get("batches")))
     return Target(name, all(verdicts), "; ".join(parts))
 
 
+def _send_target(sends: Sequence[Any]) -> Target:
+    """SEND's figures as send.py measured them (its result read, not re-derived)."""
+    name = f"user ring SEND from a numpy array: kernelscope >= {SEND}x libbpf's reserve/submit loop"
+    by = {s.writer: s for s in sends if s.error is None}
+    ks, lb = by.get("kernelscope"), by.get("libbpf C")
+    if ks is None or lb is None or not lb.rate:
+        return Target(name, None, "not run" if not sends else "missing or failed writers")
+    x = ks.rate / lb.rate
+    return Target(name, x >= SEND, f"{x:.2f}x ({_m(ks.rate)} vs {_m(lb.rate)} M samples/s, "
+                  f"{ks.sent:,} samples)")
 
-def targets(runs: Sequence[Result], live_size: int = 4 * MIB) -> list[Target]:
-    """The 'done when' figures of the event-engine issue, as ratios within this run.
 
-    Each is about kernelscope alone: its speed against the other consumers draining the same
-    buffer, and live, against the producer's own undisturbed rate. Who else drops live
-    depends on the host (how much a wake-up costs there), so the other consumers' live
-    figures stay in the tables as measured, not in the targets.
+def targets(runs: Sequence[Result], live_size: int = 4 * MIB, sends: Sequence[Any] = ()) -> list[Target]:
+    """The 'done when' figures of issue 17, as ratios within this run.
+
+    Each is about kernelscope alone: draining against libbpf's C consumer of the same buffer,
+    live against the producer's own undisturbed rate (one producer and one per CPU, ring and
+    perf), sending against libbpf's C writer. Who else drops live depends on the host (how
+    much a wake-up costs there), so the other consumers' live figures stay in the tables.
     """
-    ks = _find(runs, "drain", "ring", "kernelscope")
     out = [
-        _ratio_target("drain full ring into a DataFrame: kernelscope >= 30x BCC Python callback",
-                      ks, _find(runs, "drain", "ring", "bcc"), 30),
-        _ratio_target("drain full ring: kernelscope >= 0.5x libbpf C consumer",
-                      ks, _find(runs, "drain", "ring", "libbpf"), 0.5),
+        _ratio_target(f"drain a full ring into a DataFrame: kernelscope >= {DRAIN_RING}x libbpf's "
+                      "ring_buffer__consume", _find(runs, "drain", "ring", "kernelscope"),
+                      _find(runs, "drain", "ring", "libbpf"), DRAIN_RING),
+        _ratio_target(f"drain full perf buffers into a DataFrame: kernelscope >= {DRAIN_PERF}x "
+                      "libbpf's perf_buffer__consume", _find(runs, "drain", "perf", "kernelscope"),
+                      _find(runs, "drain", "perf", "libbpf"), DRAIN_PERF),
     ]
-
-    out.append(_live_target(runs, live_size))
-
-    name = "perf reader >= 10x BCC perf callback path, lost records reported"
-    ratio = _ratio_target(name, _find(runs, "drain", "perf", "kernelscope"),
-                          _find(runs, "drain", "perf", "bcc"), 10)
-    bcc_live = _find(runs, "live", "perf", "bcc", live_size)
-    live = [(_ratio(_find(runs, "live", "perf", v, live_size), bcc_live), LABELS[v])
-            for v in KS_VARIANTS]
-    over = _find(runs, "overflow", "perf", "kernelscope")
-    if ratio.passed is None or over is None:
-        out.append(Target(name, None, "missing runs"))
-    else:
-        lost = over.lost_reported or 0
-        out.append(Target(
-            name, bool(ratio.passed) and lost > 0,
-            f"drain {ratio.detail}"
-            + "".join(f"; live {fmt_size(live_size)}/CPU {label} {x:.1f}x"
-                      for x, label in live if x is not None)
-            + f"; overrun of {fmt_size(over.size)}/CPU: {lost:,} lost records reported, "
-            f"{over.dropped:,} events not received",
-        ))
+    groups = sorted({(r.kind, r.producers) for r in runs if r.scenario == "undisturbed"},
+                    key=lambda g: (g[1], KINDS.index(g[0])))
+    out += [_live_target(runs, live_size, kind, n) for kind, n in groups or [("ring", 1)]]
+    out.append(_send_target(sends))
     return out
-
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -214,13 +219,14 @@ def _size_label(r: Result) -> str:
 
 
 def _label(r: Result) -> str:
-    return LABELS[r.consumer] + (" *" if r.extra.get("other_cpu", 0.0) > BUSY else "")
+    mpsc = f" MPSC x{r.producers}" if r.producers > 1 else ""
+    return LABELS[r.consumer] + mpsc + (" *" if r.extra.get("other_cpu", 0.0) > BUSY else "")
 
 
 
-def _run_table(runs: Sequence[Result], scenario: str, rates: dict[int, float]) -> str:
-    """One section's table. Live tables add the events per call and, for rings, the received
-    rate over the producer's undisturbed rate at the same events per call."""
+def _run_table(runs: Sequence[Result], scenario: str, rates: Rates) -> str:
+    """One section's table. Live tables add the events per call and the received rate over
+    the producer's undisturbed rate (same buffer, producers and events per call)."""
     drain, live, per_call = scenario == "drain", scenario == "live", scenario != "drain"
     header = ["buffer", "size", "consumer"]
     header += ["per call"] if per_call else []
@@ -247,23 +253,45 @@ def _run_table(runs: Sequence[Result], scenario: str, rates: dict[int, float]) -
 
 
 
-def _undisturbed_line(rates: dict[int, float]) -> str:
+def _undisturbed_line(rates: Rates) -> str:
     if not rates:
         return "  producer undisturbed: not measured (no undisturbed runs)"
-    return ("  producer undisturbed (ring program, nobody reading): "
-            + ", ".join(f"{_m(v)} M ev/s at {k} per call" for k, v in sorted(rates.items())))
+    groups: dict[tuple[str, int], list[str]] = {}
+    for (kind, n, k), v in sorted(rates.items(), key=lambda x: (x[0][1], KINDS.index(x[0][0]), x[0][2])):
+        groups.setdefault((kind, n), []).append(f"{_m(v)} at {k}/call")
+    return ("  producer undisturbed (nobody reading, no wake-ups), M ev/s: " + "; ".join(
+        f"{kind}{f' MPSC x{n}' if n > 1 else ''} " + ", ".join(v) for (kind, n), v in groups.items()))
+
+
+def _latency_table(runs: Sequence[Result]) -> str:
+    header = ["buffer", "paced at ev/s", "producer M ev/s", "received", "dropped %", "median us",
+              "p99 us", "max us"]
+    rows = []
+    for r in runs:
+        head = [r.kind, f"{r.pace:,.0f}"]
+        lat = r.extra.get("latency_us")
+        if not r.ok or not lat:
+            rows.append([*head, "error" if not r.ok else "no events"] + [""] * (len(header) - 3))
+            continue
+        rows.append([*head, _m(r.producer_rate), f"{r.received:,}", f"{r.dropped_pct:.1f}",
+                     f"{lat['median']:,.1f}", f"{lat['p99']:,.1f}", f"{lat['max']:,.1f}"])
+    return _table(header, rows)
 
 
 
-def report(runs: Sequence[Result], cfg: Config, machine: dict[str, Any]) -> str:
+def report(runs: Sequence[Result], cfg: Config, machine: dict[str, Any], sends: Sequence[Any] = (),
+           extra: Sequence[str] = ()) -> str:
     """The human-readable summary: tables, ratios, errors, targets."""
     order = (NOBODY, *CONSUMERS, *KS_VARIANTS)
 
     def reading_order(r: Result) -> tuple[int, int, int, int]:
         return (KINDS.index(r.kind), r.size, r.per_call, order.index(r.consumer))
 
-    by = {s: sorted((r for r in runs if r.scenario == s), key=reading_order) for s in SCENARIOS}
-    rates = undisturbed_rates(runs)
+    by = {s: sorted((r for r in runs if r.scenario == s and r.producers == 1), key=reading_order)
+          for s in SCENARIOS}
+    mpsc = sorted((r for r in runs if r.producers > 1),
+                  key=lambda r: (SCENARIOS.index(r.scenario), *reading_order(r)))
+    rates = all_undisturbed(runs)
     und = _undisturbed_line(rates)
     out = [
         f"kernelscope bench{' --quick' if cfg.quick else ''}: kernel {machine['kernel']}, "
@@ -272,7 +300,7 @@ def report(runs: Sequence[Result], cfg: Config, machine: dict[str, Any]) -> str:
         "received/dropped are exact: dropped = events the program emitted - events received"
         + (f"; each drain figure is the fastest of {machine['repeat']} runs"
            if machine.get("repeat", 1) > 1 else "")
-        + (f"; undisturbed and live {fmt_size(cfg.target_size)} ring figures: the fastest of "
+        + (f"; undisturbed, MPSC and live {fmt_size(cfg.target_size)} figures: the fastest of "
            f"{cfg.target_rounds} interleaved rounds" if cfg.target_rounds > 1 else ""),
     ]
     busy = (machine.get("busy_before", 0.0), machine.get("busy_during", 0.0))
@@ -285,22 +313,31 @@ def report(runs: Sequence[Result], cfg: Config, machine: dict[str, Any]) -> str:
         out.append(f"other work used {busy[0]:.0%} of the CPUs just before the run and "
                    f"{busy[1]:.0%} during it")
     if by["undisturbed"]:
-        out += ["", "UNDISTURBED: the program loaded by BCC into a ring that holds every event, "
-                "nobody reading: every output succeeds and the kernel queues a single wake-up, so "
-                "the producer runs at its own speed; M ev/s = events / producer seconds",
-                _run_table(by["undisturbed"], "undisturbed", rates)]
+        out += ["", "UNDISTURBED: the program loaded by BCC into a buffer that holds every event, "
+                "nobody reading, no wake-ups (ring: the kernel queues a single one; perf: watermark "
+                "at the buffer's size), so the producer runs at its own speed; "
+                "M ev/s = events / producer seconds",
+                und, _run_table(by["undisturbed"], "undisturbed", rates)]
     if by["live"]:
         per_calls = " / ".join(map(str, cfg.live_per_calls))
         out += ["", f"LIVE: producer and consumer in parallel, {cfg.live_events:,} (ring) / "
                 f"{cfg.live_perf_events:,} (perf) events of {EVENT_SIZE} bytes, {per_calls} "
-                f"per getppid() call ({fmt_size(cfg.target_size)} ring at each); M ev/s = received / "
+                f"per getppid() call ({fmt_size(cfg.target_size)} at each); M ev/s = received / "
                 "(producer start to last event received); vs undisturbed = that / the undisturbed "
-                "producer's rate at the same events per call; IRQ work = IRQ-work interrupts on the "
-                "producer's CPU during the run (a ring buffer wake-up is one)"
+                "producer's rate (same buffer kind, events per call); IRQ work = IRQ-work interrupts "
+                "on the producer's CPU during the run (a ring buffer wake-up is one); kernelscope "
+                "uses the Probe's wake-up defaults"
                 + ("" if cfg.perf_watermark is None else
-                   f"; kernelscope wm: perf wakeup at {cfg.perf_watermark:.0%} of the buffer, "
-                   "the others wake per event"),
+                   f"; kernelscope wm: perf wakeup at {cfg.perf_watermark:.0%} of the buffer; "
+                   "BCC and libbpf wake per event"),
                 und, _run_table(by["live"], "live", rates)]
+    if mpsc:
+        out += ["", f"MPSC: one producer pinned on each of CPUs {', '.join(map(str, cfg.mpsc_cpus))}, "
+                "the program filtering on all their pids, the events split between them; "
+                "undisturbed (nobody reading) then kernelscope live at each events per call; "
+                "producer M ev/s = all events / (first start to last end); IRQ work on every CPU",
+                und, _run_table([r for r in mpsc if r.scenario == "undisturbed"], "undisturbed", rates),
+                "", _run_table([r for r in mpsc if r.scenario == "live"], "live", rates)]
     if by["drain"]:
         out += ["", "DRAIN: a buffer filled while nobody reads, then drained into memory "
                 f"(Python: a DataFrame; libbpf: a C array), {cfg.drain_per_call} events per call; "
@@ -310,6 +347,14 @@ def report(runs: Sequence[Result], cfg: Config, machine: dict[str, Any]) -> str:
         out += ["", f"OVERFLOW: perf buffers of {fmt_size(cfg.overflow_size)}/CPU overrun live "
                 f"({cfg.overflow_per_call} events per call): are the losses reported?",
                 und, _run_table(by["overflow"], "overflow", rates)]
+    if by["latency"]:
+        out += ["", f"LATENCY: one producer paced at each rate (1 event per call, spinning on "
+                f"CLOCK_MONOTONIC between calls) for {cfg.latency_seconds:g} s, kernelscope with every "
+                "Probe default (poll interval, wake-ups; the program's "
+                f"{fmt_size(cfg.target_size)} ring, 64 pages/CPU perf); latency = ks_arrival_ns (when "
+                "the read that brought the event began) - the event's ts (bpf_ktime_get_ns), both "
+                "CLOCK_MONOTONIC", und, _latency_table(by["latency"])]
+    out += list(extra)
     rat = {k: v for k, v in ratios(runs).items() if v is not None}
     if rat:
         out += ["", "RATIOS (kernelscope rate / other consumer's rate, or / the undisturbed "
@@ -322,30 +367,42 @@ def report(runs: Sequence[Result], cfg: Config, machine: dict[str, Any]) -> str:
     out += ["", "TARGETS" + (" (--quick: a smoke run; its small drains are dominated by fixed "
                              "start/stop costs, judge the targets on a full run)"
                              if cfg.quick else ""), und]
-    out += [f"  {t.verdict}  {t.name}: {t.detail}" for t in targets(runs, cfg.target_size)]
+    out += [f"  {t.verdict}  {t.name}: {t.detail}" for t in targets(runs, cfg.target_size, sends)]
     return "\n".join(out)
 
 
 
 def write_json(path: Path, runs: Sequence[Result], cfg: Config, machine: dict[str, Any],
-               sends: Sequence[Any] = ()) -> None:
+               sends: Sequence[Any] = (), *, dfs: Sequence[Any] = ()) -> dict[str, Any]:
+    """The figures as JSON (what `--compare` reads); returns the document written."""
     from .send import ratio as send_ratio
 
+    def section(scenario: str) -> list[dict[str, Any]]:
+        return [r.as_json() for r in runs if r.scenario == scenario and r.producers == 1]
+
     doc = {
-        "version": 1,
+        "version": 2,
         "machine": machine,
         "config": asdict(cfg),
         "event_size": EVENT_SIZE,
-        "undisturbed": [r.as_json() for r in runs if r.scenario == "undisturbed"],
+        "undisturbed": section("undisturbed"),
+        # the single-producer ring's, by events per call (version 1's key)
         "undisturbed_events_per_s": {str(k): round(v, 1) for k, v in undisturbed_rates(runs).items()},
-        "live": [r.as_json() for r in runs if r.scenario == "live"],
-        "drain": [r.as_json() for r in runs if r.scenario == "drain"],
-        "overflow": [r.as_json() for r in runs if r.scenario == "overflow"],
+        # every undisturbed rate: "<kind>/<producers>p/<per call>pc"
+        "undisturbed_rates": {f"{kind}/{n}p/{k}pc": round(v, 1)
+                              for (kind, n, k), v in all_undisturbed(runs).items()},
+        "live": section("live"),
+        "drain": section("drain"),
+        "overflow": section("overflow"),
+        "mpsc": [r.as_json() for r in runs if r.producers > 1],
+        "latency": section("latency"),
+        "df": [d.as_json() for d in dfs],
         "send": [s.as_json() for s in sends],
         "ratios": {**ratios(runs),
                    **({"send/userring/kernelscope_vs_libbpf": send_ratio(list(sends))} if sends else {})},
         "targets": [{"name": t.name, "passed": t.passed, "detail": t.detail}
-                    for t in targets(runs, cfg.target_size)],
+                    for t in targets(runs, cfg.target_size, sends)],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2) + "\n")
+    return doc

@@ -48,20 +48,35 @@ def _consumers(cfg: Config, kind: str) -> tuple[str, ...]:
     return cfg.consumers + (("kernelscope-wm",) if wm else ())
 
 
+def _round(cfg: Config, per_call: int) -> list[Result]:
+    """One target round at `per_call`: per buffer kind, single producer then MPSC, the
+    undisturbed producer and right after it kernelscope live (then BCC and libbpf for the
+    single-producer ring, whose live figures the tables compare)."""
+    runs: list[Result] = []
+    mpsc = cfg.mpsc_cpus and per_call in (cfg.mpsc_per_calls or cfg.live_per_calls)
+    groups = [1] + ([len(cfg.mpsc_cpus)] if mpsc else [])
+    for kind in cfg.kinds:
+        events = cfg.live_events if kind == "ring" else cfg.live_perf_events
+        for producers in groups:
+            runs.append(Result("undisturbed", kind, NOBODY, undisturbed_size(kind, events), events,
+                               per_call, producers=producers))
+            if cfg.target_size not in cfg.live_sizes:
+                continue
+            consumers = sorted(_consumers(cfg, kind) if (kind, producers) == ("ring", 1)
+                               else [c for c in cfg.consumers if c == "kernelscope"],
+                               key=lambda c: c != "kernelscope")
+            runs += [Result("live", kind, consumer, cfg.target_size, events, per_call,
+                            producers=producers) for consumer in consumers]
+    return runs
+
+
 def plan(cfg: Config) -> list[Result]:
-    """Every measurement, in the order made. The ones the live target compares come first,
+    """Every measurement, in the order made. The ones the live targets compare come first,
     in `target_rounds` interleaved rounds (the same run planned once per round)."""
     runs: list[Result] = []
-    if "ring" in cfg.kinds:
-        target = cfg.target_size in cfg.live_sizes
-        for _ in range(cfg.target_rounds):
-            for per_call in cfg.live_per_calls:
-                runs.append(Result("undisturbed", "ring", NOBODY, undisturbed_size(cfg.live_events),
-                                   cfg.live_events, per_call))
-                # kernelscope right after the undisturbed producer it is compared with
-                consumers = sorted(_consumers(cfg, "ring"), key=lambda c: c != "kernelscope")
-                runs += [Result("live", "ring", consumer, cfg.target_size, cfg.live_events, per_call)
-                         for consumer in consumers if target]
+    for _ in range(cfg.target_rounds):
+        for per_call in cfg.live_per_calls:
+            runs += _round(cfg, per_call)
     runs += [
         Result("live", kind, consumer, size,
                cfg.live_events if kind == "ring" else cfg.live_perf_events, per_call)
@@ -70,6 +85,7 @@ def plan(cfg: Config) -> list[Result]:
         if (kind, size) != ("ring", cfg.target_size)
         for per_call in cfg.live_per_calls[:1]
         for consumer in _consumers(cfg, kind)
+        if (kind, size, consumer) != ("perf", cfg.target_size, "kernelscope")  # in the rounds
     ]
     for kind in cfg.kinds:
         size = cfg.drain_ring_size if kind == "ring" else cfg.drain_perf_size
@@ -85,6 +101,10 @@ def plan(cfg: Config) -> list[Result]:
             for consumer in _consumers(cfg, "perf")
             if consumer in cfg.overflow_consumers
         ]
+    if "kernelscope" in cfg.consumers:
+        runs += [Result("latency", kind, "kernelscope", cfg.target_size,
+                        max(1, int(rate * cfg.latency_seconds)), 1, pace=float(rate))
+                 for kind in cfg.kinds for rate in cfg.latency_rates]
     return runs
 
 
@@ -134,13 +154,14 @@ def _attempt(env: Env, planned: Result) -> Result:
     started = time.perf_counter()
     meter = OtherWork()
     gc.collect()
-    irq_work = irq_work_interrupts(env.cfg.producer_cpu)
+    irq_cpu = env.cfg.producer_cpu if res.producers == 1 else None  # MPSC: every CPU's
+    irq_work = irq_work_interrupts(irq_cpu)
     steal = steal_seconds(env.cfg.consumer_cpu)
     try:
         RUNNERS[res.scenario, res.consumer](env, res)
     except Exception as e:  # one failed run must not lose the others' figures
         res.error = f"{type(e).__name__}: {e}"
-    after = irq_work_interrupts(env.cfg.producer_cpu)
+    after = irq_work_interrupts(irq_cpu)
     if irq_work is not None and after is not None:
         res.extra["irq_work"] = after - irq_work
     res.extra["steal_ms"] = round((steal_seconds(env.cfg.consumer_cpu) - steal) * 1e3, 1)
@@ -149,8 +170,8 @@ def _attempt(env: Env, planned: Result) -> Result:
     return res
 
 
-def _key(r: Result) -> tuple[str, str, str, int, int]:
-    return (r.scenario, r.kind, r.consumer, r.size, r.per_call)
+def _key(r: Result) -> tuple[str, str, str, int, int, int, float]:
+    return (r.scenario, r.kind, r.consumer, r.size, r.per_call, r.producers, r.pace)
 
 
 def run_all(env: Env, runs: Sequence[Result], repeat: int = 1) -> list[Result]:
@@ -162,7 +183,7 @@ def run_all(env: Env, runs: Sequence[Result], repeat: int = 1) -> list[Result]:
     repeated: noise there moves drops both ways (a starved consumer drops more, a starved
     producer less). Every attempt's figures stay in `extra["attempts"]`.
     """
-    tries: dict[tuple[str, str, str, int, int], list[Result]] = {}
+    tries: dict[tuple[str, str, str, int, int, int, float], list[Result]] = {}
     rounds = {_key(r): sum(_key(x) == _key(r) for x in runs) for r in runs}
     for i, planned in enumerate(runs, 1):
         n = repeat if planned.scenario == "drain" else 1
@@ -170,7 +191,11 @@ def run_all(env: Env, runs: Sequence[Result], repeat: int = 1) -> list[Result]:
             res = _attempt(env, planned)
             attempts = tries.setdefault(_key(res), [])
             attempts.append(res)
-            if res.ok:
+            if res.ok and res.scenario == "latency":
+                lat = res.extra.get("latency_us", {})
+                what = (f"{res.received:,}/{res.made:,} received, latency median "
+                        f"{lat.get('median', 0):,.1f} us, p99 {lat.get('p99', 0):,.1f} us")
+            elif res.ok:
                 lost = "" if res.lost_reported is None else f", {res.lost_reported:,} reported lost"
                 what = (f"{res.received:,}/{res.made:,} received ({res.dropped_pct:.1f} % "
                         f"dropped{lost}), {res.rate / 1e6:.2f} M ev/s")
