@@ -27,7 +27,7 @@ import numpy as np
 
 from ..errors import BPFPermissionError, ClosedError, CorruptBufferError, KernelscopeError, SettingError
 from .base import Resources, check_pages
-from .batch import Batch, concat_records, copy_records, opaque
+from .batch import Batch, copy_records, opaque
 
 __all__ = [
     "PerfBufferReader",
@@ -191,10 +191,11 @@ class PerfRing:
     """Parser over one CPU's perf mmap area: 1 metadata page then 2^n data pages.
 
     `area` is any writable buffer (the mmap'd memory, or a bytearray in tests). The data
-    area is mapped once, not twice, so a record may wrap at its end; each batch copies the
-    pending bytes (at most two slices) into one contiguous scratch buffer and parses that.
-    Runs of same-size samples become one strided numpy view copied once; anything else
-    (LOST records, short payloads) goes record by record. Both give the same records.
+    area is mapped once, not twice, so a record may wrap at its end. Records are parsed in
+    place: runs of same-size samples become strided numpy views of the area, validated
+    vectorised and copied once into the caller's array; anything else (LOST records, short
+    payloads) goes record by record, and only a record that wraps is stitched through a
+    small copy. Both paths give the same records.
     """
 
     def __init__(self, area: object, dtype: np.dtype | type | str, *,
@@ -218,7 +219,6 @@ class PerfRing:
                              f"mapping {len(mem)} bytes (size must be a power of two)")
         self._data: np.ndarray | None = mem[offset:offset + size]
         self._size = size
-        self._scratch = np.empty(size, dtype=np.uint8)
 
     @property
     def capacity(self) -> int:
@@ -228,6 +228,10 @@ class PerfRing:
     def pending_bytes(self) -> int:
         ctl = self._control()
         return int(ctl[_HEAD]) - int(ctl[_TAIL])
+
+    def head(self) -> int:
+        """data_head now: a record boundary (the kernel stores it after whole records only)."""
+        return int(self._control()[_HEAD])
 
     def release(self) -> None:
         """Drop every view of the area (before it is unmapped); later reads raise ClosedError."""
@@ -240,31 +244,47 @@ class PerfRing:
         With `max_bytes`, consume whole records up to that many bytes (at least one record,
         so a caller always makes progress); otherwise everything pending.
         """
+        pieces, lost, tail = self.parse(max_bytes=max_bytes)
+        out = np.empty(sum(len(p) for p in pieces), dtype=self._opaque)
+        fill(out, pieces)
+        self.consume(tail)  # after the copy: from then on the kernel may overwrite it
+        return out.view(self.dtype), lost
+
+    def parse(self, upto: int | None = None, max_bytes: int | None = None
+              ) -> tuple[list[np.ndarray], int, int]:
+        """Parse the records from data_tail to `upto` (a data_head read earlier; None: now),
+        or whole records up to `max_bytes`, without consuming them.
+
+        Returns (pieces, samples lost, the data_tail that consumes them). Pieces are arrays of
+        the opaque record dtype, some of them views of the area: copy them (`fill`) before
+        `consume`, which lets the kernel overwrite their bytes.
+        """
         ctl = self._control()
         # data_head is read once, before the data: the kernel stores it (release) only
         # after the records below it are complete. x86 is TSO, so loads stay in order.
-        head = int(ctl[_HEAD])
+        head = int(ctl[_HEAD]) if upto is None else upto
         tail = int(ctl[_TAIL])
         pending = head - tail
         if pending == 0:
-            return np.empty(0, dtype=self.dtype), 0
+            return [], 0, tail
         if not 0 < pending <= self._size:
-            ctl[_TAIL] = head
+            ctl[_TAIL] = int(ctl[_HEAD])
             raise CorruptBufferError(f"corrupt perf ring: data_head {head}, data_tail {tail}, "
-                                   f"data area {self._size} bytes")
+                                     f"data area {self._size} bytes")
         n = pending
         if max_bytes is not None and max_bytes < pending:
-            first = _HEADER.unpack_from(self._copy_out(tail, _HEADER_SIZE).data)[2]
+            first = _HEADER.unpack_from(self._gather(tail, _HEADER_SIZE).data)[2]
             n = min(pending, max(max_bytes, first))
-        buf = self._copy_out(tail, n)
         try:
-            chunks, lost, used = self._parse(buf, n, whole=n == pending)
+            pieces, lost, used = self._parse_region(tail, n, whole=n == pending)
         except CorruptBufferError:
             ctl[_TAIL] = head  # skip what cannot be parsed so the next batch starts clean
             raise
-        # data_tail is stored after the copy: from then on the kernel may overwrite it.
-        ctl[_TAIL] = tail + used
-        return concat_records(chunks, self.dtype), lost
+        return pieces, lost, tail + used
+
+    def consume(self, tail: int) -> None:
+        """Store data_tail: the bytes below it are the kernel's again."""
+        self._control()[_TAIL] = tail
 
     # -- internals --
 
@@ -273,24 +293,59 @@ class PerfRing:
             raise ClosedError("the perf ring was released")
         return self._ctl
 
-    def _copy_out(self, tail: int, n: int) -> np.ndarray:
-        """The n bytes from position `tail` as one contiguous array (two slices if wrapped)."""
-        data = self._data
-        if data is None:
+    def _area(self) -> np.ndarray:
+        if self._data is None:
             raise ClosedError("the perf ring was released")
-        # data_head/data_tail count bytes forever; the position is modulo the power-of-two size.
-        start = tail & (self._size - 1)
-        first = min(n, self._size - start)
-        out = self._scratch
-        out[:first] = data[start:start + first]
-        if n > first:
-            out[first:n] = data[:n - first]
-        return out[:n]
+        return self._data
 
-    def _parse(self, buf: np.ndarray, n: int, *, whole: bool) -> tuple[list[np.ndarray], int, int]:
-        dtype, itemsize = self.dtype, self.dtype.itemsize
+    def _gather(self, pos: int, n: int) -> np.ndarray:
+        """A copy of the n bytes at counter `pos`, joined across the end of the data area."""
+        data = self._area()
+        # data_head/data_tail count bytes forever; the position is modulo the power-of-two size.
+        start = pos & (self._size - 1)
+        first = min(n, self._size - start)
+        if n <= first:
+            return data[start:start + n].copy()
+        return np.concatenate((data[start:], data[:n - first]))
+
+    def _parse_region(self, tail: int, n: int, *, whole: bool) -> tuple[list[np.ndarray], int, int]:
+        """The n bytes from counter `tail`: in place up to the end of the data area, the one
+        record across it (if any) through `_gather`, then in place from the start."""
+        data = self._area()
+        pieces: list[np.ndarray] = []
+        lost = used = 0
+        while used < n:
+            start = (tail + used) & (self._size - 1)
+            span = min(n - used, self._size - start)
+            last = span == n - used
+            got, nlost, pos = self._parse(data[start:start + span], whole=whole and last)
+            pieces += got
+            lost += nlost
+            used += pos
+            if last or used == n:
+                break
+            if pos == span:
+                continue  # a record ends exactly at the end of the data area
+            # One record runs across the end: its header (maybe split too) says how long.
+            size = _HEADER.unpack_from(self._gather(tail + used, _HEADER_SIZE).data)[2]
+            if size > n - used and not whole:
+                break  # the rest did not fit in max_bytes
+            if size < _HEADER_SIZE or size > n - used:
+                raise CorruptBufferError(f"corrupt perf record at byte {used}: size {size}, "
+                                         f"{n - used} bytes pending")
+            got, nlost, _ = self._parse(self._gather(tail + used, size), whole=True)
+            pieces += [np.array(p) for p in got]  # own the copy, not a view of the gather
+            lost += nlost
+            used += size
+        return pieces, lost, used
+
+    def _parse(self, buf: np.ndarray, *, whole: bool) -> tuple[list[np.ndarray], int, int]:
+        """Records of the contiguous bytes `buf`: (pieces, lost, bytes parsed). Without `whole`
+        it stops before a record that does not fit in `buf`."""
+        dtype, itemsize, op = self.dtype, self.dtype.itemsize, self._opaque
+        n = len(buf)
         mv = buf.data
-        chunks: list[np.ndarray] = []
+        pieces: list[np.ndarray] = []
         lost = 0
         pos = 0
         while n - pos >= _HEADER_SIZE:
@@ -300,27 +355,26 @@ class PerfRing:
             if pos + size > n:
                 if whole:
                     raise CorruptBufferError(f"perf record at byte {pos} of size {size} runs "
-                                           f"past data_head ({n} bytes pending)")
-                break  # the rest did not fit in max_bytes
+                                             f"past data_head ({n} bytes pending)")
+                break  # the rest is past max_bytes, or across the end of the data area
             if rtype == PERF_RECORD_SAMPLE:
                 if size < _SAMPLE_PAYLOAD:
                     raise CorruptBufferError(f"perf sample at byte {pos} too short: {size}")
                 raw = _U32.unpack_from(mv, pos + _HEADER_SIZE)[0]
                 if raw > size - _SAMPLE_PAYLOAD:
                     raise CorruptBufferError(f"perf sample at byte {pos}: raw_size {raw} "
-                                           f"exceeds record size {size}")
+                                             f"exceeds record size {size}")
                 if self.fast and raw >= itemsize:
                     kmax = (n - pos) // size
                     k = _uniform_run(buf, pos, size, kmax) if kmax > 1 else 1
-                    view = np.ndarray((k,), dtype=self._opaque, buffer=buf,
-                                      offset=pos + _SAMPLE_PAYLOAD, strides=(size,))
-                    chunks.append(np.array(view).view(dtype))
+                    pieces.append(np.ndarray((k,), dtype=op, buffer=buf,
+                                             offset=pos + _SAMPLE_PAYLOAD, strides=(size,)))
                     pos += k * size
                     continue
                 # raw_size counts padding to 8 bytes, which the kernel skips without
                 # writing: bytes past what the program submitted are stale ring contents.
                 start = pos + _SAMPLE_PAYLOAD
-                chunks.append(copy_records(buf[start:start + raw], dtype))
+                pieces.append(copy_records(buf[start:start + raw], dtype).view(op))
             elif rtype == PERF_RECORD_LOST:
                 if size < _LOST_SIZE:
                     raise CorruptBufferError(f"perf LOST record at byte {pos} too short: {size}")
@@ -329,14 +383,26 @@ class PerfRing:
             pos += size
         if whole and pos != n:
             raise CorruptBufferError(f"{n - pos} stray bytes at the end of the perf ring batch")
-        return chunks, lost, pos
+        return pieces, lost, pos
+
+
+def fill(out: np.ndarray, pieces: list[np.ndarray]) -> None:
+    """Copy record pieces (opaque dtype, strided views or arrays) into `out`, in order."""
+    i = 0
+    for p in pieces:
+        out[i:i + len(p)] = p
+        i += len(p)
+
+
+_RUN_WINDOW = 8192  # headers compared per numpy call: the temporaries stay in cache
 
 
 def _uniform_run(buf: np.ndarray, pos: int, size: int, kmax: int) -> int:
     """How many records from `pos` have the same type, size and raw_size as the one there.
 
-    Reads the header words at a stride of `size`, vectorised, in growing windows so a
-    mixed batch costs a few comparisons per record and a uniform one a single pass.
+    Reads the header words at a stride of `size`, vectorised, in windows that grow from a
+    few records to _RUN_WINDOW, so a mixed batch costs a few comparisons per record and a
+    uniform one a single pass whose temporaries fit in cache.
     """
     heads = np.ndarray((kmax,), dtype=_SAMPLE_HEAD, buffer=buf, offset=pos, strides=(size,))
     words, raws = heads["word"], heads["raw"]
@@ -345,10 +411,11 @@ def _uniform_run(buf: np.ndarray, pos: int, size: int, kmax: int) -> int:
     k, step = 1, 64
     while k < kmax:
         end = min(kmax, k + step)
-        ok = ((words[k:end] & _MISC_MASK) == want_word) & (raws[k:end] == want_raw)
+        ok = (words[k:end] & _MISC_MASK) == want_word
+        ok &= raws[k:end] == want_raw
         if not ok.all():
             return k + int(np.argmin(ok))
-        k, step = end, step * 16
+        k, step = end, min(step * 8, _RUN_WINDOW)
     return kmax
 
 
@@ -517,22 +584,30 @@ class PerfBufferReader:
         with self._read_lock:
             if self._closed:
                 raise ClosedError("the perf buffer reader is closed")
-            parts: list[np.ndarray] = []
-            cpu_parts: list[np.ndarray] = []
+            heads = [ring.head() for ring in self._rings]
+            pieces: list[np.ndarray] = []
+            counts: list[int] = []
+            cpus: list[int] = []
+            tails: list[tuple[PerfRing, int]] = []
             lost_by_cpu: dict[int, int] = {}
-            pending = [ring.pending_bytes() for ring in self._rings]
-            for cpu, ring, upto in zip(self.cpus, self._rings, pending, strict=True):
-                if not upto:
+            for cpu, ring, head in zip(self.cpus, self._rings, heads, strict=True):
+                got, lost, tail = ring.parse(upto=head)
+                if not (got or lost) and tail == head:
                     continue
-                records, lost = ring.read(max_bytes=upto)
-                if len(records):
-                    parts.append(records)
-                    cpu_parts.append(np.full(len(records), cpu, dtype=np.int16))
+                tails.append((ring, tail))
                 if lost:
                     lost_by_cpu[cpu] = lost
-        records = concat_records(parts, self.dtype)
-        cpu_col = np.concatenate(cpu_parts) if cpu_parts else np.empty(0, np.int16)
-        return Batch(records, cpu_col, sum(lost_by_cpu.values()), lost_by_cpu)
+                if got:
+                    pieces += got
+                    counts.append(sum(len(p) for p in got))
+                    cpus.append(cpu)
+            # One copy per run, straight into the batch; then every CPU's data_tail once.
+            out = np.empty(sum(counts), dtype=opaque(self.dtype))
+            fill(out, pieces)
+            for ring, tail in tails:
+                ring.consume(tail)
+        cpu_col = np.repeat(np.array(cpus, dtype=np.int16), counts)
+        return Batch(out.view(self.dtype), cpu_col, sum(lost_by_cpu.values()), lost_by_cpu)
 
     def fill_bytes(self) -> int:
         """Bytes waiting in all CPUs' rings."""
