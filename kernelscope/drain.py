@@ -121,6 +121,13 @@ class Drain:
     def pending(self) -> bool:
         return any(fill_bytes(ms.reader) for ms in self.maps.values())
 
+    def ready(self) -> bool:
+        """Data to read without waiting. A perf buffer that batches its wake-ups (a watermark,
+        the default, or wakeup_events > 1) is left to its wake-up or the poll_interval timer,
+        so a steady trickle below the watermark is read once per interval, not per poll."""
+        return any(fill_bytes(ms.reader) for ms in self.maps.values()
+                   if not (isinstance(ms.reader, PerfBufferReader) and ms.reader.batches_wakeups))
+
     def poll_once(self, timeout: float = 0.0) -> int:
         """Wait up to `timeout` s for data, then drain every output map once. Returns rows read."""
         wakeup = self.settings.wakeup
@@ -129,7 +136,7 @@ class Drain:
             self.stop.wait(timeout)  # timer-driven: look every poll_interval, pending or not
         elif timeout and self.next_read is not None:
             self.stop.wait(min(max(0, self.next_read - time.monotonic_ns()) / 1e9, timeout))
-        elif timeout and not self.pending():
+        elif timeout and not self.ready():
             self._wait(timeout)
             waited = True
         total = 0
@@ -300,7 +307,7 @@ class ReaderSettings(Protocol):
     pages: int | dict[str, int] | None
     max_rows: int | None
     wakeup: str
-    wakeup_events: int
+    wakeup_events: int | None
     watermark_bytes: int | None
     reorder_ns: int | None
     max_bytes: int | None
