@@ -70,7 +70,8 @@ def perf_reader(p: Probe) -> PerfBufferReader:
 def test_default_watermark_is_a_share_of_the_buffer():
     with Probe(PROGRAM, cflags=CFLAGS, pages=16) as p:
         r = perf_reader(p)
-        assert p.wakeup_events is None and p.watermark_bytes is None
+        assert p.wakeup_events is None
+        assert p.watermark_bytes is None
         assert r.watermark_bytes == int(16 * PAGE_SIZE * DEFAULT_WATERMARK_SHARE)
         assert r.batches_wakeups
     with Probe(PROGRAM, cflags=CFLAGS, pages=16, wakeup_events=1) as p:
@@ -105,6 +106,7 @@ def test_default_wakes_the_reader_far_less_than_per_event(pinned):
             woken[label] = irq_work(pinned) - before
             p.stop()
             s = p.stats["events"]
-            assert s["received"] == s["attempted"] == n and s["dropped"] == 0, (label, s)
+            assert s["received"] == s["attempted"] == n, (label, s)
+            assert s["dropped"] == 0, (label, s)
     assert woken["per event"] >= n // 2, woken  # about one per event, other IRQ work aside
     assert woken["default"] * 20 < woken["per event"], woken
