@@ -285,7 +285,8 @@ class Panel(w.VBox):
         pages = {n: int(dd.value) for n, dd in self.pages.items()}
         kw: dict[str, Any] = {"pages": pages}
         mode = self.perf_wakeup.value
-        if mode and mode[0] == "fraction":  # the watermark follows the buffer size
+        # a watermark set by hand follows the buffer size (the default one does by itself)
+        if mode and mode[0] == "fraction" and self.results.watermark_bytes:
             kw["watermark_bytes"] = max(1, self._perf_buffer_bytes(pages) // mode[1])
         self.apply(**kw)
 
