@@ -533,6 +533,7 @@ class PerfBufferReader:
             raise ValueError(f"watermark_bytes must be in 1..{pages * PAGE_SIZE} "
                              f"(the buffer size), not {watermark_bytes}")
         self.dtype = _record_dtype(dtype)
+        self._opaque = opaque(self.dtype)
         self.wakeup_events = wakeup_events
         self.watermark_bytes = watermark_bytes
         self.cpus = tuple(sorted(set(online_cpus() if cpus is None else cpus)))
@@ -620,12 +621,15 @@ class PerfBufferReader:
                     pieces += got
                     counts.append(sum(len(p) for p in got))
                     cpus.append(cpu)
+            if not tails:
+                return Batch(np.empty(0, dtype=self.dtype), np.empty(0, dtype=np.int16))
             # One copy per run, straight into the batch; then every CPU's data_tail once.
-            out = np.empty(sum(counts), dtype=opaque(self.dtype))
+            out = np.empty(sum(counts), dtype=self._opaque)
             fill(out, pieces)
             for ring, tail in tails:
                 ring.consume(tail)
-        cpu_col = np.repeat(np.array(cpus, dtype=np.int16), counts)
+        cpu_col = (np.full(counts[0], cpus[0], dtype=np.int16) if len(cpus) == 1
+                   else np.repeat(np.array(cpus, dtype=np.int16), counts))
         return Batch(out.view(self.dtype), cpu_col, sum(lost_by_cpu.values()), lost_by_cpu)
 
     def fill_bytes(self) -> int:
