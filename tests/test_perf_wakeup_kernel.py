@@ -110,3 +110,18 @@ def test_default_wakes_the_reader_far_less_than_per_event(pinned):
             assert s["dropped"] == 0, (label, s)
     assert woken["per event"] >= n // 2, woken  # about one per event, other IRQ work aside
     assert woken["default"] * 20 < woken["per event"], woken
+
+
+def test_reconfigure_keeps_explicit_wakeup_choices():
+    """watermark_bytes=0 still means "no watermark: wake per wakeup_events", from the default
+    too (then per event); an explicit watermark or event count replaces the default."""
+    with Probe(PROGRAM, cflags=CFLAGS, pages=16) as p:
+        p.reconfigure(watermark_bytes=0)
+        assert (p.wakeup_events, p.watermark_bytes) == (1, None)
+        assert not perf_reader(p).batches_wakeups
+        p.reconfigure(watermark_bytes=8192)
+        assert perf_reader(p).watermark_bytes == 8192
+        p.reconfigure(wakeup_events=64, watermark_bytes=0)
+        r = perf_reader(p)
+        assert (r.wakeup_events, r.watermark_bytes) == (64, None)
+        assert r.batches_wakeups
