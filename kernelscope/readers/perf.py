@@ -665,7 +665,8 @@ class PerfBufferReader:
             if self._closed:
                 return
             self._closed = True
-            if self._wake_fd >= 0:
+            # at interpreter exit this reader's finalizer may already have closed the fds
+            if self._wake_fd >= 0 and self._finalizer.alive:
                 os.eventfd_write(self._wake_fd, 1)
             with self._poll_lock, self._read_lock:
                 for ring in self._rings:
