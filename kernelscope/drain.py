@@ -7,11 +7,12 @@ collected and closed. Nothing here knows a backend or imports probe.py.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -200,7 +201,13 @@ class Drain:
         if not readers:
             self.stop.wait(timeout)
         elif len(readers) == 1:
-            readers[0].poll(timeout)
+            r = readers[0]
+            if isinstance(r, PerfBufferReader) and isinstance(self.stop, StopSignal):
+                with self.stop.interrupting(r.interrupt):
+                    if not self.stop.is_set():  # set before the waker was in place
+                        r.poll(timeout)
+            else:
+                r.poll(timeout)
         else:
             # several maps: short polls in turn, bounded by `timeout` overall
             deadline = time.monotonic() + timeout
@@ -278,6 +285,31 @@ def _drain_thread(ref: weakref.ReferenceType[Drained], stop: threading.Event) ->
 # --- what the drain owns, and what it reports ---------------------------------------------
 
 
+class StopSignal(threading.Event):
+    """The drain thread's stop Event. `set()` also runs the wakers of a wait under way
+    (`interrupting`), so a reader blocked in poll returns at once and stop() joins the drain
+    thread without waiting out a poll_interval (a perf buffer with batched wake-ups sits in
+    that wait whenever it is below its watermark)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._wakers: list[Callable[[], None]] = []
+
+    def set(self) -> None:
+        super().set()
+        for wake in list(self._wakers):
+            with contextlib.suppress(ClosedError, OSError):
+                wake()
+
+    @contextlib.contextmanager
+    def interrupting(self, wake: Callable[[], None]) -> Iterator[None]:
+        self._wakers.append(wake)
+        try:
+            yield
+        finally:
+            self._wakers.remove(wake)
+
+
 class Resources:
     """The kernel-side objects of a probe (program, readers, drain thread), closable without a
     reference to the probe (for `weakref.finalize`)."""
@@ -285,7 +317,7 @@ class Resources:
     def __init__(self) -> None:
         self.prog: Program | None = None
         self.readers: list[Any] = []
-        self.stop = threading.Event()
+        self.stop = StopSignal()
         self.thread: threading.Thread | None = None
 
     def close(self) -> None:

@@ -125,3 +125,31 @@ def test_reconfigure_keeps_explicit_wakeup_choices():
         r = perf_reader(p)
         assert (r.wakeup_events, r.watermark_bytes) == (64, None)
         assert r.batches_wakeups
+
+
+def test_stop_interrupts_the_drain_wait():
+    """An idle probe's drain thread sits in poll for up to poll_interval (no data reaches the
+    watermark); stop() interrupts that wait instead of sitting it out."""
+    interval = 3.0
+    with Probe(PROGRAM, cflags=CFLAGS, poll_interval=interval) as p:
+        time.sleep(0.3)  # the drain thread has read once and waits in poll
+        t0 = time.monotonic()
+        p.stop()
+        assert time.monotonic() - t0 < interval / 3
+        assert not p.running
+
+
+def test_interrupt_wakes_one_poll_only():
+    p = Probe(PROGRAM, cflags=CFLAGS).load()  # loaded, not started: no drain thread polls it
+    try:
+        r = perf_reader(p)
+        r.interrupt()
+        t0 = time.monotonic()
+        assert not r.poll(5.0)  # returns at once, no data
+        assert time.monotonic() - t0 < 2.5
+        assert not r.poll(0.05)  # the interrupt was consumed: this one waits out its timeout
+        assert time.monotonic() - t0 >= 0.05
+        r.close()
+        r.interrupt()  # after close: nothing to wake, no error
+    finally:
+        p.close()

@@ -9,6 +9,7 @@ array, waits with epoll and owns the lifecycle. Per-event Python callbacks (BCC'
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -590,7 +591,17 @@ class PerfBufferReader:
             events = self._epoll.poll(-1 if timeout is None else timeout)
             if self._closed:
                 raise ClosedError("the perf buffer reader was closed while polling")
+            if any(fd == self._wake_fd for fd, _ in events):
+                with contextlib.suppress(BlockingIOError):  # an interrupt(): reset it
+                    os.eventfd_read(self._wake_fd)
             return any(fd != self._wake_fd for fd, _ in events)
+
+    def interrupt(self) -> None:
+        """Make a blocked (or the next) `poll` return False now; from any thread. The drain
+        calls it when it is told to stop, so stop() need not wait out a poll_interval."""
+        with self._close_lock:
+            if not self._closed:
+                os.eventfd_write(self._wake_fd, 1)
 
     def read(self) -> Batch:
         """Drain every CPU once: records in arrival order per CPU, CPU by CPU.
