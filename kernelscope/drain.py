@@ -7,11 +7,12 @@ collected and closed. Nothing here knows a backend or imports probe.py.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -121,6 +122,13 @@ class Drain:
     def pending(self) -> bool:
         return any(fill_bytes(ms.reader) for ms in self.maps.values())
 
+    def ready(self) -> bool:
+        """Data to read without waiting. A perf buffer that batches its wake-ups (a watermark,
+        the default, or wakeup_events > 1) is left to its wake-up or the poll_interval timer,
+        so a steady trickle below the watermark is read once per interval, not per poll."""
+        return any(fill_bytes(ms.reader) for ms in self.maps.values()
+                   if not (isinstance(ms.reader, PerfBufferReader) and ms.reader.batches_wakeups))
+
     def poll_once(self, timeout: float = 0.0) -> int:
         """Wait up to `timeout` s for data, then drain every output map once. Returns rows read."""
         wakeup = self.settings.wakeup
@@ -129,7 +137,7 @@ class Drain:
             self.stop.wait(timeout)  # timer-driven: look every poll_interval, pending or not
         elif timeout and self.next_read is not None:
             self.stop.wait(min(max(0, self.next_read - time.monotonic_ns()) / 1e9, timeout))
-        elif timeout and not self.pending():
+        elif timeout and not self.ready():
             self._wait(timeout)
             waited = True
         total = 0
@@ -193,7 +201,13 @@ class Drain:
         if not readers:
             self.stop.wait(timeout)
         elif len(readers) == 1:
-            readers[0].poll(timeout)
+            r = readers[0]
+            if isinstance(r, PerfBufferReader) and isinstance(self.stop, StopSignal):
+                with self.stop.interrupting(r.interrupt):
+                    if not self.stop.is_set():  # set before the waker was in place
+                        r.poll(timeout)
+            else:
+                r.poll(timeout)
         else:
             # several maps: short polls in turn, bounded by `timeout` overall
             deadline = time.monotonic() + timeout
@@ -271,6 +285,31 @@ def _drain_thread(ref: weakref.ReferenceType[Drained], stop: threading.Event) ->
 # --- what the drain owns, and what it reports ---------------------------------------------
 
 
+class StopSignal(threading.Event):
+    """The drain thread's stop Event. `set()` also runs the wakers of a wait under way
+    (`interrupting`), so a reader blocked in poll returns at once and stop() joins the drain
+    thread without waiting out a poll_interval (a perf buffer with batched wake-ups sits in
+    that wait whenever it is below its watermark)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._wakers: list[Callable[[], None]] = []
+
+    def set(self) -> None:
+        super().set()
+        for wake in list(self._wakers):
+            with contextlib.suppress(ClosedError, OSError):
+                wake()
+
+    @contextlib.contextmanager
+    def interrupting(self, wake: Callable[[], None]) -> Iterator[None]:
+        self._wakers.append(wake)
+        try:
+            yield
+        finally:
+            self._wakers.remove(wake)
+
+
 class Resources:
     """The kernel-side objects of a probe (program, readers, drain thread), closable without a
     reference to the probe (for `weakref.finalize`)."""
@@ -278,7 +317,7 @@ class Resources:
     def __init__(self) -> None:
         self.prog: Program | None = None
         self.readers: list[Any] = []
-        self.stop = threading.Event()
+        self.stop = StopSignal()
         self.thread: threading.Thread | None = None
 
     def close(self) -> None:
@@ -300,7 +339,7 @@ class ReaderSettings(Protocol):
     pages: int | dict[str, int] | None
     max_rows: int | None
     wakeup: str
-    wakeup_events: int
+    wakeup_events: int | None
     watermark_bytes: int | None
     reorder_ns: int | None
     max_bytes: int | None

@@ -49,8 +49,9 @@ class Results:
     """Seconds the drain loop waits for data at most (live probes)."""
     wakeup: str = "adaptive"
     """Ring buffer wake-up policy (live probes)."""
-    wakeup_events: int = 1
-    """Perf buffers: wake the reader after this many events (live probes)."""
+    wakeup_events: int | None = None
+    """Perf buffers: wake the reader after this many events; None with no watermark either:
+    a watermark at a quarter of the buffer plus a read every poll_interval (live probes)."""
     watermark_bytes: int | None = None
     """Perf buffers: wake the reader at this many bytes waiting, or None (live probes)."""
     reorder_ns: int | None = None

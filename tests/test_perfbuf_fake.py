@@ -442,3 +442,83 @@ def test_corruption_is_an_internal_error_not_the_users():
         PerfRing(area.buf, DTYPES[0]).read()
     assert isinstance(e.value, InternalError)
     assert not isinstance(e.value, ValueError)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    layout=st.tuples(st.sampled_from([256, 1024, 4096]), st.integers(0, 1 << 16)),
+    ops=st.lists(op, max_size=30),
+    dtype=st.sampled_from(DTYPES),
+)
+def test_records_are_owned_copies_parsed_in_place(layout, ops, dtype):
+    """Parsed in place, copied once: the records share no memory with the area, and only a
+    record that runs across the end of the data area is stitched through a copy."""
+    area = FakeArea(*layout)
+    for j, (kind, arg, count) in enumerate(ops):
+        if kind == "lost":
+            area.pending_lost += arg
+            continue
+        for k in range(count):
+            area.output(payload(j + k, arg))
+    area.publish()
+    ring = PerfRing(area.buf, dtype)
+    gathered: list[int] = []
+    gather = PerfRing._gather
+
+    def counting(self: PerfRing, pos: int, n: int) -> np.ndarray:
+        gathered.append(n)
+        return gather(self, pos, n)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(PerfRing, "_gather", counting)
+        recs, lost = ring.read()
+    assert recs.tobytes() == area.expected(dtype).tobytes()
+    assert lost == area.reported_lost
+    assert not np.shares_memory(recs, np.frombuffer(area.buf, np.uint8))
+    # at most one record (header first) is stitched, and only when the region wraps
+    start = layout[1]  # data_tail before the read: the first byte of the region
+    wraps = start % area.size + (area.head - start) > area.size
+    assert len(gathered) <= (2 if wraps else 0)
+    assert sum(gathered) <= 8 + 12 + 96 + 8
+    area.buf[META:] = bytes([0xA5]) * area.size  # the kernel reuses the area: records stay
+    assert recs.tobytes() == area.expected(dtype).tobytes()
+
+
+def test_parse_consumes_nothing_until_consume():
+    """parse(upto=head read earlier) takes exactly the records below that head; data_tail moves
+    only on consume, so the kernel cannot overwrite records not yet copied."""
+    dtype = DTYPES[2]
+    area = FakeArea(1024, start=1024 - 100)  # the region wraps
+    for i in range(5):
+        area.output(payload(i, 32))
+    area.publish()
+    ring = PerfRing(area.buf, dtype)
+    head = ring.head()
+    area.output(payload(99, 32))  # arrives after the snapshot
+    area.publish()
+    pieces, lost, tail = ring.parse(upto=head)
+    assert (lost, tail) == (0, head)
+    assert area.tail == 1024 - 100  # not consumed yet
+    out = np.empty(sum(len(p) for p in pieces), dtype=perfbuf.opaque(dtype))
+    perfbuf.fill(out, pieces)
+    ring.consume(tail)
+    assert out.view(dtype).tobytes() == area.expected(dtype)[:5].tobytes()
+    assert ring.pending_bytes() == 48
+    assert ring.read()[0].tobytes() == area.expected(dtype)[5:].tobytes()
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last", "across the end"])
+def test_lost_record_inside_a_run(where):
+    """A LOST record splits a run of same-size samples wherever it falls, the wrap included."""
+    dtype = DTYPES[2]
+    area = FakeArea(4096, start=4096 - 48 * 20 - 8)  # sample 21 crosses the end of the area
+    at = {"first": 0, "middle": 10, "last": 39, "across the end": 20}[where]
+    for i in range(40):
+        if i == at:
+            area.pending_lost = 7
+        area.output(payload(i, 32))
+    area.publish()
+    recs, lost = PerfRing(area.buf, dtype).read()
+    assert lost == 7
+    assert recs.tobytes() == area.expected(dtype).tobytes()
+    assert area.tail == area.head

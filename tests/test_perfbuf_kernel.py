@@ -137,7 +137,7 @@ def drain(r: PerfBufferReader) -> tuple[np.ndarray, np.ndarray, int]:
 
 def test_every_event_arrives_once(prog, reader):
     n = 20_000
-    r = reader()
+    r = reader(wakeup_events=1)  # poll() below waits for a wake-up, not the drain's timer
     got, cpu_parts, lost = [], [], 0
     for _ in range(n // 1000):
         prog.produce(1000)
@@ -268,3 +268,23 @@ def test_failing_set_cpu_fd_leaves_nothing_open(fd_count):
     with pytest.raises(RuntimeError, match="refused"):
         PerfBufferReader(refuse, EVENT)
     assert fd_count() == fds
+
+
+def test_exit_after_stop_without_close_is_quiet(tmp_path):
+    """At interpreter exit the reader's own finalizer may run before the probe's, which then
+    closes the reader: that close must not write to the already closed wake-up eventfd."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "leave_open.py"
+    script.write_text(
+        "import os\n"
+        "from kernelscope import Probe, lab\n"
+        "p = Probe(lab.getppid_program('perf'), pages=4, cflags=[f'-DTARGET={os.getpid()}']).start()\n"
+        "os.getppid()\n"
+        "p.stop()\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr

@@ -66,7 +66,7 @@ class Options:
     cflags: list[str]
     no_start: bool
     quiet: bool
-    perf_wakeup: int
+    perf_wakeup: int | None
     reorder_ns: int | None
     replay: str | None = None
     backend: str | None = None  # None: CO-RE (libbpf) when the cell uses SEC(...), else BCC
@@ -133,7 +133,8 @@ class BPFMagics(Magics):
               help="compile, load and attach, but do not drain yet: call NAME.start()")
     @argument("--quiet", action="store_true", help="show no status line, progress bar or rows")
     @argument("--perf-wakeup", type=int, metavar="N",
-              help="perf buffers: wake the reader after every N events (default 1)")
+              help="perf buffers: wake the reader after every N events (default: a watermark "
+                   "at a quarter of the buffer, read every poll interval)")
     @argument("--replay", metavar="PATH",
               help="replay this capture instead of loading the program (no BPF needed)")
     @argument("--reorder", type=int, metavar="NS",
@@ -365,7 +366,7 @@ def options(args: Any) -> Options:
     return Options(
         name=name, pages=args.pages, duration=args.duration, limit=args.limit,
         max_rows=args.max_rows, cflags=[define_flag(d) for d in args.defines],
-        no_start=args.no_start, quiet=args.quiet, perf_wakeup=args.perf_wakeup or 1,
+        no_start=args.no_start, quiet=args.quiet, perf_wakeup=args.perf_wakeup,
         reorder_ns=args.reorder, replay=args.replay,
         backend="libbpf" if args.libbpf or args.sets else "bcc" if args.bcc else None,
         globals=dict(global_value(s) for s in args.sets),

@@ -39,6 +39,7 @@ import traitlets
 from plotly.graph_objects import FigureWidget
 
 from ..probe import Probe
+from ..readers.perf import DEFAULT_WATERMARK_SHARE
 from ..results import Results
 from . import mapview, plots
 
@@ -263,6 +264,8 @@ class Panel(w.VBox):
             size = self._perf_buffer_bytes()
             d = max(1, round(size / r.watermark_bytes)) if size else 2
             mode = ("fraction", d)
+        elif r.wakeup_events is None:  # the default: a watermark at a share of the buffer
+            mode = ("fraction", round(1 / DEFAULT_WATERMARK_SHARE))
         else:
             mode = ("events", int(r.wakeup_events))
         if mode not in [v for _, v in self.perf_wakeup.options]:
@@ -282,7 +285,8 @@ class Panel(w.VBox):
         pages = {n: int(dd.value) for n, dd in self.pages.items()}
         kw: dict[str, Any] = {"pages": pages}
         mode = self.perf_wakeup.value
-        if mode and mode[0] == "fraction":  # the watermark follows the buffer size
+        # a watermark set by hand follows the buffer size (the default one does by itself)
+        if mode and mode[0] == "fraction" and self.results.watermark_bytes:
             kw["watermark_bytes"] = max(1, self._perf_buffer_bytes(pages) // mode[1])
         self.apply(**kw)
 

@@ -9,6 +9,7 @@ array, waits with epoll and owns the lifecycle. Per-event Python callbacks (BCC'
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -27,9 +28,10 @@ import numpy as np
 
 from ..errors import BPFPermissionError, ClosedError, CorruptBufferError, KernelscopeError, SettingError
 from .base import Resources, check_pages
-from .batch import Batch, concat_records, copy_records, opaque
+from .batch import Batch, copy_records, opaque
 
 __all__ = [
+    "DEFAULT_WATERMARK_SHARE",
     "PerfBufferReader",
     "PerfEventAttr",
     "PerfRing",
@@ -37,6 +39,12 @@ __all__ = [
 ]
 
 PAGE_SIZE = mmap.PAGESIZE
+# With no wake-up setting, the kernel wakes the reader each time this share of a CPU's buffer
+# has been written (perf_event_attr.watermark), and the drain reads every poll_interval anyway.
+# A wake-up per event is an IRQ work on the producer's CPU for every sample (3-10x slower
+# producer); at a quarter, a 4 MiB buffer and 48-byte samples wake ~170 times a second at
+# 3.6 M samples/s, and three quarters stay free for what arrives while the reader wakes up.
+DEFAULT_WATERMARK_SHARE = 0.25
 
 # --- kernel ABI (include/uapi/linux/perf_event.h) -----------------------------------------
 
@@ -191,10 +199,11 @@ class PerfRing:
     """Parser over one CPU's perf mmap area: 1 metadata page then 2^n data pages.
 
     `area` is any writable buffer (the mmap'd memory, or a bytearray in tests). The data
-    area is mapped once, not twice, so a record may wrap at its end; each batch copies the
-    pending bytes (at most two slices) into one contiguous scratch buffer and parses that.
-    Runs of same-size samples become one strided numpy view copied once; anything else
-    (LOST records, short payloads) goes record by record. Both give the same records.
+    area is mapped once, not twice, so a record may wrap at its end. Records are parsed in
+    place: runs of same-size samples become strided numpy views of the area, validated
+    vectorised and copied once into the caller's array; anything else (LOST records, short
+    payloads) goes record by record, and only a record that wraps is stitched through a
+    small copy. Both paths give the same records.
     """
 
     def __init__(self, area: object, dtype: np.dtype | type | str, *,
@@ -218,7 +227,6 @@ class PerfRing:
                              f"mapping {len(mem)} bytes (size must be a power of two)")
         self._data: np.ndarray | None = mem[offset:offset + size]
         self._size = size
-        self._scratch = np.empty(size, dtype=np.uint8)
 
     @property
     def capacity(self) -> int:
@@ -228,6 +236,10 @@ class PerfRing:
     def pending_bytes(self) -> int:
         ctl = self._control()
         return int(ctl[_HEAD]) - int(ctl[_TAIL])
+
+    def head(self) -> int:
+        """data_head now: a record boundary (the kernel stores it after whole records only)."""
+        return int(self._control()[_HEAD])
 
     def release(self) -> None:
         """Drop every view of the area (before it is unmapped); later reads raise ClosedError."""
@@ -240,31 +252,47 @@ class PerfRing:
         With `max_bytes`, consume whole records up to that many bytes (at least one record,
         so a caller always makes progress); otherwise everything pending.
         """
+        pieces, lost, tail = self.parse(max_bytes=max_bytes)
+        out = np.empty(sum(len(p) for p in pieces), dtype=self._opaque)
+        fill(out, pieces)
+        self.consume(tail)  # after the copy: from then on the kernel may overwrite it
+        return out.view(self.dtype), lost
+
+    def parse(self, upto: int | None = None, max_bytes: int | None = None
+              ) -> tuple[list[np.ndarray], int, int]:
+        """Parse the records from data_tail to `upto` (a data_head read earlier; None: now),
+        or whole records up to `max_bytes`, without consuming them.
+
+        Returns (pieces, samples lost, the data_tail that consumes them). Pieces are arrays of
+        the opaque record dtype, some of them views of the area: copy them (`fill`) before
+        `consume`, which lets the kernel overwrite their bytes.
+        """
         ctl = self._control()
         # data_head is read once, before the data: the kernel stores it (release) only
         # after the records below it are complete. x86 is TSO, so loads stay in order.
-        head = int(ctl[_HEAD])
+        head = int(ctl[_HEAD]) if upto is None else upto
         tail = int(ctl[_TAIL])
         pending = head - tail
         if pending == 0:
-            return np.empty(0, dtype=self.dtype), 0
+            return [], 0, tail
         if not 0 < pending <= self._size:
-            ctl[_TAIL] = head
+            ctl[_TAIL] = int(ctl[_HEAD])
             raise CorruptBufferError(f"corrupt perf ring: data_head {head}, data_tail {tail}, "
-                                   f"data area {self._size} bytes")
+                                     f"data area {self._size} bytes")
         n = pending
         if max_bytes is not None and max_bytes < pending:
-            first = _HEADER.unpack_from(self._copy_out(tail, _HEADER_SIZE).data)[2]
+            first = _HEADER.unpack_from(self._gather(tail, _HEADER_SIZE).data)[2]
             n = min(pending, max(max_bytes, first))
-        buf = self._copy_out(tail, n)
         try:
-            chunks, lost, used = self._parse(buf, n, whole=n == pending)
+            pieces, lost, used = self._parse_region(tail, n, whole=n == pending)
         except CorruptBufferError:
             ctl[_TAIL] = head  # skip what cannot be parsed so the next batch starts clean
             raise
-        # data_tail is stored after the copy: from then on the kernel may overwrite it.
-        ctl[_TAIL] = tail + used
-        return concat_records(chunks, self.dtype), lost
+        return pieces, lost, tail + used
+
+    def consume(self, tail: int) -> None:
+        """Store data_tail: the bytes below it are the kernel's again."""
+        self._control()[_TAIL] = tail
 
     # -- internals --
 
@@ -273,24 +301,59 @@ class PerfRing:
             raise ClosedError("the perf ring was released")
         return self._ctl
 
-    def _copy_out(self, tail: int, n: int) -> np.ndarray:
-        """The n bytes from position `tail` as one contiguous array (two slices if wrapped)."""
-        data = self._data
-        if data is None:
+    def _area(self) -> np.ndarray:
+        if self._data is None:
             raise ClosedError("the perf ring was released")
-        # data_head/data_tail count bytes forever; the position is modulo the power-of-two size.
-        start = tail & (self._size - 1)
-        first = min(n, self._size - start)
-        out = self._scratch
-        out[:first] = data[start:start + first]
-        if n > first:
-            out[first:n] = data[:n - first]
-        return out[:n]
+        return self._data
 
-    def _parse(self, buf: np.ndarray, n: int, *, whole: bool) -> tuple[list[np.ndarray], int, int]:
-        dtype, itemsize = self.dtype, self.dtype.itemsize
+    def _gather(self, pos: int, n: int) -> np.ndarray:
+        """A copy of the n bytes at counter `pos`, joined across the end of the data area."""
+        data = self._area()
+        # data_head/data_tail count bytes forever; the position is modulo the power-of-two size.
+        start = pos & (self._size - 1)
+        first = min(n, self._size - start)
+        if n <= first:
+            return data[start:start + n].copy()
+        return np.concatenate((data[start:], data[:n - first]))
+
+    def _parse_region(self, tail: int, n: int, *, whole: bool) -> tuple[list[np.ndarray], int, int]:
+        """The n bytes from counter `tail`: in place up to the end of the data area, the one
+        record across it (if any) through `_gather`, then in place from the start."""
+        data = self._area()
+        pieces: list[np.ndarray] = []
+        lost = used = 0
+        while used < n:
+            start = (tail + used) & (self._size - 1)
+            span = min(n - used, self._size - start)
+            last = span == n - used
+            got, nlost, pos = self._parse(data[start:start + span], whole=whole and last)
+            pieces += got
+            lost += nlost
+            used += pos
+            if last or used == n:
+                break
+            if pos == span:
+                continue  # a record ends exactly at the end of the data area
+            # One record runs across the end: its header (maybe split too) says how long.
+            size = _HEADER.unpack_from(self._gather(tail + used, _HEADER_SIZE).data)[2]
+            if size > n - used and not whole:
+                break  # the rest did not fit in max_bytes
+            if size < _HEADER_SIZE or size > n - used:
+                raise CorruptBufferError(f"corrupt perf record at byte {used}: size {size}, "
+                                         f"{n - used} bytes pending")
+            got, nlost, _ = self._parse(self._gather(tail + used, size), whole=True)
+            pieces += [np.array(p) for p in got]  # own the copy, not a view of the gather
+            lost += nlost
+            used += size
+        return pieces, lost, used
+
+    def _parse(self, buf: np.ndarray, *, whole: bool) -> tuple[list[np.ndarray], int, int]:
+        """Records of the contiguous bytes `buf`: (pieces, lost, bytes parsed). Without `whole`
+        it stops before a record that does not fit in `buf`."""
+        dtype, itemsize, op = self.dtype, self.dtype.itemsize, self._opaque
+        n = len(buf)
         mv = buf.data
-        chunks: list[np.ndarray] = []
+        pieces: list[np.ndarray] = []
         lost = 0
         pos = 0
         while n - pos >= _HEADER_SIZE:
@@ -300,27 +363,26 @@ class PerfRing:
             if pos + size > n:
                 if whole:
                     raise CorruptBufferError(f"perf record at byte {pos} of size {size} runs "
-                                           f"past data_head ({n} bytes pending)")
-                break  # the rest did not fit in max_bytes
+                                             f"past data_head ({n} bytes pending)")
+                break  # the rest is past max_bytes, or across the end of the data area
             if rtype == PERF_RECORD_SAMPLE:
                 if size < _SAMPLE_PAYLOAD:
                     raise CorruptBufferError(f"perf sample at byte {pos} too short: {size}")
                 raw = _U32.unpack_from(mv, pos + _HEADER_SIZE)[0]
                 if raw > size - _SAMPLE_PAYLOAD:
                     raise CorruptBufferError(f"perf sample at byte {pos}: raw_size {raw} "
-                                           f"exceeds record size {size}")
+                                             f"exceeds record size {size}")
                 if self.fast and raw >= itemsize:
                     kmax = (n - pos) // size
                     k = _uniform_run(buf, pos, size, kmax) if kmax > 1 else 1
-                    view = np.ndarray((k,), dtype=self._opaque, buffer=buf,
-                                      offset=pos + _SAMPLE_PAYLOAD, strides=(size,))
-                    chunks.append(np.array(view).view(dtype))
+                    pieces.append(np.ndarray((k,), dtype=op, buffer=buf,
+                                             offset=pos + _SAMPLE_PAYLOAD, strides=(size,)))
                     pos += k * size
                     continue
                 # raw_size counts padding to 8 bytes, which the kernel skips without
                 # writing: bytes past what the program submitted are stale ring contents.
                 start = pos + _SAMPLE_PAYLOAD
-                chunks.append(copy_records(buf[start:start + raw], dtype))
+                pieces.append(copy_records(buf[start:start + raw], dtype).view(op))
             elif rtype == PERF_RECORD_LOST:
                 if size < _LOST_SIZE:
                     raise CorruptBufferError(f"perf LOST record at byte {pos} too short: {size}")
@@ -329,14 +391,26 @@ class PerfRing:
             pos += size
         if whole and pos != n:
             raise CorruptBufferError(f"{n - pos} stray bytes at the end of the perf ring batch")
-        return chunks, lost, pos
+        return pieces, lost, pos
+
+
+def fill(out: np.ndarray, pieces: list[np.ndarray]) -> None:
+    """Copy record pieces (opaque dtype, strided views or arrays) into `out`, in order."""
+    i = 0
+    for p in pieces:
+        out[i:i + len(p)] = p
+        i += len(p)
+
+
+_RUN_WINDOW = 32768  # headers compared per numpy call: the temporaries (256 KiB) stay in cache
 
 
 def _uniform_run(buf: np.ndarray, pos: int, size: int, kmax: int) -> int:
     """How many records from `pos` have the same type, size and raw_size as the one there.
 
-    Reads the header words at a stride of `size`, vectorised, in growing windows so a
-    mixed batch costs a few comparisons per record and a uniform one a single pass.
+    Reads the header words at a stride of `size`, vectorised, in windows that grow from a
+    few records to _RUN_WINDOW, so a mixed batch costs a few comparisons per record and a
+    uniform one a single pass whose temporaries fit in cache.
     """
     heads = np.ndarray((kmax,), dtype=_SAMPLE_HEAD, buffer=buf, offset=pos, strides=(size,))
     words, raws = heads["word"], heads["raw"]
@@ -345,10 +419,11 @@ def _uniform_run(buf: np.ndarray, pos: int, size: int, kmax: int) -> int:
     k, step = 1, 64
     while k < kmax:
         end = min(kmax, k + step)
-        ok = ((words[k:end] & _MISC_MASK) == want_word) & (raws[k:end] == want_raw)
+        ok = (words[k:end] & _MISC_MASK) == want_word
+        ok &= raws[k:end] == want_raw
         if not ok.all():
             return k + int(np.argmin(ok))
-        k, step = end, step * 16
+        k, step = end, min(step * 8, _RUN_WINDOW)
     return kmax
 
 
@@ -430,7 +505,8 @@ class PerfBufferReader:
     array; with BCC, `table = bpf["events"]` and
     `lambda cpu, fd: table.__setitem__(ctypes.c_int(cpu), ctypes.c_int(fd))`.
     The kernel wakes `poll` after `wakeup_events` samples on a CPU, or, with
-    `watermark_bytes`, once that many bytes are pending; `read` drains every CPU anyway.
+    `watermark_bytes`, each time that many bytes have been written; with neither, at
+    DEFAULT_WATERMARK_SHARE of the buffer. `read` drains every CPU anyway.
     One thread reads and polls; `close` may come from any thread and wakes a blocked poll.
 
     Drops are reported the way the kernel reports them: a PERF_RECORD_LOST written ahead
@@ -444,17 +520,23 @@ class PerfBufferReader:
         dtype: np.dtype | type | str,
         pages: int = 64,
         *,
-        wakeup_events: int = 1,
+        wakeup_events: int | None = None,
         watermark_bytes: int | None = None,
         cpus: Iterable[int] | None = None,
     ) -> None:
         pages = check_pages(pages, "perf buffer pages per CPU")
+        if wakeup_events is None and watermark_bytes is None:
+            watermark_bytes = max(8, int(pages * PAGE_SIZE * DEFAULT_WATERMARK_SHARE))
+        wakeup_events = 1 if wakeup_events is None else wakeup_events
         if wakeup_events < 1:
             raise ValueError(f"wakeup_events must be at least 1, not {wakeup_events}")
         if watermark_bytes is not None and not 0 < watermark_bytes <= pages * PAGE_SIZE:
             raise ValueError(f"watermark_bytes must be in 1..{pages * PAGE_SIZE} "
                              f"(the buffer size), not {watermark_bytes}")
         self.dtype = _record_dtype(dtype)
+        self._opaque = opaque(self.dtype)
+        self.wakeup_events = wakeup_events
+        self.watermark_bytes = watermark_bytes
         self.cpus = tuple(sorted(set(online_cpus() if cpus is None else cpus)))
         self._rings: list[PerfRing] = []
         self._closed = False
@@ -488,6 +570,12 @@ class PerfBufferReader:
             self.close()
             raise
 
+    @property
+    def batches_wakeups(self) -> bool:
+        """True unless the kernel wakes the reader for every sample: the drain then waits for
+        a wake-up or its timer (poll_interval) instead of reading whatever is pending."""
+        return self.watermark_bytes is not None or self.wakeup_events > 1
+
     # -- reading --
 
     def poll(self, timeout: float | None = None) -> bool:
@@ -503,7 +591,17 @@ class PerfBufferReader:
             events = self._epoll.poll(-1 if timeout is None else timeout)
             if self._closed:
                 raise ClosedError("the perf buffer reader was closed while polling")
+            if any(fd == self._wake_fd for fd, _ in events):
+                with contextlib.suppress(BlockingIOError):  # an interrupt(): reset it
+                    os.eventfd_read(self._wake_fd)
             return any(fd != self._wake_fd for fd, _ in events)
+
+    def interrupt(self) -> None:
+        """Make a blocked (or the next) `poll` return False now; from any thread. The drain
+        calls it when it is told to stop, so stop() need not wait out a poll_interval."""
+        with self._close_lock:
+            if not self._closed:
+                os.eventfd_write(self._wake_fd, 1)
 
     def read(self) -> Batch:
         """Drain every CPU once: records in arrival order per CPU, CPU by CPU.
@@ -517,22 +615,33 @@ class PerfBufferReader:
         with self._read_lock:
             if self._closed:
                 raise ClosedError("the perf buffer reader is closed")
-            parts: list[np.ndarray] = []
-            cpu_parts: list[np.ndarray] = []
+            heads = [ring.head() for ring in self._rings]
+            pieces: list[np.ndarray] = []
+            counts: list[int] = []
+            cpus: list[int] = []
+            tails: list[tuple[PerfRing, int]] = []
             lost_by_cpu: dict[int, int] = {}
-            pending = [ring.pending_bytes() for ring in self._rings]
-            for cpu, ring, upto in zip(self.cpus, self._rings, pending, strict=True):
-                if not upto:
+            for cpu, ring, head in zip(self.cpus, self._rings, heads, strict=True):
+                got, lost, tail = ring.parse(upto=head)
+                if not (got or lost) and tail == head:
                     continue
-                records, lost = ring.read(max_bytes=upto)
-                if len(records):
-                    parts.append(records)
-                    cpu_parts.append(np.full(len(records), cpu, dtype=np.int16))
+                tails.append((ring, tail))
                 if lost:
                     lost_by_cpu[cpu] = lost
-        records = concat_records(parts, self.dtype)
-        cpu_col = np.concatenate(cpu_parts) if cpu_parts else np.empty(0, np.int16)
-        return Batch(records, cpu_col, sum(lost_by_cpu.values()), lost_by_cpu)
+                if got:
+                    pieces += got
+                    counts.append(sum(len(p) for p in got))
+                    cpus.append(cpu)
+            if not tails:
+                return Batch(np.empty(0, dtype=self.dtype), np.empty(0, dtype=np.int16))
+            # One copy per run, straight into the batch; then every CPU's data_tail once.
+            out = np.empty(sum(counts), dtype=self._opaque)
+            fill(out, pieces)
+            for ring, tail in tails:
+                ring.consume(tail)
+        cpu_col = (np.full(counts[0], cpus[0], dtype=np.int16) if len(cpus) == 1
+                   else np.repeat(np.array(cpus, dtype=np.int16), counts))
+        return Batch(out.view(self.dtype), cpu_col, sum(lost_by_cpu.values()), lost_by_cpu)
 
     def fill_bytes(self) -> int:
         """Bytes waiting in all CPUs' rings."""
@@ -567,7 +676,8 @@ class PerfBufferReader:
             if self._closed:
                 return
             self._closed = True
-            if self._wake_fd >= 0:
+            # at interpreter exit this reader's finalizer may already have closed the fds
+            if self._wake_fd >= 0 and self._finalizer.alive:
                 os.eventfd_write(self._wake_fd, 1)
             with self._poll_lock, self._read_lock:
                 for ring in self._rings:
