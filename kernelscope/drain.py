@@ -25,7 +25,7 @@ from .order import OrderTracker, Reorderer
 from .readers.base import Reader
 from .readers.batch import Batch
 from .readers.perf import PerfBufferReader
-from .readers.ring import PAGE, RingBufferReader, pace
+from .readers.ring import PAGE, RingBufferReader, pace, record_span
 from .schema import Schema
 from .store import FrameStore
 
@@ -327,7 +327,9 @@ def open_map(prog: Program, om: OutputMap, dtype: np.dtype, old: MapState | None
     if om.kind == "ringbuf":
         size = prog.ring_size(name)
         ms.pages = size // PAGE
-        ms.reader = RingBufferReader(prog.map_fd(name), size, schema.dtype, wakeup=s.wakeup)
+        # a full ring is drained into memory faulted in now, not page by page while timed
+        ms.reader = RingBufferReader(prog.map_fd(name), size, schema.dtype, wakeup=s.wakeup, reserve=True)
+        ms.store.reserve(size // record_span(schema.dtype.itemsize))
     else:
         pages = s.pages.get(name, 64) if isinstance(s.pages, dict) else (s.pages or 64)
         ms.pages = pages

