@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from numpy.typing import DTypeLike
 
 from .errors import SchemaError
 
@@ -267,7 +268,7 @@ class Schema:
         seq: np.ndarray,
         arrival_ns: np.ndarray,
         cpu: np.ndarray | None = None,
-        alloc: Callable[[int, np.dtype | str], np.ndarray] | None = None,
+        alloc: Callable[[int, DTypeLike], np.ndarray] | None = None,
     ) -> pd.DataFrame:
         """Columns named after the C fields: char[] -> str, nested structs flattened, arrays kept.
 

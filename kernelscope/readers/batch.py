@@ -7,6 +7,7 @@ import threading
 from dataclasses import dataclass, field
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 
 @dataclass
@@ -90,7 +91,7 @@ class Arena:
     def free_bytes(self) -> int:
         return len(self._buf) - self._used
 
-    def take(self, n: int, dtype: np.dtype | str) -> np.ndarray:
+    def take(self, n: int, dtype: DTypeLike) -> np.ndarray:
         """An uninitialised array of `n` items of `dtype`, from the arena while it lasts."""
         dt = np.dtype(dtype)
         size = n * dt.itemsize
