@@ -239,7 +239,7 @@ def store(ms: MapState, batch: Batch, now: int) -> None:
         if not len(batch):
             return
     if ms.order is not None:
-        ms.order.update(batch.records)
+        ms.order.update(batch.records, batch.ordered)
     ms.store.append(batch, now)
 
 
@@ -329,7 +329,9 @@ def open_map(prog: Program, om: OutputMap, dtype: np.dtype, old: MapState | None
         ms.pages = size // PAGE
         # a full ring is drained into memory faulted in now, not page by page while timed
         ms.reader = RingBufferReader(prog.map_fd(name), size, schema.dtype, wakeup=s.wakeup, reserve=True)
-        ms.store.reserve(size // record_span(schema.dtype.itemsize))
+        rows = size // record_span(schema.dtype.itemsize)
+        ms.store.reserve(rows)
+        ms.reader.stamp_with(ms.store.stamper(rows))
     else:
         pages = s.pages.get(name, 64) if isinstance(s.pages, dict) else (s.pages or 64)
         ms.pages = pages

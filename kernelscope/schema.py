@@ -268,12 +268,15 @@ class Schema:
         seq: np.ndarray,
         arrival_ns: np.ndarray,
         cpu: np.ndarray | None = None,
+        *,
         alloc: Callable[[int, DTypeLike], np.ndarray] | None = None,
+        times: np.ndarray | None = None,
     ) -> pd.DataFrame:
         """Columns named after the C fields: char[] -> str, nested structs flattened, arrays kept.
 
         Numeric fields are views of `records` (strided, no copy); `alloc(n, dtype)` gives the
-        memory of the columns computed here (ks_time), np.empty by default.
+        memory of the columns computed here (ks_time), np.empty by default; `times` is ks_time
+        as int64 epoch ns when already computed (Batch.times).
         """
         self.check(records)
         data: dict[str, object] = {}
@@ -283,7 +286,9 @@ class Schema:
         if self.per_cpu:
             data[CPU] = cpu if cpu is not None else np.full(len(records), -1, dtype=np.int16)
         tf = self.time_field
-        if tf:
+        if tf and times is not None:
+            data["ks_time"] = times.view("datetime64[ns]")
+        elif tf:
             # int64 arithmetic wraps like the u64 values' own: same bits as astype(int64) first
             epoch_ns = (alloc or np.empty)(len(records), np.int64)
             ts, unit = records[tf].view(np.int64), time_unit(tf) or 1

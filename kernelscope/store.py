@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 
 from . import spill
-from .readers.batch import Arena, Batch, concat_records
-from .schema import ARRIVAL, Schema
+from .readers.batch import Arena, Batch, Stamper, concat_records
+from .schema import ARRIVAL, Schema, time_unit
 
 CHUNK_ROWS = 4096  # small batches are gathered into chunks of about this many rows
 CONVERT_ROWS = 16384  # rows converted per step: other threads get the GIL between steps
@@ -40,17 +40,20 @@ class _Chunk:
     seq0: int  # arrival sequence number of records[0]
     arrival_ns: np.ndarray  # per record (int64 monotonic ns of the read that brought it)
     cpu: np.ndarray | None
+    times: np.ndarray | None = None  # ks_time as int64 epoch ns (maps with a timestamp field)
 
 
 def _concat(chunks: list[_Chunk], dtype: np.dtype) -> _Chunk:
     if len(chunks) == 1:
         return chunks[0]
     cpus = [c.cpu for c in chunks]
+    times = [c.times for c in chunks]
     return _Chunk(
         concat_records([c.records for c in chunks], dtype),
         chunks[0].seq0,
         np.concatenate([c.arrival_ns for c in chunks]),
         np.concatenate(cpus) if all(c is not None for c in cpus) else None,  # type: ignore[arg-type]
+        np.concatenate(times) if all(t is not None for t in times) else None,  # type: ignore[arg-type]
     )
 
 
@@ -76,7 +79,8 @@ def pa_combined(arr: Any) -> Any:
 def _slice(c: _Chunk, lo: int, hi: int) -> _Chunk:
     """Rows seq lo..hi of chunk `c` (views)."""
     a, b = lo - c.seq0, hi - c.seq0
-    return _Chunk(c.records[a:b], lo, c.arrival_ns[a:b], c.cpu[a:b] if c.cpu is not None else None)
+    return _Chunk(c.records[a:b], lo, c.arrival_ns[a:b], c.cpu[a:b] if c.cpu is not None else None,
+                  c.times[a:b] if c.times is not None else None)
 
 
 class _View:
@@ -126,7 +130,8 @@ class _View:
                     self.obj_row_bytes += sys.getsizeof(arr[0])
                 elif source is not None and np.may_share_memory(arr, source.records):
                     self.borrowed.add(col)
-                elif source is not None and np.may_share_memory(arr, source.arrival_ns):
+                elif source is not None and any(np.may_share_memory(arr, a)
+                                                for a in (source.arrival_ns, source.times) if a is not None):
                     self.borrowed.add(col)
                     self.borrowed_row_bytes += 8
                 continue
@@ -141,7 +146,7 @@ class _View:
             if first and arr.dtype == object and k:
                 self.obj_row_bytes += sys.getsizeof(arr[0])
         self.n += k
-        if first and any(c in self.borrowed for c in df.columns if c not in (ARRIVAL,)):
+        if first and any(c in self.borrowed for c in df.columns if c not in (ARRIVAL, "ks_time")):
             self.borrowed_row_bytes += source.records.dtype.itemsize if source is not None else 0
         if not self.borrowed:
             self.borrowed_row_bytes = 0
@@ -222,21 +227,31 @@ class FrameStore:
         self._spill_wake = threading.Event()
         self._spiller: threading.Thread | None = None
         self._warned: set[str] = set()
-        # record + arrival time (+ CPU for perf buffers): what one stored row costs
-        self._row_bytes = schema.dtype.itemsize + 8 + (2 if schema.per_cpu else 0)
+        # record + arrival time (+ CPU for perf buffers, + ks_time with a timestamp field)
+        self._row_bytes = (schema.dtype.itemsize + 8 + (2 if schema.per_cpu else 0)
+                           + (8 if schema.time_field else 0))
         self._arena = Arena()  # arrival times and computed columns of the rows to come
+        self._stamper = self.stamper()
         spill.register(self)
 
     def reserve(self, rows: int) -> None:
         """Fault in now the memory the next `rows` rows' arrival times and computed columns
         (ks_seq, ks_time) need, so a buffer drained full is stored and framed without a
         page fault per page (a fresh array's first write costs about as much as the copy)."""
-        per_row = 8 + 8 + (8 if self.schema.time_field else 0)
+        per_row = 8 + 8
         if self.max_rows is not None:
             rows = min(rows, self.max_rows)
         if self.max_bytes is not None:
             rows = min(rows, self.max_bytes // (2 * per_row))
         self._arena = Arena(rows * per_row + 4 * Arena.ALIGN)
+
+    def stamper(self, rows: int = 0) -> Stamper | None:
+        """A Stamper of this map's ks_time (None without a timestamp field) for a reader to
+        fill Batch.times with, with `rows` rows of memory faulted in."""
+        tf = self.schema.time_field
+        if tf is None:
+            return None
+        return Stamper(self.schema.dtype, tf, time_unit(tf) or 1, self.schema.epoch_offset_ns, rows)
 
     @property
     def reserved_bytes(self) -> int:
@@ -290,8 +305,13 @@ class FrameStore:
         arrival = self._arena.take(n, np.dtype(np.int64))
         arrival.fill(arrival_ns)
         cpu = batch.cpu.astype(np.int16, copy=False) if batch.cpu is not None else None
+        times = batch.times
+        if self._stamper is not None and (times is None or len(times) != n):
+            times = self._stamper.compute(batch.records, np.empty(n, np.int64))
+        elif self._stamper is None:
+            times = None
         with self._lock:
-            c = _Chunk(batch.records, self.received, arrival, cpu)
+            c = _Chunk(batch.records, self.received, arrival, cpu, times)
             if n >= CHUNK_ROWS and not self._open:
                 self._chunks.append(c)
             else:
@@ -433,7 +453,8 @@ class FrameStore:
                 else:
                     rest = _slice(first, first.seq0 + count, first.seq0 + n)
                     chunks[0] = _Chunk(rest.records.copy(), rest.seq0, rest.arrival_ns.copy(),
-                                       rest.cpu.copy() if rest.cpu is not None else None)
+                                       rest.cpu.copy() if rest.cpu is not None else None,
+                                       rest.times.copy() if rest.times is not None else None)
                     if chunks is self._open:
                         self._open_rows -= count
                     count = 0
@@ -513,7 +534,8 @@ class FrameStore:
     def _convert(self, view: _View, parts: list[_Chunk]) -> None:
         piece = _concat(parts, self.schema.dtype)
         seq = sequence(self._arena.take(len(piece.records), np.int64), piece.seq0)
-        df = self.schema.frame(piece.records, seq, piece.arrival_ns, piece.cpu, alloc=self._arena.take)
+        df = self.schema.frame(piece.records, seq, piece.arrival_ns, piece.cpu, alloc=self._arena.take,
+                               times=piece.times)
         view.extend(df, piece if len(parts) == 1 else None)
 
     def clear(self) -> None:

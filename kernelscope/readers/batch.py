@@ -27,6 +27,10 @@ class Batch:
     lost: int = 0
     lost_by_cpu: dict[int, int] = field(default_factory=dict)
     discarded: int = 0  # ring buffer records the program reserved then discarded
+    # filled by a reader given a Stamper: each record's timestamp as epoch ns (ks_time),
+    # computed while the records were in cache, and whether the timestamps never decrease
+    times: np.ndarray | None = None
+    ordered: bool = False
 
     def __len__(self) -> int:
         return len(self.records)
@@ -116,3 +120,43 @@ class Arena:
         with self._lock:
             self._buf = np.empty(0, dtype=np.uint8)
             self._used = 0
+
+
+class Stamper:
+    """Epoch-ns timestamps (`ts * unit + offset`, int64) of runs of records, and whether the
+    timestamps never decrease, computed run by run right after a reader copied the run, while
+    it is still in cache (a separate pass over a big batch reads it all from memory again).
+    `reset()` starts a batch; `stamp(run, out)` handles the next run of it, in order."""
+
+    def __init__(self, dtype: np.dtype, field_name: str, unit: int, offset_ns: int, rows: int = 0) -> None:
+        self.dtype = np.dtype(dtype)
+        self.field = field_name
+        self.unit = unit
+        self.offset_ns = offset_ns
+        self.arena = Arena(rows * 8)
+        self.ordered = True
+        self._last = -1
+
+    def reset(self) -> None:
+        self.ordered, self._last = True, -1
+
+    def compute(self, records: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """`out` (int64, len(records)) filled with the records' epoch ns."""
+        ts = records[self.field].view(np.int64)  # int64 wraps like u64: same bits as astype
+        if self.unit != 1:
+            np.multiply(ts, self.unit, out=out)
+            ts = out
+        np.add(ts, self.offset_ns, out=out)
+        return out
+
+    def stamp(self, run: np.ndarray, out: np.ndarray) -> None:
+        """Stamp one run (records of `dtype`, or opaque bytes of its size) into `out`."""
+        recs = run.view(self.dtype)
+        if not len(recs):
+            return
+        ts = recs[self.field]
+        if self.ordered:
+            first = int(ts[0])
+            self.ordered = first >= self._last and not bool((ts[1:] < ts[:-1]).any())
+        self._last = int(ts[-1])
+        self.compute(recs, out)

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import ClosedError, CorruptBufferError
 from .base import Resources
-from .batch import Arena, Batch, concat_records, copy_records, opaque
+from .batch import Arena, Batch, Stamper, concat_records, copy_records, opaque
 
 BUSY = 1 << 31
 DISCARD = 1 << 30
@@ -84,6 +84,8 @@ class ParseResult:
     discarded: int
     consumed: int  # bytes consumer_pos moved
     busy: bool  # stopped at a record the producer has not committed yet
+    times: np.ndarray | None = None  # with a stamper: Batch.times
+    ordered: bool = False
 
 
 class RingParser:
@@ -105,6 +107,7 @@ class RingParser:
         self._opaque = opaque(self.dtype)
         self._run_max = max(1, RELEASE_BYTES // self.stride)
         self.arena = Arena()  # where records are copied to; `reserve` faults it in ahead
+        self.stamper: Stamper | None = None  # set by the owner: timestamps stamped per run
 
     def reserve(self) -> None:
         """Fault in room for a full ring of records now, so a read that finds the ring full
@@ -145,6 +148,10 @@ class RingParser:
         # Fixed-size records are copied into one array (a copy: the kernel reuses the bytes
         # once consumer_pos moves on); records of other sizes go between its segments.
         out = self.arena.take(avail // self.stride, self._opaque)
+        stamper = self.stamper
+        times = taken = stamper.arena.take(len(out), np.int64) if stamper is not None else None
+        if stamper is not None:
+            stamper.reset()
         chunks: list[np.ndarray] = []
         pos, filled, mark, discarded, busy = 0, 0, 0, 0, False
         itemsize, stride = self.dtype.itemsize, self.stride
@@ -160,6 +167,8 @@ class RingParser:
                     out[filled : filled + run] = np.ndarray(
                         (run,), dtype=self._opaque, buffer=region, offset=pos + HDR, strides=(stride,)
                     )
+                    if stamper is not None and times is not None:  # the run is still in cache
+                        stamper.stamp(out[filled : filled + run], times[filled : filled + run])
                     filled += run
                     pos += run * stride
                     self._cons[0] = cons + pos  # copied out: the producer may reuse the room
@@ -184,14 +193,19 @@ class RingParser:
                     chunks.append(out[mark:filled].view(self.dtype))
                     mark = filled
                 chunks.append(copy_records(region[pos + HDR : pos + HDR + length], self.dtype))
+                times = None  # a record of another size: the owner stamps the batch itself
             pos += span
         if filled > mark:
             chunks.append(out[mark:filled].view(self.dtype))
         self.arena.give_back(out, filled)
+        if stamper is not None and taken is not None:
+            kept = stamper.arena.give_back(taken, filled if times is not None else 0)
+            times = kept if times is not None else None
         if pos:
             self._cons[0] = cons + pos  # the kernel reads it to make room
         records = concat_records(chunks, self.dtype)
-        return ParseResult(records, discarded, pos, busy)
+        ordered = stamper is not None and times is not None and stamper.ordered
+        return ParseResult(records, discarded, pos, busy, times, ordered)
 
 
 WAKEUPS = ("adaptive", "epoll", "timer")
@@ -272,10 +286,14 @@ class RingBufferReader:
                 raise ClosedError("the ring buffer reader was closed while polling")
             return bool(self.parser.pending_bytes())
 
+    def stamp_with(self, stamper: Stamper | None) -> None:
+        """Have every read stamp its records' timestamps run by run (Batch.times)."""
+        self.parser.stamper = stamper
+
     def read(self, max_bytes: int | None = None) -> Batch:
         with self._read_lock:
             res = self.parser.read(max_bytes)
-        return Batch(res.records, discarded=res.discarded)
+        return Batch(res.records, discarded=res.discarded, times=res.times, ordered=res.ordered)
 
     def fill_bytes(self) -> int:
         return self.parser.pending_bytes()
