@@ -500,6 +500,7 @@ class FrameStore:
             if view.end < first_mem:
                 view = _View(first_mem)
             parts: list[_Chunk] = []
+            converted: list[pd.DataFrame] = []
             pending = 0  # rows in parts
             # the first conversion takes up to FIRST_CONVERT_ROWS in one step, its columns
             # kept as the buffers (no copy); later ones, as a drain extends the frame, go in
@@ -513,13 +514,15 @@ class FrameStore:
                     pending += b - a
                     a = b
                     if pending >= step:
-                        self._convert(view, parts)
+                        converted.append(self._convert(view, parts))
                         parts, pending = [], 0
             if parts:
-                self._convert(view, parts)
+                converted.append(self._convert(view, parts))
             end = view.end
             self._view = view
-            if view.n:
+            if len(converted) == 1 and len(converted[0]) == view.n == end - max(first, first_mem):
+                out = converted[0]  # everything converted at once: that frame is the frame
+            elif view.n:
                 out = view.frame(self.schema.columns, max(first, first_mem), end)
             else:
                 out = self.schema.frame(np.empty(0, self.schema.dtype), np.empty(0, np.int64),
@@ -531,12 +534,13 @@ class FrameStore:
             self._last = (key, weakref.ref(out))
             return out
 
-    def _convert(self, view: _View, parts: list[_Chunk]) -> None:
+    def _convert(self, view: _View, parts: list[_Chunk]) -> pd.DataFrame:
         piece = _concat(parts, self.schema.dtype)
         seq = sequence(self._arena.take(len(piece.records), np.int64), piece.seq0)
         df = self.schema.frame(piece.records, seq, piece.arrival_ns, piece.cpu, alloc=self._arena.take,
                                times=piece.times)
         view.extend(df, piece if len(parts) == 1 else None)
+        return df
 
     def clear(self) -> None:
         with self._build_lock, self._lock:
