@@ -8,7 +8,7 @@ exactly that from user space (kernel/sched/membarrier.c; only when more than one
 online, and it fails with EINVAL under nohz_full). Sleepable programs (SEC("uprobe.s/..."),
 "lsm.s", "fentry.s", ...) run under RCU tasks trace instead, which no system call waits for:
 for them, and whenever membarrier is unavailable, a fixed sleep of GRACE stays the wait.
-The barrier runs in a thread (ctypes releases the GIL) so the final drain overlaps it.
+ctypes releases the GIL during the call: the drain thread reads on meanwhile.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import ctypes
 import os
 import platform
 import re
-import threading
 import time
 
 GRACE = 0.02  # seconds: the fallback wait, a guess the barrier replaces where it can
@@ -43,26 +42,16 @@ def rcu_barrier() -> bool:
                             ctypes.c_int(0))) == 0
 
 
-class Grace:
-    """Started right after the gate closed; `wait()` returns once every program that saw it
-    open has finished. Meanwhile the caller drains."""
-
-    def __init__(self, sleepable: bool = False) -> None:
-        self.started = time.monotonic()
-        self.sleepable = sleepable
-        self.barrier_ok = False
-        self._thread = threading.Thread(target=self._run, name="kernelscope-grace", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.barrier_ok = rcu_barrier()
-        except OSError:
-            self.barrier_ok = False
-
-    def wait(self) -> None:
-        self._thread.join()
-        if self.sleepable or not self.barrier_ok:
-            rest = GRACE - (time.monotonic() - self.started)
-            if rest > 0:
-                time.sleep(rest)
+def wait_out(sleepable: bool = False) -> bool:
+    """Return once every program that saw the gate open has finished (call it right after
+    closing the gate). True if the RCU barrier did it; False if it slept GRACE instead."""
+    started = time.monotonic()
+    try:
+        ok = rcu_barrier()
+    except OSError:
+        ok = False
+    if sleepable or not ok:
+        rest = GRACE - (time.monotonic() - started)
+        if rest > 0:
+            time.sleep(rest)
+    return ok

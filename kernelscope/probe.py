@@ -40,7 +40,7 @@ from .drain import (
     user_ring_stats,
 )
 from .errors import ClosedError, KernelscopeError, SettingError
-from .grace import GRACE, Grace, sleepable
+from .grace import GRACE, sleepable, wait_out
 from .maps.table import Maps
 from .results import Results
 from .schema import Schema
@@ -337,13 +337,12 @@ class Probe(Results, metaclass=_LiveOrReplay):
         if self.closed or not self.loaded or (self._stopped_stats is not None and not self.running):
             return self
         self._set_gate(0)
-        grace = Grace(sleepable(self.source))  # the barrier runs while the drain thread reads on
         self._res.stop.set()
+        wait_out(sleepable(self.source))  # the drain thread reads on meanwhile (GIL released)
         t = self._res.thread
         if t is not None and t is not threading.current_thread():
             t.join()
         self._res.thread = None
-        grace.wait()
         deadline = time.monotonic() + 5.0  # a BUSY record is finished by the time the gate closed
         while self.poll_once(0) or self._drain.pending():
             if time.monotonic() > deadline:

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from test_ringbuf_fake import DTYPE, FakeRing, event
 
-from kernelscope.grace import GRACE, Grace, rcu_barrier, sleepable
+from kernelscope.grace import GRACE, rcu_barrier, sleepable, wait_out
 from kernelscope.readers.batch import Arena, Batch, Stamper
 from kernelscope.readers.ring import RingParser, record_span
 from kernelscope.schema import Schema
@@ -163,14 +163,22 @@ def test_membarrier_runs_here_and_sleepable_programs_still_sleep() -> None:
     import time
 
     assert rcu_barrier()
-    g = Grace()
-    g.wait()
-    assert g.barrier_ok
+    assert wait_out()
     t = time.monotonic()
-    g = Grace(sleepable=True)
-    g.wait()
+    assert wait_out(sleepable=True)
     assert time.monotonic() - t >= GRACE * 0.99  # RCU tasks trace: no barrier waits for it
 
 
 def test_record_span_of_the_bench_event() -> None:
     assert record_span(32) == 40
+
+
+def test_without_membarrier_the_wait_is_the_grace_sleep(monkeypatch) -> None:
+    import time
+
+    from kernelscope import grace
+
+    monkeypatch.setattr(grace, "rcu_barrier", lambda: False)  # ENOSYS, EINVAL under nohz_full
+    t = time.monotonic()
+    assert not grace.wait_out()
+    assert time.monotonic() - t >= GRACE * 0.99
