@@ -40,7 +40,12 @@ class _Chunk:
     seq0: int  # arrival sequence number of records[0]
     arrival_ns: np.ndarray  # per record (int64 monotonic ns of the read that brought it)
     cpu: np.ndarray | None
-    times: np.ndarray | None = None  # ks_time as int64 epoch ns (maps with a timestamp field)
+    # ks_time as int64 epoch ns, stamped by the reader: kept (big chunks only) until converted
+    times: np.ndarray | None = None
+
+
+def _tbytes(c: _Chunk) -> int:
+    return c.times.nbytes if c.times is not None else 0
 
 
 def _concat(chunks: list[_Chunk], dtype: np.dtype) -> _Chunk:
@@ -108,7 +113,8 @@ class _View:
 
     def _count(self) -> None:
         arrow = sum(int(p.nbytes) for ps in self.pieces.values() for p in ps)
-        owned = sum(b.nbytes for c, b in self.bufs.items() if c not in self.borrowed)
+        # rows written, not the buffers' capacity: np.empty's pages past them are never touched
+        owned = sum(b[: self.n].nbytes for c, b in self.bufs.items() if c not in self.borrowed)
         self.nbytes = owned + arrow + self.obj_row_bytes * self.n
 
     def extend(self, df: pd.DataFrame, source: _Chunk | None = None) -> None:
@@ -227,11 +233,11 @@ class FrameStore:
         self._spill_wake = threading.Event()
         self._spiller: threading.Thread | None = None
         self._warned: set[str] = set()
-        # record + arrival time (+ CPU for perf buffers, + ks_time with a timestamp field)
-        self._row_bytes = (schema.dtype.itemsize + 8 + (2 if schema.per_cpu else 0)
-                           + (8 if schema.time_field else 0))
+        # record + arrival time (+ CPU for perf buffers): what one stored row costs
+        self._row_bytes = schema.dtype.itemsize + 8 + (2 if schema.per_cpu else 0)
+        self._times_bytes = 0  # _Chunk.times not converted yet
         self._arena = Arena()  # arrival times and computed columns of the rows to come
-        self._stamper = self.stamper()
+        self._timed = schema.time_field is not None
         spill.register(self)
 
     def reserve(self, rows: int) -> None:
@@ -267,7 +273,8 @@ class FrameStore:
         (those that are views of stored records count once, with the records)."""
         view = self._view
         released = max(0, min(view.end, self.received - self._mem_rows) - view.seq0)  # held by the view only
-        return self._mem_rows * self._row_bytes + view.nbytes + view.borrowed_row_bytes * released
+        return (self._mem_rows * self._row_bytes + self._times_bytes + view.nbytes
+                + view.borrowed_row_bytes * released)
 
     nbytes = memory_bytes
 
@@ -305,16 +312,16 @@ class FrameStore:
         arrival = self._arena.take(n, np.dtype(np.int64))
         arrival.fill(arrival_ns)
         cpu = batch.cpu.astype(np.int16, copy=False) if batch.cpu is not None else None
-        times = batch.times
-        if self._stamper is not None and (times is None or len(times) != n):
-            times = self._stamper.compute(batch.records, np.empty(n, np.int64))
-        elif self._stamper is None:
+        times = batch.times if self._timed and n >= CHUNK_ROWS else None
+        if times is not None and len(times) != n:
             times = None
         with self._lock:
             c = _Chunk(batch.records, self.received, arrival, cpu, times)
             if n >= CHUNK_ROWS and not self._open:
                 self._chunks.append(c)
+                self._times_bytes += _tbytes(c)
             else:
+                c.times = None  # small batches are gathered by copying; frames compute their ks_time
                 self._open.append(c)
                 self._open_rows += n
                 if self._open_rows >= CHUNK_ROWS or len(self._open) >= 256:
@@ -394,6 +401,7 @@ class FrameStore:
                     spill.SpillDir.delete(seg)  # evicted or cleared meanwhile
                     continue
                 del self._chunks[: len(pick)]
+                self._times_bytes -= sum(_tbytes(c) for c in pick)
                 self._segments.append(seg)
                 self._mem_rows -= seg.rows
                 self.spilled += seg.rows
@@ -446,7 +454,7 @@ class FrameStore:
                 first = chunks[0]
                 n = len(first.records)
                 if n <= count:
-                    chunks.pop(0)
+                    self._times_bytes -= _tbytes(chunks.pop(0))
                     count -= n
                     if chunks is self._open:
                         self._open_rows -= n
@@ -455,6 +463,7 @@ class FrameStore:
                     chunks[0] = _Chunk(rest.records.copy(), rest.seq0, rest.arrival_ns.copy(),
                                        rest.cpu.copy() if rest.cpu is not None else None,
                                        rest.times.copy() if rest.times is not None else None)
+                    self._times_bytes -= _tbytes(first) - _tbytes(chunks[0])
                     if chunks is self._open:
                         self._open_rows -= count
                     count = 0
@@ -520,6 +529,8 @@ class FrameStore:
                 converted.append(self._convert(view, parts))
             end = view.end
             self._view = view
+            if self._times_bytes and "ks_time" not in view.borrowed:
+                self._drop_times(end)
             if len(converted) == 1 and len(converted[0]) == view.n == end - max(first, first_mem):
                 out = converted[0]  # everything converted at once: that frame is the frame
             elif view.n:
@@ -533,6 +544,16 @@ class FrameStore:
                 out = pd.concat([*disk, out] if len(out) else disk, ignore_index=True)
             self._last = (key, weakref.ref(out))
             return out
+
+    def _drop_times(self, end: int) -> None:
+        """Stamped times of rows before `end` are in the view's own ks_time now: let them go."""
+        with self._lock:
+            for c in self._chunks:
+                if c.seq0 + len(c.records) > end:
+                    break
+                if c.times is not None:
+                    self._times_bytes -= c.times.nbytes
+                    c.times = None
 
     def _convert(self, view: _View, parts: list[_Chunk]) -> pd.DataFrame:
         piece = _concat(parts, self.schema.dtype)
@@ -550,7 +571,7 @@ class FrameStore:
             self._segments.clear()
             self._chunks.clear()
             self._open.clear()
-            self._open_rows = self._rows = self._mem_rows = 0
+            self._open_rows = self._rows = self._mem_rows = self._times_bytes = 0
             self._view = _View(self.received)
             self._last = None
 
