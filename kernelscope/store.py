@@ -6,6 +6,12 @@ once, outside `_lock`, into column buffers that grow in place, and the frame is 
 them, so a repeated `df` costs only the new rows. Beyond the memory budget (spill.py) a
 background thread writes the oldest rows to Parquet segments, which frames read back.
 With `max_rows`, the oldest rows go first and are counted in `evicted`.
+
+A buffer drained whole (one big batch) is framed without a copy: its numeric columns are
+strided views of the stored records, ks_time is the reader's stamped times (Batch.times), and
+arrival times, ks_seq and ks_time live in memory faulted in by `reserve` at load. Columns
+that view stored rows are counted once in `memory_bytes`; a later frame that grows the
+columns copies them into buffers of their own (and counts those).
 """
 
 from __future__ import annotations

@@ -33,9 +33,13 @@ def test_arena_slices_never_overlap_and_fall_back_when_used_up() -> None:
     assert not np.shares_memory(y, z)
     assert not np.shares_memory(x, z)
     assert all(np.shares_memory(v, a._buf) for v in (x, y, z))
-    big = a.take(10_000, np.int64)  # more than is left: a fresh array
-    assert not np.shares_memory(big, a._buf)
+    buf = a._buf
+    big = a.take(10_000, np.int64)  # more than is left: a fresh array, and the arena goes
+    assert not np.shares_memory(big, buf)
     assert len(big) == 10_000
+    assert a.free_bytes == 0
+    assert len(a.take(1, np.int64)) == 1
+    assert np.shares_memory(x, buf)  # what was handed out stays valid
 
 
 def test_reads_copy_into_the_arena_keep_padding_and_stamp_times() -> None:

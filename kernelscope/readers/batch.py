@@ -79,8 +79,8 @@ class Arena:
     the cost of copying records out of a ring (about as much as the copy itself). A reader
     or store that knows how much it will need soon reserves it here while nothing is timed
     (at load), and its hot path takes views instead of np.empty. A slice keeps the whole
-    arena alive while anything refers to it; when the arena runs out, `take` falls back to
-    np.empty.
+    arena alive while anything refers to it; the first request the arena cannot serve lets
+    it go (only the slices handed out keep it), and `take` falls back to np.empty.
     """
 
     ALIGN = 64
@@ -104,6 +104,8 @@ class Arena:
             if n and start + size <= len(self._buf):
                 self._used = start + size
                 return self._buf[start : start + size].view(dt)
+            if n and len(self._buf):  # used up: only the slices handed out keep it now
+                self._buf, self._used = np.empty(0, dtype=np.uint8), 0
         return np.empty(n, dtype=dt)
 
     def give_back(self, arr: np.ndarray, n: int) -> np.ndarray:
