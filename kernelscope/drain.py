@@ -26,7 +26,7 @@ from .order import OrderTracker, Reorderer
 from .readers.base import Reader
 from .readers.batch import Batch
 from .readers.perf import PerfBufferReader
-from .readers.ring import PAGE, RingBufferReader, pace
+from .readers.ring import PAGE, RingBufferReader, pace, record_span
 from .schema import Schema
 from .store import FrameStore
 
@@ -253,7 +253,7 @@ def store(ms: MapState, batch: Batch, now: int) -> None:
         if not len(batch):
             return
     if ms.order is not None:
-        ms.order.update(batch.records)
+        ms.order.update(batch.records, batch.ordered)
     ms.store.append(batch, now)
 
 
@@ -366,7 +366,11 @@ def open_map(prog: Program, om: OutputMap, dtype: np.dtype, old: MapState | None
     if om.kind == "ringbuf":
         size = prog.ring_size(name)
         ms.pages = size // PAGE
-        ms.reader = RingBufferReader(prog.map_fd(name), size, schema.dtype, wakeup=s.wakeup)
+        # a full ring is drained into memory faulted in now, not page by page while timed
+        ms.reader = RingBufferReader(prog.map_fd(name), size, schema.dtype, wakeup=s.wakeup, reserve=True)
+        rows = size // record_span(schema.dtype.itemsize)
+        ms.store.reserve(rows)
+        ms.reader.stamp_with(ms.store.stamper(rows))
     else:
         pages = s.pages.get(name, 64) if isinstance(s.pages, dict) else (s.pages or 64)
         ms.pages = pages

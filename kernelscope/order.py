@@ -21,8 +21,12 @@ class OrderTracker:
         self.inversions = 0
         self.max_inversion_ns = 0
 
-    def update(self, records: np.ndarray) -> None:
+    def update(self, records: np.ndarray, ordered: bool = False) -> None:
+        """`ordered`: the reader already found the batch's timestamps never decrease."""
         if not len(records):
+            return
+        if ordered and int(records[self.ts_field][0]) >= self.max_seen:
+            self.max_seen = int(records[self.ts_field][-1])
             return
         ts = np.ascontiguousarray(records[self.ts_field], dtype=np.uint64)
         if int(ts[0]) >= self.max_seen and not (ts[1:] < ts[:-1]).any():

@@ -40,6 +40,7 @@ from .drain import (
     user_ring_stats,
 )
 from .errors import ClosedError, KernelscopeError, SettingError
+from .grace import GRACE, sleepable, wait_out
 from .maps.table import Maps
 from .results import Results
 from .schema import Schema
@@ -48,7 +49,6 @@ from .settings import check_settings, include_flags, program_name, read_program,
 _live: weakref.WeakSet[Probe] = weakref.WeakSet()
 BACKENDS: dict[str, Backend] = {"bcc": bcc, "libbpf": core}  # the one place a backend is chosen
 __all__ = ["BACKENDS", "GRACE", "Probe", "close_all", "live_probes"]
-GRACE = 0.02  # seconds for BPF programs already running to finish after the gate closes
 def live_probes() -> list[Probe]:
     return [p for p in list(_live) if not p.closed]
 
@@ -332,7 +332,7 @@ class Probe(Results, metaclass=_LiveOrReplay):
         return self
 
     def stop(self) -> Probe:
-        """Close the gate, let running programs finish, drain what is left. Data stays.
+        """Close the gate, wait out running programs (grace.py) while draining, drain what is left.
 
         After stop() the counters are frozen, so `attempted == received + dropped` exactly.
         Stopping a stopped probe (again, or by close()) changes nothing: the maps, stacks and
@@ -342,11 +342,11 @@ class Probe(Results, metaclass=_LiveOrReplay):
             return self
         self._set_gate(0)
         self._res.stop.set()
+        wait_out(sleepable(self.source))  # the drain thread reads on meanwhile (GIL released)
         t = self._res.thread
         if t is not None and t is not threading.current_thread():
             t.join()
         self._res.thread = None
-        time.sleep(GRACE)
         deadline = time.monotonic() + 5.0  # a BUSY record is finished by the time the gate closed
         while self.poll_once(0) or self._drain.pending():
             if time.monotonic() > deadline:

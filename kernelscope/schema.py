@@ -11,11 +11,12 @@ from __future__ import annotations
 import itertools
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from numpy.typing import DTypeLike
 
 from .errors import SchemaError
 
@@ -267,8 +268,16 @@ class Schema:
         seq: np.ndarray,
         arrival_ns: np.ndarray,
         cpu: np.ndarray | None = None,
+        *,
+        alloc: Callable[[int, DTypeLike], np.ndarray] | None = None,
+        times: np.ndarray | None = None,
     ) -> pd.DataFrame:
-        """Columns named after the C fields: char[] -> str, nested structs flattened, arrays kept."""
+        """Columns named after the C fields: char[] -> str, nested structs flattened, arrays kept.
+
+        Numeric fields are views of `records` (strided, no copy); `alloc(n, dtype)` gives the
+        memory of the columns computed here (ks_time), np.empty by default; `times` is ks_time
+        as int64 epoch ns when already computed (Batch.times).
+        """
         self.check(records)
         data: dict[str, object] = {}
         _columns(records, "", data)
@@ -277,8 +286,16 @@ class Schema:
         if self.per_cpu:
             data[CPU] = cpu if cpu is not None else np.full(len(records), -1, dtype=np.int16)
         tf = self.time_field
-        if tf:
-            epoch_ns = records[tf].astype(np.int64) * (time_unit(tf) or 1) + self.epoch_offset_ns
+        if tf and times is not None:
+            data["ks_time"] = times.view("datetime64[ns]")
+        elif tf:
+            # int64 arithmetic wraps like the u64 values' own: same bits as astype(int64) first
+            epoch_ns = (alloc or np.empty)(len(records), np.int64)
+            ts, unit = records[tf].view(np.int64), time_unit(tf) or 1
+            if unit != 1:
+                np.multiply(ts, unit, out=epoch_ns)
+                ts = epoch_ns
+            np.add(ts, self.epoch_offset_ns, out=epoch_ns)
             data["ks_time"] = epoch_ns.view("datetime64[ns]")  # same values, no parsing pass
         # copy=False: one block per column, no consolidation copy (3-10x faster for big
         # frames); columns may view the stored records, which are never written in place.

@@ -6,6 +6,12 @@ once, outside `_lock`, into column buffers that grow in place, and the frame is 
 them, so a repeated `df` costs only the new rows. Beyond the memory budget (spill.py) a
 background thread writes the oldest rows to Parquet segments, which frames read back.
 With `max_rows`, the oldest rows go first and are counted in `evicted`.
+
+A buffer drained whole (one big batch) is framed without a copy: its numeric columns are
+strided views of the stored records, ks_time is the reader's stamped times (Batch.times), and
+arrival times, ks_seq and ks_time live in memory faulted in by `reserve` at load. Columns
+that view stored rows are counted once in `memory_bytes`; a later frame that grows the
+columns copies them into buffers of their own (and counts those).
 """
 
 from __future__ import annotations
@@ -23,8 +29,8 @@ import numpy as np
 import pandas as pd
 
 from . import spill
-from .readers.batch import Batch, concat_records
-from .schema import Schema
+from .readers.batch import Arena, Batch, Stamper, concat_records
+from .schema import ARRIVAL, Schema, time_unit
 
 CHUNK_ROWS = 4096  # small batches are gathered into chunks of about this many rows
 CONVERT_ROWS = 16384  # rows converted per step: other threads get the GIL between steps
@@ -40,18 +46,38 @@ class _Chunk:
     seq0: int  # arrival sequence number of records[0]
     arrival_ns: np.ndarray  # per record (int64 monotonic ns of the read that brought it)
     cpu: np.ndarray | None
+    # ks_time as int64 epoch ns, stamped by the reader: kept (big chunks only) until converted
+    times: np.ndarray | None = None
+
+
+def _tbytes(c: _Chunk) -> int:
+    return c.times.nbytes if c.times is not None else 0
 
 
 def _concat(chunks: list[_Chunk], dtype: np.dtype) -> _Chunk:
     if len(chunks) == 1:
         return chunks[0]
     cpus = [c.cpu for c in chunks]
+    times = [c.times for c in chunks]
     return _Chunk(
         concat_records([c.records for c in chunks], dtype),
         chunks[0].seq0,
         np.concatenate([c.arrival_ns for c in chunks]),
         np.concatenate(cpus) if all(c is not None for c in cpus) else None,  # type: ignore[arg-type]
+        np.concatenate(times) if all(t is not None for t in times) else None,  # type: ignore[arg-type]
     )
+
+
+_IOTA = np.arange(1 << 16, dtype=np.dtype(np.int64))
+
+
+def sequence(out: np.ndarray, start: int) -> np.ndarray:
+    """Fill int64 `out` with start, start+1, ... in place (np.arange would fault in a fresh array)."""
+    step = len(_IOTA)
+    for i in range(0, len(out), step):
+        part = out[i : i + step]
+        np.add(_IOTA[: len(part)], start + i, out=part)
+    return out
 
 
 def pa_combined(arr: Any) -> Any:
@@ -64,7 +90,8 @@ def pa_combined(arr: Any) -> Any:
 def _slice(c: _Chunk, lo: int, hi: int) -> _Chunk:
     """Rows seq lo..hi of chunk `c` (views)."""
     a, b = lo - c.seq0, hi - c.seq0
-    return _Chunk(c.records[a:b], lo, c.arrival_ns[a:b], c.cpu[a:b] if c.cpu is not None else None)
+    return _Chunk(c.records[a:b], lo, c.arrival_ns[a:b], c.cpu[a:b] if c.cpu is not None else None,
+                  c.times[a:b] if c.times is not None else None)
 
 
 class _View:
@@ -80,6 +107,10 @@ class _View:
         self.pieces: dict[str, list[Any]] = {}
         self.piece_seq0: list[int] = []  # where each piece starts (numpy columns keep them too)
         self.obj_row_bytes = 0  # per row, for object columns (Python objects per cell)
+        # columns that are views of the stored chunks (records, arrival times) cost nothing
+        # while the chunks are stored; this many bytes per row once the store let them go
+        self.borrowed: set[str] = set()
+        self.borrowed_row_bytes = 0
         self.nbytes = 0  # read by the drain thread's budget check: kept, not summed there
 
     @property
@@ -88,9 +119,13 @@ class _View:
 
     def _count(self) -> None:
         arrow = sum(int(p.nbytes) for ps in self.pieces.values() for p in ps)
-        self.nbytes = sum(b.nbytes for b in self.bufs.values()) + arrow + self.obj_row_bytes * self.n
+        # rows written, not the buffers' capacity: np.empty's pages past them are never touched
+        owned = sum(b[: self.n].nbytes for c, b in self.bufs.items() if c not in self.borrowed)
+        self.nbytes = owned + arrow + self.obj_row_bytes * self.n
 
-    def extend(self, df: pd.DataFrame) -> None:
+    def extend(self, df: pd.DataFrame, source: _Chunk | None = None) -> None:
+        """Append converted rows; `source` is the chunk they came from, when the chunk stays
+        stored (its record and arrival columns may then be kept as views, not counted)."""
         k = len(df)
         first = not self.bufs and not self.pieces
         self.piece_seq0.append(self.end)
@@ -105,17 +140,28 @@ class _View:
                 self.bufs[col] = arr
                 if arr.dtype == object:
                     self.obj_row_bytes += sys.getsizeof(arr[0])
+                elif source is not None and np.may_share_memory(arr, source.records):
+                    self.borrowed.add(col)
+                elif source is not None and any(np.may_share_memory(arr, a)
+                                                for a in (source.arrival_ns, source.times) if a is not None):
+                    self.borrowed.add(col)
+                    self.borrowed_row_bytes += 8
                 continue
-            if buf is None or len(buf) < self.n + k:
+            if buf is None or len(buf) < self.n + k or col in self.borrowed:
                 grown = np.empty(max(2 * (len(buf) if buf is not None else 0), self.n + k, CHUNK_ROWS),
                                  arr.dtype)
                 if buf is not None:
                     grown[: self.n] = buf[: self.n]
                 self.bufs[col] = buf = grown
+                self.borrowed.discard(col)
             buf[self.n: self.n + k] = arr
             if first and arr.dtype == object and k:
                 self.obj_row_bytes += sys.getsizeof(arr[0])
         self.n += k
+        if first and any(c in self.borrowed for c in df.columns if c not in (ARRIVAL, "ks_time")):
+            self.borrowed_row_bytes += source.records.dtype.itemsize if source is not None else 0
+        if not self.borrowed:
+            self.borrowed_row_bytes = 0
         self._merge_small()
         self._count()
 
@@ -195,15 +241,46 @@ class FrameStore:
         self._warned: set[str] = set()
         # record + arrival time (+ CPU for perf buffers): what one stored row costs
         self._row_bytes = schema.dtype.itemsize + 8 + (2 if schema.per_cpu else 0)
+        self._times_bytes = 0  # _Chunk.times not converted yet
+        self._arena = Arena()  # arrival times and computed columns of the rows to come
+        self._timed = schema.time_field is not None
         spill.register(self)
+
+    def reserve(self, rows: int) -> None:
+        """Fault in now the memory the next `rows` rows' arrival times and computed columns
+        (ks_seq, ks_time) need, so a buffer drained full is stored and framed without a
+        page fault per page (a fresh array's first write costs about as much as the copy)."""
+        per_row = 8 + 8
+        if self.max_rows is not None:
+            rows = min(rows, self.max_rows)
+        if self.max_bytes is not None:
+            rows = min(rows, self.max_bytes // (2 * per_row))
+        self._arena = Arena(rows * per_row + 4 * Arena.ALIGN)
+
+    def stamper(self, rows: int = 0) -> Stamper | None:
+        """A Stamper of this map's ks_time (None without a timestamp field) for a reader to
+        fill Batch.times with, with `rows` rows of memory faulted in."""
+        tf = self.schema.time_field
+        if tf is None:
+            return None
+        return Stamper(self.schema.dtype, tf, time_unit(tf) or 1, self.schema.epoch_offset_ns, rows)
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Memory faulted in by `reserve` and not used yet (not part of memory_bytes)."""
+        return self._arena.free_bytes
 
     def __len__(self) -> int:
         return self._rows
 
     @property
     def memory_bytes(self) -> int:
-        """Bytes held in memory: raw records with their metadata, and the converted columns."""
-        return self._mem_rows * self._row_bytes + self._view.nbytes
+        """Bytes held in memory: raw records with their metadata, and the converted columns
+        (those that are views of stored records count once, with the records)."""
+        view = self._view
+        released = max(0, min(view.end, self.received - self._mem_rows) - view.seq0)  # held by the view only
+        return (self._mem_rows * self._row_bytes + self._times_bytes + view.nbytes
+                + view.borrowed_row_bytes * released)
 
     nbytes = memory_bytes
 
@@ -238,13 +315,19 @@ class FrameStore:
         if not n:
             return
         self.schema.check(batch.records)
-        arrival = np.full(n, arrival_ns, dtype=np.int64)
+        arrival = self._arena.take(n, np.dtype(np.int64))
+        arrival.fill(arrival_ns)
         cpu = batch.cpu.astype(np.int16, copy=False) if batch.cpu is not None else None
+        times = batch.times if self._timed and n >= CHUNK_ROWS else None
+        if times is not None and len(times) != n:
+            times = None
         with self._lock:
-            c = _Chunk(batch.records, self.received, arrival, cpu)
+            c = _Chunk(batch.records, self.received, arrival, cpu, times)
             if n >= CHUNK_ROWS and not self._open:
                 self._chunks.append(c)
+                self._times_bytes += _tbytes(c)
             else:
+                c.times = None  # small batches are gathered by copying; frames compute their ks_time
                 self._open.append(c)
                 self._open_rows += n
                 if self._open_rows >= CHUNK_ROWS or len(self._open) >= 256:
@@ -324,6 +407,7 @@ class FrameStore:
                     spill.SpillDir.delete(seg)  # evicted or cleared meanwhile
                     continue
                 del self._chunks[: len(pick)]
+                self._times_bytes -= sum(_tbytes(c) for c in pick)
                 self._segments.append(seg)
                 self._mem_rows -= seg.rows
                 self.spilled += seg.rows
@@ -376,14 +460,16 @@ class FrameStore:
                 first = chunks[0]
                 n = len(first.records)
                 if n <= count:
-                    chunks.pop(0)
+                    self._times_bytes -= _tbytes(chunks.pop(0))
                     count -= n
                     if chunks is self._open:
                         self._open_rows -= n
                 else:
                     rest = _slice(first, first.seq0 + count, first.seq0 + n)
                     chunks[0] = _Chunk(rest.records.copy(), rest.seq0, rest.arrival_ns.copy(),
-                                       rest.cpu.copy() if rest.cpu is not None else None)
+                                       rest.cpu.copy() if rest.cpu is not None else None,
+                                       rest.times.copy() if rest.times is not None else None)
+                    self._times_bytes -= _tbytes(first) - _tbytes(chunks[0])
                     if chunks is self._open:
                         self._open_rows -= count
                     count = 0
@@ -429,6 +515,7 @@ class FrameStore:
             if view.end < first_mem:
                 view = _View(first_mem)
             parts: list[_Chunk] = []
+            converted: list[pd.DataFrame] = []
             pending = 0  # rows in parts
             # the first conversion takes up to FIRST_CONVERT_ROWS in one step, its columns
             # kept as the buffers (no copy); later ones, as a drain extends the frame, go in
@@ -442,13 +529,17 @@ class FrameStore:
                     pending += b - a
                     a = b
                     if pending >= step:
-                        self._convert(view, parts)
+                        converted.append(self._convert(view, parts))
                         parts, pending = [], 0
             if parts:
-                self._convert(view, parts)
+                converted.append(self._convert(view, parts))
             end = view.end
             self._view = view
-            if view.n:
+            if self._times_bytes and "ks_time" not in view.borrowed:
+                self._drop_times(end)
+            if len(converted) == 1 and len(converted[0]) == view.n == end - max(first, first_mem):
+                out = converted[0]  # everything converted at once: that frame is the frame
+            elif view.n:
                 out = view.frame(self.schema.columns, max(first, first_mem), end)
             else:
                 out = self.schema.frame(np.empty(0, self.schema.dtype), np.empty(0, np.int64),
@@ -460,10 +551,23 @@ class FrameStore:
             self._last = (key, weakref.ref(out))
             return out
 
-    def _convert(self, view: _View, parts: list[_Chunk]) -> None:
+    def _drop_times(self, end: int) -> None:
+        """Stamped times of rows before `end` are in the view's own ks_time now: let them go."""
+        with self._lock:
+            for c in self._chunks:
+                if c.seq0 + len(c.records) > end:
+                    break
+                if c.times is not None:
+                    self._times_bytes -= c.times.nbytes
+                    c.times = None
+
+    def _convert(self, view: _View, parts: list[_Chunk]) -> pd.DataFrame:
         piece = _concat(parts, self.schema.dtype)
-        seq = np.arange(piece.seq0, piece.seq0 + len(piece.records), dtype=np.int64)
-        view.extend(self.schema.frame(piece.records, seq, piece.arrival_ns, piece.cpu))
+        seq = sequence(self._arena.take(len(piece.records), np.int64), piece.seq0)
+        df = self.schema.frame(piece.records, seq, piece.arrival_ns, piece.cpu, alloc=self._arena.take,
+                               times=piece.times)
+        view.extend(df, piece if len(parts) == 1 else None)
+        return df
 
     def clear(self) -> None:
         with self._build_lock, self._lock:
@@ -473,7 +577,7 @@ class FrameStore:
             self._segments.clear()
             self._chunks.clear()
             self._open.clear()
-            self._open_rows = self._rows = self._mem_rows = 0
+            self._open_rows = self._rows = self._mem_rows = self._times_bytes = 0
             self._view = _View(self.received)
             self._last = None
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import mmap
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 
 @dataclass
@@ -24,6 +27,10 @@ class Batch:
     lost: int = 0
     lost_by_cpu: dict[int, int] = field(default_factory=dict)
     discarded: int = 0  # ring buffer records the program reserved then discarded
+    # filled by a reader given a Stamper: each record's timestamp as epoch ns (ks_time),
+    # computed while the records were in cache, and whether the timestamps never decrease
+    times: np.ndarray | None = None
+    ordered: bool = False
 
     def __len__(self) -> int:
         return len(self.records)
@@ -63,3 +70,95 @@ def concat_records(parts: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
     if len(parts) == 1 and parts[0].dtype == dtype:
         return parts[0]
     return np.concatenate([np.ascontiguousarray(p).view(opaque(dtype)) for p in parts]).view(dtype)
+
+
+class Arena:
+    """Memory faulted in ahead of time, handed out in slices that are never handed out twice.
+
+    A fresh array costs a page fault per page on its first write, which on a VM is most of
+    the cost of copying records out of a ring (about as much as the copy itself). A reader
+    or store that knows how much it will need soon reserves it here while nothing is timed
+    (at load), and its hot path takes views instead of np.empty. A slice keeps the whole
+    arena alive while anything refers to it; the first request the arena cannot serve lets
+    it go (only the slices handed out keep it), and `take` falls back to np.empty.
+    """
+
+    ALIGN = 64
+
+    def __init__(self, nbytes: int = 0) -> None:
+        self._lock = threading.Lock()
+        self._buf = np.empty(max(0, nbytes), dtype=np.uint8)
+        self._buf[:: mmap.PAGESIZE] = 0  # one write per page faults the whole arena in
+        self._used = 0
+
+    @property
+    def free_bytes(self) -> int:
+        return len(self._buf) - self._used
+
+    def take(self, n: int, dtype: DTypeLike) -> np.ndarray:
+        """An uninitialised array of `n` items of `dtype`, from the arena while it lasts."""
+        dt = np.dtype(dtype)
+        size = n * dt.itemsize
+        with self._lock:
+            start = -(-self._used // self.ALIGN) * self.ALIGN
+            if n and start + size <= len(self._buf):
+                self._used = start + size
+                return self._buf[start : start + size].view(dt)
+            if n and len(self._buf):  # used up: only the slices handed out keep it now
+                self._buf, self._used = np.empty(0, dtype=np.uint8), 0
+        return np.empty(n, dtype=dt)
+
+    def give_back(self, arr: np.ndarray, n: int) -> np.ndarray:
+        """`arr[:n]`, the rest of `arr` returned to the arena if it was the last slice taken."""
+        with self._lock:
+            if len(self._buf) and np.may_share_memory(arr, self._buf):
+                start = int(arr.__array_interface__["data"][0] - self._buf.__array_interface__["data"][0])
+                if start + arr.nbytes == self._used:
+                    self._used = start + n * arr.dtype.itemsize
+        return arr[:n]
+
+    def release(self) -> None:
+        """Hand out nothing more; the memory goes once the slices already taken are gone."""
+        with self._lock:
+            self._buf = np.empty(0, dtype=np.uint8)
+            self._used = 0
+
+
+class Stamper:
+    """Epoch-ns timestamps (`ts * unit + offset`, int64) of runs of records, and whether the
+    timestamps never decrease, computed run by run right after a reader copied the run, while
+    it is still in cache (a separate pass over a big batch reads it all from memory again).
+    `reset()` starts a batch; `stamp(run, out)` handles the next run of it, in order."""
+
+    def __init__(self, dtype: np.dtype, field_name: str, unit: int, offset_ns: int, rows: int = 0) -> None:
+        self.dtype = np.dtype(dtype)
+        self.field = field_name
+        self.unit = unit
+        self.offset_ns = offset_ns
+        self.arena = Arena(rows * 8)
+        self.ordered = True
+        self._last = -1
+
+    def reset(self) -> None:
+        self.ordered, self._last = True, -1
+
+    def compute(self, records: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """`out` (int64, len(records)) filled with the records' epoch ns."""
+        ts = records[self.field].view(np.int64)  # int64 wraps like u64: same bits as astype
+        if self.unit != 1:
+            np.multiply(ts, self.unit, out=out)
+            ts = out
+        np.add(ts, self.offset_ns, out=out)
+        return out
+
+    def stamp(self, run: np.ndarray, out: np.ndarray) -> None:
+        """Stamp one run (records of `dtype`, or opaque bytes of its size) into `out`."""
+        recs = run.view(self.dtype)
+        if not len(recs):
+            return
+        ts = recs[self.field]
+        if self.ordered:
+            first = int(ts[0])
+            self.ordered = first >= self._last and not bool((ts[1:] < ts[:-1]).any())
+        self._last = int(ts[-1])
+        self.compute(recs, out)

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import ClosedError, CorruptBufferError
 from .base import Resources
-from .batch import Batch, concat_records, copy_records, opaque
+from .batch import Arena, Batch, Stamper, concat_records, copy_records, opaque
 
 BUSY = 1 << 31
 DISCARD = 1 << 30
@@ -84,6 +84,8 @@ class ParseResult:
     discarded: int
     consumed: int  # bytes consumer_pos moved
     busy: bool  # stopped at a record the producer has not committed yet
+    times: np.ndarray | None = None  # with a stamper: Batch.times
+    ordered: bool = False
 
 
 class RingParser:
@@ -104,6 +106,13 @@ class RingParser:
         self.stride = record_span(self.dtype.itemsize)
         self._opaque = opaque(self.dtype)
         self._run_max = max(1, RELEASE_BYTES // self.stride)
+        self.arena = Arena()  # where records are copied to; `reserve` faults it in ahead
+        self.stamper: Stamper | None = None  # set by the owner: timestamps stamped per run
+
+    def reserve(self) -> None:
+        """Fault in room for a full ring of records now, so a read that finds the ring full
+        copies into memory already mapped (a fresh array costs a fault per page)."""
+        self.arena = Arena(self.size // self.stride * self.dtype.itemsize)
 
     @property
     def consumer_pos(self) -> int:
@@ -138,7 +147,11 @@ class RingParser:
         region = self._data[start : start + avail]  # contiguous thanks to the double mapping
         # Fixed-size records are copied into one array (a copy: the kernel reuses the bytes
         # once consumer_pos moves on); records of other sizes go between its segments.
-        out = np.empty(avail // self.stride, dtype=self._opaque)
+        out = self.arena.take(avail // self.stride, self._opaque)
+        stamper = self.stamper
+        times = taken = stamper.arena.take(len(out), np.int64) if stamper is not None else None
+        if stamper is not None:
+            stamper.reset()
         chunks: list[np.ndarray] = []
         pos, filled, mark, discarded, busy = 0, 0, 0, 0, False
         itemsize, stride = self.dtype.itemsize, self.stride
@@ -154,6 +167,8 @@ class RingParser:
                     out[filled : filled + run] = np.ndarray(
                         (run,), dtype=self._opaque, buffer=region, offset=pos + HDR, strides=(stride,)
                     )
+                    if stamper is not None and times is not None:  # the run is still in cache
+                        stamper.stamp(out[filled : filled + run], times[filled : filled + run])
                     filled += run
                     pos += run * stride
                     self._cons[0] = cons + pos  # copied out: the producer may reuse the room
@@ -178,13 +193,19 @@ class RingParser:
                     chunks.append(out[mark:filled].view(self.dtype))
                     mark = filled
                 chunks.append(copy_records(region[pos + HDR : pos + HDR + length], self.dtype))
+                times = None  # a record of another size: the owner stamps the batch itself
             pos += span
         if filled > mark:
             chunks.append(out[mark:filled].view(self.dtype))
+        self.arena.give_back(out, filled)
+        if stamper is not None and taken is not None:
+            kept = stamper.arena.give_back(taken, filled if times is not None else 0)
+            times = kept if times is not None else None
         if pos:
             self._cons[0] = cons + pos  # the kernel reads it to make room
         records = concat_records(chunks, self.dtype)
-        return ParseResult(records, discarded, pos, busy)
+        ordered = stamper is not None and times is not None and stamper.ordered
+        return ParseResult(records, discarded, pos, busy, times, ordered)
 
 
 WAKEUPS = ("adaptive", "epoll", "timer")
@@ -197,10 +218,13 @@ class RingBufferReader:
     an eventfd that `close()` uses to wake a blocked `poll()`. `wakeup` "epoll" and
     "adaptive" register the map fd with the epoll (the caller's drain loop decides when
     to wait on it; "adaptive" says it paces its reads with `pace()`); "timer" does not.
-    One thread reads and polls; `close` may come from any thread.
+    One thread reads and polls; `close` may come from any thread. `reserve` faults in room
+    for a full ring of records at once (RingParser.reserve): the first read that finds
+    the ring full then copies into mapped memory; later ones into fresh arrays.
     """
 
-    def __init__(self, map_fd: int, size: int, dtype: np.dtype, wakeup: str = "epoll") -> None:
+    def __init__(self, map_fd: int, size: int, dtype: np.dtype, wakeup: str = "epoll",
+                 reserve: bool = False) -> None:
         if wakeup not in WAKEUPS:
             raise ValueError(f"wakeup must be one of {', '.join(map(repr, WAKEUPS))}, not {wakeup!r}")
         self.size = size
@@ -223,6 +247,9 @@ class RingBufferReader:
             holder = [RingParser(cons, prod, size, dtype)]
             res.push(holder.clear)
             self._parser: RingParser | None = holder[0]
+            if reserve:
+                holder[0].reserve()
+                res.push(holder[0].arena.release)
             self._wake = res.fd(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
             self._ep = select.epoll()
             res.push(self._ep.close)
@@ -259,10 +286,14 @@ class RingBufferReader:
                 raise ClosedError("the ring buffer reader was closed while polling")
             return bool(self.parser.pending_bytes())
 
+    def stamp_with(self, stamper: Stamper | None) -> None:
+        """Have every read stamp its records' timestamps run by run (Batch.times)."""
+        self.parser.stamper = stamper
+
     def read(self, max_bytes: int | None = None) -> Batch:
         with self._read_lock:
             res = self.parser.read(max_bytes)
-        return Batch(res.records, discarded=res.discarded)
+        return Batch(res.records, discarded=res.discarded, times=res.times, ordered=res.ordered)
 
     def fill_bytes(self) -> int:
         return self.parser.pending_bytes()

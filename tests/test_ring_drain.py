@@ -1,0 +1,190 @@
+"""The ring drain's fast path without a kernel: prefaulted arenas, timestamps stamped while the
+records are in cache, frames whose numeric columns view the stored records, honest memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_ringbuf_fake import DTYPE, FakeRing, event
+
+from kernelscope.grace import GRACE, rcu_barrier, sleepable, wait_out
+from kernelscope.readers.batch import Arena, Batch, Stamper
+from kernelscope.readers.ring import RingParser, record_span
+from kernelscope.schema import Schema
+from kernelscope.store import FrameStore, sequence
+
+OFFSET = 1_700_000_000 * 10**9
+
+
+def stamped_parser(ring: FakeRing, rows: int = 1000) -> RingParser:
+    p = RingParser(ring.consumer, ring.producer, ring.size, DTYPE)
+    p.reserve()
+    p.stamper = Stamper(DTYPE, "ts", 1, OFFSET, rows)
+    return p
+
+
+def test_arena_slices_never_overlap_and_fall_back_when_used_up() -> None:
+    a = Arena(4096)
+    x = a.take(10, np.int64)
+    y = a.give_back(a.take(100, np.int64), 3)  # the unused 97 go back
+    z = a.take(400, np.int64)  # fits only because the 97 came back
+    assert not np.shares_memory(x, y)
+    assert not np.shares_memory(y, z)
+    assert not np.shares_memory(x, z)
+    assert all(np.shares_memory(v, a._buf) for v in (x, y, z))
+    buf = a._buf
+    big = a.take(10_000, np.int64)  # more than is left: a fresh array, and the arena goes
+    assert not np.shares_memory(big, buf)
+    assert len(big) == 10_000
+    assert a.free_bytes == 0
+    assert len(a.take(1, np.int64)) == 1
+    assert np.shares_memory(x, buf)  # what was handed out stays valid
+
+
+def test_reads_copy_into_the_arena_keep_padding_and_stamp_times() -> None:
+    ring = FakeRing(1 << 16)
+    for i in range(300):
+        ring.commit(event(i).tobytes())
+    p = stamped_parser(ring)
+    first = p.read()
+    for i in range(300, 700):
+        ring.commit(event(i).tobytes())
+    second = p.read()
+    for res, lo, hi in ((first, 0, 300), (second, 300, 700)):
+        assert list(res.records["seq"]) == list(range(lo, hi))
+        assert np.shares_memory(res.records, p.arena._buf)  # the prefaulted memory
+        assert not np.shares_memory(res.records, np.frombuffer(ring.producer, np.uint8))  # owned
+        assert res.times is not None
+        assert res.ordered
+        assert (res.times == res.records["ts"].astype(np.int64) + OFFSET).all()
+        want = b"".join(event(i).tobytes() for i in range(lo, hi))
+        assert res.records.tobytes() == want  # byte for byte, padding included
+    assert not np.shares_memory(first.records, second.records)
+
+
+def test_a_decreasing_timestamp_or_a_record_of_another_size_is_reported() -> None:
+    ring = FakeRing(1 << 16)
+    for ts in (5, 6, 4, 7):
+        e = event(0)
+        e["ts"] = ts
+        ring.commit(e.tobytes())
+    res = stamped_parser(ring).read()
+    assert res.times is not None
+    assert not res.ordered
+    ring.commit(event(1).tobytes())
+    ring.commit(b"short")  # another size: the slow path, no times from the reader
+    ring.commit(event(2).tobytes())
+    p = stamped_parser(ring)
+    res = p.read()
+    assert len(res.records) == 3
+    assert res.times is None
+    assert not res.ordered
+
+
+def test_store_frames_reader_times_and_computes_the_missing_ones() -> None:
+    schema = Schema(DTYPE, epoch_offset_ns=OFFSET)
+    s = FrameStore(schema)
+    stamper = s.stamper(100)
+    assert stamper is not None
+    r = np.concatenate([event(i) for i in range(10)])
+    times = stamper.compute(r, np.empty(10, np.int64))
+    s.append(Batch(r, times=times, ordered=True), 1)
+    s.append(Batch(np.concatenate([event(i) for i in range(10, 15)])), 2)  # no times: computed
+    df = s.frame()
+    want = pd.to_datetime(df["ts"].astype(np.int64) + OFFSET, unit="ns")
+    assert (df["ks_time"].to_numpy() == want.to_numpy()).all()
+    assert list(df["ks_seq"]) == list(range(15))
+
+
+def test_a_whole_drain_is_framed_without_copying_and_counted_once() -> None:
+    n = 50_000
+    s = FrameStore(Schema(DTYPE))
+    s.reserve(n)
+    r = np.concatenate([event(i) for i in range(n)])
+    stamper = s.stamper(n)
+    assert stamper is not None
+    s.append(Batch(r, times=stamper.compute(r, np.empty(n, np.int64))), 7)
+    raw = s.memory_bytes
+    assert raw == n * (DTYPE.itemsize + 8 + 8)  # record, arrival time, ks_time
+    df = s.frame()
+    assert np.shares_memory(df["pid"].to_numpy(), r)  # a view of the stored records
+    assert np.shares_memory(df["ks_arrival_ns"].to_numpy(), s.chunk().arrival_ns)
+    # only what the frame added is counted: ks_seq (8 B) and the decoded comm strings
+    added = s.memory_bytes - raw
+    assert n * 8 <= added < n * (8 + 40)
+    assert (df["pid"] == r["pid"]).all()
+    assert (df["ks_arrival_ns"] == 7).all()
+    # more rows: the columns become buffers of their own, and are counted as such
+    s.append(Batch(np.concatenate([event(i) for i in range(10)])), 8)
+    df2 = s.frame()
+    assert len(df2) == n + 10
+    assert not np.shares_memory(df2["pid"].to_numpy(), r)
+    # the stamped times went once the view had its own ks_time: nothing is counted twice
+    assert s.memory_bytes == len(s) * (DTYPE.itemsize + 8) + s._view.nbytes
+    assert s._view.nbytes > (n + 10) * (4 + 4 + 8 + 8 + 8 + 8)
+    pd.testing.assert_frame_equal(df2.iloc[:n], df)
+
+
+def test_second_frame_after_k_rows_converts_k_rows(monkeypatch) -> None:
+    s = FrameStore(Schema(DTYPE))
+    s.reserve(20_000)
+    s.append(Batch(np.concatenate([event(i) for i in range(20_000)])), 1)
+    converted: list[int] = []
+    real = Schema.frame
+
+    def counting(self, records, *a, **k):  # type: ignore[no-untyped-def]
+        converted.append(len(records))
+        return real(self, records, *a, **k)
+
+    monkeypatch.setattr(Schema, "frame", counting)
+    s.frame()
+    assert sum(converted) == 20_000
+    for k in (1, 37, 5000):
+        converted.clear()
+        for j in range(k):
+            s.append(Batch(event(j)), 2)
+        assert len(s.frame()) == len(s)
+        assert sum(converted) == k
+
+
+def test_sequence_fills_in_place() -> None:
+    out = np.empty(200_000, np.int64)
+    assert sequence(out, 17) is out
+    assert (out == np.arange(17, 200_017)).all()
+
+
+def test_sleepable_sections_are_recognised() -> None:
+    assert sleepable('SEC("uprobe.s/bin:f") int f(void *c) { return 0; }')
+    assert sleepable('SEC("?lsm.s/file_open")')
+    assert sleepable('SEC("fentry.s/do_sys_open")')
+    assert not sleepable('SEC("uprobe/bin:f")')
+    assert not sleepable('SEC("tp/syscalls/sys_enter_getppid")')
+    assert not sleepable("TRACEPOINT_PROBE(syscalls, sys_enter_getppid) { return 0; }")
+
+
+@pytest.mark.skipif((__import__("os").cpu_count() or 1) < 2,
+                    reason="membarrier(MEMBARRIER_CMD_GLOBAL) skips synchronize_rcu() on one CPU")
+def test_membarrier_runs_here_and_sleepable_programs_still_sleep() -> None:
+    import time
+
+    assert rcu_barrier()
+    assert wait_out()
+    t = time.monotonic()
+    assert wait_out(sleepable=True)
+    assert time.monotonic() - t >= GRACE * 0.99  # RCU tasks trace: no barrier waits for it
+
+
+def test_record_span_of_the_bench_event() -> None:
+    assert record_span(32) == 40
+
+
+def test_without_membarrier_the_wait_is_the_grace_sleep(monkeypatch) -> None:
+    import time
+
+    from kernelscope import grace
+
+    monkeypatch.setattr(grace, "rcu_barrier", lambda: False)  # ENOSYS, EINVAL under nohz_full
+    t = time.monotonic()
+    assert not grace.wait_out()
+    assert time.monotonic() - t >= GRACE * 0.99

@@ -1,0 +1,70 @@
+"""stop() on the running kernel: the RCU barrier that replaced the grace sleep still accounts
+for every event, with a producer still running, and a full ring is drained into reserved memory."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from producers import paused, ring_program
+
+from kernelscope import Probe, grace
+
+pytestmark = pytest.mark.kernel
+
+
+def test_stop_under_a_running_producer_accounts_every_event(monkeypatch, wait_for) -> None:
+    barriers: list[bool] = []
+    real = grace.rcu_barrier
+
+    def recording() -> bool:
+        barriers.append(real())
+        return barriers[-1]
+
+    monkeypatch.setattr(grace, "rcu_barrier", recording)
+    prod = paused(3_000_000)
+    p = Probe(ring_program(pages=16), cflags=prod.cflags).start()
+    try:
+        assert prod.proc.stdin is not None
+        prod.proc.stdin.write("go\n")
+        prod.proc.stdin.flush()
+        wait_for(lambda: p.stats["events"]["received"] > 20_000, timeout=30)
+        p.stop()
+        assert prod.proc.poll() is None, "the producer finished before stop(): make it longer"
+        st = p.stats["events"]
+        assert st["attempted"] == st["received"] + st["dropped"], st
+        assert st["in_flight"] == 0
+        assert len(p.df) == st["received"]
+        time.sleep(0.05)  # the producer keeps calling getppid(): counters stay frozen
+        assert p.stats["events"] == st
+        seq = p.df["ks_seq"].to_numpy()
+        assert (seq == np.arange(len(seq))).all()
+    finally:
+        prod.proc.kill()
+        prod.proc.wait()
+        p.close()
+    if (__import__("os").cpu_count() or 1) > 1:
+        assert barriers == [True]  # membarrier, not the sleep
+
+
+def test_a_full_ring_drains_into_reserved_memory_with_exact_times() -> None:
+    prod = paused(40_000)
+    p = Probe(ring_program(pages=256), cflags=prod.cflags)
+    try:
+        p.load()
+        prod.go()
+        p.start()
+        p.stop()
+        st = p.stats["events"]
+        assert st["attempted"] == 40_000 == st["received"] + st["dropped"]
+        df = p.df
+        assert len(df) == st["received"] > 0
+        want = df["ts"].to_numpy().astype(np.int64) + p.outputs["events"].schema.epoch_offset_ns
+        assert (df["ks_time"].to_numpy().view(np.int64) == want).all()
+        assert st["inversions"] == 0
+        assert df["ts"].is_monotonic_increasing
+        per_event = st["memory_bytes"] / st["received"]
+        assert per_event == p.outputs["events"].schema.dtype.itemsize + 8 + 8  # record, arrival, ks_time
+    finally:
+        p.close()
