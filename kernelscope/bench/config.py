@@ -20,10 +20,12 @@ KINDS = ("ring", "perf")
 CONSUMERS = ("bcc", "libbpf", "kernelscope")
 NOBODY = "nobody"  # the undisturbed scenario's consumer: none
 SCENARIOS = ("undisturbed", "live", "drain", "overflow", "latency")
-# "kernelscope-wm": the Probe with a perf wakeup watermark instead of a wakeup per event
-KS_VARIANTS = ("kernelscope", "kernelscope-wm")
+# "kernelscope-wm": the Probe with a perf wakeup watermark of perf_watermark; "kernelscope-reader":
+# the probe's reader alone in a drain (read() into arrays, as the C consumers copy into one)
+KS_VARIANTS = ("kernelscope", "kernelscope-wm", "kernelscope-reader")
 LABELS = {"bcc": "BCC Python", "libbpf": "libbpf C", "kernelscope": "kernelscope",
-          "kernelscope-wm": "kernelscope wm", NOBODY: "nobody reads"}
+          "kernelscope-wm": "kernelscope wm", "kernelscope-reader": "kernelscope reader",
+          NOBODY: "nobody reads"}
 
 BUSY = 0.15  # share of the CPUs used by other work that makes a figure worth a warning
 
@@ -65,7 +67,7 @@ class Config:
     # same work (another guest's load on the host), for seconds at a time, idle guest or not.
     # So the runs the live target compares (the undisturbed producer, the target-size live
     # ring, every consumer) are made in this many interleaved rounds; the fastest is kept.
-    target_rounds: int = 3
+    target_rounds: int = 5
     drain_ring_size: int = 64 * MIB
     drain_perf_size: int = 16 * MIB  # per CPU
     drain_per_call: int = 16  # filling speed does not matter for a drain
@@ -75,10 +77,11 @@ class Config:
     overflow_size: int = 8 * KIB  # per CPU
     overflow_events: int = 320_000
     overflow_per_call: int = 16
-    overflow_consumers: tuple[str, ...] = (*CONSUMERS, "kernelscope-wm")
+    overflow_consumers: tuple[str, ...] = CONSUMERS
     # Also run kernelscope's perf reader with watermark_bytes = this share of the per-CPU
-    # buffer (None: skip); BCC and libbpf use their defaults, a wakeup per event.
-    perf_watermark: float | None = 0.25
+    # buffer (None: skip); BCC and libbpf use their defaults, a wakeup per event. Skipped by
+    # default: the Probe's own default is a watermark at a quarter of the buffer.
+    perf_watermark: float | None = None
     kinds: tuple[str, ...] = KINDS
     consumers: tuple[str, ...] = CONSUMERS
     producer_cpu: int | None = None

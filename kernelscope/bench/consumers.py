@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import os
 import signal
 import subprocess
 import time
@@ -345,6 +346,11 @@ def _wait_accounted(p: Any, made: int, timeout: float = 10.0) -> None:
         time.sleep(0.005)
 
 
+def _own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 def live_kernelscope(env: Env, res: Result) -> None:
     """Probe.start() drains in its own thread while the producer runs."""
     probe_cls = _probe_class()
@@ -358,10 +364,14 @@ def live_kernelscope(env: Env, res: Result) -> None:
                       poll_interval=env.cfg.poll_interval, **kw)
         try:
             p.start()
+            cpu0 = _own_cpu_seconds()
             prod.go()
             calls, t0, t1 = prod.finish()
             made = calls * res.per_call
             _wait_accounted(p, made)
+            # the drain thread's CPU time, near enough: the main thread only waits meanwhile,
+            # and the producers and their BPF programs are other processes
+            res.extra["consumer_cpu_s"] = round(_own_cpu_seconds() - cpu0, 4)
             p.stop()
             if p.error is not None:
                 raise p.error
@@ -410,6 +420,40 @@ def drain_kernelscope(env: Env, res: Result) -> None:
     _ks_accounting(res, stats, len(df))
 
 
+def drain_reader(env: Env, res: Result) -> None:
+    """The reader alone, the same work as libbpf's consume into a C array: Probe.load()
+    while the producer fills the buffer, then timed: the probe's reader read until the
+    buffer is empty, each batch an owned numpy array of records. No drain thread, no
+    stop(), no store, no DataFrame (drain_kernelscope times those)."""
+    probe_cls = _probe_class()
+    pages = _pages(res.size)
+    with _producers(env, res) as prod:
+        p = probe_cls(program(res.kind, prod.pids, pages, res.per_call), pages=pages,
+                      poll_interval=env.cfg.poll_interval)
+        try:
+            p.load()
+            reader = p._drain.maps["events"].reader
+            prod.go()
+            calls, t0, t1 = prod.finish()
+            received, lost, reads = 0, 0, 0
+            start = time.perf_counter()
+            while True:
+                batch = reader.read()
+                if not len(batch) and not batch.lost:
+                    break
+                received += len(batch)
+                lost += batch.lost
+                reads += 1
+            res.seconds = time.perf_counter() - start
+        finally:
+            p.close()
+    _produced(res, calls, t0, t1)
+    res.received = received
+    res.lost_reported = lost if res.kind == "perf" else None
+    res.extra["reads"] = reads
+    res.extra["into"] = "the probe's reader: read() until empty, each batch an owned numpy array"
+
+
 def latency_kernelscope(env: Env, res: Result) -> None:
     """A producer paced at `res.pace` calls/s into a Probe with every default (its poll
     interval and wake-up policy, the program's ring size, 64 pages per CPU for perf).
@@ -454,6 +498,7 @@ RUNNERS: dict[tuple[str, str], Callable[[Env, Result], None]] = {
     ("drain", "bcc"): drain_bcc,
     ("drain", "libbpf"): drain_libbpf,
     ("drain", "kernelscope"): drain_kernelscope,
+    ("drain", "kernelscope-reader"): drain_reader,
     ("overflow", "bcc"): live_bcc,
     ("overflow", "libbpf"): live_libbpf,
     ("overflow", "kernelscope"): live_kernelscope,

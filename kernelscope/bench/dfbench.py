@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+GROWTH_STEPS = 8  # frame() after each of this many batches of new rows: median and max
 BATCH_ROWS = 1 << 16  # rows per appended batch: what one drain read brings at a high rate
 MEM_SHARE = 0.5  # of MemAvailable the section may fill; beyond it the sizes are scaled down
 EVENT_DTYPE = np.dtype([("ts", "<u8"), ("pid", "<u4"), ("cpu", "<u4"), ("seq", "<u8"),
@@ -27,7 +28,8 @@ class DfResult:
     rows: int  # stored before the new rows
     new_rows: int
     first_frame_s: float = 0.0  # frame() of all `rows`, nothing cached yet
-    frame_s: float = 0.0  # frame() after `new_rows` more (the cached part reused)
+    frame_s: float = 0.0  # frame() after `new_rows` more (the cached part reused): median of the steps
+    frame_max_s: float = 0.0  # the slowest step (the first growth copies view columns once)
     bytes_per_event: float = 0.0  # memory_bytes / len after the frames
     append_s: float = 0.0  # appending the `rows`
     note: str = ""
@@ -72,7 +74,10 @@ def _fill(store: Any, rows: int, seq0: int, ts0: int) -> int:
 
 
 def measure(rows: int, new_rows: int) -> DfResult:
-    """One store of `rows` synthetic events: cold frame(), then `new_rows` more and frame()."""
+    """One store of `rows` synthetic events: cold frame(), then GROWTH_STEPS times `new_rows`
+    more and frame(). The first frame of a drained store views the stored records; the first
+    growth copies those columns into buffers that then grow by doubling (each row copied O(1)
+    times overall), so one step may cost O(stored) and the median is O(new rows)."""
     from ..schema import Schema
     from ..store import FrameStore
 
@@ -86,12 +91,20 @@ def measure(rows: int, new_rows: int) -> DfResult:
     df = store.frame()
     res.first_frame_s = time.perf_counter() - t
     del df
-    _fill(store, new_rows, seq, ts0)
-    t = time.perf_counter()
+    steps = []
+    for _ in range(GROWTH_STEPS):
+        seq = _fill(store, new_rows, seq, ts0)
+        t = time.perf_counter()
+        df = store.frame()
+        steps.append(time.perf_counter() - t)
+        del df
     df = store.frame()
-    res.frame_s = time.perf_counter() - t
-    if len(df) != rows + new_rows or len(store) != rows + new_rows:
-        res.error = f"frame has {len(df):,} rows, store {len(store):,}, expected {rows + new_rows:,}"
+    res.frame_s = float(np.median(steps))
+    res.frame_max_s = max(steps)
+    res.extra["frame_steps_ms"] = [round(x * 1e3, 2) for x in steps]
+    total = rows + GROWTH_STEPS * new_rows
+    if len(df) != total or len(store) != total:
+        res.error = f"frame has {len(df):,} rows, store {len(store):,}, expected {total:,}"
     res.bytes_per_event = store.memory_bytes / len(store) if len(store) else 0.0
     del df, store
     gc.collect()
@@ -136,14 +149,15 @@ def report(results: Sequence[DfResult]) -> list[str]:
         return []
     lines = ["", "DF: the store alone (FrameStore, no kernel, no reader), fed synthetic batches of "
              f"{BATCH_ROWS:,} events of the bench's {EVENT_DTYPE.itemsize}-byte struct: frame() of "
-             "every stored row (cold), then frame() after N new rows; bytes/event = memory_bytes / len",
+             f"every stored row (cold), then frame() after each of {GROWTH_STEPS} batches of N new rows "
+             "(median and slowest); bytes/event = memory_bytes / len at the end",
              f"  {'stored rows':>12} {'append s':>9} {'cold frame s':>13} {'new rows':>9} "
-             f"{'frame() ms':>11} {'bytes/event':>12}"]
+             f"{'frame() ms':>11} {'slowest ms':>11} {'bytes/event':>12}"]
     for r in results:
         if r.error:
             lines.append(f"  {r.rows:>12,} error: {r.error}")
             continue
         lines.append(f"  {r.rows:>12,} {r.append_s:>9.2f} {r.first_frame_s:>13.3f} {r.new_rows:>9,} "
-                     f"{r.frame_s * 1e3:>11.1f} {r.bytes_per_event:>12.1f}")
+                     f"{r.frame_s * 1e3:>11.1f} {r.frame_max_s * 1e3:>11.1f} {r.bytes_per_event:>12.1f}")
     lines += [f"  note: {r.note}" for r in results if r.note]
     return lines

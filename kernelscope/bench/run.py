@@ -90,9 +90,10 @@ def plan(cfg: Config) -> list[Result]:
     for kind in cfg.kinds:
         size = cfg.drain_ring_size if kind == "ring" else cfg.drain_perf_size
         calls = -(-int(_capacity(kind, size) * cfg.drain_fill) // cfg.drain_per_call)
+        reader = ("kernelscope-reader",) if "kernelscope" in cfg.consumers else ()
         runs += [
             Result("drain", kind, consumer, size, calls * cfg.drain_per_call, cfg.drain_per_call)
-            for consumer in cfg.consumers
+            for consumer in cfg.consumers + reader
         ]
     if "perf" in cfg.kinds:
         runs += [
