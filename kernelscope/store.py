@@ -510,7 +510,7 @@ class FrameStore:
             if self._last is not None and self._last[0] == key:
                 cached = self._last[1]()
                 if cached is not None:
-                    return cached
+                    return _handed_out(cached)
             view = self._view.drop_before(first_mem)
             if view.end < first_mem:
                 view = _View(first_mem)
@@ -549,7 +549,7 @@ class FrameStore:
                                           c.arrival_ns, c.cpu) for c in self._disk_chunks(segs)]
                 out = pd.concat([*disk, out] if len(out) else disk, ignore_index=True)
             self._last = (key, weakref.ref(out))
-            return out
+            return _handed_out(out)
 
     def _drop_times(self, end: int) -> None:
         """Stamped times of rows before `end` are in the view's own ks_time now: let them go."""
@@ -580,6 +580,22 @@ class FrameStore:
             self._open_rows = self._rows = self._mem_rows = self._times_bytes = 0
             self._view = _View(self.received)
             self._last = None
+
+
+def _keep(*_refs: object) -> None:
+    """What a handed-out frame's finalizer runs: nothing; its arguments were what it kept alive."""
+
+
+def _handed_out(inner: pd.DataFrame) -> pd.DataFrame:
+    """A frame for the caller over the same memory as `inner`, which may be the store's column
+    buffers or views of its stored records. pandas' copy-on-write copies a block before writing
+    to it only while another pandas object still references it, so `inner` is kept alive as
+    long as the copy is: `df.loc[0, "pid"] = 7` then changes the caller's frame, never the
+    store's rows (which later frames, records() and captures read). A shallow copy costs
+    microseconds."""
+    out = inner.copy(deep=False)
+    weakref.finalize(out, _keep, inner)
+    return out
 
 
 def _starts_with(chunks: list[_Chunk], pick: list[_Chunk]) -> bool:

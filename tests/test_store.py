@@ -88,7 +88,9 @@ def test_repeated_df_converts_only_new_rows(monkeypatch) -> None:
     monkeypatch.setattr(Schema, "frame", counting)
     first = s.frame()
     assert sum(converted) == 100_000
-    assert s.frame() is first  # nothing new: the same frame
+    same = s.frame()  # nothing new: nothing converted, the same memory
+    assert sum(converted) == 100_000
+    assert np.shares_memory(same["ts"].to_numpy(), first["ts"].to_numpy())
     converted.clear()
     s.append(batch(100, 500), 0)
     again = s.frame()
@@ -148,3 +150,20 @@ def test_a_spill_folder_left_by_a_killed_process_goes_with_the_next_spill(spill_
     finally:
         live.close()
         mine.rmdir()
+
+
+@pytest.mark.parametrize("batches", [1, 100])
+def test_writing_into_a_frame_leaves_the_store_alone(batches: int) -> None:
+    """A frame's columns share memory with the store (its buffers, or views of the stored
+    records after one whole-drain conversion); a write into the caller's frame must not reach
+    the rows later frames, records() and captures read."""
+    s = FrameStore(Schema(DT))
+    fill(s, batches)
+    df = s.frame()
+    before = s.records()["pid"].copy()
+    df.loc[0, "pid"] = 4_000_000_000
+    df["ts"] += 1
+    assert s.records()["pid"].tolist() == before.tolist()
+    fresh = s.frame()
+    assert fresh.loc[0, "pid"] == before[0]
+    assert df.loc[0, "pid"] == 4_000_000_000
