@@ -82,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="samples for the user ring buffer SEND comparison (1,000,000; 0 skips it)")
     ap.add_argument("--send-only", action="store_true",
                     help="run only the user ring buffer SEND comparison")
-    ap.add_argument("--repeat", type=int, default=1,
-                    help="run each drain N times and keep the fastest (on a busy machine)")
+    ap.add_argument("--repeat", type=int, default=None,
+                    help="run each drain (libbpf's and kernelscope's) N times and keep the fastest "
+                         "(default 3, --quick 1; BCC's once: it takes seconds)")
     ap.add_argument("--no-pin", action="store_true",
                     help="do not pin the producer and the consumers to separate CPUs")
     ap.add_argument("--no-mpsc", action="store_true",
@@ -162,6 +163,8 @@ def _compare(old: Path, new: dict[str, Any], new_label: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.repeat is None:
+        args.repeat = 1 if args.quick else 3
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
     if args.compare and len(args.compare) > 2:

