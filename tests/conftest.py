@@ -10,7 +10,7 @@ fentry) are the tests' own and stay skips.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import util
@@ -71,3 +71,30 @@ def fd_count() -> Callable[[], int]:
 def bpf_object_counts() -> Callable[[], util.BPFCounts]:
     """A function returning BPFCounts(progs, maps, links) held open by this process."""
     return util.bpf_object_counts
+
+
+@pytest.fixture
+def pinned() -> Iterator[int]:
+    """Run this thread on one CPU (the highest allowed) so every event it causes, and the
+    wake-up the kernel queues for it, lands on that CPU; the affinity is restored after."""
+    before = os.sched_getaffinity(0)
+    cpu = max(before)
+    os.sched_setaffinity(0, {cpu})
+    yield cpu
+    os.sched_setaffinity(0, before)
+
+
+@pytest.fixture
+def conversions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Rows per Schema.frame() call from now on: what a FrameStore converts for a frame."""
+    from kernelscope.schema import Schema
+
+    converted: list[int] = []
+    real = Schema.frame
+
+    def counting(self, records, *a, **k):  # type: ignore[no-untyped-def]
+        converted.append(len(records))
+        return real(self, records, *a, **k)
+
+    monkeypatch.setattr(Schema, "frame", counting)
+    return converted

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,16 +38,6 @@ TRACEPOINT_PROBE(syscalls, sys_enter_getppid) {
 }
 """
 CFLAGS = [f"-DTARGET_PID={os.getpid()}"]
-
-
-@pytest.fixture
-def pinned() -> Iterator[int]:
-    """Run this thread on one CPU: its events, and their wake-ups, land on that CPU."""
-    before = os.sched_getaffinity(0)
-    cpu = max(before)
-    os.sched_setaffinity(0, {cpu})
-    yield cpu
-    os.sched_setaffinity(0, before)
 
 
 def irq_work(cpu: int) -> int:

@@ -110,16 +110,6 @@ def reader(prog: Program) -> Iterator[Callable[..., PerfBufferReader]]:
         r.close()
 
 
-@pytest.fixture
-def pinned() -> Iterator[int]:
-    """Run this thread on one CPU so every event lands in that CPU's ring."""
-    before = os.sched_getaffinity(0)
-    cpu = max(before)
-    os.sched_setaffinity(0, {cpu})
-    yield cpu
-    os.sched_setaffinity(0, before)
-
-
 def drain(r: PerfBufferReader) -> tuple[np.ndarray, np.ndarray, int]:
     recs, cpus, lost = [], [], 0
     while True:

@@ -126,18 +126,11 @@ def test_a_whole_drain_is_framed_without_copying_and_counted_once() -> None:
     pd.testing.assert_frame_equal(df2.iloc[:n], df)
 
 
-def test_second_frame_after_k_rows_converts_k_rows(monkeypatch) -> None:
+def test_second_frame_after_k_rows_converts_k_rows(conversions) -> None:
     s = FrameStore(Schema(DTYPE))
     s.reserve(20_000)
     s.append(Batch(np.concatenate([event(i) for i in range(20_000)])), 1)
-    converted: list[int] = []
-    real = Schema.frame
-
-    def counting(self, records, *a, **k):  # type: ignore[no-untyped-def]
-        converted.append(len(records))
-        return real(self, records, *a, **k)
-
-    monkeypatch.setattr(Schema, "frame", counting)
+    converted = conversions
     s.frame()
     assert sum(converted) == 20_000
     for k in (1, 37, 5000):

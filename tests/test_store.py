@@ -75,17 +75,10 @@ def test_max_rows_evicts_spilled_rows_first(spill_root) -> None:
     assert f["ks_seq"].is_monotonic_increasing
 
 
-def test_repeated_df_converts_only_new_rows(monkeypatch) -> None:
+def test_repeated_df_converts_only_new_rows(conversions) -> None:
     s = FrameStore(Schema(DT))
     fill(s, 100)
-    converted: list[int] = []
-    real = Schema.frame
-
-    def counting(self, records, *a, **k):  # type: ignore[no-untyped-def]
-        converted.append(len(records))
-        return real(self, records, *a, **k)
-
-    monkeypatch.setattr(Schema, "frame", counting)
+    converted = conversions
     first = s.frame()
     assert sum(converted) == 100_000
     same = s.frame()  # nothing new: nothing converted, the same memory

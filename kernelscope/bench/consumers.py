@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..backends.bcc import release_bpf
 from .config import EVENT_FIELDS, EVENT_SIZE, NOBODY, PAGE, PERF_RECORD, RING_RECORD, Config, Result, program
@@ -351,6 +351,35 @@ def _own_cpu_seconds() -> float:
     return t.user + t.system
 
 
+class LiveRun(NamedTuple):
+    calls: int
+    t0: int
+    t1: int
+    stats: dict[str, Any]
+    df: Any  # pandas.DataFrame
+    cpu_s: float  # this process's CPU time from start() until every event was accounted
+
+
+def _live_probe(p: Any, prod: Producers, per_call: int) -> LiveRun:
+    """Start `p`, run the producers, wait until every event is received or counted dropped,
+    stop, and return the counts and the frame; `p` is closed in any case. cpu_s is the drain
+    thread's CPU time, near enough: the main thread only waits meanwhile, and the producers
+    and their BPF programs are other processes."""
+    try:
+        p.start()
+        cpu0 = _own_cpu_seconds()
+        prod.go()
+        calls, t0, t1 = prod.finish()
+        _wait_accounted(p, calls * per_call)
+        cpu_s = _own_cpu_seconds() - cpu0
+        p.stop()
+        if p.error is not None:
+            raise p.error
+        return LiveRun(calls, t0, t1, dict(p.stats["events"]), p.frame("events"), cpu_s)
+    finally:
+        p.close()
+
+
 def live_kernelscope(env: Env, res: Result) -> None:
     """Probe.start() drains in its own thread while the producer runs."""
     probe_cls = _probe_class()
@@ -362,23 +391,9 @@ def live_kernelscope(env: Env, res: Result) -> None:
     with _producers(env, res) as prod:
         p = probe_cls(program(res.kind, prod.pids, pages, res.per_call), pages=pages,
                       poll_interval=env.cfg.poll_interval, **kw)
-        try:
-            p.start()
-            cpu0 = _own_cpu_seconds()
-            prod.go()
-            calls, t0, t1 = prod.finish()
-            made = calls * res.per_call
-            _wait_accounted(p, made)
-            # the drain thread's CPU time, near enough: the main thread only waits meanwhile,
-            # and the producers and their BPF programs are other processes
-            res.extra["consumer_cpu_s"] = round(_own_cpu_seconds() - cpu0, 4)
-            p.stop()
-            if p.error is not None:
-                raise p.error
-            stats = dict(p.stats["events"])
-            df = p.frame("events")
-        finally:
-            p.close()
+        run = _live_probe(p, prod, res.per_call)
+    calls, t0, t1, stats, df = run.calls, run.t0, run.t1, run.stats, run.df
+    res.extra["consumer_cpu_s"] = round(run.cpu_s, 4)
     _produced(res, calls, t0, t1)
     res.received = len(df)
     # which CPUs the program ran on (its `cpu` field): MPSC runs must show every producer's
@@ -465,18 +480,8 @@ def latency_kernelscope(env: Env, res: Result) -> None:
     calls = res.events // res.per_call
     with Producers(env.helpers["producer"], calls, [env.cfg.producer_cpu], res.pace) as prod:
         p = probe_cls(program(res.kind, prod.pids, _pages(res.size), res.per_call))
-        try:
-            p.start()
-            prod.go()
-            calls, t0, t1 = prod.finish()
-            _wait_accounted(p, calls * res.per_call)
-            p.stop()
-            if p.error is not None:
-                raise p.error
-            stats = dict(p.stats["events"])
-            df = p.frame("events")
-        finally:
-            p.close()
+        run = _live_probe(p, prod, res.per_call)
+    calls, t0, t1, stats, df = run.calls, run.t0, run.t1, run.stats, run.df
     _produced(res, calls, t0, t1)
     res.received = len(df)
     lat = df["ks_arrival_ns"].to_numpy(np.int64) - df["ts"].to_numpy(np.int64)
