@@ -408,10 +408,14 @@ def drain_kernelscope(env: Env, res: Result) -> None:
     """Probe.load() while the producer fills the buffer; timed: start(), stop(), frame().
 
     stop() ends with a final drain, so the frame then holds every event that entered the
-    buffer; the timed window includes stop()'s grace period for in-flight programs.
+    buffer; the timed window includes stop()'s wait for in-flight programs. The
+    "kernelscope-reader" consumer times the reader alone instead, the same work as libbpf's
+    consume into a C array: the probe's reader read until the buffer is empty, each batch an
+    owned numpy array of records (no drain thread, no stop(), no store, no DataFrame).
     """
     probe_cls = _probe_class()
     pages = _pages(res.size)
+    reader_only = res.consumer == "kernelscope-reader"
     with _producers(env, res) as prod:
         p = probe_cls(program(res.kind, prod.pids, pages, res.per_call), pages=pages,
                       poll_interval=env.cfg.poll_interval)
@@ -420,9 +424,12 @@ def drain_kernelscope(env: Env, res: Result) -> None:
             prod.go()
             calls, t0, t1 = prod.finish()
             start = time.perf_counter()
-            p.start()
-            p.stop()
-            df = p.frame("events")
+            if reader_only:
+                received, lost, reads = _read_until_empty(p._drain.maps["events"].reader)
+            else:
+                p.start()
+                p.stop()
+                df = p.frame("events")
             res.seconds = time.perf_counter() - start
             if p.error is not None:
                 raise p.error
@@ -430,43 +437,27 @@ def drain_kernelscope(env: Env, res: Result) -> None:
         finally:
             p.close()
     _produced(res, calls, t0, t1)
+    if reader_only:
+        res.received = received
+        res.lost_reported = lost if res.kind == "perf" else None
+        res.extra["reads"] = reads
+        res.extra["into"] = "the probe's reader: read() until empty, each batch an owned numpy array"
+        return
     res.received = len(df)
     res.extra["into"] = "Probe.start(); Probe.stop(); Probe.frame() -> DataFrame"
     _ks_accounting(res, stats, len(df))
 
 
-def drain_reader(env: Env, res: Result) -> None:
-    """The reader alone, the same work as libbpf's consume into a C array: Probe.load()
-    while the producer fills the buffer, then timed: the probe's reader read until the
-    buffer is empty, each batch an owned numpy array of records. No drain thread, no
-    stop(), no store, no DataFrame (drain_kernelscope times those)."""
-    probe_cls = _probe_class()
-    pages = _pages(res.size)
-    with _producers(env, res) as prod:
-        p = probe_cls(program(res.kind, prod.pids, pages, res.per_call), pages=pages,
-                      poll_interval=env.cfg.poll_interval)
-        try:
-            p.load()
-            reader = p._drain.maps["events"].reader
-            prod.go()
-            calls, t0, t1 = prod.finish()
-            received, lost, reads = 0, 0, 0
-            start = time.perf_counter()
-            while True:
-                batch = reader.read()
-                if not len(batch) and not batch.lost:
-                    break
-                received += len(batch)
-                lost += batch.lost
-                reads += 1
-            res.seconds = time.perf_counter() - start
-        finally:
-            p.close()
-    _produced(res, calls, t0, t1)
-    res.received = received
-    res.lost_reported = lost if res.kind == "perf" else None
-    res.extra["reads"] = reads
-    res.extra["into"] = "the probe's reader: read() until empty, each batch an owned numpy array"
+def _read_until_empty(reader: Any) -> tuple[int, int, int]:
+    """(records, lost, reads) of reading `reader` until a read brings nothing."""
+    received, lost, reads = 0, 0, 0
+    while True:
+        batch = reader.read()
+        if not len(batch) and not batch.lost:
+            return received, lost, reads
+        received += len(batch)
+        lost += batch.lost
+        reads += 1
 
 
 def latency_kernelscope(env: Env, res: Result) -> None:
@@ -503,7 +494,7 @@ RUNNERS: dict[tuple[str, str], Callable[[Env, Result], None]] = {
     ("drain", "bcc"): drain_bcc,
     ("drain", "libbpf"): drain_libbpf,
     ("drain", "kernelscope"): drain_kernelscope,
-    ("drain", "kernelscope-reader"): drain_reader,
+    ("drain", "kernelscope-reader"): drain_kernelscope,
     ("overflow", "bcc"): live_bcc,
     ("overflow", "libbpf"): live_libbpf,
     ("overflow", "kernelscope"): live_kernelscope,
