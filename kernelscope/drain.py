@@ -30,6 +30,8 @@ from .readers.ring import PAGE, RingBufferReader, pace, record_span
 from .schema import Schema
 from .store import FrameStore
 
+RESERVE_RING_BYTES = 64 << 20  # rings up to this size get their drain memory faulted in at load
+
 
 @dataclass
 class MapState:
@@ -366,11 +368,15 @@ def open_map(prog: Program, om: OutputMap, dtype: np.dtype, old: MapState | None
     if om.kind == "ringbuf":
         size = prog.ring_size(name)
         ms.pages = size // PAGE
-        # a full ring is drained into memory faulted in now, not page by page while timed
-        ms.reader = RingBufferReader(prog.map_fd(name), size, schema.dtype, wakeup=s.wakeup, reserve=True)
+        # a full ring is drained into memory faulted in now, not page by page while timed:
+        # ~1.4x the ring for 32-byte events, so only up to RESERVE_RING_BYTES of ring, and not
+        # beyond what max_rows keeps
         rows = size // record_span(schema.dtype.itemsize)
-        ms.store.reserve(rows)
-        ms.reader.stamp_with(ms.store.stamper(rows))
+        reserve = size <= RESERVE_RING_BYTES and (s.max_rows is None or rows <= s.max_rows)
+        ms.reader = RingBufferReader(prog.map_fd(name), size, schema.dtype, wakeup=s.wakeup,
+                                     reserve=reserve)
+        ms.store.reserve(rows if reserve else 0)
+        ms.reader.stamp_with(ms.store.stamper(rows if reserve else 0))
     else:
         pages = s.pages.get(name, 64) if isinstance(s.pages, dict) else (s.pages or 64)
         ms.pages = pages

@@ -34,8 +34,9 @@ def sleepable(source: str) -> bool:
 def rcu_barrier() -> bool:
     """synchronize_rcu() through membarrier(MEMBARRIER_CMD_GLOBAL); False when it did not run
     (unknown architecture, ENOSYS, EINVAL under nohz_full, a single online CPU)."""
-    nr = _NR_MEMBARRIER.get(platform.machine())
-    if nr is None or (os.cpu_count() or 1) < 2:
+    # platform.machine() is the kernel's: a 32-bit Python on it has other syscall numbers
+    nr = _NR_MEMBARRIER.get(platform.machine()) if ctypes.sizeof(ctypes.c_void_p) == 8 else None
+    if nr is None or os.sysconf("SC_NPROCESSORS_ONLN") < 2:  # os.cpu_count() can be overridden
         return False
     libc = ctypes.CDLL(None, use_errno=True)
     return int(libc.syscall(ctypes.c_long(nr), ctypes.c_int(MEMBARRIER_CMD_GLOBAL), ctypes.c_uint(0),

@@ -115,14 +115,15 @@ class Probe(Results, metaclass=_LiveOrReplay):
         eager reader that keeps up is woken for nearly every record, each wake-up an
         interrupt on the producer's CPU that slows it; paced, it is woken about once per
         read. A lone event still arrives at once, any event within poll_interval. (Probes
-        that also have a perf buffer read eagerly, as "epoll".) "epoll": read as soon as the
+        that also have a perf buffer do not pace their rings: they read when any buffer's
+        wake-up or the timer comes.) "epoll": read as soon as the
         kernel notifies. "timer": read every poll_interval, for programs that submit with
         BPF_RB_NO_WAKEUP. Perf buffers: with neither `wakeup_events` nor `watermark_bytes`,
         the kernel wakes the reader each time a quarter of a CPU's buffer has been written
         and the drain reads every poll_interval regardless, so a lone event arrives within
         about poll_interval and the producer is not interrupted per event;
         `watermark_bytes=N` wakes every N bytes, `wakeup_events=N` every N events (1: per
-        event, BCC's default, which slows the producer 3-10x). `reorder_ns`: hold events this
+        event, BCC's default, which slowed the producer 3-8x here). `reorder_ns`: hold events this
         long to emit them in timestamp order (needs a ts-like u64 field). `usdt`: (binary path or pid, probe,
         program function) triples, attached while compiling as BCC requires.
 

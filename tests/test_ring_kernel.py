@@ -68,3 +68,23 @@ def test_a_full_ring_drains_into_reserved_memory_with_exact_times() -> None:
         assert per_event == p.outputs["events"].schema.dtype.itemsize + 8 + 8  # record, arrival, ks_time
     finally:
         p.close()
+
+
+@pytest.mark.parametrize(("pages", "max_rows", "reserved"), [
+    (256, None, True),  # 1 MiB ring: room for a full ring faulted in at load
+    (1 << 15, None, False),  # 128 MiB: beyond RESERVE_RING_BYTES, nothing faulted in ahead
+    (256, 100, False),  # the store keeps 100 rows: no room for a ring's worth
+])
+def test_drain_memory_is_faulted_in_only_for_rings_it_is_worth_it(pages, max_rows, reserved) -> None:
+    prod = paused(10)
+    p = Probe(ring_program(pages=pages), cflags=prod.cflags, max_rows=max_rows)
+    try:
+        p.load()
+        ms = p._drain.maps["events"]
+        ring_rows = pages * 4096 // 40
+        assert (ms.reader.parser.arena.free_bytes >= ring_rows * 32) == reserved
+        assert (ms.store.reserved_bytes >= ring_rows * 16) == reserved
+    finally:
+        prod.proc.kill()
+        prod.proc.wait()
+        p.close()

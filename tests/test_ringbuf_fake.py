@@ -225,3 +225,27 @@ def test_impossible_positions_are_corruption(cons, prod):
         parser.read()
     assert parser.consumer_pos == prod
     assert len(parser.read().records) == 0
+
+
+class _CommittedMeanwhile(np.ndarray):
+    """Ring headers as the reader sees them while a producer works: the first reduction
+    still sees a BUSY record, which is committed before the next read of the headers."""
+
+    def min(self, *a, **k):  # type: ignore[override]
+        return np.asarray(self).min(*a, **k)
+
+    def max(self, *a, **k):  # type: ignore[override]
+        out = np.asarray(self).max(*a, **k)
+        self[:] = 32  # the producer commits the BUSY record now
+        return out
+
+
+def test_a_record_committed_between_header_reads_is_a_whole_run() -> None:
+    from kernelscope.readers.ring import BUSY, committed_run
+
+    lens = np.full(8, 32, dtype="<u4")
+    lens[5] = BUSY | 32
+    live = lens.view(_CommittedMeanwhile)
+    assert committed_run(live, 32) == 8
+    lens[5] = BUSY | 32
+    assert committed_run(lens, 32) == 5

@@ -357,7 +357,7 @@ class LiveRun(NamedTuple):
     t1: int
     stats: dict[str, Any]
     df: Any  # pandas.DataFrame
-    cpu_s: float  # this process's CPU time from start() until every event was accounted
+    cpu_s: float  # this process's CPU time from the producers' go to their end
 
 
 def _live_probe(p: Any, prod: Producers, per_call: int) -> LiveRun:
@@ -370,8 +370,8 @@ def _live_probe(p: Any, prod: Producers, per_call: int) -> LiveRun:
         cpu0 = _own_cpu_seconds()
         prod.go()
         calls, t0, t1 = prod.finish()
+        cpu_s = _own_cpu_seconds() - cpu0  # while the producers ran (and finish() returned)
         _wait_accounted(p, calls * per_call)
-        cpu_s = _own_cpu_seconds() - cpu0
         p.stop()
         if p.error is not None:
             raise p.error
@@ -398,7 +398,7 @@ def live_kernelscope(env: Env, res: Result) -> None:
     res.received = len(df)
     # which CPUs the program ran on (its `cpu` field): MPSC runs must show every producer's
     res.extra["event_cpus"] = {str(k): int(v) for k, v in df["cpu"].value_counts().items()}
-    # ks_arrival_ns: CLOCK_MONOTONIC when the read that brought each record began
+    # ks_arrival_ns: CLOCK_MONOTONIC when the read that brought each record returned
     t_last = int(df["ks_arrival_ns"].max()) if len(df) else 0
     res.seconds = (t_last - t0) / 1e9 if t_last else 0.0
     _ks_accounting(res, stats, len(df))
@@ -463,7 +463,7 @@ def _read_until_empty(reader: Any) -> tuple[int, int, int]:
 def latency_kernelscope(env: Env, res: Result) -> None:
     """A producer paced at `res.pace` calls/s into a Probe with every default (its poll
     interval and wake-up policy, the program's ring size, 64 pages per CPU for perf).
-    Latency per event: ks_arrival_ns (CLOCK_MONOTONIC when the read that brought it began)
+    Latency per event: ks_arrival_ns (CLOCK_MONOTONIC when the read that brought it returned)
     - ts (bpf_ktime_get_ns(), the same clock, taken in the tracepoint)."""
     import numpy as np
 

@@ -179,7 +179,7 @@ def _live_target(runs: Sequence[Result], live_size: int, kind: str = "ring", pro
 def _send_target(sends: Sequence[Any]) -> Target:
     """SEND's figures as send.py measured them (its result read, not re-derived)."""
     name = f"user ring SEND from a numpy array: kernelscope >= {SEND}x libbpf's reserve/submit loop"
-    by = {s.writer: s for s in sends if s.error is None}
+    by = {s.writer: s for s in sends if s.intact}
     ks, lb = by.get("kernelscope"), by.get("libbpf C")
     if ks is None or lb is None or not lb.rate:
         return Target(name, None, "not run" if not sends else "missing or failed writers")
@@ -343,7 +343,8 @@ def report(runs: Sequence[Result], cfg: Config, machine: dict[str, Any], sends: 
         f"{machine['cpus']} CPUs, BCC {machine['bcc']}, libbpf {machine['libbpf']}; "
         f"producer on CPU {cfg.producer_cpu}, consumers on CPU {cfg.consumer_cpu}",
         "received/dropped are exact: dropped = events the program emitted - events received"
-        + (f"; each drain figure is the fastest of {machine['repeat']} runs"
+        + (f"; each libbpf and kernelscope drain figure is the fastest of {machine['repeat']} "
+           "runs (BCC's: one)"
            if machine.get("repeat", 1) > 1 else "")
         + (f"; undisturbed, MPSC and live {fmt_size(cfg.target_size)} figures: the fastest of "
            f"{cfg.target_rounds} interleaved rounds" if cfg.target_rounds > 1 else ""),
@@ -370,11 +371,12 @@ def report(runs: Sequence[Result], cfg: Config, machine: dict[str, Any], sends: 
                 f"per getppid() call ({fmt_size(cfg.target_size)} at each); M ev/s = received / "
                 "(producer start to last event received); vs undisturbed = that / the undisturbed "
                 "producer's rate (same buffer kind, events per call); IRQ work = IRQ-work interrupts "
-                "on the producer's CPU during the run (a ring buffer wake-up is one); kernelscope "
-                "uses the Probe's wake-up defaults"
+                "on the producer's CPU during the run (a ring buffer wake-up is one); wake-ups: "
+                "kernelscope uses the Probe's defaults (ring: paced reads; perf: a watermark at a "
+                "quarter of each CPU's buffer plus a read every poll interval), BCC and libbpf "
+                "theirs (ring: epoll as soon as notified; perf: a wake-up per event)"
                 + ("" if cfg.perf_watermark is None else
-                   f"; kernelscope wm: perf wakeup at {cfg.perf_watermark:.0%} of the buffer; "
-                   "BCC and libbpf wake per event"),
+                   f"; kernelscope wm: perf wakeup at {cfg.perf_watermark:.0%} of the buffer"),
                 und, _run_table(by["live"], "live", rates)]
     if mpsc:
         out += ["", f"MPSC: one producer pinned on each of CPUs {', '.join(map(str, cfg.mpsc_cpus))}, "
@@ -400,7 +402,7 @@ def report(runs: Sequence[Result], cfg: Config, machine: dict[str, Any], sends: 
                 f"CLOCK_MONOTONIC between calls) for {cfg.latency_seconds:g} s, kernelscope with every "
                 "Probe default (poll interval, wake-ups; the program's "
                 f"{fmt_size(cfg.target_size)} ring, 64 pages/CPU perf); latency = ks_arrival_ns (when "
-                "the read that brought the event began) - the event's ts (bpf_ktime_get_ns), both "
+                "the read that brought the event returned) - the event's ts (bpf_ktime_get_ns), both "
                 "CLOCK_MONOTONIC", und, _latency_table(by["latency"])]
     out += list(extra)
     rat = {k: v for k, v in ratios(runs).items() if v is not None}

@@ -76,6 +76,11 @@ class SendResult:
     rounds: int = 1  # rounds run; `seconds` is the fastest
 
     @property
+    def intact(self) -> bool:
+        """Ran, and the program drained every sample with the checksum right."""
+        return self.error is None and self.checksum_ok and self.drained == self.sent == self.samples
+
+    @property
     def rate(self) -> float:
         return self.sent / self.seconds if self.seconds > 0 else 0.0
 
@@ -182,7 +187,7 @@ def report(results: list[SendResult]) -> list[str]:
         ns = 1e9 * r.seconds / r.sent if r.sent else 0.0
         lines.append(f"  {r.writer:<12} {r.sent:>11,} {r.rate / 1e6:>12.2f} {ns:>10.1f} {r.drained:>11,}  "
                      f"{'yes' if r.checksum_ok else 'NO'}")
-    by = {r.writer: r for r in results if not r.error}
+    by = {r.writer: r for r in results if r.intact}
     if "kernelscope" in by and "libbpf C" in by and by["libbpf C"].rate:
         lines.append(f"  ratio kernelscope / libbpf C: {by['kernelscope'].rate / by['libbpf C'].rate:.2f}x "
                      "(one numpy array sent from Python vs a reserve/fill/submit loop in C)")
@@ -190,7 +195,7 @@ def report(results: list[SendResult]) -> list[str]:
 
 
 def ratio(results: list[SendResult]) -> float | None:
-    by = {r.writer: r for r in results if not r.error}
+    by = {r.writer: r for r in results if r.intact}
     if "kernelscope" in by and "libbpf C" in by and by["libbpf C"].rate:
         return by["kernelscope"].rate / by["libbpf C"].rate
     return None

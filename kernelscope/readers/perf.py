@@ -41,7 +41,7 @@ __all__ = [
 PAGE_SIZE = mmap.PAGESIZE
 # With no wake-up setting, the kernel wakes the reader each time this share of a CPU's buffer
 # has been written (perf_event_attr.watermark), and the drain reads every poll_interval anyway.
-# A wake-up per event is an IRQ work on the producer's CPU for every sample (3-10x slower
+# A wake-up per event is an IRQ work on the producer's CPU for every sample (3-8x slower
 # producer); at a quarter, a 4 MiB buffer and 48-byte samples wake ~170 times a second at
 # 3.6 M samples/s, and three quarters stay free for what arrives while the reader wakes up.
 DEFAULT_WATERMARK_SHARE = 0.25
@@ -600,7 +600,8 @@ class PerfBufferReader:
         """Make a blocked (or the next) `poll` return False now; from any thread. The drain
         calls it when it is told to stop, so stop() need not wait out a poll_interval."""
         with self._close_lock:
-            if not self._closed:
+            # at interpreter exit the finalizer may have closed the eventfd already
+            if not self._closed and self._finalizer.alive:
                 os.eventfd_write(self._wake_fd, 1)
 
     def read(self) -> Batch:

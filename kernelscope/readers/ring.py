@@ -78,6 +78,18 @@ def pace(interval_s: float, window_s: float, pending_bytes: int, capacity_bytes:
     return max(0.0, min(quarter, 2 * max(interval_s, window_s), limit_s))
 
 
+def committed_run(lens: np.ndarray, itemsize: int) -> int:
+    """How many headers from the first are exactly `itemsize` (committed, not discarded, the
+    struct's size). `lens` is a live view of the ring: two reductions (no temporary, a third
+    cheaper than a comparison array) and, if they disagree, a scan for the first other one.
+    The producer may commit a BUSY record between those reads: a scan that then finds none
+    means every header is committed now, and the copy that follows reads after it."""
+    if lens.min() == itemsize and lens.max() == itemsize:
+        return len(lens)
+    bad = np.flatnonzero(lens != itemsize)
+    return int(bad[0]) if len(bad) else len(lens)
+
+
 @dataclass
 class ParseResult:
     records: np.ndarray
@@ -161,11 +173,7 @@ class RingParser:
             n = min((avail - pos) // stride, self._run_max, len(out) - filled)
             if n:
                 lens = np.ndarray((n,), dtype="<u4", buffer=region, offset=pos, strides=(stride,))
-                # two reductions, no temporary: a third cheaper than a comparison array
-                if lens.min() == itemsize and lens.max() == itemsize:
-                    run = n
-                else:
-                    run = int(np.flatnonzero(lens != itemsize)[0])
+                run = committed_run(lens, itemsize)
                 if run:
                     out[filled : filled + run] = np.ndarray(
                         (run,), dtype=self._opaque, buffer=region, offset=pos + HDR, strides=(stride,)
