@@ -170,10 +170,24 @@ def _live_target(runs: Sequence[Result], live_size: int, kind: str = "ring", pro
         limit = ("" if producers == 1 or reader is None else
                  f" (the reader used {reader:.0%} of a CPU, taken from {producers} producers on "
                  f"{producers} CPUs: at most {1 - reader / producers:.2f}x of their rate is left)")
+        paired = _paired_median(runs, ks)
+        paired_text = "" if paired is None else f", median of the rounds' own ratios {paired:.3f}x"
         parts.append(f"{per_call}/call: {_m(ks.rate)} of {_m(rates[kind, producers, per_call])} M ev/s "
-                     f"({share:.3f}x){limit}, "
+                     f"({share:.3f}x{paired_text}){limit}, "
                      + _drops_detail(attempts, lossy, ks.extra.get("stats", {}).get("batches")))
     return Target(name, all(verdicts), "; ".join(parts))
+
+
+def _paired_median(runs: Sequence[Result], ks: Result) -> float | None:
+    """The median over rounds of kernelscope's rate / the undisturbed producer's in the same
+    round (run right before it): the host's drift between rounds cancels from each pair. The
+    verdict uses the fastest of each; this is printed beside it."""
+    und = next((r for r in runs if r.scenario == "undisturbed" and r.ok and
+                (r.kind, r.producers, r.per_call) == (ks.kind, ks.producers, ks.per_call)), None)
+    a, b = ks.extra.get("attempts") or [], (und.extra.get("attempts") or []) if und else []
+    pairs = sorted(x["events_per_s"] / y["events_per_s"] for x, y in zip(a, b, strict=False)
+                   if not x.get("error") and not y.get("error") and y["events_per_s"] > 0)
+    return pairs[len(pairs) // 2] if len(pairs) > 1 else None
 
 
 def _send_target(sends: Sequence[Any]) -> Target:
