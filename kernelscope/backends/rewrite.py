@@ -74,12 +74,17 @@ def wrap_output_call(call: str, base: int, reserve: bool) -> str:
 
     While the gate is closed (before load, after stop) nothing is attempted or counted: a
     reservation yields NULL and an output call -1, which programs already handle.
+
+    The attempt is counted before the call and a failure after it: a record is visible to
+    the reader from inside the call (its commit), so an attempt counted only after it would
+    let a live reader receive a record the counters do not show yet (in_flight -1, seen under
+    load). `__ks_count(slot, 0)` bumps that one slot.
     """
     if reserve:
-        return (f"({{ void *__ks_p = 0; if (__ks_open()) {{ __ks_p = {call}; "
-                f"__ks_count({base}, !__ks_p); }} __ks_p; }})")
-    return (f"({{ long __ks_r = -1; if (__ks_open()) {{ __ks_r = {call}; "
-            f"__ks_count({base}, __ks_r < 0); }} __ks_r; }})")
+        return (f"({{ void *__ks_p = 0; if (__ks_open()) {{ __ks_count({base}, 0); __ks_p = {call}; "
+                f"if (!__ks_p) __ks_count({base + 1}, 0); }} __ks_p; }})")
+    return (f"({{ long __ks_r = -1; if (__ks_open()) {{ __ks_count({base}, 0); __ks_r = {call}; "
+            f"if (__ks_r < 0) __ks_count({base + 1}, 0); }} __ks_r; }})")
 
 
 def apply_edits(source: str, edits: list[tuple[int, int, str]]) -> str:
