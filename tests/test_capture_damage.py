@@ -541,7 +541,13 @@ def test_record_writes_a_verified_capture_and_keeps_it_when_the_folder_goes(tmp_
 
     def attached() -> bool:
         fds = Path(f"/proc/{proc.pid}/fd")
-        return any("bpf" in os.readlink(fd) for fd in fds.iterdir() if fd.is_symlink())
+        for fd in fds.iterdir():
+            try:
+                if "bpf" in os.readlink(fd):
+                    return True
+            except FileNotFoundError:  # closed between the listing and the readlink
+                continue
+        return False
 
     wait_for(attached, timeout=30, what="the recording to attach")
     shutil.rmtree(out)
