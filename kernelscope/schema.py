@@ -19,6 +19,7 @@ import pandas as pd
 from numpy.typing import DTypeLike
 
 from .errors import SchemaError
+from .readers.batch import epoch_ns
 
 # kernelscope's own columns start with this prefix; programs may not use it for fields.
 RESERVED_PREFIX = "ks_"
@@ -289,14 +290,9 @@ class Schema:
         if tf and times is not None:
             data["ks_time"] = times.view("datetime64[ns]")
         elif tf:
-            # int64 arithmetic wraps like the u64 values' own: same bits as astype(int64) first
-            epoch_ns = (alloc or np.empty)(len(records), np.int64)
-            ts, unit = records[tf].view(np.int64), time_unit(tf) or 1
-            if unit != 1:
-                np.multiply(ts, unit, out=epoch_ns)
-                ts = epoch_ns
-            np.add(ts, self.epoch_offset_ns, out=epoch_ns)
-            data["ks_time"] = epoch_ns.view("datetime64[ns]")  # same values, no parsing pass
+            out = epoch_ns(records, tf, time_unit(tf) or 1, self.epoch_offset_ns,
+                           (alloc or np.empty)(len(records), np.int64))
+            data["ks_time"] = out.view("datetime64[ns]")  # same values, no parsing pass
         # copy=False: one block per column, no consolidation copy (3-10x faster for big
         # frames); columns may view the stored records, which are never written in place.
         return pd.DataFrame(data, columns=self.columns, copy=False)

@@ -124,6 +124,19 @@ class Arena:
             self._used = 0
 
 
+def epoch_ns(records: np.ndarray, field_name: str, unit: int, offset_ns: int,
+             out: np.ndarray) -> np.ndarray:
+    """`out` (int64, len(records)) filled with `records[field_name] * unit + offset_ns`: the
+    records' timestamps as epoch ns. int64 arithmetic wraps like the u64 values' own, so
+    the bits are those of astype(int64) first, without that copy."""
+    ts = records[field_name].view(np.int64)
+    if unit != 1:
+        np.multiply(ts, unit, out=out)
+        ts = out
+    np.add(ts, offset_ns, out=out)
+    return out
+
+
 class Stamper:
     """Epoch-ns timestamps (`ts * unit + offset`, int64) of runs of records, and whether the
     timestamps never decrease, computed run by run right after a reader copied the run, while
@@ -144,12 +157,7 @@ class Stamper:
 
     def compute(self, records: np.ndarray, out: np.ndarray) -> np.ndarray:
         """`out` (int64, len(records)) filled with the records' epoch ns."""
-        ts = records[self.field].view(np.int64)  # int64 wraps like u64: same bits as astype
-        if self.unit != 1:
-            np.multiply(ts, self.unit, out=out)
-            ts = out
-        np.add(ts, self.offset_ns, out=out)
-        return out
+        return epoch_ns(records, self.field, self.unit, self.offset_ns, out)
 
     def stamp(self, run: np.ndarray, out: np.ndarray) -> None:
         """Stamp one run (records of `dtype`, or opaque bytes of its size) into `out`."""
