@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .readers.batch import Batch, concat_records
+from .readers.batch import Batch, concat_records, opaque
 
 
 class OrderTracker:
@@ -77,7 +77,10 @@ class Reorderer:
 
     def _sorted(self, batch: Batch) -> Batch:
         order = np.argsort(batch.records[self.ts_field], kind="stable")
-        return Batch(batch.records[order], batch.cpu[order] if batch.cpu is not None else None)
+        recs = batch.records
+        # indexed as opaque bytes: a structured dtype is copied field by field, padding lost
+        return Batch(recs.view(opaque(recs.dtype))[order].view(recs.dtype),
+                     batch.cpu[order] if batch.cpu is not None else None)
 
     def _merge(self, batch: Batch) -> Batch:
         """Held records and a sorted batch, merged: two sorted runs, so the stable sort

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from . import folders, host
+from .readers.batch import packed
 
 SHARE_OF_RAM = 0.25  # default budget: what stored events may take of MemTotal, all stores together
 WARN_AT = 0.8  # a warning once a store's memory reaches this share of its budget
@@ -124,7 +125,7 @@ class SpillDir:
         import pyarrow.parquet as pq
 
         n = len(records)
-        raw = np.ascontiguousarray(records).view(np.uint8)
+        raw = packed(records).view(np.uint8)
         rec = pa.FixedSizeBinaryArray.from_buffers(
             pa.binary(records.dtype.itemsize), n, [None, pa.py_buffer(raw)])
         cols = {"rec": rec, "arrival_ns": pa.array(arrival_ns)}

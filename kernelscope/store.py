@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from . import spill
-from .readers.batch import Arena, Batch, Stamper, concat_records
+from .readers.batch import Arena, Batch, Stamper, concat_records, packed
 from .schema import ARRIVAL, Schema, time_unit
 
 CHUNK_ROWS = 4096  # small batches are gathered into chunks of about this many rows
@@ -51,7 +51,10 @@ class _Chunk:
 
 
 def _tbytes(c: _Chunk) -> int:
-    return c.times.nbytes if c.times is not None else 0
+    """Bytes `c` holds beyond `_row_bytes` per row: its stamped times, and the ring headers
+    between its records when they are views of a ring reader's slots (`packed()`)."""
+    slack = (c.records.strides[0] - c.records.dtype.itemsize) * len(c.records) if len(c.records) else 0
+    return (c.times.nbytes if c.times is not None else 0) + slack
 
 
 def _concat(chunks: list[_Chunk], dtype: np.dtype) -> _Chunk:
@@ -159,7 +162,7 @@ class _View:
                 self.obj_row_bytes += sys.getsizeof(arr[0])
         self.n += k
         if first and any(c in self.borrowed for c in df.columns if c not in (ARRIVAL, "ks_time")):
-            self.borrowed_row_bytes += source.records.dtype.itemsize if source is not None else 0
+            self.borrowed_row_bytes += source.records.strides[0] if source is not None else 0
         if not self.borrowed:
             self.borrowed_row_bytes = 0
         self._merge_small()
@@ -241,7 +244,7 @@ class FrameStore:
         self._warned: set[str] = set()
         # record + arrival time (+ CPU for perf buffers): what one stored row costs
         self._row_bytes = schema.dtype.itemsize + 8 + (2 if schema.per_cpu else 0)
-        self._times_bytes = 0  # _Chunk.times not converted yet
+        self._extra_bytes = 0  # _tbytes() of the stored chunks: times not converted yet, ring slots
         self._arena = Arena()  # arrival times and computed columns of the rows to come
         self._timed = schema.time_field is not None
         spill.register(self)
@@ -279,7 +282,7 @@ class FrameStore:
         (those that are views of stored records count once, with the records)."""
         view = self._view
         released = max(0, min(view.end, self.received - self._mem_rows) - view.seq0)  # held by the view only
-        return (self._mem_rows * self._row_bytes + self._times_bytes + view.nbytes
+        return (self._mem_rows * self._row_bytes + self._extra_bytes + view.nbytes
                 + view.borrowed_row_bytes * released)
 
     nbytes = memory_bytes
@@ -325,9 +328,10 @@ class FrameStore:
             c = _Chunk(batch.records, self.received, arrival, cpu, times)
             if n >= CHUNK_ROWS and not self._open:
                 self._chunks.append(c)
-                self._times_bytes += _tbytes(c)
+                self._extra_bytes += _tbytes(c)
             else:
                 c.times = None  # small batches are gathered by copying; frames compute their ks_time
+                c.records = packed(c.records)  # (copied now, a few KiB, so _tbytes() stays 0)
                 self._open.append(c)
                 self._open_rows += n
                 if self._open_rows >= CHUNK_ROWS or len(self._open) >= 256:
@@ -407,7 +411,7 @@ class FrameStore:
                     spill.SpillDir.delete(seg)  # evicted or cleared meanwhile
                     continue
                 del self._chunks[: len(pick)]
-                self._times_bytes -= sum(_tbytes(c) for c in pick)
+                self._extra_bytes -= sum(_tbytes(c) for c in pick)
                 self._segments.append(seg)
                 self._mem_rows -= seg.rows
                 self.spilled += seg.rows
@@ -460,16 +464,17 @@ class FrameStore:
                 first = chunks[0]
                 n = len(first.records)
                 if n <= count:
-                    self._times_bytes -= _tbytes(chunks.pop(0))
+                    self._extra_bytes -= _tbytes(chunks.pop(0))
                     count -= n
                     if chunks is self._open:
                         self._open_rows -= n
                 else:
                     rest = _slice(first, first.seq0 + count, first.seq0 + n)
-                    chunks[0] = _Chunk(rest.records.copy(), rest.seq0, rest.arrival_ns.copy(),
+                    recs = rest.records.copy() if rest.records.flags.c_contiguous else packed(rest.records)
+                    chunks[0] = _Chunk(recs, rest.seq0, rest.arrival_ns.copy(),
                                        rest.cpu.copy() if rest.cpu is not None else None,
                                        rest.times.copy() if rest.times is not None else None)
-                    self._times_bytes -= _tbytes(first) - _tbytes(chunks[0])
+                    self._extra_bytes -= _tbytes(first) - _tbytes(chunks[0])
                     if chunks is self._open:
                         self._open_rows -= count
                     count = 0
@@ -535,7 +540,7 @@ class FrameStore:
                 converted.append(self._convert(view, parts))
             end = view.end
             self._view = view
-            if self._times_bytes and "ks_time" not in view.borrowed:
+            if self._extra_bytes and "ks_time" not in view.borrowed:
                 self._drop_times(end)
             if len(converted) == 1 and len(converted[0]) == view.n == end - max(first, first_mem):
                 out = converted[0]  # everything converted at once: that frame is the frame
@@ -558,7 +563,7 @@ class FrameStore:
                 if c.seq0 + len(c.records) > end:
                     break
                 if c.times is not None:
-                    self._times_bytes -= c.times.nbytes
+                    self._extra_bytes -= c.times.nbytes
                     c.times = None
 
     def _convert(self, view: _View, parts: list[_Chunk]) -> pd.DataFrame:
@@ -577,7 +582,7 @@ class FrameStore:
             self._segments.clear()
             self._chunks.clear()
             self._open.clear()
-            self._open_rows = self._rows = self._mem_rows = self._times_bytes = 0
+            self._open_rows = self._rows = self._mem_rows = self._extra_bytes = 0
             self._view = _View(self.received)
             self._last = None
 

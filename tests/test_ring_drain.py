@@ -9,7 +9,7 @@ import pytest
 from test_ringbuf_fake import DTYPE, FakeRing, event
 
 from kernelscope.grace import GRACE, rcu_barrier, sleepable, wait_out
-from kernelscope.readers.batch import Arena, Batch, Stamper
+from kernelscope.readers.batch import Arena, Batch, Stamper, packed
 from kernelscope.readers.ring import RingParser, record_span
 from kernelscope.schema import Schema
 from kernelscope.store import FrameStore, sequence
@@ -61,6 +61,44 @@ def test_reads_copy_into_the_arena_keep_padding_and_stamp_times() -> None:
         want = b"".join(event(i).tobytes() for i in range(lo, hi))
         assert res.records.tobytes() == want  # byte for byte, padding included
     assert not np.shares_memory(first.records, second.records)
+    assert first.records.strides == (record_span(DTYPE.itemsize),)  # views of the ring's slots
+
+
+# a struct with padding (bytes 4-7 and 16-23) the program fills: the bytes must survive
+PADDED = np.dtype({"names": ["pid", "ts"], "formats": ["<u4", "<u8"], "offsets": [0, 8], "itemsize": 24})
+
+
+def padded_event(i: int) -> bytes:
+    raw = bytearray(bytes([0xA0 + i % 16]) * PADDED.itemsize)
+    raw[0:4] = (100 + i).to_bytes(4, "little")
+    raw[8:16] = (1000 + i).to_bytes(8, "little")
+    return bytes(raw)
+
+
+def test_records_in_ring_slots_keep_their_padding_when_packed_stored_and_evicted() -> None:
+    ring = FakeRing(1 << 18)
+    for i in range(CHUNK):
+        ring.commit(padded_event(i))
+    res = RingParser(ring.consumer, ring.producer, ring.size, PADDED).read()
+    want = b"".join(padded_event(i) for i in range(CHUNK))
+    assert res.records.strides == (record_span(PADDED.itemsize),)  # 24 + its 8-byte header
+    flat = packed(res.records)
+    assert flat.flags.c_contiguous
+    assert flat.view(np.uint8).tobytes() == want  # numpy's own copy() would lose the padding
+    s = FrameStore(Schema(PADDED), max_rows=CHUNK - 100)
+    s.append(Batch(res.records), 1)  # a big batch is stored as it came: slots and all
+    assert s.memory_bytes == (CHUNK - 100) * (PADDED.itemsize + 8)  # packed records, arrival
+    kept = s.records()
+    assert kept.flags.c_contiguous  # max_rows evicted part of the chunk: the rest was packed
+    assert kept.view(np.uint8).tobytes() == want[100 * PADDED.itemsize:]
+    whole = FrameStore(Schema(PADDED))
+    whole.append(Batch(res.records), 1)
+    slot = record_span(PADDED.itemsize)
+    assert whole.memory_bytes == CHUNK * (slot + 8)  # the headers between records are counted
+    assert packed(whole.records()).view(np.uint8).tobytes() == want
+
+
+CHUNK = 5000  # records: a batch the store keeps as one chunk (more than CHUNK_ROWS)
 
 
 def test_a_decreasing_timestamp_or_a_record_of_another_size_is_reported() -> None:

@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import CaptureDamagedError, CaptureError, CaptureMissingError
+from ..readers.batch import packed
 from . import frames as _frames
 from . import meta as _meta
 from .atomic import atomic_path
@@ -99,7 +100,7 @@ def _table(capture: Capture) -> pa.Table:
         seqs.append(mc.seq.astype(np.int64))
         arrivals.append(mc.arrival_ns.astype(np.int64) - capture.started_ns)
         cpus.append(mc.cpu.astype(np.int16) if mc.cpu is not None else np.full(n, -1, np.int16))
-        raw = np.ascontiguousarray(mc.records).view(np.uint8).reshape(n, mc.dtype.itemsize)
+        raw = packed(mc.records).view(np.uint8).reshape(n, mc.dtype.itemsize)
         blobs.append(_binary(raw, mc.dtype.itemsize))
     for name, tc in capture.tables.items():
         raw = np.ascontiguousarray(tc.records)

@@ -59,17 +59,30 @@ def opaque(dtype: np.dtype) -> np.dtype:
     return np.dtype((np.void, dtype.itemsize))
 
 
+def packed(records: np.ndarray) -> np.ndarray:
+    """`records` as one contiguous array, byte for byte (itself if it already is one).
+
+    Records a ring reader copied out keep their ring slots (an 8-byte header before each),
+    so they are strided. numpy copies a strided structured array field by field and leaves
+    the padding bytes uninitialised: copying as opaque bytes keeps them.
+    """
+    if records.flags.c_contiguous:
+        return records
+    return np.ascontiguousarray(records.view(opaque(records.dtype))).view(records.dtype)
+
+
 def concat_records(parts: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
-    """Concatenate contiguous record arrays byte for byte, keeping `dtype` and its padding.
+    """Concatenate record arrays byte for byte, keeping `dtype` and its padding.
 
     Plain np.concatenate promotes structured dtypes and drops the padding of nested
-    structs (numpy 2), which would no longer match the C layout.
+    structs (numpy 2), which would no longer match the C layout. One part is returned as
+    it is, strided or not.
     """
     if not parts:
         return np.empty(0, dtype=dtype)
     if len(parts) == 1 and parts[0].dtype == dtype:
         return parts[0]
-    return np.concatenate([np.ascontiguousarray(p).view(opaque(dtype)) for p in parts]).view(dtype)
+    return np.concatenate([p.view(opaque(dtype)) for p in parts]).view(dtype)
 
 
 class Arena:

@@ -117,6 +117,13 @@ class RingParser:
         self.dtype = np.dtype(dtype)
         self.stride = record_span(self.dtype.itemsize)
         self._opaque = opaque(self.dtype)
+        # Records are copied out with their headers, slot for slot as the ring holds them:
+        # one contiguous copy per run is 2-3x faster than numpy's strided copy of
+        # 24-byte-or-larger records, for `stride - itemsize` bytes per record (8 for a
+        # 32-byte struct). The records are then views at the ring's stride (`packed()`).
+        self._slot = np.dtype((np.void, self.stride))
+        self._slot_record = np.dtype({"names": ["r"], "formats": [self._opaque], "offsets": [HDR],
+                                      "itemsize": self.stride})
         self._run_max = max(1, RELEASE_BYTES // self.stride)
         self.arena = Arena()  # where records are copied to; `reserve` faults it in ahead
         self.stamper: Stamper | None = None  # set by the owner: timestamps stamped per run
@@ -124,7 +131,7 @@ class RingParser:
     def reserve(self) -> None:
         """Fault in room for a full ring of records now, so a read that finds the ring full
         copies into memory already mapped (a fresh array costs a fault per page)."""
-        self.arena = Arena(self.size // self.stride * self.dtype.itemsize)
+        self.arena = Arena(self.size // self.stride * self.stride)
 
     @property
     def consumer_pos(self) -> int:
@@ -157,9 +164,11 @@ class RingParser:
             avail = min(avail, max_bytes)
         start = cons & self.mask
         region = self._data[start : start + avail]  # contiguous thanks to the double mapping
-        # Fixed-size records are copied into one array (a copy: the kernel reuses the bytes
-        # once consumer_pos moves on); records of other sizes go between its segments.
-        out = self.arena.take(avail // self.stride, self._opaque)
+        # Fixed-size records are copied into one array of slots (a copy: the kernel reuses
+        # the bytes once consumer_pos moves on); records of other sizes go between its segments.
+        out = self.arena.take(avail // self.stride, self._slot)
+        out_bytes = out.view(np.uint8)
+        recs = out.view(self._slot_record)["r"]  # the records in the slots (opaque bytes)
         stamper = self.stamper
         times = taken = stamper.arena.take(len(out), np.int64) if stamper is not None else None
         if stamper is not None:
@@ -175,11 +184,9 @@ class RingParser:
                 lens = np.ndarray((n,), dtype="<u4", buffer=region, offset=pos, strides=(stride,))
                 run = committed_run(lens, itemsize)
                 if run:
-                    out[filled : filled + run] = np.ndarray(
-                        (run,), dtype=self._opaque, buffer=region, offset=pos + HDR, strides=(stride,)
-                    )
+                    out_bytes[filled * stride : (filled + run) * stride] = region[pos : pos + run * stride]
                     if stamper is not None and times is not None:  # the run is still in cache
-                        stamper.stamp(out[filled : filled + run], times[filled : filled + run])
+                        stamper.stamp(recs[filled : filled + run], times[filled : filled + run])
                     filled += run
                     pos += run * stride
                     self._cons[0] = cons + pos  # copied out: the producer may reuse the room
@@ -201,13 +208,13 @@ class RingParser:
                 discarded += 1
             else:
                 if filled > mark:
-                    chunks.append(out[mark:filled].view(self.dtype))
+                    chunks.append(recs[mark:filled].view(self.dtype))
                     mark = filled
                 chunks.append(copy_records(region[pos + HDR : pos + HDR + length], self.dtype))
                 times = None  # a record of another size: the owner stamps the batch itself
             pos += span
         if filled > mark:
-            chunks.append(out[mark:filled].view(self.dtype))
+            chunks.append(recs[mark:filled].view(self.dtype))
         self.arena.give_back(out, filled)
         if stamper is not None and taken is not None:
             kept = stamper.arena.give_back(taken, filled if times is not None else 0)
