@@ -255,7 +255,7 @@ def store(ms: MapState, batch: Batch, now: int) -> None:
         if not len(batch):
             return
     if ms.order is not None:
-        ms.order.update(batch.records, batch.ordered)
+        ms.order.update(batch.records, batch.ordered, batch.runs)
     ms.store.append(batch, now)
 
 

@@ -7,6 +7,9 @@ CPU's events in order but the CPUs interleaved out of order.
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Sequence
+
 import numpy as np
 
 from .readers.batch import Batch, concat_records, opaque
@@ -21,18 +24,35 @@ class OrderTracker:
         self.inversions = 0
         self.max_inversion_ns = 0
 
-    def update(self, records: np.ndarray, ordered: bool = False) -> None:
-        """`ordered`: the reader already found the batch's timestamps never decrease."""
+    def update(self, records: np.ndarray, ordered: bool = False,
+               runs: Sequence[int] | None = None) -> None:
+        """`ordered`: the reader already found the batch's timestamps never decrease. `runs`:
+        lengths of the consecutive pieces the batch is made of, each one buffer's records in
+        their arrival order (a perf read: one piece per CPU)."""
         if not len(records):
             return
         if ordered and int(records[self.ts_field][0]) >= self.max_seen:
             self.max_seen = int(records[self.ts_field][-1])
             return
-        ts = np.ascontiguousarray(records[self.ts_field], dtype=np.uint64)
-        if int(ts[0]) >= self.max_seen and not (ts[1:] < ts[:-1]).any():
-            self.max_seen = int(ts[-1])  # in order (the usual ring batch): no running max needed
+        start = 0
+        for n in runs if runs is not None and len(runs) > 1 else (len(records),):
+            self._piece(records[self.ts_field][start : start + n])
+            start += n
+
+    def _piece(self, ts: np.ndarray) -> None:
+        if not len(ts):
             return
-        # running max of everything seen so far, this batch included
+        if not (ts[1:] < ts[:-1]).any():
+            # in order within itself (the usual piece): the late records are those older
+            # than the max before the piece, a prefix found by bisection; no running max
+            behind = bisect.bisect_left(_Values(ts), self.max_seen)
+            if behind:
+                self.inversions += behind
+                self.max_inversion_ns = max(self.max_inversion_ns, self.max_seen - int(ts[0]))
+            self.max_seen = max(self.max_seen, int(ts[-1]))
+            return
+        ts = np.ascontiguousarray(ts, dtype=np.uint64)
+        # running max of everything seen so far, this piece included
         running = np.maximum.accumulate(ts)
         np.maximum(running, np.uint64(self.max_seen), out=running)
         late = ts[1:] < running[:-1]  # record i is late if older than the max before it
@@ -45,6 +65,19 @@ class OrderTracker:
                 worst = max(worst, self.max_seen - int(ts[0]))
             self.max_inversion_ns = max(self.max_inversion_ns, worst)
         self.max_seen = int(running[-1])
+
+
+class _Values:
+    """A timestamp column as a sequence of Python ints, for bisect (a few probes, no copy)."""
+
+    def __init__(self, ts: np.ndarray) -> None:
+        self.ts = ts
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+    def __getitem__(self, i: int) -> int:
+        return int(self.ts[i])
 
 
 class Reorderer:

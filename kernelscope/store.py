@@ -245,7 +245,7 @@ class FrameStore:
         # record + arrival time (+ CPU for perf buffers): what one stored row costs
         self._row_bytes = schema.dtype.itemsize + 8 + (2 if schema.per_cpu else 0)
         self._extra_bytes = 0  # _tbytes() of the stored chunks: times not converted yet, ring slots
-        self._arena = Arena()  # arrival times and computed columns of the rows to come
+        self._arena = Arena(grow=Arena.GROW)  # arrival times and computed columns of the rows to come
         self._timed = schema.time_field is not None
         spill.register(self)
 
@@ -258,7 +258,7 @@ class FrameStore:
             rows = min(rows, self.max_rows)
         if self.max_bytes is not None:
             rows = min(rows, self.max_bytes // (2 * per_row))
-        self._arena = Arena(rows * per_row + 4 * Arena.ALIGN)
+        self._arena = Arena(rows * per_row + 4 * Arena.ALIGN, grow=Arena.GROW)
 
     def stamper(self, rows: int = 0) -> Stamper | None:
         """A Stamper of this map's ks_time (None without a timestamp field) for a reader to

@@ -67,3 +67,26 @@ def test_tracker_matches_a_naive_count(parts) -> None:
             seen_max = max(seen_max, ts)
     assert t.inversions == inversions
     assert t.max_inversion_ns == worst
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.lists(st.integers(min_value=0, max_value=1_000), max_size=20),
+                         max_size=4), max_size=8),
+       st.booleans())
+def test_tracker_given_per_cpu_pieces_counts_as_the_naive_count(reads, sort_pieces) -> None:
+    """A perf read is one piece per CPU (`runs`): sorted pieces take the bisection path,
+    unsorted ones the running max; both must count exactly what the naive loop counts."""
+    t = OrderTracker("ts")
+    seen_max, inversions, worst = 0, 0, 0
+    for read in reads:
+        pieces = [sorted(p) for p in read] if sort_pieces else read
+        flat = [ts for p in pieces for ts in p]
+        t.update(batch(flat).records, runs=tuple(len(p) for p in pieces))
+        for ts in flat:
+            if ts < seen_max:
+                inversions += 1
+                worst = max(worst, seen_max - ts)
+            seen_max = max(seen_max, ts)
+    assert t.inversions == inversions
+    assert t.max_inversion_ns == worst
+    assert t.max_seen == seen_max

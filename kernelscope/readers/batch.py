@@ -31,6 +31,9 @@ class Batch:
     # computed while the records were in cache, and whether the timestamps never decrease
     times: np.ndarray | None = None
     ordered: bool = False
+    # lengths of the consecutive pieces `records` is made of, each one buffer's records in
+    # arrival order (a perf read: one piece per CPU), or None for one piece
+    runs: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -91,22 +94,32 @@ class Arena:
     A fresh array costs a page fault per page on its first write, which on a VM is most of
     the cost of copying records out of a ring (about as much as the copy itself). A reader
     or store that knows how much it will need soon reserves it here while nothing is timed
-    (at load), and its hot path takes views instead of np.empty. A slice keeps the whole
-    arena alive while anything refers to it; the first request the arena cannot serve lets
-    it go (only the slices handed out keep it), and `take` falls back to np.empty.
+    (at load), and its hot path takes views instead of np.empty. A slice keeps its block
+    alive while anything refers to it; the first request the block cannot serve lets it go
+    (only the slices handed out keep it). Then, with `grow`, `take` carves the next slices
+    out of a new block of at least `grow` bytes, not faulted in ahead: numpy asks for
+    transparent huge pages for arrays of 4 MiB or more (madvise), so a block is faulted in
+    2 MiB at a time as it is written, 1M 32-byte records in 8-11 ms instead of 22-24 ms
+    in 750 KB arrays here. Without `grow`, `take` falls back to np.empty. A block outlives
+    its first slices as long as a later one lives: with rows evicted oldest first, at most
+    one block per arena is held for fewer rows than it has.
     """
 
     ALIGN = 64
+    GROW = 8 << 20  # bytes: twice numpy's threshold for asking for huge pages
 
-    def __init__(self, nbytes: int = 0) -> None:
+    def __init__(self, nbytes: int = 0, grow: int = 0) -> None:
         self._lock = threading.Lock()
         self._buf = np.empty(max(0, nbytes), dtype=np.uint8)
         self._buf[:: mmap.PAGESIZE] = 0  # one write per page faults the whole arena in
         self._used = 0
+        self._grow = grow
+        self._reserved = True  # the current block was faulted in ahead
 
     @property
     def free_bytes(self) -> int:
-        return len(self._buf) - self._used
+        """Bytes faulted in ahead and not handed out yet (a grown block's do not count)."""
+        return len(self._buf) - self._used if self._reserved else 0
 
     def take(self, n: int, dtype: DTypeLike) -> np.ndarray:
         """An uninitialised array of `n` items of `dtype`, from the arena while it lasts."""
@@ -117,6 +130,10 @@ class Arena:
             if n and start + size <= len(self._buf):
                 self._used = start + size
                 return self._buf[start : start + size].view(dt)
+            if n and self._grow:
+                self._buf = np.empty(max(self._grow, size), dtype=np.uint8)
+                self._used, self._reserved = size, False
+                return self._buf[:size].view(dt)
             if n and len(self._buf):  # used up: only the slices handed out keep it now
                 self._buf, self._used = np.empty(0, dtype=np.uint8), 0
         return np.empty(n, dtype=dt)
@@ -161,7 +178,7 @@ class Stamper:
         self.field = field_name
         self.unit = unit
         self.offset_ns = offset_ns
-        self.arena = Arena(rows * 8)
+        self.arena = Arena(rows * 8, grow=Arena.GROW)
         self.ordered = True
         self._last = -1
 

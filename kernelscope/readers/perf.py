@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import BPFPermissionError, ClosedError, CorruptBufferError, KernelscopeError, SettingError
 from .base import Resources, check_pages
-from .batch import Batch, copy_records, opaque
+from .batch import Arena, Batch, copy_records, opaque
 
 __all__ = [
     "DEFAULT_WATERMARK_SHARE",
@@ -535,6 +535,7 @@ class PerfBufferReader:
                              f"(the buffer size), not {watermark_bytes}")
         self.dtype = _record_dtype(dtype)
         self._opaque = opaque(self.dtype)
+        self._arena = Arena(grow=Arena.GROW)  # where each read copies its records
         self.wakeup_events = wakeup_events
         self.watermark_bytes = watermark_bytes
         self.cpus = tuple(sorted(set(online_cpus() if cpus is None else cpus)))
@@ -636,13 +637,14 @@ class PerfBufferReader:
             if not tails:
                 return Batch(np.empty(0, dtype=self.dtype), np.empty(0, dtype=np.int16))
             # One copy per run, straight into the batch; then every CPU's data_tail once.
-            out = np.empty(sum(counts), dtype=self._opaque)
+            out = self._arena.take(sum(counts), self._opaque)
             fill(out, pieces)
             for ring, tail in tails:
                 ring.consume(tail)
         cpu_col = (np.full(counts[0], cpus[0], dtype=np.int16) if len(cpus) == 1
                    else np.repeat(np.array(cpus, dtype=np.int16), counts))
-        return Batch(out.view(self.dtype), cpu_col, sum(lost_by_cpu.values()), lost_by_cpu)
+        return Batch(out.view(self.dtype), cpu_col, sum(lost_by_cpu.values()), lost_by_cpu,
+                     runs=tuple(counts))
 
     def fill_bytes(self) -> int:
         """Bytes waiting in all CPUs' rings."""

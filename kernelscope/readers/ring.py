@@ -125,13 +125,13 @@ class RingParser:
         self._slot_record = np.dtype({"names": ["r"], "formats": [self._opaque], "offsets": [HDR],
                                       "itemsize": self.stride})
         self._run_max = max(1, RELEASE_BYTES // self.stride)
-        self.arena = Arena()  # where records are copied to; `reserve` faults it in ahead
+        self.arena = Arena(grow=Arena.GROW)  # where records are copied to; `reserve` faults it in ahead
         self.stamper: Stamper | None = None  # set by the owner: timestamps stamped per run
 
     def reserve(self) -> None:
         """Fault in room for a full ring of records now, so a read that finds the ring full
         copies into memory already mapped (a fresh array costs a fault per page)."""
-        self.arena = Arena(self.size // self.stride * self.stride)
+        self.arena = Arena(self.size // self.stride * self.stride, grow=Arena.GROW)
 
     @property
     def consumer_pos(self) -> int:
