@@ -49,13 +49,17 @@ def test_a_growing_arena_carves_later_slices_out_of_new_blocks() -> None:
     x = a.take(1000, np.int64)  # does not fit: a new block, not faulted in ahead
     y = a.take(1000, np.int64)
     assert a.free_bytes == 0
-    assert x.base is y.base is a._buf and len(a._buf) == 1 << 20
-    assert not np.shares_memory(first, x) and not np.shares_memory(x, y)
+    assert x.base is y.base is a._buf
+    assert len(a._buf) == 1 << 20
+    assert not np.shares_memory(first, x)
+    assert not np.shares_memory(x, y)
     big = a.take(1 << 18, np.int64)  # more than a block: a block of its own size
-    assert len(big) == 1 << 18 and big.base is a._buf
+    assert len(big) == 1 << 18
+    assert big.base is a._buf
     x[:] = 1
     y[:] = 2
-    assert (x == 1).all() and not np.shares_memory(big, y)
+    assert (x == 1).all()
+    assert not np.shares_memory(big, y)
 
 
 def test_reads_copy_into_the_arena_keep_padding_and_stamp_times() -> None:

@@ -58,6 +58,10 @@ class Config:
     # Perf buffers wake the consumer on every event (BCC's, libbpf's and the Probe's
     # default), which slows the producer itself 3-10x: fewer events keep the run short.
     live_perf_events: int = 1_000_000
+    # Perf runs in the target rounds, undisturbed and kernelscope's: the host's speed here
+    # swings by up to 2x over ~100 ms (a C spin loop's time, measured back to back: 35-79 ms),
+    # and 1 M events at 16 per call took ~90 ms, so a run was one sample of that swing.
+    target_perf_events: int = 3_000_000
     live_sizes: tuple[int, ...] = (64 * KIB, 1 * MIB, 4 * MIB)
     # Events per getppid() call in live runs: every live run at the first value; the live
     # ring of `target_size` (every consumer) and the undisturbed producer at each value.
@@ -109,6 +113,7 @@ def quick_config(**kw: Any) -> Config:
     base: dict[str, Any] = {
         "live_events": 400_000,
         "live_perf_events": 100_000,
+        "target_perf_events": 100_000,
         "live_sizes": (4 * MIB,),
         "drain_ring_size": 4 * MIB,
         "drain_perf_size": 2 * MIB,
@@ -176,6 +181,12 @@ class Result:
             producer_events_per_s=round(self.producer_rate, 1),
         )
         return d
+
+
+def live_size(target_size: int, kind: str, producers: int) -> int:
+    """The buffer a live target run uses: `target_size` per CPU for perf, and for the one
+    shared ring `target_size` per producer, so each producer has the room it has alone."""
+    return target_size * producers if kind == "ring" else target_size
 
 
 def fmt_size(n: int) -> str:

@@ -22,6 +22,7 @@ from .config import (
     Result,
     _describe,
     fmt_size,
+    live_size,
 )
 
 
@@ -145,19 +146,20 @@ def _drops_detail(attempts: list[dict[str, Any]], lossy: list[dict[str, Any]], r
     return out + ("" if reads is None else f", {reads:,} reads")
 
 
-def _live_target(runs: Sequence[Result], live_size: int, kind: str = "ring", producers: int = 1) -> Target:
+def _live_target(runs: Sequence[Result], target_size: int, kind: str = "ring", producers: int = 1) -> Target:
     """kernelscope live at every events-per-call value the undisturbed producer was measured at."""
+    size = live_size(target_size, kind, producers)
     rates = all_undisturbed(runs)
     per_calls = sorted(k for (kd, n, k) in rates if (kd, n) == (kind, producers)) or [1, 16]
     per_cpu = "/CPU" if kind == "perf" else ""
     mpsc = f"MPSC ({producers} producers, one per CPU) " if producers > 1 else ""
-    name = (f"live {mpsc}{fmt_size(live_size)}{per_cpu} {kind}: kernelscope receives >= {LIVE_SHARE}x "
+    name = (f"live {mpsc}{fmt_size(size)}{per_cpu} {kind}: kernelscope receives >= {LIVE_SHARE}x "
             f"the producer's undisturbed rate with 0 drops, at {' and at '.join(map(str, per_calls))} "
             "events per call")
     parts, verdicts = [], []
     for per_call in per_calls:
         ks = next((r for r in runs if (r.scenario, r.kind, r.consumer, r.size, r.per_call, r.producers)
-                   == ("live", kind, "kernelscope", live_size, per_call, producers) and r.ok), None)
+                   == ("live", kind, "kernelscope", size, per_call, producers) and r.ok), None)
         share = None if ks is None else _vs_undisturbed(ks, rates)
         if ks is None or share is None:
             return Target(name, None, f"missing runs at {per_call} per call")
@@ -169,13 +171,31 @@ def _live_target(runs: Sequence[Result], live_size: int, kind: str = "ring", pro
         reader = _reader_cpu(ks)
         limit = ("" if producers == 1 or reader is None else
                  f" (the reader used {reader:.0%} of a CPU, taken from {producers} producers on "
-                 f"{producers} CPUs: at most {1 - reader / producers:.2f}x of their rate is left)")
+                 f"{producers} CPUs: at most {1 - reader / producers:.2f}x of their rate is left"
+                 + _c_bound(runs, kind, producers, rates[kind, producers, per_call]) + ")")
         paired = _paired_median(runs, ks)
         paired_text = "" if paired is None else f", median of the rounds' own ratios {paired:.3f}x"
+        aside = ks.extra.get("set_aside") or []
+        aside_text = ("" if not aside else f", {len(aside)} round(s) set aside and measured again (the "
+                      f"host stole {', '.join(str(a['steal_ms']) for a in aside)} ms of the consumers' CPU)")
         parts.append(f"{per_call}/call: {_m(ks.rate)} of {_m(rates[kind, producers, per_call])} M ev/s "
                      f"({share:.3f}x{paired_text}){limit}, "
-                     + _drops_detail(attempts, lossy, ks.extra.get("stats", {}).get("batches")))
+                     + _drops_detail(attempts, lossy, ks.extra.get("stats", {}).get("batches")) + aside_text)
     return Target(name, all(verdicts), "; ".join(parts))
+
+
+def _c_bound(runs: Sequence[Result], kind: str, producers: int, undisturbed: float) -> str:
+    """What a consumer as fast as libbpf's C one would leave of `undisturbed` ev/s when its
+    CPU time comes off the producers' (one producer per CPU): libbpf's time per record is
+    its drain's in this run (records already in memory; live costs it more, wake-ups too)."""
+    lb = _find(runs, "drain", kind, "libbpf")
+    if producers == 1 or lb is None or lb.rate <= 0:
+        return ""
+    share = undisturbed / lb.rate
+    left = max(0.0, 1 - share / producers)
+    verdict = f"below {LIVE_SHARE}x: not reachable on {producers} CPUs" if left < LIVE_SHARE else "reachable"
+    return (f"; libbpf's consumer at its drain speed here ({1e9 / lb.rate:.0f} ns/record) would "
+            f"use {share:.0%} of a CPU at the undisturbed rate and leave at most {left:.2f}x, {verdict}")
 
 
 def _paired_median(runs: Sequence[Result], ks: Result) -> float | None:
@@ -202,7 +222,7 @@ def _send_target(sends: Sequence[Any]) -> Target:
                   f"{ks.sent:,} samples)")
 
 
-def targets(runs: Sequence[Result], live_size: int = 4 * MIB, sends: Sequence[Any] = ()) -> list[Target]:
+def targets(runs: Sequence[Result], target_size: int = 4 * MIB, sends: Sequence[Any] = ()) -> list[Target]:
     """The 'done when' figures of issue 17, as ratios within this run.
 
     Each is about kernelscope alone: draining against libbpf's C consumer of the same buffer,
@@ -223,7 +243,7 @@ def targets(runs: Sequence[Result], live_size: int = 4 * MIB, sends: Sequence[An
     ]
     groups = sorted({(r.kind, r.producers) for r in runs if r.scenario == "undisturbed"},
                     key=lambda g: (g[1], KINDS.index(g[0])))
-    out += [_live_target(runs, live_size, kind, n) for kind, n in groups or [("ring", 1)]]
+    out += [_live_target(runs, target_size, kind, n) for kind, n in groups or [("ring", 1)]]
     out.append(_send_target(sends))
     return out
 
@@ -381,7 +401,8 @@ def report(runs: Sequence[Result], cfg: Config, machine: dict[str, Any], sends: 
     if by["live"]:
         per_calls = " / ".join(map(str, cfg.live_per_calls))
         out += ["", f"LIVE: producer and consumer in parallel, {cfg.live_events:,} (ring) / "
-                f"{cfg.live_perf_events:,} (perf) events of {EVENT_SIZE} bytes, {per_calls} "
+                f"{cfg.live_perf_events:,} (perf; {cfg.target_perf_events:,} in the target rounds) "
+                f"events of {EVENT_SIZE} bytes, {per_calls} "
                 f"per getppid() call ({fmt_size(cfg.target_size)} at each); M ev/s = received / "
                 "(producer start to last event received); vs undisturbed = that / the undisturbed "
                 "producer's rate (same buffer kind, events per call); IRQ work = IRQ-work interrupts "
