@@ -53,20 +53,25 @@ def test_reorderer_releases_everything_once_and_in_order_within_the_window(strea
         assert out == sorted(out)
 
 
+def naive(stream: list[int]) -> tuple[int, int, int]:
+    """(inversions, largest delay, max seen) by the definition: a record is late if older
+    than the largest timestamp before it."""
+    seen_max, inversions, worst = 0, 0, 0
+    for ts in stream:
+        if ts < seen_max:
+            inversions += 1
+            worst = max(worst, seen_max - ts)
+        seen_max = max(seen_max, ts)
+    return inversions, worst, seen_max
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.lists(st.integers(min_value=0, max_value=1_000), max_size=20), max_size=10))
 def test_tracker_matches_a_naive_count(parts) -> None:
     t = OrderTracker("ts")
-    seen_max, inversions, worst = 0, 0, 0
     for part in parts:
         t.update(batch(part).records)
-        for ts in part:
-            if ts < seen_max:
-                inversions += 1
-                worst = max(worst, seen_max - ts)
-            seen_max = max(seen_max, ts)
-    assert t.inversions == inversions
-    assert t.max_inversion_ns == worst
+    assert (t.inversions, t.max_inversion_ns) == naive([ts for part in parts for ts in part])[:2]
 
 
 @settings(max_examples=300, deadline=None)
@@ -77,16 +82,10 @@ def test_tracker_given_per_cpu_pieces_counts_as_the_naive_count(reads, sort_piec
     """A perf read is one piece per CPU (`runs`): sorted pieces take the bisection path,
     unsorted ones the running max; both must count exactly what the naive loop counts."""
     t = OrderTracker("ts")
-    seen_max, inversions, worst = 0, 0, 0
+    stream: list[int] = []
     for read in reads:
         pieces = [sorted(p) for p in read] if sort_pieces else read
         flat = [ts for p in pieces for ts in p]
         t.update(batch(flat).records, runs=tuple(len(p) for p in pieces))
-        for ts in flat:
-            if ts < seen_max:
-                inversions += 1
-                worst = max(worst, seen_max - ts)
-            seen_max = max(seen_max, ts)
-    assert t.inversions == inversions
-    assert t.max_inversion_ns == worst
-    assert t.max_seen == seen_max
+        stream += flat
+    assert (t.inversions, t.max_inversion_ns, t.max_seen) == naive(stream)
