@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .readers.batch import Batch, concat_records, opaque
+from .readers.batch import Batch, concat_records, take_records
 
 
 class OrderTracker:
@@ -110,10 +110,7 @@ class Reorderer:
 
     def _sorted(self, batch: Batch) -> Batch:
         order = np.argsort(batch.records[self.ts_field], kind="stable")
-        recs = batch.records
-        # indexed as opaque bytes: a structured dtype is copied field by field, padding lost
-        return Batch(recs.view(opaque(recs.dtype))[order].view(recs.dtype),
-                     batch.cpu[order] if batch.cpu is not None else None)
+        return Batch(take_records(batch.records, order), batch.cpu[order] if batch.cpu is not None else None)
 
     def _merge(self, batch: Batch) -> Batch:
         """Held records and a sorted batch, merged: two sorted runs, so the stable sort
@@ -128,7 +125,7 @@ class Reorderer:
             else None
         )
         order = np.argsort(records[self.ts_field], kind="stable")
-        return Batch(records[order], cpu[order] if cpu is not None else None)
+        return Batch(take_records(records, order), cpu[order] if cpu is not None else None)
 
     def _release(self, horizon: int | None) -> Batch:
         held = self._held

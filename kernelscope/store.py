@@ -51,10 +51,15 @@ class _Chunk:
 
 
 def _tbytes(c: _Chunk) -> int:
-    """Bytes `c` holds beyond `_row_bytes` per row: its stamped times, and the ring headers
-    between its records when they are views of a ring reader's slots (`packed()`)."""
-    slack = (c.records.strides[0] - c.records.dtype.itemsize) * len(c.records) if len(c.records) else 0
-    return (c.times.nbytes if c.times is not None else 0) + slack
+    """Bytes of `c`'s stamped times (ks_time as int64, kept until converted)."""
+    return c.times.nbytes if c.times is not None else 0
+
+
+def _sbytes(c: _Chunk) -> int:
+    """Bytes of the ring headers between `c`'s records, when they are views of a ring
+    reader's slots (`packed()`): memory the chunk holds beyond `_row_bytes` per row."""
+    r = c.records
+    return (r.strides[0] - r.dtype.itemsize) * len(r) if len(r) else 0
 
 
 def _concat(chunks: list[_Chunk], dtype: np.dtype) -> _Chunk:
@@ -244,7 +249,8 @@ class FrameStore:
         self._warned: set[str] = set()
         # record + arrival time (+ CPU for perf buffers): what one stored row costs
         self._row_bytes = schema.dtype.itemsize + 8 + (2 if schema.per_cpu else 0)
-        self._extra_bytes = 0  # _tbytes() of the stored chunks: times not converted yet, ring slots
+        self._times_bytes = 0  # _tbytes() of the stored chunks: times not converted yet
+        self._slot_bytes = 0  # _sbytes() of the stored chunks (open ones are packed: 0)
         self._arena = Arena(grow=Arena.GROW)  # arrival times and computed columns of the rows to come
         self._timed = schema.time_field is not None
         spill.register(self)
@@ -282,7 +288,7 @@ class FrameStore:
         (those that are views of stored records count once, with the records)."""
         view = self._view
         released = max(0, min(view.end, self.received - self._mem_rows) - view.seq0)  # held by the view only
-        return (self._mem_rows * self._row_bytes + self._extra_bytes + view.nbytes
+        return (self._mem_rows * self._row_bytes + self._times_bytes + self._slot_bytes + view.nbytes
                 + view.borrowed_row_bytes * released)
 
     nbytes = memory_bytes
@@ -324,14 +330,18 @@ class FrameStore:
         times = batch.times if self._timed and n >= CHUNK_ROWS else None
         if times is not None and len(times) != n:
             times = None
+        # a small batch is gathered with others by copying later; packed now (a few KiB, and
+        # outside the lock) so the gathered chunks hold no ring slots. A big one that lands
+        # among gathered ones is copied by the gathering at once.
+        records = packed(batch.records) if n < CHUNK_ROWS else batch.records
         with self._lock:
-            c = _Chunk(batch.records, self.received, arrival, cpu, times)
+            c = _Chunk(records, self.received, arrival, cpu, times)
             if n >= CHUNK_ROWS and not self._open:
                 self._chunks.append(c)
-                self._extra_bytes += _tbytes(c)
+                self._times_bytes += _tbytes(c)
+                self._slot_bytes += _sbytes(c)
             else:
                 c.times = None  # small batches are gathered by copying; frames compute their ks_time
-                c.records = packed(c.records)  # (copied now, a few KiB, so _tbytes() stays 0)
                 self._open.append(c)
                 self._open_rows += n
                 if self._open_rows >= CHUNK_ROWS or len(self._open) >= 256:
@@ -411,7 +421,8 @@ class FrameStore:
                     spill.SpillDir.delete(seg)  # evicted or cleared meanwhile
                     continue
                 del self._chunks[: len(pick)]
-                self._extra_bytes -= sum(_tbytes(c) for c in pick)
+                self._times_bytes -= sum(_tbytes(c) for c in pick)
+                self._slot_bytes -= sum(_sbytes(c) for c in pick)
                 self._segments.append(seg)
                 self._mem_rows -= seg.rows
                 self.spilled += seg.rows
@@ -464,17 +475,19 @@ class FrameStore:
                 first = chunks[0]
                 n = len(first.records)
                 if n <= count:
-                    self._extra_bytes -= _tbytes(chunks.pop(0))
+                    gone = chunks.pop(0)
+                    self._times_bytes -= _tbytes(gone)
+                    self._slot_bytes -= _sbytes(gone)
                     count -= n
                     if chunks is self._open:
                         self._open_rows -= n
                 else:
                     rest = _slice(first, first.seq0 + count, first.seq0 + n)
-                    recs = rest.records.copy() if rest.records.flags.c_contiguous else packed(rest.records)
-                    chunks[0] = _Chunk(recs, rest.seq0, rest.arrival_ns.copy(),
+                    chunks[0] = _Chunk(packed(rest.records, copy=True), rest.seq0, rest.arrival_ns.copy(),
                                        rest.cpu.copy() if rest.cpu is not None else None,
                                        rest.times.copy() if rest.times is not None else None)
-                    self._extra_bytes -= _tbytes(first) - _tbytes(chunks[0])
+                    self._times_bytes -= _tbytes(first) - _tbytes(chunks[0])
+                    self._slot_bytes -= _sbytes(first) - _sbytes(chunks[0])
                     if chunks is self._open:
                         self._open_rows -= count
                     count = 0
@@ -502,8 +515,9 @@ class FrameStore:
         return _concat(chunks, self.schema.dtype)
 
     def records(self) -> np.ndarray:
-        """All stored records as one structured array (oldest first)."""
-        return self.chunk().records
+        """All stored records as one contiguous structured array (oldest first): records
+        kept in their ring slots are copied out, byte for byte."""
+        return packed(self.chunk().records)
 
     def frame(self) -> pd.DataFrame:
         """Every stored row as a DataFrame. Rows that arrived since the last call are converted
@@ -540,7 +554,7 @@ class FrameStore:
                 converted.append(self._convert(view, parts))
             end = view.end
             self._view = view
-            if self._extra_bytes and "ks_time" not in view.borrowed:
+            if self._times_bytes and "ks_time" not in view.borrowed:
                 self._drop_times(end)
             if len(converted) == 1 and len(converted[0]) == view.n == end - max(first, first_mem):
                 out = converted[0]  # everything converted at once: that frame is the frame
@@ -563,7 +577,7 @@ class FrameStore:
                 if c.seq0 + len(c.records) > end:
                     break
                 if c.times is not None:
-                    self._extra_bytes -= c.times.nbytes
+                    self._times_bytes -= c.times.nbytes
                     c.times = None
 
     def _convert(self, view: _View, parts: list[_Chunk]) -> pd.DataFrame:
@@ -582,7 +596,7 @@ class FrameStore:
             self._segments.clear()
             self._chunks.clear()
             self._open.clear()
-            self._open_rows = self._rows = self._mem_rows = self._extra_bytes = 0
+            self._open_rows = self._rows = self._mem_rows = self._times_bytes = self._slot_bytes = 0
             self._view = _View(self.received)
             self._last = None
 

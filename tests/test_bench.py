@@ -103,6 +103,15 @@ def test_live_target_compares_kernelscope_with_the_undisturbed_producer_only() -
 
 
 
+def test_the_mpsc_ring_has_each_producers_room_in_a_power_of_two() -> None:
+    from kernelscope.bench.config import live_size
+
+    assert live_size(4 * MIB, "ring", 2) == 8 * MIB
+    assert live_size(4 * MIB, "ring", 3) == 16 * MIB  # 12 MiB is no ring size
+    assert live_size(4 * MIB, "perf", 3) == 4 * MIB  # per CPU already
+    assert live_size(4 * MIB, "ring", 1) == 4 * MIB
+
+
 def test_a_target_round_the_host_stole_from_is_set_aside_and_measured_again(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """/proc/stat steal cannot be made on demand: the attempts are fakes with its figure."""
@@ -111,19 +120,21 @@ def test_a_target_round_the_host_stole_from_is_set_aside_and_measured_again(
     steals = iter([600.0, 0.0, 0.0, 0.0, 900.0, 800.0, 700.0, 0.0])
 
     def attempt(env: object, planned: Result) -> Result:
-        return _run("live", "kernelscope", planned.per_call, 3_000_000, 1.0, steal_ms=next(steals),
-                    wall_seconds=1.5, other_cpu=0.0)
+        stolen = next(steals) * (os.cpu_count() or 1)  # ms per CPU on average, over all CPUs
+        return _run("live", "kernelscope", planned.per_call, 3_000_000, 1.0, steal_ms=0.0,
+                    steal_all_ms=stolen, wall_seconds=2.5, other_cpu=0.0)
 
     monkeypatch.setattr(run, "_attempt", attempt)
     rounds = [_run("live", "kernelscope", 1, 0, 0.0)] * 2
     (best,) = run.run_all(None, rounds)  # type: ignore[arg-type]
-    assert [a["steal_ms"] for a in best.extra["attempts"]] == [0.0, 0.0]  # 600 ms of 1.5 s: redone
-    assert [a["steal_ms"] for a in best.extra["set_aside"]] == [600.0]
+    assert len(best.extra["attempts"]) == 2  # 600 ms per CPU in a 1 s window: redone
+    assert [a["steal_ms"] / (os.cpu_count() or 1) for a in best.extra["set_aside"]] == [600.0]
     (once,) = run.run_all(None, [_run("live", "kernelscope", 16, 0, 0.0)])  # type: ignore[arg-type]
     assert "set_aside" not in once.extra  # not a target round: kept as measured (0.0 ms here)
     (worst,) = run.run_all(None, rounds)  # type: ignore[arg-type]
     assert len(worst.extra["set_aside"]) == run.STOLEN_REDO  # then kept, stolen or not
-    assert [a["steal_ms"] for a in worst.extra["attempts"]] == [700.0, 0.0]
+    assert len(worst.extra["attempts"]) == 2
+    assert not run._stolen(_run("live", "kernelscope", 1, 1, 1.0, steal_all_ms=40.0 * (os.cpu_count() or 1)))
 
 
 def _doc(rate: float, latency_p99: float, frame_s: float, attempts: tuple[float, ...] = ()) -> dict:

@@ -239,3 +239,65 @@ def test_without_membarrier_the_wait_is_the_grace_sleep(monkeypatch) -> None:
     t = time.monotonic()
     assert not grace.wait_out()
     assert time.monotonic() - t >= GRACE * 0.99
+
+
+def test_one_record_reads_under_max_rows_keep_memory_bytes_exact() -> None:
+    """A one-record ring read is strided (its slot) though numpy calls it contiguous: the
+    store must pack it, so evicting it takes off what storing it added (found in review:
+    memory_bytes went to -320 after 100 such reads)."""
+    ring = FakeRing(1 << 16)
+    s = FrameStore(Schema(PADDED), max_rows=10)
+    parser = RingParser(ring.consumer, ring.producer, ring.size, PADDED)
+    for i in range(100):
+        ring.commit(padded_event(i))
+        res = parser.read()
+        assert res.records.strides == (record_span(PADDED.itemsize),)
+        s.append(Batch(res.records), i)
+        assert s.memory_bytes == len(s) * (PADDED.itemsize + 8)
+    assert packed(s.records()).view(np.uint8).tobytes() == b"".join(padded_event(i) for i in range(90, 100))
+
+
+def test_padding_survives_partial_eviction_of_contiguous_rows_and_the_reorder_merge() -> None:
+    from kernelscope.order import Reorderer
+
+    raw = np.frombuffer(b"".join(padded_event(i) for i in range(200)), dtype=PADDED)
+
+    def own(a: np.ndarray) -> np.ndarray:  # numpy's copy() would lose the padding itself
+        return packed(a, copy=True)
+
+    def raw_bytes(a: np.ndarray) -> bytes:
+        return a.view(np.uint8).tobytes()  # of uint8: every byte as stored
+
+    s = FrameStore(Schema(PADDED), max_rows=150)
+    s.append(Batch(own(raw[:100])), 1)  # contiguous rows (a perf batch, say)
+    s.append(Batch(own(raw[100:])), 2)  # evicts half of the first chunk
+    assert raw_bytes(s.records()) == raw_bytes(raw[50:])
+    r = Reorderer("ts", 10**9)  # holds both: the second push merges
+    r.push(Batch(own(raw[100:])))
+    r.push(Batch(own(raw[:100])))  # older: merged in front
+    assert raw_bytes(packed(r.flush().records)) == raw_bytes(raw)
+
+
+def test_records_are_handed_out_contiguous_and_a_released_growing_arena_grows_no_more() -> None:
+    ring = FakeRing(1 << 18)
+    for i in range(CHUNK):
+        ring.commit(padded_event(i))
+    res = RingParser(ring.consumer, ring.producer, ring.size, PADDED).read()
+    s = FrameStore(Schema(PADDED))
+    s.append(Batch(res.records), 1)
+    out = s.records()
+    assert out.strides == (PADDED.itemsize,)
+    assert out.view(np.uint8).tobytes() == b"".join(padded_event(i) for i in range(CHUNK))
+    a = Arena(0, grow=1 << 20)
+    a.release()
+    assert a.take(10, np.int64).base is not a._buf  # a fresh array, not a new block
+
+
+def test_a_timestamp_with_bit_63_set_is_not_called_in_order() -> None:
+    """-1 ("unset") then 5 decrease as u64, but increase as int64 ks_time."""
+    recs = np.zeros(2, DTYPE)
+    recs["ts"] = [2**64 - 1, 5]
+    st = Stamper(DTYPE, "ts", 1, OFFSET)
+    st.reset()
+    st.stamp(recs.view(np.dtype((np.void, DTYPE.itemsize))), np.empty(2, np.int64))
+    assert not st.ordered

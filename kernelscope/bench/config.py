@@ -185,8 +185,11 @@ class Result:
 
 def live_size(target_size: int, kind: str, producers: int) -> int:
     """The buffer a live target run uses: `target_size` per CPU for perf, and for the one
-    shared ring `target_size` per producer, so each producer has the room it has alone."""
-    return target_size * producers if kind == "ring" else target_size
+    shared ring `target_size` per producer, so each producer has the room it has alone
+    (rounded up to a power of two, as a ring's size must be)."""
+    if kind != "ring" or producers <= 1:
+        return target_size
+    return 1 << (target_size * producers - 1).bit_length()
 
 
 def fmt_size(n: int) -> str:

@@ -164,7 +164,10 @@ def undisturbed(env: Env, res: Result) -> None:
             def set_cpu_fd(cpu: int, fd: int) -> None:
                 table[ctypes.c_int(cpu)] = ctypes.c_int(fd)
 
-            perf = PerfBufferReader(set_cpu_fd, dtype, pages, watermark_bytes=pages * PAGE)
+            # only the pinned producers' CPUs get a buffer (256 MiB each for 3 M events)
+            pinned = [m.cpu for m in prod.members if m.cpu is not None]
+            perf = PerfBufferReader(set_cpu_fd, dtype, pages, watermark_bytes=pages * PAGE,
+                                    cpus=pinned if len(pinned) == len(prod.members) else None)
             try:
                 prod.go()
                 calls, t0, t1 = prod.finish()

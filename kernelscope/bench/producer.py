@@ -100,6 +100,7 @@ class Producer:
 
     def __init__(self, exe: Path, calls: int, cpu: int | None, rate: float = 0.0) -> None:
         self.calls = calls
+        self.cpu = cpu  # pinned to it, or None
         self.proc = subprocess.Popen(
             [str(exe), str(calls), "0", str(-1 if cpu is None else cpu), repr(float(rate))],
             stdin=subprocess.PIPE,

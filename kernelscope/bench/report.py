@@ -189,8 +189,8 @@ def _live_target(runs: Sequence[Result], target_size: int, kind: str = "ring", p
         paired_text = "" if paired is None else f", median of the rounds' own ratios {paired:.3f}x"
         aside = ks.extra.get("set_aside") or []
         aside_text = ("" if not aside else f", {len(aside)} round(s) set aside and measured again (the "
-                      f"host stole {', '.join(str(a['steal_ms']) for a in aside)} ms of the consumers' CPU)")
-        rounds = len(ks.extra.get("attempts") or [ks])
+                      f"host stole {', '.join(str(a['steal_ms']) for a in aside)} ms of the CPUs)")
+        rounds = len([a for a in ks.extra.get("attempts") or [{}] if not a.get("error")])
         parts.append(f"{per_call}/call: {_m(_mean_rate(ks))} of {_m(_mean_rate(und))} M ev/s, the mean of "
                      f"{rounds} round(s) each ({mean_share:.3f}x; the fastest of each {_m(ks.rate)} of "
                      f"{_m(rates[kind, producers, per_call])}, {share:.3f}x{paired_text}){limit}, "

@@ -21,7 +21,7 @@ from ..backends.rewrite import OutputMap
 from ..drain import MapState
 from ..errors import ClosedError, KernelscopeError
 from ..maps.table import Maps
-from ..readers.batch import Batch
+from ..readers.batch import Batch, take_records
 from ..results import Results
 from ..schema import Schema
 from ..store import FrameStore
@@ -131,7 +131,7 @@ class Replay(Results):
             for a in np.unique(arrivals):
                 sel = arrivals == a
                 ms.store.append(
-                    Batch(mc.records[start:end][sel], cpu[sel] if cpu is not None else None),
+                    Batch(take_records(mc.records[start:end], sel), cpu[sel] if cpu is not None else None),
                     int(a) + self.capture.started_ns,
                 )  # the recorded clock, as recorded
             ms.batches += 1

@@ -62,16 +62,24 @@ def opaque(dtype: np.dtype) -> np.dtype:
     return np.dtype((np.void, dtype.itemsize))
 
 
-def packed(records: np.ndarray) -> np.ndarray:
-    """`records` as one contiguous array, byte for byte (itself if it already is one).
+def packed(records: np.ndarray, copy: bool = False) -> np.ndarray:
+    """`records` as one contiguous array, byte for byte: itself if it already is one (and not
+    `copy`), else a copy.
 
     Records a ring reader copied out keep their ring slots (an 8-byte header before each),
-    so they are strided. numpy copies a strided structured array field by field and leaves
-    the padding bytes uninitialised: copying as opaque bytes keeps them.
+    so they are strided. numpy copies a structured array field by field (copy(), indexing,
+    ascontiguousarray) and leaves the padding bytes uninitialised: copying as opaque bytes
+    keeps them. The stride is checked, not flags.c_contiguous: numpy calls any array of one
+    element contiguous, whatever its stride.
     """
-    if records.flags.c_contiguous:
+    if not copy and (not len(records) or records.strides[0] == records.dtype.itemsize):
         return records
-    return np.ascontiguousarray(records.view(opaque(records.dtype))).view(records.dtype)
+    return np.array(records.view(opaque(records.dtype)), copy=True, order="C").view(records.dtype)
+
+
+def take_records(records: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """`records[index]` (an index array or a boolean mask), byte for byte, padding kept."""
+    return records.view(opaque(records.dtype))[index].view(records.dtype)
 
 
 def concat_records(parts: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
@@ -150,6 +158,7 @@ class Arena:
     def release(self) -> None:
         """Hand out nothing more; the memory goes once the slices already taken are gone."""
         with self._lock:
+            self._grow = 0
             self._buf = np.empty(0, dtype=np.uint8)
             self._used = 0
 
@@ -167,6 +176,9 @@ def epoch_ns(records: np.ndarray, field_name: str, unit: int, offset_ns: int,
     return out
 
 
+_UNSET = -(1 << 63)  # Stamper._last before a batch's first run
+
+
 class Stamper:
     """Epoch-ns timestamps (`ts * unit + offset`, int64) of runs of records, and whether the
     timestamps never decrease, computed run by run right after a reader copied the run, while
@@ -180,10 +192,10 @@ class Stamper:
         self.offset_ns = offset_ns
         self.arena = Arena(rows * 8, grow=Arena.GROW)
         self.ordered = True
-        self._last = -(1 << 63)
+        self._last = _UNSET
 
     def reset(self) -> None:
-        self.ordered, self._last = True, -(1 << 63)
+        self.ordered, self._last = True, _UNSET
 
     def compute(self, records: np.ndarray, out: np.ndarray) -> np.ndarray:
         """`out` (int64, len(records)) filled with the records' epoch ns."""
@@ -199,5 +211,8 @@ class Stamper:
         # 1.9 for the strided field); the same as the field's below 2^62 ns (146 years)
         # and its unit, where int64 ks_time wraps
         if self.ordered:
-            self.ordered = int(out[0]) >= self._last and not bool((out[1:] < out[:-1]).any())
+            # a first value below the offset is a field with bit 63 set (e.g. -1 for unset):
+            # int64 order would then differ from the field's
+            first = self.offset_ns if self._last == _UNSET else self._last
+            self.ordered = int(out[0]) >= first and not bool((out[1:] < out[:-1]).any())
         self._last = int(out[-1])
