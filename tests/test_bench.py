@@ -103,6 +103,18 @@ def test_live_target_compares_kernelscope_with_the_undisturbed_producer_only() -
 
 
 
+def test_rounds_sets_how_many_interleaved_rounds_the_live_targets_compare() -> None:
+    from kernelscope.bench.__main__ import build_parser, config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(["--rounds", "9", "--no-mpsc"]))
+    assert cfg.target_rounds == 9
+    und = [r for r in plan(cfg) if r.scenario == "undisturbed" and (r.kind, r.per_call) == ("ring", 1)]
+    assert len(und) == 9
+    assert config_from_args(build_parser().parse_args(["--quick", "--rounds", "3"])).target_rounds == 3
+    with pytest.raises(SystemExit):
+        main(["--rounds", "0"])
+
+
 def test_the_mpsc_ring_has_each_producers_room_in_a_power_of_two() -> None:
     from kernelscope.bench.config import live_size
 

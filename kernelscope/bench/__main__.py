@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeat", type=int, default=None,
                     help="run each drain (libbpf's and kernelscope's) N times and keep the fastest "
                          "(default 3, --quick 1; BCC's once: it takes seconds)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="interleaved rounds of the runs the live targets compare (default 5, --quick 1):"
+                         " more decide a ratio near 0.9x beyond a noisy host's swings (~25 s a round)")
     ap.add_argument("--no-pin", action="store_true",
                     help="do not pin the producer and the consumers to separate CPUs")
     ap.add_argument("--no-mpsc", action="store_true",
@@ -119,6 +122,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         kw["mpsc_cpus"] = (None,) * ncpu if args.no_pin else tuple(range(ncpu))
     if args.df_rows:
         kw["df_rows"] = args.df_rows
+    if args.rounds is not None:
+        kw["target_rounds"] = args.rounds
     cfg = quick_config(**kw) if args.quick else Config(**kw)
     if args.df:
         cfg = replace(cfg, df_rows=(*cfg.df_rows, DF_FULL))
@@ -167,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         args.repeat = 1 if args.quick else 3
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    if args.rounds is not None and args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.compare and len(args.compare) > 2:
         parser.error("--compare takes OLD.json, or OLD.json NEW.json")
     if args.compare and len(args.compare) == 2:  # offline: two earlier runs, no kernel
