@@ -34,6 +34,8 @@ KINDS = {0: "exec", 1: "exit", 2: "openat"}
 PROGRAM = "exec_exit_openat.c"
 OUTPUT = "events"  # the program's one output map
 RATE_BIN_S = 0.1
+COLOURS = {"exec": "#2563eb", "exit": "#ea580c", "openat": "#059669"}  # the same in every plot
+OTHER_COLOUR = "#6b7280"
 
 
 def _activity(stop_at: float) -> None:
@@ -101,9 +103,16 @@ def latencies_us(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"kind": kind_names(df["kind"]).to_numpy(), "latency_us": us})
 
 
+def _by_kind(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """Rows grouped by kind name, in KINDS order (exec, exit, openat), other names after."""
+    groups = {str(k): g for k, g in frame.groupby("kind", sort=False)}
+    order = [k for k in KINDS.values() if k in groups] + sorted(set(groups) - set(KINDS.values()))
+    return [(k, groups[k]) for k in order]
+
+
 def latency_table(lat: pd.DataFrame) -> pd.DataFrame:
     """Median, p90, p99 and max delivery latency (us) per kind and over all events."""
-    groups = [(k, g["latency_us"]) for k, g in lat.groupby("kind", sort=False)] + [("all", lat["latency_us"])]
+    groups = [(k, g["latency_us"]) for k, g in _by_kind(lat)] + [("all", lat["latency_us"])]
     rows = {k: {"events": len(v), "p50_us": v.median(), "p90_us": v.quantile(0.9),
                 "p99_us": v.quantile(0.99), "max_us": v.max()} for k, v in groups if len(v)}
     return pd.DataFrame.from_dict(rows, orient="index")
@@ -174,11 +183,13 @@ def source_html(source: str) -> str:
     return str(highlight(source, CLexer(), HtmlFormatter(noclasses=True)))
 
 
-def _table(frame: pd.DataFrame, index: str) -> str:
+def _table(frame: pd.DataFrame, index: str, plain: tuple[str, ...] = ()) -> str:
+    """An HTML table; numbers get thousands separators except in the `plain` columns (ids)."""
     head = f"<th class='l'>{html.escape(index)}</th>" + "".join(f"<th>{html.escape(str(c))}</th>"
                                                             for c in frame.columns)
     body = "".join("<tr><td class='l'>" + html.escape(str(i)) + "</td>"
-                   + "".join(f"<td>{_fmt(v)}</td>" for v in row) + "</tr>"
+                   + "".join(f"<td>{html.escape(str(v)) if c in plain else _fmt(v)}</td>"
+                             for c, v in zip(frame.columns, row, strict=True)) + "</tr>"
                    for i, row in zip(frame.index, frame.itertuples(index=False), strict=True))
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -203,12 +214,13 @@ def accounting_html(rows: list[dict[str, Any]]) -> str:
                  f"<span class='bad'>does not hold: {r['attempted']:,} &ne; {r['received']:,} + "
                  f"{r['dropped']:,} (off by {r['attempted'] - r['received'] - r['dropped']:,})</span>")
         cap = r["capacity_bytes"]
+        lost = _fmt(r["lost_records"]) if r["kind"] == "perf" else "n/a (ring)"  # only perf reports losses
         out.append(
             f"<tr data-map='{html.escape(r['map'])}' data-attempted='{r['attempted']}' "
             f"data-received='{r['received']}' data-dropped='{r['dropped']}' data-holds='{int(r['holds'])}'>"
             f"<td class='l'>{html.escape(r['map'])}</td><td class='l'>{html.escape(str(r['kind']))}</td>"
             f"<td>{f'{cap // 1024:,} KiB' if cap else '-'}</td><td>{r['attempted']:,}</td>"
-            f"<td>{r['received']:,}</td><td>{r['dropped']:,}</td><td>{_fmt(r['lost_records'])}</td>"
+            f"<td>{r['received']:,}</td><td>{r['dropped']:,}</td><td>{lost}</td>"
             f"<td class='l'>{check}</td></tr>")
     out.append("</tbody></table>")
     return "".join(out)
@@ -220,48 +232,65 @@ def _style(fig: Any, title: str, xtitle: str, ytitle: str) -> Any:
     return fig
 
 
-def rate_figure(df: pd.DataFrame, started_ns: int, dropped: tuple[np.ndarray, np.ndarray] | None) -> Any:
-    """Received events per second by kind in RATE_BIN_S bins of event time, and the map's dropped
-    events per second from the drain's counter samples (`dropped`: seconds, events/s)."""
-    import plotly.graph_objects as go
+def _colour(kind: str) -> str:
+    return COLOURS.get(kind, OTHER_COLOUR)
 
-    fig = go.Figure()
+
+def rate_figure(df: pd.DataFrame, started_ns: int, drain: dict[str, np.ndarray] | None) -> Any:
+    """Events per second: on top, all kinds as the drain counted them (received, and dropped,
+    from its counter samples: `drain` is plots.rates()); below, one row per kind, received
+    events in RATE_BIN_S bins of event time (one row each, as openat outnumbers exec 20:1)."""
+    from plotly.subplots import make_subplots
+
+    kinds = list(by_kind(df).index)
+    fig = make_subplots(rows=1 + len(kinds), cols=1, shared_xaxes=True, vertical_spacing=0.06,
+                        subplot_titles=["all kinds (the drain's counters)", *kinds])
+    if drain is not None:
+        fig.add_scatter(x=drain["t"], y=drain["received"], name="received", mode="lines",
+                        line={"color": "#374151"}, row=1, col=1)
+        fig.add_scatter(x=drain["t"], y=drain["dropped"], name="dropped", mode="lines",
+                        line={"dash": "dash", "color": "#dc2626"}, row=1, col=1)
     s = (df["ts"].to_numpy(np.uint64).astype(np.int64) - started_ns) / 1e9
     # the gate opens at load, a moment before start() stamps started_at: earlier events count too
     first = min(math.floor(float(s.min()) / RATE_BIN_S) * RATE_BIN_S if len(s) else 0.0, 0.0)
     end = max(float(s.max()) if len(s) else 0.0, first + RATE_BIN_S)
     edges = np.arange(first, end + RATE_BIN_S, RATE_BIN_S)
     names = kind_names(df["kind"]).to_numpy()
-    for kind in by_kind(df).index:
+    for row, kind in enumerate(kinds, start=2):
         counts, _ = np.histogram(s[names == kind], bins=edges)
-        fig.add_scatter(x=edges[:-1], y=counts / RATE_BIN_S, name=f"{kind} received", mode="lines",
-                        line={"shape": "hv"})
-    if dropped is not None:
-        fig.add_scatter(x=dropped[0], y=dropped[1], name="dropped (all kinds)", mode="lines",
-                        line={"dash": "dash", "color": "#dc2626"})
-    return _style(fig, f"Events per second ({RATE_BIN_S * 1000:g} ms bins of event time)",
-                  "seconds since start", "events/s")
+        fig.add_scatter(x=edges, y=np.append(counts, 0) / RATE_BIN_S, name=f"{kind} received", mode="lines",
+                        line={"shape": "hv", "color": _colour(kind)}, row=row, col=1)
+        fig.update_yaxes(title_text="events/s", rangemode="tozero", row=row, col=1)
+    fig.update_yaxes(title_text="events/s", rangemode="tozero", row=1, col=1)
+    fig.update_xaxes(title_text="seconds since start", row=1 + len(kinds), col=1)
+    fig.update_layout(template="none", height=170 * (1 + len(kinds)) + 80,
+                      title=f"Events per second (kinds: {RATE_BIN_S * 1000:g} ms bins of event time)",
+                      margin={"l": 60, "r": 20, "t": 60, "b": 50}, legend={"orientation": "h", "y": -0.08})
+    return fig
 
 
 def latency_figure(lat: pd.DataFrame) -> Any:
-    """Histogram of delivery latency per kind on log-spaced bins (1 us .. 1 s)."""
+    """Histogram of delivery latency per kind on log-spaced bins (1 us .. 1 s), each kind as
+    shares of its own events so that 60 exits show beside 3,000 openats."""
     import plotly.graph_objects as go
 
     from .jupyter.plots import LATENCY_EDGES_US as edges
 
     fig = go.Figure()
-    for kind, g in lat.groupby("kind", sort=False):
+    for kind, g in _by_kind(lat):
         counts, _ = np.histogram(np.clip(g["latency_us"], edges[0], edges[-1]), bins=edges)
-        fig.add_scatter(x=edges, y=np.append(counts, 0), name=str(kind), mode="lines",
-                        line={"shape": "hv"})
-    fig = _style(fig, "Delivery latency: ks_arrival_ns - ts (both CLOCK_MONOTONIC)", "microseconds", "events")
+        fig.add_scatter(x=edges, y=np.append(counts, 0) / len(g), name=f"{kind} ({len(g):,} events)",
+                        mode="lines", line={"shape": "hv", "color": _colour(str(kind))})
+    fig = _style(fig, "Delivery latency: ks_arrival_ns - ts (both CLOCK_MONOTONIC)", "microseconds",
+                 "share of the kind's events")
     fig.update_xaxes(type="log")
+    fig.update_yaxes(tickformat=".1%", rangemode="tozero")
     return fig
 
 
 def report_html(df: pd.DataFrame, stats: Mapping[str, Mapping[str, Any]], summary: pd.DataFrame,
                 seconds: float, *, source: str, facts: Mapping[str, str], started_ns: int,
-                dropped: tuple[np.ndarray, np.ndarray] | None = None, capture: Path | None = None,
+                drain: dict[str, np.ndarray] | None = None, capture: Path | None = None,
                 report: Path | None = None) -> str:
     """The whole report as one HTML page; plotly.js is inlined once, so it opens offline."""
     import plotly.express as px
@@ -271,10 +300,11 @@ def report_html(df: pd.DataFrame, stats: Mapping[str, Mapping[str, Any]], summar
     kinds = by_kind(df)
     top = (summary.head(15).rename_axis("comm").reset_index()
            .melt(id_vars="comm", value_vars=list(kinds.index), var_name="kind", value_name="events"))
-    bars = _style(px.bar(top, x="comm", y="events", color="kind"), "Events by process (top 15)",
-                  "process (comm)", "events")
+    colours = {k: _colour(k) for k in kinds.index}
+    bars = _style(px.bar(top, x="comm", y="events", color="kind", color_discrete_map=colours),
+                  "Events by process (top 15)", "process (comm)", "events")
     config = {"displaylogo": False}
-    plots = (rate_figure(df, started_ns, dropped).to_html(full_html=False, include_plotlyjs=True,
+    plots = (rate_figure(df, started_ns, drain).to_html(full_html=False, include_plotlyjs=True,
                                                           div_id="ks-rate-plot", config=config)
              + latency_figure(lat).to_html(full_html=False, include_plotlyjs=False,
                                            div_id="ks-latency-plot", config=config))
@@ -298,7 +328,7 @@ def report_html(df: pd.DataFrame, stats: Mapping[str, Mapping[str, Any]], summar
         "records the reader took out of the buffer; dropped: writes the kernel refused because the "
         "buffer was full. The probe is stopped and drained, so attempted must equal received + dropped.</p>",
         accounting_html(rows),
-        "<h2>Events by kind</h2>", _table(kinds.rename("events").to_frame().T, "events"),
+        "<h2>Events by kind</h2>", _table(kinds.rename("events").to_frame().T, ""),
         "<h2>Rates and latency</h2>", plots,
         "<p>Latency = ks_arrival_ns (time.monotonic_ns() when the read that brought the event "
         "returned) - ts (bpf_ktime_get_ns() when the program ran); both are CLOCK_MONOTONIC, so "
@@ -307,7 +337,7 @@ def report_html(df: pd.DataFrame, stats: Mapping[str, Mapping[str, Any]], summar
         "<h2>Who did what</h2>",
         bars.to_html(full_html=False, include_plotlyjs=False, config=config),
         _table(summary.head(30), "comm"),
-        "<h2>The latest events</h2>", _table(latest, "ks_seq"),
+        "<h2>The latest events</h2>", _table(latest, "ks_seq", plain=("pid",)),
         f"<h2>The program ({html.escape(PROGRAM)})</h2>",
         f"<div id='ks-source'>{source_html(source)}</div>",
     ]
@@ -365,8 +395,7 @@ def run(seconds: float = 3.0, report: Path | None = Path("report.html"),
         probe.stop()
         df, stats = probe.df, probe.stats
         started_ns = int((probe.started_at or 0) * 1e9)
-        r = plots.rates(probe, OUTPUT)
-        dropped = (r["t"], r["dropped"]) if len(r["t"]) else None
+        drain = plots.rates(probe, OUTPUT)
         facts = host_facts(probe)
         if capture is not None:
             probe.save(capture)
@@ -388,7 +417,7 @@ def run(seconds: float = 3.0, report: Path | None = Path("report.html"),
         print("    " + replay_code(capture, report).rstrip("\n").replace("\n", "\n    "))
     if report is not None:
         page = report_html(df, stats, summary, seconds, source=source, facts=facts, started_ns=started_ns,
-                           dropped=dropped, capture=capture, report=report)
+                           drain=drain, capture=capture, report=report)
         write_text(report, page)
         print(f"\nreport: {report.resolve()} ({report.stat().st_size / 1e6:.1f} MB, opens offline)")
     return df, stats

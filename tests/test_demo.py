@@ -16,10 +16,12 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from kernelscope import demo, sources
+from kernelscope.errors import SettingError
 
 ROW = re.compile(r"<tr data-map='([^']+)' data-attempted='(\d+)' data-received='(\d+)' "
                  r"data-dropped='(\d+)' data-holds='([01])'>")
@@ -84,11 +86,14 @@ def test_report_has_rate_and_latency_plots_offline(ran: dict[str, Any]) -> None:
     for div in ("ks-rate-plot", "ks-latency-plot"):
         assert re.search(rf'Plotly\.newPlot\(\s*"{div}"', page), f"plot {div} is not drawn"
     assert '"name":"exec received"' in page
-    assert '"name":"dropped (all kinds)"' in page
+    assert '"name":"dropped"' in page
     assert "ks_arrival_ns - ts" in page
     assert "<script src=" not in page  # nothing to fetch: opens offline
     assert "<link" not in page
     assert page.count("plotly.js v") >= 1  # the library itself is inlined
+    lat = demo.latencies_us(ran["df"])
+    assert (lat["latency_us"] > 0).all()  # read after it happened, on the one clock
+    assert f"<td class='l'>all</td><td>{len(ran['df']):,}</td>" in page  # the latency table's total row
 
 
 @pytest.mark.kernel
@@ -135,6 +140,22 @@ def test_unknown_kind_codes_are_named_not_dropped() -> None:
     assert list(table.columns) == ["exec", "exit", "openat", "kind 7", "total"]
     assert table.loc["a", "kind 7"] == 1
     assert table["total"].sum() == 3
+
+
+def test_latency_is_arrival_minus_timestamp_on_one_clock() -> None:
+    df = pd.DataFrame({"kind": [0, 2, 1], "ts": np.array([1_000, 1_000, 10**12], np.uint64),
+                       "ks_arrival_ns": np.array([2_000, 5_500, 10**12 + 250_000], np.int64)})
+    lat = demo.latencies_us(df)
+    assert list(lat["kind"]) == ["exec", "openat", "exit"]
+    assert list(lat["latency_us"]) == [1.0, 4.5, 250.0]
+    table = demo.latency_table(lat)
+    assert list(table.index) == ["exec", "exit", "openat", "all"]
+    assert table.loc["all", "max_us"] == 250.0
+
+
+def test_run_refuses_a_duration_that_is_not_positive() -> None:
+    with pytest.raises(SettingError, match="seconds must be a positive number"):
+        demo.run(-1, None)
 
 
 def test_a_failing_invariant_is_reported_not_hidden() -> None:
