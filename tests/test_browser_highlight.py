@@ -141,7 +141,10 @@ def _drive(page: Any, server: Lab) -> None:
     assert py["classes"]["int"] == "cm-builtin", py
     assert bpf["classes"]["int"] != py["classes"]["int"], (bpf, py)
     ARTIFACTS.mkdir(exist_ok=True)
-    page.locator(".jp-Notebook").screenshot(path=str(ARTIFACTS / "highlight.png"))
+    top, bottom = (page.locator(".jp-Notebook .jp-Cell").nth(i).bounding_box() for i in (0, 1))
+    page.screenshot(path=str(ARTIFACTS / "highlight.png"), clip={
+        "x": top["x"], "y": top["y"], "width": top["width"],
+        "height": bottom["y"] + bottom["height"] - top["y"]})
 
     # the first line decides, as it is edited: the Python cell becomes C, the C cell Python
     page.evaluate(SET_SOURCE_JS, [1, "%%bpftrace\n" + PY_CELL])

@@ -12,6 +12,7 @@
  */
 import { JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
 import { ICellModel } from '@jupyterlab/cells';
+import { IEditorLanguageRegistry } from '@jupyterlab/codemirror';
 import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
 
 /** The C MIME type JupyterLab's language registry maps to @codemirror/lang-cpp's C. */
@@ -38,15 +39,24 @@ const ours = new Set(MAGICS.map(([, mime]) => mime));
 const notebookMime = new WeakMap<ICellModel, string>();
 const watched = new WeakSet<ICellModel>();
 
-function apply(model: ICellModel): void {
-  const base = notebookMime.get(model) ?? model.mimeType;
-  const want = magicMime(model.sharedModel.getSource()) ?? base;
-  if (model.mimeType !== want) {
-    model.mimeType = want;
+/**
+ * Gives the cell the MIME type its first line asks for, once JupyterLab has loaded the languages
+ * of both MIME types: the editor applies each change of MIME type when its language has loaded,
+ * so a Python still loading when C is set would otherwise land last and win.
+ */
+async function apply(model: ICellModel, languages: IEditorLanguageRegistry): Promise<void> {
+  const want = (): string => magicMime(model.sharedModel.getSource()) ?? notebookMime.get(model) ?? model.mimeType;
+  const mime = want();
+  if (model.mimeType === mime) {
+    return;
+  }
+  await Promise.all([languages.getLanguage(mime), languages.getLanguage(model.mimeType)]);
+  if (want() === mime && model.mimeType !== mime) {
+    model.mimeType = mime;
   }
 }
 
-function watch(model: ICellModel): void {
+function watch(model: ICellModel, languages: IEditorLanguageRegistry): void {
   if (model.type !== 'code' || watched.has(model)) {
     return;
   }
@@ -54,29 +64,32 @@ function watch(model: ICellModel): void {
   if (!ours.has(model.mimeType)) {
     notebookMime.set(model, model.mimeType);
   }
-  model.contentChanged.connect(() => apply(model));
+  const update = (): void => {
+    apply(model, languages).catch(reason => console.error('kernelscope-highlight:', reason));
+  };
+  model.contentChanged.connect(update);
   // the notebook sets every cell's MIME type again when the kernel's language arrives
   model.mimeTypeChanged.connect((_, change) => {
     if (!ours.has(change.newValue)) {
       notebookMime.set(model, change.newValue);
-      apply(model);
+      update();
     }
   });
-  apply(model);
+  update();
 }
 
-function track(panel: NotebookPanel): void {
+function track(panel: NotebookPanel, languages: IEditorLanguageRegistry): void {
   const connect = (): void => {
     const cells = panel.content.model?.cells;
     if (!cells) {
       return;
     }
     for (let i = 0; i < cells.length; i++) {
-      watch(cells.get(i));
+      watch(cells.get(i), languages);
     }
     cells.changed.connect((_, change) => {
       for (const model of change.newValues) {
-        watch(model);
+        watch(model, languages);
       }
     });
   };
@@ -88,10 +101,10 @@ const plugin: JupyterFrontEndPlugin<void> = {
   id: 'kernelscope-highlight:plugin',
   description: 'Highlights %%bpf and %%bpftrace cells as C.',
   autoStart: true,
-  requires: [INotebookTracker],
-  activate: (_app: JupyterFrontEnd, tracker: INotebookTracker): void => {
-    tracker.forEach(track);
-    tracker.widgetAdded.connect((_, panel) => track(panel));
+  requires: [INotebookTracker, IEditorLanguageRegistry],
+  activate: (_app: JupyterFrontEnd, tracker: INotebookTracker, languages: IEditorLanguageRegistry): void => {
+    tracker.forEach(panel => track(panel, languages));
+    tracker.widgetAdded.connect((_, panel) => track(panel, languages));
   }
 };
 
