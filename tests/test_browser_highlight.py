@@ -106,8 +106,13 @@ def test_bpf_cell_highlighted_as_c(lab: Lab, tmp_path: Path) -> None:
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         page = browser.new_page(viewport={"width": 1000, "height": 900})
+        # the extension's own failures, and a shared module it was refused (a version mismatch)
+        ours: list[str] = []
+        page.on("console", lambda m: ours.append(m.text) if EXTENSION in m.text else None)
+        page.on("pageerror", lambda e: ours.append(str(e)) if EXTENSION in str(e) else None)
         try:
             _drive(page, lab)
+            assert not ours, ours
         except BaseException:
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "highlight-failure.png"), full_page=True)
