@@ -602,8 +602,8 @@ def test_perf_event_flag_mistakes_are_usage_errors_leaving_nothing_attached(shel
     assert msg == "%%bpf: --freq must be positive, got 0"
     msg, _ = _fails(shell, bad.format(prog="on_tick", flags="").replace("--perf-event on_tick", "--freq 99"))
     assert msg == "%%bpf: --freq is the sampling rate of --perf-event PROG: name the program too"
-    msg, _ = _fails(shell, bad.format(prog="'on tick'", flags=""))
-    assert msg == "%%bpf: --perf-event takes a program's C function name, got 'on tick'"
+    msg, _ = _fails(shell, bad.format(prog="on-tick", flags=""))
+    assert msg == "%%bpf: --perf-event takes a program's C function name, got 'on-tick'"
     msg, seen = _fails(shell, bad.format(prog="no_such_prog", flags=""))
     assert msg.startswith("%%bpf badticks: ")
     assert "no_such_prog" in msg

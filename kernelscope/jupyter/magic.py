@@ -228,6 +228,7 @@ class BPFMagics(Magics):
         return closed
 
     def end_status(self, name: str) -> None:
+        """End the status line of probe `name`, refreshing it a last time."""
         status = self.status.pop(name, None)
         if status is not None:
             status.stop()
@@ -297,8 +298,8 @@ class BPFMagics(Magics):
         if args.all:
             live = live_probes()
             for p in live:
-                self.end_status(p.name or "")
                 p.close()
+                self.end_status(p.name or "")
             print(f"stopped {len(live)} probe(s)")
             return
         if args.name is None:
@@ -314,8 +315,8 @@ class BPFMagics(Magics):
             name = args.name
             probe = self._lookup(name)
         was_closed = probe.closed
-        self.end_status(name)
         probe.close()  # detached; still listed by %bpf_list while its name holds it
+        self.end_status(name)  # after close: its last refresh shows the probe closed
         kept = (f"{stored_rows(probe):,} rows kept in {name}.df" if probe.outputs else
                 f"its maps are kept as they were in {name}.maps")  # a counting program
         print(f"{name}: {'was already stopped' if was_closed else 'stopped'}; {kept}")
