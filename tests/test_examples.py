@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import platform
+import pty
+import select
 import signal
 import socket
 import subprocess
@@ -103,7 +105,7 @@ def test_listing_gives_one_line_per_example_with_what_it_shows(shell: Shell) -> 
         assert ex.summary in line
     assert lines[-1] == "%bpf_examples NAME puts one into the next cell"
     assert examples.names() == ["exec_exit", "opens", "tcp_states", "syscall_counts", "read_sizes",
-                                "profile"]
+                                "bash_commands", "profile"]
 
 
 def test_every_example_is_a_bpf_cell_binding_its_name_from_a_shipped_file() -> None:
@@ -283,6 +285,48 @@ def test_read_sizes_histogram_holds_exactly_the_reads_made(shell: Shell) -> None
     want = truth.frame().set_index(["low", "high"])["count"]
     assert got.sum() == len(sizes)
     assert (got.reindex(want.index, fill_value=0) == want).all(), (got, want)
+
+
+def _read_until(fd: int, marker: bytes, seen: bytearray) -> None:
+    """Read a pty until `marker` has appeared (again) in what it printed."""
+    want = seen.count(marker) + 1
+    deadline = time.monotonic() + 10
+    while seen.count(marker) < want:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"bash printed no {marker!r}: {bytes(seen)!r}")
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            seen += os.read(fd, 4096)
+
+
+@pytest.mark.kernel
+def test_bash_commands_shows_a_line_typed_into_an_interactive_bash(shell: Shell) -> None:
+    probe = run_example(shell, "bash_commands")
+    assert probe.attach_points() == ["uretprobe:/bin/bash:readline"]
+    prompt = b"ks-ready$ "
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: an interactive bash on a terminal, so it reads with readline()
+        os.execve("/bin/bash", ["bash", "--norc", "--noprofile", "-i"],
+                  {"PS1": prompt.decode(), "TERM": "dumb", "PATH": "/usr/bin:/bin"})
+    seen = bytearray()
+    try:
+        _read_until(fd, prompt, seen)
+        os.write(fd, b"echo typed-by-the-test\n")
+        _read_until(fd, prompt, seen)
+        os.write(fd, b"exit 0\n")
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+    def typed() -> pd.DataFrame | None:
+        df = probe.df
+        mine = df[df["pid"] == pid]
+        return mine if len(mine) == 2 else None
+
+    lines = wait_frame(typed, "both lines typed")
+    assert lines["line"].tolist() == ["echo typed-by-the-test", "exit 0"]
+    assert set(lines["uid"]) == {os.getuid()}
 
 
 @pytest.mark.kernel
