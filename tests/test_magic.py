@@ -882,6 +882,32 @@ def test_in_jupyter_the_status_line_updates_in_place_and_interrupt_keeps_rows() 
 
 
 @pytest.mark.kernel
+def test_in_jupyter_examples_arrive_as_the_next_cell_and_run() -> None:
+    manager = pytest.importorskip("jupyter_client.manager")
+    from kernelscope import examples
+
+    km, kc = manager.start_new_kernel(kernel_name="python3", cwd=str(Path(__file__).parents[1]))
+    try:
+        k = KernelSession(kc)
+        k.run("%load_ext kernelscope")
+        msg_id = kc.execute("%bpf_examples opens")
+        printed = k.messages(lambda ms: any(_idle(m, msg_id) for m in ms))
+        reply = kc.get_shell_msg(timeout=30)["content"]
+        assert reply["status"] == "ok"
+        # ipykernel sends set_next_input as a payload of the reply: JupyterLab makes it a new cell
+        assert reply["payload"] == [{"source": "set_next_input", "text": examples.get("opens"),
+                                     "replace": False}]
+        assert "example opens is in the next cell" in "".join(_text(m) for m in printed)
+        k.run(reply["payload"][0]["text"])  # the inserted cell, run as the user would
+        check = k.run("print(opens.running, sorted(opens.attach_points()))")
+        assert ("True ['tracepoint:syscalls:sys_enter_openat', 'tracepoint:syscalls:sys_exit_openat']"
+                in "".join(_text(m) for m in check))
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+@pytest.mark.kernel
 def test_replay_flag_and_replay_mode_bind_the_recorded_frame(shell: Shell, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     with getppid_calls(), capture_output():
