@@ -65,7 +65,7 @@ _EXAMPLES = (
             'syscall_counts.maps["counts"].frame()', "syscall_counts.c"),
     Example("read_sizes", "a log2 histogram of the bytes read(2) returned, kept in a map",
             'read_sizes.maps["read_bytes"].hist(unit="bytes")', "read_sizes.c"),
-    Example("bash_commands", "every command line typed into an interactive bash (a uretprobe on readline)",
+    Example("bash_commands", "each command line typed into an interactive bash, by a uretprobe on readline",
             "bash_commands.df", "bash_commands.bpf.c"),
     Example("profile", "a CPU profile: stacks sampled at 99 Hz on every CPU, for a flame graph",
             'profile.stacks(), profile.flamegraph(by="comm")', "profile.c",

@@ -28,7 +28,7 @@ struct {
 } events SEC(".maps");
 
 static __always_inline void state_name(char *out, int state) {
-    switch (state) { // the enum in include/net/tcp_states.h
+    switch (state) { // the kernel's TCP states: TCP_ESTABLISHED = 1, ..., TCP_NEW_SYN_RECV = 12
     case 1: __builtin_memcpy(out, "ESTABLISHED", 12); break;
     case 2: __builtin_memcpy(out, "SYN_SENT", 9); break;
     case 3: __builtin_memcpy(out, "SYN_RECV", 9); break;
