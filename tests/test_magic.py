@@ -250,7 +250,8 @@ def test_rerunning_a_named_cell_closes_the_old_probe(shell: Shell) -> None:
     assert old.closed  # the old rows stay readable
     assert len(old.df) > 0
     assert new.running
-    assert [p.name for p in shell.magics.probes.values()] == ["again"]
+    assert shell.magics.probes["again"] is new
+    assert old not in shell.magics.probes.values()  # a re-run lets go of the old probe
 
 
 @pytest.mark.kernel
@@ -501,7 +502,8 @@ def test_stop_all_and_unload_close_everything(shell: Shell) -> None:
         one, two = shell.user_ns["one"], shell.user_ns["two"]
         api = Probe(GETPPID, cflags=[f"-DTARGET={os.getpid()}"], name="api").start()  # Python API
         wait_for(lambda: len(one.df) and len(two.df) and len(api.df))
-    assert set(shell.run_cell("%bpf_list")["name"]) == {"one", "two", "api"}
+    listing = shell.run_cell("%bpf_list")
+    assert set(listing.loc[listing["state"] == "running", "name"]) == {"one", "two", "api"}
     with pytest.raises(UsageError, match=r"several probes are live \(.*\): name one, or use --all"):
         shell.run_cell("%bpf_stop")
     with pytest.raises(UsageError, match="no probe named 'nope'"):
@@ -522,7 +524,92 @@ def test_stop_all_and_unload_close_everything(shell: Shell) -> None:
             shell.run_cell("%%bpf three\n" + GETPPID)
     finally:
         shell.ip.run_line_magic("load_ext", "kernelscope")
-    assert shell.run_cell("%bpf_list").empty
+    with capture_output() as cap:
+        assert shell.run_cell("%bpf_list") is None  # api is closed; one and two were not made here
+    assert cap.stdout == "no probes\n"
+
+
+@pytest.mark.kernel
+def test_list_shows_stopped_probes_with_their_rows_until_let_go(shell: Shell) -> None:
+    shell.run_cell("%reset -f")  # earlier tests' probes, stopped, are still bound to their names
+    shell.run_cell("import gc, os")
+    shell.run_cell("gc.collect()")
+    with capture_output() as cap:
+        assert shell.run_cell("%bpf_list") is None
+    assert cap.stdout == "no probes\n"  # not a table of headers
+
+    with getppid_calls(), capture_output():
+        shell.run_cell("%%bpf kept --limit 5 --quiet -D TARGET={os.getpid()}\n" + GETPPID)
+        api = Probe(GETPPID, cflags=[f"-DTARGET={os.getpid()}"], name="api").start()
+        wait_for(lambda: len(api.df) > 0, what="rows of the Python-made probe")
+        api.stop()  # stopped, still loaded and attached
+    kept = shell.user_ns["kept"]
+    assert kept.closed  # --limit detached it
+    listing = shell.run_cell("%bpf_list").set_index("name")
+    assert sorted(listing.index) == ["api", "kept"]
+    assert listing.loc["kept", "state"] == listing.loc["api", "state"] == "stopped"
+    assert listing.loc["kept", "rows"] == len(kept.df) >= 5
+    assert listing.loc["api", "rows"] == len(api.df) > 0
+    assert listing.loc["kept", "attached"] == ""  # detached, its rows kept
+    assert listing.loc["api", "attached"] == "tracepoint:syscalls:sys_enter_getppid"
+
+    with capture_output() as cap:
+        shell.run_cell("%bpf_stop kept")
+    assert "kept: was already stopped" in cap.stdout
+    api.close()  # closed: it goes
+    assert list(shell.run_cell("%bpf_list")["name"]) == ["kept"]
+    shell.run_cell("del kept")  # let go of by its name: it goes too
+    del kept
+    shell.run_cell("gc.collect()")
+    with capture_output() as cap:
+        assert shell.run_cell("%bpf_list") is None
+    assert cap.stdout == "no probes\n"
+
+
+TICKS = """%%bpf {name} --perf-event {prog} {flags}
+#include <uapi/linux/bpf_perf_event.h>
+BPF_ARRAY(ks_magic_ticks, u64, 1);
+int on_tick(struct bpf_perf_event_data *ctx) {{
+    ks_magic_ticks.increment(0);
+    return 0;
+}}
+"""
+
+
+@pytest.mark.kernel
+def test_perf_event_flag_attaches_a_sampler_on_every_cpu(shell: Shell) -> None:
+    with capture_output():
+        shell.run_cell(TICKS.format(name="ticks", prog="on_tick", flags="--freq 199"))
+    probe = shell.user_ns["ticks"]
+    assert sorted(probe.attach_points()) == sorted(f"perf_event:cpu-clock:freq=199:cpu{c}"
+                                                   for c in os.sched_getaffinity(0))
+    assert not [w for w in probe.warnings if "is not attached" in w]
+
+    def ticked() -> int:
+        return int(probe.maps["ks_magic_ticks"].frame()["value"].sum())
+
+    wait_for(lambda: ticked() > 0, timeout=10, what="a sample")
+    with capture_output():
+        shell.run_cell("%bpf_stop ticks")
+    assert probe.closed
+
+
+@pytest.mark.kernel
+def test_perf_event_flag_mistakes_are_usage_errors_leaving_nothing_attached(shell: Shell) -> None:
+    before = bpf_objects(), fd_count()
+    bad = TICKS.replace("{name}", "badticks")
+    msg, _ = _fails(shell, bad.format(prog="on_tick", flags="--freq 0"))
+    assert msg == "%%bpf: --freq must be positive, got 0"
+    msg, _ = _fails(shell, bad.format(prog="on_tick", flags="").replace("--perf-event on_tick", "--freq 99"))
+    assert msg == "%%bpf: --freq is the sampling rate of --perf-event PROG: name the program too"
+    msg, _ = _fails(shell, bad.format(prog="on-tick", flags=""))
+    assert msg == "%%bpf: --perf-event takes a program's C function name, got 'on-tick'"
+    msg, seen = _fails(shell, bad.format(prog="no_such_prog", flags=""))
+    assert msg.startswith("%%bpf badticks: ")
+    assert "no_such_prog" in msg
+    assert "Traceback" not in seen
+    assert "badticks" not in shell.user_ns
+    assert_nothing_attached(*before)
 
 
 # --- discovery -------------------------------------------------------------------------------
@@ -789,6 +876,32 @@ def test_in_jupyter_the_status_line_updates_in_place_and_interrupt_keeps_rows() 
         assert any("interrupted after" in _text(m) for m in end)
         check = k.run("print(intr.closed, intr.running, len(intr.df) > 0)")
         assert "True False True" in "".join(_text(m) for m in check)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+@pytest.mark.kernel
+def test_in_jupyter_examples_arrive_as_the_next_cell_and_run() -> None:
+    manager = pytest.importorskip("jupyter_client.manager")
+    from kernelscope import examples
+
+    km, kc = manager.start_new_kernel(kernel_name="python3", cwd=str(Path(__file__).parents[1]))
+    try:
+        k = KernelSession(kc)
+        k.run("%load_ext kernelscope")
+        msg_id = kc.execute("%bpf_examples opens")
+        printed = k.messages(lambda ms: any(_idle(m, msg_id) for m in ms))
+        reply = kc.get_shell_msg(timeout=30)["content"]
+        assert reply["status"] == "ok"
+        # ipykernel sends set_next_input as a payload of the reply: JupyterLab makes it a new cell
+        assert reply["payload"] == [{"source": "set_next_input", "text": examples.get("opens"),
+                                     "replace": False}]
+        assert "example opens is in the next cell" in "".join(_text(m) for m in printed)
+        k.run(reply["payload"][0]["text"])  # the inserted cell, run as the user would
+        check = k.run("print(opens.running, sorted(opens.attach_points()))")
+        assert ("True ['tracepoint:syscalls:sys_enter_openat', 'tracepoint:syscalls:sys_exit_openat']"
+                in "".join(_text(m) for m in check))
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)

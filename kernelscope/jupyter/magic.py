@@ -4,7 +4,8 @@
     %%bpf counts --duration 5
     ...BCC C...
 
-Line magics: `%bpf_stop`, `%bpf_list`, `%bpf_doctor`, `%bpf_tracepoints`, `%bpf_format`.
+Line magics: `%bpf_stop`, `%bpf_list`, `%bpf_doctor`, `%bpf_tracepoints`, `%bpf_format`,
+`%bpf_run`, `%bpf_examples`.
 The magics only parse arguments, build a Probe and hand it over; errors a user can fix are
 `UsageError`s (no traceback) with the compiler's or verifier's words and the cell's line.
 An internal fault (InternalError, or anything unexpected) keeps its traceback and says to report it.
@@ -30,7 +31,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import HTML, display
 
-from .. import host, mode, tracepoints
+from .. import examples, host, mode, tracepoints
 from ..backends import bcc
 from ..captures.replay import replay
 from ..errors import CompileError, InternalError, KernelscopeError, VerifierError
@@ -51,7 +52,8 @@ SAFE_ALTERNATIVES = (
 _VERIFIER_LINE = re.compile(r"@ cell:(\d+)")
 _LINE_PREFIX = re.compile(r"^line (\d+):")
 _UNEXPANDED = re.compile(r"\{[^{}]*\}|\$\w+")
-_LINE_MAGICS = ("bpf_stop", "bpf_list", "bpf_doctor", "bpf_tracepoints", "bpf_format", "bpf_run")
+_LINE_MAGICS = ("bpf_stop", "bpf_list", "bpf_doctor", "bpf_tracepoints", "bpf_format", "bpf_run",
+                "bpf_examples")
 
 
 @dataclass
@@ -76,6 +78,8 @@ class Options:
     map_sizes: dict[str, int] | None = None  # --map-size NAME=N (CO-RE)
     file: str | None = None  # --file: the program is this file, its folder on the include path
     include: list[str] | None = None  # --include/-I folders
+    perf_event: str | None = None  # --perf-event: attach this program to a sampling timer
+    freq: int | None = None  # --freq: its samples a second on each CPU
 
     @property
     def blocking(self) -> bool:
@@ -154,6 +158,11 @@ class BPFMagics(Magics):
               help="run the program in this file (the cell stays empty); its folder is on the include path")
     @argument("--include", "-I", dest="include", action="append", default=[], metavar="DIR",
               help="a folder searched for the program's #include files; repeatable")
+    @argument("--perf-event", metavar="PROG",
+              help="attach program PROG (a function of struct bpf_perf_event_data *, or "
+                   "SEC(\"perf_event\")) to a cpu-clock sampling timer on every CPU")
+    @argument("--freq", type=int, metavar="HZ",
+              help="with --perf-event: samples a second on each CPU (default 99)")
     @cell_magic
     def bpf(self, line: str, cell: str) -> None:
         """Compile a cell of BCC C (or libbpf-style CO-RE C), attach it, drain its output maps.
@@ -218,6 +227,12 @@ class BPFMagics(Magics):
             status.stop()
         return closed
 
+    def end_status(self, name: str) -> None:
+        """End the status line of probe `name`, refreshing it a last time."""
+        status = self.status.pop(name, None)
+        if status is not None:
+            status.stop()
+
     def close_all(self) -> None:
         for name in list(self.probes):
             self.close_probe(name)
@@ -281,9 +296,11 @@ class BPFMagics(Magics):
         """Stop probes and detach them from the kernel; their DataFrames stay readable."""
         args = parse_argstring(self.bpf_stop, line)
         if args.all:
-            n = len(live_probes())
-            self.close_all()
-            print(f"stopped {n} probe(s)")
+            live = live_probes()
+            for p in live:
+                p.close()
+                self.end_status(p.name or "")
+            print(f"stopped {len(live)} probe(s)")
             return
         if args.name is None:
             live = live_probes()
@@ -298,17 +315,50 @@ class BPFMagics(Magics):
             name = args.name
             probe = self._lookup(name)
         was_closed = probe.closed
-        if self.probes.get(name) is probe:
-            self.close_probe(name)  # also ends its status line
-        probe.close()
-        rows = sum(len(ms.store) for ms in probe.outputs.values())
-        print(f"{name}: {'was already stopped' if was_closed else 'stopped'}; "
-              f"{rows:,} rows kept in {name}.df")
+        probe.close()  # detached; still listed by %bpf_list while its name holds it
+        self.end_status(name)  # after close: its last refresh shows the probe closed
+        kept = (f"{stored_rows(probe):,} rows kept in {name}.df" if probe.outputs else
+                f"its maps are kept as they were in {name}.maps")  # a counting program
+        print(f"{name}: {'was already stopped' if was_closed else 'stopped'}; {kept}")
 
     @line_magic
-    def bpf_list(self, line: str) -> pd.DataFrame:
-        """Every live probe with its counters, one row each."""
-        return probes_frame(live_probes())
+    def bpf_list(self, line: str) -> pd.DataFrame | None:
+        """Every probe running or loaded, and every stopped one still holding rows under its
+        name, with its counters, one row each; "no probes" when there is none."""
+        listed = self.listed()
+        if not listed:
+            print("no probes")
+            return None
+        return probes_frame(listed)
+
+    def listed(self) -> list[Results]:
+        """What %bpf_list shows: live probes (not closed), then the probes our cells bound to a
+        name that stopped and still hold data: rows, or (a counting program) its maps as stop()
+        found them. A probe leaves once closed (a Probe made in Python) or, for a cell's probe,
+        once its name lets go of it (`del`, a re-run)."""
+        found: dict[int, Results] = {id(p): p for p in live_probes()}
+        for p in list(self.probes.values()):
+            holds = stored_rows(p) > 0 or (not p.outputs and p.started_at is not None)
+            if id(p) not in found and holds:
+                found[id(p)] = p
+        return list(found.values())
+
+    @line_magic
+    def bpf_examples(self, line: str) -> None:
+        """`%bpf_examples` lists the shipped example probes, one line each; `%bpf_examples NAME`
+        puts example NAME's `%%bpf` cell into the next input, ready to run."""
+        words = line.split()
+        if not words:
+            print(examples.listing())
+            print("%bpf_examples NAME puts one into the next cell")
+            return
+        if len(words) > 1:
+            raise UsageError(f"usage: %bpf_examples [NAME], one name; got {line.strip()!r}")
+        with usage_errors(line, "", "%bpf_examples", ARGUMENT_ERRORS):
+            ex = examples.example(words[0])
+        assert self.shell is not None
+        self.shell.set_next_input(ex.cell)
+        print(f"example {ex.name} is in the next cell: run it, then read {ex.read}")
 
     @line_magic
     def bpf_doctor(self, line: str) -> Any:
@@ -350,7 +400,8 @@ def options(args: Any) -> Options:
     if not name.isidentifier() or keyword.iskeyword(name):
         raise UsageError(f"%%bpf: NAME must be a Python identifier, got {name!r}")
     for flag, value in (("--pages", args.pages), ("--duration", args.duration), ("--limit", args.limit),
-                        ("--max-rows", args.max_rows), ("--perf-wakeup", args.perf_wakeup)):
+                        ("--max-rows", args.max_rows), ("--perf-wakeup", args.perf_wakeup),
+                        ("--freq", args.freq)):
         if value is not None and value <= 0:
             raise UsageError(f"%%bpf: {flag} must be positive, got {value}")
     if args.pages is not None and args.pages & (args.pages - 1):
@@ -361,6 +412,10 @@ def options(args: Any) -> Options:
         raise UsageError("%%bpf: --no-start cannot be combined with --duration or --limit")
     if args.libbpf and args.bcc:
         raise UsageError("%%bpf: choose one of --libbpf and --bcc")
+    if args.freq is not None and args.perf_event is None:
+        raise UsageError("%%bpf: --freq is the sampling rate of --perf-event PROG: name the program too")
+    if args.perf_event is not None and not args.perf_event.isidentifier():
+        raise UsageError(f"%%bpf: --perf-event takes a program's C function name, got {args.perf_event!r}")
     if args.sets and args.bcc:
         raise UsageError("%%bpf: --set is for CO-RE programs' globals; BCC programs take -D NAME=VALUE")
     return Options(
@@ -372,7 +427,7 @@ def options(args: Any) -> Options:
         globals=dict(global_value(s) for s in args.sets),
         only=program_names(args.only, "--only") or None, skip=program_names(args.skip, "--skip"),
         map_sizes=dict(map_size(s) for s in args.map_sizes),
-        file=args.file, include=list(args.include),
+        file=args.file, include=list(args.include), perf_event=args.perf_event, freq=args.freq,
     )
 
 
@@ -463,6 +518,8 @@ def build_probe(source: str, opts: Options) -> Probe:
                       include=[*folder, *(opts.include or [])])
         try:
             probe.load()
+            if opts.perf_event and probe.live:  # a replay (KERNELSCOPE_MODE) attaches nothing
+                probe.attach_perf_event(opts.perf_event, freq=opts.freq)
         except BaseException:
             probe.close()
             raise
@@ -635,7 +692,12 @@ def _names(probes: list[Probe]) -> list[str]:
     return [p.name or f"<unnamed {id(p):x}>" for p in probes]
 
 
-def probes_frame(probes: list[Probe]) -> pd.DataFrame:
+def stored_rows(probe: Results) -> int:
+    """Rows a probe holds, over its output maps."""
+    return sum(len(ms.store) for ms in probe.outputs.values())
+
+
+def probes_frame(probes: list[Results]) -> pd.DataFrame:
     """One row per probe: what it is attached to and its counters summed over output maps."""
     rows = []
     now = time.monotonic()
@@ -645,7 +707,7 @@ def probes_frame(probes: list[Probe]) -> pd.DataFrame:
         running_s = now - p.started_at if p.started_at and p.running else None
         rows.append({
             "name": p.name or f"<unnamed {id(p):x}>",
-            "state": "running" if p.running else "loaded" if p.loaded else "closed" if p.closed else "new",
+            "state": state_word(p),
             "attached": ", ".join(p.attach_points()),
             "maps": ", ".join(f"{n} ({ms.om.kind})" for n, ms in p.outputs.items()),
             "received": received,
@@ -657,6 +719,16 @@ def probes_frame(probes: list[Probe]) -> pd.DataFrame:
             "memory_mb": round(sum(s["memory_bytes"] for s in stats.values()) / 2**20, 2),
         })
     return pd.DataFrame(rows, columns=_LIST_COLUMNS)
+
+
+def state_word(p: Results) -> str:
+    """running; stopped (started once, not draining: loaded, or detached with its rows kept);
+    loaded (never started); closed (never started); new."""
+    if p.running:
+        return "running"
+    if p.started_at is not None:
+        return "stopped"
+    return "loaded" if p.loaded else "closed" if p.closed else "new"
 
 
 # --- extension hooks --------------------------------------------------------------------
