@@ -7,7 +7,11 @@ shrinking the ring buffer from the panel's page-size control reloads the probe (
 table shows the new size and a reload) and makes drops rise, growing it again stops them,
 perf-buffer events arrive out of timestamp order while ring-buffer events do not, and the
 reorder window sorts both; the maps area lists the program's `calls` map, one row per load
-generator, and its counts go on rising. Screenshots go to test-artifacts/.
+generator, and its counts go on rising; every axis's tick labels differ from each other and the
+plot toolbar lies inside the panel. Then the kernel is shut down: the panel's output turns
+into the final static rendering (the counts at shutdown, no widget), the notebook is saved and
+opened again, and the saved output shows that final panel, not "Error displaying widget".
+Screenshots go to test-artifacts/ (panel-live.png, panel-final.png, panel-saved-reopened.png ...).
 
 Needs: Debian's `chromium` (never a downloaded browser) and PyPI's `playwright`.
 """
@@ -128,12 +132,18 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
 
 # --- reading the page ---------------------------------------------------------------------------
 
-STATS_JS = """() => {
+# the stats table by its column names: the live panel's, or the final rendering's
+LIVE_STATS = ".kernelscope-panel .ks-stats table.ks-stats-table"
+FINAL = ".kernelscope-final"
+FINAL_STATS = f"{FINAL} table.ks-stats-table"
+STATS_JS = """(selector) => {
   const out = {};
-  for (const tr of document.querySelectorAll('.kernelscope-panel .ks-stats tbody tr')) {
+  const table = document.querySelector(selector);
+  if (!table) return out;
+  const heads = [...table.querySelectorAll('thead th')].map(th => th.innerText.trim());
+  for (const tr of table.querySelectorAll('tbody tr')) {
     const c = [...tr.children].map(td => td.innerText.trim());
-    out[c[0]] = {kind: c[1], pages: c[2], capacity: c[3], received: c[4], dropped: c[5],
-                 lost_records: c[6], inversions: c[7], reloads: c[8]};
+    out[c[0]] = Object.fromEntries(heads.slice(1).map((h, i) => [h, c[i + 1]]));
   }
   return out;
 }"""
@@ -156,6 +166,27 @@ TITLES_JS = """() => {
 }""".replace("__PLOTS__", PLOTS)
 
 
+# every axis's tick labels, by axis id ("y2" is the fill plot's): plotly draws them in g.<id>tick
+TICKS_JS = """() => {
+  const gd = document.querySelector('__PLOTS__');
+  if (!gd || !gd._fullLayout) return {};
+  const out = {};
+  for (const k of Object.keys(gd._fullLayout).filter(k => /^[xy]axis\\d*$/.test(k))) {
+    const id = gd._fullLayout[k]._id;
+    out[id] = [...gd.querySelectorAll(`g.${id}tick text`)].map(t => t.textContent);
+  }
+  return out;
+}""".replace("__PLOTS__", PLOTS)
+# right edges (px) of the output area, the panel, the plots and their toolbar
+EDGES_JS = """() => {
+  const panel = document.querySelector('.kernelscope-panel');
+  const bar = document.querySelector('__PLOTS__ .modebar');
+  const right = e => e ? e.getBoundingClientRect().right : null;
+  return {output: right(panel.closest('.jp-OutputArea-output')), panel: right(panel),
+          plots: right(document.querySelector('__PLOTS__')), modebar: right(bar)};
+}""".replace("__PLOTS__", PLOTS)
+
+
 # the maps area: the chosen map's top-N table, one list of cell texts per row
 MAPS_JS = """() => [...document.querySelectorAll('.kernelscope-panel .ks-maps .ks-maps-top tbody tr')]
   .map(tr => [...tr.children].map(td => td.innerText.trim()))"""
@@ -166,8 +197,8 @@ def _int(text: str) -> int:
     return int(digits) if digits else 0
 
 
-def stats(page: Any) -> dict[str, dict[str, Any]]:
-    raw = page.evaluate(STATS_JS)
+def stats(page: Any, selector: str = LIVE_STATS) -> dict[str, dict[str, Any]]:
+    raw = page.evaluate(STATS_JS, selector)
     return {name: {k: (v if k in ("kind", "capacity") else _int(v)) for k, v in row.items()}
             for name, row in raw.items()}
 
@@ -195,12 +226,12 @@ def choose(page: Any, control: str, label: str) -> None:
     page.select_option(f".kernelscope-panel .{control} select", label=label)
 
 
-def shot(page: Any, name: str) -> Path:
+def shot(page: Any, name: str, selector: str = ".kernelscope-panel") -> Path:
     """The panel as the user sees it (a clip of the page: the panel never stops moving)."""
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / name
-    page.eval_on_selector(".kernelscope-panel", "e => e.scrollIntoView({block: 'start'})")
-    box = page.locator(".kernelscope-panel").bounding_box()
+    page.eval_on_selector(selector, "e => e.scrollIntoView({block: 'start'})")
+    box = page.locator(selector).bounding_box()
     viewport = page.viewport_size
     clip = {"x": max(box["x"], 0), "y": max(box["y"], 0), "width": min(box["width"], viewport["width"]),
             "height": min(box["height"], viewport["height"] - max(box["y"], 0))}
@@ -235,7 +266,7 @@ def test_widget_demo_in_jupyterlab(lab: Lab) -> None:
             raise
         finally:
             browser.close()
-    assert time.monotonic() - t0 < 120
+    assert time.monotonic() - t0 < 180
 
 
 def _drive(page: Any, lab: Lab) -> None:
@@ -287,6 +318,16 @@ def _drive(page: Any, lab: Lab) -> None:
     assert order["ring"] < order["perf"], order
     s = stats(page)
     assert s["perf"]["inversions"] > max(10 * s["ring"]["inversions"], 100), s
+    # readable ticks at any scale: no axis repeats a label ("0%, 0%, 0%" below 1 % fill)
+    ticks = page.evaluate(TICKS_JS)
+    assert ticks.get("y2"), ticks  # the fill plot's axis is drawn
+    for axis, labels in ticks.items():
+        assert len(labels) == len(set(labels)), (axis, labels)
+    assert all(t.endswith("%") for t in ticks["y2"]), ticks["y2"]
+    # the plots fit the panel and the panel its output area: the toolbar is not clipped
+    edges = page.evaluate(EDGES_JS)
+    assert edges["modebar"] is not None, edges
+    assert edges["modebar"] <= edges["plots"] <= edges["panel"] + 1 <= edges["output"] + 2, edges
     shot(page, "panel-live.png")
 
     step("ordering seen")
@@ -322,3 +363,44 @@ def _drive(page: Any, lab: Lab) -> None:
     step("sorted with the reorder window")
     shot(page, "panel-reordered.png")
     page.screenshot(path=str(ARTIFACTS / "notebook.png"), full_page=True)
+    live = stats(page)
+
+    _saved_and_reopened(page, lab, live, step)
+
+
+def _saved_and_reopened(page: Any, lab: Lab, live: dict[str, dict[str, Any]], step: Any) -> None:
+    """Shut the kernel down with the probe running, save, open again: the final panel stays."""
+    # what a user's "Shut Down Kernel" does: the panel stops the probe and leaves its final state
+    page.evaluate("() => window.jupyterapp.shell.currentWidget.context.sessionContext.shutdown()")
+    page.wait_for_selector(FINAL, timeout=30_000)
+    final = stats(page, FINAL_STATS)
+    assert set(final) == {"ring", "perf"}, final
+    for name, row in final.items():
+        assert row["received"] >= live[name]["received"], (final, live)  # the end, not display time
+        assert row["attempted"] == row["received"] + row["dropped"], row  # stopped: exact counts
+    header = page.inner_text(f"{FINAL} .ks-header")
+    assert "stopped" in header, header
+    assert "kernel shut down" in header, header
+    assert page.query_selector(PLOTS) is None  # the widget is gone from the output
+    shot(page, "panel-final.png", FINAL)
+    step("final panel after kernel shutdown")
+
+    page.evaluate("() => window.jupyterapp.shell.currentWidget.context.save()")
+    saved = lab.api(f"/api/contents/{NOTEBOOK.name}?content=1")["content"]
+    outputs = [o for c in saved["cells"] if c["cell_type"] == "code" for o in c["outputs"]]
+    (panel_out,) = [o for o in outputs if "kernelscope-final" in o.get("data", {}).get("text/html", "")]
+    assert set(panel_out["data"]) == {"text/html", "text/plain"}, list(panel_out["data"])
+    assert not any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
+    assert f"<td>{final['ring']['received']:,}</td>" in panel_out["data"]["text/html"]
+    step("saved: the final panel is in the file, no widget")
+
+    # opened again in a new page: a new kernel has run nothing, the output is the file's
+    page.goto(f"{lab.url}/lab/tree/{NOTEBOOK.name}?token={lab.token}")
+    page.wait_for_selector(FINAL, timeout=60_000)
+    assert stats(page, FINAL_STATS) == final
+    text = page.inner_text(".jp-Notebook")
+    assert "Error displaying widget" not in text
+    assert "model not found" not in text
+    plots_img = page.query_selector(f"{FINAL} img")
+    shot(page, "panel-saved-reopened.png", FINAL)
+    step(f"reopened: the saved final panel shows ({'with' if plots_img else 'without'} the plots' PNG)")
