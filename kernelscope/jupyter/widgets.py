@@ -83,9 +83,10 @@ RING_WAKEUP_CHOICES = (("adaptive: paced reads (default)", "adaptive"), ("kernel
 MAX_PAGES = 4096  # 16 MiB ring, or 16 MiB per CPU for a perf buffer
 STATIC_MODES = ("auto", "png", "html", "none")
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
-# At kernel shutdown the server waits ~5 s for the kernel to exit (jupyter_client's
-# shutdown_wait_time) before killing it: the final picture must be sent well before that
-SHUTDOWN_BUDGET = 3.0
+# At a kernel shutdown jupyter_client sends SIGTERM 2.5 s after its request (half of
+# shutdown_wait_time); a kaleido PNG takes 5-7 s here, so the final rendering sent then has the
+# table only, and the panel waits at most this long for a rendering under way to end
+SHUTDOWN_LOCK_WAIT = 0.5
 
 
 def panel(results: Results, *, interval: float = REFRESH_INTERVAL, sample: int = LIVE_SAMPLE,
@@ -545,28 +546,27 @@ class Panel(w.VBox):
             key += ((self.mapview.name, self.mapview.top.value),)
         return key
 
-    def finish(self, budget: float | None = None) -> None:
+    def finish(self, png: bool = True) -> None:
         """Replace the displayed output by the final static rendering, once per new state.
 
         The bundle has no widget in it, so a saved notebook shows it whether or not a kernel
-        (or the widget's model) is there. `budget`: seconds the plots may take to draw; past
-        it the rendering has the stats table only.
+        (or the widget's model) is there. `png=False`: the stats table without the plots.
         """
         with self._static_lock:
-            key = self._key()
-            if self._static_for != key:  # drawn once per state; a failed send is retried alone
-                if budget is None:
-                    self._static_html = self.static_snapshot()
-                else:
-                    self._static_html = _within(budget, self.static_snapshot, self.static_snapshot(png=False))
-                self._static_for = key
-            elif self.shown == "final":
-                return
-            if self._handle is None:
-                return
-            with contextlib.suppress(Exception):  # the front end may be gone
-                self._handle.update(self.final_bundle(), raw=True)
-                self.shown = "final"
+            self._finish(png)
+
+    def _finish(self, png: bool) -> None:
+        key = (*self._key(), png)
+        if self._static_for != key:  # drawn once per state; a failed send is retried alone
+            self._static_html = self.static_snapshot(png=png)
+            self._static_for = key
+        elif self.shown == "final":
+            return
+        if self._handle is None:
+            return
+        with contextlib.suppress(Exception):  # the front end may be gone
+            self._handle.update(self.final_bundle(), raw=True)
+            self.shown = "final"
 
     def _show_live(self) -> None:
         with self._static_lock:
@@ -604,7 +604,13 @@ class Panel(w.VBox):
                     self.results.stop()
             self._shutdown_note = "kernel shut down"
             self.paused = False
-            self.finish(budget=SHUTDOWN_BUDGET)
+            # no time for the plots (see SHUTDOWN_LOCK_WAIT); nor to wait for a PNG being drawn
+            held = self._static_lock.acquire(timeout=SHUTDOWN_LOCK_WAIT)
+            try:
+                self._finish(png=False)
+            finally:
+                if held:
+                    self._static_lock.release()
         except Exception as e:  # the kernel is going away: never in its way
             self.error = e
 
@@ -662,15 +668,6 @@ class Panel(w.VBox):
         shell.events.register("post_execute", self._after_cell)
         shell.observe(self._on_exit, names="exit_now")
         self._shell = shell
-
-
-def _within(seconds: float, make: Any, fallback: str) -> str:
-    """`make()` run in a thread; its result if it ends within `seconds`, else `fallback`."""
-    out: list[str] = []
-    t = threading.Thread(target=lambda: out.append(make()), name="kernelscope-final", daemon=True)
-    t.start()
-    t.join(seconds)
-    return out[0] if out else fallback
 
 
 def _updater(ref: weakref.ReferenceType[Panel], stop: threading.Event) -> None:
