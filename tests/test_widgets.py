@@ -7,6 +7,7 @@ plots that follow a stream and stop following it after stop(), buttons, the reor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -511,6 +512,57 @@ def test_kernel_shutdown_stops_the_probe_and_leaves_the_final_rendering() -> Non
         p.close()
         pn.close()
     assert pn._shell is None  # close() unhooked it from the shell
+
+
+@pytest.mark.kernel
+def test_a_real_kernel_shutdown_sends_the_final_rendering_before_the_kernel_exits(monkeypatch) -> None:
+    """Through jupyter_client, as JupyterLab's "Shut Down Kernel" does: the shutdown request
+    reaches ipykernel's do_shutdown, and the panel's update_display_data leaves the kernel
+    before it exits (jupyter_client sends SIGTERM 2.5 s after asking)."""
+    import queue
+
+    from jupyter_client.manager import KernelManager
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    path = os.pathsep.join(filter(None, [os.path.dirname(tests), tests, os.environ.get("PYTHONPATH")]))
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel(env={**os.environ, "PYTHONPATH": path})
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        kc.execute("from producers import paused, ring_program\nfrom kernelscope import Probe\n"
+                   "from kernelscope.jupyter.widgets import panel\nprod = paused(3_000)\n"
+                   "p = Probe(ring_program(64), cflags=prod.cflags).start()\npanel(p)")
+        go = kc.execute("prod.go()")
+
+        def messages(until: Any) -> list[dict[str, Any]]:
+            got: list[dict[str, Any]] = []
+            deadline = time.monotonic() + 60
+            while not until(got) and time.monotonic() < deadline:
+                with contextlib.suppress(queue.Empty):
+                    got.append(kc.get_iopub_msg(timeout=0.2))
+            return got
+
+        def both_ran(got: list[dict[str, Any]]) -> bool:
+            return any(m["msg_type"] == "status" and m["content"]["execution_state"] == "idle"
+                       and m["parent_header"].get("msg_id") == go for m in got)
+        shown = [m for m in messages(both_ran) if m["msg_type"] in ("display_data", "error")]
+        assert [m["msg_type"] for m in shown] == ["display_data"], shown
+        assert widgets.WIDGET_MIME in shown[0]["content"]["data"]
+        display_id = shown[0]["content"]["transient"]["display_id"]
+        km.request_shutdown()
+        updates = [m for m in messages(lambda got: any(m["msg_type"] == "update_display_data" for m in got))
+                   if m["msg_type"] == "update_display_data"]
+        assert updates, "no final rendering before the kernel went away"
+        final = updates[-1]["content"]
+        assert final["transient"]["display_id"] == display_id  # the same output
+        assert set(final["data"]) == {"text/html", "text/plain"}
+        assert "<td>3,000</td><td>3,000</td><td>0</td>" in final["data"]["text/html"]
+        assert "(kernel shut down)" in final["data"]["text/html"]
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
 
 
 def concurrent(producers: list[Producer]) -> None:

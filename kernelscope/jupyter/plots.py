@@ -142,7 +142,9 @@ def summary(results: Results) -> dict[str, dict[str, Any]]:
             "kind": ms.om.kind,
             "pages": ms.pages,
             "capacity_bytes": capacity_bytes(ms),
-            "received": ms.store.received,
+            # from the same sample as attempted and dropped, so a running probe's row adds up
+            # (the store runs up to 0.1 s ahead); stop() takes a last sample: exact then
+            "received": int(last["received"]) if "received" in last else ms.store.received,
             "stored": len(ms.store),
             "attempted": int(last.get("attempted", 0)),
             "dropped": int(last.get("dropped", 0)),

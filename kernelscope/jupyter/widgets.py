@@ -559,6 +559,9 @@ class Panel(w.VBox):
         key = (*self._key(), png)
         if self._static_for != key:  # drawn once per state; a failed send is retried alone
             self._static_html = self.static_snapshot(png=png)
+            if not png and self.static != "none":
+                self._static_html += ("<p><i>The plots are not drawn at a kernel shutdown (too little time): "
+                                      "stop the probe first to keep a picture of them.</i></p>")
             self._static_for = key
         elif self.shown == "final":
             return
