@@ -478,8 +478,9 @@ class Panel(w.VBox):
         """One step of the updater: refresh while the probe runs, once more after it stops.
 
         A stop counts once it has lasted STOP_SETTLE seconds and no reload is under way
-        (reconfigure() stops and restarts the probe). While stopped nothing is redrawn; the
-        thread keeps watching, so a resume from code is followed too, and it ends once the
+        (reconfigure() stops and restarts the probe); then, unless it was the pause button,
+        the output becomes the final rendering. While stopped nothing is redrawn; the thread
+        keeps watching, so a start from code brings the live panel back, and it ends once the
         probe is closed. Returns False when there is nothing more to follow.
         """
         r = self.results
