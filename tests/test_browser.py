@@ -7,7 +7,13 @@ shrinking the ring buffer from the panel's page-size control reloads the probe (
 table shows the new size and a reload) and makes drops rise, growing it again stops them,
 perf-buffer events arrive out of timestamp order while ring-buffer events do not, and the
 reorder window sorts both; the maps area lists the program's `calls` map, one row per load
-generator, and its counts go on rising. Screenshots go to test-artifacts/.
+generator, and its counts go on rising; every axis's tick labels differ from each other and the
+plot toolbar lies inside the panel. Then the panel's stop button closes the probe: its output
+turns into the final static rendering (the counts at the end and a PNG of the plots, no widget),
+the notebook is saved, the kernel shut down, the notebook opened again, and the saved output
+shows that final panel, not "Error displaying widget: model not found". (A shutdown with the
+probe still running is test_widgets' real-kernel shutdown test.)
+Screenshots go to test-artifacts/ (panel-live.png, panel-final.png, panel-saved-reopened.png ...).
 
 Needs: Debian's `chromium` (never a downloaded browser) and PyPI's `playwright`.
 """
@@ -128,12 +134,18 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
 
 # --- reading the page ---------------------------------------------------------------------------
 
-STATS_JS = """() => {
+# the stats table by its column names: the live panel's, or the final rendering's
+LIVE_STATS = ".kernelscope-panel .ks-stats table.ks-stats-table"
+FINAL = ".kernelscope-final"
+FINAL_STATS = f"{FINAL} table.ks-stats-table"
+STATS_JS = """(selector) => {
   const out = {};
-  for (const tr of document.querySelectorAll('.kernelscope-panel .ks-stats tbody tr')) {
+  const table = document.querySelector(selector);
+  if (!table) return out;
+  const heads = [...table.querySelectorAll('thead th')].map(th => th.innerText.trim());
+  for (const tr of table.querySelectorAll('tbody tr')) {
     const c = [...tr.children].map(td => td.innerText.trim());
-    out[c[0]] = {kind: c[1], pages: c[2], capacity: c[3], received: c[4], dropped: c[5],
-                 lost_records: c[6], inversions: c[7], reloads: c[8]};
+    out[c[0]] = Object.fromEntries(heads.slice(1).map((h, i) => [h, c[i + 1]]));
   }
   return out;
 }"""
@@ -156,6 +168,27 @@ TITLES_JS = """() => {
 }""".replace("__PLOTS__", PLOTS)
 
 
+# every axis's tick labels, by axis id ("y2" is the fill plot's): plotly draws them in g.<id>tick
+TICKS_JS = """() => {
+  const gd = document.querySelector('__PLOTS__');
+  if (!gd || !gd._fullLayout) return {};
+  const out = {};
+  for (const k of Object.keys(gd._fullLayout).filter(k => /^[xy]axis\\d*$/.test(k))) {
+    const id = gd._fullLayout[k]._id;
+    out[id] = [...gd.querySelectorAll(`g.${id}tick text`)].map(t => t.textContent);
+  }
+  return out;
+}""".replace("__PLOTS__", PLOTS)
+# right edges (px) of the output area, the panel, the plots and their toolbar
+EDGES_JS = """() => {
+  const panel = document.querySelector('.kernelscope-panel');
+  const bar = document.querySelector('__PLOTS__ .modebar');
+  const right = e => e ? e.getBoundingClientRect().right : null;
+  return {output: right(panel.closest('.jp-OutputArea-output')), panel: right(panel),
+          plots: right(document.querySelector('__PLOTS__')), modebar: right(bar)};
+}""".replace("__PLOTS__", PLOTS)
+
+
 # the maps area: the chosen map's top-N table, one list of cell texts per row
 MAPS_JS = """() => [...document.querySelectorAll('.kernelscope-panel .ks-maps .ks-maps-top tbody tr')]
   .map(tr => [...tr.children].map(td => td.innerText.trim()))"""
@@ -166,8 +199,8 @@ def _int(text: str) -> int:
     return int(digits) if digits else 0
 
 
-def stats(page: Any) -> dict[str, dict[str, Any]]:
-    raw = page.evaluate(STATS_JS)
+def stats(page: Any, selector: str = LIVE_STATS) -> dict[str, dict[str, Any]]:
+    raw = page.evaluate(STATS_JS, selector)
     return {name: {k: (v if k in ("kind", "capacity") else _int(v)) for k, v in row.items()}
             for name, row in raw.items()}
 
@@ -195,12 +228,12 @@ def choose(page: Any, control: str, label: str) -> None:
     page.select_option(f".kernelscope-panel .{control} select", label=label)
 
 
-def shot(page: Any, name: str) -> Path:
+def shot(page: Any, name: str, selector: str = ".kernelscope-panel") -> Path:
     """The panel as the user sees it (a clip of the page: the panel never stops moving)."""
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / name
-    page.eval_on_selector(".kernelscope-panel", "e => e.scrollIntoView({block: 'start'})")
-    box = page.locator(".kernelscope-panel").bounding_box()
+    page.eval_on_selector(selector, "e => e.scrollIntoView({block: 'start'})")
+    box = page.locator(selector).bounding_box()
     viewport = page.viewport_size
     clip = {"x": max(box["x"], 0), "y": max(box["y"], 0), "width": min(box["width"], viewport["width"]),
             "height": min(box["height"], viewport["height"] - max(box["y"], 0))}
@@ -235,7 +268,7 @@ def test_widget_demo_in_jupyterlab(lab: Lab) -> None:
             raise
         finally:
             browser.close()
-    assert time.monotonic() - t0 < 120
+    assert time.monotonic() - t0 < 180
 
 
 def _drive(page: Any, lab: Lab) -> None:
@@ -261,7 +294,7 @@ def _drive(page: Any, lab: Lab) -> None:
              interval=0.25, what="the rates plot to move on by a second")
     until(page, lambda s: s["ring"]["received"] > before["ring"]["received"] + 10_000, "more events received")
     lengths = page.evaluate(TRACE_LENGTHS_JS)
-    assert lengths["ring:all"] > 0
+    assert lengths.get("ring:all", 0) > 0, lengths
     assert lengths.get("perf:cpu0", 0) + lengths.get("perf:cpu1", 0) > 0, lengths
 
     step("plots move")
@@ -287,6 +320,16 @@ def _drive(page: Any, lab: Lab) -> None:
     assert order["ring"] < order["perf"], order
     s = stats(page)
     assert s["perf"]["inversions"] > max(10 * s["ring"]["inversions"], 100), s
+    # readable ticks at any scale: no axis repeats a label ("0%, 0%, 0%" below 1 % fill)
+    ticks = page.evaluate(TICKS_JS)
+    assert ticks.get("y2"), ticks  # the fill plot's axis is drawn
+    for axis, labels in ticks.items():
+        assert len(labels) == len(set(labels)), (axis, labels)
+    assert all(t.endswith("%") for t in ticks["y2"]), ticks["y2"]
+    # the plots fit the panel and the panel its output area: the toolbar is not clipped
+    edges = page.evaluate(EDGES_JS)
+    assert edges["modebar"] is not None, edges
+    assert edges["modebar"] <= edges["plots"] <= edges["panel"] + 1 <= edges["output"] + 2, edges
     shot(page, "panel-live.png")
 
     step("ordering seen")
@@ -322,3 +365,47 @@ def _drive(page: Any, lab: Lab) -> None:
     step("sorted with the reorder window")
     shot(page, "panel-reordered.png")
     page.screenshot(path=str(ARTIFACTS / "notebook.png"), full_page=True)
+    live = stats(page)
+
+    _saved_and_reopened(page, lab, live, step)
+
+
+def _saved_and_reopened(page: Any, lab: Lab, live: dict[str, dict[str, Any]], step: Any) -> None:
+    """Stop from the panel, save, shut the kernel down, open again: the final panel stays."""
+    page.click(".kernelscope-panel button.ks-stop")
+    # the PNG comes from kaleido's own Chromium: seconds on a busy machine
+    page.wait_for_selector(f"{FINAL} img", timeout=90_000)
+    final = stats(page, FINAL_STATS)
+    assert set(final) == {"ring", "perf"}, final
+    for name, row in final.items():
+        assert row["received"] >= live[name]["received"], (final, live)  # the end, not display time
+        assert row["attempted"] == row["received"] + row["dropped"], row  # stopped: exact counts
+    header = page.inner_text(f"{FINAL} .ks-header")
+    assert "closed" in header, header
+    assert page.query_selector(PLOTS) is None  # the widget is gone from the output
+    shot(page, "panel-final.png", FINAL)
+    step("final panel after the stop button")
+
+    page.evaluate("() => window.jupyterapp.shell.currentWidget.context.save()")
+    saved = lab.api(f"/api/contents/{NOTEBOOK.name}?content=1")["content"]
+    outputs = [o for c in saved["cells"] if c["cell_type"] == "code" for o in c["outputs"]]
+    (panel_out,) = [o for o in outputs if "kernelscope-final" in o.get("data", {}).get("text/html", "")]
+    assert set(panel_out["data"]) == {"text/html", "text/plain"}, list(panel_out["data"])
+    assert not any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
+    assert f"<td>{final['ring']['received']:,}</td>" in panel_out["data"]["text/html"]
+    assert "data:image/png;base64," in panel_out["data"]["text/html"]
+    step("saved: the final panel is in the file, no widget")
+    page.evaluate("() => window.jupyterapp.shell.currentWidget.context.sessionContext.shutdown()")
+
+    # opened again in a new page: a new kernel has run nothing, the output is the file's
+    page.goto(f"{lab.url}/lab/tree/{NOTEBOOK.name}?token={lab.token}")
+    page.wait_for_selector(FINAL, timeout=60_000)
+    assert stats(page, FINAL_STATS) == final
+    text = page.inner_text(".jp-Notebook")
+    assert "Error displaying widget" not in text
+    assert "model not found" not in text
+    img = page.query_selector(f"{FINAL} img")
+    assert img is not None
+    assert img.evaluate("e => e.complete && e.naturalWidth") > 0  # the PNG decodes in the page
+    shot(page, "panel-saved-reopened.png", FINAL)
+    step("reopened: the saved final panel shows, plots and all")

@@ -7,6 +7,7 @@ plots that follow a stream and stop following it after stop(), buttons, the reor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -167,25 +168,46 @@ def test_static_png_via_kaleido() -> None:
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_panel_of_a_replay_is_read_only_and_has_an_html_fallback() -> None:
+def test_panel_of_a_replay_is_read_only_and_ends_as_a_static_rendering_without_a_widget() -> None:
     r = replayed(capture([10, 30, 20], [100, 100, 100], cpu=[0, 1, 0], kind="perf"))
     pn = widgets.panel(r, static="html")
     try:
         assert all(dd.disabled for dd in pn.pages.values())
         assert pn.reorder.disabled
         assert pn.poll.disabled
-        bundle = pn._bundle()
-        assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == pn.model_id
-        assert "live plots need a" in bundle["text/html"]
+        live = pn.live_bundle()
+        assert live[widgets.WIDGET_MIME]["model_id"] == pn.model_id
+        assert "live plots need a" in live["text/html"]
         handle = Recorder()
-        pn._handle = handle  # as if displayed, with no page showing it (nbconvert)
+        pn._handle, pn.shown = handle, "live"  # as if displayed, with no page showing it (nbconvert)
         pn._after_cell()  # IPython's post_execute: the cell that showed the finished replay ends
-        assert handle.bundles
-        html = handle.bundles[-1]["text/html"]
+        assert pn.shown == "final"
+        (final,) = handle.bundles
+        assert set(final) == {"text/html", "text/plain"}  # nothing that needs a widget model
+        assert pn.model_id not in json.dumps(final)
+        html = final["text/html"]
+        assert "kernelscope-final" in html
         assert "Plotly.newPlot" in html
-        assert "ks-stats-table" in html
+        assert "<td>3</td><td>3</td><td>0</td>" in html  # attempted, received, dropped
+        pn._after_cell()  # nothing changed: the output is not sent again
+        assert len(handle.bundles) == 1
     finally:
         pn.close()
+
+
+def test_fill_is_drawn_in_percent_with_plotlys_own_decimals() -> None:
+    """A fixed ".0%" read "0%, 0%, 0%" below 1 % fill; plotly's own format adds the decimals."""
+    history = [{"t": i * 0.5, "attempted": 0, "received": 0, "dropped": 0, "fill_bytes": 8 * i,
+                "lost_records": 0} for i in range(3)]
+    r = replayed(capture([1], [1], history=history))
+    data, layout = plots.spec(r)
+    (fill,) = [t for t in data if t["meta"] == "events:fill"]
+    assert list(fill["y"]) == [0, 100 * 8 / 4096, 100 * 16 / 4096]  # 0.2 % and 0.4 % of 4 KiB
+    axis = layout[f"yaxis{fill['yaxis'][1:]}"]
+    assert axis["ticksuffix"] == "%"
+    assert "tickformat" not in axis
+    assert all("tickformat" not in v for k, v in layout.items() if k.startswith(("xaxis", "yaxis")))
+    assert "width" not in plots.spec(r, width=None)[1]  # the live panel: as wide as the page lets it
 
 
 class Recorder:
@@ -370,6 +392,7 @@ def test_plots_follow_the_stream_and_stop_after_stop() -> None:
         html = handle.bundles[-1]["text/html"]
         assert "Plotly.newPlot" in html
         assert f"{received:,}" in html
+        assert widgets.WIDGET_MIME not in handle.bundles[-1]
         p.close()
         wait_for(lambda: not pn.updating, timeout=5, what="the updater to end with the probe")
     finally:
@@ -383,14 +406,27 @@ def test_buttons_pause_resume_clear_and_stop() -> None:
     prod = paused(2_000)
     p = Probe(ring_program(64), cflags=prod.cflags).start()
     pn = widgets.panel(p, interval=0.05, static="none")
+    handle = Recorder()
+    pn._handle, pn.shown = handle, "live"
     try:
         prod.go()
         wait_for(lambda: len(p.outputs["events"].store) == 2_000, what="every event stored")
         pn.buttons["pause"].click()
         assert not p.running
+        assert pn.state() == "paused"  # not "stopped": resume goes on
+        assert "<span class='ks-state'>paused</span>" in pn.header.value
+        assert "paused" in repr(pn)
         assert pn.buttons["resume"].disabled is False
+        pn._stopped_since = time.monotonic() - widgets.STOP_SETTLE  # paused for longer than a reload
+        pn.echo.ack = 0  # a page shows the panel
+        pn.tick()
+        pn.echo.ack = -1  # no page (nbconvert): the end of a cell makes no final rendering either
+        pn._after_cell()
+        assert (pn.shown, handle.bundles) == ("live", [])  # a paused panel stays a live widget
+        pn.echo.ack = 0
         pn.buttons["resume"].click()
         assert p.running
+        assert pn.state() == "running"
         assert pn.buttons["pause"].disabled is False
         pn.buttons["clear"].click()
         assert len(p.outputs["events"].store) == 0
@@ -400,9 +436,133 @@ def test_buttons_pause_resume_clear_and_stop() -> None:
         assert all(dd.disabled for dd in pn.pages.values())
         assert pn.buttons["resume"].disabled
         wait_for(lambda: not pn.updating, timeout=5, what="the updater to end")
+        assert pn.shown == "final"  # closed: the updater left the final rendering in the output
+        html = handle.bundles[-1]["text/html"]
+        assert "<span class='ks-state'>closed</span>" in html
+        assert "<td>2,000</td><td>2,000</td><td>0</td>" in html
     finally:
         p.close()
         pn.close()
+
+
+@pytest.mark.kernel
+def test_the_output_ends_with_the_counts_at_stop_and_comes_back_live_on_start() -> None:
+    """The final rendering is made when the probe stops, not when the panel was shown; a
+    start() from code brings the widget back into the same output."""
+    prod = paused(4_000)
+    p = Probe(ring_program(64), cflags=prod.cflags).start()
+    pn = widgets.panel(p, interval=0.05, static="none")
+    handle = Recorder()
+    pn._handle, pn.shown = handle, "live"
+    pn.echo.ack = 0  # a page shows the panel
+    try:
+        shown = pn.live_bundle()  # what the output held at display time
+        assert "<td>0</td><td>0</td><td>0</td>" in shown["text/html"]
+        prod.go()
+        p.stop()
+        wait_for(lambda: pn.shown == "final", timeout=10, what="the final rendering after stop()")
+        final = handle.bundles[-1]
+        assert set(final) == {"text/html", "text/plain"}
+        assert pn.model_id not in json.dumps(final)
+        st = p.stats["events"]
+        assert st["attempted"] == st["received"] == 4_000
+        assert "<td>4,000</td><td>4,000</td><td>0</td>" in final["text/html"]
+        assert "<span class='ks-state'>stopped</span>" in final["text/html"]
+        assert "4,000 received" in final["text/plain"]
+        p.start()
+        wait_for(lambda: pn.shown == "live", timeout=10, what="the live panel back after start()")
+        assert handle.bundles[-1][widgets.WIDGET_MIME]["model_id"] == pn.model_id
+        p.close()
+        wait_for(lambda: pn.shown == "final", timeout=10, what="the final rendering after close()")
+        assert "<span class='ks-state'>closed</span>" in handle.bundles[-1]["text/html"]
+    finally:
+        p.close()
+        pn.close()
+
+
+@pytest.mark.kernel
+def test_kernel_shutdown_stops_the_probe_and_leaves_the_final_rendering() -> None:
+    """What a kernel shutdown or restart does first (ipykernel's do_shutdown sets the shell's
+    `exit_now`): the panel stops the probe and sends the final rendering before the kernel goes."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    prod = paused(3_000)
+    p = Probe(ring_program(64), cflags=prod.cflags).start()
+    pn = widgets.panel(p, interval=0.05, static="auto")
+    handle = Recorder()
+    pn._handle, pn.shown = handle, "live"
+    pn.hook(shell)
+    try:
+        prod.go()
+        wait_for(lambda: p.outputs["events"].store.received == 3_000, what="every event received")
+        assert p.running
+        shell.exit_now = True
+        assert not p.running
+        st = p.stats["events"]
+        assert st["attempted"] == st["received"] + st["dropped"] == 3_000
+        final = handle.bundles[-1]
+        assert set(final) == {"text/html", "text/plain"}
+        html = final["text/html"]
+        assert "(kernel shut down)" in html
+        assert "<td>3,000</td><td>3,000</td><td>0</td>" in html
+        assert "<img" not in html  # a PNG takes longer than the kernel has left
+    finally:
+        shell.exit_now = False
+        p.close()
+        pn.close()
+    assert pn._shell is None  # close() unhooked it from the shell
+
+
+@pytest.mark.kernel
+def test_a_real_kernel_shutdown_sends_the_final_rendering_before_the_kernel_exits(monkeypatch) -> None:
+    """Through jupyter_client, as JupyterLab's "Shut Down Kernel" does: the shutdown request
+    reaches ipykernel's do_shutdown, and the panel's update_display_data leaves the kernel
+    before it exits (jupyter_client sends SIGTERM 2.5 s after asking)."""
+    import queue
+
+    from jupyter_client.manager import KernelManager
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    path = os.pathsep.join(filter(None, [os.path.dirname(tests), tests, os.environ.get("PYTHONPATH")]))
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel(env={**os.environ, "PYTHONPATH": path})
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        kc.execute("from producers import paused, ring_program\nfrom kernelscope import Probe\n"
+                   "from kernelscope.jupyter.widgets import panel\nprod = paused(3_000)\n"
+                   "p = Probe(ring_program(64), cflags=prod.cflags).start()\npanel(p)")
+        go = kc.execute("prod.go()")
+
+        def messages(until: Any) -> list[dict[str, Any]]:
+            got: list[dict[str, Any]] = []
+            deadline = time.monotonic() + 60
+            while not until(got) and time.monotonic() < deadline:
+                with contextlib.suppress(queue.Empty):
+                    got.append(kc.get_iopub_msg(timeout=0.2))
+            return got
+
+        def both_ran(got: list[dict[str, Any]]) -> bool:
+            return any(m["msg_type"] == "status" and m["content"]["execution_state"] == "idle"
+                       and m["parent_header"].get("msg_id") == go for m in got)
+        shown = [m for m in messages(both_ran) if m["msg_type"] in ("display_data", "error")]
+        assert [m["msg_type"] for m in shown] == ["display_data"], shown
+        assert widgets.WIDGET_MIME in shown[0]["content"]["data"]
+        display_id = shown[0]["content"]["transient"]["display_id"]
+        km.request_shutdown()
+        updates = [m for m in messages(lambda got: any(m["msg_type"] == "update_display_data" for m in got))
+                   if m["msg_type"] == "update_display_data"]
+        assert updates, "no final rendering before the kernel went away"
+        final = updates[-1]["content"]
+        assert final["transient"]["display_id"] == display_id  # the same output
+        assert set(final["data"]) == {"text/html", "text/plain"}
+        assert "<td>3,000</td><td>3,000</td><td>0</td>" in final["data"]["text/html"]
+        assert "(kernel shut down)" in final["data"]["text/html"]
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
 
 
 def concurrent(producers: list[Producer]) -> None:
@@ -466,10 +626,12 @@ def test_a_headless_notebook_run_keeps_the_plots_in_its_output(monkeypatch: pyte
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     NotebookClient(nb, timeout=120, kernel_name="python3").execute()  # the kernel inherits the env
     (out,) = nb.cells[1].outputs
-    assert "application/vnd.jupyter.widget-view+json" in out["data"]  # a live front end shows the panel
-    html = out["data"]["text/html"]  # everything else shows this
+    # the output the panel was shown in holds the final rendering: nothing for a widget model
+    assert set(out["data"]) == {"text/html", "text/plain"}
+    html = out["data"]["text/html"]
     assert "Plotly.newPlot" in html
-    assert "<td>3,000</td>" in html
+    assert "<td>3,000</td><td>3,000</td><td>0</td>" in html  # attempted, received, dropped
+    assert "<span class='ks-state'>closed</span>" in html  # the last cell's close() is in it too
 
 
 # --- real kernel: the maps area --------------------------------------------------------------------

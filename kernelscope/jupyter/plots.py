@@ -142,7 +142,9 @@ def summary(results: Results) -> dict[str, dict[str, Any]]:
             "kind": ms.om.kind,
             "pages": ms.pages,
             "capacity_bytes": capacity_bytes(ms),
-            "received": ms.store.received,
+            # from the same sample as attempted and dropped, so a running probe's row adds up
+            # (the store runs up to 0.1 s ahead); stop() takes a last sample: exact then
+            "received": int(last["received"]) if "received" in last else ms.store.received,
             "stored": len(ms.store),
             "attempted": int(last.get("attempted", 0)),
             "dropped": int(last.get("dropped", 0)),
@@ -384,9 +386,12 @@ def fill_traces(results: Results, max_points: int = MAX_POINTS) -> list[Trace]:
     out: list[Trace] = []
     for i, name in enumerate(map_names(results)):
         f = fill(results, name, max_points)
-        out.append(_trace(f"{name} fill", f"{name}:fill", f["t"], f["fraction"], line={"color": _colour(i)},
-                          customdata=f["bytes"], showlegend=False, legendgroup=name,
-                          hovertemplate="%{y:.1%} (%{customdata:.0f} bytes)"
+        # drawn in percent with a "%" suffix: plotly then picks as many decimals as the axis
+        # range needs (a fixed ".0%" read "0%, 0%, 0%" below 1 % fill, the usual case)
+        out.append(_trace(f"{name} fill", f"{name}:fill", f["t"], f["fraction"] * 100,
+                          line={"color": _colour(i)}, customdata=f["bytes"], showlegend=False,
+                          legendgroup=name,
+                          hovertemplate="%{y:.3~r}% (%{customdata:,.0f} bytes)"
                           f"<extra>{html.escape(name)}</extra>"))
     return out
 
@@ -478,22 +483,27 @@ def cells(results: Results, kinds: Sequence[str] = FIGURES) -> list[str]:
 
 
 def spec(results: Results, kinds: Sequence[str] = FIGURES, sample: int = ORDER_SAMPLE,
-         width: int = WIDTH, max_points: int = MAX_POINTS) -> tuple[list[Trace], dict[str, Any]]:
+         width: int | None = WIDTH, max_points: int = MAX_POINTS) -> tuple[list[Trace], dict[str, Any]]:
     """Traces and layout (plain dicts) of a grid of plots, two a row, each on its own axes.
 
     The live panel sends these to one FigureWidget (each FigureWidget carries plotly.js, ~5 MB,
-    to the browser); the static output renders the same grid.
+    to the browser); the static output renders the same grid. `width=None`: as wide as the
+    page makes the plots' container (autosize), for the live panel.
     """
     grid = cells(results, kinds)
     cols = 1 if len(grid) == 1 else 2
     rows = math.ceil(len(grid) / cols)
     layout: dict[str, Any] = {
-        **STYLE, "width": width, "height": ROW_HEIGHT * rows + 60,
+        **STYLE, "height": ROW_HEIGHT * rows + 60,
         "margin": {"l": 60, "r": 20, "t": 30, "b": 30},
         "legend": {"orientation": "h", "x": 0, "y": -40 / (ROW_HEIGHT * rows), "yanchor": "top",
                    "font": {"size": 10}},
         "annotations": [], "shapes": [],
     }
+    if width is None:
+        layout["autosize"] = True
+    else:
+        layout["width"] = width
     layout["height"] += 40  # the legend below the grid
     gap_x, gap_top, gap_bottom = 0.1, 40 / (ROW_HEIGHT * rows), 50 / (ROW_HEIGHT * rows)
     out: list[Trace] = []
@@ -511,11 +521,11 @@ def spec(results: Results, kinds: Sequence[str] = FIGURES, sample: int = ORDER_S
         if kind == "latency":
             xaxis["type"] = "log"
         elif kind == "fill":
-            yaxis.update(tickformat=".0%", rangemode="tozero")
+            yaxis.update(ticksuffix="%", rangemode="tozero", exponentformat="none")
         elif kind == "rates":
             yaxis["rangemode"] = "tozero"
-        elif kind == "ordering":
-            yaxis["tickformat"] = ".3f"
+        # the ordering plot's event times keep plotly's own tick format, which has the decimals
+        # its range needs (".3f" read "6.615, 6.615" over a 1 ms sample)
         layout[f"xaxis{ax}"], layout[f"yaxis{ax}"] = xaxis, yaxis
         if kind == "ordering":
             title, specs = ordering_title(results, name, sample), ordering_traces(results, name, sample)
@@ -585,7 +595,8 @@ def _label(results: Results) -> str:
 
 def stats_table(results: Results) -> str:
     """The panel's numbers as an HTML table."""
-    cols = ("kind", "pages", "capacity", "received", "dropped", "lost_records", "inversions", "reloads")
+    cols = ("kind", "pages", "capacity", "attempted", "received", "dropped", "lost_records", "inversions",
+            "reloads")
     rows = []
     for name, st in summary(results).items():
         cap = st.get("capacity_bytes")

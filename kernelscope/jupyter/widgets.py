@@ -16,8 +16,13 @@ samples and the latest thousand rows), so it costs the same after a billion even
 ten; and it waits for the page to have drawn the previous one (`Echo`), so a slow browser
 never falls behind.
 
-Without a widget front end (nbconvert, GitHub) the output falls back to HTML: the stats
-table, then, once the probe has stopped, the plots as a PNG (kaleido) or as plotly HTML.
+The panel's output persists. While the probe runs (or is paused from the panel) the output
+holds the widget plus an HTML fallback; once the probe stops (or closes, or the kernel shuts
+down) the panel replaces it, in the same output, by a final static rendering: the header, the
+stats table (attempted / received / dropped ...) and the plots as a PNG (kaleido) or plotly
+HTML, with no widget in the bundle. So a saved notebook, nbconvert and GitHub show the final
+state, not "Error displaying widget: model not found". A probe started again brings the live
+panel back into the same output.
 """
 
 from __future__ import annotations
@@ -77,6 +82,11 @@ RING_WAKEUP_CHOICES = (("adaptive: paced reads (default)", "adaptive"), ("kernel
                        ("timer: every poll interval", "timer"))
 MAX_PAGES = 4096  # 16 MiB ring, or 16 MiB per CPU for a perf buffer
 STATIC_MODES = ("auto", "png", "html", "none")
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+# At a kernel shutdown jupyter_client sends SIGTERM 2.5 s after its request (half of
+# shutdown_wait_time); a kaleido PNG takes 5-7 s here, so the final rendering sent then has the
+# table only, and the panel waits at most this long for a rendering under way to end
+SHUTDOWN_LOCK_WAIT = 0.5
 
 
 def panel(results: Results, *, interval: float = REFRESH_INTERVAL, sample: int = LIVE_SAMPLE,
@@ -137,8 +147,11 @@ class Panel(w.VBox):
         self._handle: Any = None
         self._static_html: str | None = None
         self._static_for: tuple[Any, ...] | None = None
-        self._static_lock = threading.Lock()
+        self._static_lock = threading.RLock()
         self._shell: Any = None  # the IPython shell whose post_execute runs _after_cell
+        self.shown: str | None = None  # what the displayed output holds: "live" or "final"
+        self.paused = False  # stopped by the panel's pause button: stays live, resumable
+        self._shutdown_note = ""  # why the final rendering was made early ("kernel shut down")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._sent_at: float | None = None  # when plot data last went to the front end
@@ -151,7 +164,9 @@ class Panel(w.VBox):
         self.stats.add_class("ks-stats")
         self.message = w.HTML()
         self.message.add_class("ks-message")
-        data, layout = plots.spec(results, sample=sample, max_points=LIVE_POINTS)
+        # no fixed width: the widget sizes the plots to the panel (and follows window resizes),
+        # so the plot toolbar at the top right stays inside it
+        data, layout = plots.spec(results, sample=sample, max_points=LIVE_POINTS, width=None)
         # one FigureWidget for all plots: each one carries plotly.js (~5 MB) to the browser
         self.figure = FigureWidget(data=data, layout=layout)
         self.figure.add_class("ks-plots")
@@ -342,9 +357,11 @@ class Panel(w.VBox):
         r = self.results
         try:
             if name == "pause":
-                (r.pause if hasattr(r, "pause") else r.stop)()
+                r.pause()
+                self.paused = True  # after pause() returns: until then the updater sees it running
             elif name == "resume":
-                (r.resume if hasattr(r, "resume") else r.start)()
+                self.paused = False
+                r.resume()
                 self.start()
             elif name == "stop":
                 r.stop()
@@ -390,7 +407,7 @@ class Panel(w.VBox):
                 self.skipped += 1
                 self._refresh_text()
                 return
-            data, layout = plots.spec(self.results, sample=self.sample, max_points=LIVE_POINTS)
+            data, layout = plots.spec(self.results, sample=self.sample, max_points=LIVE_POINTS, width=None)
             fig = self.figure
             same = len(data) == len(fig.data) and all(
                 d["meta"] == t.meta for d, t in zip(data, fig.data, strict=True))
@@ -414,14 +431,22 @@ class Panel(w.VBox):
             self._refresh_text()
             self.updates += 1
 
-    def _refresh_text(self) -> None:
+    def state(self) -> str:
+        """The probe's state as the header says it: "paused" after the pause button, until it runs."""
+        st = plots.state(self.results)
+        return "paused" if self.paused and st == "stopped" else st
+
+    def _header_html(self, note: str = "") -> str:
         r = self.results
         label = html.escape(r.name or type(r).__name__)
-        state = plots.state(r)
         err = r.error
         errtext = f" <span style='color:#b91c1c'>drain error: {html.escape(str(err))}</span>" if err else ""
-        self.header.value = f"<b>kernelscope</b> {label}: <span class='ks-state'>{state}</span>{errtext}"
-        self.stats.value = plots.stats_table(r)
+        extra = f" <span class='ks-note'>({html.escape(note)})</span>" if note else ""
+        return f"<b>kernelscope</b> {label}: <span class='ks-state'>{self.state()}</span>{extra}{errtext}"
+
+    def _refresh_text(self) -> None:
+        self.header.value = self._header_html()
+        self.stats.value = plots.stats_table(self.results)
 
     # --- the updater thread --------------------------------------------------------------------
 
@@ -453,13 +478,18 @@ class Panel(w.VBox):
         """One step of the updater: refresh while the probe runs, once more after it stops.
 
         A stop counts once it has lasted STOP_SETTLE seconds and no reload is under way
-        (reconfigure() stops and restarts the probe). While stopped nothing is redrawn; the
-        thread keeps watching, so a resume from code is followed too, and it ends once the
+        (reconfigure() stops and restarts the probe); then, unless it was the pause button,
+        the output becomes the final rendering. While stopped nothing is redrawn; the thread
+        keeps watching, so a start from code brings the live panel back, and it ends once the
         probe is closed. Returns False when there is nothing more to follow.
         """
         r = self.results
         now = time.monotonic()
         if r.running or self._applying:
+            if r.running and not self._applying:
+                self.paused = False  # started again, from the panel or from code
+                if self.shown == "final":  # the live panel comes back into the same output
+                    self._show_live()
             self.refresh(wait_for_browser=True)
             self._final_done = False
             self._stopped_since = None
@@ -473,8 +503,9 @@ class Panel(w.VBox):
             self.refresh()
             self._sync_controls()
             self._final_done = True
-        if self.echo.ack >= 0:  # a page shows the panel: its saved output gets the copy now
-            self._update_static()
+        # a page shows the panel (without one, _after_cell does this as the cell ends)
+        if self.echo.ack >= 0 and not self.paused:
+            self.finish()
         return not closed
 
     def close(self) -> None:
@@ -486,87 +517,161 @@ class Panel(w.VBox):
         self.echo.close()
         super().close()
 
-    # --- static fallback ---------------------------------------------------------------------------
+    # --- the output: live widget, then the final static rendering ---------------------------------
 
-    def static_snapshot(self) -> str:
-        """The plots as HTML that needs no widget front end (PNG via kaleido, or plotly HTML)."""
+    def static_snapshot(self, png: bool = True) -> str:
+        """The stats table and plots as HTML that needs no widget front end or script (PNG).
+
+        "html" mode inlines plotly.js (~4.5 MB) instead; `png=False` leaves the plots out
+        (when there is no time left to draw them: kernel shutdown).
+        """
         r = self.results
         mode = self.static
         maps = self.mapview.static_html() if self.mapview is not None else ""
-        if mode == "none":
-            return plots.stats_table(r) + maps
+        table = plots.stats_table(r)
+        if mode == "none" or not png:
+            return table + maps
         if mode in ("auto", "png"):
-            png = plots.static_png(r)
-            if png is not None:
-                return plots.stats_table(r) + plots.png_html(png) + maps
+            image = plots.static_png(r)
+            if image is not None:
+                return table + plots.png_html(image) + maps
             if mode == "png":
-                return f"{plots.stats_table(r)}<p>(no PNG: kaleido or a Chromium for it is missing)</p>{maps}"
+                return f"{table}<p>(no PNG: kaleido or a Chromium for it is missing)</p>{maps}"
         return plots.static_html(r) + maps
 
-    def _update_static(self) -> None:
-        """Replace the fallback HTML of the displayed output with the plots, once per new state."""
-        if self._handle is None or self.static == "none":
-            return
+    def _key(self) -> tuple[Any, ...]:
+        """What the final rendering shows: a new one is made when this changes."""
+        key: tuple[Any, ...] = (self.state(), self._shutdown_note,
+                                *((ms.store.received, len(ms.marks)) for ms in self.results.outputs.values()))
+        if self.mapview is not None:  # another map or N chosen: a new copy
+            key += ((self.mapview.name, self.mapview.top.value),)
+        return key
+
+    def finish(self, png: bool = True) -> None:
+        """Replace the displayed output by the final static rendering, once per new state.
+
+        The bundle has no widget in it, so a saved notebook shows it whether or not a kernel
+        (or the widget's model) is there. `png=False`: the stats table without the plots.
+        """
         with self._static_lock:
-            key: tuple[Any, ...] = tuple((ms.store.received, len(ms.marks))
-                                         for ms in self.results.outputs.values())
-            if self.mapview is not None:  # another map or N chosen: a new copy
-                key += ((self.mapview.name, self.mapview.top.value),)
-            if self._static_for == key:
-                return
-            self._static_html = self.static_snapshot()
+            self._finish(png)
+
+    def _finish(self, png: bool) -> None:
+        key = (*self._key(), png)
+        if self._static_for != key:  # drawn once per state; a failed send is retried alone
+            self._static_html = self.static_snapshot(png=png)
+            if not png and self.static != "none":
+                self._static_html += ("<p><i>The plots are not drawn at a kernel shutdown (too little time): "
+                                      "stop the probe first to keep a picture of them.</i></p>")
             self._static_for = key
-            with contextlib.suppress(Exception):  # the front end may be gone
-                self._handle.update(self._bundle(), raw=True)
+        elif self.shown == "final":
+            return
+        if self._handle is None:
+            return
+        with contextlib.suppress(Exception):  # the front end may be gone
+            self._handle.update(self.final_bundle(), raw=True)
+            self.shown = "final"
+
+    def _show_live(self) -> None:
+        with self._static_lock:
+            if self._handle is not None:
+                with contextlib.suppress(Exception):
+                    self._handle.update(self.live_bundle(), raw=True)
+            self.shown = "live"
+            self._static_for = None
 
     def _after_cell(self) -> None:
         """IPython's post_execute: with no page showing the panel (nbconvert, nbclient), put the
-        static copy into the output now, as part of the cell that stopped the probe.
+        final rendering into the output now, as part of the cell that stopped the probe.
 
         Such runners keep only messages of the cell being executed, so an update sent later
         from the updater thread would be lost.
         """
         try:
-            if self.echo.ack >= 0 or self.results.running:
+            if self.echo.ack >= 0 or self.results.running or self.paused:
                 return
-            self._update_static()
+            self.finish()
             if self.results.closed:
                 self._unhook()
         except Exception as e:  # an event callback must not disturb the user's cells
+            self.error = e
+
+    def _on_exit(self, change: dict[str, Any]) -> None:
+        """The shell's `exit_now` turned True (kernel shutdown or restart, `exit`): stop the
+        probe for its exact final counts and leave the final rendering in the output."""
+        if not change.get("new") or self.shown == "final":  # a stopped probe's is made already
+            return
+        try:
+            self._stop.set()  # the updater ends; not joined: it may be drawing, the lock waits for it
+            if self.results.running and self.results.live:
+                with self._lock:
+                    self.results.stop()
+            self._shutdown_note = "kernel shut down"
+            self.paused = False
+            # no time for the plots (see SHUTDOWN_LOCK_WAIT); nor to wait for a PNG being drawn
+            held = self._static_lock.acquire(timeout=SHUTDOWN_LOCK_WAIT)
+            try:
+                self._finish(png=False)
+            finally:
+                if held:
+                    self._static_lock.release()
+        except Exception as e:  # the kernel is going away: never in its way
             self.error = e
 
     def _unhook(self) -> None:
         if self._shell is not None:
             with contextlib.suppress(ValueError):
                 self._shell.events.unregister("post_execute", self._after_cell)
+            with contextlib.suppress(ValueError):
+                self._shell.unobserve(self._on_exit, names="exit_now")
             self._shell = None
 
-    def _bundle(self) -> dict[str, Any]:
+    def live_bundle(self) -> dict[str, Any]:
+        """The widget, with an HTML fallback of the counts at this moment (for a front end
+        without widgets; the final rendering replaces it when the probe stops)."""
         data: dict[str, Any] = dict(super()._repr_mimebundle_() or {})
-        body = self._static_html
-        if body is None:
-            body = (plots.stats_table(self.results) + "<p><i>kernelscope panel: live plots need a "
-                    "Jupyter widget front end; a static copy of the plots replaces this once the probe "
-                    "stops.</i></p>")
-        data["text/html"] = f"<div class='kernelscope-static'>{self.header.value}{body}</div>"
+        note = ("<p><i>kernelscope panel: live plots need a Jupyter widget front end; the final state "
+                "replaces this once the probe stops.</i></p>")
+        data["text/html"] = (f"<div class='kernelscope-static'>{self._header_html()}"
+                             f"{plots.stats_table(self.results)}{note}</div>")
+        data["text/plain"] = repr(self)
         return data
+
+    def final_bundle(self) -> dict[str, Any]:
+        """The final static rendering: HTML and text only, no widget model to look for."""
+        body = self._static_html if self._static_html is not None else self.static_snapshot()
+        header = self._header_html(self._shutdown_note)
+        return {
+            "text/html": (f"<div class='kernelscope-static kernelscope-final'>"
+                          f"<div class='ks-header'>{header}</div>{body}</div>"),
+            "text/plain": repr(self),
+        }
+
+    def _bundle(self) -> dict[str, Any]:
+        return self.final_bundle() if self.shown == "final" else self.live_bundle()
 
     def __repr__(self) -> str:  # from bookkeeping only: it may run in the updater thread
         r = self.results
         maps = "; ".join(f"{n}: {s.get('received', 0):,} received, {s.get('dropped', 0):,} dropped"
                          for n, s in plots.summary(r).items())
-        return f"<kernelscope panel: {r.name or type(r).__name__} {plots.state(r)}; {maps}>"
+        return f"<kernelscope panel: {r.name or type(r).__name__} {self.state()}; {maps}>"
 
     def _ipython_display_(self) -> None:
-        """Display as a widget, with an HTML fallback that is replaced by the plots on stop."""
+        """Display as a widget, replaced in the same output by the final rendering on stop."""
         from IPython import get_ipython
         from IPython.display import display
 
-        self._handle = display(self._bundle(), raw=True, display_id=True)
+        self.shown = "live"
+        self._handle = display(self.live_bundle(), raw=True, display_id=True)
         shell = get_ipython()
         if shell is not None and self._shell is None:
-            shell.events.register("post_execute", self._after_cell)
-            self._shell = shell
+            self.hook(shell)
+
+    def hook(self, shell: Any) -> None:
+        """Follow `shell`'s cells (post_execute) and its shutdown (`exit_now`)."""
+        shell.events.register("post_execute", self._after_cell)
+        shell.observe(self._on_exit, names="exit_now")
+        self._shell = shell
 
 
 def _updater(ref: weakref.ReferenceType[Panel], stop: threading.Event) -> None:
