@@ -241,21 +241,34 @@ _NOT_REASON = re.compile(
     r"^(\d+: |;|from \d+ to \d+|processed \d+ insns|verification time|stack depth|func#|frame\d|"
     r"caller:|callee:|last_idx|regs=|parent |mark_precise|R\d+[_=]|bpf: |libbpf: |-- |"
     r"arg#\d+ reference type)")
+# an instruction the verifier followed: `6: (79) r1 = *(u64 *)(r0 +0)`, with the registers it
+# changed after `; ` at log level 1 (`   ; R1_w=scalar()`), or after a jump the state at its
+# target (`3: (25) if r0 > 0x1 goto pc-3 1: R0=scalar(umin=2) R10=fp0`)
+_INSN = re.compile(r"^(?P<idx>\d+): \((?P<op>[0-9a-f]{2})\) (?P<insn>.*?)"
+                   r"(?:\s+; (?P<state>.*)|\s(?P<target>\d+: (?:R\d|frame\d).*))?$")
 _GAVE_UP = re.compile(r"too large|too complex|infinite loop|back-edge|loop is not bounded", re.I)
 _LOOP = re.compile(r"\b(?:while|for)\s*\(|\bdo\s*\{")
 _HELPER_DEFS = "/usr/include/bpf/bpf_helper_defs.h"  # libbpf-dev: one line per BPF helper
 
 
-def verifier_reason(log: str) -> str:
-    """The verifier's verdict: the last line before its `processed N insns` statistics that
-    is neither an instruction, a line note nor a register state."""
-    lines = log.splitlines()
+def _verdict(lines: Sequence[str]) -> tuple[int, int | None, list[str]]:
+    """(the index of the `processed N insns` line, of the last instruction before it, and
+    what the verifier said between them, line by line)."""
     end = next((i for i in range(len(lines) - 1, -1, -1) if lines[i].startswith("processed ")), len(lines))
-    for raw in reversed(lines[:end]):
-        text = raw.strip()
-        if text and not _NOT_REASON.match(text):
-            return text
-    return ""
+    last = next((i for i in range(end - 1, -1, -1) if _INSN.match(lines[i])), None)
+    start = 0 if last is None else last + 1
+    return end, last, [s.strip() for s in lines[start:end] if s.strip() and not _NOT_REASON.match(s.strip())]
+
+
+def verifier_reason(log: str) -> str:
+    """The verifier's verdict: what it said after the last instruction it followed, before its
+    `processed N insns` statistics, lines joined by "; " (`invalid access to map value, ...;
+    R0 min value is outside of the allowed memory range`); in a log without instructions, the
+    last line that is neither a line note, a register state nor a statistic."""
+    _, last, said = _verdict(log.splitlines())
+    if not said:
+        return ""
+    return "; ".join(said) if last is not None else said[-1]
 
 
 def processed_insns(log: str) -> int | None:
@@ -326,11 +339,6 @@ def undeclared_calls(diags: Sequence[Diagnostic]) -> tuple[str, int | None]:
 
 # --- verifier log excerpts ---------------------------------------------------------------
 
-# an instruction the verifier followed: `6: (79) r1 = *(u64 *)(r0 +0)`, with the registers it
-# changed after `; ` at log level 1 (`   ; R1_w=scalar()`), or after a jump the state at its
-# target (`3: (25) if r0 > 0x1 goto pc-3 1: R0=scalar(umin=2) R10=fp0`)
-_INSN = re.compile(r"^(?P<idx>\d+): \((?P<op>[0-9a-f]{2})\) (?P<insn>.*?)"
-                   r"(?:\s+; (?P<state>.*)|\s(?P<target>\d+: (?:R\d|frame\d).*))?$")
 # a line note (BTF line info, printed when the source line changes): `; TEXT @ FILE:LINE`,
 # FILE reduced to its base name, TEXT empty when the compiler had no text for the line
 _NOTE = re.compile(r"^; (?P<text>.*?) ?@ (?P<file>\S+):(?P<line>\d+)$")
@@ -452,11 +460,9 @@ def verifier_excerpt(log: str, source: str, budget: int = 10, steps: int = 4,
     (and BCC's hint). With `gave_up` (the verifier stopped counting, it refused nothing) the
     instructions end at the last one of a cell line: the loop it was following."""
     lines = log.splitlines()
-    end = next((i for i in range(len(lines) - 1, -1, -1) if lines[i].startswith("processed ")), len(lines))
-    failed = next((i for i in range(end - 1, -1, -1) if _INSN.match(lines[i])), None)
+    end, failed, verdict = _verdict(lines)
     if failed is None:
         return VerifierExcerpt([], None, [])
-    verdict = [s.strip() for s in lines[failed + 1:end] if s.strip() and not _NOT_REASON.match(s.strip())]
     hints = [s.strip() for s in lines[end + 1:] if s.startswith("HINT: ")]  # BCC's, after the log
     said = [f"  {s}" for s in verdict + hints] or ["  (the verifier said no more)"]
     source_lines = source.splitlines()
