@@ -19,7 +19,7 @@ from IPython.utils.capture import capture_output
 from shell import Shell, ipython_shell
 
 from kernelscope import Probe
-from kernelscope.backends.base import note_cell_line, verifier_excerpt
+from kernelscope.backends.base import TP_ENTRY_SCALE, note_cell_line, verifier_excerpt
 from kernelscope.errors import VerifierError
 
 QUOTE = re.compile(r"^ {4}(\d+) \| (.*)$", re.M)  # a cell line in the excerpt
@@ -255,6 +255,9 @@ def test_line_notes_that_name_no_cell_line_are_never_shown_as_one() -> None:
     assert found.lines[-2:] == ["        refused, with R1=1", "  R1 invalid mem access 'scalar'"]
     assert note_cell_line("", "cell", 0, source.splitlines()) is None
     assert note_cell_line("int q;", "cell", 1, source.splitlines()) is None  # text in no cell line
+    # BCC moves a TRACEPOINT_PROBE line N down by its args struct's lines: counted from N * 10**6
+    assert note_cell_line("", "cell", 2 * TP_ENTRY_SCALE + 5, source.splitlines()) == 2
+    assert note_cell_line("", "cell", 9 * TP_ENTRY_SCALE + 5, source.splitlines()) is None
 
 
 def test_the_excerpt_keeps_to_its_budget_and_the_verdict() -> None:

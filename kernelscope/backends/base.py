@@ -22,6 +22,9 @@ import numpy as np
 from ..errors import VerifierError
 
 CELL_FILE = "cell"  # the file name `#line 1 "cell"` gives the user's source in diagnostics
+# a cell line N counted as N * TP_ENTRY_SCALE + k: the line of a BCC TRACEPOINT_PROBE, which BCC
+# moves down k lines by inserting the tracepoint's args struct in front of it
+TP_ENTRY_SCALE = 1_000_000
 
 COMMENT_OR_STRING = re.compile(r'//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'', re.S)
 _DIAG = re.compile(
@@ -192,6 +195,8 @@ def _user_line(reported: int, excerpt: str, source_lines: list[str]) -> int | No
     quotes the offending line, so the quote (nearest match to the reported line) wins.
     """
     text = excerpt.strip()
+    if reported >= TP_ENTRY_SCALE:
+        reported //= TP_ENTRY_SCALE
     if text:
         hits = [i + 1 for i, s in enumerate(source_lines) if s.strip() == text]
         if hits:
@@ -398,7 +403,10 @@ def _state_at(lines: Sequence[str], at: int, regs: Sequence[str]) -> dict[str, s
 def note_cell_line(text: str, file: str, line: int, source_lines: Sequence[str]) -> int | None:
     """The cell line a line note names, or None when it names none: another file, line 0
     (code the compiler made up), a number past the cell, or a line whose text differs
-    from the cell's (then the cell line with that text nearest to it, when there is one)."""
+    from the cell's (then the cell line with that text nearest to it, when there is one).
+    A TRACEPOINT_PROBE line, counted from N * TP_ENTRY_SCALE, is line N."""
+    if line >= TP_ENTRY_SCALE:
+        line //= TP_ENTRY_SCALE
     if file != CELL_FILE or not 1 <= line <= len(source_lines):
         return None
     said = " ".join(text.split())
