@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 
 class KernelscopeError(Exception):
@@ -64,11 +65,35 @@ class CompileError(KernelscopeError):
 
 
 class VerifierError(KernelscopeError):
-    """The kernel's verifier rejected the program; `log` holds the verifier's own words."""
+    """The kernel's verifier rejected the program.
 
-    def __init__(self, message: str, log: str = "") -> None:
-        super().__init__(message)
+    The message is `headline` (the verdict) and `excerpt`: the few log lines that explain it
+    (the last instructions followed, under the cell lines they came from, the state of the
+    registers the failing one used, the verifier's own words), at most MAX_LINES lines in all.
+    `log` holds the verifier's whole log; `format(verbose=True)` shows it. `line` is the cell
+    line of the failing instruction, when the log's line info names one.
+    """
+
+    MAX_LINES = 12  # of the message, headline included
+
+    def __init__(self, message: str, log: str = "", *, excerpt: Sequence[str] = (),
+                 line: int | None = None) -> None:
+        self.headline = message
         self.log = log
+        self.excerpt = list(excerpt)
+        self.line = line
+        super().__init__(self.format())
+
+    def format(self, verbose: bool = False, hint: str | None = None) -> str:
+        """The message: the headline and the excerpt, or with `verbose` the whole log. `hint`
+        replaces the closing line saying where the whole log is (`None`: this error's `.log`)."""
+        if verbose and self.log.strip():
+            return f"{self.headline}\n{self.log.strip()}"
+        if not self.excerpt:
+            return self.headline
+        n = len(self.log.strip().splitlines())
+        more = hint if hint is not None else f"(the verifier's whole log, {n:,} lines, is this error's .log)"
+        return "\n".join([self.headline, *self.excerpt, *([more] if more else [])])
 
 
 class RelocationError(VerifierError):

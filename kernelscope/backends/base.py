@@ -19,7 +19,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..errors import VerifierError
+
 CELL_FILE = "cell"  # the file name `#line 1 "cell"` gives the user's source in diagnostics
+# a cell line N counted as N * TP_ENTRY_SCALE + k: the line of a BCC TRACEPOINT_PROBE, which BCC
+# moves down k lines by inserting the tracepoint's args struct in front of it
+TP_ENTRY_SCALE = 1_000_000
 
 COMMENT_OR_STRING = re.compile(r'//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'', re.S)
 _DIAG = re.compile(
@@ -190,6 +195,8 @@ def _user_line(reported: int, excerpt: str, source_lines: list[str]) -> int | No
     quotes the offending line, so the quote (nearest match to the reported line) wins.
     """
     text = excerpt.strip()
+    if reported >= TP_ENTRY_SCALE:
+        reported //= TP_ENTRY_SCALE
     if text:
         hits = [i + 1 for i, s in enumerate(source_lines) if s.strip() == text]
         if hits:
@@ -239,21 +246,34 @@ _NOT_REASON = re.compile(
     r"^(\d+: |;|from \d+ to \d+|processed \d+ insns|verification time|stack depth|func#|frame\d|"
     r"caller:|callee:|last_idx|regs=|parent |mark_precise|R\d+[_=]|bpf: |libbpf: |-- |"
     r"arg#\d+ reference type)")
+# an instruction the verifier followed: `6: (79) r1 = *(u64 *)(r0 +0)`, with the registers it
+# changed after `; ` at log level 1 (`   ; R1_w=scalar()`), or after a jump the state at its
+# target (`3: (25) if r0 > 0x1 goto pc-3 1: R0=scalar(umin=2) R10=fp0`)
+_INSN = re.compile(r"^(?P<idx>\d+): \((?P<op>[0-9a-f]{2})\) (?P<insn>.*?)"
+                   r"(?:\s+; (?P<state>.*)|\s(?P<target>\d+: (?:R\d|frame\d).*))?$")
 _GAVE_UP = re.compile(r"too large|too complex|infinite loop|back-edge|loop is not bounded", re.I)
 _LOOP = re.compile(r"\b(?:while|for)\s*\(|\bdo\s*\{")
 _HELPER_DEFS = "/usr/include/bpf/bpf_helper_defs.h"  # libbpf-dev: one line per BPF helper
 
 
-def verifier_reason(log: str) -> str:
-    """The verifier's verdict: the last line before its `processed N insns` statistics that
-    is neither an instruction, a line note nor a register state."""
-    lines = log.splitlines()
+def _verdict(lines: Sequence[str]) -> tuple[int, int | None, list[str]]:
+    """(the index of the `processed N insns` line, of the last instruction before it, and
+    what the verifier said between them, line by line)."""
     end = next((i for i in range(len(lines) - 1, -1, -1) if lines[i].startswith("processed ")), len(lines))
-    for raw in reversed(lines[:end]):
-        text = raw.strip()
-        if text and not _NOT_REASON.match(text):
-            return text
-    return ""
+    last = next((i for i in range(end - 1, -1, -1) if _INSN.match(lines[i])), None)
+    start = 0 if last is None else last + 1
+    return end, last, [s.strip() for s in lines[start:end] if s.strip() and not _NOT_REASON.match(s.strip())]
+
+
+def verifier_reason(log: str) -> str:
+    """The verifier's verdict: what it said after the last instruction it followed, before its
+    `processed N insns` statistics, lines joined by "; " (`invalid access to map value, ...;
+    R0 min value is outside of the allowed memory range`); in a log without instructions, the
+    last line that is neither a line note, a register state nor a statistic."""
+    _, last, said = _verdict(log.splitlines())
+    if not said:
+        return ""
+    return "; ".join(said) if last is not None else said[-1]
 
 
 def processed_insns(log: str) -> int | None:
@@ -320,3 +340,169 @@ def undeclared_calls(diags: Sequence[Diagnostic]) -> tuple[str, int | None]:
         parts.append(f"line {d.line}: {name}() is neither a BPF helper nor a function of the program "
                      f"(clang: {d.message}){hint}")
     return "\n".join(parts), found[0].line
+
+
+# --- verifier log excerpts ---------------------------------------------------------------
+
+# a line note (BTF line info, printed when the source line changes): `; TEXT @ FILE:LINE`,
+# FILE reduced to its base name, TEXT empty when the compiler had no text for the line
+_NOTE = re.compile(r"^; (?P<text>.*?) ?@ (?P<file>\S+):(?P<line>\d+)$")
+# where a path the verifier follows starts, with the whole register state
+_PATH = re.compile(r"^(?:from \d+ to \d+[^:]*:|\d+: (?:R\d|frame\d))")
+_REG = re.compile(r"(?<![\w-])(R\d+)(?:_[rwD]+)?=")
+_PRELUDE_FILES = ("main.c", "<kernelscope>")  # kernelscope's code around the cell (BCC, CO-RE)
+
+
+@dataclass
+class VerifierExcerpt:
+    """What a verifier rejection shows: the log lines that explain it, by cell line."""
+
+    lines: list[str]  # the excerpt, ready to print
+    line: int | None  # the cell line of the instruction the verifier refused
+    verdict: list[str]  # the verifier's own words after that instruction
+
+
+def _registers(state: str) -> dict[str, str]:
+    """`R0_w=map_value(off=0,ks=4) R10=fp0` -> {"R0": "map_value(off=0,ks=4)", "R10": "fp0"};
+    a value runs to the first space outside brackets (`var_off=(0x0; 0xff)` has one inside)."""
+    out: dict[str, str] = {}
+    pos = 0
+    while (m := _REG.search(state, pos)) is not None:
+        depth, j = 0, m.end()
+        while j < len(state) and (depth or not state[j].isspace()):
+            depth += (state[j] in "([") - (state[j] in ")]")
+            j += 1
+        out.setdefault(m.group(1), state[m.end():j])
+        pos = j
+    return out
+
+
+def _used(insn: str, verdict: Sequence[str]) -> list[str]:
+    """The registers a refused instruction read (the verdict's first): the source of an
+    assignment, and the address of a store; never r10, the frame pointer."""
+    dst, eq, src = insn.partition(" = ")
+    read = (src + (dst if dst.lstrip().startswith("*(") else "")) if eq else insn
+    regs = re.findall(r"\bR(\d+)\b", " ".join(verdict)) + re.findall(r"\br(\d+)\b", read)
+    return [f"R{n}" for n in dict.fromkeys(regs) if n != "10"]
+
+
+def _state_at(lines: Sequence[str], at: int, regs: Sequence[str]) -> dict[str, str]:
+    """The last value the log gives each of `regs` before line `at`, on the path it is on."""
+    found: dict[str, str] = {}
+    for raw in reversed(lines[:at]):
+        m = _INSN.match(raw)
+        state = (m["state"] or m["target"] or "") if m else raw if _PATH.match(raw) else ""
+        for reg, value in _registers(state).items():
+            if reg in regs:
+                found.setdefault(reg, value)
+        if _PATH.match(raw) or len(found) == len(regs):
+            break
+    return {r: found[r] for r in regs if r in found}
+
+
+def note_cell_line(text: str, file: str, line: int, source_lines: Sequence[str]) -> int | None:
+    """The cell line a line note names, or None when it names none: another file, line 0
+    (code the compiler made up), a number past the cell, or a line whose text differs
+    from the cell's (then the cell line with that text nearest to it, when there is one).
+    A TRACEPOINT_PROBE line, counted from N * TP_ENTRY_SCALE, is line N."""
+    if line >= TP_ENTRY_SCALE:
+        line //= TP_ENTRY_SCALE
+    if file != CELL_FILE or not 1 <= line <= len(source_lines):
+        return None
+    said = " ".join(text.split())
+    if not said or " ".join(source_lines[line - 1].split()) == said:
+        return line
+    hits = [i + 1 for i, s in enumerate(source_lines) if " ".join(s.split()) == said]
+    return min(hits, key=lambda n: abs(n - line)) if hits else None
+
+
+def _note_text(m: re.Match[str], source_lines: Sequence[str]) -> tuple[int | None, str]:
+    n = note_cell_line(m["text"], m["file"], int(m["line"]), source_lines)
+    if n is not None:
+        return n, f"    {n} | {source_lines[n - 1].rstrip()}"
+    if m["file"] in _PRELUDE_FILES:
+        return None, "    (kernelscope's accounting code)"
+    if m["file"] == CELL_FILE:
+        return None, "    (code the compiler added, no line of the cell)"
+    return None, f"    {m['file']}:{m['line']}" + (f": {m['text'].strip()}" if m["text"].strip() else "")
+
+
+def _steps_back(lines: Sequence[str], failed: int, steps: int, source_lines: Sequence[str]) -> list[str]:
+    """The last `steps` instructions up to line `failed` on its path, with the notes among them
+    and the one in force at the first."""
+    shown: list[str] = []  # newest first
+    insns = 0
+    for raw in reversed(lines[:failed + 1]):
+        if (m := _INSN.match(raw)) is not None:
+            if insns < steps:
+                shown.append(f"        {m['idx']}: ({m['op']}) {m['insn']}")
+            insns += 1
+        elif (note := _NOTE.match(raw)) is not None:
+            shown.append(_note_text(note, source_lines)[1])
+            if insns >= steps:
+                break
+        elif _PATH.match(raw):
+            break
+    return shown[::-1]
+
+
+def _last_in_cell(lines: Sequence[str], end: int, source_lines: Sequence[str]) -> int | None:
+    """The last instruction before line `end` under a line note that names a cell line."""
+    for j in range(end - 1, -1, -1):
+        note = _NOTE.match(lines[j])
+        if note is None or _note_text(note, source_lines)[0] is None:
+            continue
+        run = range(j + 1, next((k for k in range(j + 1, end) if _NOTE.match(lines[k])), end))
+        last = next((k for k in reversed(run) if _INSN.match(lines[k])), None)
+        if last is not None:
+            return last
+    return None
+
+
+def verifier_excerpt(log: str, source: str, budget: int = 10, steps: int = 4,
+                     gave_up: bool = False) -> VerifierExcerpt:
+    """The lines of a verifier log that explain its verdict, in at most `budget` lines: the
+    last instructions it followed on the failing path (at most `steps`), each under the cell
+    line it came from (a line note that names no cell line says what it is instead), the
+    state of the registers the refused instruction used, then the verifier's own words
+    (and BCC's hint). With `gave_up` (the verifier stopped counting, it refused nothing) the
+    instructions end at the last one of a cell line: the loop it was following."""
+    lines = log.splitlines()
+    end, failed, verdict = _verdict(lines)
+    if failed is None:
+        return VerifierExcerpt([], None, [])
+    hints = [s.strip() for s in lines[end + 1:] if s.startswith("HINT: ")]  # BCC's, after the log
+    said = [f"  {s}" for s in verdict + hints] or ["  (the verifier said no more)"]
+    source_lines = source.splitlines()
+    state: list[str] = []
+    if gave_up:
+        failed = _last_in_cell(lines, end, source_lines) or failed
+    else:
+        m = _INSN.match(lines[failed])
+        assert m is not None
+        regs = _state_at(lines, failed, _used(m["insn"], verdict))
+        state = ["        refused, with " + ", ".join(f"{r}={v}" for r, v in regs.items())] if regs else []
+    line = None
+    for raw in reversed(lines[:failed]):  # the note in force at that instruction
+        if (note := _NOTE.match(raw)) is not None:
+            line = note_cell_line(note["text"], note["file"], int(note["line"]), source_lines)
+            if line is not None or int(note["line"]) != 0 or note["file"] != CELL_FILE:
+                break  # a line 0 note is code the compiler made up: the line before it counts
+    for n in range(steps, 0, -1):
+        body = _steps_back(lines, failed, n, source_lines)
+        if len(body) + len(state) + len(said) <= budget:
+            break
+    out = [*body, *state, *said]
+    return VerifierExcerpt(out[-budget:] if budget > 0 else [], line, verdict)
+
+
+def rejection(headline: str, vlog: str, source: str, log: str | None = None,
+              line: int | None = None) -> VerifierError:
+    """The VerifierError for a program the verifier refused: `headline`, then the excerpt of
+    its log `vlog` that explains it, the whole message at most VerifierError.MAX_LINES lines;
+    `log` (default `vlog`) is kept whole on the error; `line` is the cell line to name when
+    the log's line notes name none (a log without its instructions)."""
+    budget = VerifierError.MAX_LINES - len(headline.splitlines()) - 1  # the closing hint
+    found = verifier_excerpt(vlog, source, budget=budget, gave_up=gave_up(verifier_reason(vlog)))
+    return VerifierError(headline, log=vlog if log is None else log, excerpt=found.lines,
+                         line=line if found.line is None else found.line)

@@ -45,6 +45,7 @@ from .base import (
     last_cell_line,
     packed,
     parse_diagnostics,
+    rejection,
     undeclared_calls,
     verifier_reason,
 )
@@ -247,7 +248,8 @@ def _classify(msg: str, log: str, user_source: str, lines: list[str], *, instr: 
 def _rejected(msg: str, log: str, diags: list[Diagnostic], user_source: str, *,
               seconds: float) -> KernelscopeError:
     """The kernel refused a program: the permission it lacks, or the verifier's verdict first."""
-    vlog = log.split("bpf: Failed to load program", 1)[-1]
+    start = log.find("bpf: Failed to load program")
+    vlog = log[start:] if start >= 0 else log
     prog = re.search(r"program b?'([^']+)'", msg)
     name = prog.group(1) if prog else "the program"
     if "Operation not permitted" in log or "Need super-user" in msg:
@@ -269,13 +271,11 @@ def _rejected(msg: str, log: str, diags: list[Diagnostic], user_source: str, *,
     if cause:
         said = f" (the verifier then refused {name}: {reason})" if reason else ""
         return VerifierError(f"{cause}{said}", log="\n".join([d.message for d in diags] + [reason]))
-    tail = "\n".join(vlog.strip().splitlines()[-12:])
     if gave_up(reason):
         text, _ = gave_up_text(reason, vlog, user_source, seconds)
         at = "" if last_cell_line(vlog, len(user_source.splitlines())) else _line_prefix(text)
-        return VerifierError(f"{at}{name}: {text}\n{tail}", log=vlog)
-    return VerifierError(f"the verifier rejected {name}" + (f": {reason}" if reason else "") + f"\n{tail}",
-                         log=vlog)
+        return rejection(f"{at}{name}: {text}", vlog, user_source)
+    return rejection(f"the verifier rejected {name}" + (f": {reason}" if reason else ""), vlog, user_source)
 
 
 def _line_prefix(text: str) -> str:

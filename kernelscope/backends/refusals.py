@@ -21,9 +21,8 @@ from ..errors import (
     SectionError,
     SettingError,
     UnsupportedError,
-    VerifierError,
 )
-from .base import gave_up, gave_up_text, host_permission_hint, last_cell_line, verifier_reason
+from .base import gave_up, gave_up_text, host_permission_hint, last_cell_line, rejection, verifier_reason
 from .guard import PAGE
 from .selection import MAP_TYPE_NAMES, map_lines, program_lines
 
@@ -152,15 +151,21 @@ def classify_load(err: OSError, log: str, prepared: Any, user_source: str = "", 
                 feature=f"lockdown={lock}" if lock else "BPF tracing programs")
     if not vlog.strip():
         vlog = log.split("-- BEGIN PROG LOAD LOG --", 1)[-1].split("-- END PROG LOAD LOG --", 1)[0]
-    log = f"{log}\n{vlog}"
-    tail = "\n".join(vlog.strip().splitlines()[-12:])
     reason = verifier_reason(vlog)
     if gave_up(reason):
         text, line = gave_up_text(reason, vlog, user_source, seconds)
         at = f"line {line}: " if line and last_cell_line(vlog, len(user_source.splitlines())) is None else ""
-        return VerifierError(f"{at}{name}: {text}\n{tail}", log=log)
+        return rejection(f"{at}{name}: {text}", vlog, user_source, whole_log(log, vlog), line=line)
     # the errno (EACCES, "Permission denied", for most verdicts) says only that it refused
     alone = (f"\n(to load the other programs without it: skip=[{name!r}], %%bpf --skip {name})"
              if nprogs > 1 and progs else "")
-    return VerifierError(f"the verifier rejected {name}: {reason or os.strerror(err.errno or 0)}\n{tail}"
-                         f"{alone}", log=log)
+    return rejection(f"the verifier rejected {name}: {reason or os.strerror(err.errno or 0)}{alone}", vlog,
+                     user_source, whole_log(log, vlog))
+
+
+def whole_log(libbpf_log: str, vlog: str) -> str:
+    """What libbpf printed and the verifier's log, once: libbpf prints a failed program's log
+    between BEGIN/END PROG LOAD LOG lines, from the same buffer."""
+    if vlog.strip() and vlog.strip() in libbpf_log:
+        return libbpf_log
+    return f"{libbpf_log}\n{vlog}"
