@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -1031,3 +1032,18 @@ def test_ring_pages_not_a_power_of_two_are_the_users_mistake(shell: Shell) -> No
     cell = "%%bpf badpages --no-start --pages 3\n" + GETPPID.replace("TARGET", "0")
     with capture_output(), pytest.raises(UsageError, match="power of two"):
         shell.run_cell(cell)
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("backend", ["bcc", "libbpf"])
+def test_verbose_shows_the_verifiers_whole_log(shell: Shell, backend: str) -> None:
+    from test_verifier_messages import BCC_CASES, CORE_CASES
+
+    _, body, line, _, words = (BCC_CASES if backend == "bcc" else CORE_CASES)[0]
+    short, _ = _fails(shell, f"%%bpf vm --{backend}\n{body}")
+    assert short.splitlines()[-1] == magic.VERBOSE_HINT
+    whole, _ = _fails(shell, f"%%bpf vm --{backend} --verbose\n{body}")
+    assert whole.startswith(f"%%bpf vm: line {line + 1}: the verifier rejected ")
+    assert re.search(r"^processed \d+ insns", whole, re.M)
+    assert words in whole
+    assert len(whole.splitlines()) > len(short.splitlines())

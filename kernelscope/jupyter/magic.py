@@ -43,13 +43,13 @@ from .display import Progress, StatusLine, live_output, show_warning
 DEFAULT_NAME = "probe"
 HEAD_ROWS = 10  # rows shown after a --duration/--limit cell
 MAX_MESSAGE_LINES = 30
+VERBOSE_HINT = "(the verifier's whole log: %%bpf --verbose, or the error's .log)"
 SAFE_ALTERNATIVES = (
     "tracepoint args (args->field; %bpf_format CATEGORY:EVENT lists them), BPF helpers "
     "(bpf_get_current_pid_tgid(), bpf_get_current_comm(), bpf_get_current_uid_gid()), or the "
     "CO-RE backend (clang + vmlinux.h + libbpf, which relocates struct offsets using the kernel's BTF)"
 )
 
-_VERIFIER_LINE = re.compile(r"@ cell:(\d+)")
 _LINE_PREFIX = re.compile(r"^line (\d+):")
 _UNEXPANDED = re.compile(r"\{[^{}]*\}|\$\w+")
 _LINE_MAGICS = ("bpf_stop", "bpf_list", "bpf_doctor", "bpf_tracepoints", "bpf_format", "bpf_run",
@@ -80,6 +80,7 @@ class Options:
     include: list[str] | None = None  # --include/-I folders
     perf_event: str | None = None  # --perf-event: attach this program to a sampling timer
     freq: int | None = None  # --freq: its samples a second on each CPU
+    verbose: bool = False  # --verbose: a verifier rejection shows the whole log
 
     @property
     def blocking(self) -> bool:
@@ -158,6 +159,8 @@ class BPFMagics(Magics):
               help="run the program in this file (the cell stays empty); its folder is on the include path")
     @argument("--include", "-I", dest="include", action="append", default=[], metavar="DIR",
               help="a folder searched for the program's #include files; repeatable")
+    @argument("--verbose", action="store_true",
+              help="when the verifier rejects the program, show its whole log, not the excerpt")
     @argument("--perf-event", metavar="PROG",
               help="attach program PROG (a function of struct bpf_perf_event_data *, or "
                    "SEC(\"perf_event\")) to a cpu-clock sampling timer on every CPU")
@@ -428,6 +431,7 @@ def options(args: Any) -> Options:
         only=program_names(args.only, "--only") or None, skip=program_names(args.skip, "--skip"),
         map_sizes=dict(map_size(s) for s in args.map_sizes),
         file=args.file, include=list(args.include), perf_event=args.perf_event, freq=args.freq,
+        verbose=args.verbose,
     )
 
 
@@ -503,7 +507,7 @@ def build_probe(source: str, opts: Options) -> Probe:
     With --replay, or under KERNELSCOPE_MODE=replay, a Replay of the capture instead: it
     reads like a Probe, so the rest of the notebook runs unchanged.
     """
-    with usage_errors(source, opts.name):
+    with usage_errors(source, opts.name, verbose=opts.verbose):
         note = mode.banner()
         if note and note not in _shown_banners:
             _shown_banners.add(note)
@@ -600,7 +604,8 @@ def error_text(e: BaseException) -> str:
 
 @contextlib.contextmanager
 def usage_errors(source: str, name: str, magic: str = "",
-                 allowed: tuple[type[BaseException], ...] = USER_ERRORS) -> Iterator[None]:
+                 allowed: tuple[type[BaseException], ...] = USER_ERRORS,
+                 verbose: bool = False) -> Iterator[None]:
     """Turn what a user can fix into a UsageError (no traceback, the cell's line quoted);
     anything else propagates with its traceback and INTERNAL_NOTE."""
     try:
@@ -609,17 +614,17 @@ def usage_errors(source: str, name: str, magic: str = "",
         if not is_user_error(e, allowed):
             e.add_note(INTERNAL_NOTE)
             raise
-        text = f"{magic}: {error_text(e)}" if magic else usage_message(e, source, name)
+        text = f"{magic}: {error_text(e)}" if magic else usage_message(e, source, name, verbose)
         raise UsageError(text) from None
 
 
-def usage_message(e: BaseException, source: str, name: str) -> str:
+def usage_message(e: BaseException, source: str, name: str, verbose: bool = False) -> str:
     lines = source.splitlines()
     text = error_text(e)
     if isinstance(e, VerifierError):
-        n = verifier_line(e.log, len(lines))
-        if n is not None:
-            text = f"line {n}: {text}"
+        text = e.format(verbose, hint=None if verbose else VERBOSE_HINT)
+        if e.line is not None and not _LINE_PREFIX.match(text):
+            text = f"line {e.line}: {text}"
     if not isinstance(e, CompileError):
         m = _LINE_PREFIX.match(text)
         if m and 1 <= int(m.group(1)) <= len(lines):
@@ -627,20 +632,9 @@ def usage_message(e: BaseException, source: str, name: str) -> str:
             first, nl, rest = text.partition("\n")
             text = f"{first}\n    {n} | {lines[n - 1].rstrip()}{nl}{rest}"
     out = text.splitlines()
-    if len(out) > MAX_MESSAGE_LINES:
+    if len(out) > MAX_MESSAGE_LINES and not verbose:
         out = [*out[:MAX_MESSAGE_LINES], f"... ({len(out) - MAX_MESSAGE_LINES} more lines)"]
     return f"%%bpf {name}: " + "\n".join(out)
-
-
-def verifier_line(log: str, nlines: int) -> int | None:
-    """The cell line of the instruction the verifier stopped at: its last `; @ cell:N` note.
-
-    BCC loads programs with BTF line info, so the verifier log interleaves instructions
-    with `;  @ cell:N` (N counted in the instrumented cell; see instrument._line_resets).
-    """
-    found = [int(m.group(1)) for m in _VERIFIER_LINE.finditer(log)]
-    found = [n for n in found if 1 <= n <= nlines]
-    return found[-1] if found else None
 
 
 def _compile_blank(source: str) -> str:
