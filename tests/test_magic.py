@@ -843,12 +843,21 @@ def _text(m: dict[str, Any]) -> str:
     return str(m["content"].get("data", {}).get("text/plain", m["content"].get("text", "")))
 
 
-@pytest.mark.kernel
-def test_in_jupyter_the_status_line_updates_in_place_and_interrupt_keeps_rows() -> None:
+@contextlib.contextmanager
+def jupyter_kernel() -> Iterator[tuple[Any, Any, KernelSession]]:
+    """A real ipykernel started from the repository's root: (manager, client, session)."""
     manager = pytest.importorskip("jupyter_client.manager")
     km, kc = manager.start_new_kernel(kernel_name="python3", cwd=str(Path(__file__).parents[1]))
     try:
-        k = KernelSession(kc)
+        yield km, kc, KernelSession(kc)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+@pytest.mark.kernel
+def test_in_jupyter_the_status_line_updates_in_place_and_interrupt_keeps_rows() -> None:
+    with jupyter_kernel() as (km, kc, k):
         k.run("%load_ext kernelscope\nimport os, threading, time\n"
               "threading.Thread(target=lambda: [time.sleep(0.001) or os.getppid() for _ in iter(int, 1)],"
               " daemon=True).start()")
@@ -877,19 +886,13 @@ def test_in_jupyter_the_status_line_updates_in_place_and_interrupt_keeps_rows() 
         assert any("interrupted after" in _text(m) for m in end)
         check = k.run("print(intr.closed, intr.running, len(intr.df) > 0)")
         assert "True False True" in "".join(_text(m) for m in check)
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=True)
 
 
 @pytest.mark.kernel
 def test_in_jupyter_examples_arrive_as_the_next_cell_and_run() -> None:
-    manager = pytest.importorskip("jupyter_client.manager")
     from kernelscope import examples
 
-    km, kc = manager.start_new_kernel(kernel_name="python3", cwd=str(Path(__file__).parents[1]))
-    try:
-        k = KernelSession(kc)
+    with jupyter_kernel() as (_, kc, k):
         k.run("%load_ext kernelscope")
         msg_id = kc.execute("%bpf_examples opens")
         printed = k.messages(lambda ms: any(_idle(m, msg_id) for m in ms))
@@ -903,9 +906,6 @@ def test_in_jupyter_examples_arrive_as_the_next_cell_and_run() -> None:
         check = k.run("print(opens.running, sorted(opens.attach_points()))")
         assert ("True ['tracepoint:syscalls:sys_enter_openat', 'tracepoint:syscalls:sys_exit_openat']"
                 in "".join(_text(m) for m in check))
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=True)
 
 
 @pytest.mark.kernel
