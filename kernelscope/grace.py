@@ -23,6 +23,8 @@ GRACE = 0.02  # seconds: the fallback wait, a guess the barrier replaces where i
 MEMBARRIER_CMD_GLOBAL = 1
 _NR_MEMBARRIER = {"x86_64": 324, "aarch64": 283}
 # SEC("uprobe.s/..."), SEC("lsm.s/..."), SEC("?fentry.s/..."): the ".s" kinds are sleepable
+_libc = ctypes.CDLL(None, use_errno=True)  # once: stop() need not look libc up each time
+_libc.syscall.restype = ctypes.c_long
 _SLEEPABLE = re.compile(r'SEC\(\s*"\??[A-Za-z_]+(?:\.[A-Za-z_]+)*\.s(?:/|")')
 
 
@@ -38,8 +40,7 @@ def rcu_barrier() -> bool:
     nr = _NR_MEMBARRIER.get(platform.machine()) if ctypes.sizeof(ctypes.c_void_p) == 8 else None
     if nr is None or os.sysconf("SC_NPROCESSORS_ONLN") < 2:  # os.cpu_count() can be overridden
         return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    return int(libc.syscall(ctypes.c_long(nr), ctypes.c_int(MEMBARRIER_CMD_GLOBAL), ctypes.c_uint(0),
+    return int(_libc.syscall(ctypes.c_long(nr), ctypes.c_int(MEMBARRIER_CMD_GLOBAL), ctypes.c_uint(0),
                             ctypes.c_int(0))) == 0
 
 
