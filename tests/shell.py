@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import pytest
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 from traitlets.config import Config
@@ -48,3 +49,20 @@ def ipython_shell(*setup: str) -> Iterator[Shell]:
     with capture_output():
         ip.run_cell("%bpf_stop --all")
     ip.run_line_magic("unload_ext", "kernelscope")
+
+
+def shell_fixtures(*setup: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """A test module's `shell` (one per module, `setup` cells run) and an autouse fixture
+    stopping every probe after each test: `shell, no_probes_left = shell_fixtures(...)`."""
+
+    @pytest.fixture(scope="module")
+    def shell() -> Iterator[Shell]:
+        yield from ipython_shell(*setup)
+
+    @pytest.fixture(autouse=True)
+    def no_probes_left(shell: Shell) -> Iterator[None]:
+        yield
+        with capture_output():
+            shell.run_cell("%bpf_stop --all")
+
+    return shell, no_probes_left

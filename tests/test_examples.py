@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ import pandas as pd
 import pytest
 from IPython.core.error import UsageError
 from IPython.utils.capture import capture_output
-from shell import Shell, ipython_shell
+from shell import Shell, shell_fixtures
 from util import wait_for
 
 from kernelscope import Probe, examples, lab
@@ -37,16 +37,7 @@ from kernelscope.hist import Histogram
 GETPPID_NR = {"x86_64": 110, "aarch64": 173}
 
 
-@pytest.fixture(scope="module")
-def shell() -> Iterator[Shell]:
-    yield from ipython_shell("import os")
-
-
-@pytest.fixture(autouse=True)
-def no_probes_left(shell: Shell) -> Iterator[None]:
-    yield
-    with capture_output():
-        shell.run_cell("%bpf_stop --all")
+shell, no_probes_left = shell_fixtures("import os")
 
 
 def inserted(shell: Shell, name: str) -> tuple[str, str]:

@@ -28,7 +28,7 @@ import pandas as pd
 import pytest
 from IPython.core.error import UsageError
 from IPython.utils.capture import capture_output
-from shell import Shell, ipython_shell
+from shell import Shell, shell_fixtures
 from util import fd_count, wait_for
 
 from kernelscope import Probe, host, mode
@@ -69,16 +69,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_getppid) {
 """
 
 
-@pytest.fixture(scope="module")
-def shell() -> Iterator[Shell]:
-    yield from ipython_shell("import os")
-
-
-@pytest.fixture(autouse=True)
-def no_probes_left(shell: Shell) -> Iterator[None]:
-    yield
-    with capture_output():
-        shell.run_cell("%bpf_stop --all")
+shell, no_probes_left = shell_fixtures("import os")
 
 
 @contextlib.contextmanager
