@@ -812,7 +812,8 @@ def comm_capture() -> Capture:
     rec["ts"] = np.arange(n, dtype=np.uint64) * 1_000 + STARTED_NS
     rec["pid"] = [1] * 500 + [2, 3, 2, 3, 2] * 100
     rec["comm"] = [b"init"] * 500 + [b"bash", b"sh\0xyz", b"bash", b"sh\0abc", b"bash"] * 100
-    mc = MapCapture("events", "ringbuf", COMM_EVENT, rec, np.arange(n), np.full(n, STARTED_NS + 100, np.int64), None,
+    arrival = np.full(n, STARTED_NS + 100, np.int64)
+    mc = MapCapture("events", "ringbuf", COMM_EVENT, rec, np.arange(n), arrival, None,
                     stats={"kind": "ringbuf", "attempted": n, "received": n, "dropped": 0,
                            "capacity_bytes": 4096, "pages": 1, "inversions": 0}, history=[], pages=1)
     return Capture({"events": mc}, source="// test", settings={}, started_ns=STARTED_NS)
@@ -856,9 +857,8 @@ def test_events_area_shows_the_latest_rows_and_a_top_n_read_from_the_tail() -> N
 
 
 def test_save_and_export_buttons_write_files_that_read_back_and_say_where(tmp_path) -> None:
-    from kernelscope.captures.replay import replay
-
     from kernelscope.captures.capture import save
+    from kernelscope.captures.replay import replay
 
     r = replay(save(comm_capture(), tmp_path / "recorded.parquet"), speed=None, name="demo").start()
     r.wait()
