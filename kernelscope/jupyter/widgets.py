@@ -7,7 +7,11 @@ buffer: kernel notification or timer; perf buffer: every N events or a watermark
 reorder window, and pause / resume / stop / clear. A change calls `probe.reconfigure()`,
 which reloads the program keeping rows and exact counts and marks the change in the plots.
 A program with aggregation maps also gets a maps area (`kernelscope.jupyter.mapview`): a
-chosen map's top-N keys and its histogram, read at each refresh.
+chosen map's top-N keys and its histogram, read at each refresh; one with output maps an events
+area (`kernelscope.jupyter.eventview`): the latest rows and the top-N values of a chosen column,
+read from the store's newest chunks only. "save capture" writes NAME-YYYYmmdd-HHMMSS.capture.parquet
+(a capture that replays), "export Parquet" / "export CSV" each output map's frame, in the
+working folder (the notebook's); the message line says where, or why not.
 
 The plots are one plotly FigureWidget (a grid of subplots) fed by `Panel.refresh()`, which
 a daemon thread calls every `interval` seconds while the probe runs, and once more after it
@@ -22,7 +26,10 @@ down) the panel replaces it, in the same output, by a final static rendering: th
 stats table (attempted / received / dropped ...) and the plots as a PNG (kaleido) or plotly
 HTML, with no widget in the bundle. So a saved notebook, nbconvert and GitHub show the final
 state, not "Error displaying widget: model not found". A probe started again brings the live
-panel back into the same output.
+panel back into the same output. The final rendering ends with the call that shows the panel
+again (`panel(NAME)`, NAME as the user's namespace knows the probe): `panel()` gives the same
+Panel for the same probe, and displayed again it follows the probe in the new output, which is
+how a notebook reopened while its kernel still holds the probe gets the panel back.
 """
 
 from __future__ import annotations
@@ -125,7 +132,7 @@ def panel(results: Results, *, interval: float = REFRESH_INTERVAL, sample: int =
 
 def export_stem(results: Results, folder: Path, when: float | None = None) -> Path:
     """`folder`/NAME-YYYYmmdd-HHMMSS: where an export made now goes (NAME: the probe's name)."""
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", results.name or "") or "kernelscope"
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", results.name or "") or "kernelscope"
     return folder / f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(when))}"
 
 
@@ -292,7 +299,7 @@ class Panel(w.VBox):
         if any(ms.schema.time_field for ms in r.outputs.values()):
             rows.append(self.reorder)
         box = w.VBox([w.HBox(rows, layout=w.Layout(flex_flow="row wrap")),
-                      w.HBox(list(self.buttons.values()))])
+                      w.HBox(list(self.buttons.values()), layout=w.Layout(flex_flow="row wrap"))])
         box.add_class("ks-controls")
         return box
 
