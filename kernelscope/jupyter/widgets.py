@@ -446,6 +446,9 @@ class Panel(w.VBox):
 
     def _on_export(self, kind: str) -> None:
         """A save or export button: write the files, say where (or why not) in the message line."""
+        what = {"capture": "a capture", "parquet": "Parquet", "csv": "CSV"}[kind]
+        self._say(f"writing {what} ({self._rows_text()}) ...")  # seconds for a million rows: say so now
+        t0 = time.monotonic()
         try:
             paths = self.export(kind)
         except Exception as e:
@@ -453,11 +456,12 @@ class Panel(w.VBox):
             self._say(f"{EXPORTS[kind]}: {type(e).__name__}: {e}", error=True)
             return
         self.error = None
+        took = f"in {time.monotonic() - t0:.1f} s"
         if kind == "capture":
-            self._say(f"saved capture {paths[0]} ({self._rows_text()}); it replays without BPF: "
+            self._say(f"saved capture {paths[0]} ({self._rows_text()}) {took}; it replays without BPF: "
                       f"kernelscope.captures.replay.replay({paths[0].name!r})")
         else:
-            self._say(f"{EXPORTS[kind]}: wrote " + ", ".join(str(p) for p in paths))
+            self._say(f"{EXPORTS[kind]}: wrote " + ", ".join(str(p) for p in paths) + f" {took}")
 
     def _rows_text(self) -> str:
         rows = [f"{n}: {len(ms.store):,} rows" for n, ms in self.results.outputs.items()]
