@@ -1,12 +1,14 @@
 """kernelscope: explore how kernel events reach user space, from Jupyter.
 
-`%load_ext kernelscope` for the `%%bpf` magics; `Probe` for the Python API.
+`%load_ext kernelscope` for the `%%bpf` magics; `Probe` for the Python API; `examples` for the
+shipped example probes (`kernelscope.examples.get("opens")`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from . import examples
 from .addresses import ip_address
 from .errors import (
     AttachError,
@@ -49,6 +51,7 @@ __all__ = [
     "UserRingFullError",
     "VerifierError",
     "close_all",
+    "examples",
     "flamegraph",
     "ip_address",
     "live_probes",

@@ -13,7 +13,15 @@ turns into the final static rendering (the counts at the end and a PNG of the pl
 the notebook is saved, the kernel shut down, the notebook opened again, and the saved output
 shows that final panel, not "Error displaying widget: model not found". (A shutdown with the
 probe still running is test_widgets' real-kernel shutdown test.)
-Screenshots go to test-artifacts/ (panel-live.png, panel-final.png, panel-saved-reopened.png ...).
+Before the stop: the events area lists the latest rows (moving on) and the two load generators
+as the top pids; paused, the "save capture" button writes demo-YYYYmmdd-HHMMSS.capture.parquet
+beside the notebook, which replays (kernelscope.captures.replay) with every row the probe had
+and its exact counts. After the save, the notebook is opened again while the kernel still holds
+the probe: the final rendering names `panel(probe)`, and that call run in a new cell shows the
+panel again. Last, in the reopened notebook's new kernel, `%bpf_examples opens` puts the
+example's cell below, and run, its status line counts opens.
+Screenshots go to test-artifacts/ (panel-live.png, panel-events.png, panel-export.png,
+panel-final.png, panel-reattached.png, panel-saved-reopened.png, examples-inserted.png ...).
 
 Needs: Debian's `chromium` (never a downloaded browser) and PyPI's `playwright`.
 """
@@ -189,6 +197,14 @@ EDGES_JS = """() => {
 }""".replace("__PLOTS__", PLOTS)
 
 
+# the events area: the latest rows table (its header and rows) and the top-N table
+EVENTS_JS = """() => {
+  const rows = sel => [...document.querySelectorAll(`.kernelscope-panel .ks-events ${sel} tbody tr`)]
+    .map(tr => [...tr.children].map(td => td.innerText.trim()));
+  const head = [...document.querySelectorAll('.kernelscope-panel .ks-events .ks-events-rows thead th')]
+    .map(th => th.innerText.trim());
+  return {head, latest: rows('.ks-events-rows'), top: rows('.ks-events-topn')};
+}"""
 # the maps area: the chosen map's top-N table, one list of cell texts per row
 MAPS_JS = """() => [...document.querySelectorAll('.kernelscope-panel .ks-maps .ks-maps-top tbody tr')]
   .map(tr => [...tr.children].map(td => td.innerText.trim()))"""
@@ -367,7 +383,131 @@ def _drive(page: Any, lab: Lab) -> None:
     page.screenshot(path=str(ARTIFACTS / "notebook.png"), full_page=True)
     live = stats(page)
 
+    _events_and_capture(page, step)
     _saved_and_reopened(page, lab, live, step)
+    _example_inserted_and_run(page, step)
+
+
+def _message(page: Any) -> str:
+    return page.inner_text(".kernelscope-panel .ks-message")
+
+
+def _events_and_capture(page: Any, step: Any) -> None:
+    """The events area follows the stream; paused, the save-capture button writes a capture
+    beside the notebook that replays with the rows the probe had."""
+    def latest_seq() -> int:
+        cells = page.evaluate(EVENTS_JS)
+        return _int(cells["latest"][-1][cells["head"].index("ks_seq")]) if cells["latest"] else -1
+
+    cells = wait_for(lambda: (c := page.evaluate(EVENTS_JS))["latest"] and c, timeout=10, interval=0.25,
+                     what="the latest rows in the events area")
+    assert len(cells["latest"]) == 10, cells
+    seq = latest_seq()
+    wait_for(lambda: latest_seq() > seq, timeout=10, interval=0.25,
+             what="the latest rows to follow the stream")
+    assert "pid" in cells["head"], cells["head"]
+    top = cells["top"]  # the ring's top pids: the two load generators
+    assert len(top) == 2, top
+    assert all(_int(r[1]) for r in top), top
+    page.locator(".kernelscope-panel .ks-events").screenshot(path=str(ARTIFACTS / "panel-events.png"))
+    page.click(".kernelscope-panel button.ks-pause")
+    page.wait_for_function("() => document.querySelector('.kernelscope-panel .ks-state')?.innerText"
+                           " === 'paused'", timeout=10_000)
+    paused_stats = stats(page)
+    page.click(".kernelscope-panel button.ks-export-capture")
+
+    def said() -> str | None:
+        text = _message(page)
+        return text if text.startswith(("saved capture", "save capture:")) else None  # done, or its error
+
+    text = wait_for(said, timeout=60, interval=0.25, what="the save-capture message")
+    m = re.search(r"saved capture (\S+\.capture\.parquet) \(ring: ([\d,]+) rows, perf: ([\d,]+) rows\)",
+                  text)
+    assert m, text
+    path, rows = Path(m.group(1)), {"ring": _int(m.group(2)), "perf": _int(m.group(3))}
+    assert path.parent.name == "root", path  # beside the notebook
+    assert path.is_file(), path
+    assert re.fullmatch(r"demo-\d{8}-\d{6}\.capture\.parquet", path.name), path.name
+    shot(page, "panel-export.png")
+    step(f"capture saved: {path.name}")
+    from kernelscope.captures.replay import replay
+
+    again = replay(path, speed=None).start()
+    again.wait()
+    for name in ("ring", "perf"):
+        got = len(again.frame(name))
+        assert got == rows[name], (name, got, rows)  # every row the probe had
+        assert again.stats[name]["received"] == paused_stats[name]["received"], (again.stats, paused_stats)
+        if paused_stats[name]["received"] <= 1_000_000:  # the notebook's max_rows: nothing evicted
+            assert got == paused_stats[name]["received"], (name, got, paused_stats)
+    step("the capture replays with every row")
+
+
+# a new code cell at the end of the notebook, with `source`, run
+RUN_NEW_CELL_JS = """async (source) => {
+  const app = window.jupyterapp;
+  const nb = app.shell.currentWidget.content;
+  nb.activeCellIndex = nb.widgets.length - 1;
+  await app.commands.execute('notebook:insert-cell-below');
+  nb.activeCell.model.sharedModel.setSource(source);
+  await app.commands.execute('notebook:run-cell');
+}"""
+KERNEL_IDLE_JS = """() => {
+  const k = window.jupyterapp?.shell?.currentWidget?.context?.sessionContext?.session?.kernel;
+  return k && k.connectionStatus === 'connected' && k.status === 'idle';
+}"""
+ACTIVE = ".jp-Notebook .jp-Cell.jp-mod-active"
+
+
+def _open(page: Any, lab: Lab) -> None:
+    """The notebook in a fresh page, once its kernel (running on, or new) is idle."""
+    page.goto(f"{lab.url}/lab/tree/{NOTEBOOK.name}?token={lab.token}")
+    page.wait_for_selector(FINAL, timeout=60_000)
+    page.wait_for_function(KERNEL_IDLE_JS, timeout=60_000)
+
+
+def _reattached(page: Any, lab: Lab, final: dict[str, dict[str, Any]], step: Any) -> None:
+    """Reopened while the kernel still holds the probe: the saved final rendering names the call
+    that shows the panel again, and that call, run in a new cell, does (the same final counts:
+    the stop button closed the probe)."""
+    _open(page, lab)
+    hint = page.inner_text(f"{FINAL} .ks-reattach")
+    call = "from kernelscope.jupyter.widgets import panel; panel(probe)"
+    assert call in hint, hint
+    page.evaluate(RUN_NEW_CELL_JS, call)
+    page.wait_for_selector(f"{ACTIVE} {FINAL_STATS}", timeout=30_000)
+    assert stats(page, f"{ACTIVE} {FINAL_STATS}") == final
+    shot(page, "panel-reattached.png", f"{ACTIVE} {FINAL}")
+    # leave the file as saved: the cell goes again
+    page.evaluate("""async () => {
+      await window.jupyterapp.commands.execute('notebook:delete-cell');
+      await window.jupyterapp.shell.currentWidget.context.save();
+    }""")
+    step("reopened with the kernel up: panel(probe) shows the panel again")
+
+
+def _example_inserted_and_run(page: Any, step: Any) -> None:
+    """`%bpf_examples opens` puts the example's cell below; run, it traces opens on this kernel."""
+    page.evaluate(RUN_NEW_CELL_JS, "%load_ext kernelscope\n%bpf_examples opens")
+    find = """() => {
+      const nb = window.jupyterapp.shell.currentWidget.content;
+      const i = nb.widgets.findIndex(c => c.model.sharedModel.getSource().startsWith('%%bpf opens'));
+      if (i >= 0) nb.activeCellIndex = i;
+      return i;
+    }"""
+    wait_for(lambda: page.evaluate(find) >= 0, timeout=30, interval=0.25, what="the example's cell inserted")
+    assert "example opens is in the next cell" in page.inner_text(".jp-Notebook")
+    page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-cell')")
+
+    def events() -> int | None:
+        el = page.query_selector(f"{ACTIVE} .jp-OutputArea-output")
+        m = re.search(r"opens: running \d+ s \| ([\d,]+) events", el.inner_text()) if el else None
+        return _int(m.group(1)) if m and _int(m.group(1)) else None
+
+    n = wait_for(events, timeout=60, interval=0.25, what="the example's status line to count opens")
+    step(f"example cell inserted and run: {n} opens")
+    page.eval_on_selector(ACTIVE, "e => e.scrollIntoView({block: 'end'})")
+    page.screenshot(path=str(ARTIFACTS / "examples-inserted.png"))
 
 
 def _saved_and_reopened(page: Any, lab: Lab, live: dict[str, dict[str, Any]], step: Any) -> None:
@@ -384,6 +524,8 @@ def _saved_and_reopened(page: Any, lab: Lab, live: dict[str, dict[str, Any]], st
     assert "closed" in header, header
     assert page.query_selector(PLOTS) is None  # the widget is gone from the output
     shot(page, "panel-final.png", FINAL)
+    tops = page.query_selector_all(f"{FINAL} .ks-events-topn tbody tr")
+    assert len(tops) == 2, [t.inner_text() for t in tops]  # the events area, kept in the final state
     step("final panel after the stop button")
 
     page.evaluate("() => window.jupyterapp.shell.currentWidget.context.save()")
@@ -395,11 +537,11 @@ def _saved_and_reopened(page: Any, lab: Lab, live: dict[str, dict[str, Any]], st
     assert f"<td>{final['ring']['received']:,}</td>" in panel_out["data"]["text/html"]
     assert "data:image/png;base64," in panel_out["data"]["text/html"]
     step("saved: the final panel is in the file, no widget")
+    _reattached(page, lab, final, step)
     page.evaluate("() => window.jupyterapp.shell.currentWidget.context.sessionContext.shutdown()")
 
     # opened again in a new page: a new kernel has run nothing, the output is the file's
-    page.goto(f"{lab.url}/lab/tree/{NOTEBOOK.name}?token={lab.token}")
-    page.wait_for_selector(FINAL, timeout=60_000)
+    _open(page, lab)
     assert stats(page, FINAL_STATS) == final
     text = page.inner_text(".jp-Notebook")
     assert "Error displaying widget" not in text

@@ -13,11 +13,13 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 from producers import Producer, paused, perf_program, ring_program
 from programs import LOG2L
@@ -795,3 +797,152 @@ def test_maps_area_picks_up_the_maps_once_loaded_and_shows_any_read_error() -> N
     finally:
         view.close()
         p.close()
+
+
+# --- the events area, the export buttons, reattaching ---------------------------------------------
+
+COMM_EVENT = np.dtype([("ts", "<u8"), ("pid", "<u4"), ("comm", "S8")])
+
+
+def comm_capture() -> Capture:
+    """1,000 events: pid 1 for the first 500, then pids 2 (300) and 3 (200); in the last 500,
+    comm "bash" 300 times and "sh" 200 times, written with two different tails after its NUL."""
+    n = 1_000
+    rec = np.zeros(n, COMM_EVENT)
+    rec["ts"] = np.arange(n, dtype=np.uint64) * 1_000 + STARTED_NS
+    rec["pid"] = [1] * 500 + [2, 3, 2, 3, 2] * 100
+    rec["comm"] = [b"init"] * 500 + [b"bash", b"sh\0xyz", b"bash", b"sh\0abc", b"bash"] * 100
+    arrival = np.full(n, STARTED_NS + 100, np.int64)
+    mc = MapCapture("events", "ringbuf", COMM_EVENT, rec, np.arange(n), arrival, None,
+                    stats={"kind": "ringbuf", "attempted": n, "received": n, "dropped": 0,
+                           "capacity_bytes": 4096, "pages": 1, "inversions": 0}, history=[], pages=1)
+    return Capture({"events": mc}, source="// test", settings={}, started_ns=STARTED_NS)
+
+
+def test_events_area_shows_the_latest_rows_and_a_top_n_read_from_the_tail() -> None:
+    r = Replay(comm_capture(), speed=None, name="demo").start()
+    r.wait()
+    store = r.outputs["events"].store
+    pn = widgets.panel(r, static="none")
+    try:
+        ev = pn.events
+        assert ev is not None
+        assert list(ev.column.options) == ["ts", "pid", "comm"]
+        assert ev.column.value == "pid"  # the first column that is not the timestamp
+        ev.n.value = 5
+        assert ev.rows is not None
+        assert ev.rows["ks_seq"].tolist() == [995, 996, 997, 998, 999]
+        assert "the latest 5 of 1,000 stored rows" in ev.latest_table.value
+        assert ev.top_rows is not None
+        assert ev.top_rows.values.tolist() == [[1, 500, 0.5], [2, 300, 0.3], [3, 200, 0.2]]
+        assert "all 1,000 stored rows" in ev.top_table.value
+        ev.window = 500  # the top-N counts only the latest rows
+        ev.column.value = "comm"
+        assert ev.top_rows.values.tolist() == [["bash", 300, 0.6], ["sh", 200, 0.4]]  # cut at the NUL
+        assert "the latest 500 of 1,000 rows" in ev.top_table.value
+        reads = ev.reads
+        pn.refresh()
+        pn.refresh()
+        assert ev.reads == reads  # nothing arrived, nothing chosen: the store is not read again
+        assert store._last is None  # and no whole frame was ever built for it
+        static = pn.static_snapshot()
+        assert "<td>bash</td><td>300</td><td>60.0%</td>" in static
+        assert "ks-events-rows" in static
+        df = r.frame()
+        tail = df.tail(5).reset_index(drop=True)
+        pd.testing.assert_frame_equal(ev.rows.reset_index(drop=True), tail)  # what .tail(5) gives
+        assert df.tail(500)["comm"].value_counts().to_dict() == {"bash": 300, "sh": 200}
+    finally:
+        pn.close()
+
+
+def test_save_and_export_buttons_write_files_that_read_back_and_say_where(tmp_path) -> None:
+    from kernelscope.captures.capture import save
+    from kernelscope.captures.replay import replay
+
+    r = replay(save(comm_capture(), tmp_path / "recorded.parquet"), speed=None, name="demo").start()
+    r.wait()
+    pn = widgets.panel(r, static="none", folder=tmp_path)
+    try:
+        pn.buttons["capture"].click()
+        (saved,) = pn.exported
+        assert saved.parent == tmp_path
+        assert re.fullmatch(r"demo-\d{8}-\d{6}\.capture\.parquet", saved.name), saved.name
+        assert f"saved capture {saved} (events: 1,000 rows)" in pn.message.value
+        again = replay(saved, speed=None).start()
+        again.wait()
+        pd.testing.assert_frame_equal(again.frame(), r.frame())
+        pn.buttons["capture"].click()  # again within the second: a new name, nothing overwritten
+        assert pn.exported[0] != saved
+        assert saved.exists()
+        for kind, read in (("parquet", pd.read_parquet), ("csv", pd.read_csv)):
+            pn.buttons[kind].click()
+            (path,) = pn.exported
+            assert re.fullmatch(rf"demo-\d{{8}}-\d{{6}}-events\.{kind}", path.name), path.name
+            assert str(path) in pn.message.value
+            back = read(path)
+            assert back["comm"].tolist() == r.frame()["comm"].tolist()
+            assert back["ks_seq"].tolist() == list(range(1_000))
+        files = sorted(tmp_path.iterdir())
+        pn.folder = tmp_path / "gone"
+        pn.buttons["csv"].click()  # the error is in the message line, and nothing else changed
+        assert "#b91c1c" in pn.message.value
+        assert "export CSV: CaptureError" in pn.message.value
+        assert "does not exist" in pn.message.value
+        assert sorted(tmp_path.iterdir()) == files
+    finally:
+        pn.close()
+
+
+@pytest.mark.kernel
+def test_a_panel_shown_again_names_its_call_and_follows_the_probe_in_the_new_output(monkeypatch) -> None:
+    """A reopened notebook holds the final rendering; while the kernel still has the probe, the
+    call it names (panel(NAME)) shows the same panel again, which follows the probe from there."""
+    import IPython.display
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    handles = [Recorder(), Recorder()]
+    monkeypatch.setattr(IPython.display, "display", lambda *a, **k: handles[0 if pn._handle is None else 1])
+    prod = paused(1_000)
+    p = Probe(ring_program(64), cflags=prod.cflags).start()
+    shell.user_ns["traced"] = p
+    pn = widgets.panel(p, interval=0.05, static="none")
+    try:
+        pn._ipython_display_()
+        pn.echo.ack = 0  # a page shows the panel
+        prod.go()
+        wait_for(lambda: len(p.outputs["events"].store) == 1_000, what="every event stored")
+        p.stop()
+        wait_for(lambda: pn.shown == "final", timeout=10, what="the final rendering after stop()")
+        first = handles[0].bundles[-1]
+        call = "from kernelscope.jupyter.widgets import panel; panel(traced)"
+        assert call in first["text/html"]
+        assert call in first["text/plain"]
+        assert "<code>traced.start()</code>" in first["text/html"]
+        sent = len(handles[0].bundles)
+        assert widgets.panel(p, interval=0.05, static="none") is pn  # the call gives this panel
+        pn._ipython_display_()
+        wait_for(lambda: pn.shown == "final" and handles[1].bundles, timeout=10,
+                 what="the stopped probe's final rendering in the new output")
+        p.start()
+        wait_for(lambda: widgets.WIDGET_MIME in handles[1].bundles[-1], timeout=10,
+                 what="the live panel in the new output once the probe runs again")
+        assert handles[1].bundles[-1][widgets.WIDGET_MIME]["model_id"] == pn.model_id
+        p.close()
+        wait_for(lambda: "ks-state'>closed" in handles[1].bundles[-1].get("text/html", ""), timeout=10,
+                 what="the closed probe's final rendering in the new output")
+        assert "<code>traced.df</code>" in handles[1].bundles[-1]["text/html"]
+        assert len(handles[0].bundles) == sent  # the old output was left as it was
+    finally:
+        shell.user_ns.pop("traced", None)
+        p.close()
+        pn.close()
+
+
+def test_examples_is_an_attribute_of_the_package() -> None:
+    """`import kernelscope; kernelscope.examples` in a fresh interpreter, without the Jupyter face."""
+    code = ("import sys, kernelscope; print(kernelscope.examples.get('opens').splitlines()[0]); "
+            "print('kernelscope.jupyter' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[:2] == ["%%bpf opens --max-rows 100000", "False"]

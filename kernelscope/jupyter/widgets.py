@@ -7,7 +7,11 @@ buffer: kernel notification or timer; perf buffer: every N events or a watermark
 reorder window, and pause / resume / stop / clear. A change calls `probe.reconfigure()`,
 which reloads the program keeping rows and exact counts and marks the change in the plots.
 A program with aggregation maps also gets a maps area (`kernelscope.jupyter.mapview`): a
-chosen map's top-N keys and its histogram, read at each refresh.
+chosen map's top-N keys and its histogram, read at each refresh; one with output maps an events
+area (`kernelscope.jupyter.eventview`): the latest rows and the top-N values of a chosen column,
+read from the store's newest chunks only. "save capture" writes NAME-YYYYmmdd-HHMMSS.capture.parquet
+(a capture that replays), "export Parquet" / "export CSV" each output map's frame, in the
+working folder (the notebook's); the message line says where, or why not.
 
 The plots are one plotly FigureWidget (a grid of subplots) fed by `Panel.refresh()`, which
 a daemon thread calls every `interval` seconds while the probe runs, and once more after it
@@ -22,7 +26,10 @@ down) the panel replaces it, in the same output, by a final static rendering: th
 stats table (attempted / received / dropped ...) and the plots as a PNG (kaleido) or plotly
 HTML, with no widget in the bundle. So a saved notebook, nbconvert and GitHub show the final
 state, not "Error displaying widget: model not found". A probe started again brings the live
-panel back into the same output.
+panel back into the same output. The final rendering ends with the call that shows the panel
+again (`panel(NAME)`, NAME as the user's namespace knows the probe): `panel()` gives the same
+Panel for the same probe, and displayed again it follows the probe in the new output, which is
+how a notebook reopened while its kernel still holds the probe gets the panel back.
 """
 
 from __future__ import annotations
@@ -30,9 +37,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import html
+import re
+import shutil
 import threading
 import time
 import weakref
+from pathlib import Path
 from typing import Any
 
 import anywidget
@@ -43,10 +53,13 @@ import traitlets
 # import time, before a probe is started, rather than while one drains
 from plotly.graph_objects import FigureWidget
 
+from ..captures import capture as capture_file
+from ..captures.atomic import atomic_path, check_destination
+from ..captures.replay import Replay
 from ..probe import Probe
 from ..readers.perf import DEFAULT_WATERMARK_SHARE
 from ..results import Results
-from . import mapview, plots
+from . import eventview, mapview, plots
 
 REFRESH_INTERVAL = 0.4  # seconds between plot refreshes while the probe runs
 STOP_SETTLE = 1.0  # seconds a probe must stay stopped before the panel's final refresh
@@ -87,18 +100,50 @@ WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 # shutdown_wait_time); a kaleido PNG takes 5-7 s here, so the final rendering sent then has the
 # table only, and the panel waits at most this long for a rendering under way to end
 SHUTDOWN_LOCK_WAIT = 0.5
+# what the export buttons write, in the kernel's working folder (the notebook's, in Jupyter):
+# NAME-YYYYmmdd-HHMMSS.capture.parquet (a capture: replays), NAME-...-MAP.parquet / .csv (frames)
+EXPORTS = {"capture": "save capture", "parquet": "export Parquet", "csv": "export CSV"}
+_PANELS: weakref.WeakValueDictionary[int, Panel] = weakref.WeakValueDictionary()
 
 
 def panel(results: Results, *, interval: float = REFRESH_INTERVAL, sample: int = LIVE_SAMPLE,
-          static: str = "auto") -> Panel:
+          static: str = "auto", folder: str | Path | None = None) -> Panel:
     """The control and plot panel of a live Probe (or, read-only, of a Replay).
 
     `interval`: seconds between plot refreshes while events flow; `sample`: latest rows per
     map drawn in the ordering and latency plots. `static`: what the output
     shows without a widget front end once the probe has stopped: "png" (kaleido), "html"
     (plotly.js inlined, ~4.5 MB), "auto" (PNG when kaleido works, else HTML) or "none".
+    `folder`: where the save and export buttons write (default: the working folder, which in
+    Jupyter is the notebook's).
+
+    Asked again for the same probe (and settings), it gives the same panel: displayed again,
+    it follows the probe in the new output (how a reopened notebook gets its live panel back).
     """
-    return Panel(results, interval=interval, sample=sample, static=static)
+    known = _PANELS.get(id(results))
+    if (known is not None and known.results is results and not known.closed_widget
+            and (known.interval, known.sample, known.static, known.folder)
+            == (interval, sample, static, Path(folder) if folder is not None else None)):
+        return known
+    made = Panel(results, interval=interval, sample=sample, static=static, folder=folder)
+    _PANELS[id(results)] = made
+    return made
+
+
+def export_stem(results: Results, folder: Path, when: float | None = None) -> Path:
+    """`folder`/NAME-YYYYmmdd-HHMMSS: where an export made now goes (NAME: the probe's name)."""
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", results.name or "") or "kernelscope"
+    return folder / f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(when))}"
+
+
+def _unused(path: Path) -> Path:
+    """`path`, or with -2, -3 ... before its suffixes when a file has that name (two clicks in a second)."""
+    n, stem, suffix = 2, path.name.split(".", 1)[0], "".join("." + s for s in path.name.split(".")[1:])
+    out = path
+    while out.exists():
+        out = path.with_name(f"{stem}-{n}{suffix}")
+        n += 1
+    return out
 
 
 def page_choices(current: int, kind: str) -> list[tuple[str, int]]:
@@ -127,7 +172,7 @@ class Panel(w.VBox):
     """Controls and live plots for one probe; `refresh()` redraws, `updates` counts redraws."""
 
     def __init__(self, results: Results, *, interval: float = REFRESH_INTERVAL, sample: int = LIVE_SAMPLE,
-                 static: str = "auto") -> None:
+                 static: str = "auto", folder: str | Path | None = None) -> None:
         if static not in STATIC_MODES:
             raise ValueError(f"static must be one of {', '.join(STATIC_MODES)}, not {static!r}")
         if interval <= 0:
@@ -136,6 +181,9 @@ class Panel(w.VBox):
         self.interval = interval
         self.sample = sample
         self.static = static
+        self.folder = Path(folder) if folder is not None else None  # exports: None = the working folder
+        self.exported: list[Path] = []  # files the last export wrote
+        self.closed_widget = False  # close() ran: the widget models are gone
         self.live = plots.is_live(results)
         self.updates = 0  # plot refreshes done (tests: it stops growing after stop())
         self.error: BaseException | None = None
@@ -172,14 +220,18 @@ class Panel(w.VBox):
         self.figure.add_class("ks-plots")
         self._sent = (layout["annotations"], layout["shapes"])
         controls = self._build_controls()
-        # the maps area: only for programs with aggregation maps (counts, histograms)
+        # the events area (output maps' latest rows, top-N of a column) and the maps area
+        # (programs with aggregation maps: counts, histograms)
+        self.events = eventview.EventView(results) if results.outputs else None
         self.mapview = mapview.MapView(results) if mapview.names(results) else None
-        areas = [self.mapview] if self.mapview is not None else []
+        areas = [a for a in (self.events, self.mapview) if a is not None]
         super().__init__([self.header, controls, self.message, self.stats, self.figure, *areas, self.echo],
                          layout=w.Layout(width="100%"))
         self.add_class("kernelscope-panel")
         self._sync_controls()
         self._refresh_text()
+        if self.events is not None:
+            self.events.refresh()
         if self.mapview is not None:
             self.mapview.refresh()
         self.start()
@@ -230,6 +282,15 @@ class Panel(w.VBox):
             b.add_class(f"ks-{name}")
             b.on_click(lambda _b, name=name: self._on_button(name))
             self.buttons[name] = b
+        tips = {"capture": "write a capture (Parquet, replays without BPF) to the working folder",
+                "parquet": "write each output map's frame to a Parquet file in the working folder",
+                "csv": "write each output map's frame to a CSV file in the working folder"}
+        for kind, label in EXPORTS.items():
+            b = w.Button(description=label, icon="save" if kind == "capture" else "download",
+                         tooltip=tips[kind], layout=w.Layout(width="auto"))
+            b.add_class(f"ks-export-{kind}")
+            b.on_click(lambda _b, kind=kind: self._on_export(kind))
+            self.buttons[kind] = b
         rows: list[w.Widget] = [*self.pages.values(), self.poll]
         if "ringbuf" in kinds:
             rows.append(self.ring_wakeup)
@@ -238,7 +299,7 @@ class Panel(w.VBox):
         if any(ms.schema.time_field for ms in r.outputs.values()):
             rows.append(self.reorder)
         box = w.VBox([w.HBox(rows, layout=w.Layout(flex_flow="row wrap")),
-                      w.HBox(list(self.buttons.values()))])
+                      w.HBox(list(self.buttons.values()), layout=w.Layout(flex_flow="row wrap"))])
         box.add_class("ks-controls")
         return box
 
@@ -272,6 +333,8 @@ class Panel(w.VBox):
         self.buttons["resume"].disabled = closed or running
         self.buttons["stop"].disabled = closed
         self.buttons["clear"].disabled = False
+        for kind in EXPORTS:
+            self.buttons[kind].disabled = False  # a closed probe's rows stay readable
 
     def _perf_mode(self) -> tuple[str, int]:
         r = self.results
@@ -364,6 +427,7 @@ class Panel(w.VBox):
                 r.resume()
                 self.start()
             elif name == "stop":
+                self.paused = False  # stopped for good: the final rendering follows
                 r.stop()
                 if hasattr(r, "close") and self.live:
                     r.close()
@@ -379,6 +443,71 @@ class Panel(w.VBox):
             self._say(f"{name}: {type(e).__name__}: {e}", error=True)
         self._sync_controls()
         self.refresh()
+
+    def _on_export(self, kind: str) -> None:
+        """A save or export button: write the files, say where (or why not) in the message line."""
+        what = {"capture": "a capture", "parquet": "Parquet", "csv": "CSV"}[kind]
+        self._say(f"writing {what} ({self._rows_text()}) ...")  # seconds for a million rows: say so now
+        t0 = time.monotonic()
+        try:
+            paths = self.export(kind)
+        except Exception as e:
+            self.error = e
+            self._say(f"{EXPORTS[kind]}: {type(e).__name__}: {e}", error=True)
+            return
+        self.error = None
+        took = f"in {time.monotonic() - t0:.1f} s"
+        if kind == "capture":
+            self._say(f"saved capture {paths[0]} ({self._rows_text()}) {took}; it replays without BPF: "
+                      f"kernelscope.captures.replay.replay({paths[0].name!r})")
+        else:
+            self._say(f"{EXPORTS[kind]}: wrote " + ", ".join(str(p) for p in paths) + f" {took}")
+
+    def _rows_text(self) -> str:
+        rows = [f"{n}: {len(ms.store):,} rows" for n, ms in self.results.outputs.items()]
+        return ", ".join(rows) or "maps only"
+
+    def export(self, kind: str) -> list[Path]:
+        """Write what the panel shows to the working folder (or `folder`); returns the files.
+
+        "capture": NAME-YYYYmmdd-HHMMSS.capture.parquet, a capture that replays (a replay: a copy
+        of the file it replays). "parquet" / "csv": one file per output map,
+        NAME-YYYYmmdd-HHMMSS-MAP.parquet / .csv, its whole frame (a program with no output map:
+        its aggregation maps' frames). Files appear whole or not at all.
+        """
+        if kind not in EXPORTS:
+            raise ValueError(f"export kind must be one of {', '.join(EXPORTS)}, not {kind!r}")
+        r = self.results
+        stem = export_stem(r, (self.folder or Path.cwd()).resolve())
+        if kind == "capture":
+            path = check_destination(_unused(stem.with_name(stem.name + ".capture.parquet")))
+            if isinstance(r, Probe):
+                with self._lock:  # not during a refresh's read of the same stores
+                    r.save(path)
+            elif isinstance(r, Replay) and r.path is not None and Path(r.path).is_file():
+                with atomic_path(path) as tmp:  # the file it replays, byte for byte (checksums too)
+                    shutil.copyfile(r.path, tmp)
+            elif r.capture is not None:
+                capture_file.save(r.capture, path)
+            else:
+                raise TypeError(f"{type(r).__name__} has no capture to save")
+            self.exported = [path]
+            return self.exported
+        frames = ({n: r.frame(n) for n in r.outputs} if r.outputs
+                  else {n: r.maps[n].frame() for n in mapview.names(r)})
+        if not frames:
+            raise ValueError("nothing to export: no output maps and no aggregation maps")
+        out = []
+        for name, df in frames.items():
+            path = check_destination(_unused(stem.with_name(f"{stem.name}-{name}.{kind}")), f".{kind}")
+            with atomic_path(path) as tmp:
+                if kind == "parquet":
+                    df.to_parquet(tmp, index=False)
+                else:
+                    df.to_csv(tmp, index=False)
+            out.append(path)
+        self.exported = out
+        return out
 
     def _say(self, text: str, error: bool = False) -> None:
         colour = "#b91c1c" if error else "#374151"
@@ -424,6 +553,8 @@ class Panel(w.VBox):
                 if sent != self._sent:  # titles carry counts; marks add lines
                     fig.layout.annotations, fig.layout.shapes = sent
                     self._sent = sent
+            if self.events is not None:  # the newest chunks only
+                self.events.refresh()
             if self.mapview is not None:  # one batch read of the chosen map
                 self.mapview.refresh()
             self._sent_at = time.monotonic()
@@ -509,9 +640,12 @@ class Panel(w.VBox):
         return not closed
 
     def close(self) -> None:
+        self.closed_widget = True
         self._unhook()
         self.stop()
         self.figure.close()
+        if self.events is not None:
+            self.events.close()
         if self.mapview is not None:
             self.mapview.close()
         self.echo.close()
@@ -528,6 +662,8 @@ class Panel(w.VBox):
         r = self.results
         mode = self.static
         maps = self.mapview.static_html() if self.mapview is not None else ""
+        if self.events is not None:
+            maps = self.events.static_html() + maps
         table = plots.stats_table(r)
         if mode == "none" or not png:
             return table + maps
@@ -545,6 +681,9 @@ class Panel(w.VBox):
                                 *((ms.store.received, len(ms.marks)) for ms in self.results.outputs.values()))
         if self.mapview is not None:  # another map or N chosen: a new copy
             key += ((self.mapview.name, self.mapview.top.value),)
+        if self.events is not None:
+            ev = self.events
+            key += ((ev.choose.value, ev.n.value, ev.column.value, ev.top.value),)
         return key
 
     def finish(self, png: bool = True) -> None:
@@ -641,11 +780,39 @@ class Panel(w.VBox):
         """The final static rendering: HTML and text only, no widget model to look for."""
         body = self._static_html if self._static_html is not None else self.static_snapshot()
         header = self._header_html(self._shutdown_note)
+        call = self.reattach_call()
         return {
             "text/html": (f"<div class='kernelscope-static kernelscope-final'>"
-                          f"<div class='ks-header'>{header}</div>{body}</div>"),
-            "text/plain": repr(self),
+                          f"<div class='ks-header'>{header}</div>{body}{self._reattach_html(call)}</div>"),
+            "text/plain": f"{self!r}\n{call}",
         }
+
+    def variable(self) -> str:
+        """The name the probe has in the user's namespace (the %%bpf name, `probe = ...`), else
+        its own name: what the reattach line tells the user to pass to panel()."""
+        shell = self._shell
+        if shell is not None:
+            with contextlib.suppress(RuntimeError):  # the namespace changed while read (a cell runs)
+                for key, value in list(shell.user_ns.items()):
+                    if value is self.results and key.isidentifier() and not key.startswith("_"):
+                        return key
+        name = self.results.name
+        return name if name and name.isidentifier() else "probe"
+
+    def reattach_call(self) -> str:
+        """The code that shows this panel again, live, in the kernel that ran it."""
+        return f"from kernelscope.jupyter.widgets import panel; panel({self.variable()})"
+
+    def _reattach_html(self, call: str) -> str:
+        r, var = self.results, html.escape(self.variable())
+        if r.closed:
+            then = f"its final counts; the probe is closed, its rows stay readable as <code>{var}.df</code>"
+        elif r.live:
+            then = f"it follows the probe again once <code>{var}.start()</code> runs"
+        else:
+            then = "the replay's panel"
+        return (f"<p class='ks-reattach' style='color:#6b7280;font-size:90%'>While the kernel that ran this "
+                f"is up, <code>{html.escape(call)}</code> shows the panel again ({then}).</p>")
 
     def _bundle(self) -> dict[str, Any]:
         return self.final_bundle() if self.shown == "final" else self.live_bundle()
@@ -666,6 +833,10 @@ class Panel(w.VBox):
         shell = get_ipython()
         if shell is not None and self._shell is None:
             self.hook(shell)
+        # shown again (panel(probe) in a reopened notebook): follow the probe in this output;
+        # a stopped one's final rendering comes back here once the updater has seen it
+        self._final_done = False
+        self.start()
 
     def hook(self, shell: Any) -> None:
         """Follow `shell`'s cells (post_execute) and its shutdown (`exit_now`)."""
