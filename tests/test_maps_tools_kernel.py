@@ -149,9 +149,16 @@ def test_runqlat_histogram_matches_schedstat(backend: str, wait_for) -> None:
     col = "id" if backend == "bcc" else "key"
     assert set(frame[col]) == {pid}  # per task: the child's one thread, nothing else got through
     unseen = abs(outs - ins)  # switches the program was not run for (every switch-out follows a switch-in)
-    count_tol = slack_events + unseen
+    # runs the kernel skipped because another BPF program was running on that CPU (recursion
+    # misses, any task's): each may have lost one of the child's samples. Other probes loaded
+    # at the same time make them (seen: 40 wakeup misses, one sample short, with a second test
+    # run on the machine)
+    skipped = sum(misses)
+    count_tol = slack_events + unseen + skipped
+    # a skipped run can only lose a sample: the sum misses at most the samples found missing
+    sum_count_tol = slack_events + unseen + min(skipped, max(0, pcount - h.total))
     widest_us = int(h.high[np.flatnonzero(h.counts.sum(axis=0))[-1]]) + 1
-    sum_tol = 20_000 * h.total + 500e-6 * run_delay + count_tol * widest_us * 1000
+    sum_tol = 20_000 * h.total + 500e-6 * run_delay + sum_count_tol * widest_us * 1000
     print(f"\n{backend} runqlat: K={k} sleeps, histogram count {h.total}, schedstat pcount delta {pcount} "
           f"(tolerance {count_tol}); summed wait {total_ns / 1e6:.3f} ms, run_delay delta "
           f"{run_delay / 1e6:.3f} ms, diff {(total_ns - run_delay) / 1e3:+.1f} us "
