@@ -99,6 +99,21 @@ def test_synthetic_capture_round_trip(tmp_path) -> None:
     assert r.stats["events"]["attempted"] == r.stats["events"]["received"] + r.stats["events"]["dropped"]
 
 
+def test_a_loaded_capture_saved_again_keeps_its_arrival_times(tmp_path) -> None:
+    """The file keeps arrivals relative to started_ns; loading adds it back, so saving a loaded
+    capture (the panel's "save capture" of a replay, a trimmed copy) writes the same times."""
+    orig = synthetic()
+    orig.started_ns = 5 * 10**9
+    orig.maps["events"].arrival_ns = orig.maps["events"].arrival_ns + orig.started_ns
+    first = load(save(orig, tmp_path / "a.parquet"))
+    again = load(save(first, tmp_path / "b.parquet"))
+    for cap in (first, again):
+        assert cap.started_ns == orig.started_ns
+        assert (cap.maps["events"].arrival_ns == orig.maps["events"].arrival_ns).all()
+    df = replay(tmp_path / "b.parquet", speed=None).start().df
+    assert (df["ks_arrival_ns"].to_numpy() == orig.maps["events"].arrival_ns).all()
+
+
 def test_replay_at_recorded_pace_grows_over_time(tmp_path) -> None:
     path = save(synthetic(), tmp_path / "c.parquet")
     r = replay(path, speed=1.0).start()

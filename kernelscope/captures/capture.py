@@ -70,7 +70,7 @@ class MapCapture:
     dtype: np.dtype
     records: np.ndarray
     seq: np.ndarray
-    arrival_ns: np.ndarray
+    arrival_ns: np.ndarray  # monotonic ns of the read that brought each event, as recorded
     cpu: np.ndarray | None
     stats: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
@@ -350,6 +350,7 @@ def _load(path: Path) -> Capture:
     _check_columns(table)
     _check_maps(table, {**dtypes, **meta["_table_dtypes"],
                         **{_frames.PREFIX + n: None for n in meta.get("frames", {})}})
+    started_ns = int(meta.get("started_ns", 0))
     maps = {}
     for name, m in meta["maps"].items():
         sub = _rows_of(table, name)
@@ -362,7 +363,9 @@ def _load(path: Path) -> Capture:
             dtype=dtypes[name],
             records=_records(sub.column("record"), dtypes[name], name),
             seq=sub.column("ks_seq").to_numpy().astype(np.int64),
-            arrival_ns=sub.column("ks_arrival_ns").to_numpy().astype(np.int64),
+            # the file keeps them relative to started_ns; in memory they are as recorded, so a
+            # loaded capture saved again writes the same times
+            arrival_ns=sub.column("ks_arrival_ns").to_numpy().astype(np.int64) + started_ns,
             cpu=cpu if m["kind"] == "perf" else None,
             stats=m["stats"],
             history=m["history"],
@@ -383,7 +386,7 @@ def _load(path: Path) -> Capture:
         _verify(name, sub, m)
         frames[name] = _frames.decode(name, sub.column("record")[0].as_py(), m.get("attrs", {}))
     return Capture(maps, meta.get("source", ""), meta.get("settings", {}), meta.get("host", {}),
-                   int(meta.get("started_ns", 0)), warnings, tables, frames)
+                   started_ns, warnings, tables, frames)
 
 
 def upgrade(path: str | os.PathLike[str]) -> Path:

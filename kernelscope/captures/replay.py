@@ -121,7 +121,7 @@ class Replay(Results):
             end = (
                 len(mc.records)
                 if horizon == math.inf
-                else int(np.searchsorted(mc.arrival_ns, horizon * 1e9, side="right"))
+                else int(np.searchsorted(mc.arrival_ns, self.capture.started_ns + horizon * 1e9, side="right"))
             )
             if end <= start:
                 continue
@@ -132,7 +132,7 @@ class Replay(Results):
                 sel = arrivals == a
                 ms.store.append(
                     Batch(take_records(mc.records[start:end], sel), cpu[sel] if cpu is not None else None),
-                    int(a) + self.capture.started_ns,
+                    int(a),
                 )  # the recorded clock, as recorded
             ms.batches += 1
             self._pos[name] = end
