@@ -44,7 +44,7 @@ def capture(ts: list[int], arrival_ns: list[int], *, cpu: list[int] | None = Non
     n = len(ts)
     rec = np.zeros(n, EVENT)
     rec["ts"] = np.array(ts, dtype=np.uint64) + STARTED_NS
-    mc = MapCapture(name, kind, EVENT, rec, np.arange(n), np.array(arrival_ns, dtype=np.int64),
+    mc = MapCapture(name, kind, EVENT, rec, np.arange(n), np.array(arrival_ns, dtype=np.int64) + STARTED_NS,
                     np.array(cpu, dtype=np.int16) if cpu is not None else None,
                     stats={"kind": kind, "attempted": n, "received": n, "dropped": 0, "capacity_bytes": 4096,
                            "pages": 1, "inversions": 0},

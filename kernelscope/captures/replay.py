@@ -121,7 +121,8 @@ class Replay(Results):
             end = (
                 len(mc.records)
                 if horizon == math.inf
-                else int(np.searchsorted(mc.arrival_ns, self.capture.started_ns + horizon * 1e9, side="right"))
+                else int(np.searchsorted(mc.arrival_ns, self.capture.started_ns + horizon * 1e9,
+                                         side="right"))
             )
             if end <= start:
                 continue
