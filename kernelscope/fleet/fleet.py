@@ -74,7 +74,7 @@ class Fleet:
         if not found:
             raise FleetError("the Dask cluster has no workers: start `dask worker SCHEDULER` on each host")
         if hosts is None:
-            return {h: addrs[0] for h, addrs in found.items()}
+            return {h: found[h][0] for h in sorted(found)}
         wanted = [hosts] if isinstance(hosts, str) else list(hosts)
         unknown = [h for h in wanted if h not in found]
         if unknown:
@@ -110,17 +110,29 @@ def _run(client: Any, fn: Any, picked: Mapping[str, str], *args: Any) -> dict[st
     could not be reached answers {"error": ...} naming what happened."""
     if not picked:
         return {}
-    by_addr = client.run(fn, *args, workers=list(picked.values()), on_error="return")
+    # a worker the scheduler has dropped is not called: connecting to it would wait out Dask's
+    # connect timeout (30 s by default) before failing
+    known = set(client.run_on_scheduler(_worker_addresses))
+    reach = [a for a in picked.values() if a in known]
+    by_addr = client.run(fn, *args, workers=reach, on_error="return") if reach else {}
     out: dict[str, dict[str, Any]] = {}
     for host, addr in picked.items():
-        got = by_addr.get(addr)
-        if addr not in by_addr:
-            got = {"error": f"worker {addr} is gone (no answer from it)", "kind": "WorkerGone"}
+        got: Any = by_addr.get(addr)
+        if addr not in known:
+            got = {"error": f"worker {addr} of host {host} is gone: the scheduler no longer lists it "
+                            "(the worker died, was killed or left)", "kind": "WorkerGone"}
+        elif addr not in by_addr:
+            got = {"error": f"worker {addr} of host {host} did not answer", "kind": "WorkerGone"}
         elif isinstance(got, BaseException):
-            got = {"error": f"worker {addr} failed: {type(got).__name__}: {got}".rstrip(": "),
+            got = {"error": f"worker {addr} of host {host} failed: {type(got).__name__}: {got}",
                    "kind": type(got).__name__}
         out[host] = got
     return out
+
+
+def _worker_addresses(dask_scheduler: Any) -> list[str]:
+    """The workers the scheduler knows now (run on the scheduler)."""
+    return list(dask_scheduler.workers)
 
 
 def _poll_thread(ref: weakref.ReferenceType[FleetProbe], stop: threading.Event, interval: float) -> None:
