@@ -134,6 +134,10 @@ def test_accounting_per_host_and_in_total(run: Run) -> None:
     assert table.host.tolist() == ["host0", "host1", "all (2)"]
     assert table.received.tolist() == [*COUNTS.values(), sum(COUNTS.values())]
     assert set(table.state) == {"stopped"}
+    hist = fp.history()  # per-host lines: each host's counts at each pull
+    assert hist.groupby("host").received.last().to_dict() == COUNTS
+    assert (hist.groupby("host").received.diff().dropna() >= 0).all()
+    assert sorted(t.name for t in fp.figure().data) == ["host0", "host1"]
 
 
 @pytest.mark.kernel

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import html
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
@@ -182,6 +183,8 @@ class FleetProbe:
         self.closed = False
         self._chunks: dict[str, dict[str, list[pd.DataFrame]]] = {}  # host -> map -> frames pulled
         self._cursor: dict[str, dict[str, int]] = {}  # host -> map -> next ks_seq to ask for
+        self._samples: list[dict[str, Any]] = []  # per pull and host: the counts, for history()
+        self._t0 = time.monotonic()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -248,6 +251,11 @@ class FleetProbe:
                         self._chunks[host][name].append(worker.from_ipc(part["ipc"]))
                         total += part["rows"]
             self.pulled_rows += total
+            now = time.monotonic() - self._t0
+            for host, a in answers.items():
+                for name, st in (a.get("stats") or {}).items():
+                    self._samples.append({"t": now, "host": host, "map": name,
+                                          **{k: int(st.get(k, 0) or 0) for k in COUNTS}})
             return total
 
     def stop(self) -> FleetProbe:
@@ -339,6 +347,29 @@ class FleetProbe:
                 for k in COUNTS:
                     acc[k] += int(st.get(k, 0) or 0)
         return out
+
+    def history(self, name: str | None = None) -> pd.DataFrame:
+        """Each host's counts at each pull (t: seconds since the probe was made; `rate`:
+        received per second since the host's previous sample): what per-host lines plot."""
+        df = pd.DataFrame(self._samples, columns=["t", "host", "map", *COUNTS])
+        if name is not None:
+            df = df[df["map"] == name]
+        df = df.sort_values(["host", "map", "t"], kind="stable").reset_index(drop=True)
+        by = df.groupby(["host", "map"], sort=False)
+        df["rate"] = (by["received"].diff() / by["t"].diff()).fillna(0.0)
+        return df
+
+    def figure(self, name: str | None = None) -> Any:
+        """A plotly figure of each host's received rate over time, one line per host."""
+        import plotly.graph_objects as go
+
+        hist = self.history(name)
+        fig = go.Figure()
+        for (host, mname), part in hist.groupby(["host", "map"], sort=True):
+            label = host if hist["map"].nunique() == 1 else f"{host} {mname}"
+            fig.add_scatter(x=part["t"], y=part["rate"], mode="lines", name=label)
+        fig.update_layout(xaxis_title="seconds", yaxis_title="events/s received", legend_title="host")
+        return fig
 
     def table(self) -> pd.DataFrame:
         """One row per host and map, then one per map for all hosts: the accounting at a glance."""
