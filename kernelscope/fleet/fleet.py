@@ -14,6 +14,7 @@ fails to load or whose worker dies is named in `errors`, with its error; the oth
 
 from __future__ import annotations
 
+import contextlib
 import html
 import threading
 import time
@@ -136,6 +137,15 @@ def _worker_addresses(dask_scheduler: Any) -> list[str]:
     return list(dask_scheduler.workers)
 
 
+def _close_remote(client: Any, workers: dict[str, str], key: str, stop: threading.Event) -> None:
+    """Close probe `key` on its hosts, as best as can be done (a garbage-collected FleetProbe, or
+    interpreter exit while the client may already be gone)."""
+    stop.set()
+    with contextlib.suppress(Exception):
+        if client.status == "running":
+            client.run(worker.close, key, workers=list(workers.values()), on_error="ignore")
+
+
 def _poll_thread(ref: weakref.ReferenceType[FleetProbe], stop: threading.Event, interval: float) -> None:
     while not stop.wait(interval):
         fp = ref()
@@ -188,6 +198,9 @@ class FleetProbe:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # a forgotten fleet probe frees its hosts' probes too (holds no self)
+        self._finalizer = weakref.finalize(self, _close_remote, self.client, self.workers, self.key,
+                                           self._stop)
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -286,6 +299,7 @@ class FleetProbe:
         self.stop()
         _run(self.client, worker.close, self._alive(), self.key)
         self.closed = True
+        self._finalizer.detach()
 
     def __enter__(self) -> FleetProbe:
         return self
