@@ -218,13 +218,17 @@ class FleetProbe:
                 self.errors.setdefault(host, a["error"])
                 continue
             self.host_stats[host] = a["stats"]
-            self.warnings[host] = a.get("warnings", [])
+            self.warnings[host] = list(a.get("warnings", []))
+            if a.get("drain_error"):  # the host's drain thread stopped: its rows end there
+                self.warnings[host].append(f"the drain stopped: {a['drain_error']}")
 
     def start(self) -> FleetProbe:
         """Compile, load and start the probe on every host at once. Hosts that fail are in
         `errors`; FleetError if none could start."""
         if self.closed:
             raise ClosedError("this fleet probe is closed; fleet.probe(...) starts a new one")
+        if self._chunks:  # started already: one run per fleet probe
+            return self
         answers = _run(self.client, worker.start, self._alive(), self.key, self.source, self.probe_args,
                        self.host_args)
         self._note(answers)
@@ -327,7 +331,8 @@ class FleetProbe:
 
     def frame(self, name: str | None = None) -> pd.DataFrame:
         """The rows of output map `name` from every host, `host` first (the only map if None).
-        Not live and not stopped: pulls what the hosts hold now."""
+        Not live and not stopped: pulls what the hosts hold now. A host in `errors` keeps the
+        rows pulled from it before it failed."""
         if not self.live and not self.final.issuperset(self.hosts):
             self.poll_once(limit=None)
         maps = sorted({m for per in self._chunks.values() for m in per})
@@ -408,8 +413,12 @@ class FleetProbe:
 
     def _repr_html_(self) -> str:
         t = self.table().fillna("")
+        notes = [f"{h}: {w}" for h, ws in sorted(self.warnings.items()) for w in ws]
+        if self.poll_error is not None:
+            notes.append(f"live pulls stopped: {type(self.poll_error).__name__}: {self.poll_error}")
+        warn = "".join(f"<p style='color:#b45309'>&#9888; {html.escape(n)}</p>" for n in notes)
         return (f"<div><b>FleetProbe</b> on {len(self.workers)} hosts"
-                f"{' (live)' if self.live else ''}{t.to_html(index=False, escape=True)}</div>")
+                f"{' (live)' if self.live else ''}{warn}{t.to_html(index=False, escape=True)}</div>")
 
 
 class FleetDoctor:
