@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import dask.dataframe as dd
+import distributed
 import producers
 import pytest
 from shell import ipython_shell
@@ -25,9 +27,6 @@ from kernelscope.errors import CaptureMissingError
 from kernelscope.fleet import Fleet, FleetError, FleetProbe, read_dataset, replay
 from kernelscope.fleet.dataset import parts
 from kernelscope.fleet.worker import HOST_ENV
-
-distributed = pytest.importorskip("distributed", reason="kernelscope[fleet] (dask distributed) not installed")
-dd = pytest.importorskip("dask.dataframe")
 
 COUNTS = {"host0": 3000, "host1": 5000}
 _producers: dict[int, producers.Producer] = {}  # in each worker process: its paused producers
