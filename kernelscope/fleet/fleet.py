@@ -265,7 +265,7 @@ class FleetProbe:
                     self._cursor[host][name] = part["next"]
                     self.pulled_bytes += len(part["ipc"])
                     if part["rows"]:
-                        self._chunks[host][name].append(worker.from_ipc(part["ipc"]))
+                        self._chunks[host][name].append(worker.decode(part))
                         total += part["rows"]
             self.pulled_rows += total
             now = time.monotonic() - self._t0

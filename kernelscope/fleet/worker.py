@@ -18,8 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+
+from ..readers.batch import concat_records, packed
 
 HOST_ENV = "KERNELSCOPE_FLEET_HOST"
 """A worker's host name for the fleet, where the machine's own name is not the one wanted (several
@@ -99,36 +102,88 @@ async def close(key: str) -> dict[str, Any]:
     return await _in_thread(go)
 
 
-def to_ipc(df: pd.DataFrame) -> bytes:
-    """A frame as one Arrow IPC stream: what crosses Dask's comms (bytes, no pickled pandas)."""
-    table = pa.Table.from_pandas(df, preserve_index=False)
+def to_ipc(table: pa.Table) -> bytes:
+    """A table as one Arrow IPC stream: what crosses Dask's comms (bytes, nothing pickled)."""
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as w:
         w.write_table(table)
     return bytes(sink.getvalue().to_pybytes())
 
 
-def from_ipc(data: bytes) -> pd.DataFrame:
-    return pa.ipc.open_stream(data).read_all().to_pandas()
+def _new_rows(store: Any, start: int, limit: int | None) -> tuple[int, np.ndarray, np.ndarray, Any]:
+    """Rows seq >= start of a FrameStore (at most `limit`): (first seq, records, arrival_ns, cpu).
+    Only the newest chunks are read, unless some of the rows were spilled to disk; rows the store
+    evicted before they were pulled are skipped (the store counts them in `evicted`)."""
+    new = store.received - start
+    chunks = store.tail_chunks(new) if new > 0 else []
+    if chunks and chunks[0].seq0 > start and store.spilled_rows:
+        chunks = [store.chunk()]
+    parts = []
+    for c in chunks:
+        lo = max(start - c.seq0, 0)
+        if lo < len(c.records):
+            cpus_of = None if c.cpu is None else c.cpu[lo:]
+            parts.append((c.seq0 + lo, c.records[lo:], c.arrival_ns[lo:], cpus_of))
+    if not parts:
+        return start, np.empty(0, store.schema.dtype), np.empty(0, np.int64), None
+    first = parts[0][0]
+    records = concat_records([packed(r) for _, r, _, _ in parts], store.schema.dtype)
+    arrival = np.concatenate([a for _, _, a, _ in parts])
+    cpus = [c for _, _, _, c in parts]
+    cpu: np.ndarray | None = np.concatenate(cpus) if all(c is not None for c in cpus) else None  # type: ignore[arg-type]
+    if limit is not None:
+        records, arrival, cpu = records[:limit], arrival[:limit], None if cpu is None else cpu[:limit]
+    return first, records, arrival, cpu
+
+
+def rows_table(records: np.ndarray, arrival: np.ndarray, cpu: np.ndarray | None) -> pa.Table:
+    """Records as the host's raw C structs (fixed-size binary), their arrival times and CPUs:
+    decoding (char[] to str, ks_time) is left to the notebook, off the host's drain."""
+    size = records.dtype.itemsize
+    raw = packed(records)
+    data = pa.py_buffer(raw.view(np.uint8).tobytes() if len(raw) else b"")
+    cols = {"record": pa.FixedSizeBinaryArray.from_buffers(pa.binary(size), len(raw), [None, data]),
+            "ks_arrival_ns": pa.array(arrival, pa.int64())}
+    if cpu is not None:
+        cols["ks_cpu"] = pa.array(cpu, pa.int16())
+    return pa.table(cols)
+
+
+def decode(part: dict[str, Any]) -> pd.DataFrame:
+    """The frame of one pulled piece, as the host's own probe would show it (same Schema)."""
+    from ..captures.meta import dtype_from_json
+    from ..schema import Schema
+
+    table = pa.ipc.open_stream(part["ipc"]).read_all()
+    dtype = dtype_from_json(part["dtype"])
+    rec = table.column("record").combine_chunks()
+    n = len(rec)
+    buf = rec.buffers()[1]
+    raw = np.frombuffer(buf, np.uint8)[rec.offset * dtype.itemsize:(rec.offset + n) * dtype.itemsize] \
+        if buf is not None else np.empty(0, np.uint8)
+    records = raw.copy().view(dtype)
+    schema = Schema(dtype, per_cpu=part["per_cpu"], epoch_offset_ns=part["epoch_offset_ns"])
+    cpu = table.column("ks_cpu").to_numpy() if "ks_cpu" in table.column_names else None
+    seq = np.arange(part["first"], part["first"] + n, dtype=np.int64)
+    return schema.frame(records, seq, table.column("ks_arrival_ns").to_numpy(), cpu)
 
 
 async def rows(key: str, cursors: dict[str, dict[str, int]], limit: int | None) -> dict[str, Any]:
-    """Per output map, the rows whose ks_seq >= cursors[host][map], at most `limit` of them
-    (oldest first), as Arrow IPC; and the cursor to ask from next time, and the stats."""
+    """Per output map, the raw records whose ks_seq >= cursors[host][map], at most `limit` of
+    them (oldest first), as Arrow IPC with what decoding them needs; the cursor to ask from next
+    time; and the stats."""
+    from ..captures.meta import dtype_to_json
 
     def go() -> dict[str, Any]:
         p = _probe(key)
         since = cursors.get(host_name(), {})
         out: dict[str, Any] = {}
-        for name in p.outputs:
-            df = p.frame(name)
-            start = int(since.get(name, 0))
-            # ks_seq counts stored rows from 0 and evicted rows leave from the front, so the
-            # cursor's row is at start - (first row's ks_seq)
-            pos = max(0, start - int(df["ks_seq"].iloc[0])) if len(df) else 0
-            part = df.iloc[pos:] if limit is None else df.iloc[pos:pos + limit]
-            nxt = int(part["ks_seq"].iloc[-1]) + 1 if len(part) else start
-            out[name] = {"ipc": to_ipc(part.reset_index(drop=True)), "next": nxt, "rows": len(part)}
+        for name, ms in p.outputs.items():
+            first, records, arrival, cpu = _new_rows(ms.store, int(since.get(name, 0)), limit)
+            out[name] = {"ipc": to_ipc(rows_table(records, arrival, cpu)), "first": first,
+                         "next": first + len(records), "rows": len(records),
+                         "dtype": dtype_to_json(ms.schema.dtype), "per_cpu": ms.schema.per_cpu,
+                         "epoch_offset_ns": ms.schema.epoch_offset_ns}
         return {"maps": out, **_stats(p)}
 
     return await _in_thread(go)
