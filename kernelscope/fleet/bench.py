@@ -6,7 +6,8 @@ One run, same program and producer: first a Probe in this process, then a live F
 on every host of the cluster (without --scheduler: a LocalCluster of two worker processes
 standing for two hosts, as the tests use). Each producer makes N getppid() calls, one event
 each; the figure is rows in the notebook's frame per second from the producers' start. Then
-the gather alone: every host's whole frame pulled again over Dask's comms (Arrow IPC).
+the gather alone: every host's rows pulled again over Dask's comms (Arrow IPC of the raw
+records), and their decoding into frames here.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from typing import Any
 
 from ..probe import Probe
+from . import worker
 from .fleet import Fleet, _run
 from .worker import HOST_ENV
 
@@ -106,26 +108,21 @@ def fleet_run(fleet: Fleet, events: int, interval: float, hosts: list[str] | Non
         fp.stop()
         took = time.monotonic() - t0
         rows = len(fp.df)
-        t1 = time.monotonic()
-        again = _run(fleet.client, _rows_all, dict(workers), fp.key)
-        pull = time.monotonic() - t1
-        nbytes = sum(a["bytes"] for a in again.values())
+        t1 = time.monotonic()  # the gather alone: every host's rows pulled again over the comms
+        again = _run(fleet.client, worker.rows, dict(workers), fp.key, {}, None)
+        wire = time.monotonic() - t1
+        pieces = [part for a in again.values() for part in a["maps"].values()]
+        decoded = sum(len(worker.decode(part)) for part in pieces)
+        decode = time.monotonic() - t1 - wire
+        nbytes = sum(len(part["ipc"]) for part in pieces)
         return {"hosts": len(workers), "rows": rows, "seconds": took, "rows_per_s": rows / took,
                 "rows_per_s_per_host": rows / took / len(workers),
                 "dropped": sum(fp.stats[h]["events"]["dropped"] for h in fp.hosts),
-                "gather_rows_per_s": rows / pull, "gather_seconds": pull, "wire_bytes_per_row": nbytes / rows,
+                "gather_rows_per_s": rows / wire, "decode_rows_per_s": decoded / decode,
+                "wire_bytes_per_row": nbytes / rows,
                 "errors": fp.errors}
     finally:
         fp.close()
-
-
-async def _rows_all(key: str) -> dict[str, Any]:
-    from . import worker
-
-    got = await worker.rows(key, {}, None)
-    if "error" in got:
-        return got
-    return {"bytes": sum(len(m["ipc"]) for m in got["maps"].values())}
 
 
 def main(argv: list[str] | None = None) -> int:
