@@ -215,6 +215,13 @@ def test_magic_fleet_flag_starts_the_cell_on_every_host(client: Any) -> None:
         fp.close()
 
 
+def test_hosts_and_host_args_must_name_hosts_of_the_cluster(fleet: Fleet) -> None:
+    with pytest.raises(KeyError, match="no worker on host 'nope'; the cluster's hosts are host0, host1"):
+        fleet.probe(producers.ring_program(), hosts=["host0", "nope"])
+    with pytest.raises(KeyError, match="host_args names 'host1', which run no probe here"):
+        fleet.probe(producers.ring_program(), hosts=["host0"], host_args={"host1": {}})
+
+
 @pytest.mark.kernel
 def test_a_killed_worker_is_reported_and_the_other_hosts_data_kept(fleet: Fleet) -> None:
     """Last in the module: the nanny restarts the killed worker without its host name."""
