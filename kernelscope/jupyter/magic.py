@@ -166,6 +166,8 @@ class BPFMagics(Magics):
                    "SEC(\"perf_event\")) to a cpu-clock sampling timer on every CPU")
     @argument("--freq", type=int, metavar="HZ",
               help="with --perf-event: samples a second on each CPU (default 99)")
+    @argument("--fleet", metavar="CLIENT",
+              help="run on every host of the Dask cluster of variable CLIENT (a distributed.Client)")
     @cell_magic
     def bpf(self, line: str, cell: str) -> None:
         """Compile a cell of BCC C (or libbpf-style CO-RE C), attach it, drain its output maps.
@@ -176,8 +178,14 @@ class BPFMagics(Magics):
         rows; Ctrl-C stops early and keeps what arrived. Re-running the cell closes the
         probe NAME held before. Errors name the line of the cell, counting this line as 1.
         """
-        opts = options(parse_argstring(self.bpf, line))
+        args = parse_argstring(self.bpf, line)
+        opts = options(args)
         source = program_source(opts, cell)
+        if args.fleet:  # one probe per host of a Dask cluster: kernelscope.fleet
+            from ..fleet.cell import run_cell
+
+            run_cell(self.shell, source, opts, args.fleet)
+            return
         self.close_probe(opts.name)
         probe = build_probe(source, opts)
         self.probes[opts.name] = self.user_ns[opts.name] = probe

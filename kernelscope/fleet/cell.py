@@ -1,0 +1,62 @@
+"""`%%bpf NAME --fleet CLIENT`: the cell's program on every host of a Dask cluster.
+
+The magic parses its line as for one host and hands over here; NAME is bound to a FleetProbe.
+With --duration or --limit the cell blocks, stops every host and shows the per-host table;
+otherwise the probe streams rows in while the notebook goes on (`NAME.df`, `NAME.table()`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .fleet import Fleet, FleetError, FleetProbe
+
+
+def probe_args(opts: Any) -> dict[str, Any]:
+    """The Probe settings the `%%bpf` line gave (the magic's Options)."""
+    return {"pages": opts.pages, "max_rows": opts.max_rows, "cflags": list(opts.cflags),
+            "wakeup_events": opts.perf_wakeup, "reorder_ns": opts.reorder_ns, "name": opts.name,
+            "backend": opts.backend, "globals": opts.globals or None, "programs": opts.only,
+            "skip": opts.skip or (), "map_sizes": opts.map_sizes or None, "include": list(opts.include or [])}
+
+
+def run_cell(shell: Any, source: str, opts: Any, target: str) -> FleetProbe:
+    """Start the fleet probe for a `%%bpf --fleet TARGET` cell (TARGET: the variable holding a
+    distributed.Client or a Fleet) and bind it to the cell's NAME."""
+    from IPython.core.error import UsageError
+    from IPython.display import display
+
+    ns = shell.user_ns
+    if target not in ns:
+        raise UsageError(f"--fleet {target}: no variable {target!r}; make one first, e.g. "
+                         f"{target} = distributed.Client('tls://scheduler:8786')")
+    held = ns[target]
+    if opts.replay or opts.perf_event or opts.no_start:
+        flag = "--replay" if opts.replay else "--perf-event" if opts.perf_event else "--no-start"
+        raise UsageError(f"--fleet does not take {flag}: kernelscope.fleet.replay(ROOT) replays a fleet "
+                         "capture; the Python API (Fleet.probe) has the rest")
+    old = ns.get(opts.name)
+    if isinstance(old, FleetProbe):  # re-running the cell replaces its probe on every host
+        old.close()
+    try:
+        fleet = held if isinstance(held, Fleet) else Fleet(held)
+        fp = fleet.probe(source, live=True, **probe_args(opts))
+    except (TypeError, FleetError) as e:
+        raise UsageError(f"--fleet {target}: {e}") from None
+    ns[opts.name] = fp
+    for host, error in sorted(fp.errors.items()):
+        print(f"{host}: {error}")
+    if opts.blocking:
+        t0 = time.monotonic()
+        try:
+            while fp.running and (opts.duration is None or time.monotonic() - t0 < opts.duration):
+                if opts.limit is not None and sum(a["received"] for a in fp.total.values()) >= opts.limit:
+                    break
+                time.sleep(fp.interval)
+        except KeyboardInterrupt:
+            pass
+        fp.stop()
+    if not opts.quiet:
+        display(fp)
+    return fp
