@@ -220,6 +220,9 @@ def test_a_host_that_fails_to_load_is_named_and_the_other_pulls_in_bounded_piece
         assert "<td>host1</td>" in view.table.value
         assert f"&#10007; host1: {html.escape(fp.errors['host1'])}</p>" in view.table.value
         assert [t.meta for t in view.figure.data if t.meta.startswith("rate:")] == ["rate:host0:events"]
+        view._on_exit({"new": True})  # kernel shutdown: the table as it stands, no plots
+        assert "kernel shut down" in output.bundles[-1]["text/html"]
+        assert "<td>running</td>" in output.bundles[-1]["text/html"]
         assert "CompileError" in fp.errors["host1"]
         assert "no_such_name" in fp.errors["host1"]
         assert fp.hosts == ["host0"]

@@ -122,14 +122,17 @@ class FleetPanel(w.VBox):
 
     def tick(self) -> bool:
         """One step of the updater: redraw while the probe runs (pulling the counts first when
-        it is not live); once it has stopped, the final rendering. False: nothing left to follow."""
+        it is not live). False: nothing left to follow. The final rendering is made by the
+        probe's stop() (its last pulls come after it stops running), or here once every host
+        is in error (no stop() is coming)."""
         fp = self.fp
         if fp.running:
             if not fp.live:
                 fp.poll_once(limit=0)  # the counts only: rows stay on the hosts until asked for
             self.refresh()
             return True
-        self._probe_stopped()
+        if not fp.hosts:
+            self._probe_stopped()
         return False
 
     def start(self) -> FleetPanel:
@@ -157,6 +160,8 @@ class FleetPanel(w.VBox):
 
     def _probe_stopped(self) -> None:
         """The fleet probe stopped or closed (its stop() calls this): last redraw, final rendering."""
+        if self.closed_widget:
+            return
         try:
             self._stop.set()
             self.refresh()
