@@ -115,7 +115,7 @@ def run(fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]
     pids = spawn(fleet, COUNTS)
     fp = fleet.probe(producers.ring_program(), host_args=targets(pids), live=True, interval=0.05,
                      max_rows_per_pull=1000)
-    view = fp.panel(static="html", interval=0.05)
+    view = fp.panel(static="html")  # redrawn every REFRESH_INTERVAL while the producers run
     output = shown(view)
     view.start()
     go(fleet, pids)
