@@ -1,7 +1,8 @@
 """Per-host lines of a fleet probe, as plain plotly specs: the live panel and `figure()` share them.
 
 Two rows: each host's received rate (events/s between pulls), then its counts so far, received
-(solid) and dropped (dotted). One colour per host (per host and map when the probe has several
+(solid, left axis) and dropped (dotted, on its own right-hand axis: a few drops among millions of
+events stay visible). One colour per host (per host and map when the probe has several
 output maps); the legend names the host, and a click on it hides all of that host's lines.
 """
 
@@ -18,7 +19,8 @@ if TYPE_CHECKING:
     from .fleet import FleetProbe
 
 MAX_POINTS = 1_000  # samples per host and line (longer runs are strided, the last one kept)
-TITLES = ("Received per second, per host", "So far, per host: received (solid) and dropped (dotted)")
+TITLES = ("Received per second, per host",
+          "So far, per host: received (solid, left axis) and dropped (dotted, right axis)")
 
 
 def lines(fp: FleetProbe) -> list[tuple[str, str]]:
@@ -54,7 +56,7 @@ def traces(fp: FleetProbe, max_points: int = MAX_POINTS) -> list[Trace]:
              "x": t, "y": part["received"].to_numpy(np.float64), "xaxis": "x2", "yaxis": "y2",
              "showlegend": False, **common},
             {"type": "scatter", "mode": "lines", "name": f"{label} dropped", "meta": f"dropped:{host}:{name}",
-             "x": t, "y": part["dropped"].to_numpy(np.float64), "xaxis": "x2", "yaxis": "y2",
+             "x": t, "y": part["dropped"].to_numpy(np.float64), "xaxis": "x2", "yaxis": "y3",
              "showlegend": False, **common, "line": {"color": colour, "width": 1.5, "dash": "dot"}},
         ]
     return out
@@ -63,11 +65,13 @@ def traces(fp: FleetProbe, max_points: int = MAX_POINTS) -> list[Trace]:
 def layout(width: int | None = WIDTH) -> dict[str, Any]:
     """Two stacked plots sharing the time axis; `width=None`: as wide as the page (live panel)."""
     out: dict[str, Any] = {
-        **STYLE, "height": 2 * ROW_HEIGHT, "margin": {"l": 70, "r": 20, "t": 40, "b": 50},
+        **STYLE, "height": 2 * ROW_HEIGHT, "margin": {"l": 70, "r": 70, "t": 40, "b": 50},
         "xaxis": {**AXIS, "anchor": "y", "title": {"text": "seconds since start"}},
         "yaxis": {**AXIS, "domain": [0.58, 1.0], "title": {"text": "events/s"}, "rangemode": "tozero"},
         "xaxis2": {**AXIS, "anchor": "y2", "matches": "x", "title": {"text": "seconds since start"}},
-        "yaxis2": {**AXIS, "domain": [0.0, 0.42], "title": {"text": "events"}, "rangemode": "tozero"},
+        "yaxis2": {**AXIS, "domain": [0.0, 0.42], "title": {"text": "received"}, "rangemode": "tozero"},
+        "yaxis3": {**AXIS, "overlaying": "y2", "side": "right", "title": {"text": "dropped"},
+                   "rangemode": "tozero", "showgrid": False},
         "legend": {"title": {"text": "host"}},
         "annotations": [{"text": f"<b>{t}</b>", "xref": "paper", "yref": "paper", "x": 0, "y": y,
                          "xanchor": "left", "yanchor": "bottom", "showarrow": False}
