@@ -62,16 +62,22 @@ def traces(fp: FleetProbe, max_points: int = MAX_POINTS) -> list[Trace]:
     return out
 
 
+# counts and rates: integer ticks, and 0..5 at least, so an axis with only zeros (no drops yet)
+# reads 0 1 2 3 4 5, not 0 0.237 0.475 ...
+COUNT_AXIS = {**AXIS, "rangemode": "tozero", "tickformat": ",d", "nticks": 6,
+              "autorangeoptions": {"include": [0, 5]}}
+
+
 def layout(width: int | None = WIDTH) -> dict[str, Any]:
     """Two stacked plots sharing the time axis; `width=None`: as wide as the page (live panel)."""
     out: dict[str, Any] = {
         **STYLE, "height": 2 * ROW_HEIGHT, "margin": {"l": 70, "r": 70, "t": 40, "b": 50},
         "xaxis": {**AXIS, "anchor": "y", "title": {"text": "seconds since start"}},
-        "yaxis": {**AXIS, "domain": [0.58, 1.0], "title": {"text": "events/s"}, "rangemode": "tozero"},
+        "yaxis": {**COUNT_AXIS, "domain": [0.58, 1.0], "title": {"text": "events/s"}},
         "xaxis2": {**AXIS, "anchor": "y2", "matches": "x", "title": {"text": "seconds since start"}},
-        "yaxis2": {**AXIS, "domain": [0.0, 0.42], "title": {"text": "received"}, "rangemode": "tozero"},
-        "yaxis3": {**AXIS, "overlaying": "y2", "side": "right", "title": {"text": "dropped"},
-                   "rangemode": "tozero", "showgrid": False},
+        "yaxis2": {**COUNT_AXIS, "domain": [0.0, 0.42], "title": {"text": "received"}},
+        "yaxis3": {**COUNT_AXIS, "overlaying": "y2", "side": "right", "title": {"text": "dropped"},
+                   "showgrid": False},
         "legend": {"title": {"text": "host"}},
         "annotations": [{"text": f"<b>{t}</b>", "xref": "paper", "yref": "paper", "x": 0, "y": y,
                          "xanchor": "left", "yanchor": "bottom", "showarrow": False}
