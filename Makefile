@@ -23,7 +23,9 @@ PYTEST_ARGS ?=
 APT_PACKAGES := python3-bpfcc libbpfcc linux-headers-amd64 bpftool clang libbpf-dev gcc chromium
 DEBIAN_BCC := /usr/lib/python3/dist-packages/bcc
 
-SYSTEM_STAMP := $(VENV_ABS)/.stamp-system
+# named for the package list, so adding a package to it installs that package on a machine
+# set up before
+SYSTEM_STAMP := $(VENV_ABS)/.stamp-system-$(shell printf %s '$(APT_PACKAGES)' | sha256sum | cut -c1-12)
 INSTALL_STAMP := $(VENV_ABS)/.stamp-install
 
 .PHONY: help setup system venv test test-notebooks test-notebooks-live test-binder record-notebooks lint demo lab clean \
