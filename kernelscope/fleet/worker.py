@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -277,8 +278,12 @@ async def save(key: str, root: str) -> dict[str, Any]:
                                   f"{' ...' if len(others) > 4 else ''} of another run: save each run "
                                   "in a folder of its own (one dataset would mix two runs)")
         folder = base / f"host={host_name()}"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / RUN_FILE).write_text(key + "\n")
+        if not folder.is_dir():  # made whole, run file in, under a name the other hosts' checks skip
+            base.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix=f".{folder.name}-", dir=base) as tmp:
+                (Path(tmp) / RUN_FILE).write_text(key + "\n")
+                os.rename(tmp, folder)
+                os.mkdir(tmp)  # for TemporaryDirectory to remove
         return {"path": str(p.save(folder / "capture.parquet"))}
 
     return await _in_thread(go)
