@@ -389,6 +389,7 @@ def test_probes_of_a_client_that_closed_without_close_end_with_their_lease(fleet
     with pytest.raises(FleetError, match="is closed"):
         fp.close()
     assert fp.closed
+    assert fp.df.empty  # still readable: what was pulled (nothing here), no call to the hosts
 
 
 @pytest.mark.kernel

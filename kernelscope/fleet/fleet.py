@@ -444,7 +444,7 @@ class FleetProbe:
         """The rows of output map `name` from every host, `host` first (the only map if None).
         Not live and not stopped: pulls what the hosts hold now. A host in `errors` keeps the
         rows pulled from it before it failed."""
-        if not self.live and not self.final.issuperset(self.hosts):
+        if not self.live and not self.closed and not self.final.issuperset(self.hosts):
             self._pull_all()
         maps = sorted({m for per in self._chunks.values() for m in per})
         if name is None:
