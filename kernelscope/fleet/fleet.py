@@ -191,6 +191,7 @@ def _poll_thread(ref: weakref.ReferenceType[FleetProbe], stop: threading.Event, 
             fp.notes.append(f"live pull failed ({failures} in a row): {type(e).__name__}: {e}; "
                             + ("live pulls stopped" if given_up else
                                f"retrying in {min(interval * 2 ** failures, POLL_BACKOFF_MAX):.1f} s"))
+            del fp.notes[:-50]  # a flaky network over days: the recent ones
             if given_up:
                 return
         finally:
