@@ -12,7 +12,7 @@ run.py runs the child process and keeps what it printed (live), or a saved run (
 from __future__ import annotations
 
 from .parse import BpftraceError, BpftraceMissingError, BpftraceScriptError
-from .run import Bpftrace, BpftraceReplay, close_all, live_runs, replay
+from .run import Bpftrace, BpftraceReplay, BpftraceView, close_all, live_runs, replay
 
 __all__ = ["Bpftrace", "BpftraceError", "BpftraceMissingError", "BpftraceReplay", "BpftraceScriptError",
-           "close_all", "live_runs", "replay"]
+           "BpftraceView", "close_all", "live_runs", "replay"]

@@ -303,7 +303,8 @@ def map_keys(script: str) -> dict[str, list[str]]:
 # --- errors on stderr -----------------------------------------------------------------------
 
 # bpftrace's locations: "stdin:3:5-8: ERROR: ..." (line:col-col), "stdin:1-2: ERROR: ..." (lines)
-_ERROR_AT = re.compile(r"^(?P<file>[^:\n]+):(?P<line>\d+)(?::(?P<col>\d+))?(?:-\d+)?:\s*"
+# (a probe's location starts where the previous token ended: its own line is the last of the range)
+_ERROR_AT = re.compile(r"^(?P<file>[^:\n]+):(?P<line>\d+)(?::(?P<col>\d+))?(?:-(?P<end>\d+))?:\s*"
                        r"ERROR:\s*(?P<msg>.*)$")
 _ERROR = re.compile(r"^ERROR:\s*(?P<msg>.*)$")
 # Said on every start where the memlock hard limit is below what bpftrace asks for; harmless on
@@ -324,7 +325,8 @@ def script_error(stderr: str, returncode: int | None) -> BpftraceError:
         if m:
             detail = "\n".join(lines[i + 1:i + 3])
             col = int(m.group("col")) if m.group("col") else None
-            return BpftraceScriptError(m.group("msg").strip(), int(m.group("line")), col, detail)
+            line = int(m.group("end")) if col is None and m.group("end") else int(m.group("line"))
+            return BpftraceScriptError(m.group("msg").strip(), line, col, detail)
     for ln in lines:
         m = _ERROR.match(ln)
         if m:

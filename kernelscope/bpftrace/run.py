@@ -344,8 +344,9 @@ class BpftraceView:
         if not name.startswith("@"):
             name = "@" + name
         if name not in names:
-            more = ("; maps are printed when the run stops, by print(@map) or interval probes"
-                    if not names else "")
+            more = ("; bpftrace prints its maps when the run stops (or by print(@map), e.g. in an "
+                    "interval probe), and never an empty one" if self.running or not names else
+                    "; bpftrace prints no empty map")
             raise KeyError(f"no map {name!r} printed; this run has {', '.join(names) or 'none'}{more}")
         return name
 
@@ -711,11 +712,12 @@ class BpftraceReplay(BpftraceView, Replay):
 
 def replay(path: str | os.PathLike[str], speed: float | None = None,
            name: str | None = None) -> BpftraceReplay:
-    """A saved bpftrace run (Bpftrace.save, or KERNELSCOPE_MODE=record), all at once unless
-    `speed` (a factor of the recorded pace) is given."""
+    """A saved bpftrace run (Bpftrace.save, or KERNELSCOPE_MODE=record), everything released
+    at once; with `speed` (a factor of the recorded pace), its printf rows as they came, from start()."""
     cap = load(path)
     if cap.settings.get("backend") != KIND:
         raise BpftraceError(f"{path} is a capture of a {cap.settings.get('backend', 'bcc')} probe, "
                             "not of a bpftrace run: replay it with kernelscope.captures.replay.replay")
-    return BpftraceReplay(cap, speed=speed, name=name, path=str(path))
+    run = BpftraceReplay(cap, speed=speed, name=name, path=str(path))
+    return run.start() if speed is None else run
 
