@@ -56,6 +56,16 @@ HISTORY_INTERVAL = 0.1
 # its runtime tests, src/bpftrace.cpp); the attached_probes message comes before attaching.
 ATTACHED_MARK = "__BPFTRACE_NOTIFY_PROBES_ATTACHED"
 PACKAGE = "bpftrace"  # the Debian package
+# Stopping without losing what was already made: on SIGINT bpftrace drops the events it is
+# reading at that moment, uncounted (perf_event_printer returns once exitsig_recv is set,
+# src/bpftrace.cpp). So stop() first makes a probe appended to the script fill SYNC_MAP (a
+# close() of a bad fd from this process; the kernel updates the map within the syscall), then
+# sends SIGUSR1: bpftrace reads every ready perf buffer, then prints all maps. Once SYNC_MAP
+# comes back, everything made before stop() has been read; only then SIGINT.
+SYNC_MAP = "@kernelscope_sync"
+SYNC_FD = -60875  # close(SYNC_FD) fails with EBADF; the tracepoint sees it as an unsigned int
+SYNC_TIMEOUT = 5.0
+CLOSE_TRACEPOINT = "syscalls/sys_enter_close"
 
 __all__ = ["Bpftrace", "BpftraceReplay", "BpftraceView", "close_all", "live_runs", "replay"]
 _live: weakref.WeakSet[Bpftrace] = weakref.WeakSet()
@@ -113,6 +123,18 @@ def probe_specs(script: str) -> list[str]:
     return specs
 
 
+def sync_probe(pid: int) -> str:
+    """The probe appended to a script for stop()'s hand-shake (SYNC_MAP)."""
+    return (f"\ntracepoint:syscalls:sys_enter_close /pid == {pid} && args->fd == {SYNC_FD & 0xFFFFFFFF}/ "
+            f"{{ {SYNC_MAP} = 1; }}\n")
+
+
+def can_sync() -> bool:
+    """Whether the kernel has the close() tracepoint the hand-shake uses (tracefs mounted)."""
+    return any(Path(root, "events", CLOSE_TRACEPOINT).is_dir()
+               for root in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing"))
+
+
 def _new_output(name: str, index: int, dtype: np.dtype, max_rows: int | None) -> MapState:
     schema = Schema(dtype)
     return MapState(OutputMap(name, KIND, index), schema, FrameStore(schema, max_rows))
@@ -156,6 +178,8 @@ class _Child:
         self.helper_errors: list[dict[str, Any]] = []
         self.lost = 0
         self.attached: int | None = None
+        self.synced = threading.Event()  # SYNC_MAP came back
+        self.sync = False  # the script has the sync probe
         self.attached_event = threading.Event()  # set once attached (ATTACHED_MARK), or at the end
         self.marked = False  # bpftrace said every probe is attached
         self.ended = threading.Event()
@@ -301,12 +325,26 @@ class _Child:
             ms.store.append(Batch(texts), stamp)
         with self.lock:
             for name, snap in got.snapshots:
-                self.snapshots.setdefault(name, []).append(snap)
+                if name == SYNC_MAP:
+                    self.synced.set()
+                else:
+                    self.snapshots.setdefault(name, []).append(snap)
             self.messages += [(now - self.t0, k, t) for k, t in got.messages]
             self.helper_errors += got.helper_errors
             self.lost += got.lost
         if got.attached is not None:
-            self.attached = got.attached
+            self.attached = got.attached - self.sync
+
+    def drain(self, timeout: float = SYNC_TIMEOUT) -> bool:
+        """Have bpftrace read everything already made (the SYNC_MAP hand-shake); False if it
+        did not answer within `timeout` s or the script has no sync probe."""
+        if not self.sync or not self.alive:
+            return False
+        self.synced.clear()
+        with contextlib.suppress(OSError):
+            os.close(SYNC_FD)
+        self.signal_group(signal.SIGUSR1)
+        return self.synced.wait(timeout)
 
     def sample(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -345,8 +383,7 @@ class BpftraceView:
             name = "@" + name
         if name not in names:
             more = ("; bpftrace prints its maps when the run stops (or by print(@map), e.g. in an "
-                    "interval probe), and never an empty one" if self.running or not names else
-                    "; bpftrace prints no empty map")
+                    "interval probe), and never an empty one")
             raise KeyError(f"no map {name!r} printed; this run has {', '.join(names) or 'none'}{more}")
         return name
 
@@ -468,7 +505,8 @@ class Bpftrace(BpftraceView, Results, metaclass=_LiveOrReplay):
             return self
         argv = self.argv()
         self.started_at = time.monotonic()
-        self._child.spawn(argv, self.source)
+        self._child.sync = can_sync()
+        self._child.spawn(argv, self.source + (sync_probe(os.getpid()) if self._child.sync else ""))
         if wait:
             try:
                 self.wait_attached(self.attach_timeout)
@@ -503,6 +541,8 @@ class Bpftrace(BpftraceView, Results, metaclass=_LiveOrReplay):
         is killed at once), then the process group is killed and the child reaped. Idempotent."""
         if self.started_at is None or self._stopped is not None:
             return self
+        if self.loaded:
+            self._child.drain()
         self._child.end(graceful=self.loaded)
         self._note_stderr()
         if self._child.error is not None and self.error is None:
@@ -719,5 +759,7 @@ def replay(path: str | os.PathLike[str], speed: float | None = None,
         raise BpftraceError(f"{path} is a capture of a {cap.settings.get('backend', 'bcc')} probe, "
                             "not of a bpftrace run: replay it with kernelscope.captures.replay.replay")
     run = BpftraceReplay(cap, speed=speed, name=name, path=str(path))
-    return run.start() if speed is None else run
+    if speed is None:
+        run.start()
+    return run
 
