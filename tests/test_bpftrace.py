@@ -165,6 +165,9 @@ def test_error_locations_from_stderr() -> None:
                            "stdin:4:3-6: ERROR: syntax error, unexpected identifier\n  foo bar }\n  ~~~\n", 1)
     assert isinstance(e, parse.BpftraceScriptError)
     assert (e.line, e.col, e.message) == (4, 3, "syntax error, unexpected identifier")
+    said = parse.stderr_messages(["ERROR: couldn't set RLIMIT_MEMLOCK for bpftrace.",
+                                  "stdin:1:5-7: WARNING: x", "BEGIN { }", "    ~~", "WARNING: y"])
+    assert said == ["stdin:1:5-7: WARNING: x\nBEGIN { }\n    ~~", "WARNING: y"]
     e = parse.script_error("stdin:1-2: ERROR: tracepoint not found: a:b\n", 1)
     assert isinstance(e, parse.BpftraceScriptError)
     assert (e.line, e.col) == (2, None)

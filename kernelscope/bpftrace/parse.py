@@ -316,6 +316,23 @@ def harmless(line: str) -> bool:
     return any(p.search(line) for p in HARMLESS)
 
 
+_SAYS = re.compile(r"^(?:[^:\s]+:\d+(?::\d+)?(?:-\d+)?:\s*)?(?:WARNING|ERROR|INFO):")
+
+
+def stderr_messages(lines: list[str]) -> list[str]:
+    """bpftrace's stderr as messages: each WARNING/ERROR line with the source line and
+    marker it prints under it; the harmless ones left out."""
+    out: list[str] = []
+    for ln in lines:
+        if not ln.strip() or harmless(ln):
+            continue
+        if out and not _SAYS.match(ln):
+            out[-1] += "\n" + ln
+        else:
+            out.append(ln)
+    return out
+
+
 def script_error(stderr: str, returncode: int | None) -> BpftraceError:
     """What bpftrace's stderr says went wrong: a BpftraceScriptError at its line when it
     named one, else a BpftraceError with its last words."""

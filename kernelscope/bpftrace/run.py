@@ -532,9 +532,9 @@ class Bpftrace(BpftraceView, Results, metaclass=_LiveOrReplay):
         return self
 
     def _note_stderr(self) -> None:
-        for ln in self._child.stderr:
-            if ln.strip() and not parse.harmless(ln) and ln not in self.warnings:
-                self.warnings.append(ln)
+        for said in parse.stderr_messages(self._child.stderr):
+            if said not in self.warnings:
+                self.warnings.append(said)
 
     def stop(self) -> Bpftrace:
         """End the run: SIGINT, so bpftrace prints every map and exits (a run not yet attached

@@ -360,6 +360,8 @@ class BPFMagics(Magics):
         self.end_status(name)  # after close: its last refresh shows the probe closed
         kept = (f"{stored_rows(probe):,} rows kept in {name}.df" if probe.outputs else
                 f"its maps are kept as they were in {name}.maps")  # a counting program
+        if isinstance(probe, bt_.BpftraceView) and probe.map_names:
+            kept += f"; maps {', '.join(probe.map_names)} in {name}.map(NAME)"
         print(f"{name}: {'was already stopped' if was_closed else 'stopped'}; {kept}")
 
     @line_magic
