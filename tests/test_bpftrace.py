@@ -226,7 +226,7 @@ interval:ms:100 {{ print(@calls); }}
 
 
 @pytest.mark.kernel
-def test_hist_matches_the_reads_made(tmp_path: Path) -> None:
+def test_hist_matches_the_reads_made(shell: Shell, tmp_path: Path) -> None:
     """read() sizes the target chose: hist() and lhist() put each in the bucket holding it, and
     the saved run replays the same frames, maps and histograms."""
     sizes = [1] * 3 + [100] * 5 + [4096] * 7 + [70000] * 2 + [0] * 4
@@ -250,6 +250,9 @@ def test_hist_matches_the_reads_made(tmp_path: Path) -> None:
     assert r.hist("@bytes") == bt.hist("@bytes")
     assert r.hist("@lin") == bt.hist("@lin")
     assert r.stats["printf"]["received"] == len(sizes)
+    with capture_output():
+        shell.run_cell(f"%%bpftrace again --replay {path}\n// the recorded script is used")
+    assert shell.user_ns["again"].hist("@bytes") == bt.hist("@bytes")
     if can_drop_privileges():  # Binder's user: no bpftrace, no BPF, no root
         shared = Path(tempfile.mkdtemp(prefix="ks-bt-"))
         try:
@@ -261,6 +264,19 @@ def test_hist_matches_the_reads_made(tmp_path: Path) -> None:
             shutil.rmtree(shared)
         assert out.error is None, out.traceback
         assert out.value == (bt.hist("@bytes").counts.tolist(), len(sizes))
+
+
+@pytest.mark.kernel
+def test_pid_run_ends_when_its_process_exits() -> None:
+    """bpftrace -p PID: the run ends by itself when that process exits, and wait() returns then."""
+    target = Target("[os.getppid() for _ in range(5)]\n")
+    bt = Bpftrace(f"tracepoint:syscalls:sys_enter_getppid /pid == {target.pid}/ {{ @n = count(); }}",
+                  pid=target.pid).start()
+    target.run()
+    bt.wait(duration=60)
+    assert bt.returncode == 0
+    assert bt.map("@n")["value"].tolist() == [5]
+    assert bt.stats == {}  # no printf: nothing streamed, nothing to lose
 
 
 @pytest.mark.kernel
