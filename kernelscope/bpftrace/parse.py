@@ -377,6 +377,7 @@ class Snapshot:
     t: float  # seconds since the run started
     kind: str  # "map", "hist", "stats"
     data: Any
+    frame: pd.DataFrame | None = None  # map_frame() of it, once asked for
 
 
 def _split_key(key: str, n: int) -> list[str]:
@@ -550,7 +551,6 @@ class Parsed:
     messages: list[tuple[str, str]] = field(default_factory=list)  # (type, text): value, time, cat...
     lost: int = 0
     attached: int | None = None
-    helper_errors: list[dict[str, Any]] = field(default_factory=list)
 
 
 def dispatch(msgs: list[dict[str, Any]], formats: list[Format], t: float) -> Parsed:
@@ -579,8 +579,8 @@ def dispatch(msgs: list[dict[str, Any]], formats: list[Format], t: float) -> Par
                 out.messages.append(("lost_events", str(data)))
         elif kind == "attached_probes" and isinstance(data, dict):
             out.attached = int(data.get("probes", 0))
-        elif kind == "helper_error":
-            out.helper_errors.append(msg)
+        elif kind == "helper_error":  # a helper failed at run time: its name, return code, line, column
+            out.messages.append(("helper_error", json.dumps({k: v for k, v in msg.items() if k != "type"})))
         else:
             out.messages.append((str(kind), data if isinstance(data, str) else json.dumps(data)))
     return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import html
 import os
 import selectors
 import shutil
@@ -52,6 +53,7 @@ FRAME_PREFIX = "bpftrace/"  # its maps and messages in a capture's frames
 ATTACH_TIMEOUT = 60.0  # seconds bpftrace may take to compile and attach (seconds here, more when busy)
 STOP_TIMEOUT = 10.0  # seconds bpftrace may take to print its maps and exit after SIGINT
 HISTORY_INTERVAL = 0.1
+MAX_SNAPSHOTS = 10_000  # printings kept per map
 # With this variable set, bpftrace writes it on stderr once every probe is attached (the hook of
 # its runtime tests, src/bpftrace.cpp); the attached_probes message comes before attaching.
 ATTACHED_MARK = "__BPFTRACE_NOTIFY_PROBES_ATTACHED"
@@ -174,8 +176,8 @@ class _Child:
         self.proc: subprocess.Popen[bytes] | None = None
         self.lock = threading.Lock()
         self.snapshots: dict[str, list[Snapshot]] = {}
+        self.snapshots_dropped: dict[str, int] = {}  # the oldest printings let go (MAX_SNAPSHOTS)
         self.messages: list[tuple[float, str, str]] = []
-        self.helper_errors: list[dict[str, Any]] = []
         self.lost = 0
         self.attached: int | None = None
         self.synced = threading.Event()  # SYNC_MAP came back
@@ -328,9 +330,12 @@ class _Child:
                 if name == SYNC_MAP:
                     self.synced.set()
                 else:
-                    self.snapshots.setdefault(name, []).append(snap)
+                    kept = self.snapshots.setdefault(name, [])
+                    kept.append(snap)
+                    if len(kept) > MAX_SNAPSHOTS:  # a long run printing at intervals: the newest stay
+                        del kept[0]
+                        self.snapshots_dropped[name] = self.snapshots_dropped.get(name, 0) + 1
             self.messages += [(now - self.t0, k, t) for k, t in got.messages]
-            self.helper_errors += got.helper_errors
             self.lost += got.lost
         if got.attached is not None:
             self.attached = got.attached - self.sync
@@ -419,6 +424,16 @@ class BpftraceView:
         return parse.histogram(frame, call, guess_unit(name.lstrip("@"), *(call[1][:1] if call else [])))
 
 
+def maps_html(view: BpftraceView, rows: int = 10) -> str:
+    """Each map as last printed (its first `rows` rows), for a run's HTML view."""
+    parts = []
+    for name in view.map_names:
+        frame = view.map(name)
+        more = f" ({len(frame):,} rows)" if len(frame) > rows else ""
+        parts.append(f"<p><b>{html.escape(name)}</b>{more}</p>{frame.head(rows).to_html(index=False)}")
+    return f"<div>{''.join(parts)}</div>" if parts else ""
+
+
 class _LiveOrReplay(type):
     """`Bpftrace(..., name=N)` under KERNELSCOPE_MODE=replay is the replay of N's capture."""
 
@@ -461,7 +476,6 @@ class Bpftrace(BpftraceView, Results, metaclass=_LiveOrReplay):
         self._child = _Child(self.formats, self.outputs, max_rows)
         self._finalizer = weakref.finalize(self, self._child.end, False)
         self._stopped: dict[str, dict[str, Any]] | None = None
-        self._frames_cache: dict[tuple[str, int], tuple[float, str, pd.DataFrame]] = {}
         _live.add(self)
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -633,13 +647,10 @@ class Bpftrace(BpftraceView, Results, metaclass=_LiveOrReplay):
         with self._child.lock:
             snaps = list(self._child.snapshots.get(name, []))
         keys = parse.map_keys(self.source).get(name)
-        out = []
-        for i, s in enumerate(snaps):
-            got = self._frames_cache.get((name, i))
-            if got is None:
-                got = self._frames_cache[(name, i)] = (s.t, s.kind, parse.map_frame(s, keys))
-            out.append(got)
-        return out
+        for snap in snaps:
+            if snap.frame is None:
+                snap.frame = parse.map_frame(snap, keys)
+        return [(snap.t, snap.kind, snap.frame) for snap in snaps if snap.frame is not None]
 
     def messages(self) -> pd.DataFrame:
         """What else bpftrace printed: print() of values, time(), cat(), join(), system()...
@@ -654,6 +665,9 @@ class Bpftrace(BpftraceView, Results, metaclass=_LiveOrReplay):
         if not self.outputs and self.map_names:
             return self.map()
         return self.frame()
+
+    def _repr_html_(self) -> str:
+        return Results._repr_html_(self) + maps_html(self)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """printf rows (as events), every printing of every map and the other messages, in one
@@ -748,6 +762,9 @@ class BpftraceReplay(BpftraceView, Replay):
 
     def attach_points(self) -> list[str]:
         return [*self._info.get("attach_points", []), f"(replay of {self.path or 'a capture'})"]
+
+    def _repr_html_(self) -> str:
+        return Replay._repr_html_(self) + maps_html(self)
 
 
 def replay(path: str | os.PathLike[str], speed: float | None = None,
