@@ -551,16 +551,20 @@ class Parsed:
     messages: list[tuple[str, str]] = field(default_factory=list)  # (type, text): value, time, cat...
     lost: int = 0
     attached: int | None = None
+    synced: list[int] = field(default_factory=list)  # CPUs whose sync line came
 
 
-def dispatch(msgs: list[dict[str, Any]], formats: list[Format], t: float) -> Parsed:
+def dispatch(msgs: list[dict[str, Any]], formats: list[Format], t: float, sync: str = "") -> Parsed:
     """Sort messages: printf rows to their format (the most literal formats tried first), map
-    printings to snapshots, lost_events counted, the rest kept as (type, text)."""
+    printings to snapshots, lost_events counted, the rest kept as (type, text). printf lines
+    starting with `sync` are kernelscope's own: the CPU number after it goes to `synced`."""
     out = Parsed()
     order = sorted(range(len(formats)), key=lambda i: -formats[i].literal_chars)
     for msg in msgs:
         kind, data = msg.get("type"), msg.get("data")
-        if kind == "printf":
+        if kind == "printf" and sync and str(data).startswith(sync):
+            out.synced.append(int(str(data)[len(sync):].strip() or -1))
+        elif kind == "printf":
             text = str(data)
             for i in order:
                 rec = formats[i].record(text)

@@ -58,13 +58,15 @@ MAX_SNAPSHOTS = 10_000  # printings kept per map
 # its runtime tests, src/bpftrace.cpp); the attached_probes message comes before attaching.
 ATTACHED_MARK = "__BPFTRACE_NOTIFY_PROBES_ATTACHED"
 PACKAGE = "bpftrace"  # the Debian package
-# Stopping without losing what was already made: on SIGINT bpftrace drops the events it is
-# reading at that moment, uncounted (perf_event_printer returns once exitsig_recv is set,
-# src/bpftrace.cpp). So stop() first makes a probe appended to the script fill SYNC_MAP (a
-# close() of a bad fd from this process; the kernel updates the map within the syscall), then
-# sends SIGUSR1: bpftrace reads every ready perf buffer, then prints all maps. Once SYNC_MAP
-# comes back, everything made before stop() has been read; only then SIGINT.
-SYNC_MAP = "@kernelscope_sync"
+# Stopping without losing or miscounting what was already made. On SIGINT bpftrace drops the
+# events it is reading at that moment, uncounted (perf_event_printer returns once exitsig_recv is
+# set, src/bpftrace.cpp); and the kernel reports a perf buffer's lost events only with the next
+# record written to that CPU's buffer (a PERF_RECORD_LOST before it), so losses at the end of a
+# burst stay unreported. So stop() first has a probe appended to the script printf SYNC_TEXT on
+# every CPU (a close() of a bad fd from a thread pinned to each CPU in turn), and waits for the
+# line of each CPU: each CPU's buffer is read in order, so by then everything made before, and
+# every loss, has been read. Only then SIGINT.
+SYNC_TEXT = "__kernelscope_sync__ "
 SYNC_FD = -60875  # close(SYNC_FD) fails with EBADF; the tracepoint sees it as an unsigned int
 SYNC_TIMEOUT = 5.0
 CLOSE_TRACEPOINT = "syscalls/sys_enter_close"
@@ -126,9 +128,17 @@ def probe_specs(script: str) -> list[str]:
 
 
 def sync_probe(pid: int) -> str:
-    """The probe appended to a script for stop()'s hand-shake (SYNC_MAP)."""
+    """The probe appended to a script for stop()'s hand-shake (SYNC_TEXT)."""
     return (f"\ntracepoint:syscalls:sys_enter_close /pid == {pid} && args->fd == {SYNC_FD & 0xFFFFFFFF}/ "
-            f"{{ {SYNC_MAP} = 1; }}\n")
+            f'{{ printf("{SYNC_TEXT}%d\\n", cpu); }}\n')
+
+
+def _close_on_each(cpus: list[int]) -> None:
+    """close(SYNC_FD) from this thread on each CPU of `cpus` (the thread's affinity changes)."""
+    for cpu in cpus:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, {cpu})
+            os.close(SYNC_FD)
 
 
 def can_sync() -> bool:
@@ -180,7 +190,8 @@ class _Child:
         self.messages: list[tuple[float, str, str]] = []
         self.lost = 0
         self.attached: int | None = None
-        self.synced = threading.Event()  # SYNC_MAP came back
+        self.synced = threading.Event()  # a SYNC_TEXT line came
+        self.synced_cpus: set[int] = set()
         self.sync = False  # the script has the sync probe
         self.attached_event = threading.Event()  # set once attached (ATTACHED_MARK), or at the end
         self.marked = False  # bpftrace said every probe is attached
@@ -313,7 +324,10 @@ class _Child:
         if not msgs:
             return
         now = time.monotonic()
-        got = parse.dispatch(msgs, self.formats, now - self.t0)
+        got = parse.dispatch(msgs, self.formats, now - self.t0, SYNC_TEXT)
+        if got.synced:
+            self.synced_cpus.update(got.synced)
+            self.synced.set()
         stamp = time.monotonic_ns()
         for i, recs in got.rows.items():
             self.outputs[self.names[i]].store.append(Batch(np.concatenate(recs)), stamp)
@@ -327,29 +341,35 @@ class _Child:
             ms.store.append(Batch(texts), stamp)
         with self.lock:
             for name, snap in got.snapshots:
-                if name == SYNC_MAP:
-                    self.synced.set()
-                else:
-                    kept = self.snapshots.setdefault(name, [])
-                    kept.append(snap)
-                    if len(kept) > MAX_SNAPSHOTS:  # a long run printing at intervals: the newest stay
-                        del kept[0]
-                        self.snapshots_dropped[name] = self.snapshots_dropped.get(name, 0) + 1
+                kept = self.snapshots.setdefault(name, [])
+                kept.append(snap)
+                if len(kept) > MAX_SNAPSHOTS:  # a long run printing at intervals: the newest stay
+                    del kept[0]
+                    self.snapshots_dropped[name] = self.snapshots_dropped.get(name, 0) + 1
             self.messages += [(now - self.t0, k, t) for k, t in got.messages]
             self.lost += got.lost
         if got.attached is not None:
             self.attached = got.attached - self.sync
 
     def drain(self, timeout: float = SYNC_TIMEOUT) -> bool:
-        """Have bpftrace read everything already made (the SYNC_MAP hand-shake); False if it
-        did not answer within `timeout` s or the script has no sync probe."""
+        """Have bpftrace read everything already made and every loss (the SYNC_TEXT hand-shake
+        on each CPU); False if it did not answer within `timeout` s or has no sync probe."""
         if not self.sync or not self.alive:
             return False
-        self.synced.clear()
-        with contextlib.suppress(OSError):
-            os.close(SYNC_FD)
-        self.signal_group(signal.SIGUSR1)
-        return self.synced.wait(timeout)
+        want = set(os.sched_getaffinity(0))
+        self.synced_cpus.clear()
+        deadline = time.monotonic() + timeout
+        while not want <= self.synced_cpus:
+            if time.monotonic() > deadline or not self.alive:
+                return False
+            self.synced.clear()
+            # a CPU whose buffer was full lost its line (a loss it reports with the next): again
+            t = threading.Thread(target=_close_on_each, args=(sorted(want - self.synced_cpus),),
+                                 name="kernelscope-bpftrace-sync", daemon=True)
+            t.start()
+            t.join()
+            self.synced.wait(HISTORY_INTERVAL)
+        return True
 
     def sample(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -551,8 +571,9 @@ class Bpftrace(BpftraceView, Results, metaclass=_LiveOrReplay):
                 self.warnings.append(said)
 
     def stop(self) -> Bpftrace:
-        """End the run: SIGINT, so bpftrace prints every map and exits (a run not yet attached
-        is killed at once), then the process group is killed and the child reaped. Idempotent."""
+        """End the run: once bpftrace has read what was made before (and reported its losses:
+        see SYNC_TEXT), SIGINT, so it prints every map and exits (a run not yet attached is
+        killed at once); then the process group is killed and the child reaped. Idempotent."""
         if self.started_at is None or self._stopped is not None:
             return self
         if self.loaded:
