@@ -188,7 +188,9 @@ class _Child:
         self.snapshots: dict[str, list[Snapshot]] = {}
         self.snapshots_dropped: dict[str, int] = {}  # the oldest printings let go (MAX_SNAPSHOTS)
         self.messages: list[tuple[float, str, str]] = []
-        self.lost = 0
+        self.lost_reported = 0  # bpftrace's lost_events, our own sync lines included
+        self.sync_sent = 0  # close(SYNC_FD) calls: each writes one sync line (or loses it)
+        self.sync_received = 0
         self.attached: int | None = None
         self.synced = threading.Event()  # a SYNC_TEXT line came
         self.synced_cpus: set[int] = set()
@@ -326,6 +328,7 @@ class _Child:
         now = time.monotonic()
         got = parse.dispatch(msgs, self.formats, now - self.t0, SYNC_TEXT)
         if got.synced:
+            self.sync_received += len(got.synced)
             self.synced_cpus.update(got.synced)
             self.synced.set()
         stamp = time.monotonic_ns()
@@ -347,9 +350,15 @@ class _Child:
                     del kept[0]
                     self.snapshots_dropped[name] = self.snapshots_dropped.get(name, 0) + 1
             self.messages += [(now - self.t0, k, t) for k, t in got.messages]
-            self.lost += got.lost
+            self.lost_reported += got.lost
         if got.attached is not None:
             self.attached = got.attached - self.sync
+
+    @property
+    def lost(self) -> int:
+        """Events of the script lost: bpftrace's count less the sync lines lost (a sync line
+        sent that did not come was lost, and is in bpftrace's count; exact once drain() is done)."""
+        return max(0, self.lost_reported - max(0, self.sync_sent - self.sync_received))
 
     def drain(self, timeout: float = SYNC_TIMEOUT) -> bool:
         """Have bpftrace read everything already made and every loss (the SYNC_TEXT hand-shake
@@ -364,8 +373,10 @@ class _Child:
                 return False
             self.synced.clear()
             # a CPU whose buffer was full lost its line (a loss it reports with the next): again
-            t = threading.Thread(target=_close_on_each, args=(sorted(want - self.synced_cpus),),
-                                 name="kernelscope-bpftrace-sync", daemon=True)
+            cpus = sorted(want - self.synced_cpus)
+            self.sync_sent += len(cpus)
+            t = threading.Thread(target=_close_on_each, args=(cpus,), name="kernelscope-bpftrace-sync",
+                                 daemon=True)
             t.start()
             t.join()
             self.synced.wait(HISTORY_INTERVAL)
