@@ -157,7 +157,7 @@ def run_stats(outputs: dict[str, MapState], lost: int) -> dict[str, dict[str, An
     one perf buffer, not per format: they are the `dropped` of the output when there is one,
     else of an "unattributed" entry, so the sums over entries are exact either way."""
     out: dict[str, dict[str, Any]] = {}
-    for name, ms in outputs.items():
+    for name, ms in list(outputs.items()):  # the reader thread may add printf_other meanwhile
         out[name] = _entry(ms.om.kind, ms.store.received, len(ms.store), ms.store.evicted,
                            ms.store.memory_bytes)
     if lost:
