@@ -347,7 +347,10 @@ def script_error(stderr: str, returncode: int | None) -> BpftraceError:
     for ln in lines:
         m = _ERROR.match(ln)
         if m:
-            return BpftraceScriptError(m.group("msg").strip())
+            said = m.group("msg").strip()
+            if "root user" in said:  # 0.17: "bpftrace currently only supports running as the root user."
+                said += " Without root, notebooks can replay recorded runs (KERNELSCOPE_MODE=replay)."
+            return BpftraceScriptError(said)
     said = "\n".join(lines[-10:]).strip() or "nothing on stderr"
     return BpftraceError(f"bpftrace exited with status {returncode} before attaching: {said}")
 
