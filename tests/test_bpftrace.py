@@ -171,6 +171,9 @@ def test_error_locations_from_stderr() -> None:
     e = parse.script_error("stdin:1-2: ERROR: tracepoint not found: a:b\n", 1)
     assert isinstance(e, parse.BpftraceScriptError)
     assert (e.line, e.col) == (2, None)
+    e = parse.script_error("ERROR: bpftrace currently only supports running as the root user.\n", 1)
+    assert "root user" in str(e)
+    assert "KERNELSCOPE_MODE=replay" in str(e)
 
 
 def test_missing_bpftrace_names_the_package(shell: Shell, monkeypatch: pytest.MonkeyPatch) -> None:
