@@ -360,8 +360,11 @@ class BPFMagics(Magics):
         self.end_status(name)  # after close: its last refresh shows the probe closed
         kept = (f"{stored_rows(probe):,} rows kept in {name}.df" if probe.outputs else
                 f"its maps are kept as they were in {name}.maps")  # a counting program
-        if isinstance(probe, bt_.BpftraceView) and probe.map_names:
-            kept += f"; maps {', '.join(probe.map_names)} in {name}.map(NAME)"
+        if isinstance(probe, bt_.BpftraceView):  # its maps are what bpftrace printed
+            parts = [f"{stored_rows(probe):,} rows kept in {name}.df"] if probe.outputs else []
+            if probe.map_names:
+                parts.append(f"maps {', '.join(probe.map_names)} kept in {name}.map(NAME)")
+            kept = "; ".join(parts) or "bpftrace printed nothing"
         print(f"{name}: {'was already stopped' if was_closed else 'stopped'}; {kept}")
 
     @line_magic
