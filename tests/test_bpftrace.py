@@ -87,6 +87,7 @@ def no_bpftrace_left() -> Iterator[None]:
     yield
     assert bpftrace_children() == []
     assert live_runs() == []
+    assert not [t for t in threading.enumerate() if t.name.startswith("kernelscope-bpftrace")]
 
 
 # --- parsing (no bpftrace) -----------------------------------------------------------------

@@ -73,9 +73,33 @@ CLOSE_TRACEPOINT = "syscalls/sys_enter_close"
 
 __all__ = ["Bpftrace", "BpftraceReplay", "BpftraceView", "close_all", "live_runs", "replay"]
 _live: weakref.WeakSet[Bpftrace] = weakref.WeakSet()
-# Children are started from this one long-lived thread: PR_SET_PDEATHSIG fires when the thread
-# that forked exits, so a child forked by a short-lived thread would die with it.
-_SPAWNER = ThreadPoolExecutor(1, thread_name_prefix="kernelscope-bpftrace-spawn")
+# Children are started from one spawner thread: PR_SET_PDEATHSIG fires when the thread that
+# forked exits, so a child forked by a short-lived thread would die with it. The spawner lives
+# while any run does (its end would kill their children) and ends with the last one.
+_spawner: ThreadPoolExecutor | None = None
+_spawner_lock = threading.RLock()  # RLock: a finalizer may release it while this thread spawns
+
+
+def _spawn(argv: list[str], **popen: Any) -> subprocess.Popen[bytes]:
+    """subprocess.Popen(argv, **popen), forked by the spawner thread."""
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = ThreadPoolExecutor(1, thread_name_prefix="kernelscope-bpftrace-spawn")
+        return _spawner.submit(_popen, argv, popen).result()
+
+
+def _popen(argv: list[str], popen: dict[str, Any]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, **popen)
+
+
+def _release_spawner() -> None:
+    """End the spawner thread once no run has a child left (stopped, closed or collected)."""
+    global _spawner
+    with _spawner_lock:
+        if _spawner is not None and not any(b._child.has_child for b in list(_live)):
+            _spawner.shutdown(wait=True)
+            _spawner = None
 
 
 def live_runs() -> list[Bpftrace]:
@@ -88,6 +112,7 @@ def close_all() -> None:
     """Stop every live bpftrace run (interpreter exit, %bpf_stop --all, unloading the extension)."""
     for b in live_runs():
         b.close()
+    _release_spawner()
 
 
 def find_bpftrace(path: str | None = None) -> str:
@@ -211,11 +236,9 @@ class _Child:
     def spawn(self, argv: list[str], script: str) -> None:
         wrap = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
         self.t0 = time.monotonic()
-        self.proc = _SPAWNER.submit(
-            subprocess.Popen, [*wrap, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, start_new_session=True,
-            env={**os.environ, "LC_ALL": "C", ATTACHED_MARK: "1"},
-        ).result()
+        self.proc = _spawn([*wrap, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, start_new_session=True,
+                           env={**os.environ, "LC_ALL": "C", ATTACHED_MARK: "1"})
         assert self.proc.stdin is not None
         try:
             self.proc.stdin.write(script.encode())
@@ -228,6 +251,11 @@ class _Child:
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def has_child(self) -> bool:
+        """Started and not reaped by end() yet."""
+        return self.proc is not None and self.returncode is None
 
     def signal_group(self, sig: int) -> None:
         """`sig` to bpftrace's process group (its own session), unless it was reaped already."""
@@ -394,6 +422,12 @@ class _Child:
                                                       "capacity_bytes", "lost_records")} | {"t": now})
 
 
+def _finish(child: _Child) -> None:
+    """A collected run's end: its child killed and reaped, the spawner let go if it was the last."""
+    child.end(graceful=False)
+    _release_spawner()
+
+
 class BpftraceView:
     """Reading a bpftrace run's maps, shared by live runs and replays. The subclass provides
     `source` (the script) and `_snapshot_frames`."""
@@ -505,7 +539,7 @@ class Bpftrace(BpftraceView, Results, metaclass=_LiveOrReplay):
         self.closed = False
         self.started_at: float | None = None
         self._child = _Child(self.formats, self.outputs, max_rows)
-        self._finalizer = weakref.finalize(self, self._child.end, False)
+        self._finalizer = weakref.finalize(self, _finish, self._child)
         self._stopped: dict[str, dict[str, Any]] | None = None
         _live.add(self)
 
@@ -595,6 +629,7 @@ class Bpftrace(BpftraceView, Results, metaclass=_LiveOrReplay):
             self.error = self._child.error
         self._stopped = self._compute_stats()
         self._record()
+        _release_spawner()
         return self
 
     def close(self) -> None:
@@ -605,6 +640,7 @@ class Bpftrace(BpftraceView, Results, metaclass=_LiveOrReplay):
             self.stop()
         self.closed = True
         self._finalizer()
+        _release_spawner()
 
     def __enter__(self) -> Bpftrace:
         return self.start()
