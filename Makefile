@@ -18,9 +18,9 @@ PYTEST_ARGS ?=
 
 # Debian packages: BCC (Python bindings + library), headers for BCC, bpftool, and the CO-RE
 # toolchain (clang, libbpf), and chromium for the browser test and static plots (Playwright and
-# kaleido drive it; neither may download a browser). BCC is not on PyPI; its PyPI namesakes
-# are unrelated projects.
-APT_PACKAGES := python3-bpfcc libbpfcc linux-headers-amd64 bpftool clang libbpf-dev gcc chromium
+# kaleido drive it; neither may download a browser), and bpftrace for %%bpftrace cells. BCC is
+# not on PyPI; its PyPI namesakes are unrelated projects.
+APT_PACKAGES := python3-bpfcc libbpfcc linux-headers-amd64 bpftool clang libbpf-dev gcc chromium bpftrace
 DEBIAN_BCC := /usr/lib/python3/dist-packages/bcc
 
 # named for the package list, so adding a package to it installs that package on a machine
