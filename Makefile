@@ -18,12 +18,14 @@ PYTEST_ARGS ?=
 
 # Debian packages: BCC (Python bindings + library), headers for BCC, bpftool, and the CO-RE
 # toolchain (clang, libbpf), and chromium for the browser test and static plots (Playwright and
-# kaleido drive it; neither may download a browser). BCC is not on PyPI; its PyPI namesakes
-# are unrelated projects.
-APT_PACKAGES := python3-bpfcc libbpfcc linux-headers-amd64 bpftool clang libbpf-dev gcc chromium
+# kaleido drive it; neither may download a browser), and bpftrace for %%bpftrace cells. BCC is
+# not on PyPI; its PyPI namesakes are unrelated projects.
+APT_PACKAGES := python3-bpfcc libbpfcc linux-headers-amd64 bpftool clang libbpf-dev gcc chromium bpftrace
 DEBIAN_BCC := /usr/lib/python3/dist-packages/bcc
 
-SYSTEM_STAMP := $(VENV_ABS)/.stamp-system
+# named for the package list, so adding a package to it installs that package on a machine
+# set up before
+SYSTEM_STAMP := $(VENV_ABS)/.stamp-system-$(shell printf %s '$(APT_PACKAGES)' | sha256sum | cut -c1-12)
 INSTALL_STAMP := $(VENV_ABS)/.stamp-install
 
 .PHONY: help setup system venv test test-notebooks test-notebooks-live test-binder record-notebooks lint demo lab clean \

@@ -514,6 +514,35 @@ class FrameStore:
             return _Chunk(np.empty(0, self.schema.dtype), self.received, np.empty(0, np.int64), None)
         return _concat(chunks, self.schema.dtype)
 
+    def since(self, start: int, limit: int | None = None) -> tuple[int, list[_Chunk]]:
+        """Stored rows with seq >= `start`, at most `limit` of them, oldest first (views where in
+        memory), reading back only the spilled segments that hold some: (the oldest seq >= start
+        still stored, the chunks). Rows below a chunk's seq0 not in an earlier chunk were evicted."""
+        segs, mem, first, _ = self._snapshot()
+        out: list[_Chunk] = []
+        rows = 0
+        sources: list[spill.Segment | _Chunk] = [*segs, *mem]
+        for src in sources:
+            if limit is not None and rows >= limit:
+                break
+            if isinstance(src, spill.Segment):
+                if src.seq0 + src.rows <= start:
+                    continue
+                try:
+                    records, arrival, cpu = spill.SpillDir.read(src, self.schema.dtype)
+                except OSError:  # evicted (deleted) since the snapshot: its rows count as evicted
+                    continue
+                c = _Chunk(records, src.seq0 + src.skip, arrival, cpu)
+            else:
+                c = src
+            end = c.seq0 + len(c.records)
+            lo = max(start, c.seq0)
+            hi = end if limit is None else min(end, lo + limit - rows)
+            if hi > lo:
+                out.append(_slice(c, lo, hi))
+                rows += hi - lo
+        return max(start, first), out
+
     def records(self) -> np.ndarray:
         """All stored records as one contiguous structured array (oldest first): records
         kept in their ring slots are copied out, byte for byte."""

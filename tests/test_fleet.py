@@ -15,21 +15,30 @@ import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import dask.dataframe as dd
 import distributed
+import numpy as np
 import pandas as pd
 import producers
 import pytest
 from shell import ipython_shell
 from util import wait_for
 
-from kernelscope.errors import CaptureMissingError
-from kernelscope.fleet import Fleet, FleetError, FleetProbe, read_dataset, replay
+from kernelscope import spill
+from kernelscope.errors import CaptureMissingError, SettingError
+from kernelscope.fleet import Fleet, FleetError, FleetProbe, read_dataset, replay, worker
+from kernelscope.fleet import fleet as fleet_mod
+from kernelscope.fleet.cell import probe_args
 from kernelscope.fleet.dataset import parts
+from kernelscope.fleet.fleet import _run
 from kernelscope.fleet.panel import FleetPanel
-from kernelscope.fleet.worker import HOST_ENV
+from kernelscope.fleet.worker import HOST_ENV, _new_rows
+from kernelscope.readers.batch import Batch
+from kernelscope.schema import Schema
+from kernelscope.store import FrameStore
 
 COUNTS = {"host0": 3000, "host1": 5000}
 _producers: dict[int, producers.Producer] = {}  # in each worker process: its paused producers
@@ -50,6 +59,30 @@ def _spawn(count: int) -> int:
 
 def _go(pid: int) -> bool:
     _producers.pop(pid).go()
+    return True
+
+
+def _loaded() -> list[str]:
+    """The fleet probes loaded in this worker process."""
+    from kernelscope.fleet import worker
+
+    return sorted(worker._probes)
+
+
+def _break(name: str, error: str | None) -> bool:
+    """Make kernelscope.fleet.worker.NAME raise RuntimeError(error) in this worker (None: undo)."""
+    from kernelscope.fleet import worker
+
+    saved = worker.__dict__.setdefault("_saved", {})
+    if error is None:
+        setattr(worker, name, saved.pop(name))
+        return True
+    saved[name] = getattr(worker, name)
+
+    def broken(*_a: Any, **_k: Any) -> Any:
+        raise RuntimeError(error)
+
+    setattr(worker, name, broken)
     return True
 
 
@@ -228,6 +261,7 @@ def test_a_host_that_fails_to_load_is_named_and_the_other_pulls_in_bounded_piece
         assert fp.hosts == ["host0"]
         go(fleet, pids)
         wait_for(lambda: fp.poll_once(limit=0) == 0 and fp.stats["host0"]["events"]["received"] == 1200)
+        assert fp.pulled_rows == 0  # limit=0 refreshed the stats and pulled nothing of the 1200
         assert [fp.poll_once(limit=500) for _ in range(4)] == [500, 500, 200, 0]
         assert fp.df.ks_seq.tolist() == list(range(1200))
         fp.stop()
@@ -288,27 +322,186 @@ def test_hosts_and_host_args_must_name_hosts_of_the_cluster(fleet: Fleet) -> Non
         fleet.probe(producers.ring_program(), hosts=["host0"], host_args={"host1": {}})
 
 
+# --- wt-fleetfix: spilled and evicted rows, failed hosts, leases, misuse ---------------------
+
+def _store_rows(store: FrameStore, n: int, per: int = 1000) -> None:
+    dt = store.schema.dtype
+    for i in range(0, n, per):
+        recs = np.zeros(per, dt)
+        recs["x"] = np.arange(i, i + per)
+        store.append(Batch(recs, None), 1000 + i)
+
+
+def test_store_reads_from_a_seq_through_spilled_segments_opening_only_those_needed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    store = FrameStore(Schema(np.dtype([("x", "u8")])), max_bytes=1 << 16)
+    _store_rows(store, 20_000)
+    store.spill_some()
+    assert store.spilled_rows == len(store) == 20_000  # every row on disk: none in memory
+    first, skipped, records, _, _ = _new_rows(store, 0, None)
+    assert (first, skipped, records["x"].tolist()) == (0, 0, list(range(20_000)))  # not 0 rows
+    opened: list[int] = []
+    read = spill.SpillDir.read
+    monkeypatch.setattr(spill.SpillDir, "read",
+                        staticmethod(lambda seg, dt: opened.append(seg.seq0) or read(seg, dt)))
+    first, chunks = store.since(19_990, limit=5)
+    assert [c.records["x"].tolist() for c in chunks] == [[19_990, 19_991, 19_992, 19_993, 19_994]]
+    assert len(opened) == 1  # only the last segment is read back, not the store
+    evicting = FrameStore(Schema(np.dtype([("x", "u8")])), max_rows=500)
+    _store_rows(evicting, 1200, per=100)
+    first, skipped, records, _, _ = _new_rows(evicting, 0, 300)
+    assert (first, skipped, records["x"].tolist()) == (700, 700, list(range(700, 1000)))
+
+
+def test_hosts_are_found_from_here_without_kernelscope_on_the_scheduler(
+        fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_kernelscope(*_a: Any, **_k: Any) -> Any:
+        raise ModuleNotFoundError("No module named 'kernelscope'")
+
+    monkeypatch.setattr(fleet.client, "run_on_scheduler", no_kernelscope)
+    assert _run(fleet.client, worker.heartbeat, fleet._pick(None), "no-such-key") == {
+        "host0": {"alive": False}, "host1": {"alive": False}}
+
+
+def test_a_worker_that_names_no_host_is_reported_by_address(fleet: Fleet) -> None:
+    addr = fleet.workers()["host1"][0]
+    fleet.client.run(_break, "host_name", "kernelscope is not importable here", workers=[addr])
+    try:
+        assert list(fleet.workers()) == ["host0"]
+        assert "kernelscope is not importable here" in fleet.broken[addr]
+        fp = fleet.probe(producers.ring_program(), start=False)
+        assert "kernelscope is not importable here" in fp.errors[addr]
+        assert addr in fp.table().host.tolist()
+    finally:
+        fleet.client.run(_break, "host_name", None, workers=[addr])
+    assert sorted(fleet.workers()) == ["host0", "host1"]
+
+
+def test_fleet_file_puts_its_folder_on_the_include_path(tmp_path: Path) -> None:
+    opts = SimpleNamespace(pages=8, max_rows=None, cflags=[], perf_wakeup=1, reorder_ns=None, name="fp",
+                           backend=None, globals=None, only=None, skip=(), map_sizes=None,
+                           include=["/opt/inc"], file=str(tmp_path / "prog.bpf.c"))
+    assert probe_args(opts)["include"] == [str(tmp_path), "/opt/inc"]
+
+
+@pytest.mark.kernel
+def test_evicted_rows_are_counted_pulls_are_bounded_and_misuse_is_refused(
+        fleet: Fleet, tmp_path: Path) -> None:
+    pids = spawn(fleet, {"host0": 1200, "host1": 300})
+    fp = fleet.probe(producers.ring_program(), host_args=targets(pids), max_rows=500, max_rows_per_pull=200)
+    try:
+        go(fleet, pids)
+        wait_for(lambda: fp.poll_once(limit=0) == 0 and fp.total["events"]["received"] == 1500)
+        pieces: list[int] = []
+        pull = fp.poll_once
+        fp.poll_once = lambda limit=-1: pieces.append(pull(limit)) or pieces[-1]  # type: ignore[method-assign]
+        fp.stop()
+        assert pieces == [400, 300, 100, 0]  # the backlog in pieces of 200 per host, not one message
+        table = fp.table().set_index("host")
+        assert table.loc["host0", ["received", "pulled", "skipped"]].tolist() == [1200, 500, 700]
+        assert table.loc["host1", ["received", "pulled", "skipped"]].tolist() == [300, 300, 0]
+        assert table.loc["all (2)", ["pulled", "skipped"]].tolist() == [800, 700]
+        assert fp.df[fp.df.host == "host0"].ks_seq.tolist() == list(range(700, 1200))
+        with pytest.raises(KeyError, match="no output map 'evnts'; the probe's output maps are events"):
+            fp.frame("evnts")
+        with pytest.raises(FleetError, match="was stopped"):
+            fp.start()
+        with pytest.raises(SettingError, match="absolute root"):
+            fp.save("relative/run")
+        (tmp_path / "old" / "host=db9").mkdir(parents=True)
+        with pytest.raises(FleetError, match=r"(?s)host0: .*already holds host=db9 of another run"):
+            fp.save(tmp_path / "old")
+        (tmp_path / "new" / "host=host0" / "capture.parquet").mkdir(parents=True)  # host0 cannot write
+        (tmp_path / "new" / "host=host0" / worker.RUN_FILE).write_text(fp.key)
+        assert list(fp.save(tmp_path / "new")) == ["host1"]
+        assert list(fp.save_errors) == ["host0"]
+        assert fp.hosts == ["host0", "host1"]  # a failed save loses no host, rows or counts
+        assert fp.total["events"]["received"] == 1500
+    finally:
+        fp.close()
+    assert not [a for a, keys in fleet.client.run(_loaded).items() if fp.key in keys]
+
+
+@pytest.mark.kernel
+def test_a_host_whose_calls_failed_is_tried_again_and_freed_on_close(fleet: Fleet) -> None:
+    fp = fleet.probe(producers.ring_program(), cflags=["-DTARGET=1"])
+    addr = fp.workers["host1"]
+    try:
+        fleet.client.run(_break, "to_ipc", "one pull failed", workers=[addr])
+        try:
+            fp.poll_once()
+            assert "one pull failed" in fp.errors["host1"]
+            assert fp.hosts == ["host0"]
+        finally:
+            fleet.client.run(_break, "to_ipc", None, workers=[addr])
+        fp.stop()  # tried again: it answers, so it is back
+        assert fp.errors == {}
+        assert fp.final == {"host0", "host1"}
+        assert any("one pull failed" in w for w in fp.warnings["host1"])
+    finally:
+        fp.close()
+    assert not [a for a, keys in fleet.client.run(_loaded).items() if fp.key in keys]
+
+
+@pytest.mark.kernel
+def test_probes_of_a_client_that_closed_without_close_end_with_their_lease(fleet: Fleet) -> None:
+    other = distributed.Client(fleet.client.scheduler.address)
+    fp = Fleet(other).probe(producers.ring_program(), cflags=["-DTARGET=1"], lease=0.5)
+    assert all(fp.key in keys for keys in fleet.client.run(_loaded).values())
+    other.close()
+    with pytest.raises(FleetError, match=r"client .* is closed.*may still be loaded"):
+        fp.poll_once()
+    wait_for(lambda: not [a for a, ks in fleet.client.run(_loaded).items() if fp.key in ks], what="leases")
+    with pytest.raises(FleetError, match="is closed"):
+        fp.close()
+    assert fp.closed
+    assert fp.df.empty  # still readable: what was pulled (nothing here), no call to the hosts
+
+
+@pytest.mark.kernel
+def test_fleet_cell_with_limit_raises_when_live_pulls_give_up(
+        client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing(self: FleetProbe, limit: int | None = -1) -> int:
+        raise OSError("the network is down")
+
+    monkeypatch.setattr(FleetProbe, "poll_once", failing)
+    monkeypatch.setattr(fleet_mod, "POLL_RETRIES", 1)
+    monkeypatch.setattr(fleet_mod, "POLL_BACKOFF_MAX", 0.0)
+    for sh in ipython_shell():
+        sh.user_ns["client"] = client
+        with pytest.raises(FleetError, match=r"(?s)live pulls .*stopped.*retrying in.*network is down"):
+            sh.run_cell("%%bpf fp --fleet client --quiet --limit 10 -DTARGET=1\n" + producers.ring_program())
+        assert sh.user_ns["fp"].closed
+    assert not [a for a, keys in client.run(_loaded).items() if sh.user_ns["fp"].key in keys]
+
+
 @pytest.mark.kernel
 def test_a_killed_worker_is_reported_and_the_other_hosts_data_kept(fleet: Fleet) -> None:
     """Last in the module: the nanny restarts the killed worker without its host name."""
     pids = spawn(fleet, {"host0": 2000, "host1": 2000})
-    fp = fleet.probe(producers.ring_program(), host_args=targets(pids), live=True, interval=0.05)
+    fp = fleet.probe(producers.ring_program(), host_args=targets(pids), live=True, interval=0.05,
+                     max_rows_per_pull=100)
     try:
         victim = fp.workers["host1"]
-        go(fleet, {"host0": pids["host0"]})
+        go(fleet, pids)
+        wait_for(lambda: fp.table().set_index("host").loc["host1", "pulled"] > 0)  # mid-run: some pulled
         os.kill(fleet.client.run(os.getpid, workers=[victim])[victim], signal.SIGKILL)
         fp.stop()
         assert list(fp.errors) == ["host1"]
         assert victim in fp.errors["host1"]
+        kept = fp.df[fp.df.host == "host1"]
+        row = fp.table().set_index("host").loc["host1"]
+        assert row.state == "error"
+        assert 0 < row.pulled == len(kept)  # what came from the dead host before it died is kept, and shown
+        assert kept.ks_seq.tolist() == list(range(len(kept)))
         assert fp.df[fp.df.host == "host0"].ks_seq.tolist() == list(range(2000))
         st = fp.stats["host0"]["events"]
         assert st["attempted"] == st["received"] + st["dropped"]
         assert st["received"] == 2000
         assert fp.total["events"]["received"] == 2000  # the dead host's counts are not summed
-        table = fp.table()
-        assert table.set_index("host").loc["host1", "state"] == "error"
     finally:
         fp.close()
+    assert fp.key not in fleet.client.run(_loaded, workers=[fp.workers["host0"]])[fp.workers["host0"]]
 
 
 # --- no kernel -----------------------------------------------------------------------------

@@ -181,7 +181,7 @@ def test_panel_of_a_replay_is_read_only_and_ends_as_a_static_rendering_without_a
         assert live[widgets.WIDGET_MIME]["model_id"] == pn.model_id
         assert "live plots need a" in live["text/html"]
         handle = Recorder()
-        pn._handle, pn.shown = handle, "live"  # as if displayed, with no page showing it (nbconvert)
+        pn._handles, pn.shown = [handle], "live"  # as if displayed, with no page showing it (nbconvert)
         pn._after_cell()  # IPython's post_execute: the cell that showed the finished replay ends
         assert pn.shown == "final"
         (final,) = handle.bundles
@@ -372,7 +372,7 @@ def test_plots_follow_the_stream_and_stop_after_stop() -> None:
     p = Probe(ring_program(256), cflags=prod.cflags).start()
     pn = widgets.panel(p, interval=0.05, static="html")
     handle = Recorder()
-    pn._handle = handle  # as if displayed: the static copy goes here once the probe stops
+    pn._handles = [handle]  # as if displayed: the static copy goes here once the probe stops
     pn.echo.ack = 10**9  # as if a page showed the panel and kept up with it
     go = threading.Thread(target=prod.go)
     try:
@@ -409,7 +409,7 @@ def test_buttons_pause_resume_clear_and_stop() -> None:
     p = Probe(ring_program(64), cflags=prod.cflags).start()
     pn = widgets.panel(p, interval=0.05, static="none")
     handle = Recorder()
-    pn._handle, pn.shown = handle, "live"
+    pn._handles, pn.shown = [handle], "live"
     try:
         prod.go()
         wait_for(lambda: len(p.outputs["events"].store) == 2_000, what="every event stored")
@@ -455,7 +455,7 @@ def test_the_output_ends_with_the_counts_at_stop_and_comes_back_live_on_start() 
     p = Probe(ring_program(64), cflags=prod.cflags).start()
     pn = widgets.panel(p, interval=0.05, static="none")
     handle = Recorder()
-    pn._handle, pn.shown = handle, "live"
+    pn._handles, pn.shown = [handle], "live"
     pn.echo.ack = 0  # a page shows the panel
     try:
         shown = pn.live_bundle()  # what the output held at display time
@@ -493,7 +493,7 @@ def test_kernel_shutdown_stops_the_probe_and_leaves_the_final_rendering() -> Non
     p = Probe(ring_program(64), cflags=prod.cflags).start()
     pn = widgets.panel(p, interval=0.05, static="auto")
     handle = Recorder()
-    pn._handle, pn.shown = handle, "live"
+    pn._handles, pn.shown = [handle], "live"
     pn.hook(shell)
     try:
         prod.go()
@@ -723,9 +723,10 @@ def test_maps_area_shows_top_calls_and_the_histogram_and_a_replay_the_same(backe
         assert bars["all"] == want[: len(bars["all"])].tolist()
         assert sum(want) == 5_500
         view.choose.value = "calls"
-        pn._handle = Recorder()
+        out = Recorder()
+        pn._handles = [out]
         pn._after_cell()  # the saved notebook's copy: the top-N table is in it
-        saved = pn._handle.bundles[-1]["text/html"]
+        saved = out.bundles[-1]["text/html"]
         assert f"<tr><td>{many.pid}</td><td>4,000</td></tr>" in saved
         path = p.save(tmp_path / "calls.parquet")
         shown = top_rows(pn)
@@ -856,6 +857,42 @@ def test_events_area_shows_the_latest_rows_and_a_top_n_read_from_the_tail() -> N
         pn.close()
 
 
+def test_events_area_reads_the_newest_spilled_rows_when_memory_holds_fewer(tmp_path, monkeypatch) -> None:
+    """All of a map spilled to Parquet but 5 rows: the latest rows and the top-N come from the
+    newest segment and memory, as `.frame().tail(N)` does."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    n = 25_000
+    cap = capture(list(range(n)), [100] * n)
+    cap.maps["events"].records["pid"] = np.arange(n) % 3
+    r = replayed(cap)
+    store = r.outputs["events"].store
+    store.max_bytes = 1  # as if over budget: every chunk goes to disk
+    assert store.spill_some() == n
+    assert store.spilled_rows == n
+    assert not store.tail_chunks(1)
+    more = np.zeros(5, EVENT)
+    more["pid"] = 7
+    store.append(Batch(more, None), STARTED_NS + 200)  # 5 rows in memory after the 25,000 spilled
+    pn = widgets.panel(r, static="none")
+    try:
+        ev = pn.events
+        assert ev is not None
+        assert ev.rows is not None
+        assert ev.rows["ks_seq"].tolist() == list(range(n - 5, n + 5))
+        assert ev.rows["pid"].tolist() == [(n - 5 + i) % 3 for i in range(5)] + [7] * 5
+        assert "the latest 10 of 25,005 stored rows" in ev.latest_table.value
+        tail = r.frame().tail(10).reset_index(drop=True)
+        pd.testing.assert_frame_equal(ev.rows.reset_index(drop=True), tail)
+        ev.window = 1_000
+        ev.top.value = 4  # a change: read again, over segment and memory
+        assert "in the latest 1,000 of 25,005 rows" in ev.top_table.value
+        assert ev.top_rows is not None
+        got = dict(zip(ev.top_rows["pid"].tolist(), ev.top_rows["rows"].tolist(), strict=True))
+        assert got == r.frame().tail(1_000)["pid"].value_counts().to_dict() == {2: 332, 0: 332, 1: 331, 7: 5}
+    finally:
+        pn.close()
+
+
 def test_save_and_export_buttons_write_files_that_read_back_and_say_where(tmp_path) -> None:
     from kernelscope.captures.capture import save
     from kernelscope.captures.replay import replay
@@ -863,6 +900,7 @@ def test_save_and_export_buttons_write_files_that_read_back_and_say_where(tmp_pa
     r = replay(save(comm_capture(), tmp_path / "recorded.parquet"), speed=None, name="demo").start()
     r.wait()
     pn = widgets.panel(r, static="none", folder=tmp_path)
+    pn.clock = lambda: 1_800_000_000.0  # every export in the same second
     try:
         pn.buttons["capture"].click()
         (saved,) = pn.exported
@@ -873,7 +911,7 @@ def test_save_and_export_buttons_write_files_that_read_back_and_say_where(tmp_pa
         again.wait()
         pd.testing.assert_frame_equal(again.frame(), r.frame())
         pn.buttons["capture"].click()  # again within the second: a new name, nothing overwritten
-        assert pn.exported[0] != saved
+        assert pn.exported[0] == saved.with_name(saved.name.replace(".capture", "-2.capture"))
         assert saved.exists()
         for kind, read in (("parquet", pd.read_parquet), ("csv", pd.read_csv)):
             pn.buttons[kind].click()
@@ -887,23 +925,89 @@ def test_save_and_export_buttons_write_files_that_read_back_and_say_where(tmp_pa
         pn.folder = tmp_path / "gone"
         pn.buttons["csv"].click()  # the error is in the message line, and nothing else changed
         assert "#b91c1c" in pn.message.value
-        assert "export CSV: CaptureError" in pn.message.value
+        assert "export CSV: ExportError: map &#x27;events&#x27;" in pn.message.value
+        assert "CaptureError" in pn.message.value
         assert "does not exist" in pn.message.value
+        assert "nothing written" in pn.message.value
         assert sorted(tmp_path.iterdir()) == files
     finally:
         pn.close()
 
 
-@pytest.mark.kernel
-def test_a_panel_shown_again_names_its_call_and_follows_the_probe_in_the_new_output(monkeypatch) -> None:
-    """A reopened notebook holds the final rendering; while the kernel still has the probe, the
-    call it names (panel(NAME)) shows the same panel again, which follows the probe from there."""
+def test_an_export_names_what_it_wrote_when_a_map_fails_and_never_replaces_a_file(tmp_path,
+                                                                                  monkeypatch) -> None:
+    one, two = capture([1, 2], [100, 100]).maps["events"], capture([3], [100], name="b").maps["b"]
+    r = replayed(Capture({"events": one, "b": two}, source="// test", settings={}, started_ns=STARTED_NS))
+    pn = widgets.panel(r, static="none", folder=tmp_path)
+    pn.clock = lambda: 1_800_000_000.0
+    stem = widgets.export_stem(r, tmp_path, pn.clock())
+    good = stem.with_name(stem.name + "-events.parquet")
+    frame = r.frame
+
+    def frames(name: str = "events") -> pd.DataFrame:
+        df = frame(name)
+        return df.assign(bad=[object()] * len(df)) if name == "b" else df  # pyarrow cannot write it
+
+    try:
+        monkeypatch.setattr(r, "frame", frames)
+        pn.buttons["parquet"].click()
+        text = pn.message.value
+        assert "export Parquet: ExportError: map &#x27;b&#x27;" in text
+        assert f"{stem}-b.parquet not written: ArrowInvalid" in text
+        assert f"wrote (whole, kept) {good}" in text
+        assert pn.exported == [good]
+        assert sorted(p.name for p in tmp_path.iterdir()) == [good.name]  # no partial or staged file
+        assert len(pd.read_parquet(good)) == 2
+        monkeypatch.setattr(r, "frame", frame)
+        # another kernel writes the same name while this one writes: its file stays, ours gets -2
+        theirs = stem.with_name(stem.name + "-b.csv")
+        to_csv = pd.DataFrame.to_csv
+
+        def racing(df: pd.DataFrame, *args: Any, **kwargs: Any) -> Any:
+            if not theirs.exists():
+                theirs.write_text("theirs\n")
+            return to_csv(df, *args, **kwargs)
+
+        monkeypatch.setattr(pd.DataFrame, "to_csv", racing)
+        pn.buttons["csv"].click()
+        ours = stem.with_name(stem.name + "-b-2.csv")
+        assert pn.exported == [stem.with_name(stem.name + "-events.csv"), ours], pn.message.value
+        assert theirs.read_text() == "theirs\n"
+        assert pd.read_csv(ours)["ks_seq"].tolist() == [0]
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    finally:
+        pn.close()
+
+
+def fake_displays(monkeypatch: pytest.MonkeyPatch, n: int) -> list[Recorder]:
+    """`n` outputs, in order, for IPython's display() to give out: each keeps what it was shown."""
     import IPython.display
+
+    handles = [Recorder() for _ in range(n)]
+    given = iter(handles)
+
+    def display(obj: Any, **kwargs: Any) -> Recorder:
+        out = next(given)
+        out.bundles.append(obj)
+        return out
+
+    monkeypatch.setattr(IPython.display, "display", display)
+    return handles
+
+
+def is_final(bundle: dict[str, Any], state: str) -> bool:
+    return widgets.WIDGET_MIME not in bundle and f"ks-state'>{state}" in bundle.get("text/html", "")
+
+
+@pytest.mark.kernel
+def test_a_panel_shown_again_names_its_call_and_follows_the_probe_in_every_output(monkeypatch) -> None:
+    """A reopened notebook holds the final rendering; while the kernel still has the probe, the
+    call it names (panel(NAME)) shows the same panel again, which follows the probe from there,
+    and so does every earlier output: shown in two cells while it runs, both end final."""
     from IPython.core.interactiveshell import InteractiveShell
 
     shell = InteractiveShell.instance()
-    handles = [Recorder(), Recorder()]
-    monkeypatch.setattr(IPython.display, "display", lambda *a, **k: handles[0 if pn._handle is None else 1])
+    handles = fake_displays(monkeypatch, 3)
     prod = paused(1_000)
     p = Probe(ring_program(64), cflags=prod.cflags).start()
     shell.user_ns["traced"] = p
@@ -920,23 +1024,41 @@ def test_a_panel_shown_again_names_its_call_and_follows_the_probe_in_the_new_out
         assert call in first["text/html"]
         assert call in first["text/plain"]
         assert "<code>traced.start()</code>" in first["text/html"]
-        sent = len(handles[0].bundles)
         assert widgets.panel(p, interval=0.05, static="none") is pn  # the call gives this panel
         pn._ipython_display_()
-        wait_for(lambda: pn.shown == "final" and handles[1].bundles, timeout=10,
+        wait_for(lambda: is_final(handles[1].bundles[-1], "stopped"), timeout=10,
                  what="the stopped probe's final rendering in the new output")
         p.start()
-        wait_for(lambda: widgets.WIDGET_MIME in handles[1].bundles[-1], timeout=10,
-                 what="the live panel in the new output once the probe runs again")
+        wait_for(lambda: all(widgets.WIDGET_MIME in h.bundles[-1] for h in handles[:2]), timeout=10,
+                 what="the live panel in both outputs once the probe runs again")
         assert handles[1].bundles[-1][widgets.WIDGET_MIME]["model_id"] == pn.model_id
+        pn._ipython_display_()  # a third cell shows it while it runs
+        assert widgets.WIDGET_MIME in handles[2].bundles[-1]
         p.close()
-        wait_for(lambda: "ks-state'>closed" in handles[1].bundles[-1].get("text/html", ""), timeout=10,
-                 what="the closed probe's final rendering in the new output")
-        assert "<code>traced.df</code>" in handles[1].bundles[-1]["text/html"]
-        assert len(handles[0].bundles) == sent  # the old output was left as it was
+        wait_for(lambda: all(is_final(h.bundles[-1], "closed") for h in handles), timeout=10,
+                 what="the closed probe's final rendering in every output")
+        for h in handles:  # no output is left with the widget a saved notebook cannot find
+            assert "<code>traced.df</code>" in h.bundles[-1]["text/html"]
     finally:
         shell.user_ns.pop("traced", None)
         p.close()
+        pn.close()
+
+
+def test_a_panel_shown_in_many_outputs_makes_the_oldest_static_beyond_the_bound(monkeypatch) -> None:
+    r = replayed(capture([10, 20], [100, 100]))
+    handles = fake_displays(monkeypatch, widgets.MAX_OUTPUTS + 1)
+    pn = widgets.panel(r, static="none")
+    try:
+        for _ in handles:
+            pn._ipython_display_()
+        assert pn._handles == handles[1:]
+        moved = handles[0].bundles[-1]
+        assert widgets.WIDGET_MIME not in moved
+        assert "shown again in 16 later outputs" in moved["text/html"]
+        assert "<td>2</td><td>2</td><td>0</td>" in moved["text/html"]
+        assert all(widgets.WIDGET_MIME in h.bundles[-1] for h in handles[1:])
+    finally:
         pn.close()
 
 

@@ -9,6 +9,7 @@ final state in the same output on `NAME.stop()`.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -16,11 +17,16 @@ from .fleet import Fleet, FleetError, FleetProbe
 
 
 def probe_args(opts: Any) -> dict[str, Any]:
-    """The Probe settings the `%%bpf` line gave (the magic's Options)."""
+    """The Probe settings the `%%bpf` line gave (the magic's Options). With --file, the file's
+    folder goes on the include path first, as for a local cell. Include paths are this
+    machine's paths: each host compiles with them, so they must exist there too (a shared or
+    copied folder); the cell's own source is sent."""
+    folder = [os.path.dirname(os.path.abspath(opts.file))] if getattr(opts, "file", None) else []
     return {"pages": opts.pages, "max_rows": opts.max_rows, "cflags": list(opts.cflags),
             "wakeup_events": opts.perf_wakeup, "reorder_ns": opts.reorder_ns, "name": opts.name,
             "backend": opts.backend, "globals": opts.globals or None, "programs": opts.only,
-            "skip": opts.skip or (), "map_sizes": opts.map_sizes or None, "include": list(opts.include or [])}
+            "skip": opts.skip or (), "map_sizes": opts.map_sizes or None,
+            "include": [*folder, *(opts.include or [])]}
 
 
 def run_cell(shell: Any, source: str, opts: Any, target: str) -> FleetProbe:
@@ -47,14 +53,25 @@ def run_cell(shell: Any, source: str, opts: Any, target: str) -> FleetProbe:
     except (TypeError, FleetError) as e:
         raise UsageError(f"--fleet {target}: {e}") from None
     ns[opts.name] = fp
+    include = fp.probe_args.get("include") or []
     for host, error in sorted(fp.errors.items()):
-        print(f"{host}: {error}")
+        hint = (f"\n  (the include path {', '.join(include)} is this notebook machine's: each host "
+                "needs those folders at the same paths)") if include and "file not found" in error else ""
+        print(f"{host}: {error}{hint}")
     if opts.blocking:
         t0 = time.monotonic()
         try:
             while fp.running and (opts.duration is None or time.monotonic() - t0 < opts.duration):
                 if opts.limit is not None and sum(a["received"] for a in fp.total.values()) >= opts.limit:
                     break
+                if not fp.polling:  # the live pulls gave up: the counts would never move again
+                    why = "; ".join(fp.notes[-2:] or ["the poll thread ended"])
+                    try:
+                        fp.close()
+                    except Exception as e:  # the hosts' probes close with their lease
+                        why += f"; closing failed too: {type(e).__name__}: {e}"
+                    raise FleetError(f"--fleet: live pulls from the hosts stopped, so the cell stopped "
+                                     f"waiting: {why}")
                 time.sleep(fp.interval)
         except KeyboardInterrupt:
             pass

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +30,15 @@ HOST_ENV = "KERNELSCOPE_FLEET_HOST"
 """A worker's host name for the fleet, where the machine's own name is not the one wanted (several
 "hosts" on one machine in tests, or containers that all call themselves localhost)."""
 
+LEASE = 300.0
+"""Seconds a host keeps a fleet probe its client has not contacted (pull, stats, heartbeat):
+a probe whose notebook or client is gone (closed without close(), kernel killed) is closed
+then, so its programs do not stay loaded on the host."""
+
 _probes: dict[str, Any] = {}  # fleet probe key -> Probe, in this worker process
+_leases: dict[str, dict[str, Any]] = {}  # key -> {"owner": client id, "seen": monotonic s, "lease": s}
+_expired: dict[str, str] = {}  # key -> why this worker closed it (lease ran out)
+_reaper: asyncio.Task[None] | None = None
 
 
 def host_name() -> str:
@@ -51,10 +61,57 @@ async def _in_thread(fn: Callable[[], Any]) -> Any:
 
 def _probe(key: str) -> Any:
     try:
-        return _probes[key]
+        p = _probes[key]
     except KeyError:
+        why = _expired.get(key, "the worker restarted, or the probe was closed")
         raise LookupError(f"no fleet probe {key!r} in worker process {os.getpid()} on {host_name()} "
-                          "(the worker restarted, or the probe was closed)") from None
+                          f"({why})") from None
+    renew(key)
+    return p
+
+
+def renew(key: str) -> bool:
+    """The probe's client was heard from: its lease starts again. False: no such probe here."""
+    lease = _leases.get(key)
+    if lease is not None:
+        lease["seen"] = time.monotonic()
+    return lease is not None
+
+
+async def heartbeat(key: str) -> dict[str, Any]:
+    """Renew the lease of probe `key` (what an idle notebook's fleet probe sends)."""
+    return {"alive": renew(key)}
+
+
+def expired(now: float | None = None) -> list[str]:
+    """Keys of the probes whose client has not been heard from within their lease."""
+    now = time.monotonic() if now is None else now
+    return [k for k, lease in list(_leases.items()) if now - lease["seen"] > lease["lease"]]
+
+
+async def _reap() -> None:
+    """Close the probes whose lease ran out; runs on the worker's event loop while any exist."""
+    global _reaper
+    try:
+        while _leases:
+            tick = min(1.0, min(lease["lease"] for lease in list(_leases.values())) / 4)
+            await asyncio.sleep(max(tick, 0.05))
+            for key in expired():
+                lease = _leases.pop(key, {})
+                _expired[key] = (f"closed by the worker: its client {lease.get('owner')} was not heard "
+                                 f"from for {lease.get('lease')} s (the lease)")
+                p = _probes.pop(key, None)
+                if p is not None:
+                    await _in_thread(p.close)
+    finally:
+        _reaper = None
+
+
+def _lease(key: str, owner: str | None, lease: float) -> None:
+    global _reaper
+    _leases[key] = {"owner": owner, "seen": time.monotonic(), "lease": float(lease)}
+    if _reaper is None or _reaper.done():
+        _reaper = asyncio.get_running_loop().create_task(_reap())
 
 
 def _stats(p: Any) -> dict[str, Any]:
@@ -63,8 +120,10 @@ def _stats(p: Any) -> dict[str, Any]:
 
 
 async def start(key: str, source: str, probe_args: dict[str, Any],
-                per_host: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Build and start the probe `key` on this host (`per_host[host]` overrides `probe_args`)."""
+                per_host: dict[str, dict[str, Any]], owner: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Build and start the probe `key` on this host (`per_host[host]` overrides `probe_args`),
+    owned by client `owner["owner"]` and closed here if that client is not heard from for
+    `owner["lease"]` s (LEASE by default)."""
     from ..probe import Probe
 
     def go() -> dict[str, Any]:
@@ -80,7 +139,10 @@ async def start(key: str, source: str, probe_args: dict[str, Any],
         _probes[key] = p
         return {"host": host_name(), "pid": os.getpid(), "maps": list(p.outputs), **_stats(p)}
 
-    return await _in_thread(go)
+    answer = await _in_thread(go)
+    if "error" not in answer:
+        _lease(key, (owner or {}).get("owner"), float((owner or {}).get("lease", LEASE)))
+    return answer
 
 
 async def stats(key: str) -> dict[str, Any]:
@@ -94,6 +156,7 @@ async def stop(key: str) -> dict[str, Any]:
 
 async def close(key: str) -> dict[str, Any]:
     def go() -> dict[str, Any]:
+        _leases.pop(key, None)
         p = _probes.pop(key, None)
         if p is not None:
             p.close()
@@ -110,30 +173,24 @@ def to_ipc(table: pa.Table) -> bytes:
     return bytes(sink.getvalue().to_pybytes())
 
 
-def _new_rows(store: Any, start: int, limit: int | None) -> tuple[int, np.ndarray, np.ndarray, Any]:
-    """Rows seq >= start of a FrameStore (at most `limit`): (first seq, records, arrival_ns, cpu).
-    Only the newest chunks are read, unless some of the rows were spilled to disk; rows the store
-    evicted before they were pulled are skipped (the store counts them in `evicted`)."""
-    new = store.received - start
-    chunks = store.tail_chunks(new) if new > 0 else []
-    if chunks and chunks[0].seq0 > start and store.spilled_rows:
-        chunks = [store.chunk()]
-    parts = []
-    for c in chunks:
-        lo = max(start - c.seq0, 0)
-        if lo < len(c.records):
-            cpus_of = None if c.cpu is None else c.cpu[lo:]
-            parts.append((c.seq0 + lo, c.records[lo:], c.arrival_ns[lo:], cpus_of))
-    if not parts:
-        return start, np.empty(0, store.schema.dtype), np.empty(0, np.int64), None
-    first = parts[0][0]
-    records = concat_records([packed(r) for _, r, _, _ in parts], store.schema.dtype)
-    arrival = np.concatenate([a for _, _, a, _ in parts])
-    cpus = [c for _, _, _, c in parts]
-    cpu: np.ndarray | None = np.concatenate(cpus) if all(c is not None for c in cpus) else None  # type: ignore[arg-type]
-    if limit is not None:
-        records, arrival, cpu = records[:limit], arrival[:limit], None if cpu is None else cpu[:limit]
-    return first, records, arrival, cpu
+def _new_rows(store: Any, start: int, limit: int | None
+              ) -> tuple[int, int, np.ndarray, np.ndarray, Any]:
+    """Rows seq >= start of a FrameStore (at most `limit`, spilled ones read back from their
+    segments): (first seq, skipped, records, arrival_ns, cpu). `skipped`: rows from `start` up
+    to `first` that the store evicted before they were pulled (counted, never silently lost)."""
+    first, chunks = store.since(start, limit)
+    run: list[Any] = []
+    for c in chunks:  # one contiguous run: a gap (a segment evicted meanwhile) waits for the next pull
+        if run and c.seq0 != run[-1].seq0 + len(run[-1].records):
+            break
+        run.append(c)
+    if not run:
+        return first, first - start, np.empty(0, store.schema.dtype), np.empty(0, np.int64), None
+    records = concat_records([packed(c.records) for c in run], store.schema.dtype)
+    arrival = np.concatenate([c.arrival_ns for c in run])
+    cpus = [c.cpu for c in run]
+    cpu: np.ndarray | None = np.concatenate(cpus) if all(c is not None for c in cpus) else None
+    return run[0].seq0, run[0].seq0 - start, records, arrival, cpu
 
 
 def rows_table(records: np.ndarray, arrival: np.ndarray, cpu: np.ndarray | None) -> pa.Table:
@@ -179,9 +236,9 @@ async def rows(key: str, cursors: dict[str, dict[str, int]], limit: int | None) 
         since = cursors.get(host_name(), {})
         out: dict[str, Any] = {}
         for name, ms in p.outputs.items():
-            first, records, arrival, cpu = _new_rows(ms.store, int(since.get(name, 0)), limit)
+            first, skipped, records, arrival, cpu = _new_rows(ms.store, int(since.get(name, 0)), limit)
             out[name] = {"ipc": to_ipc(rows_table(records, arrival, cpu)), "first": first,
-                         "next": first + len(records), "rows": len(records),
+                         "next": first + len(records), "rows": len(records), "skipped": skipped,
                          "dtype": dtype_to_json(ms.schema.dtype), "per_cpu": ms.schema.per_cpu,
                          "epoch_offset_ns": ms.schema.epoch_offset_ns}
         return {"maps": out, **_stats(p)}
@@ -189,13 +246,45 @@ async def rows(key: str, cursors: dict[str, dict[str, int]], limit: int | None) 
     return await _in_thread(go)
 
 
+RUN_FILE = "_kernelscope_run"
+"""In each host=NAME/ folder: the fleet probe key that wrote it (a leading _: Parquet readers skip it)."""
+
+
+def other_runs(root: Path, key: str) -> list[str]:
+    """The host=*/ folders under `root` written by another run than `key` (or by none known)."""
+    out = []
+    for d in sorted(root.glob("host=*")):
+        try:
+            mine = (d / RUN_FILE).read_text().strip() == key
+        except OSError:
+            mine = False
+        if not mine:
+            out.append(d.name)
+    return out
+
+
 async def save(key: str, root: str) -> dict[str, Any]:
-    """Write this host's capture as `root/host=NAME/capture.parquet` on this host's disk."""
+    """Write this host's capture as `root/host=NAME/capture.parquet` on this host's disk, unless
+    `root` holds another run's host=*/ folders (one dataset would mix two runs)."""
 
     def go() -> dict[str, Any]:
-        folder = Path(root) / f"host={host_name()}"
-        folder.mkdir(parents=True, exist_ok=True)
-        return {"path": str(_probe(key).save(folder / "capture.parquet"))}
+        p = _probe(key)
+        base = Path(root)
+        if not base.is_absolute():
+            raise ValueError(f"a fleet capture needs an absolute root, not {root!r}")
+        others = other_runs(base, key)
+        if others:
+            raise FileExistsError(f"{root} already holds {', '.join(others[:4])}"
+                                  f"{' ...' if len(others) > 4 else ''} of another run: save each run "
+                                  "in a folder of its own (one dataset would mix two runs)")
+        folder = base / f"host={host_name()}"
+        if not folder.is_dir():  # made whole, run file in, under a name the other hosts' checks skip
+            base.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix=f".{folder.name}-", dir=base) as tmp:
+                (Path(tmp) / RUN_FILE).write_text(key + "\n")
+                os.rename(tmp, folder)
+                os.mkdir(tmp)  # for TemporaryDirectory to remove
+        return {"path": str(p.save(folder / "capture.parquet"))}
 
     return await _in_thread(go)
 

@@ -1,11 +1,12 @@
 """The panel's events area: an output map's latest rows, and the top values of a chosen column.
 
 Both read only the newest chunks of the map's store (`FrameStore.tail_chunks`, sliced to the
-rows wanted): the latest N rows for the table (what `probe.frame(name).tail(N)` gives), and
-the latest WINDOW rows for the top-N (`value_counts()` of one column, decoded alone), so a
-refresh costs the same after a billion events as after a thousand, and no whole DataFrame
-is built. The top-N says which rows it counted: all stored rows while they fit the window,
-else the latest WINDOW of them.
+rows wanted; and the newest spilled segments when memory holds fewer rows than wanted): the
+latest N rows for the table (what `probe.frame(name).tail(N)` gives), and the latest WINDOW
+rows for the top-N (`value_counts()` of one column, decoded alone), so a refresh costs the
+same after a billion events as after a thousand, and no whole DataFrame is built. The top-N
+says which rows it counted: all stored rows while they fit the window, else the latest WINDOW
+of them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pandas as pd
 from ..readers.batch import concat_records
 from ..results import Results
 from ..schema import CPU, c_strings
+from ..store import FrameStore
 from .mapview import _cell
 
 LATEST_N = 10  # rows in the latest-rows table
@@ -32,10 +34,15 @@ WINDOW = 50_000  # latest rows the top-N counts: the bound on a refresh's cost
 def tail_parts(results: Results, name: str, n: int) -> dict[str, Any]:
     """The latest `n` stored rows of output map `name`: records, seq, arrival_ns, cpu (or None).
 
-    Only the newest chunks are touched, and of the oldest of them only the rows wanted.
+    Only the newest chunks are touched, and of the oldest of them only the rows wanted. When
+    memory holds fewer than `n` rows and older ones were spilled to disk, the newest segments
+    are read back, as many as the rest needs.
     """
     ms = results.outputs[name]
-    picked = ms.store.tail_chunks(n)
+    store = ms.store
+    picked = store.tail_chunks(n)
+    if sum(len(c.records) for c in picked) < n and store.spilled_rows:
+        picked = _with_spilled(store, n)
     left, parts = n, []
     for c in reversed(picked):
         take = min(left, len(c.records))
@@ -56,6 +63,27 @@ def tail_parts(results: Results, name: str, n: int) -> dict[str, Any]:
     return {"records": records, "seq": seq, "arrival_ns": arrival, "cpu": cpu}
 
 
+def _with_spilled(store: FrameStore, n: int) -> list[Any]:
+    """All of memory's chunks and, before them, the newest spilled segments read back: at
+    least `n` rows when the store has them, oldest first, from one consistent snapshot.
+
+    A segment evicted (deleted) between the snapshot and its read makes a new snapshot.
+    """
+    for _attempt in range(3):
+        segs, mem, _first, _first_mem = store._snapshot()
+        rows = sum(len(c.records) for c in mem)
+        wanted = []
+        for seg in reversed(segs):
+            if rows >= n:
+                break
+            wanted.append(seg)
+            rows += seg.live
+        wanted.reverse()
+        try:
+            return [*store._disk_chunks(wanted), *mem]
+        except OSError:  # evicted meanwhile (disk limit, max_rows, clear)
+            continue
+    return store.tail_chunks(n)
 def latest(results: Results, name: str, n: int) -> pd.DataFrame:
     """The latest `n` rows of output map `name`, with the columns (and values) of its frame."""
     t = tail_parts(results, name, n)

@@ -5,7 +5,8 @@
     ...BCC C...
 
 Line magics: `%bpf_stop`, `%bpf_list`, `%bpf_doctor`, `%bpf_tracepoints`, `%bpf_format`,
-`%bpf_run`, `%bpf_examples`.
+`%bpf_run`, `%bpf_examples`. `%%bpftrace` runs a bpftrace script (kernelscope.bpftrace) under the
+same name-binding, status line, %bpf_list and %bpf_stop.
 The magics only parse arguments, build a Probe and hand it over; errors a user can fix are
 `UsageError`s (no traceback) with the compiler's or verifier's words and the cell's line.
 An internal fault (InternalError, or anything unexpected) keeps its traceback and says to report it.
@@ -31,6 +32,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import HTML, display
 
+from .. import bpftrace as bt_
 from .. import examples, host, mode, tracepoints
 from ..backends import bcc
 from ..captures.replay import replay
@@ -52,6 +54,8 @@ SAFE_ALTERNATIVES = (
 
 _LINE_PREFIX = re.compile(r"^line (\d+):")
 _UNEXPANDED = re.compile(r"\{[^{}]*\}|\$\w+")
+BPFTRACE_NAME = "bt"  # the variable a %%bpftrace cell binds by default
+BPFTRACE_MAP_ROWS = 20  # rows of each map shown after a blocking %%bpftrace cell
 _LINE_MAGICS = ("bpf_stop", "bpf_list", "bpf_doctor", "bpf_tracepoints", "bpf_format", "bpf_run",
                 "bpf_examples")
 
@@ -119,7 +123,7 @@ class BPFMagics(Magics):
     def __init__(self, shell: Any) -> None:
         super().__init__(shell)
         # weak: a probe the user deleted (`del probe`, %reset) is collected and closes itself
-        self.probes: weakref.WeakValueDictionary[str, Probe] = weakref.WeakValueDictionary()
+        self.probes: weakref.WeakValueDictionary[str, Results] = weakref.WeakValueDictionary()
         self.status: dict[str, StatusLine] = {}
         self.layout: LayoutVerdict | None = None  # the doctor's header check, once per session
 
@@ -212,7 +216,40 @@ class BPFMagics(Magics):
         path, *rest = words
         self.bpf(shlex.join([*rest, "--file", path]), "")
 
-    def _show_status(self, probe: Probe, name: str) -> None:
+    @magic_arguments()
+    @argument("name", nargs="?", help=f"variable the run is bound to (default: {BPFTRACE_NAME})")
+    @argument("--duration", type=float, metavar="SECONDS",
+              help="block this long with a progress bar, then stop bpftrace and show what it printed")
+    @argument("--limit", type=int, metavar="ROWS",
+              help="block until this many printf lines arrived, then stop and show them")
+    @argument("-p", "--pid", type=int, metavar="PID",
+              help="bpftrace -p PID: that process's uprobes/USDT; the run ends when it exits")
+    @argument("--max-rows", type=int, metavar="N", help="keep only the newest N rows per printf format")
+    @argument("--replay", metavar="PATH", help="replay this saved run instead (no bpftrace, no BPF)")
+    @argument("--quiet", action="store_true", help="show no status line, progress bar or rows")
+    @cell_magic
+    def bpftrace(self, line: str, cell: str) -> None:
+        """Run the cell as a bpftrace script (the system's bpftrace, `-f json`), bound to NAME.
+
+        Returns once bpftrace attached, while `NAME.df` (printf rows, typed columns) grows and
+        `NAME.map("@m")` / `NAME.hist("@h")` show its maps as last printed; %bpf_stop NAME ends
+        it (bpftrace prints every map on the way out). --duration/--limit block instead. Options
+        after ` -- ` go to bpftrace itself. Errors name the cell's line, this line being 1.
+        """
+        words, extra = split_bpftrace_line(line)
+        args = parse_argstring(self.bpftrace, words)
+        name = bpftrace_name(args)
+        self.close_probe(name)
+        run = build_bpftrace(cell, name, args, extra)
+        self.probes[name] = self.user_ns[name] = run
+        for w in run.warnings:
+            show_warning(w)
+        if args.duration is not None or args.limit is not None:
+            run_bpftrace_blocking(run, name, args, live_output(self.shell))
+        elif not args.quiet:
+            self._show_status(run, name)
+
+    def _show_status(self, probe: Results, name: str) -> None:
         """A status line under the cell, refreshed in place while the probe runs (Jupyter only)."""
         status = StatusLine(probe, name).show()
         self.status[name] = status
@@ -251,13 +288,14 @@ class BPFMagics(Magics):
             status.stop()
         self.status.clear()
         close_all()
+        bt_.close_all()
 
     def _lookup(self, name: str) -> Results:
         probe = self.user_ns.get(name)
         if not isinstance(probe, Results):
             probe = self.probes.get(name)
         if probe is None:
-            live = ", ".join(_names(live_probes())) or "none"
+            live = ", ".join(_names(live_all())) or "none"
             raise UsageError(f"no probe named {name!r} (live probes: {live})")
         return probe
 
@@ -307,14 +345,14 @@ class BPFMagics(Magics):
         """Stop probes and detach them from the kernel; their DataFrames stay readable."""
         args = parse_argstring(self.bpf_stop, line)
         if args.all:
-            live = live_probes()
+            live = live_all()
             for p in live:
                 p.close()
                 self.end_status(p.name or "")
             print(f"stopped {len(live)} probe(s)")
             return
         if args.name is None:
-            live = live_probes()
+            live = live_all()
             if len(live) != 1:
                 raise UsageError(
                     "no live probes" if not live else
@@ -330,6 +368,11 @@ class BPFMagics(Magics):
         self.end_status(name)  # after close: its last refresh shows the probe closed
         kept = (f"{stored_rows(probe):,} rows kept in {name}.df" if probe.outputs else
                 f"its maps are kept as they were in {name}.maps")  # a counting program
+        if isinstance(probe, bt_.BpftraceView):  # its maps are what bpftrace printed
+            parts = [f"{stored_rows(probe):,} rows kept in {name}.df"] if probe.outputs else []
+            if probe.map_names:
+                parts.append(f"maps {', '.join(probe.map_names)} kept in {name}.map(NAME)")
+            kept = "; ".join(parts) or "bpftrace printed nothing"
         print(f"{name}: {'was already stopped' if was_closed else 'stopped'}; {kept}")
 
     @line_magic
@@ -347,7 +390,7 @@ class BPFMagics(Magics):
         name that stopped and still hold data: rows, or (a counting program) its maps as stop()
         found them. A probe leaves once closed (a Probe made in Python) or, for a cell's probe,
         once its name lets go of it (`del`, a re-run)."""
-        found: dict[int, Results] = {id(p): p for p in live_probes()}
+        found: dict[int, Results] = {id(p): p for p in live_all()}
         for p in list(self.probes.values()):
             holds = stored_rows(p) > 0 or (not p.outputs and p.started_at is not None)
             if id(p) not in found and holds:
@@ -584,6 +627,112 @@ def show_rows(probe: Probe, name: str, n: int = HEAD_ROWS) -> None:
         display(probe.frame(map_name).head(n))
 
 
+# --- %%bpftrace -------------------------------------------------------------------------
+
+
+def split_bpftrace_line(line: str) -> tuple[str, list[str]]:
+    """The `%%bpftrace` line's own options, and what follows ` -- ` (bpftrace's options)."""
+    words = line.strip()
+    head, sep, tail = (" " + words).partition(" -- ")
+    if not sep:
+        return words, []
+    try:
+        extra = shlex.split(tail)
+    except ValueError as e:
+        raise UsageError(f"%%bpftrace: the bpftrace options after --: {e}") from None
+    return head.strip(), extra
+
+
+def bpftrace_name(args: Any) -> str:
+    name = args.name or BPFTRACE_NAME
+    if not name.isidentifier() or keyword.iskeyword(name):
+        raise UsageError(f"%%bpftrace: NAME must be a Python identifier, got {name!r}")
+    for flag, value in (("--duration", args.duration), ("--limit", args.limit), ("--max-rows", args.max_rows),
+                        ("-p", args.pid)):
+        if value is not None and value <= 0:
+            raise UsageError(f"%%bpftrace: {flag} must be positive, got {value}")
+    return name
+
+
+def build_bpftrace(cell: str, name: str, args: Any, extra: list[str]) -> Results:
+    """A started bpftrace run (attached), or its replay; a UsageError with no process left.
+
+    The script is the cell after one blank line, so bpftrace's line numbers are the cell's
+    as the notebook shows it (the %%bpftrace line is line 1).
+    """
+    script = "\n" + cell
+    with bpftrace_errors(script, name):
+        note = mode.banner()
+        if note and note not in _shown_banners:
+            _shown_banners.add(note)
+            show_warning(note)
+        if args.replay:
+            return bt_.replay(args.replay, speed=mode.replay_speed(), name=name).start()
+        run = bt_.Bpftrace(script, name=name, pid=args.pid, args=extra, max_rows=args.max_rows)
+        return run.start()
+
+
+@contextlib.contextmanager
+def bpftrace_errors(script: str, name: str) -> Iterator[None]:
+    """What the user can fix (bpftrace's error, no bpftrace, a bad capture) as a UsageError
+    quoting bpftrace at the cell's line; anything else keeps its traceback."""
+    try:
+        yield
+    except Exception as e:
+        if not is_user_error(e):
+            e.add_note(INTERNAL_NOTE)
+            raise
+        raise UsageError(f"%%bpftrace {name}: {bpftrace_message(e, script)}") from None
+
+
+def bpftrace_message(e: BaseException, script: str) -> str:
+    """bpftrace's message at its line: `line N: MESSAGE`, then the line and bpftrace's marker."""
+    if not isinstance(e, bt_.BpftraceScriptError) or e.line is None:
+        return error_text(e)
+    lines = script.splitlines()
+    n = e.line
+    text = f"line {n}{f':{e.col}' if e.col else ''}: {e.message}"
+    if 1 <= n <= len(lines):
+        marker = e.detail.splitlines()[1:2] if e.detail else []
+        pad = " " * len(str(n))
+        text += f"\n    {n} | {lines[n - 1].rstrip()}" + "".join(f"\n    {pad} | {m}" for m in marker)
+    return text
+
+
+def run_bpftrace_blocking(run: Results, name: str, args: Any, live: bool) -> None:
+    """--duration/--limit: wait under a progress bar (Ctrl-C ends early), stop, show the
+    printf rows and each map; what arrived stays in NAME."""
+    progress = Progress(run, name, args.duration, args.limit, live=live, quiet=args.quiet)
+    t0 = time.monotonic()
+    interrupted = False
+    try:
+        with bpftrace_errors("", name):
+            run.wait(duration=args.duration, limit=args.limit, progress=progress)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        run.close()
+    rows = stored_rows(run)
+    took = time.monotonic() - t0
+    progress.finish(f"interrupted after {took:.1f} s; {rows:,} rows kept in {name}" if interrupted
+                    else f"done; {rows:,} rows in {name}")
+    if args.quiet:
+        return
+    for out in run.outputs:
+        display(HTML(f"<b>{name}.frame({out!r})</b>"))
+        display(run.frame(out).head(HEAD_ROWS))
+    if isinstance(run, bt_.BpftraceView):
+        show_bpftrace_maps(run, name)
+
+
+def show_bpftrace_maps(run: bt_.BpftraceView, name: str) -> None:
+    for m in run.map_names:
+        frame = run.map(m)
+        is_hist = {"low", "high", "count"} <= set(frame.columns)
+        display(HTML(f"<b>{name}.{'hist' if is_hist else 'map'}({m!r})</b>"))
+        display(run.hist(m) if is_hist else frame.head(BPFTRACE_MAP_ROWS))
+
+
 # --- errors -----------------------------------------------------------------------------
 
 # What a user can fix: kernelscope's errors about the program, the host or the arguments, and
@@ -690,7 +839,12 @@ _LIST_COLUMNS = ["name", "state", "attached", "maps", "received", "dropped", "lo
                  "rows", "events_per_s", "running_s", "memory_mb"]
 
 
-def _names(probes: list[Probe]) -> list[str]:
+def live_all() -> list[Results]:
+    """Live probes and live bpftrace runs: what %bpf_stop and %bpf_list know."""
+    return [*live_probes(), *bt_.live_runs()]
+
+
+def _names(probes: list[Results]) -> list[str]:
     return [p.name or f"<unnamed {id(p):x}>" for p in probes]
 
 
@@ -748,10 +902,13 @@ def unload(ipython: Any) -> None:
     if isinstance(magics, BPFMagics):
         magics.close_all()
     close_all()
+    bt_.close_all()
     manager.magics["cell"].pop("bpf", None)
+    manager.magics["cell"].pop("bpftrace", None)
     for name in _LINE_MAGICS:
         manager.magics["line"].pop(name, None)
 
 
 # magic_arguments names every magic `%name` in its usage line; this one is a cell magic.
 BPFMagics.bpf.__doc__ = (BPFMagics.bpf.__doc__ or "").replace("%bpf [", "%%bpf [", 1)
+BPFMagics.bpftrace.__doc__ = (BPFMagics.bpftrace.__doc__ or "").replace("%bpftrace [", "%%bpftrace [", 1)

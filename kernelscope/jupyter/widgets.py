@@ -29,19 +29,26 @@ state, not "Error displaying widget: model not found". A probe started again bri
 panel back into the same output. The final rendering ends with the call that shows the panel
 again (`panel(NAME)`, NAME as the user's namespace knows the probe): `panel()` gives the same
 Panel for the same probe, and displayed again it follows the probe in the new output, which is
-how a notebook reopened while its kernel still holds the probe gets the panel back.
+how a notebook reopened while its kernel still holds the probe gets the panel back. Every output
+showing the panel (up to MAX_OUTPUTS, the newest) gets each live and final rendering, so none
+is left holding the widget once the probe stops.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
+import functools
 import html
+import os
 import re
 import shutil
 import threading
 import time
+import uuid
 import weakref
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +110,8 @@ SHUTDOWN_LOCK_WAIT = 0.5
 # what the export buttons write, in the kernel's working folder (the notebook's, in Jupyter):
 # NAME-YYYYmmdd-HHMMSS.capture.parquet (a capture: replays), NAME-...-MAP.parquet / .csv (frames)
 EXPORTS = {"capture": "save capture", "parquet": "export Parquet", "csv": "export CSV"}
+MAX_SAME_NAME = 1_000  # NAME-...-2 up to -1000 in one second, then an error
+MAX_OUTPUTS = 16  # outputs a panel shown again and again keeps following (each gets the final rendering)
 _PANELS: weakref.WeakValueDictionary[int, Panel] = weakref.WeakValueDictionary()
 
 
@@ -136,14 +145,63 @@ def export_stem(results: Results, folder: Path, when: float | None = None) -> Pa
     return folder / f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(when))}"
 
 
-def _unused(path: Path) -> Path:
-    """`path`, or with -2, -3 ... before its suffixes when a file has that name (two clicks in a second)."""
-    n, stem, suffix = 2, path.name.split(".", 1)[0], "".join("." + s for s in path.name.split(".")[1:])
-    out = path
-    while out.exists():
-        out = path.with_name(f"{stem}-{n}{suffix}")
-        n += 1
-    return out
+class ExportError(RuntimeError):
+    """An export failed at map `name`'s file `path`; the files in `written` (earlier maps') are
+    whole and kept."""
+
+    def __init__(self, name: str, path: Path, cause: BaseException, written: list[Path]) -> None:
+        self.name, self.path, self.cause, self.written = name, path, cause, list(written)
+        done = ("; wrote (whole, kept) " + ", ".join(str(p) for p in written) if written
+                else "; nothing written")
+        super().__init__(f"map {name!r}: {path} not written: {type(cause).__name__}: {cause}{done}")
+
+
+def _names(path: Path) -> Iterator[Path]:
+    """`path`, then with -2, -3 ... before its suffixes (two exports in one second)."""
+    stem, suffix = path.name.split(".", 1)[0], "".join("." + s for s in path.name.split(".")[1:])
+    yield path
+    for n in range(2, MAX_SAME_NAME + 1):
+        yield path.with_name(f"{stem}-{n}{suffix}")
+    raise FileExistsError(f"{path}: {MAX_SAME_NAME} files of that name and its -N variants exist already")
+
+
+def _publish(path: Path, write: Callable[[Path], object]) -> Path:
+    """Write a file with `write(tmp)` and give it `path`, or the first free of path-2, -3 ...;
+    returns the name it got. A file that has the name is never replaced, not even one another
+    kernel gave it a moment ago (two kernels exporting the same name in the same second).
+
+    The file is written whole beside the name first (atomic_path), then hard-linked to the
+    name: link() fails when the name exists, so taking a name is atomic. On a file system
+    without hard links the name is reserved by an exclusive create (O_EXCL), then replaced.
+    """
+    stage = path.with_name(f".{path.name}.{uuid.uuid4().hex}.stage")
+    with atomic_path(stage) as tmp:
+        write(tmp)
+    try:
+        for name in _names(path):
+            try:
+                os.link(stage, name)
+            except FileExistsError:
+                continue
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise
+                try:
+                    os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+                except FileExistsError:
+                    continue
+                os.replace(stage, name)
+            return name
+    finally:
+        stage.unlink(missing_ok=True)
+    raise AssertionError("unreachable: _names ends by raising")  # pragma: no cover
+
+
+def _write_frame(df: Any, kind: str, tmp: Path) -> None:
+    if kind == "parquet":
+        df.to_parquet(tmp, index=False)
+    else:
+        df.to_csv(tmp, index=False)
 
 
 def page_choices(current: int, kind: str) -> list[tuple[str, int]]:
@@ -183,6 +241,7 @@ class Panel(w.VBox):
         self.static = static
         self.folder = Path(folder) if folder is not None else None  # exports: None = the working folder
         self.exported: list[Path] = []  # files the last export wrote
+        self.clock: Callable[[], float] = time.time  # the time export names carry (tests fix it)
         self.closed_widget = False  # close() ran: the widget models are gone
         self.live = plots.is_live(results)
         self.updates = 0  # plot refreshes done (tests: it stops growing after stop())
@@ -192,7 +251,7 @@ class Panel(w.VBox):
         self._final_done = False  # the refresh that follows a stop has been made
         self._stopped_since: float | None = None
         self._applying = False  # a reconfigure() from a control is under way
-        self._handle: Any = None
+        self._handles: list[Any] = []  # display handles of the outputs showing the panel, oldest first
         self._static_html: str | None = None
         self._static_for: tuple[Any, ...] | None = None
         self._static_lock = threading.RLock()
@@ -473,40 +532,47 @@ class Panel(w.VBox):
         "capture": NAME-YYYYmmdd-HHMMSS.capture.parquet, a capture that replays (a replay: a copy
         of the file it replays). "parquet" / "csv": one file per output map,
         NAME-YYYYmmdd-HHMMSS-MAP.parquet / .csv, its whole frame (a program with no output map:
-        its aggregation maps' frames). Files appear whole or not at all.
+        its aggregation maps' frames). Files appear whole or not at all, and never replace one:
+        a name taken (an export in the same second, here or in another kernel) gets -2, -3 ...
+        A map whose file fails raises ExportError naming it and the files written before it,
+        which are kept (whole, and `exported` lists them).
         """
         if kind not in EXPORTS:
             raise ValueError(f"export kind must be one of {', '.join(EXPORTS)}, not {kind!r}")
         r = self.results
-        stem = export_stem(r, (self.folder or Path.cwd()).resolve())
+        stem = export_stem(r, (self.folder or Path.cwd()).resolve(), self.clock())
         if kind == "capture":
-            path = check_destination(_unused(stem.with_name(stem.name + ".capture.parquet")))
+            path = check_destination(stem.with_name(stem.name + ".capture.parquet"))
+            write: Callable[[Path], object]
             if isinstance(r, Probe):
-                with self._lock:  # not during a refresh's read of the same stores
-                    r.save(path)
+                def write(tmp: Path) -> None:
+                    with self._lock:  # not during a refresh's read of the same stores
+                        r.save(tmp)
             elif isinstance(r, Replay) and r.path is not None and Path(r.path).is_file():
-                with atomic_path(path) as tmp:  # the file it replays, byte for byte (checksums too)
-                    shutil.copyfile(r.path, tmp)
+                source = r.path
+                def write(tmp: Path) -> None:  # the file it replays, byte for byte (checksums too)
+                    shutil.copyfile(source, tmp)
             elif r.capture is not None:
-                capture_file.save(r.capture, path)
+                cap = r.capture
+                def write(tmp: Path) -> None:
+                    capture_file.save(cap, tmp)
             else:
                 raise TypeError(f"{type(r).__name__} has no capture to save")
-            self.exported = [path]
+            self.exported = [_publish(path, write)]
             return self.exported
         frames = ({n: r.frame(n) for n in r.outputs} if r.outputs
                   else {n: r.maps[n].frame() for n in mapview.names(r)})
         if not frames:
             raise ValueError("nothing to export: no output maps and no aggregation maps")
-        out = []
-        for name, df in frames.items():
-            path = check_destination(_unused(stem.with_name(f"{stem.name}-{name}.{kind}")), f".{kind}")
-            with atomic_path(path) as tmp:
-                if kind == "parquet":
-                    df.to_parquet(tmp, index=False)
-                else:
-                    df.to_csv(tmp, index=False)
-            out.append(path)
+        out: list[Path] = []
         self.exported = out
+        for name, df in frames.items():
+            path = stem.with_name(f"{stem.name}-{name}.{kind}")
+            try:
+                check_destination(path, f".{kind}")
+                out.append(_publish(path, functools.partial(_write_frame, df, kind)))
+            except Exception as e:  # say which files were written, and which one was not
+                raise ExportError(name, path, e, out) from e
         return out
 
     def _say(self, text: str, error: bool = False) -> None:
@@ -705,17 +771,23 @@ class Panel(w.VBox):
             self._static_for = key
         elif self.shown == "final":
             return
-        if self._handle is None:
-            return
-        with contextlib.suppress(Exception):  # the front end may be gone
-            self._handle.update(self.final_bundle(), raw=True)
+        if self._send_all(self.final_bundle()):
             self.shown = "final"
+
+    def _send_all(self, bundle: dict[str, Any]) -> bool:
+        """Put `bundle` into every output showing the panel; True if any took it."""
+        sent = False
+        for handle in list(self._handles):
+            try:
+                handle.update(bundle, raw=True)
+            except Exception:  # the front end may be gone; the others still count
+                continue
+            sent = True
+        return sent
 
     def _show_live(self) -> None:
         with self._static_lock:
-            if self._handle is not None:
-                with contextlib.suppress(Exception):
-                    self._handle.update(self.live_bundle(), raw=True)
+            self._send_all(self.live_bundle())
             self.shown = "live"
             self._static_for = None
 
@@ -776,6 +848,16 @@ class Panel(w.VBox):
         data["text/plain"] = repr(self)
         return data
 
+    def moved_bundle(self) -> dict[str, Any]:
+        """What an output that no longer follows the panel keeps (shown in MAX_OUTPUTS later
+        outputs since): the counts at this moment, and no widget."""
+        note = (f"<p><i>kernelscope panel: shown again in {MAX_OUTPUTS} later outputs; this one keeps the "
+                f"counts of that moment. <code>{html.escape(self.reattach_call())}</code> shows it "
+                "again.</i></p>")
+        return {"text/html": (f"<div class='kernelscope-static kernelscope-moved'>{self._header_html()}"
+                              f"{plots.stats_table(self.results)}{note}</div>"),
+                "text/plain": repr(self)}
+
     def final_bundle(self) -> dict[str, Any]:
         """The final static rendering: HTML and text only, no widget model to look for."""
         body = self._static_html if self._static_html is not None else self.static_snapshot()
@@ -829,7 +911,15 @@ class Panel(w.VBox):
         from IPython.display import display
 
         self.shown = "live"
-        self._handle = display(self.live_bundle(), raw=True, display_id=True)
+        handle = display(self.live_bundle(), raw=True, display_id=True)
+        with self._static_lock:
+            if handle is not None:
+                self._handles.append(handle)
+            # every output showing the panel gets the final rendering; beyond MAX_OUTPUTS the
+            # oldest is made static now (a saved notebook must find no widget in it)
+            while len(self._handles) > MAX_OUTPUTS:
+                with contextlib.suppress(Exception):
+                    self._handles.pop(0).update(self.moved_bundle(), raw=True)
         shell = get_ipython()
         if shell is not None and self._shell is None:
             self.hook(shell)

@@ -1,0 +1,593 @@
+"""bpftrace's `-f json` stream and script text -> typed rows, map frames and histograms.
+
+Pure functions, no process: what `Bpftrace` (run.py) feeds each line of the child's stdout
+through, and what the tests drive with lines written by hand.
+
+bpftrace 0.17 prints one JSON object a line (src/output.cpp, `JsonOutput`): `{"type": T,
+"data": D}` with T one of printf, map, hist, stats, value, time, cat, join, syscall,
+attached_probes, lost_events (and helper_error, whose fields sit beside `type`). A map's
+keys are one string, the key values joined with "," (`map_key_to_str`); a log2 hist()
+bucket is {"max": -1} (negatives), {"min": 0, "max": 0}, {"min": 1, "max": 1}, then powers
+of two; an lhist() has {"max": MIN-1} below its range and {"min": MAX} above it.
+avg() comes as type "stats" with a number, stats() as {"count", "average", "total"}.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..errors import KernelscopeError
+from ..hist import Histogram
+
+STRING_BYTES = 256  # a %s field's column width: bpftrace's strings are at most 200 bytes (0.17)
+TEXT_DTYPE = np.dtype([("text", f"S{STRING_BYTES}")])  # a format with no conversions, or no format
+INT_MIN = int(np.iinfo(np.int64).min)
+INT_MAX = int(np.iinfo(np.int64).max)
+MESSAGE_TYPES = ("printf", "map", "hist", "stats", "value", "time", "cat", "join", "syscall",
+                 "attached_probes", "lost_events", "helper_error")
+
+
+class BpftraceError(KernelscopeError):
+    """bpftrace could not run the script, or its output could not be read; the message says why."""
+
+
+class BpftraceMissingError(BpftraceError, FileNotFoundError):
+    """No bpftrace binary on this host."""
+
+
+class BpftraceScriptError(BpftraceError):
+    """bpftrace rejected the script (syntax, semantics, a probe it cannot attach).
+
+    `line`/`col` are where bpftrace pointed (1-based, in the text it was given), when it did;
+    the message is bpftrace's own.
+    """
+
+    def __init__(self, message: str, line: int | None = None, col: int | None = None,
+                 detail: str = "") -> None:
+        self.message = message
+        self.line = line
+        self.col = col
+        self.detail = detail  # the source line and caret bpftrace printed under it
+        where = f"line {line}: " if line is not None else ""
+        super().__init__(f"{where}{message}" + (f"\n{detail}" if detail else ""))
+
+
+# --- the script -----------------------------------------------------------------------------
+
+_CONVERSION = re.compile(r"%(?P<flags>[-+ #0]*)(?P<width>\d*)(?:\.(?P<prec>\d+))?"
+                         r"(?P<len>hh|h|ll|l|z|j|t)?(?P<conv>[diouxXcsp%]|r[xh]?)")
+_KEY_BEFORE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*[=:]\s*$")
+_IDENT_TAIL = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:\)\s*)?$")
+
+
+def _skip_comments(script: str) -> str:
+    """The script with comments blanked (same length, so offsets and lines stay)."""
+    out = []
+    i, n = 0, len(script)
+    while i < n:
+        c = script[i]
+        if c == '"':
+            j = i + 1
+            while j < n and script[j] != '"':
+                j += 2 if script[j] == "\\" else 1
+            out.append(script[i:j + 1])
+            i = j + 1
+        elif script.startswith("//", i):
+            j = script.find("\n", i)
+            j = n if j < 0 else j
+            out.append(" " * (j - i))
+            i = j
+        elif script.startswith("/*", i):
+            j = script.find("*/", i + 2)
+            j = n if j < 0 else j + 2
+            out.append(re.sub(r"[^\n]", " ", script[i:j]))
+            i = j
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def _split_args(text: str) -> list[str]:
+    """Top-level comma-separated pieces of `text` (strings and brackets kept whole)."""
+    parts, depth, cur, i = [], 0, [], 0
+    while i < len(text):
+        c = text[i]
+        if c == '"':
+            j = i + 1
+            while j < len(text) and text[j] != '"':
+                j += 2 if text[j] == "\\" else 1
+            cur.append(text[i:j + 1])
+            i = j + 1
+            continue
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        if c == "," and depth == 0:
+            parts.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    if "".join(cur).strip():
+        parts.append("".join(cur).strip())
+    return parts
+
+
+def _closing(text: str, start: int, open_: str, close: str) -> int:
+    """Index of the bracket closing the one at `start` (strings skipped), or -1."""
+    depth, i = 0, start
+    while i < len(text):
+        c = text[i]
+        if c == '"':
+            j = i + 1
+            while j < len(text) and text[j] != '"':
+                j += 2 if text[j] == "\\" else 1
+            i = j + 1
+            continue
+        if c == open_:
+            depth += 1
+        elif c == close:
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return -1
+
+
+def _unescape(literal: str) -> str:
+    """A bpftrace string literal's text (the escapes bpftrace's lexer knows)."""
+    return re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\"}.get(
+        m.group(1), "\\" + m.group(1)), literal)
+
+
+def _name_of(expr: str) -> str | None:
+    """A column name for an argument or key expression: `pid`, `args->count` -> count, `$x` -> x."""
+    e = expr.strip()
+    e = re.sub(r"^\(\s*\w+\s*\)\s*", "", e)  # a cast
+    m = _IDENT_TAIL.search(e.replace("->", ".").replace("$", ""))
+    if m and re.fullmatch(r"[\w.$>\-\s()]*", e):
+        return m.group(1)
+    return None
+
+
+@dataclass
+class Field:
+    name: str
+    conv: str  # the conversion letter: d i u o x X c s p r
+
+    @property
+    def dtype(self) -> str:
+        if self.conv in "di":
+            return "<i8"
+        if self.conv in "uoxXp":
+            return "<u8"
+        return f"S{STRING_BYTES}" if self.conv != "c" else "S4"
+
+
+@dataclass
+class Format:
+    """One printf format of the script: the regex its lines match and the columns they give."""
+
+    text: str  # the format as bpftrace prints it (escapes resolved)
+    fields: list[Field]
+    regex: re.Pattern[str]
+    line: int  # the script line of the printf call
+
+    @property
+    def dtype(self) -> np.dtype:
+        if not self.fields:
+            return TEXT_DTYPE
+        return np.dtype([(f.name, f.dtype) for f in self.fields])
+
+    @property
+    def literal_chars(self) -> int:
+        return len(_CONVERSION.sub("", self.text))
+
+    def record(self, text: str) -> np.ndarray | None:
+        """`text` (one printf's output) as a 1-row array of this format's dtype, or None if it
+        is not this format's."""
+        m = self.regex.fullmatch(text)
+        if m is None:
+            return None
+        out = np.zeros(1, self.dtype)
+        if not self.fields:
+            out["text"] = text.rstrip("\n").encode()[:STRING_BYTES]
+            return out
+        for i, f in enumerate(self.fields):
+            raw = m.group(i + 1).strip()
+            if f.conv in "di":
+                out[f.name] = int(raw)
+            elif f.conv in "xX":
+                out[f.name] = int(raw, 16)
+            elif f.conv == "o":
+                out[f.name] = int(raw, 8)
+            elif f.conv == "p":
+                out[f.name] = int(raw, 16) if raw.startswith("0x") else 0
+            elif f.conv == "u":
+                out[f.name] = int(raw) & (2**64 - 1)
+            else:
+                out[f.name] = raw.encode()[:STRING_BYTES]
+        return out
+
+
+_PIECE = {"d": r"(\s*-?\d+)", "i": r"(\s*-?\d+)", "u": r"(\s*\d+)", "o": r"(\s*[0-7]+)",
+          "x": r"(\s*[0-9a-fA-F]+)", "X": r"(\s*[0-9a-fA-F]+)", "p": r"(\s*0x[0-9a-fA-F]+|\s*\(nil\))",
+          "c": r"(.)", "s": r"(.*?)"}
+
+
+def parse_format(fmt: str, args: list[str], line: int = 0) -> Format:
+    """A printf format and its argument expressions -> the columns its lines give.
+
+    A conversion is named by the `word=` or `word:` just before it (`pid=%d` -> pid), else by
+    its argument (`comm`, `args->count` -> count, `$x` -> x), else f0, f1...; names repeat as
+    name_2, name_3. %d/%i are int64, %u/%x/%o/%p uint64, %s/%r strings.
+    """
+    fields: list[Field] = []
+    pattern, pos, argi = [], 0, 0
+    seen: dict[str, int] = {}
+    for m in _CONVERSION.finditer(fmt):
+        literal = fmt[pos:m.start()]
+        pattern.append(re.escape(literal))
+        pos = m.end()
+        conv = m.group("conv")
+        if conv == "%":
+            pattern.append("%")
+            continue
+        before = _KEY_BEFORE.search(literal) or (
+            _KEY_BEFORE.search(fmt[:m.start()]) if not literal else None)
+        arg = args[argi] if argi < len(args) else ""
+        argi += 1
+        name = (before.group(1) if before else None) or _name_of(arg) or f"f{len(fields)}"
+        if name.startswith("ks_"):
+            name = "f_" + name
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            name = f"{name}_{seen[name]}"
+        kind = conv[0] if conv[0] != "r" else "s"
+        fields.append(Field(name, kind))
+        pattern.append(_PIECE[kind])
+    pattern.append(re.escape(fmt[pos:]))
+    return Format(fmt, fields, re.compile("".join(pattern), re.S), line)
+
+
+def printf_formats(script: str) -> list[Format]:
+    """Every `printf("...", args)` of the script, in order (a format used twice counts once)."""
+    text = _skip_comments(script)
+    out: list[Format] = []
+    for m in re.finditer(r"\bprintf\s*\(", text):
+        end = _closing(text, m.end() - 1, "(", ")")
+        if end < 0:
+            continue
+        parts = _split_args(text[m.end():end])
+        if not parts or not (parts[0].startswith('"') and parts[0].endswith('"')):
+            continue
+        fmt = _unescape(parts[0][1:-1])
+        if any(f.text == fmt for f in out):
+            continue
+        out.append(parse_format(fmt, parts[1:], text.count("\n", 0, m.start()) + 1))
+    return out
+
+
+def map_keys(script: str) -> dict[str, list[str]]:
+    """Each map's key column names from the script: `@n[pid, comm]` -> {"@n": ["pid", "comm"]}
+    (an expression with no plain name gives key0, key1...)."""
+    text = _skip_comments(script)
+    out: dict[str, list[str]] = {}
+    for m in re.finditer(r"(@[A-Za-z0-9_]*)\s*\[", text):
+        name = m.group(1)
+        if name in out:
+            continue
+        end = _closing(text, m.end() - 1, "[", "]")
+        if end < 0:
+            continue
+        parts = _split_args(text[m.end():end])
+        names, seen = [], set()
+        for i, p in enumerate(parts):
+            n = _name_of(p) or f"key{i}"
+            if n in seen or n in ("value", "count", "low", "high", "snapshot", "t"):
+                n = f"key{i}"
+            seen.add(n)
+            names.append(n)
+        out[name] = names
+    return out
+
+
+# --- errors on stderr -----------------------------------------------------------------------
+
+# bpftrace's locations: "stdin:3:5-8: ERROR: ..." (line:col-col), "stdin:1-2: ERROR: ..." (lines)
+# (a probe's location starts where the previous token ended: its own line is the last of the range)
+_ERROR_AT = re.compile(r"^(?P<file>[^:\n]+):(?P<line>\d+)(?::(?P<col>\d+))?(?:-(?P<end>\d+))?:\s*"
+                       r"ERROR:\s*(?P<msg>.*)$")
+_ERROR = re.compile(r"^ERROR:\s*(?P<msg>.*)$")
+# Said on every start where the memlock hard limit is below what bpftrace asks for; harmless on
+# kernels >= 5.11, which account BPF memory to cgroups instead of RLIMIT_MEMLOCK.
+HARMLESS = (re.compile(r"couldn't set RLIMIT_MEMLOCK"),)
+
+
+def harmless(line: str) -> bool:
+    return any(p.search(line) for p in HARMLESS)
+
+
+_SAYS = re.compile(r"^(?:[^:\s]+:\d+(?::\d+)?(?:-\d+)?:\s*)?(?:WARNING|ERROR|INFO):")
+
+
+def stderr_messages(lines: list[str]) -> list[str]:
+    """bpftrace's stderr as messages: each WARNING/ERROR line with the source line and
+    marker it prints under it; the harmless ones left out."""
+    out: list[str] = []
+    for ln in lines:
+        if not ln.strip() or harmless(ln):
+            continue
+        if out and not _SAYS.match(ln):
+            out[-1] += "\n" + ln
+        else:
+            out.append(ln)
+    return out
+
+
+def script_error(stderr: str, returncode: int | None) -> BpftraceError:
+    """What bpftrace's stderr says went wrong: a BpftraceScriptError at its line when it
+    named one, else a BpftraceError with its last words."""
+    lines = [ln for ln in stderr.splitlines() if not harmless(ln)]
+    for i, ln in enumerate(lines):
+        m = _ERROR_AT.match(ln)
+        if m:
+            detail = "\n".join(lines[i + 1:i + 3])
+            col = int(m.group("col")) if m.group("col") else None
+            line = int(m.group("end")) if col is None and m.group("end") else int(m.group("line"))
+            return BpftraceScriptError(m.group("msg").strip(), line, col, detail)
+    for ln in lines:
+        m = _ERROR.match(ln)
+        if m:
+            said = m.group("msg").strip()
+            if "root user" in said:  # 0.17: "bpftrace currently only supports running as the root user."
+                said += " Without root, notebooks can replay recorded runs (KERNELSCOPE_MODE=replay)."
+            return BpftraceScriptError(said)
+    said = "\n".join(lines[-10:]).strip() or "nothing on stderr"
+    return BpftraceError(f"bpftrace exited with status {returncode} before attaching: {said}")
+
+
+# --- the JSON stream ------------------------------------------------------------------------
+
+
+def message(line: str) -> dict[str, Any] | None:
+    """One line of `-f json` output as a dict, None for a blank line (bpftrace prints some
+    at exit). Anything else that is not one JSON object is a BpftraceError quoting it."""
+    s = line.strip()
+    if not s:
+        return None
+    try:
+        msg = json.loads(s)
+    except ValueError:
+        raise BpftraceError(f"bpftrace printed a line that is not JSON: {s[:200]!r}") from None
+    if not isinstance(msg, dict) or "type" not in msg:
+        raise BpftraceError(f"bpftrace printed JSON without a type: {s[:200]!r}")
+    return msg
+
+
+@dataclass
+class Snapshot:
+    """One printing of one map (at exit, or by print()/interval): its kind and data as printed."""
+
+    t: float  # seconds since the run started
+    kind: str  # "map", "hist", "stats"
+    data: Any
+    frame: pd.DataFrame | None = None  # map_frame() of it, once asked for
+
+
+def _split_key(key: str, n: int) -> list[str]:
+    """bpftrace joins a map's key values with ","; a string key holding commas makes more
+    pieces than keys: the surplus is kept in the last key."""
+    if n <= 1:
+        return [key]
+    parts = key.split(",", n - 1)
+    return parts + [""] * (n - len(parts))
+
+
+def _typed(col: pd.Series) -> pd.Series:
+    """A key column of strings as integers when every value is one."""
+    try:
+        return pd.to_numeric(col, downcast=None) if all(re.fullmatch(r"-?\d+", str(v)) for v in col) else col
+    except (ValueError, OverflowError):
+        return col
+
+
+def _key_frame(keys: list[str], names: list[str] | None) -> pd.DataFrame:
+    n = len(names) if names else (keys[0].count(",") + 1 if keys else 1)
+    names = names or (["key"] if n == 1 else [f"key{i}" for i in range(n)])
+    rows = [_split_key(k, len(names)) for k in keys]
+    df = pd.DataFrame(rows, columns=names) if rows else pd.DataFrame(columns=names)
+    for c in df.columns:
+        df[c] = _typed(df[c])
+    return df
+
+
+def _values(values: list[Any]) -> pd.DataFrame:
+    """Map values as columns: a number or string -> value; a tuple -> value0..; a record -> its fields."""
+    if values and all(isinstance(v, list) for v in values):
+        return pd.DataFrame([list(v) for v in values]).add_prefix("value")
+    if values and all(isinstance(v, dict) for v in values):
+        return pd.DataFrame(values)
+    return pd.DataFrame({"value": values})
+
+
+def has_keys(kind: str, data: Any) -> bool:
+    """Whether a map's printed data is keyed ({key: value}) or the map has no key."""
+    if kind == "hist":
+        return isinstance(data, dict)
+    if kind == "stats":
+        return isinstance(data, dict) and not {"count", "average", "total"} >= set(data)
+    return isinstance(data, dict)
+
+
+def map_frame(snap: Snapshot, key_names: list[str] | None = None) -> pd.DataFrame:
+    """A map as printed -> a frame: key columns then `value` (count/sum/min/max/avg), the
+    `count`/`average`/`total` of stats(), or a hist's buckets (`low`, `high`, `count`)."""
+    if snap.kind == "hist":
+        return hist_buckets(snap.data, key_names)
+    if has_keys(snap.kind, snap.data):
+        keys = list(snap.data)
+        vals = _values(list(snap.data.values()))
+        return pd.concat([_key_frame(keys, key_names), vals], axis=1)
+    return _values([snap.data])
+
+
+def _bucket(b: dict[str, Any]) -> tuple[int, int, int]:
+    low = int(b["min"]) if "min" in b else INT_MIN
+    high = int(b["max"]) if "max" in b else INT_MAX
+    return low, high, int(b.get("count", 0))
+
+
+def hist_buckets(data: Any, key_names: list[str] | None = None) -> pd.DataFrame:
+    """A printed hist()/lhist() as rows of (key columns,) low, high, count; the open buckets
+    below and above an lhist's range (and hist()'s negatives) have the int64 limit as bound."""
+    rows: list[tuple[Any, ...]] = []
+    if isinstance(data, dict):
+        keys = _key_frame(list(data), key_names)
+        for i, buckets in enumerate(data.values()):
+            kv = tuple(keys.iloc[i])
+            rows += [(*kv, *_bucket(b)) for b in buckets]
+        cols = [*keys.columns, "low", "high", "count"]
+    else:
+        rows = [_bucket(b) for b in data]
+        cols = ["low", "high", "count"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def log2_slot_of(low: int, high: int) -> int:
+    """bpftrace's log2 bucket index: 0 negatives, 1 zero, 2 one, then 2**(i-2)..2**(i-1)-1."""
+    if low == INT_MIN:
+        return 0
+    if low <= 0:
+        return 1
+    return int(low).bit_length() + 1
+
+
+def log2_bounds(slot: int) -> tuple[int, int]:
+    if slot == 0:
+        return INT_MIN, -1
+    if slot == 1:
+        return 0, 0
+    return 1 << (slot - 2), (1 << (slot - 1)) - 1
+
+
+def map_functions(script: str) -> dict[str, tuple[str, list[str]]]:
+    """The aggregation each map is assigned: `@h[comm] = lhist(x, 0, 100, 10)` ->
+    {"@h": ("lhist", ["x", "0", "100", "10"])} (the first assignment of each map)."""
+    text = _skip_comments(script)
+    out: dict[str, tuple[str, list[str]]] = {}
+    for m in re.finditer(r"(@[A-Za-z0-9_]*)\s*(?:\[[^=]*?\])?\s*=\s*([a-z_]+)\s*\(", text):
+        end = _closing(text, m.end() - 1, "(", ")")
+        if m.group(1) not in out and end > 0:
+            out[m.group(1)] = (m.group(2), _split_args(text[m.end():end]))
+    return out
+
+
+def _linear_step(inner: pd.DataFrame, call: tuple[str, list[str]] | None) -> int | None:
+    if call is not None and call[0] == "lhist" and len(call[1]) == 4:
+        try:
+            return int(call[1][3], 0)
+        except ValueError:
+            pass
+    widths = set((inner.high - inner.low + 1).tolist())
+    return int(min(widths)) if widths else None
+
+
+def histogram(buckets: pd.DataFrame, call: tuple[str, list[str]] | None = None, unit: str = "") -> Histogram:
+    """bucket rows (hist_buckets) -> kernelscope's Histogram, one per key on one bucket grid
+    (the empty buckets between keys' ranges filled in). `call` is the map's aggregation from
+    the script (map_functions): hist() is log2, lhist() linear; without it the buckets decide
+    (all one width > 1: linear)."""
+    keys = [c for c in buckets.columns if c not in ("low", "high", "count")]
+    inner = buckets[(buckets.low != INT_MIN) & (buckets.high != INT_MAX)]
+    widths = set((inner.high - inner.low + 1).tolist())
+    linear = call[0] == "lhist" if call is not None else (len(widths) == 1 and widths != {1})
+    step = _linear_step(inner, call) if linear else None
+    if not linear or step is None:
+        slots = [log2_slot_of(lo, hi) for lo, hi in zip(buckets.low, buckets.high, strict=True)]
+        first, last = (min(slots), max(slots)) if slots else (1, 1)
+        bounds = [log2_bounds(s) for s in range(first, last + 1)]
+        layout, start = "log2", 0
+    else:
+        lows = sorted(set(inner.low.tolist()))
+        below = buckets.high[buckets.low == INT_MIN]
+        above = buckets.low[buckets.high == INT_MAX]
+        lo0 = lows[0] if lows else int(below.iloc[0]) + 1 if len(below) else int(above.iloc[0])
+        lo1 = lows[-1] if lows else lo0 - step
+        top = int(above.iloc[0]) if len(above) else lo1 + step
+        bounds = [(lo, lo + step - 1) for lo in range(lo0, top, step)]
+        if len(below):
+            bounds.insert(0, (INT_MIN, lo0 - 1))
+        if len(above):
+            bounds.append((top, INT_MAX))
+        layout, start = "linear", lo0
+    index = {b: i for i, b in enumerate(bounds)}
+    key_rows = buckets[keys].drop_duplicates().reset_index(drop=True) if keys else None
+    counts = np.zeros((len(key_rows) if key_rows is not None else 1, len(bounds)), np.int64)
+    row_of = ({tuple(r): i for i, r in enumerate(key_rows.itertuples(index=False, name=None))}
+              if key_rows is not None else {})
+    for rec in buckets.itertuples(index=False, name=None):
+        *kv, lo, hi, n = rec
+        r = row_of[tuple(kv)] if key_rows is not None else 0
+        counts[r, index[(int(lo), int(hi))]] += int(n)
+    low = np.array([b[0] for b in bounds], np.int64)
+    high = np.array([b[1] for b in bounds], np.int64)
+    return Histogram(low, high, counts if key_rows is not None else counts[0], unit, keys=key_rows,
+                     layout=layout, step=step, start=start)
+
+
+@dataclass
+class Parsed:
+    """What one chunk of the stream held, sorted by what it feeds."""
+
+    rows: dict[int, list[np.ndarray]] = field(default_factory=dict)  # format index -> records
+    other: list[str] = field(default_factory=list)  # printf texts matching no format
+    snapshots: list[tuple[str, Snapshot]] = field(default_factory=list)
+    messages: list[tuple[str, str]] = field(default_factory=list)  # (type, text): value, time, cat...
+    lost: int = 0
+    attached: int | None = None
+    synced: list[int] = field(default_factory=list)  # CPUs whose sync line came
+
+
+def dispatch(msgs: list[dict[str, Any]], formats: list[Format], t: float, sync: str = "") -> Parsed:
+    """Sort messages: printf rows to their format (the most literal formats tried first), map
+    printings to snapshots, lost_events counted, the rest kept as (type, text). printf lines
+    starting with `sync` are kernelscope's own: the CPU number after it goes to `synced`."""
+    out = Parsed()
+    order = sorted(range(len(formats)), key=lambda i: -formats[i].literal_chars)
+    for msg in msgs:
+        kind, data = msg.get("type"), msg.get("data")
+        if kind == "printf" and sync and str(data).startswith(sync):
+            out.synced.append(int(str(data)[len(sync):].strip() or -1))
+        elif kind == "printf":
+            text = str(data)
+            for i in order:
+                rec = formats[i].record(text)
+                if rec is not None:
+                    out.rows.setdefault(i, []).append(rec)
+                    break
+            else:
+                out.other.append(text)
+        elif kind in ("map", "hist", "stats") and isinstance(data, dict):
+            for name, value in data.items():
+                out.snapshots.append((name, Snapshot(t, str(kind), value)))
+        elif kind == "lost_events":
+            if isinstance(data, dict):
+                out.lost += int(data.get("events", 0))
+            else:  # a watchpoint that could not attach says so in a string
+                out.messages.append(("lost_events", str(data)))
+        elif kind == "attached_probes" and isinstance(data, dict):
+            out.attached = int(data.get("probes", 0))
+        elif kind == "helper_error":  # a helper failed at run time: its name, return code, line, column
+            out.messages.append(("helper_error", json.dumps({k: v for k, v in msg.items() if k != "type"})))
+        else:
+            out.messages.append((str(kind), data if isinstance(data, str) else json.dumps(data)))
+    return out
