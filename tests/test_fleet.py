@@ -134,8 +134,10 @@ class Recorder:
 
 def shown(view: FleetPanel) -> Recorder:
     """As if `view` were displayed live (the output: a Recorder)."""
-    view._handle, view.shown = Recorder(), "live"
-    return view._handle
+    output = Recorder()
+    view._handles.append(output)
+    view.shown = "live"
+    return output
 
 
 Run = tuple[FleetProbe, dict[str, int], Path, FleetPanel, Recorder]
@@ -246,7 +248,7 @@ def test_a_host_that_fails_to_load_is_named_and_the_other_pulls_in_bounded_piece
     args = {**targets(pids), "host1": {"cflags": ["-DTARGET=no_such_name"]}}
     fp = fleet.probe(producers.ring_program(), host_args=args)  # not live: pulled when asked
     view = fp.panel(static="none")
-    output = shown(view)
+    output, again = shown(view), shown(view)  # shown in two outputs
     try:
         assert list(fp.errors) == ["host1"]
         assert view.tick()  # running: a redraw, the counts pulled (not live)
@@ -272,6 +274,7 @@ def test_a_host_that_fails_to_load_is_named_and_the_other_pulls_in_bounded_piece
         assert "no_such_name" in page
         assert "<td>all (1)</td>" in page
         assert "1 in error" in page
+        assert again.bundles[-1] == output.bundles[-1]  # every output gets the final state
         assert not view.tick()  # stopped: nothing left to follow
     finally:
         fp.close()

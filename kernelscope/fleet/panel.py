@@ -8,7 +8,8 @@ rate, its received and dropped counts so far, and the table with the "all (N)" r
 error is marked so, with its error. On `stop()` or `close()` of the probe the panel replaces the
 live view, in the same output, by a final static rendering (the table and the plots as a PNG or
 plotly HTML, no widget in the bundle), as the single-probe panel (kernelscope.jupyter.widgets)
-does, so a saved notebook shows the final state. A kernel shutdown leaves the table alone there.
+does, so a saved notebook shows the final state; every output showing the panel (up to
+MAX_OUTPUTS, the newest) gets it. A kernel shutdown leaves the table alone there.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import ipywidgets as w
 from plotly.graph_objects import Figure, FigureWidget
 
 from ..jupyter import plots as single
-from ..jupyter.widgets import LIVE_POINTS, REFRESH_INTERVAL, STATIC_MODES
+from ..jupyter.widgets import LIVE_POINTS, MAX_OUTPUTS, REFRESH_INTERVAL, STATIC_MODES
 from . import plots
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ class FleetPanel(w.VBox):
         self.shown: str | None = None  # what the displayed output holds: "live" or "final"
         self.closed_widget = False
         self._note = ""  # why the final rendering was made early ("kernel shut down")
-        self._handle: Any = None
+        self._handles: list[Any] = []  # display handles of the outputs showing the panel, oldest first
         self._shell: Any = None
         self._lock = threading.RLock()  # one redraw at a time
         self._static_lock = threading.RLock()
@@ -214,12 +215,22 @@ class FleetPanel(w.VBox):
                 self._static_html = self.static_snapshot(png=png)
                 self._static_for = key
             sent = (key, self._header_html())
-            if self._handle is None or (self.shown == "final" and self._sent_final == sent):
+            if self.shown == "final" and self._sent_final == sent:
                 return
-            with contextlib.suppress(Exception):  # the front end may be gone
-                self._handle.update(self.final_bundle(), raw=True)
+            if self._send_all(self.final_bundle()):
                 self.shown = "final"
                 self._sent_final = sent
+
+    def _send_all(self, bundle: dict[str, Any]) -> bool:
+        """Put `bundle` into every output showing the panel; True if any took it."""
+        sent = False
+        for handle in list(self._handles):
+            try:
+                handle.update(bundle, raw=True)
+            except Exception:  # the front end may be gone; the others still count
+                continue
+            sent = True
+        return sent
 
     def live_bundle(self) -> dict[str, Any]:
         """The widget, with an HTML fallback of the table now (for a front end without widgets)."""
@@ -230,6 +241,14 @@ class FleetPanel(w.VBox):
                              f"{self.fp.table_html()}{note}</div>")
         data["text/plain"] = repr(self)
         return data
+
+    def moved_bundle(self) -> dict[str, Any]:
+        """What an output that no longer follows the panel keeps (shown in MAX_OUTPUTS later
+        outputs since): the table at this moment, and no widget."""
+        note = (f"<p><i>kernelscope fleet panel: shown again in {MAX_OUTPUTS} later outputs; this one keeps "
+                "the counts of that moment.</i></p>")
+        return {"text/html": (f"<div class='kernelscope-static kernelscope-moved'>{self._header_html()}"
+                              f"{self.fp.table_html()}{note}</div>"), "text/plain": repr(self)}
 
     def final_bundle(self) -> dict[str, Any]:
         """The final static rendering: HTML and text only, no widget model to look for."""
@@ -249,14 +268,20 @@ class FleetPanel(w.VBox):
         from IPython import get_ipython
         from IPython.display import display
 
-        if not self.fp.running:  # stopped already: the final state straight away
+        if not self.fp.running:  # stopped already: the final state straight away, in this output only
             self.refresh()
             self.finish()
-            self._handle = display(self.final_bundle(), raw=True, display_id=True)
-            self.shown, self._sent_final = "final", (self._static_for, self._header_html())
+            display(self.final_bundle(), raw=True)
             return
+        handle = display(self.live_bundle(), raw=True, display_id=True)
+        if handle is not None:
+            self._handles.append(handle)
+        # every output showing the panel gets the final rendering; beyond MAX_OUTPUTS the oldest is
+        # made static now (a saved notebook must find no widget in it)
+        while len(self._handles) > MAX_OUTPUTS:
+            with contextlib.suppress(Exception):
+                self._handles.pop(0).update(self.moved_bundle(), raw=True)
         self.shown = "live"
-        self._handle = display(self.live_bundle(), raw=True, display_id=True)
         shell = get_ipython()
         if shell is not None and self._shell is None:
             shell.observe(self._on_exit, names="exit_now")
