@@ -315,7 +315,20 @@ def test_magic_fleet_flag_starts_the_cell_on_every_host(client: Any) -> None:
         assert fp.df.groupby("host").size().to_dict() == {"host0": 700, "host1": 700}
         with pytest.raises(Exception, match="no variable 'nobody'"):
             sh.run_cell("%%bpf fp --fleet nobody\n" + producers.ring_program())
-        fp.close()
+        assert fp.closed  # the cell ran again: its fleet probe went first, on every host
+        assert not [a for a, keys in client.run(_loaded).items() if fp.key in keys]
+        # a local cell becomes a fleet cell and back: each replaces the other
+        sh.run_cell("%%bpf sw --quiet -DTARGET=1\n" + producers.ring_program())
+        local = sh.user_ns["sw"]
+        sh.run_cell("%%bpf sw --fleet client --quiet -DTARGET=1\n" + producers.ring_program())
+        remote = sh.user_ns["sw"]
+        assert isinstance(remote, FleetProbe)
+        assert local.closed
+        assert "sw" not in sh.magics.probes
+        sh.run_cell("%%bpf sw --quiet -DTARGET=1\n" + producers.ring_program())
+        assert remote.closed
+        assert not [a for a, keys in client.run(_loaded).items() if remote.key in keys]
+        sh.run_cell("%bpf_stop sw")
 
 
 def test_hosts_and_host_args_must_name_hosts_of_the_cluster(fleet: Fleet) -> None:

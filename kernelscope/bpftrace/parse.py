@@ -94,17 +94,23 @@ def _skip_comments(script: str) -> str:
     return "".join(out)
 
 
+def _string_end(text: str, start: int) -> int:
+    """Index just past the string literal opening at `start` (escapes skipped)."""
+    j = start + 1
+    while j < len(text) and text[j] != '"':
+        j += 2 if text[j] == "\\" else 1
+    return j + 1
+
+
 def _split_args(text: str) -> list[str]:
     """Top-level comma-separated pieces of `text` (strings and brackets kept whole)."""
     parts, depth, cur, i = [], 0, [], 0
     while i < len(text):
         c = text[i]
         if c == '"':
-            j = i + 1
-            while j < len(text) and text[j] != '"':
-                j += 2 if text[j] == "\\" else 1
-            cur.append(text[i:j + 1])
-            i = j + 1
+            j = _string_end(text, i)
+            cur.append(text[i:j])
+            i = j
             continue
         if c in "([{":
             depth += 1
@@ -127,10 +133,7 @@ def _closing(text: str, start: int, open_: str, close: str) -> int:
     while i < len(text):
         c = text[i]
         if c == '"':
-            j = i + 1
-            while j < len(text) and text[j] != '"':
-                j += 2 if text[j] == "\\" else 1
-            i = j + 1
+            i = _string_end(text, i)
             continue
         if c == open_:
             depth += 1

@@ -20,6 +20,7 @@ import keyword
 import os
 import re
 import shlex
+import sys
 import time
 import weakref
 from collections.abc import Iterator
@@ -185,12 +186,12 @@ class BPFMagics(Magics):
         args = parse_argstring(self.bpf, line)
         opts = options(args)
         source = program_source(opts, cell)
+        self.close_probe(opts.name)  # a local probe or a fleet one: the cell replaces either
         if args.fleet:  # one probe per host of a Dask cluster: kernelscope.fleet
             from ..fleet.cell import run_cell
 
             run_cell(self.shell, source, opts, args.fleet)
             return
-        self.close_probe(opts.name)
         probe = build_probe(source, opts)
         self.probes[opts.name] = self.user_ns[opts.name] = probe
         self._warn(probe, source)
@@ -271,6 +272,13 @@ class BPFMagics(Magics):
         for p in {id(p): p for p in found if isinstance(p, Results)}.values():
             p.close()
             closed = p
+        fleet = sys.modules.get("kernelscope.fleet.fleet")  # none made without it imported
+        held = self.user_ns.get(name)
+        if fleet is not None and isinstance(held, fleet.FleetProbe):  # a `%%bpf --fleet` cell's
+            try:
+                held.close()
+            except fleet.FleetError as e:  # its client is gone: say so, and go on
+                show_warning(f"{name}: {e}")
         if status is not None:
             status.stop()
         return closed
