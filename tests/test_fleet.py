@@ -9,6 +9,7 @@ once for the module; the test that kills a worker runs last.
 from __future__ import annotations
 
 import ast
+import html
 import os
 import signal
 import sys
@@ -33,6 +34,7 @@ from kernelscope.fleet import fleet as fleet_mod
 from kernelscope.fleet.cell import probe_args
 from kernelscope.fleet.dataset import parts
 from kernelscope.fleet.fleet import _run
+from kernelscope.fleet.panel import FleetPanel
 from kernelscope.fleet.worker import HOST_ENV, _new_rows
 from kernelscope.readers.batch import Batch
 from kernelscope.schema import Schema
@@ -120,20 +122,42 @@ def targets(pids: dict[str, int]) -> dict[str, dict[str, Any]]:
     return {h: {"cflags": [f"-DTARGET={pid}"]} for h, pid in pids.items()}
 
 
-Run = tuple[FleetProbe, dict[str, int], Path]
+class Recorder:
+    """Stands in for IPython's DisplayHandle: keeps what the panel puts in its output."""
+
+    def __init__(self) -> None:
+        self.bundles: list[dict[str, Any]] = []
+
+    def update(self, obj: Any, **kwargs: Any) -> None:
+        self.bundles.append(obj)
+
+
+def shown(view: FleetPanel) -> Recorder:
+    """As if `view` were displayed live (the output: a Recorder)."""
+    output = Recorder()
+    view._handles.append(output)
+    view.shown = "live"
+    return output
+
+
+Run = tuple[FleetProbe, dict[str, int], Path, FleetPanel, Recorder]
 
 
 @pytest.fixture(scope="module")
 def run(fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
-    """Both hosts' producers run to the end under one live fleet probe, stopped and saved."""
+    """Both hosts' producers run to the end under one live fleet probe (its live panel shown
+    and redrawing), stopped and saved."""
     pids = spawn(fleet, COUNTS)
     fp = fleet.probe(producers.ring_program(), host_args=targets(pids), live=True, interval=0.05,
                      max_rows_per_pull=1000)
+    view = fp.panel(static="html")  # redrawn every REFRESH_INTERVAL while the producers run
+    output = shown(view)
+    view.start()
     go(fleet, pids)
     fp.stop()
     root = tmp_path_factory.mktemp("fleet") / "run"
     fp.save(str(root))
-    yield fp, pids, root
+    yield fp, pids, root, view, output
     fp.close()
 
 
@@ -141,7 +165,7 @@ def run(fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]
 
 @pytest.mark.kernel
 def test_gathered_frame_has_each_hosts_rows_exactly(run: Run) -> None:
-    fp, pids, _ = run
+    fp, pids, *_ = run
     assert fp.errors == {}
     df = fp.df
     assert df.columns[0] == "host"
@@ -155,7 +179,7 @@ def test_gathered_frame_has_each_hosts_rows_exactly(run: Run) -> None:
 
 @pytest.mark.kernel
 def test_accounting_per_host_and_in_total(run: Run) -> None:
-    fp, _, _ = run
+    fp, *_ = run
     for host, n in COUNTS.items():
         st = fp.stats[host]["events"]
         assert st["attempted"] == st["received"] + st["dropped"]
@@ -170,12 +194,37 @@ def test_accounting_per_host_and_in_total(run: Run) -> None:
     hist = fp.history()  # per-host lines: each host's counts at each pull
     assert hist.groupby("host").received.last().to_dict() == COUNTS
     assert (hist.groupby("host").received.diff().dropna() >= 0).all()
-    assert sorted(t.name for t in fp.figure().data) == ["host0", "host1"]
+    legend = [t.name for t in fp.figure().data if t.showlegend is not False]
+    assert legend == ["host0", "host1"]
+
+
+@pytest.mark.kernel
+def test_live_panel_draws_a_line_per_host_then_the_final_state_in_its_output(run: Run) -> None:
+    fp, _, _, view, output = run
+    wait_for(lambda: not view.updating)  # the probe stopped: the panel's redraws ended
+    lines = {t.meta: t for t in view.figure.data}
+    for kind in ("rate", "received", "dropped"):  # one trace per host and line
+        assert sorted(m for m in lines if m.startswith(f"{kind}:")) == [f"{kind}:{h}:events" for h in COUNTS]
+    for host, n in COUNTS.items():
+        assert lines[f"received:{host}:events"].y[-1] == n  # the final counts, drawn
+        assert lines[f"dropped:{host}:events"].y[-1] == fp.stats[host]["events"]["dropped"]
+        assert lines[f"rate:{host}:events"].name == host  # the legend names the host
+    assert len({lines[f"rate:{h}:events"].line.color for h in COUNTS}) == 2  # a colour per host
+    final = output.bundles[-1]  # the live view replaced, in the same output, by the final state
+    assert view.shown == "final"
+    assert set(final) == {"text/html", "text/plain"}  # no widget in the bundle
+    page = final["text/html"]
+    for host, n in [*COUNTS.items(), ("all (2)", sum(COUNTS.values()))]:
+        assert f"<td>{host}</td>" in page
+        assert f"<td>{n}</td>" in page
+    assert "stopped</span> on 2 hosts" in page
+    assert "Plotly.newPlot" in page  # static="html": the lines drawn without a widget
+    assert len(output.bundles) == 1  # save()'s stop again: nothing new to show
 
 
 @pytest.mark.kernel
 def test_partitioned_capture_reads_back(run: Run) -> None:
-    fp, pids, root = run
+    fp, pids, root, *_ = run
     assert sorted(p.parent.name for p in parts(root).values()) == ["host=host0", "host=host1"]
     raw = dd.read_parquet(str(root)).compute()  # the capture rows, `host` from the folder names
     events = raw[raw["map"] == "events"]
@@ -198,8 +247,17 @@ def test_a_host_that_fails_to_load_is_named_and_the_other_pulls_in_bounded_piece
     pids = spawn(fleet, {"host0": 1200})
     args = {**targets(pids), "host1": {"cflags": ["-DTARGET=no_such_name"]}}
     fp = fleet.probe(producers.ring_program(), host_args=args)  # not live: pulled when asked
+    view = fp.panel(static="none")
+    output, again = shown(view), shown(view)  # shown in two outputs
     try:
         assert list(fp.errors) == ["host1"]
+        assert view.tick()  # running: a redraw, the counts pulled (not live)
+        assert "<td>host1</td>" in view.table.value
+        assert f"&#10007; host1: {html.escape(fp.errors['host1'])}</p>" in view.table.value
+        assert [t.meta for t in view.figure.data if t.meta.startswith("rate:")] == ["rate:host0:events"]
+        view._on_exit({"new": True})  # kernel shutdown: the table as it stands, no plots
+        assert "kernel shut down" in output.bundles[-1]["text/html"]
+        assert "<td>running</td>" in output.bundles[-1]["text/html"]
         assert "CompileError" in fp.errors["host1"]
         assert "no_such_name" in fp.errors["host1"]
         assert fp.hosts == ["host0"]
@@ -211,6 +269,13 @@ def test_a_host_that_fails_to_load_is_named_and_the_other_pulls_in_bounded_piece
         fp.stop()
         assert len(fp.df) == 1200
         assert fp.table().host.tolist() == ["host0", "host1", "all (1)"]
+        page = output.bundles[-1]["text/html"]
+        assert "<td>error</td>" in page
+        assert "no_such_name" in page
+        assert "<td>all (1)</td>" in page
+        assert "1 in error" in page
+        assert again.bundles[-1] == output.bundles[-1]  # every output gets the final state
+        assert not view.tick()  # stopped: nothing left to follow
     finally:
         fp.close()
 
@@ -238,11 +303,15 @@ def test_magic_fleet_flag_starts_the_cell_on_every_host(client: Any) -> None:
     prod = producers.paused(700)  # on the one real host: both "hosts" see it
     for sh in ipython_shell():
         sh.user_ns.update(client=client, pid=prod.pid)
-        sh.run_cell("%%bpf fp --fleet client --quiet -DTARGET={pid}\n" + producers.ring_program())
+        sh.run_cell("%%bpf fp --fleet client -DTARGET={pid}\n" + producers.ring_program())
         fp = sh.user_ns["fp"]
         assert isinstance(fp, FleetProbe)
+        view = fp.panel()
+        assert view.shown == "live"  # the cell did not block: it showed the live panel
+        view.static = "none"  # no PNG drawn for this test
         prod.go()
         fp.stop()
+        assert view.shown == "final"
         assert fp.df.groupby("host").size().to_dict() == {"host0": 700, "host1": 700}
         with pytest.raises(Exception, match="no variable 'nobody'"):
             sh.run_cell("%%bpf fp --fleet nobody\n" + producers.ring_program())

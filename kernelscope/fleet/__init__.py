@@ -5,6 +5,7 @@
     fleet = Fleet(Client("tls://scheduler:8786"))
     fp = fleet.probe(source)       # one Probe per host, however many workers it has
     fp.stop(); fp.df; fp.table()   # rows with a `host` column; accounting per host and in total
+    fp.panel()                     # live per-host lines and table; the final state on fp.stop()
 
 Needs the `fleet` extra (`pip install 'kernelscope[fleet]'`: dask distributed) on the notebook
 side and on every worker; `distributed` is imported only when a Fleet is made.

@@ -2,7 +2,9 @@
 
 The magic parses its line as for one host and hands over here; NAME is bound to a FleetProbe.
 With --duration or --limit the cell blocks, stops every host and shows the per-host table;
-otherwise the probe streams rows in while the notebook goes on (`NAME.df`, `NAME.table()`).
+otherwise the probe streams rows in while the notebook goes on (`NAME.df`, `NAME.table()`) and the
+cell shows its live panel (kernelscope.fleet.panel: per-host lines and table), which becomes the
+final state in the same output on `NAME.stop()`.
 """
 
 from __future__ import annotations
@@ -75,5 +77,5 @@ def run_cell(shell: Any, source: str, opts: Any, target: str) -> FleetProbe:
             pass
         fp.stop()
     if not opts.quiet:
-        display(fp)
+        display(fp if not fp.running else fp.panel())
     return fp

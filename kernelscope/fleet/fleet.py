@@ -21,13 +21,16 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from ..errors import ClosedError, KernelscopeError, SettingError
-from . import worker
+from . import plots, worker
+
+if TYPE_CHECKING:
+    from .panel import FleetPanel
 
 EXTRA = "pip install 'kernelscope[fleet]'"
 COUNTS = ("attempted", "received", "dropped", "in_flight", "lost_records")
@@ -248,6 +251,8 @@ class FleetProbe:
         self.pulled_rows = 0  # rows that came over the network so far
         self.pulled_bytes = 0
         self.closed = False
+        # views told when the probe stops or closes (the live panel): weak, a view may go first
+        self.views: list[weakref.WeakMethod[Callable[[], None]]] = []
         self._chunks: dict[str, dict[str, list[pd.DataFrame]]] = {}  # host -> map -> frames pulled
         self._cursor: dict[str, dict[str, int]] = {}  # host -> map -> next ks_seq to ask for
         self._pulled: dict[str, dict[str, int]] = {}  # host -> map -> rows pulled from it
@@ -377,7 +382,16 @@ class FleetProbe:
         self._note(answers)
         self.final.update(h for h, a in answers.items() if "error" not in a)
         self._pull_all()
+        self._tell_views()
         return self
+
+    def _tell_views(self) -> None:
+        for ref in list(self.views):
+            view = ref()
+            if view is None:
+                self.views.remove(ref)
+            else:
+                view()
 
     def _pull_all(self) -> None:
         """Pull in pieces of max_rows_per_pull until the backlog the hosts had at the first piece
@@ -408,6 +422,7 @@ class FleetProbe:
             self._closing.set()
             self._finalizer.detach()
             _run(self.client, worker.close, self.workers, self.key)
+            self._tell_views()
 
     def __enter__(self) -> FleetProbe:
         return self
@@ -484,7 +499,7 @@ class FleetProbe:
     def history(self, name: str | None = None) -> pd.DataFrame:
         """Each host's counts at each pull (t: seconds since the probe was made; `rate`:
         received per second since the host's previous sample): what per-host lines plot."""
-        df = pd.DataFrame(self._samples, columns=["t", "host", "map", *COUNTS])
+        df = pd.DataFrame(list(self._samples), columns=["t", "host", "map", *COUNTS])
         if name is not None:
             df = df[df["map"] == name]
         df = df.sort_values(["host", "map", "t"], kind="stable").reset_index(drop=True)
@@ -492,17 +507,21 @@ class FleetProbe:
         df["rate"] = (by["received"].diff() / by["t"].diff()).fillna(0.0)
         return df
 
-    def figure(self, name: str | None = None) -> Any:
-        """A plotly figure of each host's received rate over time, one line per host."""
+    def figure(self, max_points: int = plots.MAX_POINTS) -> Any:
+        """A plotly figure of the per-host lines (kernelscope.fleet.plots): each host's received
+        rate, and its received and dropped counts so far; one colour per host."""
         import plotly.graph_objects as go
 
-        hist = self.history(name)
-        fig = go.Figure()
-        for (host, mname), part in hist.groupby(["host", "map"], sort=True):
-            label = host if hist["map"].nunique() == 1 else f"{host} {mname}"
-            fig.add_scatter(x=part["t"], y=part["rate"], mode="lines", name=label)
-        fig.update_layout(xaxis_title="seconds", yaxis_title="events/s received", legend_title="host")
-        return fig
+        return go.Figure(*plots.spec(self, max_points=max_points))
+
+    def panel(self, *, interval: float | None = None, static: str = "auto") -> FleetPanel:
+        """The live panel (kernelscope.fleet.panel): per-host lines and table while the probe
+        runs, replaced in the same output by the final state on stop() or close()."""
+        # imported here: the panel needs ipywidgets and plotly's FigureWidget (seconds to import),
+        # which the worker side of this module (and a script using no panel) does without
+        from .panel import panel
+
+        return panel(self, interval=interval, static=static)
 
     def table(self) -> pd.DataFrame:
         """One row per host and map, then one per map for all hosts: the accounting at a glance.
@@ -526,20 +545,29 @@ class FleetProbe:
                          "pulled": sum(self._pulled.get(h, {}).get(name, 0) for h in self.hosts),
                          "skipped": sum(self._skipped.get(h, {}).get(name, 0) for h in self.hosts),
                          "error": ""})
-        return pd.DataFrame(rows, columns=["host", "map", "state", *COUNTS, "pulled", "skipped", "error"])
+        # counts stay integers beside a host in error that has none: nullable Int64
+        df = pd.DataFrame(rows, columns=["host", "map", "state", *COUNTS, "pulled", "skipped", "error"])
+        return df.astype(dict.fromkeys([*COUNTS, "pulled", "skipped"], "Int64"))
 
     def __repr__(self) -> str:
         return (f"<FleetProbe {self.key}: {len(self.hosts)} hosts, {len(self.errors)} failed; "
                 f"{sum(a['received'] for a in self.total.values())} received>")
 
-    def _repr_html_(self) -> str:
-        t = self.table().fillna("")
+    def table_html(self) -> str:
+        """The per-host table as HTML, after a line per host in error (its error) and per warning."""
+        t = self.table().astype(object)
+        t = t.where(t.notna(), "")
+        errors = "".join(f"<p class='ks-host-error' style='color:#b91c1c'>&#10007; {html.escape(h)}: "
+                         f"{html.escape(e)}</p>" for h, e in sorted(self.errors.items()))
         notes = [f"{h}: {w}" for h, ws in sorted(self.warnings.items()) for w in ws]
         notes += [f"{h}: save failed: {e}" for h, e in sorted(self.save_errors.items())]
         notes += self.notes[-3:]
         warn = "".join(f"<p style='color:#b45309'>&#9888; {html.escape(n)}</p>" for n in notes)
+        return f"{errors}{warn}{t.to_html(index=False, escape=True, classes='ks-stats-table')}"
+
+    def _repr_html_(self) -> str:
         return (f"<div><b>FleetProbe</b> on {len(self.workers)} hosts"
-                f"{' (live)' if self.live else ''}{warn}{t.to_html(index=False, escape=True)}</div>")
+                f"{' (live)' if self.live else ''}{self.table_html()}</div>")
 
 
 class FleetDoctor:
