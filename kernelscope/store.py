@@ -405,9 +405,7 @@ class FrameStore:
                 break
             whole = _concat(pick, self.schema.dtype)
             try:
-                if self._spill_dir is None:
-                    self._spill_dir = spill.SpillDir()
-                seg = self._spill_dir.write(whole.records, whole.arrival_ns, whole.cpu, whole.seq0)
+                seg = self._spill_folder().write(whole.records, whole.arrival_ns, whole.cpu, whole.seq0)
             except OSError as e:
                 self._warn_once("spill-failed", (
                     f"spilling stored events to disk failed ({e}): the oldest rows in memory "
@@ -430,6 +428,15 @@ class FrameStore:
             done += seg.rows
             self._compact_view()
         return done
+
+    def _spill_folder(self) -> spill.SpillDir:
+        """The store's one spill folder, made once: two spill_some() at a time (the spill thread
+        and a caller) each made one, and the one dropped took the other's segments with it when
+        its finalizer removed the folder."""
+        with self._lock:
+            if self._spill_dir is None:
+                self._spill_dir = spill.SpillDir()
+            return self._spill_dir
 
     def _limit_disk(self) -> None:
         """Beyond the disk limit, the oldest segments go (evicted, counted)."""

@@ -160,3 +160,32 @@ def test_writing_into_a_frame_leaves_the_store_alone(batches: int) -> None:
     fresh = s.frame()
     assert fresh.loc[0, "pid"] == before[0]
     assert df.loc[0, "pid"] == 4_000_000_000
+
+
+def test_two_spills_at_once_share_one_folder_and_keep_every_segment(monkeypatch) -> None:
+    """The spill thread and a caller may run spill_some() together; each made its own folder,
+    and the one dropped removed the other's segments with it (its finalizer's rmtree)."""
+    made: list[spill.SpillDir] = []
+    init = spill.SpillDir.__init__
+
+    def slow_init(self: spill.SpillDir, *a: object, **k: object) -> None:
+        time.sleep(0.05)  # both threads reach the folder before either has made it
+        init(self, *a, **k)
+        made.append(self)
+
+    monkeypatch.setattr(spill.SpillDir, "__init__", slow_init)
+    store = FrameStore(Schema(np.dtype([("x", "u8")])), max_bytes=1 << 16)
+    for i in range(0, 20_000, 1000):
+        recs = np.zeros(1000, store.schema.dtype)
+        recs["x"] = np.arange(i, i + 1000)
+        store.append(Batch(recs, None), 1000 + i)
+    threads = [threading.Thread(target=store.spill_some) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    made.clear()
+    segs, _, _, _ = store._snapshot()
+    assert segs
+    assert all(s.path.exists() for s in segs)
+    assert store.frame()["x"].tolist() == list(range(20_000))
