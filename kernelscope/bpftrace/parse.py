@@ -221,9 +221,10 @@ class Format:
         return out
 
 
-_PIECE = {"d": r"(\s*-?\d+)", "i": r"(\s*-?\d+)", "u": r"(\s*\d+)", "o": r"(\s*[0-7]+)",
-          "x": r"(\s*[0-9a-fA-F]+)", "X": r"(\s*[0-9a-fA-F]+)", "p": r"(\s*0x[0-9a-fA-F]+|\s*\(nil\))",
-          "c": r"(.)", "s": r"(.*?)"}
+# A number padded either side: %6d right-aligns, %-6d left-aligns (trailing spaces).
+_PIECE = {"d": r"(\s*-?\d+\s*)", "i": r"(\s*-?\d+\s*)", "u": r"(\s*\d+\s*)", "o": r"(\s*[0-7]+\s*)",
+          "x": r"(\s*[0-9a-fA-F]+\s*)", "X": r"(\s*[0-9a-fA-F]+\s*)",
+          "p": r"(\s*0x[0-9a-fA-F]+\s*|\s*\(nil\)\s*)", "c": r"(.)", "s": r"(.*?)"}
 
 
 def parse_format(fmt: str, args: list[str], line: int = 0) -> Format:
@@ -277,6 +278,74 @@ def printf_formats(script: str) -> list[Format]:
             continue
         out.append(parse_format(fmt, parts[1:], text.count("\n", 0, m.start()) + 1))
     return out
+
+
+# Each printf format of the script run gets this tag at its start (TAG_OPEN, the format's
+# index, TAG_CLOSE: control characters no format of a user's is likely to hold), so every line
+# says which format made it; dispatch() strips it. Written as raw bytes, not escapes, so the
+# script's lines stay; columns after a tag move by its length, which untag_error() takes back.
+TAG_OPEN, TAG_CLOSE = "\x1e", "\x1f"
+_TAGGED = re.compile(f"^{TAG_OPEN}(\\d+){TAG_CLOSE}")
+
+
+@dataclass
+class Tagged:
+    """A script with its printf formats tagged, and where the tags went (line, col, length:
+    1-based, the column the tag starts at in the tagged text)."""
+
+    script: str
+    inserts: list[tuple[int, int, int]]
+
+
+def tag_formats(script: str, formats: list[Format] | None = None) -> Tagged:
+    """`script` with each printf format literal starting with its format's tag (the index in
+    printf_formats(script))."""
+    formats = printf_formats(script) if formats is None else formats
+    index = {f.text: i for i, f in enumerate(formats)}
+    text = _skip_comments(script)
+    at: list[tuple[int, str]] = []
+    for m in re.finditer(r"\bprintf\s*\(", text):
+        end = _closing(text, m.end() - 1, "(", ")")
+        if end < 0:
+            continue
+        parts = _split_args(text[m.end():end])
+        if not parts or not (parts[0].startswith('"') and parts[0].endswith('"')):
+            continue
+        i = index.get(_unescape(parts[0][1:-1]))
+        if i is None:
+            continue
+        quote = text.index('"', m.end())
+        at.append((quote + 1, f"{TAG_OPEN}{i}{TAG_CLOSE}"))
+    out: list[str] = []
+    inserts: list[tuple[int, int, int]] = []
+    pos, shift = 0, dict[int, int]()
+    for offset, tag in at:
+        out.append(script[pos:offset])
+        pos = offset
+        line = script.count("\n", 0, offset) + 1
+        col = offset - (script.rfind("\n", 0, offset) + 1) + 1 + shift.get(line, 0)
+        shift[line] = shift.get(line, 0) + len(tag)
+        inserts.append((line, col, len(tag)))
+        out.append(tag)
+    out.append(script[pos:])
+    return Tagged("".join(out), inserts)
+
+
+def untag_error(err: BpftraceError, inserts: list[tuple[int, int, int]]) -> BpftraceError:
+    """A BpftraceScriptError about the tagged script at the user's column, its quoted line and
+    marker without the tags."""
+    if not isinstance(err, BpftraceScriptError) or err.line is None:
+        return err
+    here = sorted(((c, n) for ln, c, n in inserts if ln == err.line), reverse=True)
+    col = err.col
+    lines = err.detail.split("\n")
+    for c, n in here:  # from the right, so the earlier columns stay
+        if col is not None and col > c:
+            col -= n
+        for k in range(min(2, len(lines))):
+            lines[k] = lines[k][:c - 1] + lines[k][c - 1 + n:]
+    detail = "\n".join(lines).replace(TAG_CLOSE, "").replace(TAG_OPEN, "") if here else err.detail
+    return BpftraceScriptError(err.message, err.line, col, detail)
 
 
 def map_keys(script: str) -> dict[str, list[str]]:
@@ -339,7 +408,7 @@ def stderr_messages(lines: list[str]) -> list[str]:
 def script_error(stderr: str, returncode: int | None) -> BpftraceError:
     """What bpftrace's stderr says went wrong: a BpftraceScriptError at its line when it
     named one, else a BpftraceError with its last words."""
-    lines = [ln for ln in stderr.splitlines() if not harmless(ln)]
+    lines = [ln for ln in stderr.split("\n") if not harmless(ln)]  # not splitlines: tags hold \x1e, \x1f
     for i, ln in enumerate(lines):
         m = _ERROR_AT.match(ln)
         if m:
@@ -449,18 +518,51 @@ def _bucket(b: dict[str, Any]) -> tuple[int, int, int]:
     return low, high, int(b.get("count", 0))
 
 
+# bpftrace 0.17's log2 (createLog2Function, src/ast/passes/codegen_llvm.cpp) shifts by at most
+# 16+8+4+2+1 bits, so every value >= 2**31 lands in slot 33; its JSON printer computes the
+# bounds in a C int (`1 << (i-2)`, src/output.cpp), so that slot comes as {"min": -2**31, "max": 0}.
+LOG2_TOP_SLOT = 33
+_LOG2_TOP_AS_PRINTED = (-(1 << 31), 0)
+
+
+def _log2_rows(buckets: list[dict[str, Any]]) -> list[tuple[int, int, int]] | None:
+    """A printed hist()'s buckets with bounds from their positions, or None if they are not
+    log2 buckets. bpftrace prints every slot from the first non-empty one to the last
+    (hist_prepare, src/output.cpp), so the first bucket's slot numbers them all."""
+    rows = [_bucket(b) for b in buckets]
+    if not rows:
+        return None
+    lo, hi, _ = rows[0]
+    first = LOG2_TOP_SLOT if (lo, hi) == _LOG2_TOP_AS_PRINTED else log2_slot_of(lo, hi)
+    out = []
+    for i, (lo, hi, n) in enumerate(rows):
+        slot = first + i
+        if slot == LOG2_TOP_SLOT and (lo, hi) == _LOG2_TOP_AS_PRINTED:
+            out.append((1 << 31, INT_MAX, n))
+        elif (lo, hi) == log2_bounds(slot):
+            out.append((lo, hi, n))
+        else:
+            return None
+    return out
+
+
+def _rows(buckets: list[dict[str, Any]]) -> list[tuple[int, int, int]]:
+    return _log2_rows(buckets) or [_bucket(b) for b in buckets]
+
+
 def hist_buckets(data: Any, key_names: list[str] | None = None) -> pd.DataFrame:
     """A printed hist()/lhist() as rows of (key columns,) low, high, count; the open buckets
-    below and above an lhist's range (and hist()'s negatives) have the int64 limit as bound."""
+    below and above an lhist's range (and hist()'s negatives, and bpftrace 0.17's top log2
+    slot, every value >= 2**31) have the int64 limit as bound."""
     rows: list[tuple[Any, ...]] = []
     if isinstance(data, dict):
         keys = _key_frame(list(data), key_names)
         for i, buckets in enumerate(data.values()):
             kv = tuple(keys.iloc[i])
-            rows += [(*kv, *_bucket(b)) for b in buckets]
+            rows += [(*kv, *b) for b in _rows(buckets)]
         cols = [*keys.columns, "low", "high", "count"]
     else:
-        rows = [_bucket(b) for b in data]
+        rows = list(_rows(data))
         cols = ["low", "high", "count"]
     return pd.DataFrame(rows, columns=cols)
 
@@ -515,24 +617,33 @@ def histogram(buckets: pd.DataFrame, call: tuple[str, list[str]] | None = None, 
     linear = call[0] == "lhist" if call is not None else (len(widths) == 1 and widths != {1})
     step = _linear_step(inner, call) if linear else None
     if not linear or step is None:
-        slots = [log2_slot_of(lo, hi) for lo, hi in zip(buckets.low, buckets.high, strict=True)]
+        pairs = list(zip(buckets.low.tolist(), buckets.high.tolist(), strict=True))
+        slots = [log2_slot_of(lo, hi) for lo, hi in pairs]
         first, last = (min(slots), max(slots)) if slots else (1, 1)
         bounds = [log2_bounds(s) for s in range(first, last + 1)]
+        for s, b in zip(slots, pairs, strict=True):  # bpftrace 0.17's top slot: every value >= 2**31
+            bounds[s - first] = (int(b[0]), int(b[1]))
         layout, start = "log2", 0
+        index = {b: i for i, b in enumerate(bounds)}
     else:
         lows = sorted(set(inner.low.tolist()))
         below = buckets.high[buckets.low == INT_MIN]
         above = buckets.low[buckets.high == INT_MAX]
         lo0 = lows[0] if lows else int(below.iloc[0]) + 1 if len(below) else int(above.iloc[0])
         lo1 = lows[-1] if lows else lo0 - step
-        top = int(above.iloc[0]) if len(above) else lo1 + step
+        # lhist()'s top bucket holds every value from the end of its last whole step (0.17's
+        # codegen: 1 + (max - min) / step), though printed as {"min": max}: with lhist(x, 0,
+        # 95, 10) 92 is counted there, above [80, 89].
+        top = lo0 + (int(above.iloc[0]) - lo0) // step * step if len(above) else lo1 + step
         bounds = [(lo, lo + step - 1) for lo in range(lo0, top, step)]
         if len(below):
             bounds.insert(0, (INT_MIN, lo0 - 1))
         if len(above):
             bounds.append((top, INT_MAX))
         layout, start = "linear", lo0
-    index = {b: i for i, b in enumerate(bounds)}
+        index = {b: i for i, b in enumerate(bounds)}
+        for hi_open in above.tolist():
+            index[(int(hi_open), INT_MAX)] = len(bounds) - 1
     key_rows = buckets[keys].drop_duplicates().reset_index(drop=True) if keys else None
     counts = np.zeros((len(key_rows) if key_rows is not None else 1, len(bounds)), np.int64)
     row_of = ({tuple(r): i for i, r in enumerate(key_rows.itertuples(index=False, name=None))}
@@ -561,7 +672,8 @@ class Parsed:
 
 
 def dispatch(msgs: list[dict[str, Any]], formats: list[Format], t: float, sync: str = "") -> Parsed:
-    """Sort messages: printf rows to their format (the most literal formats tried first), map
+    """Sort messages: printf rows to their format (by its tag, see tag_formats; a line without
+    one tried against the most literal formats first), map
     printings to snapshots, lost_events counted, the rest kept as (type, text). printf lines
     starting with `sync` are kernelscope's own: the CPU number after it goes to `synced`."""
     out = Parsed()
@@ -570,7 +682,14 @@ def dispatch(msgs: list[dict[str, Any]], formats: list[Format], t: float, sync: 
         kind, data = msg.get("type"), msg.get("data")
         if kind == "printf" and sync and str(data).startswith(sync):
             out.synced.append(int(str(data)[len(sync):].strip() or -1))
-        elif kind == "printf":
+        elif kind == "printf" and (tag := _TAGGED.match(str(data))) and int(tag.group(1)) < len(formats):
+            i, text = int(tag.group(1)), str(data)[tag.end():]
+            rec = formats[i].record(text)
+            if rec is not None:
+                out.rows.setdefault(i, []).append(rec)
+            else:
+                out.other.append(text)
+        elif kind == "printf":  # no tag: printf of a script run untagged, or system()'s output...
             text = str(data)
             for i in order:
                 rec = formats[i].record(text)

@@ -530,6 +530,7 @@ class Bpftrace(BpftraceView, Results, metaclass=_LiveOrReplay):
         self.binary = bpftrace
         self.attach_timeout = attach_timeout
         self.formats = parse.printf_formats(script)
+        self._tagged = parse.tag_formats(script, self.formats)  # what bpftrace runs (dispatch by tag)
         self.outputs: dict[str, MapState] = {
             n: _new_output(n, i, f.dtype, max_rows)
             for i, (n, f) in enumerate(zip(output_names(self.formats), self.formats, strict=True))}
@@ -585,7 +586,7 @@ class Bpftrace(BpftraceView, Results, metaclass=_LiveOrReplay):
         argv = self.argv()
         self.started_at = time.monotonic()
         self._child.sync = can_sync()
-        self._child.spawn(argv, self.source + (sync_probe(os.getpid()) if self._child.sync else ""))
+        self._child.spawn(argv, self._tagged.script + (sync_probe(os.getpid()) if self._child.sync else ""))
         if wait:
             try:
                 self.wait_attached(self.attach_timeout)
@@ -606,7 +607,8 @@ class Bpftrace(BpftraceView, Results, metaclass=_LiveOrReplay):
             child.end(graceful=False)
         if not child.marked and child.returncode != 0:
             self._note_stderr()
-            raise parse.script_error("\n".join(child.stderr), child.returncode)
+            raise parse.untag_error(parse.script_error("\n".join(child.stderr), child.returncode),
+                                    self._tagged.inserts)
         self._note_stderr()
         return self
 

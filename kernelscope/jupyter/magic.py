@@ -704,6 +704,10 @@ def bpftrace_message(e: BaseException, script: str) -> str:
         marker = e.detail.splitlines()[1:2] if e.detail else []
         pad = " " * len(str(n))
         text += f"\n    {n} | {lines[n - 1].rstrip()}" + "".join(f"\n    {pad} | {m}" for m in marker)
+    elif n > len(lines) and lines:  # in the probe kernelscope appends: the cell ended too soon
+        last = len(lines)
+        text = (f"line {last}: {e.message} at the end of the cell (an unclosed block?)"
+                f"\n    {last} | {lines[-1].rstrip()}")
     return text
 
 
