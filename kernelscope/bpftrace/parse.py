@@ -668,20 +668,21 @@ class Parsed:
     messages: list[tuple[str, str]] = field(default_factory=list)  # (type, text): value, time, cat...
     lost: int = 0
     attached: int | None = None
-    synced: list[int] = field(default_factory=list)  # CPUs whose sync line came
+    synced: list[tuple[int, int]] = field(default_factory=list)  # (CPU, round) of each sync line
 
 
 def dispatch(msgs: list[dict[str, Any]], formats: list[Format], t: float, sync: str = "") -> Parsed:
     """Sort messages: printf rows to their format (by its tag, see tag_formats; a line without
     one tried against the most literal formats first), map
     printings to snapshots, lost_events counted, the rest kept as (type, text). printf lines
-    starting with `sync` are kernelscope's own: the CPU number after it goes to `synced`."""
+    starting with `sync` are kernelscope's own: the CPU and round after it go to `synced`."""
     out = Parsed()
     order = sorted(range(len(formats)), key=lambda i: -formats[i].literal_chars)
     for msg in msgs:
         kind, data = msg.get("type"), msg.get("data")
         if kind == "printf" and sync and str(data).startswith(sync):
-            out.synced.append(int(str(data)[len(sync):].strip() or -1))
+            cpu, _, round_ = str(data)[len(sync):].strip().partition(" ")
+            out.synced.append((int(cpu or -1), int(round_ or 0)))
         elif kind == "printf" and (tag := _TAGGED.match(str(data))) and int(tag.group(1)) < len(formats):
             i, text = int(tag.group(1)), str(data)[tag.end():]
             rec = formats[i].record(text)

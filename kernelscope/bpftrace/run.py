@@ -17,6 +17,7 @@ import atexit
 import contextlib
 import html
 import os
+import random
 import selectors
 import shutil
 import signal
@@ -66,9 +67,18 @@ PACKAGE = "bpftrace"  # the Debian package
 # every CPU (a close() of a bad fd from a thread pinned to each CPU in turn), and waits for the
 # line of each CPU: each CPU's buffer is read in order, so by then everything made before, and
 # every loss, has been read. Only then SIGINT.
+# The probe matches no pid (in a PID namespace bpftrace sees root-namespace pids, not ours): a
+# run's token is the fd it closes, one per run and round (sync_fd), so another run's hand-shake
+# and a late line of an earlier round are told apart. Its line says CPU and round.
 SYNC_TEXT = "__kernelscope_sync__ "
-SYNC_FD = -60875  # close(SYNC_FD) fails with EBADF; the tracepoint sees it as an unsigned int
+SYNC_FD = -(1 << 30)  # close() of a negative fd fails with EBADF; the tracepoint sees an unsigned int
+SYNC_ROUNDS = 256  # rounds of one run's hand-shake (each run has its own range of fds)
+SYNC_RUNS = 1 << 20  # run tokens: SYNC_FD - token * SYNC_ROUNDS - round stays above INT_MIN
 SYNC_TIMEOUT = 5.0
+SYNC_FIRST_TIMEOUT = 2.0  # no answer to the first round by then: the hand-shake does not work here
+SYNC_WARNING = ("kernelscope's stop hand-shake (a sync line per CPU, see kernelscope.bpftrace.run) got "
+                "no answer from bpftrace: what was in flight at stop, and losses not yet reported, "
+                "may be missing from the counts (stats may not be exact)")
 CLOSE_TRACEPOINT = "syscalls/sys_enter_close"
 
 __all__ = ["Bpftrace", "BpftraceReplay", "BpftraceView", "close_all", "live_runs", "replay"]
@@ -152,18 +162,24 @@ def probe_specs(script: str) -> list[str]:
     return specs
 
 
-def sync_probe(pid: int) -> str:
-    """The probe appended to a script for stop()'s hand-shake (SYNC_TEXT)."""
-    return (f"\ntracepoint:syscalls:sys_enter_close /pid == {pid} && args->fd == {SYNC_FD & 0xFFFFFFFF}/ "
-            f'{{ printf("{SYNC_TEXT}%d\\n", cpu); }}\n')
+def sync_fd(token: int, round_: int) -> int:
+    """The fd a run with `token` closes in hand-shake round `round_`."""
+    return SYNC_FD - token * SYNC_ROUNDS - round_
 
 
-def _close_on_each(cpus: list[int]) -> None:
-    """close(SYNC_FD) from this thread on each CPU of `cpus` (the thread's affinity changes)."""
+def sync_probe(token: int) -> str:
+    """The probe appended to a script for stop()'s hand-shake (SYNC_TEXT, then CPU and round)."""
+    top = sync_fd(token, 0) & 0xFFFFFFFF  # round r closes the fd top - r, as the tracepoint sees it
+    return (f"\ntracepoint:syscalls:sys_enter_close /args->fd <= {top} && args->fd > {top - SYNC_ROUNDS}/ "
+            f'{{ printf("{SYNC_TEXT}%d %d\\n", cpu, {top} - args->fd); }}\n')
+
+
+def _close_on_each(cpus: list[int], fd: int) -> None:
+    """close(fd) from this thread on each CPU of `cpus` (the thread's affinity changes)."""
     for cpu in cpus:
         with contextlib.suppress(OSError):
             os.sched_setaffinity(0, {cpu})
-            os.close(SYNC_FD)
+            os.close(fd)
 
 
 def can_sync() -> bool:
@@ -214,11 +230,14 @@ class _Child:
         self.snapshots_dropped: dict[str, int] = {}  # the oldest printings let go (MAX_SNAPSHOTS)
         self.messages: list[tuple[float, str, str]] = []
         self.lost_reported = 0  # bpftrace's lost_events, our own sync lines included
-        self.sync_sent = 0  # close(SYNC_FD) calls: each writes one sync line (or loses it)
-        self.sync_received = 0
+        self.sync_sent = 0  # sync closes made: once one was answered, each wrote a sync line (or lost it)
+        self.sync_received = 0  # sync lines of this run, any round
+        self.sync_token = random.randrange(SYNC_RUNS)
+        self.sync_round = 0
+        self.sync_works: bool | None = None  # None: not tried; False: the first round got no answer
         self.attached: int | None = None
         self.synced = threading.Event()  # a SYNC_TEXT line came
-        self.synced_cpus: set[int] = set()
+        self.sync_seen: dict[int, int] = {}  # CPU -> the latest round whose line came
         self.sync = False  # the script has the sync probe
         self.attached_event = threading.Event()  # set once attached (ATTACHED_MARK), or at the end
         self.marked = False  # bpftrace said every probe is attached
@@ -357,7 +376,8 @@ class _Child:
         got = parse.dispatch(msgs, self.formats, now - self.t0, SYNC_TEXT)
         if got.synced:
             self.sync_received += len(got.synced)
-            self.synced_cpus.update(got.synced)
+            for cpu, r in got.synced:
+                self.sync_seen[cpu] = max(r, self.sync_seen.get(cpu, 0))
             self.synced.set()
         stamp = time.monotonic_ns()
         for i, recs in got.rows.items():
@@ -384,31 +404,49 @@ class _Child:
 
     @property
     def lost(self) -> int:
-        """Events of the script lost: bpftrace's count less the sync lines lost (a sync line
-        sent that did not come was lost, and is in bpftrace's count; exact once drain() is done)."""
+        """Events of the script lost: bpftrace's count less the sync lines lost. Once the
+        hand-shake was answered, each sync close made a line, so one that did not come was
+        lost and is in bpftrace's count (exact once drain() is done); without an answer none
+        is known to have been made, and nothing is taken off."""
+        if not self.sync_works:
+            return self.lost_reported
         return max(0, self.lost_reported - max(0, self.sync_sent - self.sync_received))
 
-    def drain(self, timeout: float = SYNC_TIMEOUT) -> bool:
+    def drain(self, timeout: float = SYNC_TIMEOUT, first_timeout: float = SYNC_FIRST_TIMEOUT) -> bool:
         """Have bpftrace read everything already made and every loss (the SYNC_TEXT hand-shake
-        on each CPU); False if it did not answer within `timeout` s or has no sync probe."""
+        on each CPU); False if it has no sync probe, or did not answer all CPUs within
+        `timeout` s. No answer at all within `first_timeout` s sets sync_works False (the
+        counts may not be exact)."""
         if not self.sync or not self.alive:
             return False
         want = set(os.sched_getaffinity(0))
-        self.synced_cpus.clear()
-        deadline = time.monotonic() + timeout
-        while not want <= self.synced_cpus:
-            if time.monotonic() > deadline or not self.alive:
+        last_sent: dict[int, int] = {}
+        t0 = time.monotonic()
+        while True:
+            # done once each CPU's line of the last round sent to it came: that CPU's buffer is
+            # read in order, so every line of an earlier round came or was lost (and reported)
+            missing = sorted(c for c in want if self.sync_seen.get(c, 0) < last_sent.get(c, 1))
+            if not missing:
+                return True
+            limit = timeout if self.sync_works else first_timeout
+            if not self.alive or time.monotonic() - t0 > limit or self.sync_round >= SYNC_ROUNDS - 1:
+                if not self.sync_works:
+                    self.sync_works = False
                 return False
+            # a CPU whose buffer was full lost its line (a loss it reports with the next): again,
+            # in a new round, so a late line of the last one is not taken for this one's
+            self.sync_round += 1
             self.synced.clear()
-            # a CPU whose buffer was full lost its line (a loss it reports with the next): again
-            cpus = sorted(want - self.synced_cpus)
-            self.sync_sent += len(cpus)
-            t = threading.Thread(target=_close_on_each, args=(cpus,), name="kernelscope-bpftrace-sync",
-                                 daemon=True)
+            self.sync_sent += len(missing)
+            last_sent.update(dict.fromkeys(missing, self.sync_round))
+            fd = sync_fd(self.sync_token, self.sync_round)
+            t = threading.Thread(target=_close_on_each, args=(missing, fd),
+                                 name="kernelscope-bpftrace-sync", daemon=True)
             t.start()
             t.join()
             self.synced.wait(HISTORY_INTERVAL)
-        return True
+            if self.sync_received:
+                self.sync_works = True
 
     def sample(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -586,7 +624,8 @@ class Bpftrace(BpftraceView, Results, metaclass=_LiveOrReplay):
         argv = self.argv()
         self.started_at = time.monotonic()
         self._child.sync = can_sync()
-        self._child.spawn(argv, self._tagged.script + (sync_probe(os.getpid()) if self._child.sync else ""))
+        probe = sync_probe(self._child.sync_token) if self._child.sync else ""
+        self._child.spawn(argv, self._tagged.script + probe)
         if wait:
             try:
                 self.wait_attached(self.attach_timeout)
@@ -625,6 +664,8 @@ class Bpftrace(BpftraceView, Results, metaclass=_LiveOrReplay):
             return self
         if self.loaded:
             self._child.drain()
+            if self._child.sync_works is False and SYNC_WARNING not in self.warnings:
+                self.warnings.append(SYNC_WARNING)
         self._child.end(graceful=self.loaded)
         self._note_stderr()
         if self._child.error is not None and self.error is None:
