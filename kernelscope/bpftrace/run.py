@@ -554,16 +554,18 @@ class Bpftrace(BpftraceView, Results, metaclass=_LiveOrReplay):
     backend = KIND
 
     def __init__(self, script: str, *, name: str | None = None, pid: int | None = None,
-                 args: Sequence[str] = (), max_rows: int | None = None, bpftrace: str | None = None,
-                 attach_timeout: float = ATTACH_TIMEOUT) -> None:
+                 args: Sequence[str] = (), positional: Sequence[str | int] = (), max_rows: int | None = None,
+                 bpftrace: str | None = None, attach_timeout: float = ATTACH_TIMEOUT) -> None:
         """`pid`: bpftrace -p (uprobes/USDT of that process; the run ends when it exits).
-        `args`: more bpftrace options (e.g. ["-B", "full"]). `max_rows`: keep only the newest
+        `args`: more bpftrace options (e.g. ["-B", "full"]). `positional`: the script's $1,
+        $2... (after the script on bpftrace's command line). `max_rows`: keep only the newest
         rows per printf output. `bpftrace`: the binary (default: bpftrace on PATH, or
         $KERNELSCOPE_BPFTRACE). Line numbers in errors are the script's."""
         self.source = script
         self.name = name
         self.pid = pid
         self.args = list(args)
+        self.positional = [str(p) for p in positional]
         self.max_rows = max_rows
         self.binary = bpftrace
         self.attach_timeout = attach_timeout
@@ -585,10 +587,10 @@ class Bpftrace(BpftraceView, Results, metaclass=_LiveOrReplay):
     # --- lifecycle -------------------------------------------------------------------------
 
     def argv(self) -> list[str]:
-        """The command run: bpftrace -f json [-p PID] [args] - (the script comes on stdin, so
-        bpftrace's errors say `stdin:LINE:COL`)."""
+        """The command run: bpftrace -f json [-p PID] [args] - [positional] (the script comes
+        on stdin, so bpftrace's errors say `stdin:LINE:COL`; $1... are the words after `-`)."""
         pid = ["-p", str(self.pid)] if self.pid is not None else []
-        return [find_bpftrace(self.binary), "-f", "json", *pid, *self.args, "-"]
+        return [find_bpftrace(self.binary), "-f", "json", *pid, *self.args, "-", *self.positional]
 
     @property
     def loaded(self) -> bool:
@@ -798,7 +800,8 @@ def save_run(run: Bpftrace, path: str | os.PathLike[str]) -> Path:
     frames[f"{FRAME_PREFIX}messages"] = run.messages()
     settings = {"name": run.name, "backend": KIND, "bpftrace": {
         "stats": stats, "attached": run.attached, "lost_events": run.lost_events, "pid": run.pid,
-        "args": run.args, "maps": run.map_names, "attach_points": run.attach_points(),
+        "args": run.args, "positional": run.positional, "maps": run.map_names,
+        "attach_points": run.attach_points(),
         "warnings": run.warnings, "version": _version(run.binary)}}
     cap = Capture(maps, run.source, settings, started_ns=int(t0 * 1e9), frames=frames)
     return capture.save(cap, path)
