@@ -128,7 +128,7 @@ def test_stream_split_anywhere_gives_the_same_rows_and_maps() -> None:
         child.feed(data[cut:])
         df = outputs["printf"].store.frame()
         assert df[["n", "s"]].values.tolist() == [[1, "a b"], [-5, ""]]
-        assert outputs["printf_other"].store.frame()["text"].tolist() == ["free text"]
+        assert child.outputs["printf_other"].store.frame()["text"].tolist() == ["free text"]
         assert (child.lost, child.attached) == (3, 2)
         keys = parse.map_frame(child.snapshots["@k"][-1], ["pid", "comm"])
         assert keys.values.tolist() == [[7, "a,b", 2], [8, "c", 5]]  # commas kept in the last key

@@ -87,6 +87,7 @@ _live: weakref.WeakSet[Bpftrace] = weakref.WeakSet()
 # forked exits, so a child forked by a short-lived thread would die with it. The spawner lives
 # while any run does (its end would kill their children) and ends with the last one.
 _spawner: ThreadPoolExecutor | None = None
+SPAWNER_THREAD = "kernelscope-bpftrace-spawn"
 _spawner_lock = threading.RLock()  # RLock: a finalizer may release it while this thread spawns
 
 
@@ -95,7 +96,7 @@ def _spawn(argv: list[str], **popen: Any) -> subprocess.Popen[bytes]:
     global _spawner
     with _spawner_lock:
         if _spawner is None:
-            _spawner = ThreadPoolExecutor(1, thread_name_prefix="kernelscope-bpftrace-spawn")
+            _spawner = ThreadPoolExecutor(1, thread_name_prefix=SPAWNER_THREAD)
         return _spawner.submit(_popen, argv, popen).result()
 
 
@@ -198,7 +199,7 @@ def run_stats(outputs: dict[str, MapState], lost: int) -> dict[str, dict[str, An
     one perf buffer, not per format: they are the `dropped` of the output when there is one,
     else of an "unattributed" entry, so the sums over entries are exact either way."""
     out: dict[str, dict[str, Any]] = {}
-    for name, ms in list(outputs.items()):  # the reader thread may add printf_other meanwhile
+    for name, ms in outputs.items():  # the reader thread adds printf_other in a new dict
         out[name] = _entry(ms.om.kind, ms.store.received, len(ms.store), ms.store.evicted,
                            ms.store.memory_bytes)
     if lost:
@@ -385,8 +386,9 @@ class _Child:
         if got.other:
             ms = self.outputs.get(OTHER)
             if ms is None:
-                ms = self.outputs[OTHER] = _new_output(OTHER, len(self.outputs), parse.TEXT_DTYPE,
-                                                       self.max_rows)
+                ms = _new_output(OTHER, len(self.outputs), parse.TEXT_DTYPE, self.max_rows)
+                # a new dict, not an insert: other threads iterate the one they hold meanwhile
+                self.outputs = {**self.outputs, OTHER: ms}
             texts = np.zeros(len(got.other), ms.schema.dtype)
             texts["text"] = [t.rstrip("\n").encode()[:parse.STRING_BYTES] for t in got.other]
             ms.store.append(Batch(texts), stamp)
@@ -461,9 +463,13 @@ class _Child:
 
 
 def _finish(child: _Child) -> None:
-    """A collected run's end: its child killed and reaped, the spawner let go if it was the last."""
+    """A collected run's end: its child killed and reaped, the spawner let go if it was the
+    last. A collection can run in any thread, the spawner's too (a cyclic GC while Popen
+    allocates, with _spawn() holding _spawner_lock and waiting for it): there it only kills
+    and reaps; the spawner is let go by the next stop, close or exit."""
     child.end(graceful=False)
-    _release_spawner()
+    if not threading.current_thread().name.startswith(SPAWNER_THREAD):
+        _release_spawner()
 
 
 class BpftraceView:
@@ -571,18 +577,27 @@ class Bpftrace(BpftraceView, Results, metaclass=_LiveOrReplay):
         self.attach_timeout = attach_timeout
         self.formats = parse.printf_formats(script)
         self._tagged = parse.tag_formats(script, self.formats)  # what bpftrace runs (dispatch by tag)
-        self.outputs: dict[str, MapState] = {
-            n: _new_output(n, i, f.dtype, max_rows)
-            for i, (n, f) in enumerate(zip(output_names(self.formats), self.formats, strict=True))}
+        outputs = {n: _new_output(n, i, f.dtype, max_rows)
+                   for i, (n, f) in enumerate(zip(output_names(self.formats), self.formats, strict=True))}
         self._maps = Maps(tables={})
         self.warnings: list[str] = []
         self.error: BaseException | None = None
         self.closed = False
         self.started_at: float | None = None
-        self._child = _Child(self.formats, self.outputs, max_rows)
+        self._child = _Child(self.formats, outputs, max_rows)
         self._finalizer = weakref.finalize(self, _finish, self._child)
         self._stopped: dict[str, dict[str, Any]] | None = None
         _live.add(self)
+
+    @property
+    def outputs(self) -> dict[str, MapState]:
+        """One output per printf format, and printf_other once a line matched none (the
+        reader thread then replaces the dict: one held stays whole)."""
+        return self._child.outputs
+
+    @outputs.setter
+    def outputs(self, value: dict[str, MapState]) -> None:
+        self._child.outputs = value
 
     # --- lifecycle -------------------------------------------------------------------------
 
