@@ -6,7 +6,7 @@ through, and what the tests drive with lines written by hand.
 bpftrace 0.17 prints one JSON object a line (src/output.cpp, `JsonOutput`): `{"type": T,
 "data": D}` with T one of printf, map, hist, stats, value, time, cat, join, syscall,
 attached_probes, lost_events (and helper_error, whose fields sit beside `type`). A map's
-keys are one string, the key values joined with "," (`map_key_to_str`); a log2 hist()
+keys are one string, the key values joined with "," (`map_key_to_str`; _split_keys); a log2 hist()
 bucket is {"max": -1} (negatives), {"min": 0, "max": 0}, {"min": 1, "max": 1}, then powers
 of two; an lhist() has {"max": MIN-1} below its range and {"min": MAX} above it.
 avg() comes as type "stats" with a number, stats() as {"count", "average", "total"}.
@@ -455,13 +455,57 @@ class Snapshot:
     frame: pd.DataFrame | None = None  # map_frame() of it, once asked for
 
 
-def _split_key(key: str, n: int) -> list[str]:
-    """bpftrace joins a map's key values with ","; a string key holding commas makes more
-    pieces than keys: the surplus is kept in the last key."""
+_STRING_KEY = re.compile(r'^\s*(?:comm\b|"|(?:str|ksym|usym|kstack|ustack|username|cgroup_path|strftime|buf|'
+                         r'path|inet_ntop|macaddr)\s*\()')
+_NUMBER_KEY = re.compile(r"^\s*(?:-?\d+|0x[0-9a-fA-F]+|pid|tid|cpu|uid|gid|cgroup|nsecs|elapsed|retval|"
+                         r"(?:count|sum|min|max|avg)\s*\(.*)\s*$")
+_INT = re.compile(r"-?\d+")
+
+
+def map_key_kinds(script: str) -> dict[str, list[str | None]]:
+    """Each map's key kinds from the script's key expressions: "s" a string (comm, str(),
+    a literal...), "n" a number (pid, cpu, 42...), None not known from the text alone."""
+    text = _skip_comments(script)
+    out: dict[str, list[str | None]] = {}
+    for m in re.finditer(r"(@[A-Za-z0-9_]*)\s*\[", text):
+        end = _closing(text, m.end() - 1, "[", "]")
+        if m.group(1) in out or end < 0:
+            continue
+        out[m.group(1)] = ["s" if _STRING_KEY.match(p) else "n" if _NUMBER_KEY.match(p) else None
+                           for p in _split_args(text[m.end():end])]
+    return out
+
+
+def _split_keys(keys: list[str], n: int, kinds: list[str | None] | None) -> tuple[list[list[str]], list[str]]:
+    """bpftrace joins a map's key values with "," (`map_key_to_str`): a string key holding
+    commas makes more pieces than keys. The surplus goes to the one string key: the one the
+    script's expression says is a string, or the one position not always a number in the rows
+    that split cleanly. Rows where that is not clear keep their surplus in the last key and
+    are returned (joined keys) as ambiguous."""
     if n <= 1:
-        return [key]
-    parts = key.split(",", n - 1)
-    return parts + [""] * (n - len(parts))
+        return [[k] for k in keys], []
+    split = [k.split(",") for k in keys]
+    clean = [p for p in split if len(p) == n]
+    kinds = list(kinds or []) + [None] * n
+    numeric = [kinds[i] == "n" or (kinds[i] is None and bool(clean)
+                                   and all(_INT.fullmatch(p[i]) for p in clean)) for i in range(n)]
+    strings = [i for i in range(n) if not numeric[i]]
+    rows: list[list[str]] = []
+    ambiguous: list[str] = []
+    for key, parts in zip(keys, split, strict=True):
+        if len(parts) <= n:
+            rows.append(parts + [""] * (n - len(parts)))
+            continue
+        if len(strings) == 1:
+            j = strings[0]
+            tail = len(parts) - (n - 1 - j)
+            row = [*parts[:j], ",".join(parts[j:tail]), *parts[tail:]]
+            if all(_INT.fullmatch(row[i]) for i in range(n) if numeric[i]):
+                rows.append(row)
+                continue
+        rows.append([*parts[:n - 1], ",".join(parts[n - 1:])])
+        ambiguous.append(key)
+    return rows, ambiguous
 
 
 def _typed(col: pd.Series) -> pd.Series:
@@ -472,13 +516,16 @@ def _typed(col: pd.Series) -> pd.Series:
         return col
 
 
-def _key_frame(keys: list[str], names: list[str] | None) -> pd.DataFrame:
+def _key_frame(keys: list[str], names: list[str] | None,
+               kinds: list[str | None] | None = None) -> pd.DataFrame:
     n = len(names) if names else (keys[0].count(",") + 1 if keys else 1)
     names = names or (["key"] if n == 1 else [f"key{i}" for i in range(n)])
-    rows = [_split_key(k, len(names)) for k in keys]
+    rows, ambiguous = _split_keys(keys, len(names), kinds)
     df = pd.DataFrame(rows, columns=names) if rows else pd.DataFrame(columns=names)
     for c in df.columns:
         df[c] = _typed(df[c])
+    if ambiguous:
+        df.attrs["ambiguous_keys"] = ambiguous
     return df
 
 
@@ -500,15 +547,17 @@ def has_keys(kind: str, data: Any) -> bool:
     return isinstance(data, dict)
 
 
-def map_frame(snap: Snapshot, key_names: list[str] | None = None) -> pd.DataFrame:
+def map_frame(snap: Snapshot, key_names: list[str] | None = None,
+              key_kinds: list[str | None] | None = None) -> pd.DataFrame:
     """A map as printed -> a frame: key columns then `value` (count/sum/min/max/avg), the
     `count`/`average`/`total` of stats(), or a hist's buckets (`low`, `high`, `count`)."""
     if snap.kind == "hist":
-        return hist_buckets(snap.data, key_names)
+        return hist_buckets(snap.data, key_names, key_kinds)
     if has_keys(snap.kind, snap.data):
-        keys = list(snap.data)
-        vals = _values(list(snap.data.values()))
-        return pd.concat([_key_frame(keys, key_names), vals], axis=1)
+        keys = _key_frame(list(snap.data), key_names, key_kinds)
+        frame = pd.concat([keys, _values(list(snap.data.values()))], axis=1)
+        frame.attrs.update(keys.attrs)  # ambiguous_keys: string keys whose commas could go either way
+        return frame
     return _values([snap.data])
 
 
@@ -550,21 +599,21 @@ def _rows(buckets: list[dict[str, Any]]) -> list[tuple[int, int, int]]:
     return _log2_rows(buckets) or [_bucket(b) for b in buckets]
 
 
-def hist_buckets(data: Any, key_names: list[str] | None = None) -> pd.DataFrame:
+def hist_buckets(data: Any, key_names: list[str] | None = None,
+                 key_kinds: list[str | None] | None = None) -> pd.DataFrame:
     """A printed hist()/lhist() as rows of (key columns,) low, high, count; the open buckets
     below and above an lhist's range (and hist()'s negatives, and bpftrace 0.17's top log2
     slot, every value >= 2**31) have the int64 limit as bound."""
     rows: list[tuple[Any, ...]] = []
     if isinstance(data, dict):
-        keys = _key_frame(list(data), key_names)
+        keys = _key_frame(list(data), key_names, key_kinds)
         for i, buckets in enumerate(data.values()):
             kv = tuple(keys.iloc[i])
             rows += [(*kv, *b) for b in _rows(buckets)]
-        cols = [*keys.columns, "low", "high", "count"]
-    else:
-        rows = list(_rows(data))
-        cols = ["low", "high", "count"]
-    return pd.DataFrame(rows, columns=cols)
+        frame = pd.DataFrame(rows, columns=[*keys.columns, "low", "high", "count"])
+        frame.attrs.update(keys.attrs)
+        return frame
+    return pd.DataFrame(list(_rows(data)), columns=["low", "high", "count"])
 
 
 def log2_slot_of(low: int, high: int) -> int:

@@ -775,9 +775,10 @@ class Bpftrace(BpftraceView, Results, metaclass=_LiveOrReplay):
         with self._child.lock:
             snaps = list(self._child.snapshots.get(name, []))
         keys = parse.map_keys(self.source).get(name)
+        kinds = parse.map_key_kinds(self.source).get(name)
         for snap in snaps:
             if snap.frame is None:
-                snap.frame = parse.map_frame(snap, keys)
+                snap.frame = parse.map_frame(snap, keys, kinds)
         return [(snap.t, snap.kind, snap.frame) for snap in snaps if snap.frame is not None]
 
     def messages(self) -> pd.DataFrame:
