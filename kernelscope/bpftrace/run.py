@@ -414,13 +414,15 @@ class _Child:
             return self.lost_reported
         return max(0, self.lost_reported - max(0, self.sync_sent - self.sync_received))
 
-    def drain(self, timeout: float = SYNC_TIMEOUT, first_timeout: float = SYNC_FIRST_TIMEOUT) -> bool:
+    def drain(self, timeout: float | None = None, first_timeout: float | None = None) -> bool:
         """Have bpftrace read everything already made and every loss (the SYNC_TEXT hand-shake
         on each CPU); False if it has no sync probe, or did not answer all CPUs within
-        `timeout` s. No answer at all within `first_timeout` s sets sync_works False (the
-        counts may not be exact)."""
+        `timeout` s (SYNC_TIMEOUT). No answer at all within `first_timeout` s
+        (SYNC_FIRST_TIMEOUT) sets sync_works False (the counts may not be exact)."""
         if not self.sync or not self.alive:
             return False
+        timeout = SYNC_TIMEOUT if timeout is None else timeout
+        first_timeout = SYNC_FIRST_TIMEOUT if first_timeout is None else first_timeout
         want = set(os.sched_getaffinity(0))
         last_sent: dict[int, int] = {}
         t0 = time.monotonic()
