@@ -495,3 +495,56 @@ def test_collected_run_in_the_spawner_thread_does_not_deadlock() -> None:
         run._spawner.submit(run._finish, a._child).result(timeout=10)
     assert not a._child.has_child
     a.close()
+
+
+@pytest.mark.kernel
+def test_record_mode_save_failure_is_kept_and_replay_honours_the_speed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A capture that cannot be saved: stop() raises, close() does not, and the run says why
+    (warnings, save_error). A run recorded, then replayed under KERNELSCOPE_REPLAY_SPEED."""
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("KERNELSCOPE_MODE", "record")
+    monkeypatch.setenv("KERNELSCOPE_CAPTURES", str(tmp_path / "afile" / "sub"))
+    bt = Bpftrace("BEGIN { @n = count(); }", name="rec").start()
+    bt.close()
+    assert isinstance(bt.save_error, NotADirectoryError)
+    assert any("capture of rec was not saved" in w for w in bt.warnings)
+    assert bt.map("@n")["value"].tolist() == [1]
+    monkeypatch.setenv("KERNELSCOPE_CAPTURES", str(tmp_path))
+    bt = Bpftrace("BEGIN { @n = count(); }", name="rec").start()
+    bt.close()
+    assert bt.save_error is None
+    monkeypatch.setenv("KERNELSCOPE_MODE", "replay")
+    monkeypatch.setenv("KERNELSCOPE_REPLAY_SPEED", "2")
+    r = Bpftrace("ignored in replay mode", name="rec")
+    assert r.speed == 2.0
+    assert r.map("@n")["value"].tolist() == [1]
+    r.close()
+
+
+def test_messages_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kernelscope.bpftrace import run
+
+    monkeypatch.setattr(run, "MAX_MESSAGES", 3)
+    child = _Child([], {}, None)
+    child.feed(b"".join(b'{"type": "time", "data": "%d\\n"}\n' % i for i in range(5)))
+    assert [t for _, _, t in child.messages] == ["2\n", "3\n", "4\n"]
+    assert child.messages_dropped == 2
+
+
+@pytest.mark.kernel
+def test_no_orphan_without_setpriv(tmp_path: Path) -> None:
+    """No setpriv on PATH: prctl(PR_SET_PDEATHSIG) in the child still ends bpftrace with the
+    kernel process that started it."""
+    bpftrace = shutil.which("bpftrace")
+    assert bpftrace is not None
+    code = ("import os, sys\nfrom kernelscope.bpftrace import Bpftrace\n"
+            "bt = Bpftrace('tracepoint:syscalls:sys_enter_getppid { @n = count(); }').start()\n"
+            "print(bt._child.proc.pid, bt.argv()[0], flush=True)\nos.kill(os.getpid(), 9)\n")
+    env = {**os.environ, "PATH": str(tmp_path), "KERNELSCOPE_BPFTRACE": bpftrace}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          check=False, env=env)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    child, argv0 = proc.stdout.split()
+    assert argv0 == bpftrace
+    wait_for(lambda: not alive(int(child)), timeout=10, what=f"bpftrace {child} to end")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import html
 import os
 import random
@@ -55,6 +56,8 @@ ATTACH_TIMEOUT = 60.0  # seconds bpftrace may take to compile and attach (second
 STOP_TIMEOUT = 10.0  # seconds bpftrace may take to print its maps and exit after SIGINT
 HISTORY_INTERVAL = 0.1
 MAX_SNAPSHOTS = 10_000  # printings kept per map
+MAX_MESSAGES = 100_000  # other messages kept (print() of values, time(), cat()...): the newest
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # With this variable set, bpftrace writes it on stderr once every probe is attached (the hook of
 # its runtime tests, src/bpftrace.cpp); the attached_probes message comes before attaching.
 ATTACHED_MARK = "__BPFTRACE_NOTIFY_PROBES_ATTACHED"
@@ -102,6 +105,15 @@ def _spawn(argv: list[str], **popen: Any) -> subprocess.Popen[bytes]:
 
 def _popen(argv: list[str], popen: dict[str, Any]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(argv, **popen)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _pdeathsig() -> None:
+    """In the child before exec: SIGKILL when the thread that forked it ends."""
+    if _libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
 
 
 def _release_spawner() -> None:
@@ -230,6 +242,7 @@ class _Child:
         self.snapshots: dict[str, list[Snapshot]] = {}
         self.snapshots_dropped: dict[str, int] = {}  # the oldest printings let go (MAX_SNAPSHOTS)
         self.messages: list[tuple[float, str, str]] = []
+        self.messages_dropped = 0  # the oldest let go (MAX_MESSAGES)
         self.lost_reported = 0  # bpftrace's lost_events, our own sync lines included
         self.sync_sent = 0  # sync closes made: once one was answered, each wrote a sync line (or lost it)
         self.sync_received = 0  # sync lines of this run, any round
@@ -254,11 +267,14 @@ class _Child:
     # --- the process -----------------------------------------------------------------------
 
     def spawn(self, argv: list[str], script: str) -> None:
+        # bpftrace dies with the thread that forked it (the spawner, which lives as long as this
+        # process runs bpftrace): setpriv, else prctl() between fork and exec
         wrap = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
+        extra: dict[str, Any] = {} if wrap else {"preexec_fn": _pdeathsig}
         self.t0 = time.monotonic()
         self.proc = _spawn([*wrap, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, start_new_session=True,
-                           env={**os.environ, "LC_ALL": "C", ATTACHED_MARK: "1"})
+                           env={**os.environ, "LC_ALL": "C", ATTACHED_MARK: "1"}, **extra)
         assert self.proc.stdin is not None
         try:
             self.proc.stdin.write(script.encode())
@@ -400,6 +416,9 @@ class _Child:
                     del kept[0]
                     self.snapshots_dropped[name] = self.snapshots_dropped.get(name, 0) + 1
             self.messages += [(now - self.t0, k, t) for k, t in got.messages]
+            if len(self.messages) > MAX_MESSAGES:
+                self.messages_dropped += len(self.messages) - MAX_MESSAGES
+                del self.messages[:len(self.messages) - MAX_MESSAGES]
             self.lost_reported += got.lost
         if got.attached is not None:
             self.attached = got.attached - self.sync
@@ -551,7 +570,7 @@ class _LiveOrReplay(type):
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         if mode.mode() == "replay":
             path = mode.require_capture(kwargs.get("name"))
-            return replay(path, name=kwargs.get("name"))
+            return replay(path, speed=mode.replay_speed(), name=kwargs.get("name"))
         return super().__call__(*args, **kwargs)
 
 
@@ -584,6 +603,7 @@ class Bpftrace(BpftraceView, Results, metaclass=_LiveOrReplay):
         self._maps = Maps(tables={})
         self.warnings: list[str] = []
         self.error: BaseException | None = None
+        self.save_error: Exception | None = None  # what saving the capture (record mode) raised
         self.closed = False
         self.started_at: float | None = None
         self._child = _Child(self.formats, outputs, max_rows)
@@ -690,16 +710,29 @@ class Bpftrace(BpftraceView, Results, metaclass=_LiveOrReplay):
         if self._child.error is not None and self.error is None:
             self.error = self._child.error
         self._stopped = self._compute_stats()
-        self._record()
-        _release_spawner()
+        try:
+            self._record()
+        except Exception as e:  # kept as a warning too: close() goes on without raising
+            self.save_error = e
+            self.warnings.append(f"the capture of {self.name} was not saved ({type(e).__name__}: {e}); "
+                                 "its frames stay here: save them with .save(path)")
+            raise
+        finally:
+            _release_spawner()
         return self
 
     def close(self) -> None:
-        """Stop (if running) and forget the child; frames, maps and stats stay readable."""
+        """Stop (if running) and forget the child; frames, maps and stats stay readable. What
+        stop() raised (a capture that could not be saved) is kept in `warnings` (and
+        `save_error`), not raised."""
         if self.closed:
             return
-        with contextlib.suppress(Exception):
+        try:
             self.stop()
+        except Exception as e:
+            said = f"stopping raised {type(e).__name__}: {e}"
+            if self.save_error is not e and said not in self.warnings:
+                self.warnings.append(said)
         self.closed = True
         self._finalizer()
         _release_spawner()
@@ -788,7 +821,10 @@ class Bpftrace(BpftraceView, Results, metaclass=_LiveOrReplay):
         (t in seconds since start, type, text)."""
         with self._child.lock:
             rows = list(self._child.messages)
-        return pd.DataFrame(rows, columns=["t", "type", "text"])
+        df = pd.DataFrame(rows, columns=["t", "type", "text"])
+        if self._child.messages_dropped:
+            df.attrs["dropped"] = self._child.messages_dropped  # the oldest, over MAX_MESSAGES
+        return df
 
     @property
     def df(self) -> pd.DataFrame:

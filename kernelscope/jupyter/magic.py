@@ -379,6 +379,9 @@ class BPFMagics(Magics):
         kept = (f"{stored_rows(probe):,} rows kept in {name}.df" if probe.outputs else
                 f"its maps are kept as they were in {name}.maps")  # a counting program
         if isinstance(probe, bt_.BpftraceView):  # its maps are what bpftrace printed
+            failed = getattr(probe, "save_error", None)  # record mode: the capture was not saved
+            if failed is not None:
+                show_warning(f"{name}: the capture was not saved ({type(failed).__name__}: {failed})")
             parts = [f"{stored_rows(probe):,} rows kept in {name}.df"] if probe.outputs else []
             if probe.map_names:
                 parts.append(f"maps {', '.join(probe.map_names)} kept in {name}.map(NAME)")
