@@ -548,3 +548,15 @@ def test_no_orphan_without_setpriv(tmp_path: Path) -> None:
     child, argv0 = proc.stdout.split()
     assert argv0 == bpftrace
     wait_for(lambda: not alive(int(child)), timeout=10, what=f"bpftrace {child} to end")
+
+
+def test_untagged_lines_and_stats_keyed_count() -> None:
+    """A line without a tag (a script run before tags, system()...) goes to %d before %s when
+    both fit; stats() keyed by the string "count" is still a keyed map."""
+    fm = parse.printf_formats('BEGIN { printf("%s\\n", comm); } END { printf("%d\\n", pid); }')
+    assert list(parse.dispatch([{"type": "printf", "data": "1234\n"}], fm, 0).rows) == [1]
+    tagged = parse.dispatch([{"type": "printf", "data": "\x1e0\x1f1234\n"}], fm, 0)
+    assert list(tagged.rows) == [0]
+    snap = parse.Snapshot(0.0, "stats", {"count": {"count": 1, "average": 4, "total": 4}})
+    assert parse.map_frame(snap, ["k"]).values.tolist() == [["count", 1, 4, 4]]
+

@@ -542,8 +542,9 @@ def has_keys(kind: str, data: Any) -> bool:
     """Whether a map's printed data is keyed ({key: value}) or the map has no key."""
     if kind == "hist":
         return isinstance(data, dict)
-    if kind == "stats":
-        return isinstance(data, dict) and not {"count", "average", "total"} >= set(data)
+    if kind == "stats":  # stats() unkeyed is {count, average, total} of numbers; keyed, of dicts
+        return isinstance(data, dict) and not ({"count", "average", "total"} >= set(data)
+                                               and not any(isinstance(v, dict) for v in data.values()))
     return isinstance(data, dict)
 
 
@@ -726,7 +727,9 @@ def dispatch(msgs: list[dict[str, Any]], formats: list[Format], t: float, sync: 
     printings to snapshots, lost_events counted, the rest kept as (type, text). printf lines
     starting with `sync` are kernelscope's own: the CPU and round after it go to `synced`."""
     out = Parsed()
-    order = sorted(range(len(formats)), key=lambda i: -formats[i].literal_chars)
+    # untagged lines: the most literal formats first, then those with fewer strings (which match anything)
+    order = sorted(range(len(formats)), key=lambda i: (-formats[i].literal_chars,
+                                                       sum(f.conv == "s" for f in formats[i].fields)))
     for msg in msgs:
         kind, data = msg.get("type"), msg.get("data")
         if kind == "printf" and sync and str(data).startswith(sync):
