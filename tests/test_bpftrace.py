@@ -128,7 +128,7 @@ def test_stream_split_anywhere_gives_the_same_rows_and_maps() -> None:
         child.feed(data[cut:])
         df = outputs["printf"].store.frame()
         assert df[["n", "s"]].values.tolist() == [[1, "a b"], [-5, ""]]
-        assert outputs["printf_other"].store.frame()["text"].tolist() == ["free text"]
+        assert child.outputs["printf_other"].store.frame()["text"].tolist() == ["free text"]
         assert (child.lost, child.attached) == (3, 2)
         keys = parse.map_frame(child.snapshots["@k"][-1], ["pid", "comm"])
         assert keys.values.tolist() == [[7, "a,b", 2], [8, "c", 5]]  # commas kept in the last key
@@ -366,3 +366,197 @@ def test_no_orphan_when_the_kernel_process_dies() -> None:
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     child = int(proc.stdout.split()[0])
     wait_for(lambda: not alive(child), timeout=10, what=f"bpftrace {child} to end")
+
+
+# --- review fixes (issue 16) -----------------------------------------------------------------
+
+INT64_MAX = 2**63 - 1
+
+
+@pytest.mark.kernel
+def test_real_output_big_hist_lhist_printf_formats_keys_and_positional() -> None:
+    """One BEGIN run through real bpftrace 0.17: hist() values >= 2**31 (printed as {min:
+    -2**31, max: 0}) in a top bucket up to the int64 limit; an lhist whose max is no multiple of
+    its step has no overlapping bucket; a bare "%s\\n" does not take the other formats' lines,
+    %-6d matches; a string key with commas stays whole; $1 comes from `positional`."""
+    bt = Bpftrace(textwrap.dedent(r'''
+        BEGIN {
+          printf("%s\n", "free text");
+          printf("n=%-6d|\n", $1);
+          printf("%d %s\n", 7, "ab");
+          @big = hist(5); @big = hist(2147483648); @big = hist(1099511627776);
+          @l = lhist(92, 0, 95, 10); @l = lhist(3, 0, 95, 10);
+          @k["a,b", 1] = count(); @k["c", 2] = count(); @k["d", 3] = count();
+          exit();
+        }'''), positional=[42])
+    assert bt.argv()[-2:] == ["-", "42"]
+    bt.wait(duration=30)
+    assert bt.returncode == 0
+    assert bt.frame("printf1")["f0"].tolist() == ["free text"]
+    assert bt.frame("printf2")["n"].tolist() == [42]
+    assert bt.frame("printf3")[["f0", "f1"]].values.tolist() == [[7, "ab"]]
+    assert "printf_other" not in bt.outputs
+    big = bt.map("@big")
+    assert big[big["count"] > 0][["low", "high", "count"]].values.tolist() == [
+        [4, 7, 1], [2**31, INT64_MAX, 2]]
+    assert (big["low"] > 0).all()
+    h = bt.hist("@big")
+    assert h.counts.sum() == 3
+    assert (h.low[-1], h.high[-1]) == (2**31, INT64_MAX)
+    lh = bt.hist("@l")
+    assert (lh.high[:-1] < lh.low[1:]).all()  # no bucket overlaps the next
+    assert (lh.low[-2], lh.high[-2], lh.low[-1]) == (80, 89, 90)  # 92 was counted from 90 up
+    assert lh.counts.sum() == 2
+    keys = bt.map("@k")
+    assert keys.sort_values("key1")[["key0", "key1", "value"]].values.tolist() == [
+        ["a,b", 1, 1], ["c", 2, 1], ["d", 3, 1]]
+    assert "ambiguous_keys" not in keys.attrs
+
+
+def test_map_keys_with_commas_go_to_the_string_key() -> None:
+    kinds = parse.map_key_kinds('@k[pid, comm, cpu] = count(); @j[$a, $b] = count();')
+    assert kinds == {"@k": ["n", "s", "n"], "@j": [None, None]}
+    snap = parse.Snapshot(0.0, "map", {"7,a,b,c,1": 2, "8,x,0": 5})
+    frame = parse.map_frame(snap, ["pid", "comm", "cpu"], kinds["@k"])
+    assert frame.values.tolist() == [[7, "a,b,c", 1, 2], [8, "x", 0, 5]]
+    both = parse.map_frame(parse.Snapshot(0.0, "map", {"a,b,c": 1}), ["a", "b"], kinds["@j"])
+    assert both.attrs["ambiguous_keys"] == ["a,b,c"]
+
+
+@pytest.mark.kernel
+def test_error_columns_and_an_unclosed_block(shell: Shell) -> None:
+    """printf formats are tagged in the script bpftrace runs; its error columns and the line
+    it quotes are still the cell's. An unclosed block points at the cell's end."""
+    line = 'BEGIN { printf("%d a\\n", 1); printf("%s\\n", "x"); @q = nosuch(3); }'
+    with pytest.raises(UsageError) as e:
+        shell.run_cell(f"%%bpftrace bad\n{line}\n")
+    text = str(e.value)
+    assert f"line 2:{line.index('nosuch') + 1}: Unknown function: nosuch" in text
+    assert f"    2 | {line}\n      | {' ' * line.index('nosuch')}~~~~~~" in text
+    assert "\x1e" not in text
+    with pytest.raises(UsageError) as e:
+        shell.run_cell("%%bpftrace bad\nBEGIN {\n  @x = count();\n")
+    text = str(e.value)
+    assert "at the end of the cell (an unclosed block?)" in text
+    assert "    3 |   @x = count();" in text
+    assert "sys_enter_close" not in text
+
+
+def test_bpftrace_line_positional_parameters() -> None:
+    from kernelscope.jupyter.magic import split_bpftrace_line
+
+    assert split_bpftrace_line("x --duration 1 -- -B full -- 5 -6") == (
+        "x --duration 1", ["-B", "full"], ["5", "-6"])
+    assert split_bpftrace_line("x -- 5 -q eth0") == ("x", ["-q"], ["5", "eth0"])
+    assert split_bpftrace_line("x") == ("x", [], [])
+
+
+@pytest.mark.kernel
+def test_stop_hand_shake_in_a_pid_namespace() -> None:
+    """In a new PID namespace (getpid() is 1 there, bpftrace sees root-namespace pids) the
+    hand-shake is answered by every CPU and nothing is taken off the lost count."""
+    if shutil.which("unshare") is None:
+        pytest.fail("unshare (util-linux) is needed for this test")
+    code = ("import os\nfrom kernelscope.bpftrace import Bpftrace\n"
+            "bt = Bpftrace('BEGIN { }').start()\nok = bt._child.drain()\nc = bt._child\n"
+            "bt.stop()\nprint(os.getpid(), ok, c.sync_works, c.sync_sent == c.sync_received > 0,"
+            " bt.lost_events, bt.warnings == [])\n")
+    proc = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", code],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["1", "True", "True", "True", "0", "True"]
+
+
+@pytest.mark.kernel
+def test_unanswered_hand_shake_warns_and_subtracts_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kernelscope.bpftrace import run
+
+    monkeypatch.setattr(run, "SYNC_FIRST_TIMEOUT", 0.3)
+    never = "\ntracepoint:syscalls:sys_enter_close /pid == 0/ {}\n"  # a probe that answers nothing
+    monkeypatch.setattr(run, "sync_probe", lambda token: never)
+    bt = Bpftrace("BEGIN { }").start()
+    bt._child.lost_reported = 3  # as if bpftrace had reported 3 losses
+    bt.stop()
+    assert bt._child.sync_works is False
+    assert bt._child.sync_sent > 0
+    assert bt.lost_events == 3
+    assert run.SYNC_WARNING in bt.warnings
+
+
+@pytest.mark.kernel
+def test_collected_run_in_the_spawner_thread_does_not_deadlock() -> None:
+    """A run collected in the spawner thread (a cyclic GC while Popen allocates, _spawn()
+    holding the lock and waiting) is killed and reaped there without taking the lock."""
+    from kernelscope.bpftrace import run
+
+    a = Bpftrace("BEGIN { }").start(wait=False)
+    with run._spawner_lock:
+        assert run._spawner is not None
+        run._spawner.submit(run._finish, a._child).result(timeout=10)
+    assert not a._child.has_child
+    a.close()
+
+
+@pytest.mark.kernel
+def test_record_mode_save_failure_is_kept_and_replay_honours_the_speed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A capture that cannot be saved: stop() raises, close() does not, and the run says why
+    (warnings, save_error). A run recorded, then replayed under KERNELSCOPE_REPLAY_SPEED."""
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("KERNELSCOPE_MODE", "record")
+    monkeypatch.setenv("KERNELSCOPE_CAPTURES", str(tmp_path / "afile" / "sub"))
+    bt = Bpftrace("BEGIN { @n = count(); }", name="rec").start()
+    bt.close()
+    assert isinstance(bt.save_error, NotADirectoryError)
+    assert any("capture of rec was not saved" in w for w in bt.warnings)
+    assert bt.map("@n")["value"].tolist() == [1]
+    monkeypatch.setenv("KERNELSCOPE_CAPTURES", str(tmp_path))
+    bt = Bpftrace("BEGIN { @n = count(); }", name="rec").start()
+    bt.close()
+    assert bt.save_error is None
+    monkeypatch.setenv("KERNELSCOPE_MODE", "replay")
+    monkeypatch.setenv("KERNELSCOPE_REPLAY_SPEED", "2")
+    r = Bpftrace("ignored in replay mode", name="rec")
+    assert r.speed == 2.0
+    assert r.map("@n")["value"].tolist() == [1]
+    r.close()
+
+
+def test_messages_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kernelscope.bpftrace import run
+
+    monkeypatch.setattr(run, "MAX_MESSAGES", 3)
+    child = _Child([], {}, None)
+    child.feed(b"".join(b'{"type": "time", "data": "%d\\n"}\n' % i for i in range(5)))
+    assert [t for _, _, t in child.messages] == ["2\n", "3\n", "4\n"]
+    assert child.messages_dropped == 2
+
+
+@pytest.mark.kernel
+def test_no_orphan_without_setpriv(tmp_path: Path) -> None:
+    """No setpriv on PATH: prctl(PR_SET_PDEATHSIG) in the child still ends bpftrace with the
+    kernel process that started it."""
+    bpftrace = shutil.which("bpftrace")
+    assert bpftrace is not None
+    code = ("import os, sys\nfrom kernelscope.bpftrace import Bpftrace\n"
+            "bt = Bpftrace('tracepoint:syscalls:sys_enter_getppid { @n = count(); }').start()\n"
+            "print(bt._child.proc.pid, bt.argv()[0], flush=True)\nos.kill(os.getpid(), 9)\n")
+    env = {**os.environ, "PATH": str(tmp_path), "KERNELSCOPE_BPFTRACE": bpftrace}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          check=False, env=env)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    child, argv0 = proc.stdout.split()
+    assert argv0 == bpftrace
+    wait_for(lambda: not alive(int(child)), timeout=10, what=f"bpftrace {child} to end")
+
+
+def test_untagged_lines_and_stats_keyed_count() -> None:
+    """A line without a tag (a script run before tags, system()...) goes to %d before %s when
+    both fit; stats() keyed by the string "count" is still a keyed map."""
+    fm = parse.printf_formats('BEGIN { printf("%s\\n", comm); } END { printf("%d\\n", pid); }')
+    assert list(parse.dispatch([{"type": "printf", "data": "1234\n"}], fm, 0).rows) == [1]
+    tagged = parse.dispatch([{"type": "printf", "data": "\x1e0\x1f1234\n"}], fm, 0)
+    assert list(tagged.rows) == [0]
+    snap = parse.Snapshot(0.0, "stats", {"count": {"count": 1, "average": 4, "total": 4}})
+    assert parse.map_frame(snap, ["k"]).values.tolist() == [["count", 1, 4, 4]]
+

@@ -6,7 +6,7 @@ through, and what the tests drive with lines written by hand.
 bpftrace 0.17 prints one JSON object a line (src/output.cpp, `JsonOutput`): `{"type": T,
 "data": D}` with T one of printf, map, hist, stats, value, time, cat, join, syscall,
 attached_probes, lost_events (and helper_error, whose fields sit beside `type`). A map's
-keys are one string, the key values joined with "," (`map_key_to_str`); a log2 hist()
+keys are one string, the key values joined with "," (`map_key_to_str`; _split_keys); a log2 hist()
 bucket is {"max": -1} (negatives), {"min": 0, "max": 0}, {"min": 1, "max": 1}, then powers
 of two; an lhist() has {"max": MIN-1} below its range and {"min": MAX} above it.
 avg() comes as type "stats" with a number, stats() as {"count", "average", "total"}.
@@ -221,9 +221,10 @@ class Format:
         return out
 
 
-_PIECE = {"d": r"(\s*-?\d+)", "i": r"(\s*-?\d+)", "u": r"(\s*\d+)", "o": r"(\s*[0-7]+)",
-          "x": r"(\s*[0-9a-fA-F]+)", "X": r"(\s*[0-9a-fA-F]+)", "p": r"(\s*0x[0-9a-fA-F]+|\s*\(nil\))",
-          "c": r"(.)", "s": r"(.*?)"}
+# A number padded either side: %6d right-aligns, %-6d left-aligns (trailing spaces).
+_PIECE = {"d": r"(\s*-?\d+\s*)", "i": r"(\s*-?\d+\s*)", "u": r"(\s*\d+\s*)", "o": r"(\s*[0-7]+\s*)",
+          "x": r"(\s*[0-9a-fA-F]+\s*)", "X": r"(\s*[0-9a-fA-F]+\s*)",
+          "p": r"(\s*0x[0-9a-fA-F]+\s*|\s*\(nil\)\s*)", "c": r"(.)", "s": r"(.*?)"}
 
 
 def parse_format(fmt: str, args: list[str], line: int = 0) -> Format:
@@ -277,6 +278,74 @@ def printf_formats(script: str) -> list[Format]:
             continue
         out.append(parse_format(fmt, parts[1:], text.count("\n", 0, m.start()) + 1))
     return out
+
+
+# Each printf format of the script run gets this tag at its start (TAG_OPEN, the format's
+# index, TAG_CLOSE: control characters no format of a user's is likely to hold), so every line
+# says which format made it; dispatch() strips it. Written as raw bytes, not escapes, so the
+# script's lines stay; columns after a tag move by its length, which untag_error() takes back.
+TAG_OPEN, TAG_CLOSE = "\x1e", "\x1f"
+_TAGGED = re.compile(f"^{TAG_OPEN}(\\d+){TAG_CLOSE}")
+
+
+@dataclass
+class Tagged:
+    """A script with its printf formats tagged, and where the tags went (line, col, length:
+    1-based, the column the tag starts at in the tagged text)."""
+
+    script: str
+    inserts: list[tuple[int, int, int]]
+
+
+def tag_formats(script: str, formats: list[Format] | None = None) -> Tagged:
+    """`script` with each printf format literal starting with its format's tag (the index in
+    printf_formats(script))."""
+    formats = printf_formats(script) if formats is None else formats
+    index = {f.text: i for i, f in enumerate(formats)}
+    text = _skip_comments(script)
+    at: list[tuple[int, str]] = []
+    for m in re.finditer(r"\bprintf\s*\(", text):
+        end = _closing(text, m.end() - 1, "(", ")")
+        if end < 0:
+            continue
+        parts = _split_args(text[m.end():end])
+        if not parts or not (parts[0].startswith('"') and parts[0].endswith('"')):
+            continue
+        i = index.get(_unescape(parts[0][1:-1]))
+        if i is None:
+            continue
+        quote = text.index('"', m.end())
+        at.append((quote + 1, f"{TAG_OPEN}{i}{TAG_CLOSE}"))
+    out: list[str] = []
+    inserts: list[tuple[int, int, int]] = []
+    pos, shift = 0, dict[int, int]()
+    for offset, tag in at:
+        out.append(script[pos:offset])
+        pos = offset
+        line = script.count("\n", 0, offset) + 1
+        col = offset - (script.rfind("\n", 0, offset) + 1) + 1 + shift.get(line, 0)
+        shift[line] = shift.get(line, 0) + len(tag)
+        inserts.append((line, col, len(tag)))
+        out.append(tag)
+    out.append(script[pos:])
+    return Tagged("".join(out), inserts)
+
+
+def untag_error(err: BpftraceError, inserts: list[tuple[int, int, int]]) -> BpftraceError:
+    """A BpftraceScriptError about the tagged script at the user's column, its quoted line and
+    marker without the tags."""
+    if not isinstance(err, BpftraceScriptError) or err.line is None:
+        return err
+    here = sorted(((c, n) for ln, c, n in inserts if ln == err.line), reverse=True)
+    col = err.col
+    lines = err.detail.split("\n")
+    for c, n in here:  # from the right, so the earlier columns stay
+        if col is not None and col > c:
+            col -= n
+        for k in range(min(2, len(lines))):
+            lines[k] = lines[k][:c - 1] + lines[k][c - 1 + n:]
+    detail = "\n".join(lines).replace(TAG_CLOSE, "").replace(TAG_OPEN, "") if here else err.detail
+    return BpftraceScriptError(err.message, err.line, col, detail)
 
 
 def map_keys(script: str) -> dict[str, list[str]]:
@@ -339,7 +408,7 @@ def stderr_messages(lines: list[str]) -> list[str]:
 def script_error(stderr: str, returncode: int | None) -> BpftraceError:
     """What bpftrace's stderr says went wrong: a BpftraceScriptError at its line when it
     named one, else a BpftraceError with its last words."""
-    lines = [ln for ln in stderr.splitlines() if not harmless(ln)]
+    lines = [ln for ln in stderr.split("\n") if not harmless(ln)]  # not splitlines: tags hold \x1e, \x1f
     for i, ln in enumerate(lines):
         m = _ERROR_AT.match(ln)
         if m:
@@ -386,13 +455,57 @@ class Snapshot:
     frame: pd.DataFrame | None = None  # map_frame() of it, once asked for
 
 
-def _split_key(key: str, n: int) -> list[str]:
-    """bpftrace joins a map's key values with ","; a string key holding commas makes more
-    pieces than keys: the surplus is kept in the last key."""
+_STRING_KEY = re.compile(r'^\s*(?:comm\b|"|(?:str|ksym|usym|kstack|ustack|username|cgroup_path|strftime|buf|'
+                         r'path|inet_ntop|macaddr)\s*\()')
+_NUMBER_KEY = re.compile(r"^\s*(?:-?\d+|0x[0-9a-fA-F]+|pid|tid|cpu|uid|gid|cgroup|nsecs|elapsed|retval|"
+                         r"(?:count|sum|min|max|avg)\s*\(.*)\s*$")
+_INT = re.compile(r"-?\d+")
+
+
+def map_key_kinds(script: str) -> dict[str, list[str | None]]:
+    """Each map's key kinds from the script's key expressions: "s" a string (comm, str(),
+    a literal...), "n" a number (pid, cpu, 42...), None not known from the text alone."""
+    text = _skip_comments(script)
+    out: dict[str, list[str | None]] = {}
+    for m in re.finditer(r"(@[A-Za-z0-9_]*)\s*\[", text):
+        end = _closing(text, m.end() - 1, "[", "]")
+        if m.group(1) in out or end < 0:
+            continue
+        out[m.group(1)] = ["s" if _STRING_KEY.match(p) else "n" if _NUMBER_KEY.match(p) else None
+                           for p in _split_args(text[m.end():end])]
+    return out
+
+
+def _split_keys(keys: list[str], n: int, kinds: list[str | None] | None) -> tuple[list[list[str]], list[str]]:
+    """bpftrace joins a map's key values with "," (`map_key_to_str`): a string key holding
+    commas makes more pieces than keys. The surplus goes to the one string key: the one the
+    script's expression says is a string, or the one position not always a number in the rows
+    that split cleanly. Rows where that is not clear keep their surplus in the last key and
+    are returned (joined keys) as ambiguous."""
     if n <= 1:
-        return [key]
-    parts = key.split(",", n - 1)
-    return parts + [""] * (n - len(parts))
+        return [[k] for k in keys], []
+    split = [k.split(",") for k in keys]
+    clean = [p for p in split if len(p) == n]
+    kinds = list(kinds or []) + [None] * n
+    numeric = [kinds[i] == "n" or (kinds[i] is None and bool(clean)
+                                   and all(_INT.fullmatch(p[i]) for p in clean)) for i in range(n)]
+    strings = [i for i in range(n) if not numeric[i]]
+    rows: list[list[str]] = []
+    ambiguous: list[str] = []
+    for key, parts in zip(keys, split, strict=True):
+        if len(parts) <= n:
+            rows.append(parts + [""] * (n - len(parts)))
+            continue
+        if len(strings) == 1:
+            j = strings[0]
+            tail = len(parts) - (n - 1 - j)
+            row = [*parts[:j], ",".join(parts[j:tail]), *parts[tail:]]
+            if all(_INT.fullmatch(row[i]) for i in range(n) if numeric[i]):
+                rows.append(row)
+                continue
+        rows.append([*parts[:n - 1], ",".join(parts[n - 1:])])
+        ambiguous.append(key)
+    return rows, ambiguous
 
 
 def _typed(col: pd.Series) -> pd.Series:
@@ -403,13 +516,16 @@ def _typed(col: pd.Series) -> pd.Series:
         return col
 
 
-def _key_frame(keys: list[str], names: list[str] | None) -> pd.DataFrame:
+def _key_frame(keys: list[str], names: list[str] | None,
+               kinds: list[str | None] | None = None) -> pd.DataFrame:
     n = len(names) if names else (keys[0].count(",") + 1 if keys else 1)
     names = names or (["key"] if n == 1 else [f"key{i}" for i in range(n)])
-    rows = [_split_key(k, len(names)) for k in keys]
+    rows, ambiguous = _split_keys(keys, len(names), kinds)
     df = pd.DataFrame(rows, columns=names) if rows else pd.DataFrame(columns=names)
     for c in df.columns:
         df[c] = _typed(df[c])
+    if ambiguous:
+        df.attrs["ambiguous_keys"] = ambiguous
     return df
 
 
@@ -426,20 +542,23 @@ def has_keys(kind: str, data: Any) -> bool:
     """Whether a map's printed data is keyed ({key: value}) or the map has no key."""
     if kind == "hist":
         return isinstance(data, dict)
-    if kind == "stats":
-        return isinstance(data, dict) and not {"count", "average", "total"} >= set(data)
+    if kind == "stats":  # stats() unkeyed is {count, average, total} of numbers; keyed, of dicts
+        return isinstance(data, dict) and not ({"count", "average", "total"} >= set(data)
+                                               and not any(isinstance(v, dict) for v in data.values()))
     return isinstance(data, dict)
 
 
-def map_frame(snap: Snapshot, key_names: list[str] | None = None) -> pd.DataFrame:
+def map_frame(snap: Snapshot, key_names: list[str] | None = None,
+              key_kinds: list[str | None] | None = None) -> pd.DataFrame:
     """A map as printed -> a frame: key columns then `value` (count/sum/min/max/avg), the
     `count`/`average`/`total` of stats(), or a hist's buckets (`low`, `high`, `count`)."""
     if snap.kind == "hist":
-        return hist_buckets(snap.data, key_names)
+        return hist_buckets(snap.data, key_names, key_kinds)
     if has_keys(snap.kind, snap.data):
-        keys = list(snap.data)
-        vals = _values(list(snap.data.values()))
-        return pd.concat([_key_frame(keys, key_names), vals], axis=1)
+        keys = _key_frame(list(snap.data), key_names, key_kinds)
+        frame = pd.concat([keys, _values(list(snap.data.values()))], axis=1)
+        frame.attrs.update(keys.attrs)  # ambiguous_keys: string keys whose commas could go either way
+        return frame
     return _values([snap.data])
 
 
@@ -449,20 +568,53 @@ def _bucket(b: dict[str, Any]) -> tuple[int, int, int]:
     return low, high, int(b.get("count", 0))
 
 
-def hist_buckets(data: Any, key_names: list[str] | None = None) -> pd.DataFrame:
+# bpftrace 0.17's log2 (createLog2Function, src/ast/passes/codegen_llvm.cpp) shifts by at most
+# 16+8+4+2+1 bits, so every value >= 2**31 lands in slot 33; its JSON printer computes the
+# bounds in a C int (`1 << (i-2)`, src/output.cpp), so that slot comes as {"min": -2**31, "max": 0}.
+LOG2_TOP_SLOT = 33
+_LOG2_TOP_AS_PRINTED = (-(1 << 31), 0)
+
+
+def _log2_rows(buckets: list[dict[str, Any]]) -> list[tuple[int, int, int]] | None:
+    """A printed hist()'s buckets with bounds from their positions, or None if they are not
+    log2 buckets. bpftrace prints every slot from the first non-empty one to the last
+    (hist_prepare, src/output.cpp), so the first bucket's slot numbers them all."""
+    rows = [_bucket(b) for b in buckets]
+    if not rows:
+        return None
+    lo, hi, _ = rows[0]
+    first = LOG2_TOP_SLOT if (lo, hi) == _LOG2_TOP_AS_PRINTED else log2_slot_of(lo, hi)
+    out = []
+    for i, (lo, hi, n) in enumerate(rows):
+        slot = first + i
+        if slot == LOG2_TOP_SLOT and (lo, hi) == _LOG2_TOP_AS_PRINTED:
+            out.append((1 << 31, INT_MAX, n))
+        elif (lo, hi) == log2_bounds(slot):
+            out.append((lo, hi, n))
+        else:
+            return None
+    return out
+
+
+def _rows(buckets: list[dict[str, Any]]) -> list[tuple[int, int, int]]:
+    return _log2_rows(buckets) or [_bucket(b) for b in buckets]
+
+
+def hist_buckets(data: Any, key_names: list[str] | None = None,
+                 key_kinds: list[str | None] | None = None) -> pd.DataFrame:
     """A printed hist()/lhist() as rows of (key columns,) low, high, count; the open buckets
-    below and above an lhist's range (and hist()'s negatives) have the int64 limit as bound."""
+    below and above an lhist's range (and hist()'s negatives, and bpftrace 0.17's top log2
+    slot, every value >= 2**31) have the int64 limit as bound."""
     rows: list[tuple[Any, ...]] = []
     if isinstance(data, dict):
-        keys = _key_frame(list(data), key_names)
+        keys = _key_frame(list(data), key_names, key_kinds)
         for i, buckets in enumerate(data.values()):
             kv = tuple(keys.iloc[i])
-            rows += [(*kv, *_bucket(b)) for b in buckets]
-        cols = [*keys.columns, "low", "high", "count"]
-    else:
-        rows = [_bucket(b) for b in data]
-        cols = ["low", "high", "count"]
-    return pd.DataFrame(rows, columns=cols)
+            rows += [(*kv, *b) for b in _rows(buckets)]
+        frame = pd.DataFrame(rows, columns=[*keys.columns, "low", "high", "count"])
+        frame.attrs.update(keys.attrs)
+        return frame
+    return pd.DataFrame(list(_rows(data)), columns=["low", "high", "count"])
 
 
 def log2_slot_of(low: int, high: int) -> int:
@@ -515,24 +667,33 @@ def histogram(buckets: pd.DataFrame, call: tuple[str, list[str]] | None = None, 
     linear = call[0] == "lhist" if call is not None else (len(widths) == 1 and widths != {1})
     step = _linear_step(inner, call) if linear else None
     if not linear or step is None:
-        slots = [log2_slot_of(lo, hi) for lo, hi in zip(buckets.low, buckets.high, strict=True)]
+        pairs = list(zip(buckets.low.tolist(), buckets.high.tolist(), strict=True))
+        slots = [log2_slot_of(lo, hi) for lo, hi in pairs]
         first, last = (min(slots), max(slots)) if slots else (1, 1)
         bounds = [log2_bounds(s) for s in range(first, last + 1)]
+        for s, b in zip(slots, pairs, strict=True):  # bpftrace 0.17's top slot: every value >= 2**31
+            bounds[s - first] = (int(b[0]), int(b[1]))
         layout, start = "log2", 0
+        index = {b: i for i, b in enumerate(bounds)}
     else:
         lows = sorted(set(inner.low.tolist()))
         below = buckets.high[buckets.low == INT_MIN]
         above = buckets.low[buckets.high == INT_MAX]
         lo0 = lows[0] if lows else int(below.iloc[0]) + 1 if len(below) else int(above.iloc[0])
         lo1 = lows[-1] if lows else lo0 - step
-        top = int(above.iloc[0]) if len(above) else lo1 + step
+        # lhist()'s top bucket holds every value from the end of its last whole step (0.17's
+        # codegen: 1 + (max - min) / step), though printed as {"min": max}: with lhist(x, 0,
+        # 95, 10) 92 is counted there, above [80, 89].
+        top = lo0 + (int(above.iloc[0]) - lo0) // step * step if len(above) else lo1 + step
         bounds = [(lo, lo + step - 1) for lo in range(lo0, top, step)]
         if len(below):
             bounds.insert(0, (INT_MIN, lo0 - 1))
         if len(above):
             bounds.append((top, INT_MAX))
         layout, start = "linear", lo0
-    index = {b: i for i, b in enumerate(bounds)}
+        index = {b: i for i, b in enumerate(bounds)}
+        for hi_open in above.tolist():
+            index[(int(hi_open), INT_MAX)] = len(bounds) - 1
     key_rows = buckets[keys].drop_duplicates().reset_index(drop=True) if keys else None
     counts = np.zeros((len(key_rows) if key_rows is not None else 1, len(bounds)), np.int64)
     row_of = ({tuple(r): i for i, r in enumerate(key_rows.itertuples(index=False, name=None))}
@@ -557,20 +718,31 @@ class Parsed:
     messages: list[tuple[str, str]] = field(default_factory=list)  # (type, text): value, time, cat...
     lost: int = 0
     attached: int | None = None
-    synced: list[int] = field(default_factory=list)  # CPUs whose sync line came
+    synced: list[tuple[int, int]] = field(default_factory=list)  # (CPU, round) of each sync line
 
 
 def dispatch(msgs: list[dict[str, Any]], formats: list[Format], t: float, sync: str = "") -> Parsed:
-    """Sort messages: printf rows to their format (the most literal formats tried first), map
+    """Sort messages: printf rows to their format (by its tag, see tag_formats; a line without
+    one tried against the most literal formats first), map
     printings to snapshots, lost_events counted, the rest kept as (type, text). printf lines
-    starting with `sync` are kernelscope's own: the CPU number after it goes to `synced`."""
+    starting with `sync` are kernelscope's own: the CPU and round after it go to `synced`."""
     out = Parsed()
-    order = sorted(range(len(formats)), key=lambda i: -formats[i].literal_chars)
+    # untagged lines: the most literal formats first, then those with fewer strings (which match anything)
+    order = sorted(range(len(formats)), key=lambda i: (-formats[i].literal_chars,
+                                                       sum(f.conv == "s" for f in formats[i].fields)))
     for msg in msgs:
         kind, data = msg.get("type"), msg.get("data")
         if kind == "printf" and sync and str(data).startswith(sync):
-            out.synced.append(int(str(data)[len(sync):].strip() or -1))
-        elif kind == "printf":
+            cpu, _, round_ = str(data)[len(sync):].strip().partition(" ")
+            out.synced.append((int(cpu or -1), int(round_ or 0)))
+        elif kind == "printf" and (tag := _TAGGED.match(str(data))) and int(tag.group(1)) < len(formats):
+            i, text = int(tag.group(1)), str(data)[tag.end():]
+            rec = formats[i].record(text)
+            if rec is not None:
+                out.rows.setdefault(i, []).append(rec)
+            else:
+                out.other.append(text)
+        elif kind == "printf":  # no tag: printf of a script run untagged, or system()'s output...
             text = str(data)
             for i in order:
                 rec = formats[i].record(text)

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import html
 import os
+import random
 import selectors
 import shutil
 import signal
@@ -54,6 +56,8 @@ ATTACH_TIMEOUT = 60.0  # seconds bpftrace may take to compile and attach (second
 STOP_TIMEOUT = 10.0  # seconds bpftrace may take to print its maps and exit after SIGINT
 HISTORY_INTERVAL = 0.1
 MAX_SNAPSHOTS = 10_000  # printings kept per map
+MAX_MESSAGES = 100_000  # other messages kept (print() of values, time(), cat()...): the newest
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # With this variable set, bpftrace writes it on stderr once every probe is attached (the hook of
 # its runtime tests, src/bpftrace.cpp); the attached_probes message comes before attaching.
 ATTACHED_MARK = "__BPFTRACE_NOTIFY_PROBES_ATTACHED"
@@ -66,9 +70,18 @@ PACKAGE = "bpftrace"  # the Debian package
 # every CPU (a close() of a bad fd from a thread pinned to each CPU in turn), and waits for the
 # line of each CPU: each CPU's buffer is read in order, so by then everything made before, and
 # every loss, has been read. Only then SIGINT.
+# The probe matches no pid (in a PID namespace bpftrace sees root-namespace pids, not ours): a
+# run's token is the fd it closes, one per run and round (sync_fd), so another run's hand-shake
+# and a late line of an earlier round are told apart. Its line says CPU and round.
 SYNC_TEXT = "__kernelscope_sync__ "
-SYNC_FD = -60875  # close(SYNC_FD) fails with EBADF; the tracepoint sees it as an unsigned int
+SYNC_FD = -(1 << 30)  # close() of a negative fd fails with EBADF; the tracepoint sees an unsigned int
+SYNC_ROUNDS = 256  # rounds of one run's hand-shake (each run has its own range of fds)
+SYNC_RUNS = 1 << 20  # run tokens: SYNC_FD - token * SYNC_ROUNDS - round stays above INT_MIN
 SYNC_TIMEOUT = 5.0
+SYNC_FIRST_TIMEOUT = 2.0  # no answer to the first round by then: the hand-shake does not work here
+SYNC_WARNING = ("kernelscope's stop hand-shake (a sync line per CPU, see kernelscope.bpftrace.run) got "
+                "no answer from bpftrace: what was in flight at stop, and losses not yet reported, "
+                "may be missing from the counts (stats may not be exact)")
 CLOSE_TRACEPOINT = "syscalls/sys_enter_close"
 
 __all__ = ["Bpftrace", "BpftraceReplay", "BpftraceView", "close_all", "live_runs", "replay"]
@@ -77,6 +90,7 @@ _live: weakref.WeakSet[Bpftrace] = weakref.WeakSet()
 # forked exits, so a child forked by a short-lived thread would die with it. The spawner lives
 # while any run does (its end would kill their children) and ends with the last one.
 _spawner: ThreadPoolExecutor | None = None
+SPAWNER_THREAD = "kernelscope-bpftrace-spawn"
 _spawner_lock = threading.RLock()  # RLock: a finalizer may release it while this thread spawns
 
 
@@ -85,12 +99,21 @@ def _spawn(argv: list[str], **popen: Any) -> subprocess.Popen[bytes]:
     global _spawner
     with _spawner_lock:
         if _spawner is None:
-            _spawner = ThreadPoolExecutor(1, thread_name_prefix="kernelscope-bpftrace-spawn")
+            _spawner = ThreadPoolExecutor(1, thread_name_prefix=SPAWNER_THREAD)
         return _spawner.submit(_popen, argv, popen).result()
 
 
 def _popen(argv: list[str], popen: dict[str, Any]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(argv, **popen)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _pdeathsig() -> None:
+    """In the child before exec: SIGKILL when the thread that forked it ends."""
+    if _libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
 
 
 def _release_spawner() -> None:
@@ -152,18 +175,24 @@ def probe_specs(script: str) -> list[str]:
     return specs
 
 
-def sync_probe(pid: int) -> str:
-    """The probe appended to a script for stop()'s hand-shake (SYNC_TEXT)."""
-    return (f"\ntracepoint:syscalls:sys_enter_close /pid == {pid} && args->fd == {SYNC_FD & 0xFFFFFFFF}/ "
-            f'{{ printf("{SYNC_TEXT}%d\\n", cpu); }}\n')
+def sync_fd(token: int, round_: int) -> int:
+    """The fd a run with `token` closes in hand-shake round `round_`."""
+    return SYNC_FD - token * SYNC_ROUNDS - round_
 
 
-def _close_on_each(cpus: list[int]) -> None:
-    """close(SYNC_FD) from this thread on each CPU of `cpus` (the thread's affinity changes)."""
+def sync_probe(token: int) -> str:
+    """The probe appended to a script for stop()'s hand-shake (SYNC_TEXT, then CPU and round)."""
+    top = sync_fd(token, 0) & 0xFFFFFFFF  # round r closes the fd top - r, as the tracepoint sees it
+    return (f"\ntracepoint:syscalls:sys_enter_close /args->fd <= {top} && args->fd > {top - SYNC_ROUNDS}/ "
+            f'{{ printf("{SYNC_TEXT}%d %d\\n", cpu, {top} - args->fd); }}\n')
+
+
+def _close_on_each(cpus: list[int], fd: int) -> None:
+    """close(fd) from this thread on each CPU of `cpus` (the thread's affinity changes)."""
     for cpu in cpus:
         with contextlib.suppress(OSError):
             os.sched_setaffinity(0, {cpu})
-            os.close(SYNC_FD)
+            os.close(fd)
 
 
 def can_sync() -> bool:
@@ -182,7 +211,7 @@ def run_stats(outputs: dict[str, MapState], lost: int) -> dict[str, dict[str, An
     one perf buffer, not per format: they are the `dropped` of the output when there is one,
     else of an "unattributed" entry, so the sums over entries are exact either way."""
     out: dict[str, dict[str, Any]] = {}
-    for name, ms in list(outputs.items()):  # the reader thread may add printf_other meanwhile
+    for name, ms in outputs.items():  # the reader thread adds printf_other in a new dict
         out[name] = _entry(ms.om.kind, ms.store.received, len(ms.store), ms.store.evicted,
                            ms.store.memory_bytes)
     if lost:
@@ -213,12 +242,16 @@ class _Child:
         self.snapshots: dict[str, list[Snapshot]] = {}
         self.snapshots_dropped: dict[str, int] = {}  # the oldest printings let go (MAX_SNAPSHOTS)
         self.messages: list[tuple[float, str, str]] = []
+        self.messages_dropped = 0  # the oldest let go (MAX_MESSAGES)
         self.lost_reported = 0  # bpftrace's lost_events, our own sync lines included
-        self.sync_sent = 0  # close(SYNC_FD) calls: each writes one sync line (or loses it)
-        self.sync_received = 0
+        self.sync_sent = 0  # sync closes made: once one was answered, each wrote a sync line (or lost it)
+        self.sync_received = 0  # sync lines of this run, any round
+        self.sync_token = random.randrange(SYNC_RUNS)
+        self.sync_round = 0
+        self.sync_works: bool | None = None  # None: not tried; False: the first round got no answer
         self.attached: int | None = None
         self.synced = threading.Event()  # a SYNC_TEXT line came
-        self.synced_cpus: set[int] = set()
+        self.sync_seen: dict[int, int] = {}  # CPU -> the latest round whose line came
         self.sync = False  # the script has the sync probe
         self.attached_event = threading.Event()  # set once attached (ATTACHED_MARK), or at the end
         self.marked = False  # bpftrace said every probe is attached
@@ -234,11 +267,14 @@ class _Child:
     # --- the process -----------------------------------------------------------------------
 
     def spawn(self, argv: list[str], script: str) -> None:
+        # bpftrace dies with the thread that forked it (the spawner, which lives as long as this
+        # process runs bpftrace): setpriv, else prctl() between fork and exec
         wrap = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
+        extra: dict[str, Any] = {} if wrap else {"preexec_fn": _pdeathsig}
         self.t0 = time.monotonic()
         self.proc = _spawn([*wrap, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, start_new_session=True,
-                           env={**os.environ, "LC_ALL": "C", ATTACHED_MARK: "1"})
+                           env={**os.environ, "LC_ALL": "C", ATTACHED_MARK: "1"}, **extra)
         assert self.proc.stdin is not None
         try:
             self.proc.stdin.write(script.encode())
@@ -357,7 +393,8 @@ class _Child:
         got = parse.dispatch(msgs, self.formats, now - self.t0, SYNC_TEXT)
         if got.synced:
             self.sync_received += len(got.synced)
-            self.synced_cpus.update(got.synced)
+            for cpu, r in got.synced:
+                self.sync_seen[cpu] = max(r, self.sync_seen.get(cpu, 0))
             self.synced.set()
         stamp = time.monotonic_ns()
         for i, recs in got.rows.items():
@@ -365,8 +402,9 @@ class _Child:
         if got.other:
             ms = self.outputs.get(OTHER)
             if ms is None:
-                ms = self.outputs[OTHER] = _new_output(OTHER, len(self.outputs), parse.TEXT_DTYPE,
-                                                       self.max_rows)
+                ms = _new_output(OTHER, len(self.outputs), parse.TEXT_DTYPE, self.max_rows)
+                # a new dict, not an insert: other threads iterate the one they hold meanwhile
+                self.outputs = {**self.outputs, OTHER: ms}
             texts = np.zeros(len(got.other), ms.schema.dtype)
             texts["text"] = [t.rstrip("\n").encode()[:parse.STRING_BYTES] for t in got.other]
             ms.store.append(Batch(texts), stamp)
@@ -378,37 +416,60 @@ class _Child:
                     del kept[0]
                     self.snapshots_dropped[name] = self.snapshots_dropped.get(name, 0) + 1
             self.messages += [(now - self.t0, k, t) for k, t in got.messages]
+            if len(self.messages) > MAX_MESSAGES:
+                self.messages_dropped += len(self.messages) - MAX_MESSAGES
+                del self.messages[:len(self.messages) - MAX_MESSAGES]
             self.lost_reported += got.lost
         if got.attached is not None:
             self.attached = got.attached - self.sync
 
     @property
     def lost(self) -> int:
-        """Events of the script lost: bpftrace's count less the sync lines lost (a sync line
-        sent that did not come was lost, and is in bpftrace's count; exact once drain() is done)."""
+        """Events of the script lost: bpftrace's count less the sync lines lost. Once the
+        hand-shake was answered, each sync close made a line, so one that did not come was
+        lost and is in bpftrace's count (exact once drain() is done); without an answer none
+        is known to have been made, and nothing is taken off."""
+        if not self.sync_works:
+            return self.lost_reported
         return max(0, self.lost_reported - max(0, self.sync_sent - self.sync_received))
 
-    def drain(self, timeout: float = SYNC_TIMEOUT) -> bool:
+    def drain(self, timeout: float | None = None, first_timeout: float | None = None) -> bool:
         """Have bpftrace read everything already made and every loss (the SYNC_TEXT hand-shake
-        on each CPU); False if it did not answer within `timeout` s or has no sync probe."""
+        on each CPU); False if it has no sync probe, or did not answer all CPUs within
+        `timeout` s (SYNC_TIMEOUT). No answer at all within `first_timeout` s
+        (SYNC_FIRST_TIMEOUT) sets sync_works False (the counts may not be exact)."""
         if not self.sync or not self.alive:
             return False
+        timeout = SYNC_TIMEOUT if timeout is None else timeout
+        first_timeout = SYNC_FIRST_TIMEOUT if first_timeout is None else first_timeout
         want = set(os.sched_getaffinity(0))
-        self.synced_cpus.clear()
-        deadline = time.monotonic() + timeout
-        while not want <= self.synced_cpus:
-            if time.monotonic() > deadline or not self.alive:
+        last_sent: dict[int, int] = {}
+        t0 = time.monotonic()
+        while True:
+            # done once each CPU's line of the last round sent to it came: that CPU's buffer is
+            # read in order, so every line of an earlier round came or was lost (and reported)
+            missing = sorted(c for c in want if self.sync_seen.get(c, 0) < last_sent.get(c, 1))
+            if not missing:
+                return True
+            limit = timeout if self.sync_works else first_timeout
+            if not self.alive or time.monotonic() - t0 > limit or self.sync_round >= SYNC_ROUNDS - 1:
+                if not self.sync_works:
+                    self.sync_works = False
                 return False
+            # a CPU whose buffer was full lost its line (a loss it reports with the next): again,
+            # in a new round, so a late line of the last one is not taken for this one's
+            self.sync_round += 1
             self.synced.clear()
-            # a CPU whose buffer was full lost its line (a loss it reports with the next): again
-            cpus = sorted(want - self.synced_cpus)
-            self.sync_sent += len(cpus)
-            t = threading.Thread(target=_close_on_each, args=(cpus,), name="kernelscope-bpftrace-sync",
-                                 daemon=True)
+            self.sync_sent += len(missing)
+            last_sent.update(dict.fromkeys(missing, self.sync_round))
+            fd = sync_fd(self.sync_token, self.sync_round)
+            t = threading.Thread(target=_close_on_each, args=(missing, fd),
+                                 name="kernelscope-bpftrace-sync", daemon=True)
             t.start()
             t.join()
             self.synced.wait(HISTORY_INTERVAL)
-        return True
+            if self.sync_received:
+                self.sync_works = True
 
     def sample(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -423,9 +484,13 @@ class _Child:
 
 
 def _finish(child: _Child) -> None:
-    """A collected run's end: its child killed and reaped, the spawner let go if it was the last."""
+    """A collected run's end: its child killed and reaped, the spawner let go if it was the
+    last. A collection can run in any thread, the spawner's too (a cyclic GC while Popen
+    allocates, with _spawn() holding _spawner_lock and waiting for it): there it only kills
+    and reaps; the spawner is let go by the next stop, close or exit."""
     child.end(graceful=False)
-    _release_spawner()
+    if not threading.current_thread().name.startswith(SPAWNER_THREAD):
+        _release_spawner()
 
 
 class BpftraceView:
@@ -505,7 +570,7 @@ class _LiveOrReplay(type):
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         if mode.mode() == "replay":
             path = mode.require_capture(kwargs.get("name"))
-            return replay(path, name=kwargs.get("name"))
+            return replay(path, speed=mode.replay_speed(), name=kwargs.get("name"))
         return super().__call__(*args, **kwargs)
 
 
@@ -516,40 +581,53 @@ class Bpftrace(BpftraceView, Results, metaclass=_LiveOrReplay):
     backend = KIND
 
     def __init__(self, script: str, *, name: str | None = None, pid: int | None = None,
-                 args: Sequence[str] = (), max_rows: int | None = None, bpftrace: str | None = None,
-                 attach_timeout: float = ATTACH_TIMEOUT) -> None:
+                 args: Sequence[str] = (), positional: Sequence[str | int] = (), max_rows: int | None = None,
+                 bpftrace: str | None = None, attach_timeout: float = ATTACH_TIMEOUT) -> None:
         """`pid`: bpftrace -p (uprobes/USDT of that process; the run ends when it exits).
-        `args`: more bpftrace options (e.g. ["-B", "full"]). `max_rows`: keep only the newest
+        `args`: more bpftrace options (e.g. ["-B", "full"]). `positional`: the script's $1,
+        $2... (after the script on bpftrace's command line). `max_rows`: keep only the newest
         rows per printf output. `bpftrace`: the binary (default: bpftrace on PATH, or
         $KERNELSCOPE_BPFTRACE). Line numbers in errors are the script's."""
         self.source = script
         self.name = name
         self.pid = pid
         self.args = list(args)
+        self.positional = [str(p) for p in positional]
         self.max_rows = max_rows
         self.binary = bpftrace
         self.attach_timeout = attach_timeout
         self.formats = parse.printf_formats(script)
-        self.outputs: dict[str, MapState] = {
-            n: _new_output(n, i, f.dtype, max_rows)
-            for i, (n, f) in enumerate(zip(output_names(self.formats), self.formats, strict=True))}
+        self._tagged = parse.tag_formats(script, self.formats)  # what bpftrace runs (dispatch by tag)
+        outputs = {n: _new_output(n, i, f.dtype, max_rows)
+                   for i, (n, f) in enumerate(zip(output_names(self.formats), self.formats, strict=True))}
         self._maps = Maps(tables={})
         self.warnings: list[str] = []
         self.error: BaseException | None = None
+        self.save_error: Exception | None = None  # what saving the capture (record mode) raised
         self.closed = False
         self.started_at: float | None = None
-        self._child = _Child(self.formats, self.outputs, max_rows)
+        self._child = _Child(self.formats, outputs, max_rows)
         self._finalizer = weakref.finalize(self, _finish, self._child)
         self._stopped: dict[str, dict[str, Any]] | None = None
         _live.add(self)
 
+    @property
+    def outputs(self) -> dict[str, MapState]:
+        """One output per printf format, and printf_other once a line matched none (the
+        reader thread then replaces the dict: one held stays whole)."""
+        return self._child.outputs
+
+    @outputs.setter
+    def outputs(self, value: dict[str, MapState]) -> None:
+        self._child.outputs = value
+
     # --- lifecycle -------------------------------------------------------------------------
 
     def argv(self) -> list[str]:
-        """The command run: bpftrace -f json [-p PID] [args] - (the script comes on stdin, so
-        bpftrace's errors say `stdin:LINE:COL`)."""
+        """The command run: bpftrace -f json [-p PID] [args] - [positional] (the script comes
+        on stdin, so bpftrace's errors say `stdin:LINE:COL`; $1... are the words after `-`)."""
         pid = ["-p", str(self.pid)] if self.pid is not None else []
-        return [find_bpftrace(self.binary), "-f", "json", *pid, *self.args, "-"]
+        return [find_bpftrace(self.binary), "-f", "json", *pid, *self.args, "-", *self.positional]
 
     @property
     def loaded(self) -> bool:
@@ -585,7 +663,8 @@ class Bpftrace(BpftraceView, Results, metaclass=_LiveOrReplay):
         argv = self.argv()
         self.started_at = time.monotonic()
         self._child.sync = can_sync()
-        self._child.spawn(argv, self.source + (sync_probe(os.getpid()) if self._child.sync else ""))
+        probe = sync_probe(self._child.sync_token) if self._child.sync else ""
+        self._child.spawn(argv, self._tagged.script + probe)
         if wait:
             try:
                 self.wait_attached(self.attach_timeout)
@@ -606,7 +685,8 @@ class Bpftrace(BpftraceView, Results, metaclass=_LiveOrReplay):
             child.end(graceful=False)
         if not child.marked and child.returncode != 0:
             self._note_stderr()
-            raise parse.script_error("\n".join(child.stderr), child.returncode)
+            raise parse.untag_error(parse.script_error("\n".join(child.stderr), child.returncode),
+                                    self._tagged.inserts)
         self._note_stderr()
         return self
 
@@ -623,21 +703,36 @@ class Bpftrace(BpftraceView, Results, metaclass=_LiveOrReplay):
             return self
         if self.loaded:
             self._child.drain()
+            if self._child.sync_works is False and SYNC_WARNING not in self.warnings:
+                self.warnings.append(SYNC_WARNING)
         self._child.end(graceful=self.loaded)
         self._note_stderr()
         if self._child.error is not None and self.error is None:
             self.error = self._child.error
         self._stopped = self._compute_stats()
-        self._record()
-        _release_spawner()
+        try:
+            self._record()
+        except Exception as e:  # kept as a warning too: close() goes on without raising
+            self.save_error = e
+            self.warnings.append(f"the capture of {self.name} was not saved ({type(e).__name__}: {e}); "
+                                 "its frames stay here: save them with .save(path)")
+            raise
+        finally:
+            _release_spawner()
         return self
 
     def close(self) -> None:
-        """Stop (if running) and forget the child; frames, maps and stats stay readable."""
+        """Stop (if running) and forget the child; frames, maps and stats stay readable. What
+        stop() raised (a capture that could not be saved) is kept in `warnings` (and
+        `save_error`), not raised."""
         if self.closed:
             return
-        with contextlib.suppress(Exception):
+        try:
             self.stop()
+        except Exception as e:
+            said = f"stopping raised {type(e).__name__}: {e}"
+            if self.save_error is not e and said not in self.warnings:
+                self.warnings.append(said)
         self.closed = True
         self._finalizer()
         _release_spawner()
@@ -715,9 +810,10 @@ class Bpftrace(BpftraceView, Results, metaclass=_LiveOrReplay):
         with self._child.lock:
             snaps = list(self._child.snapshots.get(name, []))
         keys = parse.map_keys(self.source).get(name)
+        kinds = parse.map_key_kinds(self.source).get(name)
         for snap in snaps:
             if snap.frame is None:
-                snap.frame = parse.map_frame(snap, keys)
+                snap.frame = parse.map_frame(snap, keys, kinds)
         return [(snap.t, snap.kind, snap.frame) for snap in snaps if snap.frame is not None]
 
     def messages(self) -> pd.DataFrame:
@@ -725,7 +821,10 @@ class Bpftrace(BpftraceView, Results, metaclass=_LiveOrReplay):
         (t in seconds since start, type, text)."""
         with self._child.lock:
             rows = list(self._child.messages)
-        return pd.DataFrame(rows, columns=["t", "type", "text"])
+        df = pd.DataFrame(rows, columns=["t", "type", "text"])
+        if self._child.messages_dropped:
+            df.attrs["dropped"] = self._child.messages_dropped  # the oldest, over MAX_MESSAGES
+        return df
 
     @property
     def df(self) -> pd.DataFrame:
@@ -755,7 +854,8 @@ def save_run(run: Bpftrace, path: str | os.PathLike[str]) -> Path:
     frames[f"{FRAME_PREFIX}messages"] = run.messages()
     settings = {"name": run.name, "backend": KIND, "bpftrace": {
         "stats": stats, "attached": run.attached, "lost_events": run.lost_events, "pid": run.pid,
-        "args": run.args, "maps": run.map_names, "attach_points": run.attach_points(),
+        "args": run.args, "positional": run.positional, "maps": run.map_names,
+        "attach_points": run.attach_points(),
         "warnings": run.warnings, "version": _version(run.binary)}}
     cap = Capture(maps, run.source, settings, started_ns=int(t0 * 1e9), frames=frames)
     return capture.save(cap, path)

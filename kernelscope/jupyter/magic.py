@@ -23,7 +23,7 @@ import shlex
 import sys
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -235,13 +235,15 @@ class BPFMagics(Magics):
         Returns once bpftrace attached, while `NAME.df` (printf rows, typed columns) grows and
         `NAME.map("@m")` / `NAME.hist("@h")` show its maps as last printed; %bpf_stop NAME ends
         it (bpftrace prints every map on the way out). --duration/--limit block instead. Options
-        after ` -- ` go to bpftrace itself. Errors name the cell's line, this line being 1.
+        after ` -- ` go to bpftrace itself; the script's positional parameters ($1, $2...) are
+        the bare words there, or everything after a second ` -- `:
+        `%%bpftrace bt -- -B full -- 1234 eth0`. Errors name the cell's line, this line being 1.
         """
-        words, extra = split_bpftrace_line(line)
+        words, extra, positional = split_bpftrace_line(line)
         args = parse_argstring(self.bpftrace, words)
         name = bpftrace_name(args)
         self.close_probe(name)
-        run = build_bpftrace(cell, name, args, extra)
+        run = build_bpftrace(cell, name, args, extra, positional)
         self.probes[name] = self.user_ns[name] = run
         for w in run.warnings:
             show_warning(w)
@@ -377,6 +379,9 @@ class BPFMagics(Magics):
         kept = (f"{stored_rows(probe):,} rows kept in {name}.df" if probe.outputs else
                 f"its maps are kept as they were in {name}.maps")  # a counting program
         if isinstance(probe, bt_.BpftraceView):  # its maps are what bpftrace printed
+            failed = getattr(probe, "save_error", None)  # record mode: the capture was not saved
+            if failed is not None:
+                show_warning(f"{name}: the capture was not saved ({type(failed).__name__}: {failed})")
             parts = [f"{stored_rows(probe):,} rows kept in {name}.df"] if probe.outputs else []
             if probe.map_names:
                 parts.append(f"maps {', '.join(probe.map_names)} kept in {name}.map(NAME)")
@@ -638,17 +643,37 @@ def show_rows(probe: Probe, name: str, n: int = HEAD_ROWS) -> None:
 # --- %%bpftrace -------------------------------------------------------------------------
 
 
-def split_bpftrace_line(line: str) -> tuple[str, list[str]]:
-    """The `%%bpftrace` line's own options, and what follows ` -- ` (bpftrace's options)."""
+# bpftrace 0.17's options that take a value (`bpftrace --help`): any other word not starting
+# with "-" after ` -- ` is a positional parameter of the script ($1, $2...).
+BPFTRACE_VALUE_OPTIONS = frozenset({"-B", "-f", "-o", "-e", "-I", "--include", "-p", "-c", "--emit-elf",
+                                    "--emit-llvm"})
+
+
+def split_bpftrace_line(line: str) -> tuple[str, list[str], list[str]]:
+    """The `%%bpftrace` line's own options, what follows ` -- ` (bpftrace's options) and the
+    script's positional parameters: the words after a second ` -- `, and bare words (not an
+    option's value) after the first."""
     words = line.strip()
     head, sep, tail = (" " + words).partition(" -- ")
     if not sep:
-        return words, []
+        return words, [], []
     try:
-        extra = shlex.split(tail)
+        rest = shlex.split(tail)
     except ValueError as e:
         raise UsageError(f"%%bpftrace: the bpftrace options after --: {e}") from None
-    return head.strip(), extra
+    extra: list[str] = []
+    positional: list[str] = []
+    it = iter(rest)
+    for w in it:
+        if w == "--":
+            positional += list(it)
+        elif w in BPFTRACE_VALUE_OPTIONS:
+            extra += [w, next(it, "")]
+        elif w.startswith("-") and w != "-":
+            extra.append(w)
+        else:
+            positional.append(w)
+    return head.strip(), extra, positional
 
 
 def bpftrace_name(args: Any) -> str:
@@ -662,7 +687,8 @@ def bpftrace_name(args: Any) -> str:
     return name
 
 
-def build_bpftrace(cell: str, name: str, args: Any, extra: list[str]) -> Results:
+def build_bpftrace(cell: str, name: str, args: Any, extra: list[str],
+                   positional: Sequence[str] = ()) -> Results:
     """A started bpftrace run (attached), or its replay; a UsageError with no process left.
 
     The script is the cell after one blank line, so bpftrace's line numbers are the cell's
@@ -676,7 +702,8 @@ def build_bpftrace(cell: str, name: str, args: Any, extra: list[str]) -> Results
             show_warning(note)
         if args.replay:
             return bt_.replay(args.replay, speed=mode.replay_speed(), name=name).start()
-        run = bt_.Bpftrace(script, name=name, pid=args.pid, args=extra, max_rows=args.max_rows)
+        run = bt_.Bpftrace(script, name=name, pid=args.pid, args=extra, positional=positional,
+                           max_rows=args.max_rows)
         return run.start()
 
 
@@ -704,6 +731,10 @@ def bpftrace_message(e: BaseException, script: str) -> str:
         marker = e.detail.splitlines()[1:2] if e.detail else []
         pad = " " * len(str(n))
         text += f"\n    {n} | {lines[n - 1].rstrip()}" + "".join(f"\n    {pad} | {m}" for m in marker)
+    elif n > len(lines) and lines:  # in the probe kernelscope appends: the cell ended too soon
+        last = len(lines)
+        text = (f"line {last}: {e.message} at the end of the cell (an unclosed block?)"
+                f"\n    {last} | {lines[-1].rstrip()}")
     return text
 
 
