@@ -87,7 +87,10 @@ def test_runqlat_histogram_matches_schedstat(backend: str, wait_for) -> None:
     was not run for, which it counts as |switch-outs - switch-ins| of the target (equal when
     every switch is seen, the target being blocked at both ends). On this 6.18 VM the CO-RE
     program was, in 3 of its first ~15 runs, one switch-in short (outs = ins + 1, schedstat one
-    ahead) with recursion_misses 0, and never in ~40 runs since: not explained, so measured.
+    ahead) with recursion_misses 0, and never in ~40 runs since: not explained, so measured. The
+    BCC program was once one sample short with outs = ins = pcount and no recursion miss: a
+    switch-in that found no start time. Both programs count such switch-ins (`unmatched`), and
+    the kernel's own recursion misses of each program bound the runs it skipped.
     Sum: each sample is ktime at the switch tracepoint minus ktime at the wakeup (or switch-out)
     tracepoint, schedstat's is rq_clock at sched_info_arrive minus rq_clock at enqueue. Both
     ends are read under the runqueue lock with interrupts off, a few microseconds of code after
@@ -128,9 +131,10 @@ def test_runqlat_histogram_matches_schedstat(backend: str, wait_for) -> None:
             if backend == "libbpf":
                 g = p.globals
                 total_ns, slack_events, outs, ins = g["total_ns"], g["odd"], g["outs"], g["ins"]
+                unmatched = g["unmatched"]
             else:
                 totals = p.maps["totals"].frame()["value"].tolist()
-                total_ns, slack_events, outs, ins = totals
+                total_ns, slack_events, outs, ins, unmatched = totals
         finally:
             p.close()
         child.send("exit")
@@ -154,16 +158,20 @@ def test_runqlat_histogram_matches_schedstat(backend: str, wait_for) -> None:
     # at the same time make them (seen: 40 wakeup misses, one sample short, with a second test
     # run on the machine)
     skipped = sum(misses)
-    count_tol = slack_events + unseen + skipped
+    # switch-ins of the child that found no start time (no wakeup or runnable switch-out seen
+    # before them): each is a sample the kernel counted and the program could not time. Seen
+    # about once in 20 runs here, with no recursion miss, for both programs; not explained, so
+    # the programs count them
+    count_tol = slack_events + unseen + skipped + unmatched
     # a skipped run can only lose a sample: the sum misses at most the samples found missing
-    sum_count_tol = slack_events + unseen + min(skipped, max(0, pcount - h.total))
+    sum_count_tol = slack_events + unseen + unmatched + min(skipped, max(0, pcount - h.total))
     widest_us = int(h.high[np.flatnonzero(h.counts.sum(axis=0))[-1]]) + 1
     sum_tol = 20_000 * h.total + 500e-6 * run_delay + sum_count_tol * widest_us * 1000
     print(f"\n{backend} runqlat: K={k} sleeps, histogram count {h.total}, schedstat pcount delta {pcount} "
           f"(tolerance {count_tol}); summed wait {total_ns / 1e6:.3f} ms, run_delay delta "
           f"{run_delay / 1e6:.3f} ms, diff {(total_ns - run_delay) / 1e3:+.1f} us "
           f"(tolerance {sum_tol / 1e3:.1f} us); preemption bound {slack_events}, switch-outs {outs}, "
-          f"switch-ins {ins}, recursion misses {misses}")
+          f"switch-ins {ins} ({unmatched} with no start time), recursion misses {misses}")
     assert h.total >= k  # every sleep ends in a wakeup and a switch-in
     assert abs(h.total - pcount) <= count_tol, (h.total, pcount, count_tol)
     assert run_delay > 0  # the hog made the child wait

@@ -29,6 +29,7 @@ u32 targ_tgid = 0;
 u64 total_ns = 0;
 u64 odd = 0;
 u64 outs = 0, ins = 0;  /* the target's switch-outs and switch-ins seen */
+u64 unmatched = 0;  /* the target's switch-ins that found no start time */
 
 struct { __uint(type, BPF_MAP_TYPE_HASH); __uint(max_entries, 10240); __type(key, u32); __type(value, u64); }
     start SEC(".maps");
@@ -76,12 +77,16 @@ int BPF_PROG(ks_switch, bool preempt, struct task_struct *prev, struct task_stru
     if (next->tgid != targ_tgid)
         return 0;
     u64 *tsp = bpf_map_lookup_elem(&start, &pid);
-    if (!tsp)
+    if (!tsp) {
+        __sync_fetch_and_add(&unmatched, 1);
         return 0;
+    }
     s64 delta = bpf_ktime_get_ns() - *tsp;
     bpf_map_delete_elem(&start, &pid);
-    if (delta < 0)
+    if (delta < 0) {
+        __sync_fetch_and_add(&unmatched, 1);
         return 0;
+    }
 
     struct hist *h = bpf_map_lookup_elem(&runq_usecs, &pid);
     if (!h) {
@@ -115,7 +120,8 @@ typedef struct pid_key { u32 id; u32 pad; u64 slot; } pid_key_t;
 
 BPF_HASH(start, u32, u64, 10240);
 BPF_HISTOGRAM(runq_usecs, pid_key_t, 1024);
-BPF_ARRAY(totals, u64, 4);  /* wait ns, target preemptions, its switch-outs, its switch-ins */
+BPF_ARRAY(totals, u64, 5);  /* wait ns, target preemptions, its switch-outs, its switch-ins,
+                               its switch-ins that found no start time */
 
 static __always_inline int trace_enqueue(u32 pid)
 {
@@ -145,13 +151,18 @@ TRACEPOINT_PROBE(sched, sched_switch)
     }
     if (next != TARGET)
         return 0;
+    u32 unmatched = 4;
     u64 *tsp = start.lookup(&next);
-    if (!tsp)
+    if (!tsp) {
+        totals.atomic_increment(unmatched);
         return 0;
+    }
     s64 delta = bpf_ktime_get_ns() - *tsp;
     start.delete(&next);
-    if (delta < 0)
+    if (delta < 0) {
+        totals.atomic_increment(unmatched);
         return 0;
+    }
     pid_key_t key = {.id = next, .slot = bpf_log2l(delta / 1000)};
     runq_usecs.atomic_increment(key);
     u32 k = 0;
