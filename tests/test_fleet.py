@@ -439,6 +439,31 @@ def test_evicted_rows_are_counted_pulls_are_bounded_and_misuse_is_refused(
 
 
 @pytest.mark.kernel
+def test_the_notebook_keeps_max_rows_per_host_and_counts_the_rest(fleet: Fleet) -> None:
+    """A live run pulls rows before its host evicts them, so the notebook too keeps only the
+    newest max_rows of each host and map. Which rows a pull brings depends on timing, so the
+    pulled pieces are given here, as a pull decodes them."""
+    fp = fleet.probe(producers.ring_program(), cflags=["-DTARGET=1"], max_rows=300,
+                     host_args={"host1": {"max_rows": 1000}})
+    try:
+        for lo in range(0, 1000, 250):  # four pulls of 250 rows each, from each host
+            for host in ("host0", "host1"):
+                with fp._lock:
+                    fp._chunks[host]["events"].append(pd.DataFrame({"ks_seq": np.arange(lo, lo + 250)}))
+                    fp._pulled[host]["events"] += 250
+                    fp._trim(host, "events")
+        df = fp.df
+        assert df[df.host == "host0"].ks_seq.tolist() == list(range(700, 1000))  # the newest 300
+        assert df[df.host == "host1"].ks_seq.tolist() == list(range(1000))  # its own max_rows
+        table = fp.table().set_index("host")
+        assert table.loc["host0", ["pulled", "trimmed"]].tolist() == [1000, 700]
+        assert table.loc["host1", ["pulled", "trimmed"]].tolist() == [1000, 0]
+        assert table.loc["all (2)", "trimmed"] == 700
+    finally:
+        fp.close()
+
+
+@pytest.mark.kernel
 def test_a_host_whose_calls_failed_is_tried_again_and_freed_on_close(fleet: Fleet) -> None:
     fp = fleet.probe(producers.ring_program(), cflags=["-DTARGET=1"])
     addr = fp.workers["host1"]

@@ -257,6 +257,7 @@ class FleetProbe:
         self._cursor: dict[str, dict[str, int]] = {}  # host -> map -> next ks_seq to ask for
         self._pulled: dict[str, dict[str, int]] = {}  # host -> map -> rows pulled from it
         self._skipped: dict[str, dict[str, int]] = {}  # host -> map -> rows evicted before pulled
+        self._trimmed: dict[str, dict[str, int]] = {}  # host -> map -> rows let go here (max_rows)
         self._samples: list[dict[str, Any]] = []  # per pull and host: the counts, for history()
         self._t0 = time.monotonic()
         self._lock = threading.Lock()
@@ -316,6 +317,7 @@ class FleetProbe:
                 self._cursor[host] = dict.fromkeys(a["maps"], 0)
                 self._pulled[host] = dict.fromkeys(a["maps"], 0)
                 self._skipped[host] = dict.fromkeys(a["maps"], 0)
+                self._trimmed[host] = dict.fromkeys(a["maps"], 0)
         self._note(answers)
         if self._keeper is None and self._chunks:
             self._keeper = threading.Thread(target=_keep_alive, args=(weakref.ref(self), self._closing,
@@ -360,6 +362,7 @@ class FleetProbe:
                     self.pulled_bytes += len(part["ipc"])
                     if part["rows"]:
                         self._chunks[host][name].append(worker.decode(part))
+                        self._trim(host, name)
                         total += part["rows"]
             self.pulled_rows += total
             now = time.monotonic() - self._t0
@@ -368,6 +371,29 @@ class FleetProbe:
                     self._samples.append({"t": now, "host": host, "map": name,
                                           **{k: int(st.get(k, 0) or 0) for k in COUNTS}})
             return total
+
+    def keep_rows(self, host: str) -> int | None:
+        """Rows of each map this notebook keeps from `host`: its probe's max_rows (host_args,
+        else the probe's), the newest ones; None: every row pulled."""
+        keep = self.host_args.get(host, {}).get("max_rows", self.probe_args.get("max_rows"))
+        return None if keep is None else int(keep)
+
+    def _trim(self, host: str, name: str) -> None:
+        """Beyond keep_rows(host), the oldest pulled rows of map `name` go (counted in `trimmed`),
+        so a long live run holds the notebook's memory at max_rows per host and map."""
+        keep = self.keep_rows(host)
+        frames = self._chunks[host][name]
+        if keep is None:
+            return
+        excess = sum(len(f) for f in frames) - keep
+        while excess > 0 and frames:
+            if len(frames[0]) <= excess:
+                gone = len(frames.pop(0))
+            else:
+                frames[0] = frames[0].iloc[excess:]
+                gone = excess
+            excess -= gone
+            self._trimmed[host][name] += gone
 
     def stop(self) -> FleetProbe:
         """Stop every host's probe (final drain: attempted = received + dropped on each), then
@@ -525,7 +551,8 @@ class FleetProbe:
 
     def table(self) -> pd.DataFrame:
         """One row per host and map, then one per map for all hosts: the accounting at a glance.
-        `pulled`: rows that came here; `skipped`: rows the host evicted before they were pulled.
+        `pulled`: rows that came here; `skipped`: rows the host evicted before they were pulled;
+        `trimmed`: pulled rows let go here beyond the probe's max_rows (the newest are kept).
         A host in `errors` shows its last counts and the rows pulled from it before it failed."""
         rows: list[dict[str, Any]] = []
         for host in [*self.workers, *sorted(set(self.errors) - set(self.workers))]:
@@ -538,16 +565,19 @@ class FleetProbe:
                 rows.append({"host": host, "map": name, "state": state,
                              **{k: int(st.get(k, 0) or 0) for k in COUNTS},
                              "pulled": self._pulled.get(host, {}).get(name, 0),
-                             "skipped": self._skipped.get(host, {}).get(name, 0), "error": failed or ""})
+                             "skipped": self._skipped.get(host, {}).get(name, 0),
+                             "trimmed": self._trimmed.get(host, {}).get(name, 0), "error": failed or ""})
         for name, acc in self.total.items():
             rows.append({"host": f"all ({len(self.hosts)})", "map": name,
                          "state": "stopped" if self.final.issuperset(self.hosts) else "running", **acc,
                          "pulled": sum(self._pulled.get(h, {}).get(name, 0) for h in self.hosts),
                          "skipped": sum(self._skipped.get(h, {}).get(name, 0) for h in self.hosts),
+                         "trimmed": sum(self._trimmed.get(h, {}).get(name, 0) for h in self.hosts),
                          "error": ""})
         # counts stay integers beside a host in error that has none: nullable Int64
-        df = pd.DataFrame(rows, columns=["host", "map", "state", *COUNTS, "pulled", "skipped", "error"])
-        return df.astype(dict.fromkeys([*COUNTS, "pulled", "skipped"], "Int64"))
+        df = pd.DataFrame(rows, columns=["host", "map", "state", *COUNTS, "pulled", "skipped", "trimmed",
+                                         "error"])
+        return df.astype(dict.fromkeys([*COUNTS, "pulled", "skipped", "trimmed"], "Int64"))
 
     def __repr__(self) -> str:
         return (f"<FleetProbe {self.key}: {len(self.hosts)} hosts, {len(self.errors)} failed; "
