@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -262,17 +263,23 @@ def parse_format(fmt: str, args: list[str], line: int = 0) -> Format:
     return Format(fmt, fields, re.compile("".join(pattern), re.S), line)
 
 
-def printf_formats(script: str) -> list[Format]:
-    """Every `printf("...", args)` of the script, in order (a format used twice counts once)."""
-    text = _skip_comments(script)
-    out: list[Format] = []
+def _printf_calls(text: str) -> Iterator[tuple[re.Match[str], list[str]]]:
+    """Each `printf("literal", args)` call of `text` (comments skipped): its match, and its
+    arguments, the format literal first."""
     for m in re.finditer(r"\bprintf\s*\(", text):
         end = _closing(text, m.end() - 1, "(", ")")
         if end < 0:
             continue
         parts = _split_args(text[m.end():end])
-        if not parts or not (parts[0].startswith('"') and parts[0].endswith('"')):
-            continue
+        if parts and parts[0].startswith('"') and parts[0].endswith('"'):
+            yield m, parts
+
+
+def printf_formats(script: str) -> list[Format]:
+    """Every `printf("...", args)` of the script, in order (a format used twice counts once)."""
+    text = _skip_comments(script)
+    out: list[Format] = []
+    for m, parts in _printf_calls(text):
         fmt = _unescape(parts[0][1:-1])
         if any(f.text == fmt for f in out):
             continue
@@ -304,13 +311,7 @@ def tag_formats(script: str, formats: list[Format] | None = None) -> Tagged:
     index = {f.text: i for i, f in enumerate(formats)}
     text = _skip_comments(script)
     at: list[tuple[int, str]] = []
-    for m in re.finditer(r"\bprintf\s*\(", text):
-        end = _closing(text, m.end() - 1, "(", ")")
-        if end < 0:
-            continue
-        parts = _split_args(text[m.end():end])
-        if not parts or not (parts[0].startswith('"') and parts[0].endswith('"')):
-            continue
+    for m, parts in _printf_calls(text):
         i = index.get(_unescape(parts[0][1:-1]))
         if i is None:
             continue
