@@ -22,7 +22,6 @@ import pandas as pd
 from ..readers.batch import concat_records
 from ..results import Results
 from ..schema import CPU, c_strings
-from ..store import FrameStore
 from .mapview import _cell
 
 LATEST_N = 10  # rows in the latest-rows table
@@ -42,7 +41,7 @@ def tail_parts(results: Results, name: str, n: int) -> dict[str, Any]:
     store = ms.store
     picked = store.tail_chunks(n)
     if sum(len(c.records) for c in picked) < n and store.spilled_rows:
-        picked = _with_spilled(store, n)
+        picked = store.since(max(0, store.received - n))[1]  # the newest segments read back too
     left, parts = n, []
     for c in reversed(picked):
         take = min(left, len(c.records))
@@ -63,27 +62,6 @@ def tail_parts(results: Results, name: str, n: int) -> dict[str, Any]:
     return {"records": records, "seq": seq, "arrival_ns": arrival, "cpu": cpu}
 
 
-def _with_spilled(store: FrameStore, n: int) -> list[Any]:
-    """All of memory's chunks and, before them, the newest spilled segments read back: at
-    least `n` rows when the store has them, oldest first, from one consistent snapshot.
-
-    A segment evicted (deleted) between the snapshot and its read makes a new snapshot.
-    """
-    for _attempt in range(3):
-        segs, mem, _first, _first_mem = store._snapshot()
-        rows = sum(len(c.records) for c in mem)
-        wanted = []
-        for seg in reversed(segs):
-            if rows >= n:
-                break
-            wanted.append(seg)
-            rows += seg.live
-        wanted.reverse()
-        try:
-            return [*store._disk_chunks(wanted), *mem]
-        except OSError:  # evicted meanwhile (disk limit, max_rows, clear)
-            continue
-    return store.tail_chunks(n)
 def latest(results: Results, name: str, n: int) -> pd.DataFrame:
     """The latest `n` rows of output map `name`, with the columns (and values) of its frame."""
     t = tail_parts(results, name, n)
