@@ -612,7 +612,7 @@ def run_blocking(probe: Probe, opts: Options, live: bool) -> None:
         failure = e
     finally:
         probe.close()
-    rows = sum(len(ms.store) for ms in probe.outputs.values())
+    rows = stored_rows(probe)
     took = time.monotonic() - t0
     if interrupted:
         end = f"interrupted after {took:.1f} s; {rows:,} rows kept in {opts.name}.df"
